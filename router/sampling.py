@@ -1,0 +1,76 @@
+"""Choosing the next token: greedy at temperature 0, otherwise temperature, top-k and top-p with a per-request seed."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # how many alternatives to report per token; None: none
+
+    def validate(self) -> SamplingParams:
+        """Raises ValueError naming the field; the edges (CLI, HTTP) turn it into their own error."""
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and 0 <= self.temperature <= 2):
+            raise ValueError(f"temperature must be between 0 and 2, got {self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise ValueError(f"top_k must be a non-negative integer, got {self.top_k!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        return self
+
+
+@dataclass
+class Sampler:
+    """One per request: its own random generator, so its tokens do not depend on what it was batched with."""
+
+    params: SamplingParams
+    generator: torch.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator()
+        seed = self.params.seed if self.params.seed is not None else random.SystemRandom().randrange(2**63)
+        self.generator.manual_seed(seed % (2**63))
+
+    def sample(self, logits: torch.Tensor) -> tuple[int, float]:
+        """logits: (vocab,) float32 -> (token id, its log-probability under the model)."""
+        logprobs = torch.log_softmax(logits, dim=-1)
+        p = self.params
+        if p.temperature == 0:
+            token = int(torch.argmax(logits))
+            return token, float(logprobs[token])
+        scaled = logits / p.temperature
+        if p.top_k and p.top_k < scaled.numel():
+            kth = torch.topk(scaled, p.top_k).values[-1]
+            scaled = scaled.masked_fill(scaled < kth, -math.inf)
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(scaled, descending=True)
+            cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+            drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= p.top_p  # keep the smallest set reaching top_p
+            scaled = scaled.scatter(0, order[drop], -math.inf)
+        probs = torch.softmax(scaled, dim=-1)
+        token = int(torch.multinomial(probs, 1, generator=self.generator))
+        return token, float(logprobs[token])
+
+    def state(self) -> torch.Tensor:
+        """The generator's state, kept so a replayed request draws the same numbers again."""
+        return self.generator.get_state()
+
+    def restore(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)

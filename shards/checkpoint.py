@@ -1,0 +1,281 @@
+"""Safetensors checkpoints in both layouts, read by selection so a shard loads only its own tensors.
+
+Inside the project every tensor carries its Hugging Face name. The reference layout (`params.json` +
+`consolidated.safetensors`) is translated on read and on write, including the query/key row permutation that
+turns its interleaved rotary pairs into the rotate-half convention.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from shards.config import ConfigError, ModelConfig, load_config
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint file is missing, damaged, or does not match its configuration; the message names which."""
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
+    key = aliases.get(name, name)
+    if key not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[key]
+
+
+@dataclass(frozen=True)
+class ShardSelection:
+    """Which of the model's tensors one shard holds."""
+
+    embedding: bool = False
+    layers: tuple[int, ...] = ()  # attention, norms, and the gate (MoE) or the dense feed-forward
+    experts: dict[int, tuple[int, ...]] = field(default_factory=dict)  # layer -> expert ids
+    final_norm: bool = False
+    head: bool = False
+
+    @staticmethod
+    def whole(config: ModelConfig) -> ShardSelection:
+        experts = {i: tuple(range(config.num_experts)) for i in range(config.n_layers)} if config.is_moe else {}
+        return ShardSelection(True, tuple(range(config.n_layers)), experts, True, True)
+
+    def tensor_shapes(self, config: ModelConfig) -> dict[str, tuple[int, ...]]:
+        """Hugging Face name -> expected shape, for every tensor of this selection."""
+        d, h, hd = config.dim, config.hidden_dim, config.head_dim
+        shapes: dict[str, tuple[int, ...]] = {}
+        if self.embedding:
+            shapes["model.embed_tokens.weight"] = (config.vocab_size, d)
+        for i in self.layers:
+            p = f"model.layers.{i}."
+            shapes[p + "input_layernorm.weight"] = (d,)
+            shapes[p + "post_attention_layernorm.weight"] = (d,)
+            shapes[p + "self_attn.q_proj.weight"] = (config.n_heads * hd, d)
+            shapes[p + "self_attn.k_proj.weight"] = (config.n_kv_heads * hd, d)
+            shapes[p + "self_attn.v_proj.weight"] = (config.n_kv_heads * hd, d)
+            shapes[p + "self_attn.o_proj.weight"] = (d, config.n_heads * hd)
+            if config.is_moe:
+                shapes[p + "block_sparse_moe.gate.weight"] = (config.num_experts, d)
+            else:
+                shapes[p + "mlp.gate_proj.weight"] = (h, d)
+                shapes[p + "mlp.up_proj.weight"] = (h, d)
+                shapes[p + "mlp.down_proj.weight"] = (d, h)
+        for i, ids in sorted(self.experts.items()):
+            for e in ids:
+                p = f"model.layers.{i}.block_sparse_moe.experts.{e}."
+                shapes[p + "w1.weight"] = (h, d)
+                shapes[p + "w3.weight"] = (h, d)
+                shapes[p + "w2.weight"] = (d, h)
+        if self.final_norm:
+            shapes["model.norm.weight"] = (d,)
+        if self.head:
+            shapes["lm_head.weight"] = (config.vocab_size, d)
+        return shapes
+
+    def nbytes(self, config: ModelConfig, dtype: torch.dtype) -> int:
+        size = torch.empty((), dtype=dtype).element_size()
+        return sum(_numel(s) for s in self.tensor_shapes(config).values()) * size
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+# --- the reference layout's names -------------------------------------------------------------------------
+
+_TO_REFERENCE = [
+    (r"^model\.embed_tokens\.weight$", "tok_embeddings.weight"),
+    (r"^model\.norm\.weight$", "norm.weight"),
+    (r"^lm_head\.weight$", "output.weight"),
+    (r"^model\.layers\.(\d+)\.input_layernorm\.weight$", r"layers.\1.attention_norm.weight"),
+    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.weight$", r"layers.\1.ffn_norm.weight"),
+    (r"^model\.layers\.(\d+)\.self_attn\.q_proj\.weight$", r"layers.\1.attention.wq.weight"),
+    (r"^model\.layers\.(\d+)\.self_attn\.k_proj\.weight$", r"layers.\1.attention.wk.weight"),
+    (r"^model\.layers\.(\d+)\.self_attn\.v_proj\.weight$", r"layers.\1.attention.wv.weight"),
+    (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.weight$", r"layers.\1.attention.wo.weight"),
+    (r"^model\.layers\.(\d+)\.mlp\.gate_proj\.weight$", r"layers.\1.feed_forward.w1.weight"),
+    (r"^model\.layers\.(\d+)\.mlp\.down_proj\.weight$", r"layers.\1.feed_forward.w2.weight"),
+    (r"^model\.layers\.(\d+)\.mlp\.up_proj\.weight$", r"layers.\1.feed_forward.w3.weight"),
+    (r"^model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight$", r"layers.\1.feed_forward.gate.weight"),
+    (r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$", r"layers.\1.feed_forward.experts.\2.\3.weight"),
+]
+
+
+def reference_name(hf_name: str) -> str:
+    for pattern, repl in _TO_REFERENCE:
+        if re.match(pattern, hf_name):
+            return re.sub(pattern, repl, hf_name)
+    raise KeyError(hf_name)
+
+
+def _rotary_rows_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reference wq/wk rows pair (2i, 2i+1) per head; the HF layout pairs (i, i + head_dim/2)."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def _rotary_rows_to_reference(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def _rotary_heads(hf_name: str, config: ModelConfig) -> int | None:
+    if hf_name.endswith("self_attn.q_proj.weight"):
+        return config.n_heads
+    if hf_name.endswith("self_attn.k_proj.weight"):
+        return config.n_kv_heads
+    return None
+
+
+# --- reading ---------------------------------------------------------------------------------------------
+
+class CheckpointReader:
+    """Where each tensor of a checkpoint lives, so a selection opens only the files it needs."""
+
+    def __init__(self, checkpoint_dir: str | Path) -> None:
+        self.root = Path(checkpoint_dir)
+        self.config = load_config(self.root)
+        self.layout = "hf" if (self.root / "config.json").is_file() else "reference"
+        self.file_of = self._index()
+
+    def _index(self) -> dict[str, Path]:
+        index_file = self.root / ("model.safetensors.index.json" if self.layout == "hf" else "consolidated.safetensors.index.json")
+        if index_file.is_file():
+            try:
+                weight_map = json.loads(index_file.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index_file}: not a valid safetensors index ({e})") from None
+            return {name: self.root / fname for name, fname in weight_map.items()}
+        pattern = "*.safetensors" if self.layout == "hf" else "consolidated*.safetensors"
+        files = sorted(self.root.glob(pattern))
+        if not files:
+            found = sorted(p.name for p in self.root.iterdir())
+            raise CheckpointError(f"{self.root}: no {pattern} files (found {found}); only safetensors checkpoints are read")
+        where: dict[str, Path] = {}
+        for f in files:
+            for name in self._open(f).keys():
+                where[name] = f
+        return where
+
+    @staticmethod
+    def _open(path: Path, device: str = "cpu"):
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file {path} is missing")
+        try:
+            return safe_open(str(path), framework="pt", device=device)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+    def stored_name(self, hf_name: str) -> str:
+        return hf_name if self.layout == "hf" else reference_name(hf_name)
+
+    def load(
+        self, selection: ShardSelection, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu"
+    ) -> dict[str, torch.Tensor]:
+        """The selected tensors, by Hugging Face name, in `dtype` (None: as stored) on `device`.
+
+        Every shape is checked against the config before the tensor is read.
+        """
+        expected = selection.tensor_shapes(self.config)
+        by_file: dict[Path, list[str]] = {}
+        for name in expected:
+            stored = self.stored_name(name)
+            if stored not in self.file_of:
+                raise CheckpointError(f"{self.root}: tensor {stored!r} is missing from the checkpoint")
+            by_file.setdefault(self.file_of[stored], []).append(name)
+        out: dict[str, torch.Tensor] = {}
+        for path, names in by_file.items():
+            handle = self._open(path)
+            for name in names:
+                stored = self.stored_name(name)
+                try:
+                    shape = tuple(handle.get_slice(stored).get_shape())
+                except (SafetensorError, RuntimeError) as e:
+                    raise CheckpointError(f"{path}: tensor {stored!r} cannot be read ({e})") from None
+                if shape != expected[name]:
+                    raise CheckpointError(
+                        f"{path}: tensor {stored!r} has shape {list(shape)}, the config asks for {list(expected[name])}"
+                    )
+                try:
+                    t = handle.get_tensor(stored)
+                except (SafetensorError, RuntimeError, OSError) as e:
+                    raise CheckpointError(f"{path}: tensor {stored!r} cannot be read ({e})") from None
+                if not t.is_floating_point():
+                    raise CheckpointError(f"{path}: tensor {stored!r} has dtype {t.dtype}, expected a floating-point type")
+                heads = _rotary_heads(name, self.config)
+                if heads is not None and self.layout == "reference":
+                    t = _rotary_rows_to_hf(t, heads)
+                out[name] = t.to(device=device, dtype=dtype or t.dtype)
+                del t
+        return out
+
+
+# --- writing ---------------------------------------------------------------------------------------------
+
+def save_checkpoint(
+    out_dir: str | Path,
+    config: ModelConfig,
+    tensors: dict[str, torch.Tensor],
+    layout: str = "hf",
+    max_shard_bytes: int | None = None,
+    tokenizer_file: str | Path | None = None,
+) -> Path:
+    """Write `tensors` (Hugging Face names) as a safetensors checkpoint in either layout, sharded if asked."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if layout == "hf":
+        named = {k: v.contiguous() for k, v in tensors.items()}
+        (out / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+        base = "model"
+    elif layout == "reference":
+        named = {}
+        for k, v in tensors.items():
+            heads = _rotary_heads(k, config)
+            named[reference_name(k)] = (_rotary_rows_to_reference(v, heads) if heads else v).contiguous()
+        (out / "params.json").write_text(json.dumps(config.to_params_dict(), indent=2) + "\n")
+        base = "consolidated"
+    else:
+        raise ValueError(f"unknown checkpoint layout {layout!r}; use 'hf' or 'reference'")
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in named.items():
+        if max_shard_bytes and size and size + t.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += t.nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out / f"{base}.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"{base}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(out / fname), metadata={"format": "pt"})
+            weight_map.update({name: fname for name in shard})
+        total = sum(t.nbytes for t in named.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / f"{base}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, out / "tokenizer.model")
+    return out
+
+
+def convert_checkpoint(src_dir: str | Path, out_dir: str | Path, layout: str) -> Path:
+    """Rewrite a checkpoint in the other layout (tensor values unchanged)."""
+    reader = CheckpointReader(src_dir)
+    tensors = reader.load(ShardSelection.whole(reader.config), dtype=None)
+    tok = Path(src_dir) / "tokenizer.model"
+    return save_checkpoint(out_dir, reader.config, tensors, layout=layout, tokenizer_file=tok if tok.is_file() else None)

@@ -1,0 +1,160 @@
+"""Rolling-buffer KV cache and the per-step layout that indexes it.
+
+Each sequence owns one *slot*: per layer, `capacity` key/value rows. With a sliding window the capacity is the
+window and position `p` lives in row `p mod window`, so a sequence of any length uses at most `window` rows per
+layer (Mistral's rolling buffer). Without a window the capacity is the longest context and nothing rolls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from shards.attention import AttnBias, decode_bias, prefill_bias
+from shards.layers import rotary_cos_sin
+
+
+@dataclass
+class StepBatch:
+    """What one forward step computes: for each sequence in the batch, a run of new tokens.
+
+    This is the whole per-step plan the router publishes; every shard derives its `StepLayout` from it.
+    """
+
+    slots: list[int]  # cache slot of each sequence
+    starts: list[int]  # position of the first new token = tokens already in the cache
+    lengths: list[int]  # new tokens of each sequence (1 when decoding, a chunk when prefilling)
+    token_ids: torch.Tensor | None = None  # (sum(lengths),) int64; needed only where the embedding lives
+    want_logits: list[bool] | None = None  # per sequence: return logits of its last new token
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def is_decode(self) -> bool:
+        return all(n == 1 for n in self.lengths)
+
+    def logit_rows(self) -> list[int]:
+        """Indexes, in the packed token batch, of the last new token of every sequence that wants logits."""
+        rows, end = [], 0
+        want = self.want_logits or [True] * len(self.lengths)
+        for n, w in zip(self.lengths, want):
+            end += n
+            if w:
+                rows.append(end - 1)
+        return rows
+
+
+@dataclass
+class StepLayout:
+    """Everything about a step that is the same for every layer: positions, rotary tables, cache indexes, mask."""
+
+    positions: torch.Tensor  # (tokens,) absolute position of each new token
+    cos: torch.Tensor  # (tokens, head_dim)
+    sin: torch.Tensor  # (tokens, head_dim)
+    write_rows: torch.Tensor  # (tokens,) flat cache row (slot * capacity + pos % capacity) of each new token
+    bias: AttnBias
+    decode_slots: torch.Tensor | None  # decode step: keys are these slots' buffers, used in place
+    read_rows: torch.Tensor | None  # prefill step: flat cache rows of the cached keys, in position order
+    read_dst: torch.Tensor | None  # where those cached keys go in the packed key tensor
+    new_dst: torch.Tensor | None  # where the new keys go in the packed key tensor
+    n_keys: int
+
+    @staticmethod
+    def build(
+        batch: StepBatch, capacity: int, window: int | None, head_dim: int, rope_theta: float, device: torch.device
+    ) -> StepLayout:
+        positions, write_rows = [], []
+        for slot, start, n in zip(batch.slots, batch.starts, batch.lengths):
+            if n <= 0:
+                raise ValueError(f"a step must give every sequence at least one token, slot {slot} has {n}")
+            if n > capacity:
+                raise ValueError(f"a chunk of {n} tokens exceeds the cache capacity {capacity}; prefill in smaller chunks")
+            if window is None and start + n > capacity:
+                raise ValueError(f"sequence in slot {slot} reaches {start + n} tokens, past the cache capacity {capacity}")
+            positions.extend(range(start, start + n))
+            write_rows.extend(slot * capacity + p % capacity for p in range(start, start + n))
+        pos = torch.tensor(positions, dtype=torch.long)
+        cos, sin = rotary_cos_sin(pos, head_dim, rope_theta)
+        common = dict(
+            positions=pos.to(device), cos=cos.to(device), sin=sin.to(device),
+            write_rows=torch.tensor(write_rows, dtype=torch.long, device=device),
+        )
+        if batch.is_decode:
+            kv_lens = [min(start + 1, capacity) for start in batch.starts]
+            return StepLayout(
+                **common, bias=decode_bias(kv_lens, capacity),
+                decode_slots=torch.tensor(batch.slots, dtype=torch.long, device=device),
+                read_rows=None, read_dst=None, new_dst=None, n_keys=capacity * len(kv_lens),
+            )
+        read_rows, read_dst, new_dst, kv_lens = [], [], [], []
+        offset = 0
+        for slot, start, n in zip(batch.slots, batch.starts, batch.lengths):
+            cached = min(start, capacity)
+            read_rows.extend(slot * capacity + p % capacity for p in range(start - cached, start))
+            read_dst.extend(range(offset, offset + cached))
+            new_dst.extend(range(offset + cached, offset + cached + n))
+            kv_lens.append(cached + n)
+            offset += cached + n
+        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+        return StepLayout(
+            **common, bias=prefill_bias(batch.lengths, kv_lens, window), decode_slots=None,
+            read_rows=as_long(read_rows), read_dst=as_long(read_dst), new_dst=as_long(new_dst), n_keys=offset,
+        )
+
+
+class RollingKVCache:
+    """Keys and values of the layers one shard holds, for `max_seqs` slots of `capacity` rows each.
+
+    Allocated once: memory depends on slots and the window, never on how long a sequence grows.
+    """
+
+    def __init__(
+        self, layers: list[int], max_seqs: int, capacity: int, n_kv_heads: int, head_dim: int,
+        dtype: torch.dtype, device: torch.device | str = "cpu",
+    ) -> None:
+        self.layers = list(layers)
+        self.max_seqs = max_seqs
+        self.capacity = capacity
+        self._index = {layer: i for i, layer in enumerate(self.layers)}
+        shape = (len(self.layers), max_seqs * capacity, n_kv_heads, head_dim)  # rows are slot-major
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def bytes_per_slot(self) -> int:
+        return self.nbytes // self.max_seqs
+
+    def update_and_read(
+        self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, layout: StepLayout
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's keys/values and return the keys/values the step's queries attend over."""
+        i = self._index[layer]
+        k_rows, v_rows = self.k[i], self.v[i]
+        if layout.decode_slots is not None:
+            k_rows.index_copy_(0, layout.write_rows, k_new)
+            v_rows.index_copy_(0, layout.write_rows, v_new)
+            view = (-1, self.capacity) + tuple(k_rows.shape[1:])
+            slots = layout.decode_slots
+            return k_rows.view(view)[slots].flatten(0, 1), v_rows.view(view)[slots].flatten(0, 1)
+        # Prefill: read the cached window in position order *before* this chunk overwrites it.
+        keys = k_new.new_empty((layout.n_keys,) + tuple(k_new.shape[1:]))
+        values = torch.empty_like(keys)
+        keys[layout.read_dst] = k_rows[layout.read_rows]
+        values[layout.read_dst] = v_rows[layout.read_rows]
+        keys[layout.new_dst] = k_new
+        values[layout.new_dst] = v_new
+        k_rows.index_copy_(0, layout.write_rows, k_new)
+        v_rows.index_copy_(0, layout.write_rows, v_new)
+        return keys, values
+
+    def clear(self, slot: int) -> None:
+        """Forget a finished sequence (not needed for correctness: a new owner starts at position 0)."""
+        rows = slice(slot * self.capacity, (slot + 1) * self.capacity)
+        self.k[:, rows].zero_()
+        self.v[:, rows].zero_()

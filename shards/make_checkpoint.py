@@ -1,0 +1,81 @@
+"""A small random-weight checkpoint in the Hugging Face layout, with the real Mistral tokenizer.
+
+It is the project's embedded default: big enough to exercise every path (GQA, window, experts, chunked
+prefill), small enough that a test suite on two CPU cores stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from shards.checkpoint import ShardSelection, save_checkpoint
+from shards.config import ConfigError, ModelConfig
+
+SMALL = ModelConfig(
+    dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128, vocab_size=32000,
+    norm_eps=1e-5, rope_theta=10000.0, sliding_window=32, max_seq_len=2048,
+)
+
+
+def mistral_tokenizer_file() -> Path:
+    """The v1 sentencepiece model (32000 pieces) that mistral-common ships."""
+    import mistral_common
+
+    path = Path(os.path.dirname(mistral_common.__file__)) / "data" / "tokenizer.model.v1"
+    if not path.is_file():
+        raise ConfigError(f"mistral-common does not ship {path}; reinstall mistral-common")
+    return path
+
+
+def small_config(
+    arch: str = "mixtral", layers: int | None = None, dim: int | None = None, experts: int | None = None,
+    window: int | None | str = "default", heads: int | None = None, kv_heads: int | None = None,
+    hidden: int | None = None, max_seq_len: int | None = None,
+) -> ModelConfig:
+    if arch not in ("mistral", "mixtral"):
+        raise ConfigError(f"--arch must be 'mistral' or 'mixtral', got {arch!r}")
+    n_heads = heads or SMALL.n_heads
+    model_dim = dim or SMALL.dim
+    if model_dim % n_heads:
+        raise ConfigError(f"--dim {model_dim} must be divisible by the number of heads {n_heads}")
+    cfg = replace(
+        SMALL,
+        dim=model_dim,
+        n_layers=layers or SMALL.n_layers,
+        n_heads=n_heads,
+        n_kv_heads=kv_heads or min(SMALL.n_kv_heads, n_heads),
+        head_dim=model_dim // n_heads,
+        hidden_dim=hidden or 2 * model_dim,
+        sliding_window=SMALL.sliding_window if window == "default" else window,
+        max_seq_len=max_seq_len or SMALL.max_seq_len,
+        num_experts=(experts or 4) if arch == "mixtral" else 0,
+        rope_theta=1e6 if arch == "mixtral" else 10000.0,
+    )
+    return cfg.validate("make-checkpoint options")
+
+
+def random_weights(config: ModelConfig, seed: int, std: float = 0.02, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Every tensor drawn from N(0, std) (norm weights around 1), from one seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in ShardSelection.whole(config).tensor_shapes(config).items():
+        if name.endswith("norm.weight"):
+            t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        else:
+            t = std * torch.randn(shape, generator=gen)
+        out[name] = t.to(dtype)
+    return out
+
+
+def make_checkpoint(
+    out_dir: str | Path, config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
+    layout: str = "hf", max_shard_bytes: int | None = None,
+) -> Path:
+    return save_checkpoint(
+        out_dir, config, random_weights(config, seed, dtype=dtype), layout=layout,
+        max_shard_bytes=max_shard_bytes, tokenizer_file=mistral_tokenizer_file(),
+    )

@@ -1,0 +1,111 @@
+"""The decoder, as shards: any contiguous run of layers, with or without the embedding, head and experts.
+
+The whole model is the shard that holds everything. A pipeline stage holds some layers' attention, norms and
+gates; where its experts live elsewhere, the caller passes an `experts` function that takes the gate's choices
+to them and brings back the weighted sum.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from shards.checkpoint import CheckpointReader, ShardSelection
+from shards.config import ModelConfig
+from shards.kv_cache import RollingKVCache, StepLayout
+from shards.layers import Attention, FeedForward, RMSNorm
+from shards.moe import ExpertGroup, Gate
+
+# (layer, normed hidden (tokens, dim), expert ids (tokens, k), weights (tokens, k)) -> (tokens, dim)
+ExpertsFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class MoEBlock(nn.Module):
+    """Mixtral's feed-forward: the gate here, and whichever of the layer's experts this shard holds."""
+
+    def __init__(self, config: ModelConfig, expert_ids: list[int]) -> None:
+        super().__init__()
+        self.gate = Gate(config.dim, config.num_experts, config.num_experts_per_tok)
+        self.experts = ExpertGroup(config.dim, config.hidden_dim, expert_ids)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, expert_ids: list[int], attention_backend: str) -> None:
+        super().__init__()
+        self.layer = layer
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.self_attn = Attention(config.dim, config.n_heads, config.n_kv_heads, config.head_dim, attention_backend)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        if config.is_moe:
+            self.block_sparse_moe = MoEBlock(config, expert_ids)
+        else:
+            self.mlp = FeedForward(config.dim, config.hidden_dim)
+
+    def forward(
+        self, h: torch.Tensor, layout: StepLayout, cache: RollingKVCache, experts: ExpertsFn | None = None
+    ) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), self.layer, layout, cache)
+        x = self.post_attention_layernorm(h)
+        if not hasattr(self, "block_sparse_moe"):
+            return h + self.mlp(x)
+        ids, weights = self.block_sparse_moe.gate(x)
+        if experts is None:
+            return h + self.block_sparse_moe.experts(x, ids, weights)
+        return h + experts(self.layer, x, ids, weights)
+
+
+class TransformerShard(nn.Module):
+    """The part of the model one process holds, built empty and filled from the checkpoint by selection."""
+
+    def __init__(self, config: ModelConfig, selection: ShardSelection, attention_backend: str = "auto") -> None:
+        super().__init__()
+        self.config = config
+        self.selection = selection
+        if selection.embedding:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleDict(
+            {
+                str(i): DecoderLayer(config, i, list(selection.experts.get(i, ())), attention_backend)
+                for i in selection.layers
+            }
+        )
+        if selection.final_norm:
+            self.norm = RMSNorm(config.dim, config.norm_eps)
+        if selection.head:
+            self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+
+    @staticmethod
+    def from_checkpoint(
+        reader: CheckpointReader, selection: ShardSelection, dtype: torch.dtype, device: str | torch.device,
+        attention_backend: str = "auto",
+    ) -> TransformerShard:
+        with torch.device("meta"):
+            shard = TransformerShard(reader.config, selection, attention_backend)
+        tensors = reader.load(selection, dtype=dtype, device=device)
+        shard.load_state_dict(_module_names(tensors), strict=True, assign=True)
+        return shard.eval()
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(token_ids)
+
+    def run_layers(
+        self, h: torch.Tensor, layout: StepLayout, cache: RollingKVCache, experts: ExpertsFn | None = None
+    ) -> torch.Tensor:
+        for layer in self.layers.values():
+            h = layer(h, layout, cache, experts)
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(h)).float()
+
+
+def _module_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoint names -> this module's parameter names (layers are keyed by their global index)."""
+    out = {}
+    for name, t in tensors.items():
+        name = name.removeprefix("model.")
+        name = name.replace(".block_sparse_moe.experts.", ".block_sparse_moe.experts.experts.")
+        out[name] = t
+    return out
