@@ -9,10 +9,15 @@ reads the same mask object and computes the same function.
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import torch.nn.functional as F
-from xformers.ops.fmha import attn_bias as xbias
+
+# xformers warns at import when its compiled kernels do not match this torch; we only need its mask classes
+# there, and `xformers_kernels_available` decides about the kernels, so keep that warning out of the user's way.
+logging.getLogger("xformers").setLevel(logging.ERROR)
+from xformers.ops.fmha import attn_bias as xbias  # noqa: E402
 
 AttnBias = xbias.AttentionBias
 

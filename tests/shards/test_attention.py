@@ -1,0 +1,68 @@
+"""The torch attention kernel against xformers' own definition of each mask (its `materialize`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shards.attention import decode_bias, packed_attention, prefill_bias
+
+N_HEADS, N_KV, HEAD_DIM = 4, 2, 16
+
+
+def reference_attention(q, k, v, bias) -> torch.Tensor:
+    """Dense float64 softmax attention with xformers' materialised mask, GQA by repeating KV heads."""
+    mask = bias.materialize((q.shape[0], k.shape[0]), dtype=torch.float64)
+    group = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(group, dim=1)
+    v = v.double().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.double(), k) / HEAD_DIM**0.5 + mask
+    return torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), v)
+
+
+def rand(n: int, heads: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, heads, HEAD_DIM, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(
+    "q_lens,kv_lens,window",
+    [
+        ([5, 9, 1], [5, 9, 1], 4),  # first chunks, window shorter than some sequences
+        ([5, 9, 1], [5, 9, 1], None),  # full causal attention
+        ([4, 1, 6], [20, 13, 6], 8),  # chunks after a cached window, mixed with a decode token
+        ([16], [32], 16),  # a chunk equal to the window after a full window of cache
+    ],
+)
+def test_prefill_mask_matches_xformers_definition(q_lens, kv_lens, window):
+    bias = prefill_bias(q_lens, kv_lens, window)
+    q, k, v = rand(sum(q_lens), N_HEADS, 1), rand(sum(kv_lens), N_KV, 2), rand(sum(kv_lens), N_KV, 3)
+    ours = packed_attention(q, k, v, bias, backend="torch")
+    assert torch.allclose(ours.double(), reference_attention(q, k, v, bias), atol=1e-5)
+
+
+def test_decode_mask_with_padded_keys_matches_xformers_definition():
+    capacity, kv_lens = 8, [8, 3, 1, 8]
+    bias = decode_bias(kv_lens, capacity)
+    q = rand(len(kv_lens), N_HEADS, 4)
+    k, v = rand(capacity * len(kv_lens), N_KV, 5), rand(capacity * len(kv_lens), N_KV, 6)
+    ours = packed_attention(q, k, v, bias, backend="torch")
+    assert torch.allclose(ours.double(), reference_attention(q, k, v, bias), atol=1e-5)
+
+
+def test_padding_rows_beyond_a_sequence_are_never_attended():
+    """Garbage in the unused rows of a slot must not change the result."""
+    capacity, kv_lens = 8, [3, 5]
+    bias = decode_bias(kv_lens, capacity)
+    q = rand(2, N_HEADS, 7)
+    k, v = rand(16, N_KV, 8), rand(16, N_KV, 9)
+    before = packed_attention(q, k, v, bias, backend="torch")
+    k[3:8] = 1e4
+    v[13:16] = -1e4
+    assert torch.equal(packed_attention(q, k, v, bias, backend="torch"), before)
+
+
+def test_unknown_backend_is_named_in_the_error():
+    bias = prefill_bias([1], [1], None)
+    x = rand(1, N_HEADS, 0)
+    with pytest.raises(ValueError, match="'flash9'"):
+        packed_attention(x, x[:, :N_KV], x[:, :N_KV], bias, backend="flash9")

@@ -1,0 +1,154 @@
+"""Checkpoint config and tensors: both layouts, clear errors, and a shard loading only its own tensors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from shards.checkpoint import CheckpointError, CheckpointReader, ShardSelection
+from shards.config import ConfigError, load_config
+
+
+def write_config(tmp_path, **overrides):
+    base = {
+        "model_type": "mixtral", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 32000, "rms_norm_eps": 1e-5,
+        "sliding_window": 32, "num_local_experts": 4, "num_experts_per_tok": 2,
+    }
+    base.update(overrides)
+    base = {k: v for k, v in base.items() if v is not ...}
+    (tmp_path / "config.json").write_text(json.dumps(base))
+    return tmp_path
+
+
+def test_rope_theta_is_read_from_rope_parameters_or_the_top_level(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    new = load_config(write_config(tmp_path / "a", rope_parameters={"rope_theta": 1e6, "rope_type": "default"}))
+    old = load_config(write_config(tmp_path / "b", rope_theta=500000.0))
+    assert new.rope_theta == 1e6 and old.rope_theta == 500000.0
+
+
+def test_sliding_window_may_be_null(tmp_path):
+    assert load_config(write_config(tmp_path, sliding_window=None)).sliding_window is None
+
+
+def test_head_dim_defaults_to_hidden_over_heads(tmp_path):
+    assert load_config(write_config(tmp_path)).head_dim == 16
+
+
+def test_unknown_model_type_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"config.json: field 'model_type' is 'llama'"):
+        load_config(write_config(tmp_path, model_type="llama"))
+
+
+def test_missing_field_names_file_and_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"config.json: missing field 'num_hidden_layers'"):
+        load_config(write_config(tmp_path, num_hidden_layers=...))
+
+
+def test_wrong_type_names_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"field 'hidden_size' has the wrong type: '64'"):
+        load_config(write_config(tmp_path, hidden_size="64"))
+
+
+def test_heads_not_divisible_by_kv_heads_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"n_heads \(4\) must be a multiple of n_kv_heads \(3\)"):
+        load_config(write_config(tmp_path, num_key_value_heads=3))
+
+
+def test_params_json_missing_field_is_named(tmp_path):
+    (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2}))
+    with pytest.raises(ConfigError, match=r"params.json: missing field 'n_heads'"):
+        load_config(tmp_path)
+
+
+def test_directory_without_any_config_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="neither config.json"):
+        load_config(tmp_path)
+
+
+def test_missing_tensor_file_is_named(checkpoint_factory, tmp_path):
+    import shutil
+
+    ckpt = checkpoint_factory("mistral", seed=0)
+    copy = tmp_path / "ck"
+    shutil.copytree(ckpt, copy)
+    (copy / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"no \*.safetensors files"):
+        CheckpointReader(copy)
+
+
+def test_truncated_safetensors_file_is_named(checkpoint_factory, tmp_path):
+    import shutil
+
+    ckpt = checkpoint_factory("mistral", seed=0)
+    copy = tmp_path / "ck"
+    shutil.copytree(ckpt, copy)
+    data = (copy / "model.safetensors").read_bytes()
+    (copy / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model.safetensors"):
+        CheckpointReader(copy).load(ShardSelection.whole(load_config(copy)))
+
+
+def test_tensor_shape_that_disagrees_with_the_config_is_named(checkpoint_factory, tmp_path):
+    import shutil
+
+    ckpt = checkpoint_factory("mistral", seed=0)
+    copy = tmp_path / "ck"
+    shutil.copytree(ckpt, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["intermediate_size"] = 100
+    (copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"tensor 'model.layers.0.mlp.gate_proj.weight' has shape \[128, 64\], the config asks for \[100, 64\]"):
+        CheckpointReader(copy).load(ShardSelection.whole(load_config(copy)))
+
+
+def test_selection_reads_only_its_tensors(checkpoint_factory):
+    reader = CheckpointReader(checkpoint_factory("mixtral", seed=0))
+    sel = ShardSelection(layers=(1,), experts={1: (2,)})
+    names = set(reader.load(sel))
+    assert names == {
+        "model.layers.1.input_layernorm.weight", "model.layers.1.post_attention_layernorm.weight",
+        "model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight",
+        "model.layers.1.self_attn.v_proj.weight", "model.layers.1.self_attn.o_proj.weight",
+        "model.layers.1.block_sparse_moe.gate.weight",
+        "model.layers.1.block_sparse_moe.experts.2.w1.weight", "model.layers.1.block_sparse_moe.experts.2.w2.weight",
+        "model.layers.1.block_sparse_moe.experts.2.w3.weight",
+    }
+
+
+PEAK_SCRIPT = """
+import os, sys, torch
+from shards.checkpoint import CheckpointReader, ShardSelection
+
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+reader = CheckpointReader(sys.argv[1])
+sel = ShardSelection(layers=(0,), experts={0: (0,)}) if sys.argv[2] == "shard" else ShardSelection.whole(reader.config)
+before = rss()
+tensors = reader.load(sel)
+checksum = sum(float(t.double().sum()) for t in tensors.values())  # touch every byte, mmap-backed or not
+print(rss() - before, sum(t.nbytes for t in tensors.values()))
+"""
+
+
+def test_shard_loader_peak_memory_is_its_own_size_not_the_checkpoints(checkpoint_factory):
+    """A shard of 1/32 of a ~170 MB checkpoint grows the process's resident memory by its own size, not the checkpoint's."""
+    ckpt = checkpoint_factory("mixtral", seed=0, dim=256, hidden=1024, layers=4, experts=8)
+    total = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
+    peaks = {}
+    for which in ("shard", "whole"):
+        out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(ckpt), which], capture_output=True, text=True, check=True)
+        peaks[which] = [int(x) for x in out.stdout.split()]
+    shard_peak, shard_bytes = peaks["shard"]
+    whole_peak, _ = peaks["whole"]
+    assert total > 100e6
+    assert shard_peak < 2 * shard_bytes + 8e6, (shard_peak, shard_bytes)
+    assert shard_peak < total / 8
+    assert whole_peak > total / 2  # the measurement does see a full load

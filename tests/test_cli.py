@@ -1,0 +1,72 @@
+"""`mistral-cluster make-checkpoint` and `generate`: JSON output equal to transformers, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cluster.cli import main
+from shards.tokenizer import Tokenizer
+from tests.conftest import hf_greedy
+
+
+@pytest.fixture(scope="module")
+def cli_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "ck"
+    assert main(["make-checkpoint", str(out), "--arch", "mixtral", "--layers", "2", "--window", "8", "--seed", "3"]) == 0
+    return out
+
+
+def test_make_checkpoint_writes_a_loadable_hf_checkpoint_with_the_mistral_tokenizer(cli_checkpoint):
+    cfg = json.loads((cli_checkpoint / "config.json").read_text())
+    assert cfg["model_type"] == "mixtral" and cfg["num_hidden_layers"] == 2 and cfg["sliding_window"] == 8
+    assert Tokenizer(cli_checkpoint).vocab_size == 32000
+
+
+def test_generate_json_gives_transformers_greedy_tokens_for_a_packed_batch(cli_checkpoint, hf_model, capsys):
+    prompts = ["The quick brown fox jumps over the lazy dog and keeps running", "Hi"]
+    args = ["generate", "--checkpoint", str(cli_checkpoint), "--max-tokens", "20", "--ignore-eos", "--json"]
+    for p in prompts:
+        args += ["--prompt", p]
+    assert main(args) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    tok = Tokenizer(cli_checkpoint)
+    assert len(lines) == 2
+    for prompt, line in zip(prompts, lines):
+        assert line["prompt_token_ids"] == tok.encode(prompt)
+        assert line["token_ids"] == hf_greedy(hf_model(cli_checkpoint), line["prompt_token_ids"], 20)
+        assert line["text"] == tok.decode(line["token_ids"])
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--prompt", ""], "--prompt number 1 is empty"),
+        (["--prompt", "hi", "--max-tokens", "0"], "--max-tokens must be at least 1, got 0"),
+        (["--prompt", "hi", "--max-tokens", "-3"], "--max-tokens must be at least 1, got -3"),
+        (["--prompt", "hi", "--temperature", "7"], "temperature must be between 0 and 2, got 7.0"),
+        (["--prompt", "word " * 3000], "over the model's maximum context of 2048 tokens"),
+    ],
+)
+def test_bad_generate_input_is_one_line_error_with_status_2(cli_checkpoint, capsys, extra, message):
+    assert main(["generate", "--checkpoint", str(cli_checkpoint)] + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_missing_checkpoint_is_named(capsys, tmp_path):
+    assert main(["generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_unknown_model_type_is_a_clear_error(cli_checkpoint, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "ck"
+    shutil.copytree(cli_checkpoint, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (copy / "config.json").write_text(json.dumps(cfg))
+    assert main(["generate", "--checkpoint", str(copy), "--prompt", "x"]) == 2
+    assert "field 'model_type' is 'gpt2'" in capsys.readouterr().err
