@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from shards.checkpoint import CheckpointReader, ShardSelection
-from shards.kv_cache import RollingKVCache, StepBatch, StepLayout
+from shards.kv_cache import RollingKVCache, StepBatch, StepLayout, cache_capacity
 from shards.model import TransformerShard
 
 
@@ -38,9 +38,7 @@ class LocalEngine:
 
     @property
     def cache_capacity(self) -> int:
-        """Rows per slot: the window (rolling buffer), or the whole context when the model has no window."""
-        window = self.config.sliding_window
-        return min(window, self.max_seq_len) if window else self.max_seq_len
+        return cache_capacity(self.config.sliding_window, self.max_seq_len)
 
     @torch.inference_mode()
     def step(self, batch: StepBatch) -> torch.Tensor:

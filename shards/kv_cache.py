@@ -15,6 +15,11 @@ from shards.attention import AttnBias, decode_bias, prefill_bias
 from shards.layers import rotary_cos_sin
 
 
+def cache_capacity(window: int | None, max_seq_len: int) -> int:
+    """Rows per slot: the window (rolling buffer), or the whole context when the model has no window."""
+    return min(window, max_seq_len) if window else max_seq_len
+
+
 @dataclass
 class StepBatch:
     """What one forward step computes: for each sequence in the batch, a run of new tokens.

@@ -101,6 +101,34 @@ class TransformerShard(nn.Module):
         return self.lm_head(self.norm(h)).float()
 
 
+class ExpertShard(nn.Module):
+    """Experts of some layers, held apart from the layers' attention and gates (an expert-group actor's model)."""
+
+    def __init__(self, config: ModelConfig, selection: ShardSelection) -> None:
+        super().__init__()
+        self.config = config
+        self.groups = nn.ModuleDict(
+            {str(layer): ExpertGroup(config.dim, config.hidden_dim, list(ids)) for layer, ids in selection.experts.items()}
+        )
+
+    @staticmethod
+    def from_checkpoint(
+        reader: CheckpointReader, selection: ShardSelection, dtype: torch.dtype, device: str | torch.device
+    ) -> ExpertShard:
+        with torch.device("meta"):
+            shard = ExpertShard(reader.config, selection)
+        tensors = reader.load(selection, dtype=dtype, device=device)
+        names = {
+            "groups." + name.removeprefix("model.layers.").replace(".block_sparse_moe.experts.", ".experts."): t
+            for name, t in tensors.items()
+        }
+        shard.load_state_dict(names, strict=True, assign=True)
+        return shard.eval()
+
+    def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.groups[str(layer)](x, ids, weights)
+
+
 def _module_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Checkpoint names -> this module's parameter names (layers are keyed by their global index)."""
     out = {}

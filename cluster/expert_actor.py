@@ -1,0 +1,71 @@
+"""An expert group: some experts of some layers, serving every pipeline stage.
+
+After joining the transport group it runs one serving thread per stage: wait for a header (layer, tokens), take
+the tokens' activations and top-k choices, run only the experts those tokens chose, send the weighted sum back.
+No Ray call is on this path.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from cluster.shard_actor import ShardActor
+from cluster.transport import STOP
+from shards.checkpoint import CheckpointReader
+from shards.model import ExpertShard
+
+
+class ExpertGroupActor(ShardActor):
+    def __init__(self, checkpoint: str, plan, index: int) -> None:
+        super().__init__(f"experts{index}", rank=len(plan.stages) + index)
+        reader = CheckpointReader(checkpoint)
+        self.config = reader.config
+        self.plan, self.index = plan, index
+        self.selection = plan.expert_selection(index, self.config)
+        self.model = ExpertShard.from_checkpoint(reader, self.selection, plan.torch_dtype, self.device)
+        self.received: list[dict] = []  # one record per message: (stage, layer, tokens, tokens per expert, seconds)
+        self._threads: list[threading.Thread] = []
+        self.errors: list[str] = []
+
+    def join(self, master_addr: str, master_port: int, world_size: int, timeout_s: float) -> str:
+        backend = super().join(master_addr, master_port, world_size, timeout_s)
+        for stage in range(len(self.plan.stages)):
+            t = threading.Thread(target=self._serve, args=(stage,), name=f"serve-stage{stage}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        return backend
+
+    @torch.inference_mode()
+    def _serve(self, src: int) -> None:
+        transport, k, dim, dtype = self.transport, self.config.num_experts_per_tok, self.config.dim, self.plan.torch_dtype
+        try:
+            while True:
+                layer, n, _, _ = transport.recv_header(src)
+                if layer == STOP:
+                    return
+                ids = transport.recv((n, k), torch.long, src, kind="expert_in")
+                weights = transport.recv((n, k), dtype, src, kind="expert_in")
+                x = transport.recv((n, dim), dtype, src, kind="expert_in")
+                t0 = time.perf_counter()
+                out = self.model(layer, x, ids, weights)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                seconds = time.perf_counter() - t0
+                transport.send(out, src, kind="expert_out")
+                held = self.model.groups[str(layer)].tokens_per_expert(ids)
+                with self._lock:
+                    self.received.append({"stage": src, "layer": layer, "tokens": n, "per_expert": held, "seconds": seconds})
+        except Exception as e:  # noqa: BLE001 - reported through `trace` and health, never silently lost
+            self.errors.append(f"{self.name} serving stage{src}: {type(e).__name__}: {e}")
+
+    def trace(self) -> dict:
+        """Messages served since the last call (and any serving error)."""
+        with self._lock:
+            received, self.received = self.received, []
+        return {"group": self.index, "received": received, "errors": list(self.errors)}
+
+    def serving(self) -> int:
+        return sum(t.is_alive() for t in self._threads)

@@ -1,0 +1,47 @@
+"""`mistral-cluster plan`: check a placement file against the checkpoint and the cluster, reserve it, show where
+each shard lands, and give the resources back. No weights are loaded."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "plan", help="reserve a placement YAML on the Ray cluster and print where each shard lands (no weights loaded)"
+    )
+    p.add_argument("--config", required=True, help="placement YAML (see deploy/examples/PLACEMENT.md)")
+    p.add_argument("--checkpoint", help="checkpoint directory (default: the file's 'checkpoint')")
+    p.add_argument("--address", default=None, help="join this Ray cluster (default: RAY_ADDRESS or a local one)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the placement group")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from cluster.cli import DEFAULT_CHECKPOINT, ensure_default_checkpoint
+    from cluster.placement import load_placement, validate_against_model
+    from cluster.reservation import placement_table, ray_session, reserve
+    from shards.config import load_config
+
+    plan = load_placement(args.config, checkpoint_override=args.checkpoint)
+    if Path(plan.checkpoint) == DEFAULT_CHECKPOINT:
+        ensure_default_checkpoint()
+    config = load_config(plan.checkpoint)
+    plan = validate_against_model(plan, config)
+    with ray_session(plan, args.address):
+        reservation = reserve(plan, config, timeout_s=args.timeout)
+        reservation.release()  # the plan command only shows where shards would land
+    placements, group_id = reservation.placements, reservation.placement_group.id.hex()
+    if args.json:
+        print(json.dumps({
+            "config": plan.source, "checkpoint": plan.checkpoint, "dtype": plan.dtype, "strategy": plan.strategy,
+            "placement_group": group_id, "shards": [p.to_dict() for p in placements],
+        }, indent=2))
+    else:
+        print(f"{plan.source}: {len(plan.stages)} stage(s), {len(plan.expert_groups)} expert group(s), "
+              f"{plan.dtype}, strategy {plan.strategy}, checkpoint {plan.checkpoint}")
+        print(placement_table(placements))
+    return 0

@@ -1,0 +1,205 @@
+"""Reserving a plan on a Ray cluster: one placement-group bundle per shard, checked against the nodes first.
+
+A plan the cluster can never hold fails in `check_against_cluster` with the shard and the resource named, instead of
+a placement group that stays pending forever; one that cannot be placed in time is removed, not left queued.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
+
+from cluster.placement import PlacementError, PlacementPlan, format_ids
+from shards.config import ModelConfig
+
+RAY_STRATEGIES = {"pack": "PACK", "spread": "SPREAD", "strict_spread": "STRICT_SPREAD", "strict_pack": "STRICT_PACK"}
+_BUILTIN = ("CPU", "GPU", "memory", "object_store_memory")
+_EPS = 1e-6  # Ray keeps resource amounts to 1e-4; sums of fractions must not fail on rounding
+
+
+@dataclass(frozen=True)
+class ShardPlacement:
+    """Where one shard landed: a row of the placement table."""
+
+    shard: str
+    kind: str
+    layers: tuple[int, ...]
+    experts: dict[int, tuple[int, ...]]  # layer -> expert ids held by this shard
+    bundle_index: int
+    node_id: str
+    node_ip: str
+    gpus: float
+    weight_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["experts"] = {str(layer): list(ids) for layer, ids in self.experts.items()}
+        out["layers"] = list(self.layers)
+        return out
+
+
+@dataclass
+class Reservation:
+    """A created placement group and where each shard's bundle is; release it when the shards are gone."""
+
+    plan: PlacementPlan
+    placement_group: PlacementGroup
+    placements: list[ShardPlacement] = field(default_factory=list)
+
+    def release(self) -> None:
+        remove_placement_group(self.placement_group)
+
+
+def check_against_cluster(plan: PlacementPlan, nodes: list[dict[str, Any]]) -> None:
+    """Fail before reserving when no placement could hold the plan; `nodes` is what `ray.nodes()` returns."""
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
+    names, bundles = plan.shard_names(), plan.bundles()
+    src = plan.source
+
+    totals: dict[str, float] = {}
+    for node in alive:
+        for key, amount in node.items():
+            totals[key] = totals.get(key, 0.0) + amount
+    asked: dict[str, dict[str, float]] = {}
+    for name, bundle in zip(names, bundles):
+        for key, amount in bundle.items():
+            asked.setdefault(key, {})[name] = amount
+    for key, by_shard in asked.items():
+        have = totals.get(key, 0.0)
+        if have == 0:
+            name, amount = next(iter(by_shard.items()))
+            raise PlacementError(f"{src}: shard {name} asks for {key}: {amount:g}, but no node of the cluster has {key}")
+        need = sum(by_shard.values())
+        if need > have + _EPS:
+            each = ", ".join(f"{n}: {a:g}" for n, a in by_shard.items())
+            raise PlacementError(f"{src}: the shards ask for {need:g} {key} in all ({each}), but the cluster has {have:g}")
+
+    for name, bundle in zip(names, bundles):
+        if not any(_fits(bundle, node) for node in alive):
+            short = [k for k, a in bundle.items() if a > max(node.get(k, 0.0) for node in alive) + _EPS]
+            if short:
+                key = short[0]
+                largest = max(node.get(key, 0.0) for node in alive)
+                raise PlacementError(f"{src}: shard {name} asks for {key}: {bundle[key]:g}, "
+                                     f"more than any single node has (at most {largest:g})")
+            raise PlacementError(f"{src}: shard {name} asks for {_fmt(bundle)}, which no single node has all together")
+
+    if plan.strategy == "strict_pack":
+        together = {k: sum(b.get(k, 0.0) for b in bundles) for k in asked}
+        if not any(_fits(together, node) for node in alive):
+            raise PlacementError(f"{src}: strategy strict_pack puts every shard on one node, but no node has "
+                                 f"{_fmt(together)} ({', '.join(names)} together)")
+    if plan.strategy == "strict_spread" and len(bundles) > len(alive):
+        raise PlacementError(f"{src}: strategy strict_spread puts each of the {len(bundles)} shards on its own node, "
+                             f"but the cluster has {len(alive)} nodes")
+
+
+def reserve(plan: PlacementPlan, config: ModelConfig, timeout_s: float = 60.0) -> Reservation:
+    """Create the plan's placement group and wait for it; on timeout remove it and name the shards left over."""
+    nodes = ray.nodes()
+    check_against_cluster(plan, nodes)
+    names, bundles = plan.shard_names(), plan.bundles()
+    pg = placement_group(bundles, strategy=RAY_STRATEGIES[plan.strategy])
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    table = placement_group_table(pg)
+    if not ready:
+        ip_of = {n["NodeID"]: n["NodeManagerAddress"] for n in nodes}
+        placed = {i for i, node in table.get("bundles_to_node_id", {}).items() if node in ip_of}
+        free = ray.available_resources()
+        waiting = []
+        for i, (name, bundle) in enumerate(zip(names, bundles)):
+            if i in placed:
+                continue
+            short = [f"{k}: {a:g} asked, {free.get(k, 0.0):g} free" for k, a in bundle.items() if a > free.get(k, 0.0) + _EPS]
+            waiting.append(f"{name} {_fmt(bundle)}" + (f" ({'; '.join(short)})" if short else ""))
+        remove_placement_group(pg)
+        raise PlacementError(
+            f"{plan.source}: the placement group was not ready after {timeout_s:g} s; shards not placed: "
+            f"{', '.join(waiting)}; other placement groups or actors may hold those resources"
+        )
+
+    ip_of = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    placements = []
+    for i, shard in enumerate(plan.shards(config)):
+        node = table["bundles_to_node_id"][i]
+        sel = shard.selection
+        layers = sel.layers if shard.kind == "stage" else tuple(sorted(sel.experts))
+        placements.append(ShardPlacement(
+            shard=shard.name, kind=shard.kind, layers=layers, experts=dict(sel.experts), bundle_index=i,
+            node_id=node, node_ip=ip_of.get(node, "?"), gpus=bundles[i].get("GPU", 0.0),
+            weight_bytes=sel.nbytes(config, plan.torch_dtype),
+        ))
+    return Reservation(plan, pg, placements)
+
+
+@contextmanager
+def ray_session(plan: PlacementPlan, address: str | None = None) -> Iterator[None]:
+    """Join `address` (or RAY_ADDRESS), or start a local Ray with the CPUs and custom resources the plan asks for.
+
+    A local Ray gets only the GPUs it finds, so a GPU plan on a machine without GPUs fails in
+    `check_against_cluster`. A connection made by the caller before is reused and left open.
+    """
+    if ray.is_initialized():
+        yield
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        need: dict[str, float] = {}
+        for bundle in plan.bundles():
+            for key, amount in bundle.items():
+                need[key] = need.get(key, 0.0) + amount
+        custom = {k: v for k, v in need.items() if k not in _BUILTIN and not k.startswith(("node:", "accelerator_type:"))}
+        cpus = max(os.cpu_count() or 1, math.ceil(need.get("CPU", 0.0)))
+        ray.init(address="local", num_cpus=cpus, resources=custom, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def placement_table(placements: list[ShardPlacement]) -> str:
+    """The rows as an aligned text table, one line per shard."""
+    header = ("shard", "layers", "experts", "node", "ip", "GPU", "weights")
+    rows = [header] + [
+        (p.shard, format_ids(p.layers), _experts(p.experts), p.node_id[:12], p.node_ip, f"{p.gpus:g}",
+         _bytes(p.weight_bytes))
+        for p in placements
+    ]
+    widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _fits(bundle: dict[str, float], node: dict[str, float]) -> bool:
+    return all(amount <= node.get(key, 0.0) + _EPS for key, amount in bundle.items())
+
+
+def _fmt(bundle: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in bundle.items()) + "}"
+
+
+def _experts(experts: dict[int, tuple[int, ...]]) -> str:
+    """The same experts in every layer print once; otherwise per layer."""
+    if not experts:
+        return "-"
+    distinct = set(experts.values())
+    if len(distinct) == 1:
+        return format_ids(next(iter(distinct)))
+    return " ".join(f"L{layer}:{format_ids(ids)}" for layer, ids in sorted(experts.items()))
+
+
+def _bytes(n: int) -> str:
+    size, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            break
+        size /= 1024
+    return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"

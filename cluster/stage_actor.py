@@ -1,0 +1,119 @@
+"""A pipeline stage: some layers' attention, norms and gates (plus embedding or head at the ends), and their cache.
+
+Each step the router makes one call, `run_step`, on every stage at once. Stage k takes micro-batch m from stage
+k-1 (or embeds it), runs its layers, and hands it on with a non-blocking send, so it is already on micro-batch
+m+1 while stage k+1 works on m. For a MoE layer whose experts live in expert-group actors, the gate's choices
+decide which tokens go to which group: each group receives only the tokens routed to it, and the weighted
+results come back and are summed in token order.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from cluster.shard_actor import ShardActor
+from router.dispatch import combine, expert_owners, tokens_per_group
+from shards.checkpoint import CheckpointReader
+from shards.kv_cache import RollingKVCache, StepBatch, StepLayout, cache_capacity
+from shards.model import TransformerShard
+
+
+class StageActor(ShardActor):
+    def __init__(self, checkpoint: str, plan, index: int, attention_backend: str = "auto") -> None:
+        super().__init__(f"stage{index}", rank=index)
+        reader = CheckpointReader(checkpoint)
+        self.config = config = reader.config
+        self.plan, self.index = plan, index
+        self.n_stages = len(plan.stages)
+        self.selection = plan.stage_selection(index, config)
+        self.model = TransformerShard.from_checkpoint(reader, self.selection, plan.torch_dtype, self.device, attention_backend)
+        self.max_seq_len = config.max_seq_len
+        self.capacity = cache_capacity(config.sliding_window, self.max_seq_len)
+        self.cache = RollingKVCache(
+            list(self.selection.layers), plan.max_seqs, self.capacity, config.n_kv_heads, config.head_dim,
+            plan.torch_dtype, self.device,
+        )
+        self.n_groups = len(plan.expert_groups)
+        self.owner = None
+        if self.n_groups:
+            self.owner = expert_owners(
+                [(g.experts, g.layers) for g in plan.expert_groups], config.n_layers, config.num_experts
+            )
+        self._trace: dict = {}
+
+    def cache_bytes(self) -> int:
+        return self.cache.nbytes
+
+    @torch.inference_mode()
+    def run_step(self, step: int, microbatches: list[StepBatch]) -> dict:
+        """Run every micro-batch of one step through this stage; the last stage returns their logits."""
+        first, last = self.index == 0, self.index == self.n_stages - 1
+        transport = self.transport
+        pending_sends = []
+        logits, spans = [], []
+        self._trace = {"tokens_to_group": {}, "expert_choices": {}, "expert_seconds": 0.0}
+        for m, mb in enumerate(microbatches):
+            wait = 0.0
+            if first:
+                h = self.model.embed(mb.token_ids.to(self.device))
+            else:
+                t0 = time.perf_counter()
+                h = transport.recv((mb.n_tokens, self.config.dim), self.plan.torch_dtype, src=self.index - 1)
+                wait = time.perf_counter() - t0
+            start = time.time()
+            layout = StepLayout.build(
+                mb, self.capacity, self.config.sliding_window, self.config.head_dim, self.config.rope_theta, self.device
+            )
+            self._mb = m
+            h = self.model.run_layers(h, layout, self.cache, self._dispatch if self.n_groups else None)
+            if last:
+                rows = torch.tensor(mb.logit_rows(), dtype=torch.long, device=self.device)
+                logits.append(self.model.logits(h[rows]).cpu())
+            else:
+                pending_sends.append(transport.isend(h, dst=self.index + 1))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            spans.append({"microbatch": m, "start": start, "end": time.time(), "recv_wait": wait})
+        t0 = time.perf_counter()
+        for work in pending_sends:
+            work.wait()
+        send_wait = time.perf_counter() - t0
+        return {
+            "stage": self.index, "step": step, "logits": logits if last else None, "spans": spans,
+            "send_wait": send_wait, "transport": transport.stats.take(), **self._trace,
+        }
+
+    def _dispatch(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Send each expert group only the tokens routed to it; sum what comes back in token order."""
+        t0 = time.perf_counter()
+        transport = self.transport
+        choices = torch.bincount(ids.flatten(), minlength=self.config.num_experts).tolist()
+        counts = self._trace["expert_choices"].setdefault(layer, [0] * self.config.num_experts)
+        self._trace["expert_choices"][layer] = [a + b for a, b in zip(counts, choices)]
+        sent = []
+        for g, idx in enumerate(tokens_per_group(ids, self.owner[layer], self.n_groups)):
+            n = idx.numel()
+            key = f"{layer}:{g}"
+            self._trace["tokens_to_group"][key] = self._trace["tokens_to_group"].get(key, 0) + n
+            if n == 0:
+                continue
+            dst = self.n_stages + g
+            transport.send_header([layer, n, 0, self._mb], dst)
+            transport.send(ids[idx], dst, kind="expert_in")
+            transport.send(weights[idx], dst, kind="expert_in")
+            transport.send(x[idx], dst, kind="expert_in")
+            sent.append((g, idx))
+        partials = [
+            (idx, transport.recv((idx.numel(), self.config.dim), x.dtype, self.n_stages + g, kind="expert_out"))
+            for g, idx in sent
+        ]
+        self._trace["expert_seconds"] += time.perf_counter() - t0
+        return combine(partials, x)
+
+    def stop_experts(self) -> None:
+        """Tell every expert group this stage sends nothing more, so their serving threads end."""
+        if self.transport is not None:
+            for g in range(self.n_groups):
+                self.transport.send_header([-1, 0, 0, 0], self.n_stages + g)

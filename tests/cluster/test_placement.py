@@ -1,0 +1,243 @@
+"""The placement YAML: what a valid file turns into, and the error each kind of mistake gets (file and key named)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from cluster.placement import PlacementError, load_placement, validate_against_model
+from shards.checkpoint import ShardSelection
+from shards.config import PRESETS, ConfigError
+from shards.make_checkpoint import small_config
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"
+MIXTRAL = small_config("mixtral")  # 4 layers, 4 experts, window 32
+MISTRAL = small_config("mistral")
+
+
+@pytest.fixture
+def write(tmp_path, monkeypatch):
+    """write(text) -> "placement.yaml" in a fresh working directory, so errors start with the bare file name."""
+    monkeypatch.chdir(tmp_path)
+
+    def write_file(text: str) -> str:
+        Path("placement.yaml").write_text(text)
+        return "placement.yaml"
+
+    return write_file
+
+
+def settle(path: str, config=MIXTRAL, **kwargs):
+    return validate_against_model(load_placement(path, **kwargs), config)
+
+
+# --- what a valid file means ------------------------------------------------------------------------------------
+
+def test_local_example_is_two_stages_and_two_expert_groups_on_one_cpu_each():
+    plan = settle(str(EXAMPLES / "local.yaml"))
+    assert [s.layers for s in plan.stages] == [(0, 1), (2, 3)]
+    assert [(g.experts, g.layers) for g in plan.expert_groups] == [((0, 1), (0, 1, 2, 3)), ((2, 3), (0, 1, 2, 3))]
+    assert plan.bundles() == [{"CPU": 1.0}] * 4
+    assert (plan.checkpoint, plan.strategy, plan.dtype) == ("checkpoints/small-mixtral", "spread", "float32")
+
+
+@pytest.mark.parametrize("name, model", [
+    ("local.yaml", MIXTRAL),
+    ("mistral-7b-1gpu.yaml", PRESETS["mistral-7b"]),
+    ("mixtral-2gpu-stages.yaml", PRESETS["mixtral-8x7b"]),
+    ("mixtral-2gpu-experts.yaml", PRESETS["mixtral-8x7b"]),
+    ("mixtral-2gpu-mixed.yaml", PRESETS["mixtral-8x7b"]),
+    ("mixtral-8gpu-2nodes.yaml", PRESETS["mixtral-8x7b"]),
+])
+def test_every_example_holds_each_tensor_of_its_model_exactly_once(name, model):
+    plan = settle(str(EXAMPLES / name), model)
+    held = Counter(t for shard in plan.shards(model) for t in shard.selection.tensor_shapes(model))
+    assert held == Counter(ShardSelection.whole(model).tensor_shapes(model).keys())
+
+
+def test_a_stage_count_splits_layers_evenly_with_the_first_stages_taking_the_remainder(write):
+    plan = settle(write("checkpoint: c\nstages: 2\n"), small_config("mistral", layers=5))
+    assert [s.layers for s in plan.stages] == [(0, 1, 2), (3, 4)]
+
+
+def test_first_stage_holds_the_embedding_and_last_stage_the_final_norm_and_head(write):
+    plan = settle(write("checkpoint: c\nstages: 3\n"), MISTRAL)
+    first, middle, last = (plan.stage_selection(i, MISTRAL) for i in range(3))
+    assert (first.embedding, first.final_norm, first.head) == (True, False, False)
+    assert (middle.embedding, middle.final_norm, middle.head) == (False, False, False)
+    assert (last.embedding, last.final_norm, last.head) == (False, True, True)
+
+
+def test_without_expert_groups_a_stage_holds_every_expert_of_its_layers(write):
+    plan = settle(write("checkpoint: c\nstages: 2\n"))
+    assert plan.stage_selection(1, MIXTRAL).experts == {2: (0, 1, 2, 3), 3: (0, 1, 2, 3)}
+
+
+def test_with_expert_groups_a_stage_holds_no_experts_and_a_group_only_its_own(write):
+    plan = settle(write("checkpoint: c\nstages: 1\nexpert_groups:\n  - experts: [0, 3]\n    layers: 1-2\n"
+                        "  - experts: 0-3\n    layers: [0, 3]\n  - experts: 1-2\n    layers: 1-2\n"))
+    assert plan.stage_selection(0, MIXTRAL).experts == {}
+    group = plan.expert_selection(0, MIXTRAL)
+    assert group == ShardSelection(experts={1: (0, 3), 2: (0, 3)})
+
+
+def test_a_range_string_and_a_list_name_the_same_layers(write):
+    as_range = settle(write("checkpoint: c\nstages:\n  - layers: 0-2\n  - layers: '3'\n"))
+    as_list = settle(write("checkpoint: c\nstages:\n  - layers: [0, 1, 2]\n  - layers: [3]\n"))
+    assert as_range.stages == as_list.stages
+
+
+def test_a_shard_without_resources_takes_the_top_level_default(write):
+    plan = load_placement(write("checkpoint: c\nresources: {CPU: 2, GPU: 0.5}\nstages:\n"
+                                "  - layers: 0-1\n  - layers: 2-3\n    resources: {CPU: 1}\n"))
+    assert plan.bundles() == [{"CPU": 2.0, "GPU": 0.5}, {"CPU": 1.0}]
+
+
+def test_without_a_resources_key_each_shard_reserves_one_cpu(write):
+    assert load_placement(write("checkpoint: c\nstages: 2\n")).bundles() == [{"CPU": 1.0}, {"CPU": 1.0}]
+
+
+def test_bundles_put_stage_i_beside_expert_group_i_so_gpu_fractions_pair_them(write):
+    plan = load_placement(write("checkpoint: c\nstages: 2\nexpert_groups: 3\n"))
+    assert plan.shard_names() == ["stage0", "experts0", "stage1", "experts1", "experts2"]
+    assert [s.name for s in settle("placement.yaml").shards(MIXTRAL)] == plan.shard_names()
+
+
+def test_bundles_leave_out_resources_of_zero(write):
+    plan = load_placement(write("checkpoint: c\nstages: 1\nresources: {CPU: 1, GPU: 0, stage_node: 0.001}\n"))
+    assert plan.bundles() == [{"CPU": 1.0, "stage_node": 0.001}]
+
+
+def test_the_checkpoint_option_overrides_the_file(write):
+    assert load_placement(write("checkpoint: a\nstages: 1\n"), checkpoint_override="b").checkpoint == "b"
+
+
+def test_a_file_without_checkpoint_is_fine_when_one_is_given_on_the_command_line(write):
+    assert load_placement(write("stages: 1\n"), checkpoint_override="b").checkpoint == "b"
+
+
+def test_chunk_size_defaults_to_the_window_capped_at_512(write):
+    assert settle(write("checkpoint: c\nstages: 1\n")).chunk_size == 32
+    assert settle("placement.yaml", small_config("mixtral", window=4096)).chunk_size == 512
+    assert settle("placement.yaml", small_config("mixtral", window=None, max_seq_len=256)).chunk_size == 256
+
+
+def test_defaults_for_the_batching_keys(write):
+    plan = load_placement(write("checkpoint: c\nstages: 1\n"))
+    assert (plan.dtype, plan.strategy, plan.micro_batch_size, plan.token_budget, plan.max_seqs) == (
+        "float32", "pack", 4, 2048, 32)
+
+
+def test_validating_a_settled_plan_again_changes_nothing(write):
+    plan = settle(write("checkpoint: c\nstages: 2\nexpert_groups: 2\n"))
+    assert validate_against_model(plan, MIXTRAL) == plan
+
+
+def test_an_unsettled_plan_refuses_to_give_selections(write):
+    with pytest.raises(ValueError, match="validate_against_model"):
+        load_placement(write("checkpoint: c\nstages: 2\n")).stage_selection(0, MIXTRAL)
+
+
+def test_a_placement_error_is_a_config_error_so_the_cli_prints_one_line():
+    assert issubclass(PlacementError, ConfigError)
+
+
+# --- what each mistake is told ----------------------------------------------------------------------------------
+
+TWO_STAGES = "checkpoint: c\nstages:\n  - layers: 0-1\n  - layers: 2-3\n"
+GROUPS = "checkpoint: c\nstages: 1\nexpert_groups:\n"
+
+BAD_FILES = [
+    # unknown keys, at every level
+    ("checkpoint: c\nstages: 1\nstagez: 2\n", "stagez: unknown key"),
+    ("checkpoint: c\nstages:\n  - layers: 0-3\n    layrs: 1\n", "stages[0].layrs: unknown key"),
+    (GROUPS + "  - experts: 0-3\n    expertz: 1\n", "expert_groups[0].expertz: unknown key"),
+    # wrong types
+    ("checkpoint: c\nstages: two\n", "stages: expected a positive number of stages or a non-empty list"),
+    ("checkpoint: c\nstages: [0, 1]\n", "stages[0]: expected a mapping"),
+    ("checkpoint: 3\nstages: 1\n", "checkpoint: expected a directory path"),
+    ("checkpoint: c\nstages: 1\nresources: 1\n", "resources: expected a mapping of Ray resource names"),
+    ("checkpoint: c\nstages: 1\nresources: {CPU: many}\n", "resources.CPU: expected a non-negative number"),
+    ("checkpoint: c\nstages: 1\nresources: {CPU: -1}\n", "resources.CPU: expected a non-negative number"),
+    ("checkpoint: c\nstages: 1\nresources: {CPU: 0}\n", "resources: a shard must reserve some resource"),
+    ("checkpoint: c\nstages:\n  - layers: [0, x]\n", "stages[0].layers: layer ids are non-negative integers"),
+    ("checkpoint: c\nstages:\n  - layers: first\n", "stages[0].layers: expected a list of layer ids or a range"),
+    ("checkpoint: c\nstages:\n  - layers: 3-1\n", "stages[0].layers: range '3-1' ends before it starts"),
+    ("checkpoint: c\nstages:\n  - layers: [0, 0, 1]\n", "stages[0].layers: layer 0 is listed twice"),
+    (GROUPS + "  - experts: 0-3\n    layers: some\n", "expert_groups[0].layers: expected a list of layer ids"),
+    # missing keys
+    ("checkpoint: c\n", "stages: missing"),
+    ("stages: 1\n", "checkpoint: missing"),
+    ("checkpoint: c\nstages:\n  - resources: {CPU: 1}\n", "stages[0].layers: missing"),
+    (GROUPS + "  - layers: all\n", "expert_groups[0].experts: missing"),
+    # layers of the pipeline
+    ("checkpoint: c\nstages:\n  - layers: 0-1\n  - layers: 1-3\n", "stages[1].layers: layer 1 is also in stages[0]"),
+    ("checkpoint: c\nstages:\n  - layers: 0-1\n", "stages: layers 2-3 are in no stage"),
+    ("checkpoint: c\nstages:\n  - layers: 0-1\n  - layers: 2-4\n", "stages[1].layers: layer 4 is out of range"),
+    ("checkpoint: c\nstages:\n  - layers: [0, 2]\n  - layers: [1, 3]\n",
+     "stages[0].layers: must be a contiguous run of layers, got 0,2"),
+    ("checkpoint: c\nstages:\n  - layers: 2-3\n  - layers: 0-1\n", "stages[1].layers: starts at layer 0, before stages[0]"),
+    ("checkpoint: c\nstages: 5\n", "stages: 5 stages for a model of 4 layers"),
+    # experts
+    (GROUPS + "  - experts: 0-1\n  - experts: [2]\n", "expert_groups: expert 3 of layer 0 is in no group"),
+    (GROUPS + "  - experts: 0-2\n  - experts: 2-3\n", "expert_groups[1].experts: expert 2 of every layer is also in expert_groups[0]"),
+    (GROUPS + "  - experts: 0-3\n    layers: 0-1\n  - experts: 0-3\n    layers: 1-3\n",
+     "expert_groups[1].experts: expert 0 of layer 1 is also in expert_groups[0]"),
+    (GROUPS + "  - experts: 0-1\n  - experts: 2-4\n", "expert_groups[1].experts: expert 4 is out of range"),
+    (GROUPS + "  - experts: 0-3\n    layers: 0-7\n", "expert_groups[0].layers: layer 7 is out of range"),
+    ("checkpoint: c\nstages: 1\nexpert_groups: 5\n", "expert_groups: 5 groups for a model of 4 experts"),
+    # batching
+    ("checkpoint: c\nstages: 1\nchunk_size: 64\n", "chunk_size: 64 is larger than the model's sliding window (32)"),
+    ("checkpoint: c\nstages: 1\nchunk_size: 64\ntoken_budget: 32\n", "chunk_size: 64 is larger than token_budget (32)"),
+    ("checkpoint: c\nstages: 1\nstrategy: balanced\n", "strategy: expected one of pack, spread, strict_spread, strict_pack"),
+    ("checkpoint: c\nstages: 1\ndtype: int8\n", "dtype: expected one of float32, bfloat16, float16, got 'int8'"),
+]
+
+
+@pytest.mark.parametrize("text, message", BAD_FILES, ids=[message for _, message in BAD_FILES])
+def test_a_mistake_is_named_with_the_file_and_the_key(write, text, message):
+    with pytest.raises(PlacementError) as err:
+        settle(write(text))
+    assert str(err.value).startswith(f"placement.yaml: {message}")
+
+
+@pytest.mark.parametrize("key, value", [
+    ("stages", "0"), ("micro_batch_size", "0"), ("token_budget", "-1"), ("max_seqs", "true"), ("chunk_size", "1.5"),
+    ("expert_groups", "0"),
+])
+def test_counts_and_sizes_must_be_positive_integers(write, key, value):
+    text = "\n".join(f"{k}: {v}" for k, v in {"checkpoint": "c", "stages": "1", key: value}.items())
+    with pytest.raises(PlacementError, match=rf"^placement\.yaml: {key}: expected a positive integer"):
+        load_placement(write(text))
+
+
+def test_expert_groups_for_a_dense_checkpoint_are_refused(write):
+    with pytest.raises(PlacementError, match=r"^placement\.yaml: expert_groups: the checkpoint is a dense mistral model"):
+        settle(write("checkpoint: c\nstages: 1\nexpert_groups: 2\n"), MISTRAL)
+
+
+def test_malformed_yaml_is_reported_with_its_line(write):
+    with pytest.raises(PlacementError, match=r"^placement\.yaml: not valid YAML at line 2"):
+        load_placement(write("checkpoint: c\n  stages: 1\n"))
+
+
+def test_a_key_given_twice_is_refused(write):
+    with pytest.raises(PlacementError, match=r"^placement\.yaml: not valid YAML at line 3.*duplicate key 'stages'"):
+        load_placement(write("checkpoint: c\nstages: 1\nstages: 2\n"))
+
+
+def test_an_empty_file_is_refused(write):
+    with pytest.raises(PlacementError, match=r"^placement\.yaml: the file is empty"):
+        load_placement(write(""))
+
+
+def test_a_list_at_the_top_level_is_refused(write):
+    with pytest.raises(PlacementError, match=r"^placement\.yaml: expected a mapping"):
+        load_placement(write("- stages: 1\n"))
+
+
+def test_a_missing_file_is_refused(tmp_path):
+    with pytest.raises(PlacementError, match="cannot be read"):
+        load_placement(tmp_path / "nowhere.yaml")

@@ -1,0 +1,194 @@
+"""Reserving a plan: checks against the nodes before anything is reserved, and bundles landing where the YAML says.
+
+The Ray tests share one three-node cluster: a head with 1 CPU, a "stage node" with 2 CPUs and the custom resource
+stage_node, an "expert node" with 2 CPUs, expert_node and one logical GPU. Placements are read back from Ray's own
+placement_group_table, not from what `reserve` reports.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+from cluster.cli import main
+from cluster.placement import PlacementError, load_placement, validate_against_model
+from cluster.reservation import check_against_cluster, reserve
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"
+
+PINNED = """\
+checkpoint: unused
+strategy: spread
+stages:
+  - layers: 0-1
+    resources: {CPU: 1, stage_node: 0.5}
+  - layers: 2-3
+    resources: {CPU: 1, stage_node: 0.5}
+expert_groups:
+  - experts: 0-1
+    resources: {CPU: 1, expert_node: 0.5}
+  - experts: 2-3
+    resources: {CPU: 1, expert_node: 0.5}
+"""
+
+
+def plan_from(tmp_path: Path, text: str, config=None):
+    path = tmp_path / "placement.yaml"
+    path.write_text(text)
+    plan = load_placement(path)
+    return validate_against_model(plan, config) if config is not None else plan
+
+
+def node(cpus: float, alive: bool = True, **resources: float) -> dict:
+    """One entry of `ray.nodes()`, as far as the check reads it."""
+    return {"NodeID": "n", "Alive": alive, "NodeManagerAddress": "10.0.0.1", "Resources": {"CPU": cpus, **resources}}
+
+
+# --- the check before reserving (no Ray needed) ---------------------------------------------------------------------
+
+def test_a_plan_that_fits_passes_the_check(tmp_path):
+    check_against_cluster(plan_from(tmp_path, PINNED), [node(1), node(2, stage_node=1), node(2, expert_node=1)])
+
+
+def test_a_custom_resource_no_node_has_is_named_with_its_shard(tmp_path):
+    with pytest.raises(PlacementError, match="shard experts0 asks for expert_node: 0.5, but no node of the cluster has"):
+        check_against_cluster(plan_from(tmp_path, PINNED), [node(4, stage_node=1)])
+
+
+def test_more_gpus_in_all_than_the_cluster_has_names_every_shard_and_the_total(tmp_path):
+    plan = plan_from(tmp_path, "checkpoint: c\nstages: 2\nresources: {CPU: 1, GPU: 1}\n")
+    with pytest.raises(PlacementError, match=r"ask for 2 GPU in all \(stage0: 1, stage1: 1\), but the cluster has 1"):
+        check_against_cluster(plan, [node(4, GPU=1), node(4)])
+
+
+def test_a_bundle_larger_than_any_node_is_named(tmp_path):
+    plan = plan_from(tmp_path, "checkpoint: c\nstages:\n  - layers: 0-3\n    resources: {CPU: 3}\n")
+    with pytest.raises(PlacementError, match=r"shard stage0 asks for CPU: 3, more than any single node has \(at most 2\)"):
+        check_against_cluster(plan, [node(2), node(2)])
+
+
+def test_a_bundle_whose_resources_are_on_different_nodes_is_named(tmp_path):
+    plan = plan_from(tmp_path, "checkpoint: c\nstages:\n  - layers: 0-3\n    resources: {CPU: 1, GPU: 1}\n")
+    with pytest.raises(PlacementError, match=r"shard stage0 asks for \{CPU: 1, GPU: 1\}, which no single node has"):
+        check_against_cluster(plan, [node(2), node(0, GPU=1)])
+
+
+def test_strict_spread_needs_a_node_per_shard(tmp_path):
+    plan = plan_from(tmp_path, "checkpoint: c\nstrategy: strict_spread\nstages: 3\n")
+    with pytest.raises(PlacementError, match="each of the 3 shards on its own node, but the cluster has 2 nodes"):
+        check_against_cluster(plan, [node(4), node(4)])
+
+
+def test_strict_pack_needs_one_node_for_everything(tmp_path):
+    plan = plan_from(tmp_path, "checkpoint: c\nstrategy: strict_pack\nstages: 3\n")
+    with pytest.raises(PlacementError, match=r"no node has \{CPU: 3\} \(stage0, stage1, stage2 together\)"):
+        check_against_cluster(plan, [node(2), node(2)])
+
+
+def test_dead_nodes_do_not_count(tmp_path):
+    plan = plan_from(tmp_path, "checkpoint: c\nstages: 1\nresources: {GPU: 1}\n")
+    with pytest.raises(PlacementError, match="no node of the cluster has GPU"):
+        check_against_cluster(plan, [node(2), node(2, alive=False, GPU=1)])
+
+
+# --- on a Ray cluster ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    stage_node = cluster.add_node(num_cpus=2, resources={"stage_node": 1})
+    expert_node = cluster.add_node(num_cpus=2, num_gpus=1, resources={"expert_node": 1})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        yield {"cluster": cluster, "stage_node": stage_node.node_id, "expert_node": expert_node.node_id}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def small_mixtral(checkpoint_factory):
+    from shards.config import load_config
+
+    path = checkpoint_factory("mixtral")  # 4 layers, 4 experts
+    return path, load_config(path)
+
+
+def test_each_bundle_lands_on_the_node_its_custom_resource_names(ray_cluster, small_mixtral, tmp_path):
+    _, config = small_mixtral
+    reservation = reserve(plan_from(tmp_path, PINNED, config), config, timeout_s=30)
+    try:
+        table = placement_group_table(reservation.placement_group)
+        on = {name: table["bundles_to_node_id"][i] for i, name in enumerate(reservation.plan.shard_names())}
+    finally:
+        reservation.release()
+    assert table["strategy"] == "SPREAD"
+    assert on == {"stage0": ray_cluster["stage_node"], "stage1": ray_cluster["stage_node"],
+                  "experts0": ray_cluster["expert_node"], "experts1": ray_cluster["expert_node"]}
+
+
+def test_reserve_reports_each_shard_with_its_node_layers_experts_and_weight_bytes(ray_cluster, small_mixtral, tmp_path):
+    _, config = small_mixtral
+    plan = plan_from(tmp_path, PINNED, config)
+    reservation = reserve(plan, config, timeout_s=30)
+    reservation.release()
+    rows = {p.shard: p for p in reservation.placements}
+    assert rows["stage1"].layers == (2, 3) and rows["stage1"].experts == {}
+    assert rows["experts1"].layers == (0, 1, 2, 3) and rows["experts1"].experts == {i: (2, 3) for i in range(4)}
+    assert rows["experts0"].node_id == ray_cluster["expert_node"]
+    assert rows["stage0"].weight_bytes == plan.stage_selection(0, config).nbytes(config, plan.torch_dtype)
+
+
+def test_more_gpus_than_the_cluster_has_fails_before_reserving(ray_cluster, small_mixtral, tmp_path):
+    _, config = small_mixtral
+    plan = plan_from(tmp_path, "checkpoint: c\nstages: 2\nresources: {CPU: 1, GPU: 1}\n", config)
+    groups_before = set(placement_group_table())
+    with pytest.raises(PlacementError, match=r"ask for 2 GPU in all \(stage0: 1, stage1: 1\), but the cluster has 1"):
+        reserve(plan, config, timeout_s=30)
+    assert set(placement_group_table()) == groups_before
+
+
+def test_a_reservation_not_placed_in_time_names_the_waiting_shards_and_is_removed(ray_cluster, small_mixtral, tmp_path):
+    _, config = small_mixtral
+    plan = plan_from(tmp_path, PINNED, config)
+    blocker = placement_group([{"expert_node": 1}])
+    ray.get(blocker.ready(), timeout=30)
+    groups_before = set(placement_group_table())
+    try:
+        with pytest.raises(PlacementError) as err:
+            reserve(plan, config, timeout_s=1)
+    finally:
+        remove_placement_group(blocker)
+    message = str(err.value)
+    assert "not ready after 1 s" in message
+    assert "experts0 {CPU: 1, expert_node: 0.5} (expert_node: 0.5 asked, 0 free)" in message
+    new = {pg: info for pg, info in placement_group_table().items() if pg not in groups_before}
+    assert [info["state"] for info in new.values()] == ["REMOVED"]
+
+
+def test_plan_command_prints_the_placement_table_for_the_local_example(ray_cluster, small_mixtral, capsys):
+    checkpoint, _ = small_mixtral
+    status = main(["plan", "--config", str(EXAMPLES / "local.yaml"), "--checkpoint", str(checkpoint),
+                   "--address", ray_cluster["cluster"].address])
+    out = capsys.readouterr().out.splitlines()
+    assert status == 0
+    assert out[1].split() == ["shard", "layers", "experts", "node", "ip", "GPU", "weights"]
+    rows = {line.split()[0]: line.split() for line in out[2:]}
+    assert rows["stage0"][1:3] == ["0-1", "-"] and rows["experts1"][1:3] == ["0-3", "2-3"]
+    assert set(rows) == {"stage0", "stage1", "experts0", "experts1"}
+    assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
+
+
+def test_plan_command_turns_a_cluster_mismatch_into_one_line_and_status_2(ray_cluster, small_mixtral, tmp_path, capsys):
+    checkpoint, _ = small_mixtral
+    path = tmp_path / "gpus.yaml"
+    path.write_text("checkpoint: c\nstages: 2\nresources: {GPU: 1}\n")
+    status = main(["plan", "--config", str(path), "--checkpoint", str(checkpoint)])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.count("\n") == 1 and "mistral-cluster plan: error:" in err and "2 GPU in all" in err
