@@ -72,7 +72,7 @@ def sampling_from_args(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from router.generation import RequestError, check_prompt, generate
+    from router.generation import generate
     from shards.checkpoint import parse_dtype
     from shards.tokenizer import Tokenizer
 
@@ -88,37 +88,55 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
 
     if args.config:
-        from cluster.sharded import open_cluster_executor
-
-        executor_cm = open_cluster_executor(args.config, args.checkpoint, address=args.address, profile=args.profile)
+        _generate_on_cluster(args, params)
     else:
-        from contextlib import nullcontext
-
         from shards.engine import LocalEngine
 
-        checkpoint = resolve_checkpoint(args.checkpoint)
-        executor_cm = nullcontext(
-            LocalEngine(checkpoint, dtype=parse_dtype(args.dtype), device=args.device, max_seqs=len(args.prompt))
+        engine = LocalEngine(
+            resolve_checkpoint(args.checkpoint), dtype=parse_dtype(args.dtype), device=args.device,
+            max_seqs=len(args.prompt),
         )
-    with executor_cm as executor:
-        tokenizer = Tokenizer(executor.checkpoint_dir if hasattr(executor, "checkpoint_dir") else executor.reader.root)
-        prompts = [tokenizer.encode(p) for p in args.prompt]
-        for i, ids in enumerate(prompts):
-            try:
-                check_prompt(ids, params, executor.max_seq_len, executor.config.vocab_size, i)
-            except RequestError as e:
-                raise UsageError(f"--prompt number {i + 1}: {e}") from None
-        results = generate(executor, prompts, params, chunk_size=args.chunk_size)
-        for r in results:
-            text = tokenizer.decode(r.token_ids)
-            if args.json:
-                print(json.dumps({"prompt_token_ids": r.prompt_ids, "token_ids": r.token_ids, "text": text,
-                                  "finish_reason": r.finish_reason}))
-            else:
-                print(text)
-        if getattr(args, "profile", False) and hasattr(executor, "profile_table"):
-            print(executor.profile_table(), file=sys.stderr)
+        tokenizer = Tokenizer(engine.reader.root)
+        prompts = _encode_prompts(args.prompt, tokenizer, params, engine.max_seq_len, engine.config.vocab_size)
+        _print_results(generate(engine, prompts, params, chunk_size=args.chunk_size), tokenizer, args.json)
     return 0
+
+
+def _encode_prompts(texts, tokenizer, params, max_seq_len: int, vocab_size: int) -> list[list[int]]:
+    from router.generation import RequestError, check_prompt
+
+    prompts = [tokenizer.encode(p) for p in texts]
+    for i, ids in enumerate(prompts):
+        try:
+            check_prompt(ids, params, max_seq_len, vocab_size, i)
+        except RequestError as e:
+            raise UsageError(f"--prompt number {i + 1}: {e}") from None
+    return prompts
+
+
+def _print_results(results, tokenizer, as_json: bool) -> None:
+    for r in results:
+        text = tokenizer.decode(r.token_ids)
+        if as_json:
+            print(json.dumps({"prompt_token_ids": r.prompt_ids, "token_ids": r.token_ids, "text": text,
+                              "finish_reason": r.finish_reason}))
+        else:
+            print(text)
+
+
+def _generate_on_cluster(args: argparse.Namespace, params) -> None:
+    from cluster.profile import profile_table
+    from cluster.sharded import ShardedCluster
+    from shards.tokenizer import Tokenizer
+
+    with ShardedCluster.start(args.config, args.checkpoint, address=args.address) as cluster:
+        tokenizer = Tokenizer(cluster.checkpoint_dir)
+        prompts = _encode_prompts(args.prompt, tokenizer, params, cluster.config.max_seq_len, cluster.config.vocab_size)
+        if len(prompts) > cluster.plan.max_seqs:
+            raise UsageError(f"{len(prompts)} prompts, but the placement's max_seqs is {cluster.plan.max_seqs}")
+        _print_results(cluster.generate(prompts, params), tokenizer, args.json)
+        if args.profile:
+            print(profile_table(cluster.take_traces(), cluster.expert_traces()), file=sys.stderr)
 
 
 # --- entry ----------------------------------------------------------------------------------------------

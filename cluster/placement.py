@@ -73,6 +73,9 @@ class Shard:
 
 @dataclass(frozen=True)
 class PlacementPlan:
+    """A checked placement file: the one plan every actor receives. Use the settled plan `validate_against_model`
+    returns; before that, counts in the file are still counts (`layers`/`experts` None, `chunk_size` None)."""
+
     source: str  # the YAML file, for error messages
     checkpoint: str
     dtype: str
@@ -85,7 +88,7 @@ class PlacementPlan:
     chunk_size: int | None = None  # None until settled against the model: min(window, 512)
 
     @property
-    def resolved(self) -> bool:
+    def settled(self) -> bool:
         """True once `validate_against_model` has turned every count into explicit layers and experts."""
         return (
             self.chunk_size is not None
@@ -97,13 +100,13 @@ class PlacementPlan:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
-    def _require_resolved(self) -> None:
-        if not self.resolved:
+    def _require_settled(self) -> None:
+        if not self.settled:
             raise ValueError(f"{self.source}: the plan is not settled yet; use the plan validate_against_model returns")
 
     def stage_selection(self, i: int, config: ModelConfig) -> ShardSelection:
         """Embedding on the first stage, final norm and head on the last; experts too when no group holds them."""
-        self._require_resolved()
+        self._require_settled()
         stage = self.stages[i]
         experts = {}
         if config.is_moe and not self.expert_groups:
@@ -113,7 +116,7 @@ class PlacementPlan:
 
     def expert_selection(self, g: int, config: ModelConfig) -> ShardSelection:
         """Only the group's experts, for each of its layers (the gates stay with the stages)."""
-        self._require_resolved()
+        self._require_settled()
         group = self.expert_groups[g]
         return ShardSelection(experts={layer: group.experts for layer in group.layers})
 

@@ -103,40 +103,45 @@ def check_against_cluster(plan: PlacementPlan, nodes: list[dict[str, Any]]) -> N
 
 def reserve(plan: PlacementPlan, config: ModelConfig, timeout_s: float = 60.0) -> Reservation:
     """Create the plan's placement group and wait for it; on timeout remove it and name the shards left over."""
+    shards = plan.shards(config)  # an unsettled plan fails here, before anything is reserved
     nodes = ray.nodes()
     check_against_cluster(plan, nodes)
-    names, bundles = plan.shard_names(), plan.bundles()
+    bundles = plan.bundles()
     pg = placement_group(bundles, strategy=RAY_STRATEGIES[plan.strategy])
-    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
-    table = placement_group_table(pg)
-    if not ready:
-        ip_of = {n["NodeID"]: n["NodeManagerAddress"] for n in nodes}
-        placed = {i for i, node in table.get("bundles_to_node_id", {}).items() if node in ip_of}
-        free = ray.available_resources()
-        waiting = []
-        for i, (name, bundle) in enumerate(zip(names, bundles)):
-            if i in placed:
-                continue
-            short = [f"{k}: {a:g} asked, {free.get(k, 0.0):g} free" for k, a in bundle.items() if a > free.get(k, 0.0) + _EPS]
-            waiting.append(f"{name} {_fmt(bundle)}" + (f" ({'; '.join(short)})" if short else ""))
+    try:
+        ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+        table = placement_group_table(pg)
+        if not ready:
+            raise PlacementError(_not_placed(plan, nodes, table, timeout_s))
+    except BaseException:
         remove_placement_group(pg)
-        raise PlacementError(
-            f"{plan.source}: the placement group was not ready after {timeout_s:g} s; shards not placed: "
-            f"{', '.join(waiting)}; other placement groups or actors may hold those resources"
-        )
+        raise
 
     ip_of = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
     placements = []
-    for i, shard in enumerate(plan.shards(config)):
-        node = table["bundles_to_node_id"][i]
-        sel = shard.selection
-        layers = sel.layers if shard.kind == "stage" else tuple(sorted(sel.experts))
+    for i, shard in enumerate(shards):
+        node, sel = table["bundles_to_node_id"][i], shard.selection
         placements.append(ShardPlacement(
-            shard=shard.name, kind=shard.kind, layers=layers, experts=dict(sel.experts), bundle_index=i,
-            node_id=node, node_ip=ip_of.get(node, "?"), gpus=bundles[i].get("GPU", 0.0),
-            weight_bytes=sel.nbytes(config, plan.torch_dtype),
+            shard=shard.name, kind=shard.kind, layers=sel.layers if shard.kind == "stage" else tuple(sorted(sel.experts)),
+            experts=dict(sel.experts), bundle_index=i, node_id=node, node_ip=ip_of.get(node, "?"),
+            gpus=bundles[i].get("GPU", 0.0), weight_bytes=sel.nbytes(config, plan.torch_dtype),
         ))
     return Reservation(plan, pg, placements)
+
+
+def _not_placed(plan: PlacementPlan, nodes: list[dict[str, Any]], table: dict[str, Any], timeout_s: float) -> str:
+    """Name the bundles still waiting, and which of their resources the cluster has too little of free right now."""
+    known = {n["NodeID"] for n in nodes}
+    placed = {i for i, node in table.get("bundles_to_node_id", {}).items() if node in known}
+    free = ray.available_resources()
+    waiting = []
+    for i, (name, bundle) in enumerate(zip(plan.shard_names(), plan.bundles())):
+        if i in placed:
+            continue
+        short = [f"{k}: {a:g} asked, {free.get(k, 0.0):g} free" for k, a in bundle.items() if a > free.get(k, 0.0) + _EPS]
+        waiting.append(f"{name} {_fmt(bundle)}" + (f" ({'; '.join(short)})" if short else ""))
+    return (f"{plan.source}: the placement group was not ready after {timeout_s:g} s; shards not placed: "
+            f"{', '.join(waiting)}; other placement groups or actors may hold those resources")
 
 
 @contextmanager
