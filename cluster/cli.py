@@ -181,23 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true")
     gen.set_defaults(func=cmd_generate)
 
-    for register in _extra_commands():
-        register(sub)
+    from cluster import describe_cli, plan_cli, serve_cli
+
+    for module in (describe_cli, plan_cli, serve_cli):
+        module.register(sub)
     return parser
-
-
-def _extra_commands():
-    """Subcommands that live beside their own code (describe, plan, serve)."""
-    found = []
-    for module, attr in (("cluster.describe_cli", "register"), ("cluster.plan_cli", "register"), ("cluster.serve_cli", "register")):
-        try:
-            mod = __import__(module, fromlist=[attr])
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        found.append(getattr(mod, attr))
-    return found
 
 
 def main(argv: list[str] | None = None) -> int:

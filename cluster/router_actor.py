@@ -1,26 +1,33 @@
 """The router actor: owns the schedule and the step loop of a sharded model.
 
-Each step it decides the batch (`router.scheduler`), cuts it into micro-batches (`router.pipeline`), and makes
-one call per stage; the stages move activations among themselves and to the expert groups on the transport.
-The last stage's logits come back, the router samples, and the loop goes on.
+It runs `router.engine_loop.EngineLoop` (continuous batching). Each step it cuts the batch into micro-batches
+(`router.pipeline`) and makes one call per stage; the stages move activations among themselves and to the expert
+groups on the transport. The last stage's logits come back, the loop samples and streams the new tokens.
+It is an async actor, so requests join and streams flow while a step is in flight.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import ray
 import torch
 
-from router.generation import Completion, generate
+from router.engine_loop import EngineLoop, QueueFullError, TokenEvent
+from router.generation import Completion, RequestError
 from router.pipeline import join_logits, split_microbatches
 from router.sampling import SamplingParams
+from router.scheduler import Scheduler
 from shards.config import ModelConfig
 from shards.kv_cache import StepBatch, cache_capacity
 
 
 class RouterActor:
-    def __init__(self, stages: list, experts: list, plan, config: ModelConfig, step_timeout_s: float = 120.0) -> None:
+    def __init__(
+        self, stages: list, experts: list, plan, config: ModelConfig, step_timeout_s: float = 120.0,
+        max_queued_requests: int = 256,
+    ) -> None:
         self.stages, self.experts, self.plan, self.config = stages, experts, plan, config
         self.max_seqs = plan.max_seqs
         self.max_seq_len = config.max_seq_len
@@ -28,40 +35,79 @@ class RouterActor:
         self.step_timeout_s = step_timeout_s
         self.steps = 0
         self.traces: list[dict] = []
+        self.keep_traces = 10_000
         self.expert_load = torch.zeros(config.n_layers, max(config.num_experts, 1), dtype=torch.long)
+        chunk = min(plan.chunk_size or self.cache_capacity, self.cache_capacity)
+        scheduler = Scheduler(plan.max_seqs, plan.token_budget, chunk, config.max_seq_len, config.eos_token_id)
+        self.loop = EngineLoop(self.step, scheduler, config.vocab_size, max_queued_requests)
 
-    def step(self, batch: StepBatch) -> torch.Tensor:
+    async def step(self, batch: StepBatch) -> torch.Tensor:
         t0 = time.perf_counter()
         microbatches = split_microbatches(batch, self.plan.micro_batch_size)
         later = [StepBatch(mb.slots, mb.starts, mb.lengths, None, mb.want_logits) for mb in microbatches]
         refs = [
             stage.run_step.remote(self.steps, microbatches if i == 0 else later) for i, stage in enumerate(self.stages)
         ]
-        results = ray.get(refs, timeout=self.step_timeout_s)
+        results = await asyncio.wait_for(asyncio.gather(*refs), timeout=self.step_timeout_s)
         logits = join_logits(results[-1]["logits"], self.config.vocab_size)
         for r in results:
             for layer, counts in r.get("expert_choices", {}).items():
                 self.expert_load[int(layer)] += torch.tensor(counts)
-        self.traces.append({
-            "step": self.steps, "tokens": batch.n_tokens, "sequences": len(batch.slots),
-            "microbatches": len(microbatches), "seconds": time.perf_counter() - t0,
-            "stages": [{k: v for k, v in r.items() if k != "logits"} for r in results],
-        })
+        if len(self.traces) < self.keep_traces:
+            self.traces.append({
+                "step": self.steps, "tokens": batch.n_tokens, "sequences": len(batch.slots),
+                "microbatches": len(microbatches), "seconds": time.perf_counter() - t0,
+                "stages": [{k: v for k, v in r.items() if k != "logits"} for r in results],
+            })
         self.steps += 1
         return logits
 
-    def generate(self, prompts: list[list[int]], params: list[SamplingParams] | SamplingParams) -> list[Completion]:
-        t0 = time.perf_counter()
-        out = generate(self, prompts, params, chunk_size=self.plan.chunk_size, token_budget=self.plan.token_budget)
-        self.last_generate_seconds = time.perf_counter() - t0
+    async def stream(self, prompt_ids: list[int], params: SamplingParams):
+        """Ray streaming generator. First item: {"accepted": True} or {"rejected": status, "message": ...}, so the
+        caller can answer 400/429 before it starts a response; then one `TokenEvent` per sampled token.
+        Cancelling the generator frees the request's cache slot."""
+        try:
+            request = self.loop.submit(prompt_ids, params)
+        except QueueFullError as e:
+            yield {"rejected": 429, "message": str(e), "retry_after": e.retry_after_s}
+            return
+        except RequestError as e:
+            yield {"rejected": 400, "message": str(e)}
+            return
+        yield {"accepted": True}
+        async for event in self.loop.follow(request):
+            yield event
+
+    async def generate(self, prompts: list[list[int]], params: list[SamplingParams] | SamplingParams) -> list[Completion]:
+        """Offline: every prompt through the same continuous-batching loop, results in prompt order."""
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        results = await asyncio.gather(*(self.loop.generate(p, sp) for p, sp in zip(prompts, per_prompt)))
+        out = []
+        for prompt, events in zip(prompts, results):
+            errors = [e.error for e in events if e.error]
+            if errors:
+                raise RuntimeError(errors[0])
+            out.append(Completion(prompt, [e.token_id for e in events], [e.logprob for e in events],
+                                  events[-1].finish_reason or "length"))
         return out
 
-    def take_traces(self) -> list[dict]:
+    async def stats(self) -> dict:
+        snap = self.loop.snapshot()
+        snap["expert_load"] = self.expert_load.tolist()
+        return snap
+
+    async def take_latencies(self) -> tuple[list[float], list[float]]:
+        return self.loop.take_latencies()
+
+    async def take_traces(self) -> list[dict]:
         traces, self.traces = self.traces, []
         return traces
 
-    def expert_traces(self) -> list[dict]:
-        return ray.get([e.trace.remote() for e in self.experts], timeout=self.step_timeout_s)
+    async def expert_traces(self) -> list[dict]:
+        return await asyncio.gather(*(e.trace.remote() for e in self.experts))
 
-    def get_expert_load(self) -> list[list[int]]:
+    async def get_expert_load(self) -> list[list[int]]:
         return self.expert_load.tolist()
+
+
+__all__ = ["RouterActor", "TokenEvent"]

@@ -51,7 +51,8 @@ class ShardedCluster:
     @classmethod
     def start(
         cls, placement: str | Path | PlacementPlan, checkpoint: str | None = None, address: str | None = None,
-        timeout_s: float = 300.0, attention_backend: str = "auto",
+        timeout_s: float = 300.0, attention_backend: str = "auto", max_queued_requests: int = 256,
+        step_timeout_s: float = 120.0,
     ) -> ShardedCluster:
         plan = placement if isinstance(placement, PlacementPlan) else load_placement(placement, checkpoint)
         from cluster.cli import DEFAULT_CHECKPOINT, ensure_default_checkpoint
@@ -82,7 +83,9 @@ class ShardedCluster:
             ray.get([a.ping.remote() for a in shards], timeout=timeout_s)  # every shard has loaded its tensors
             addr, port = ray.get(stages[0].rendezvous.remote(), timeout=timeout_s)
             ray.get([a.join.remote(addr, port, len(shards), timeout_s) for a in shards], timeout=timeout_s)
-            router = ray.remote(RouterActor).options(num_cpus=0, max_concurrency=4).remote(stages, experts, plan, config)
+            router = ray.remote(RouterActor).options(num_cpus=0, max_concurrency=10_000).remote(
+                stages, experts, plan, config, step_timeout_s, max_queued_requests
+            )
             stack.callback(lambda: ray.kill(router))
             return cls(plan, config, reservation, stages, experts, router, stack)
         except BaseException:

@@ -33,6 +33,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be a non-negative integer, got {self.top_k!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20):
+            raise ValueError(f"logprobs must be an integer between 0 and 20, got {self.logprobs!r}")
         return self
 
 
@@ -48,13 +50,24 @@ class Sampler:
         seed = self.params.seed if self.params.seed is not None else random.SystemRandom().randrange(2**63)
         self.generator.manual_seed(seed % (2**63))
 
-    def sample(self, logits: torch.Tensor) -> tuple[int, float]:
-        """logits: (vocab,) float32 -> (token id, its log-probability under the model)."""
+    def sample(self, logits: torch.Tensor) -> tuple[int, float, list[tuple[int, float]] | None]:
+        """logits: (vocab,) float32 -> (token id, its log-probability under the model, the top alternatives).
+
+        The alternatives (`params.logprobs` of them) are only computed when asked for.
+        """
         logprobs = torch.log_softmax(logits, dim=-1)
         p = self.params
+        token = self._choose(logits)
+        top = None
+        if p.logprobs:
+            values, ids = torch.topk(logprobs, p.logprobs)
+            top = list(zip(ids.tolist(), values.tolist()))
+        return token, float(logprobs[token]), top
+
+    def _choose(self, logits: torch.Tensor) -> int:
+        p = self.params
         if p.temperature == 0:
-            token = int(torch.argmax(logits))
-            return token, float(logprobs[token])
+            return int(torch.argmax(logits))
         scaled = logits / p.temperature
         if p.top_k and p.top_k < scaled.numel():
             kth = torch.topk(scaled, p.top_k).values[-1]
@@ -65,8 +78,7 @@ class Sampler:
             drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= p.top_p  # keep the smallest set reaching top_p
             scaled = scaled.scatter(0, order[drop], -math.inf)
         probs = torch.softmax(scaled, dim=-1)
-        token = int(torch.multinomial(probs, 1, generator=self.generator))
-        return token, float(logprobs[token])
+        return int(torch.multinomial(probs, 1, generator=self.generator))
 
     def state(self) -> torch.Tensor:
         """The generator's state, kept so a replayed request draws the same numbers again."""

@@ -26,6 +26,7 @@ class Sequence:
     sampler: Sampler = field(init=False)
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
     slot: int | None = None
     cached: int = 0  # tokens whose keys/values are in the cache
     finish_reason: str | None = None  # "stop" or "length" once finished
@@ -89,6 +90,10 @@ class Scheduler:
         self.waiting.append(seq)
         return seq
 
+    @property
+    def slots_in_use(self) -> int:
+        return self.slots.in_use
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -131,10 +136,13 @@ class Scheduler:
         for seq, want in zip(step.sequences, step.batch.want_logits):
             if not want:
                 continue
-            token, logprob = seq.sampler.sample(logits[row])
             row += 1
+            if seq.finished:  # ended from outside while the step ran (client gone, stop string)
+                continue
+            token, logprob, top = seq.sampler.sample(logits[row - 1])
             seq.output_ids.append(token)
             seq.output_logprobs.append(logprob)
+            seq.output_top_logprobs.append(top)
             self._check_finished(seq, token)
             changed.append(seq)
             if seq.finished:

@@ -1,0 +1,409 @@
+"""The OpenAI wire format: request validation, response and stream-chunk shapes, errors, stop strings.
+
+Pure functions and small classes, no Ray and no HTTP server, so every rule can be tested on its own. Every
+error names the offending field (`param`) and becomes a 4xx with an OpenAI error body, never a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from router.sampling import SamplingParams
+
+MAX_STOP_STRINGS = 4
+MAX_LOGPROBS = 5
+
+
+class APIError(Exception):
+    """An error the client caused (or a state it must wait out), with its HTTP status and OpenAI error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def bad(param: str, message: str, code: str | None = None) -> APIError:
+    return APIError(400, f"{param}: {message}" if param else message, param=param, code=code)
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    return data
+
+
+# --- field checks --------------------------------------------------------------------------------------
+
+def _int(data: dict, key: str, default: int | None, low: int | None = None, high: int | None = None) -> int | None:
+    value = data.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise bad(key, f"must be an integer, got {json.dumps(value)}")
+    if low is not None and value < low:
+        raise bad(key, f"must be at least {low}, got {value}")
+    if high is not None and value > high:
+        raise bad(key, f"must be at most {high}, got {value}")
+    return value
+
+
+def _number(data: dict, key: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+    value = data.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise bad(key, f"must be a number, got {json.dumps(value)}")
+    if value < low or (low_open and value == low) or value > high:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise bad(key, f"must be in {interval}, got {value}")
+    return float(value)
+
+
+def _bool(data: dict, key: str, default: bool) -> bool:
+    value = data.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise bad(key, f"must be true or false, got {json.dumps(value)}")
+    return value
+
+
+def _stop(data: dict) -> tuple[str, ...]:
+    value = data.get("stop")
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise bad("stop", "must be a string or a list of strings")
+    if len(value) > MAX_STOP_STRINGS:
+        raise bad("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(value)}")
+    if any(s == "" for s in value):
+        raise bad("stop", "stop strings must not be empty")
+    return tuple(value)
+
+
+@dataclass
+class Limits:
+    """What the server accepts; the edges reject more with a 400 naming the field."""
+
+    max_seq_len: int
+    max_tokens_ceiling: int | None = None
+    max_prompt_tokens: int | None = None
+    max_n: int = 8
+    max_prompts: int = 64
+
+
+@dataclass
+class ParsedRequest:
+    kind: str  # "completion" or "chat"
+    model: str | None
+    prompts: list[list[int]]  # token ids, one per prompt
+    max_tokens: int | None  # None: until the context is full
+    params: SamplingParams
+    n: int
+    stream: bool
+    include_usage: bool
+    return_token_ids: bool
+    logprobs: int | None  # completions: top alternatives per token; chat: 0 means only the chosen token's
+    echo: bool = False
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def params_for(self, prompt_ids: list[int], choice: int, max_seq_len: int) -> SamplingParams:
+        """Choice j of a request with a seed draws with seed + j, so `n` choices differ yet repeat exactly."""
+        p = self.params
+        max_tokens = self.max_tokens if self.max_tokens is not None else max_seq_len - len(prompt_ids)
+        seed = None if p.seed is None else p.seed + choice
+        return SamplingParams(max_tokens=max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+                              seed=seed, stop=p.stop, logprobs=self.logprobs)
+
+
+def _sampling(data: dict, max_tokens: int | None) -> SamplingParams:
+    seed = data.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise bad("seed", f"must be an integer, got {json.dumps(seed)}")
+    for key in ("presence_penalty", "frequency_penalty"):
+        if _number(data, key, 0.0, -2.0, 2.0) != 0.0:
+            raise bad(key, "is not supported (only 0)")
+    return SamplingParams(
+        max_tokens=max_tokens or 1,
+        temperature=_number(data, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(data, "top_p", 1.0, 0.0, 1.0, low_open=True),
+        top_k=_int(data, "top_k", 0, low=-1) if data.get("top_k") != -1 else 0,
+        seed=seed,
+        stop=_stop(data),
+    )
+
+
+def _common(data: dict, kind: str, prompts: list[list[int]], limits: Limits, max_tokens_key: str,
+            default_max_tokens: int | None) -> ParsedRequest:
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad("model", f"must be a string, got {json.dumps(model)}")
+    max_tokens = _int(data, max_tokens_key, default_max_tokens, low=1, high=limits.max_tokens_ceiling)
+    if kind == "chat" and "max_completion_tokens" in data and "max_tokens" not in data:
+        max_tokens = _int(data, "max_completion_tokens", None, low=1, high=limits.max_tokens_ceiling)
+    n = _int(data, "n", 1, low=1, high=limits.max_n)
+    if len(prompts) * n > limits.max_prompts:
+        raise bad("n", f"{len(prompts)} prompts x n={n} is more than {limits.max_prompts} choices in one request")
+    stream = _bool(data, "stream", False)
+    options = data.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad("stream_options", "must be an object")
+    include_usage = _bool(options or {}, "include_usage", False)
+    if options is not None and not stream:
+        raise bad("stream_options", "is only allowed when stream is true")
+    for i, ids in enumerate(prompts):
+        where = "messages" if kind == "chat" else ("prompt" if len(prompts) == 1 else f"prompt[{i}]")
+        if limits.max_prompt_tokens and len(ids) > limits.max_prompt_tokens:
+            raise bad(where, f"has {len(ids)} tokens, more than the limit of {limits.max_prompt_tokens}")
+        needed = len(ids) + (max_tokens or 1)
+        if needed > limits.max_seq_len:
+            raise bad(
+                max_tokens_key if max_tokens else where,
+                f"the prompt has {len(ids)} tokens and max_tokens is {max_tokens or 1}: {needed} is over the "
+                f"model's context limit of {limits.max_seq_len} tokens", code="context_length_exceeded",
+            )
+    params = _sampling(data, max_tokens)
+    logprobs = None
+    if kind == "completion":
+        logprobs = _int(data, "logprobs", None, low=0, high=MAX_LOGPROBS)
+    else:
+        if _bool(data, "logprobs", False):
+            logprobs = _int(data, "top_logprobs", 0, low=0, high=MAX_LOGPROBS)
+        elif data.get("top_logprobs") is not None:
+            raise bad("top_logprobs", "requires logprobs to be true")
+    echo = _bool(data, "echo", False) if kind == "completion" else False
+    if echo:
+        raise bad("echo", "is not supported")
+    best_of = data.get("best_of")
+    if best_of is not None and best_of != n:
+        raise bad("best_of", "is not supported (leave it out or equal to n)")
+    return ParsedRequest(kind, model, prompts, max_tokens, params, n, stream, include_usage,
+                         _bool(data, "return_token_ids", False), logprobs, echo)
+
+
+def parse_completion(data: dict, tokenizer, limits: Limits) -> ParsedRequest:
+    if "prompt" not in data:
+        raise bad("prompt", "is required")
+    prompt = data["prompt"]
+    if isinstance(prompt, str):
+        texts: list[Any] = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        texts = prompt
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        texts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
+        texts = prompt
+    else:
+        raise bad("prompt", "must be a non-empty string, a list of strings, or token ids")
+    prompts = []
+    for i, p in enumerate(texts):
+        where = "prompt" if len(texts) == 1 else f"prompt[{i}]"
+        if isinstance(p, str):
+            if not p:
+                raise bad(where, "must not be empty")
+            prompts.append(tokenizer.encode(p))
+        else:
+            if not p or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < tokenizer.vocab_size for t in p):
+                raise bad(where, f"token ids must be a non-empty list of integers in [0, {tokenizer.vocab_size})")
+            prompts.append(list(p))
+    if len(prompts) > limits.max_prompts:
+        raise bad("prompt", f"{len(prompts)} prompts is more than the limit of {limits.max_prompts}")
+    return _common(data, "completion", prompts, limits, "max_tokens", 16)
+
+
+def parse_chat(data: dict, tokenizer, limits: Limits) -> ParsedRequest:
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages", "must be a non-empty list of {role, content} objects")
+    flat = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise bad(f"messages[{i}]", "must be an object with role and content")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: only text parts are understood
+            parts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise bad(f"messages[{i}].content[{j}]", "only parts of type 'text' are supported")
+                parts.append(part["text"])
+            content = "".join(parts)
+        if m.get("role") not in ("system", "user", "assistant"):
+            raise bad(f"messages[{i}].role", f"must be system, user or assistant, got {json.dumps(m.get('role'))}")
+        if not isinstance(content, str):
+            raise bad(f"messages[{i}].content", "must be a string or a list of text parts")
+        flat.append({"role": m["role"], "content": content})
+    from shards.config import ConfigError
+
+    try:
+        ids = tokenizer.encode_chat(flat)
+    except ConfigError as e:
+        raise bad("messages", str(e)) from None
+    return _common(data, "chat", [ids], limits, "max_tokens", None)
+
+
+# --- building responses --------------------------------------------------------------------------------
+
+class TextAssembler:
+    """Turns a choice's tokens into text as they come: holds back incomplete characters and any tail that may
+    still become a stop string, and cuts the text where a stop string appears."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]) -> None:
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.emitted = ""  # text already handed out
+        self.stopped = False
+        self._hold = max((len(s) for s in stop), default=1) - 1
+
+    def add(self, token_id: int) -> str:
+        """The new text this token makes safe to send (may be empty)."""
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        for s in self.stop:
+            at = text.find(s, max(0, len(self.emitted) - len(s)))
+            if at != -1:
+                self.stopped = True
+                return self._emit(text[:at])
+        safe = text.rstrip("\ufffd")  # an unfinished multi-byte character decodes to U+FFFD for now
+        if self._hold:
+            safe = safe[: max(len(self.emitted), len(safe) - self._hold)]
+        return self._emit(safe)
+
+    def finish(self) -> str:
+        """At the end nothing can become a stop string any more: hand out what was held back."""
+        if self.stopped:
+            return ""
+        return self._emit(self.tokenizer.decode(self.ids))
+
+    def _emit(self, text: str) -> str:
+        if not text.startswith(self.emitted) or len(text) <= len(self.emitted):
+            return ""
+        new = text[len(self.emitted):]
+        self.emitted = text
+        return new
+
+
+@dataclass
+class ChoiceState:
+    index: int
+    prompt_ids: list[int]
+    assembler: TextAssembler
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+def usage(choices: list[ChoiceState], n: int) -> dict[str, int]:
+    """Each prompt counts once however many choices (`n`) it has, as OpenAI counts it."""
+    prompt_tokens = sum({c.index // n: len(c.prompt_ids) for c in choices}.values())
+    completion_tokens = sum(len(c.token_ids) for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_logprobs(tokenizer, ids: list[int], lps: list[float], tops: list, offset: int = 0) -> dict:
+    pieces = [tokenizer.decode([i]) for i in ids]
+    offsets, pos = [], offset
+    for p in pieces:
+        offsets.append(pos)
+        pos += len(p)
+    return {
+        "tokens": pieces,
+        "token_logprobs": lps,
+        "top_logprobs": [{tokenizer.decode([i]): lp for i, lp in top} if top else None for top in tops],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(tokenizer, ids: list[int], lps: list[float], tops: list) -> dict:
+    content = []
+    for i, lp, top in zip(ids, lps, tops):
+        piece = tokenizer.decode([i])
+        content.append({
+            "token": piece, "logprob": lp, "bytes": list(piece.encode()),
+            "top_logprobs": [{"token": tokenizer.decode([t]), "logprob": v, "bytes": list(tokenizer.decode([t]).encode())}
+                             for t, v in (top or [])],
+        })
+    return {"content": content}
+
+
+def final_response(req: ParsedRequest, model: str, choices: list[ChoiceState], tokenizer) -> dict:
+    out_choices = []
+    for c in choices:
+        text = c.assembler.emitted
+        if req.kind == "completion":
+            choice: dict[str, Any] = {"index": c.index, "text": text, "finish_reason": c.finish_reason,
+                                      "logprobs": None}
+            if req.logprobs is not None:
+                choice["logprobs"] = completion_logprobs(tokenizer, c.token_ids, c.logprobs, c.top_logprobs)
+        else:
+            choice = {"index": c.index, "message": {"role": "assistant", "content": text},
+                      "finish_reason": c.finish_reason, "logprobs": None}
+            if req.logprobs is not None:
+                choice["logprobs"] = chat_logprobs(tokenizer, c.token_ids, c.logprobs, c.top_logprobs)
+        if req.return_token_ids:
+            choice["token_ids"] = c.token_ids
+            choice["prompt_token_ids"] = c.prompt_ids
+        out_choices.append(choice)
+    return {
+        "id": ("cmpl-" if req.kind == "completion" else "chatcmpl-") + req.request_id,
+        "object": "text_completion" if req.kind == "completion" else "chat.completion",
+        "created": req.created, "model": model, "choices": out_choices, "usage": usage(choices, req.n),
+    }
+
+
+def stream_chunk(req: ParsedRequest, model: str, choice: ChoiceState, text: str, token_ids: list[int],
+                 finish_reason: str | None, tokenizer, first: bool = False) -> dict:
+    if req.kind == "completion":
+        body: dict[str, Any] = {"index": choice.index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        if req.logprobs is not None and token_ids:
+            n = len(token_ids)
+            body["logprobs"] = completion_logprobs(tokenizer, token_ids, choice.logprobs[-n:], choice.top_logprobs[-n:])
+    else:
+        delta: dict[str, Any] = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+        body = {"index": choice.index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        if req.logprobs is not None and token_ids:
+            n = len(token_ids)
+            body["logprobs"] = chat_logprobs(tokenizer, token_ids, choice.logprobs[-n:], choice.top_logprobs[-n:])
+    if req.return_token_ids:
+        body["token_ids"] = token_ids
+        if first or finish_reason is not None:
+            body["prompt_token_ids"] = choice.prompt_ids
+    return {
+        "id": ("cmpl-" if req.kind == "completion" else "chatcmpl-") + req.request_id,
+        "object": "text_completion" if req.kind == "completion" else "chat.completion.chunk",
+        "created": req.created, "model": model, "choices": [body],
+    }
+
+
+def usage_chunk(req: ParsedRequest, model: str, choices: list[ChoiceState]) -> dict:
+    return {
+        "id": ("cmpl-" if req.kind == "completion" else "chatcmpl-") + req.request_id,
+        "object": "text_completion" if req.kind == "completion" else "chat.completion.chunk",
+        "created": req.created, "model": model, "choices": [], "usage": usage(choices, req.n),
+    }
+
+
+def sse(data: dict | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()

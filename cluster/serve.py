@@ -1,0 +1,382 @@
+"""The Ray Serve application: OpenAI-compatible HTTP (and gRPC) in front of the sharded model.
+
+`build_app` is what Serve imports (`import_path: cluster.serve:build_app`), so `serve run`, `serve deploy`,
+KubeRay's `serveConfigV2` and `mistral-cluster serve` all start the same thing. The ingress owns the tokenizer
+and the request rules; the router actor owns the schedule. The ingress starts the sharded model in the
+background so `/health` can say "loading" truthfully until every shard is up.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime.
+import asyncio
+import hmac
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+
+from cluster.metrics import ServeMetrics
+from cluster.openai_api import (
+    APIError, ChoiceState, Limits, ParsedRequest, TextAssembler, final_response, parse_chat, parse_completion,
+    parse_json, sse, stream_chunk, usage_chunk,
+)
+from router.sampling import SamplingParams
+
+log = logging.getLogger("mistral_cluster.serve")
+api = FastAPI(title="mistral-cluster", description="OpenAI-compatible completions over a sharded Mistral/Mixtral")
+PUBLIC_ROUTES = ("/health", "/metrics")
+
+
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+@serve.deployment(
+    num_replicas=1,
+    max_ongoing_requests=1024,
+    ray_actor_options={"num_cpus": 0},
+    health_check_period_s=5,
+    health_check_timeout_s=30,
+)
+@serve.ingress(api)
+class OpenAIIngress:
+    def __init__(
+        self, placement: str, checkpoint: str | None = None, api_key: str | None = None,
+        model_name: str | None = None, max_queued_requests: int = 256, max_body_bytes: int = 1 << 20,
+        max_tokens_ceiling: int | None = None, max_prompt_tokens: int | None = None, max_n: int = 8,
+        request_timeout_s: float = 600.0,
+    ) -> None:
+        self.placement, self.checkpoint = placement, checkpoint
+        self.api_key = api_key or os.environ.get("MISTRAL_CLUSTER_API_KEY") or None
+        self.max_body_bytes = max_body_bytes
+        self.request_timeout_s = request_timeout_s
+        self._limits_args = {"max_tokens_ceiling": max_tokens_ceiling, "max_prompt_tokens": max_prompt_tokens,
+                             "max_n": max_n}
+        self.max_queued_requests = max_queued_requests
+        self.model_name = model_name
+        self.cluster = None
+        self.tokenizer = None
+        self.limits: Limits | None = None
+        self.startup_error: str | None = None
+        self.metrics = ServeMetrics()
+        threading.Thread(target=self._start_cluster, name="start-cluster", daemon=True).start()
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+
+    def _start_cluster(self) -> None:
+        from cluster.sharded import ShardedCluster
+        from shards.tokenizer import Tokenizer
+
+        try:
+            cluster = ShardedCluster.start(self.placement, self.checkpoint, max_queued_requests=self.max_queued_requests)
+            self.tokenizer = Tokenizer(cluster.checkpoint_dir)
+            self.model_name = self.model_name or Path(cluster.plan.checkpoint).name
+            self.limits = Limits(max_seq_len=cluster.config.max_seq_len, **self._limits_args)
+            self.cluster = cluster
+            log.info("sharded model ready: %s", self.model_name)
+        except Exception as e:  # noqa: BLE001 - reported by /health and check_health, not lost in a thread
+            self.startup_error = f"{type(e).__name__}: {e}"
+            log.error("sharded model failed to start: %s", self.startup_error)
+
+    def check_health(self) -> None:
+        """Serve's replica health check: a failed start is unhealthy (loading is not)."""
+        if self.startup_error:
+            raise RuntimeError(self.startup_error)
+
+    def __del__(self) -> None:
+        if self.cluster is not None:
+            try:
+                self.cluster.shutdown()
+            except Exception:  # noqa: BLE001
+                pass
+
+    # --- request plumbing ------------------------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None or request.url.path in PUBLIC_ROUTES:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:] if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                           code="invalid_api_key", kind="authentication_error")
+
+    def _ready(self) -> None:
+        if self.startup_error:
+            raise APIError(503, f"the model failed to start: {self.startup_error}", code="model_failed",
+                           kind="server_error")
+        if self.cluster is None:
+            raise APIError(503, "the model is still loading", code="model_loading", kind="server_error",
+                           headers={"Retry-After": "5"})
+
+    async def _body(self, request: Request) -> dict[str, Any]:
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > self.max_body_bytes:
+            raise APIError(413, f"request body of {length} bytes is over the limit of {self.max_body_bytes}",
+                           code="body_too_large")
+        raw = await request.body()
+        if len(raw) > self.max_body_bytes:
+            raise APIError(413, f"request body of {len(raw)} bytes is over the limit of {self.max_body_bytes}",
+                           code="body_too_large")
+        return parse_json(raw)
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(400, f"model: unknown model {model!r}; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
+    # --- routes ----------------------------------------------------------------------------------------
+
+    @api.get("/health")
+    async def health(self) -> Response:
+        if self.startup_error:
+            return JSONResponse({"status": "failed", "error": self.startup_error}, status_code=503)
+        if self.cluster is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        try:
+            stats = await asyncio.wait_for(self.cluster.router.stats.remote(), timeout=5)
+        except Exception as e:  # noqa: BLE001 - any failure to answer is "not ready"
+            return JSONResponse({"status": "unhealthy", "error": f"router: {type(e).__name__}: {e}"}, status_code=503)
+        return JSONResponse({"status": "ready", "model": self.model_name, "shards": len(self.cluster.plan.shard_names()),
+                             "running": stats["running"], "waiting": stats["waiting"]})
+
+    @api.get("/metrics")
+    async def metrics_route(self) -> Response:
+        stats = None
+        if self.cluster is not None:
+            try:
+                stats = await asyncio.wait_for(self.cluster.router.stats.remote(), timeout=5)
+            except Exception:  # noqa: BLE001 - metrics still answer, with health 0
+                stats = None
+        body, content_type = self.metrics.render(stats, ready=self.cluster is not None and stats is not None)
+        return Response(body, media_type=content_type)
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+            self._ready()
+        except APIError as e:
+            return error_response(e)
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.model_name, "object": "model", "created": 0, "owned_by": "mistral-cluster",
+             "max_model_len": self.limits.max_seq_len}
+        ]})
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._openai(request, "completion")
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._openai(request, "chat")
+
+    async def _openai(self, request: Request, kind: str) -> Response:
+        try:
+            self._authorize(request)
+            self._ready()
+            data = await self._body(request)
+            self._check_model(data.get("model"))
+            parse = parse_completion if kind == "completion" else parse_chat
+            req = parse(data, self.tokenizer, self.limits)
+            choices, streams = await self._start_choices(req)
+        except APIError as e:
+            self.metrics.rejected(e.status)
+            return error_response(e)
+        if req.stream:
+            return StreamingResponse(self._sse(req, choices, streams), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(self._drain(c, s, req) for c, s in zip(choices, streams))),
+                timeout=self.request_timeout_s,
+            )
+        except APIError as e:
+            return error_response(e)
+        except asyncio.TimeoutError:
+            return error_response(APIError(503, f"the request did not finish within {self.request_timeout_s:g} s",
+                                           code="timeout", kind="server_error"))
+        finally:
+            for s in streams:
+                ray.cancel(s)
+        return JSONResponse(final_response(req, self.model_name, choices, self.tokenizer))
+
+    async def _start_choices(self, req: ParsedRequest) -> tuple[list[ChoiceState], list]:
+        """Submit every choice; all are admitted (or none: the admitted ones are cancelled) before replying."""
+        choices, streams = [], []
+        for i, prompt_ids in enumerate(req.prompts):
+            for j in range(req.n):
+                params = req.params_for(prompt_ids, j, self.limits.max_seq_len)
+                choices.append(ChoiceState(i * req.n + j, prompt_ids, TextAssembler(self.tokenizer, params.stop)))
+                streams.append(self.cluster.router.stream.options(num_returns="streaming").remote(prompt_ids, params))
+        try:
+            for s in streams:
+                first = await (await s.__anext__())
+                if "rejected" in first:
+                    headers = {"Retry-After": str(first["retry_after"])} if first.get("retry_after") else None
+                    status = first["rejected"]
+                    raise APIError(status, first["message"], code="queue_full" if status == 429 else None,
+                                   kind="rate_limit_error" if status == 429 else "invalid_request_error",
+                                   headers=headers)
+        except BaseException:
+            for s in streams:
+                ray.cancel(s)
+            raise
+        self.metrics.started(req)
+        return choices, streams
+
+    async def _next_events(self, choice: ChoiceState, stream):
+        """Events of one choice until it finishes; applies stop strings (ending the stream early)."""
+        started = time.monotonic()
+        first_at = None
+        async for ref in stream:
+            event = await ref
+            if event.error:
+                raise APIError(503, f"generation failed: {event.error}", code="engine_failure", kind="server_error")
+            if first_at is None:
+                first_at = time.monotonic()
+                self.metrics.first_token(first_at - started)
+            choice.token_ids.append(event.token_id)
+            choice.logprobs.append(event.logprob)
+            choice.top_logprobs.append(event.top_logprobs)
+            text = choice.assembler.add(event.token_id)
+            finish = "stop" if choice.assembler.stopped else event.finish_reason
+            if finish is not None and not choice.assembler.stopped:
+                text += choice.assembler.finish()
+            yield text, finish
+            if finish is not None:
+                choice.finish_reason = finish
+                self.metrics.finished(len(choice.token_ids), time.monotonic() - first_at)
+                return
+
+    async def _drain(self, choice: ChoiceState, stream, req: ParsedRequest) -> None:
+        async for _ in self._next_events(choice, stream):
+            pass
+
+    async def _sse(self, req: ParsedRequest, choices: list[ChoiceState], streams: list):
+        """Server-sent events as OpenAI clients expect: chunks, an optional usage chunk, then [DONE]."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(choice: ChoiceState, stream) -> None:
+            try:
+                first = True
+                async for text, finish in self._next_events(choice, stream):
+                    n_new = 1
+                    ids = choice.token_ids[-n_new:]
+                    await queue.put(stream_chunk(req, self.model_name, choice, text, ids, finish, self.tokenizer, first))
+                    first = False
+            except APIError as e:
+                await queue.put(e)
+            finally:
+                await queue.put(None)
+
+        tasks = [asyncio.create_task(pump(c, s)) for c, s in zip(choices, streams)]
+        remaining = len(tasks)
+        deadline = time.monotonic() + self.request_timeout_s
+        try:
+            while remaining:
+                try:
+                    item = await asyncio.wait_for(queue.get(), timeout=max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    yield sse({"error": APIError(503, f"the request did not finish within {self.request_timeout_s:g} s",
+                                                 code="timeout", kind="server_error").body()["error"]})
+                    break
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, APIError):
+                    yield sse(item.body())
+                    break
+                else:
+                    yield sse(item)
+            else:
+                if req.include_usage:
+                    yield sse(usage_chunk(req, self.model_name, choices))
+            yield sse("[DONE]")
+        finally:  # also when the client went away: stop generating, free the cache slots
+            for t in tasks:
+                t.cancel()
+            for s in streams:
+                ray.cancel(s)
+
+    # --- gRPC (through Serve's gRPC proxy; methods named as in cluster/proto/generation.proto) ---------
+
+    def _grpc_params(self, request) -> tuple[list[int], SamplingParams]:
+        self._ready()
+        if request.prompt_token_ids:
+            ids = list(request.prompt_token_ids)
+        elif request.prompt:
+            ids = self.tokenizer.encode(request.prompt)
+        else:
+            raise APIError(400, "prompt: give prompt or prompt_token_ids", param="prompt")
+        data = {"max_tokens": request.max_tokens or 16, "temperature": request.temperature,
+                "top_p": request.top_p or 1.0, "top_k": request.top_k, "stop": list(request.stop) or None}
+        if request.HasField("seed"):
+            data["seed"] = request.seed
+        parsed = parse_completion({"prompt": ids, **data}, self.tokenizer, self.limits)
+        return ids, parsed.params_for(ids, 0, self.limits.max_seq_len)
+
+    async def _grpc_stream(self, request, grpc_context):
+        import grpc
+
+        try:
+            ids, params = self._grpc_params(request)
+            stream = self.cluster.router.stream.options(num_returns="streaming").remote(ids, params)
+            first = await (await stream.__anext__())
+            if "rejected" in first:
+                raise APIError(first["rejected"], first["message"])
+        except APIError as e:
+            code = {400: grpc.StatusCode.INVALID_ARGUMENT, 429: grpc.StatusCode.RESOURCE_EXHAUSTED}.get(
+                e.status, grpc.StatusCode.UNAVAILABLE)
+            grpc_context.set_code(code)
+            grpc_context.set_details(e.message)
+            return
+        choice = ChoiceState(0, ids, TextAssembler(self.tokenizer, params.stop))
+        try:
+            async for text, finish in self._next_events(choice, stream):
+                yield text, choice.token_ids[-1], finish
+        except APIError as e:
+            grpc_context.set_code(grpc.StatusCode.UNAVAILABLE)
+            grpc_context.set_details(e.message)
+        finally:
+            ray.cancel(stream)
+
+    async def Generate(self, request, grpc_context):  # noqa: N802 - the RPC's name
+        from cluster.proto.generation_pb2 import GenerateResponse
+
+        texts, ids, finish = [], [], ""
+        async for text, token, done in self._grpc_stream(request, grpc_context):
+            texts.append(text)
+            ids.append(token)
+            finish = done or finish
+        prompt = list(request.prompt_token_ids) or (self.tokenizer.encode(request.prompt) if self.tokenizer else [])
+        return GenerateResponse(text="".join(texts), token_ids=ids, prompt_token_ids=prompt, finish_reason=finish)
+
+    async def GenerateStream(self, request, grpc_context):  # noqa: N802 - the RPC's name
+        from cluster.proto.generation_pb2 import GenerateChunk
+
+        async for text, token, done in self._grpc_stream(request, grpc_context):
+            yield GenerateChunk(text=text, token_ids=[token], finish_reason=done or "")
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Serve's application builder: `args` are the Serve config's `args` (placement, checkpoint, api_key, ...)."""
+    known = {"placement", "checkpoint", "api_key", "model_name", "max_queued_requests", "max_body_bytes",
+             "max_tokens_ceiling", "max_prompt_tokens", "max_n", "request_timeout_s"}
+    unknown = set(args) - known
+    if unknown:
+        raise ValueError(f"unknown application args {sorted(unknown)}; known: {sorted(known)}")
+    if "placement" not in args:
+        raise ValueError("application args need 'placement': the path of a placement YAML")
+    return OpenAIIngress.bind(**args)
+
+
+GRPC_SERVICER = "cluster.proto.generation_pb2_grpc.add_GenerationServicer_to_server"
+
+__all__ = ["GRPC_SERVICER", "OpenAIIngress", "build_app", "json"]

@@ -1,0 +1,54 @@
+"""`mistral-cluster serve`: start Ray (or join one), start the Serve application, and block serving it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="serve the sharded model over OpenAI-compatible HTTP and gRPC")
+    p.add_argument("--config", required=True, help="placement YAML (see deploy/examples/PLACEMENT.md)")
+    p.add_argument("--checkpoint", help="checkpoint directory (default: the file's 'checkpoint')")
+    p.add_argument("--address", default=None, help="join this Ray cluster (default: RAY_ADDRESS or a local one)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=9000, help="0 turns gRPC off")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health and /metrics")
+    p.add_argument("--max-queued-requests", type=int, default=256)
+    p.set_defaults(func=cmd_serve)
+
+
+def start_serve(app_args: dict, host: str, port: int, grpc_port: int, blocking: bool) -> None:
+    from ray import serve
+
+    from cluster.serve import GRPC_SERVICER, build_app
+
+    grpc_options = {"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]} if grpc_port else None
+    serve.start(http_options={"host": host, "port": port}, grpc_options=grpc_options)
+    serve.run(build_app(app_args), name="mistral-cluster", route_prefix="/", blocking=blocking)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cluster.cli import DEFAULT_CHECKPOINT, ensure_default_checkpoint
+    from cluster.placement import load_placement, validate_against_model
+    from cluster.reservation import ray_session
+    from shards.config import load_config
+
+    plan = load_placement(args.config, checkpoint_override=args.checkpoint)
+    if Path(plan.checkpoint) == DEFAULT_CHECKPOINT:
+        ensure_default_checkpoint()
+    validate_against_model(plan, load_config(plan.checkpoint))  # fail here, before Ray starts, on a bad file
+    app_args = {"placement": str(Path(args.config).resolve()), "max_queued_requests": args.max_queued_requests}
+    app_args["checkpoint"] = str(Path(plan.checkpoint).resolve())
+    if args.api_key:
+        app_args["api_key"] = args.api_key
+    with ray_session(plan, args.address):
+        print(f"serving {plan.checkpoint} on http://{args.host}:{args.port}/v1 (gRPC :{args.grpc_port}); "
+              f"health: /health, metrics: /metrics; Ctrl-C stops", file=sys.stderr)
+        try:
+            start_serve(app_args, args.host, args.port, args.grpc_port, blocking=True)
+        except KeyboardInterrupt:
+            pass
+    return 0

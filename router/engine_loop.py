@@ -1,0 +1,172 @@
+"""The continuous-batching loop: requests join the running batch at step boundaries and leave when they finish.
+
+The loop knows nothing of Ray or of where the model runs: it is given an async `step` function (the sharded
+pipeline in the router actor, the one-process engine in tests) and streams each request's tokens as they come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from router.generation import RequestError, check_prompt
+from router.sampling import SamplingParams
+from router.scheduler import Scheduler, Sequence
+from shards.kv_cache import StepBatch
+
+StepFn = Callable[[StepBatch], Awaitable[torch.Tensor]]
+
+
+class QueueFullError(RequestError):
+    """More requests are waiting than `max_queued_requests`; the caller should retry later."""
+
+    retry_after_s = 1
+
+
+class EngineFailure(RuntimeError):
+    """A step failed (a shard died or timed out); the requests it carried end with this message."""
+
+
+@dataclass
+class TokenEvent:
+    token_id: int
+    logprob: float
+    top_logprobs: list[tuple[int, float]] | None
+    finish_reason: str | None  # "stop", "length", or None while generating
+    error: str | None = None
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    submitted: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+
+
+@dataclass
+class LoopStats:
+    steps: int = 0
+    step_seconds: float = 0.0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    finished: int = 0
+    aborted: int = 0
+    failed_steps: int = 0
+    ttft: list[float] = field(default_factory=list)  # seconds, one per request, taken by the metrics exporter
+    tpot: list[float] = field(default_factory=list)  # seconds per output token after the first, one per request
+
+
+class EngineLoop:
+    def __init__(
+        self, step: StepFn, scheduler: Scheduler, vocab_size: int, max_queued_requests: int = 256,
+    ) -> None:
+        self._step = step
+        self.scheduler = scheduler
+        self.vocab_size = vocab_size
+        self.max_queued_requests = max_queued_requests
+        self.requests: dict[int, _Request] = {}
+        self.stats = LoopStats()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> _Request:
+        """Validate and queue a request; raises RequestError (bad input) or QueueFullError (try later)."""
+        check_prompt(prompt_ids, params, self.scheduler.max_seq_len, self.vocab_size)
+        if len(self.scheduler.waiting) >= self.max_queued_requests:
+            raise QueueFullError(
+                f"{len(self.scheduler.waiting)} requests are already waiting (limit {self.max_queued_requests}); retry later"
+            )
+        self.start()
+        seq = self.scheduler.add(prompt_ids, params)
+        request = _Request(seq)
+        self.requests[seq.seq_id] = request
+        self.stats.tokens_in += len(prompt_ids)
+        self._wake.set()
+        return request
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+        """Tokens of one request as they are sampled. Leaving the loop early (cancel, disconnect) frees its slot."""
+        async for event in self.follow(self.submit(prompt_ids, params)):
+            yield event
+
+    async def follow(self, request: _Request) -> AsyncIterator[TokenEvent]:
+        try:
+            while True:
+                event = await request.queue.get()
+                yield event
+                if event.finish_reason is not None or event.error is not None:
+                    return
+        finally:
+            self.abort(request.seq)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> list[TokenEvent]:
+        return [event async for event in self.stream(prompt_ids, params)]
+
+    def abort(self, seq: Sequence) -> None:
+        if not seq.finished:
+            self.scheduler.finish(seq, "abort")
+            self.stats.aborted += 1
+        self.requests.pop(seq.seq_id, None)
+
+    async def _run(self) -> None:
+        while True:
+            step = self.scheduler.schedule()
+            if step is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            t0 = time.perf_counter()
+            try:
+                logits = await self._step(step.batch)
+            except Exception as e:  # noqa: BLE001 - every request of the step must hear about it, none may hang
+                self.stats.failed_steps += 1
+                self._fail_all(f"{type(e).__name__}: {e}")
+                continue
+            self.stats.steps += 1
+            self.stats.step_seconds += time.perf_counter() - t0
+            now = time.monotonic()
+            for seq in self.scheduler.process(step, logits):
+                request = self.requests.get(seq.seq_id)
+                if request is None:
+                    continue
+                if request.first_token is None:
+                    request.first_token = now
+                    self.stats.ttft.append(now - request.submitted)
+                self.stats.tokens_out += 1
+                event = TokenEvent(seq.output_ids[-1], seq.output_logprobs[-1], seq.output_top_logprobs[-1], seq.finish_reason)
+                if seq.finished:
+                    self.stats.finished += 1
+                    if len(seq.output_ids) > 1:
+                        self.stats.tpot.append((now - request.first_token) / (len(seq.output_ids) - 1))
+                request.queue.put_nowait(event)
+
+    def _fail_all(self, message: str) -> None:
+        for request in list(self.requests.values()):
+            seq = request.seq
+            if not seq.finished:
+                self.scheduler.finish(seq, "error")
+            request.queue.put_nowait(TokenEvent(-1, 0.0, None, None, error=message))
+
+    def snapshot(self) -> dict:
+        """What the metrics and health endpoints read."""
+        s = self.stats
+        return {
+            "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+            "slots_in_use": self.scheduler.slots_in_use, "slots_total": self.scheduler.slots.n,
+            "steps": s.steps, "step_seconds": s.step_seconds, "tokens_in": s.tokens_in, "tokens_out": s.tokens_out,
+            "finished": s.finished, "aborted": s.aborted, "failed_steps": s.failed_steps,
+        }
+
+    def take_latencies(self) -> tuple[list[float], list[float]]:
+        ttft, tpot = self.stats.ttft, self.stats.tpot
+        self.stats.ttft, self.stats.tpot = [], []
+        return ttft, tpot
