@@ -133,7 +133,7 @@ class ParsedRequest:
         max_tokens = self.max_tokens if self.max_tokens is not None else max_seq_len - len(prompt_ids)
         seed = None if p.seed is None else p.seed + choice
         return SamplingParams(max_tokens=max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-                              seed=seed, stop=p.stop, logprobs=self.logprobs)
+                              seed=seed, stop=p.stop, ignore_eos=p.ignore_eos, logprobs=self.logprobs)
 
 
 def _sampling(data: dict, max_tokens: int | None) -> SamplingParams:
@@ -150,6 +150,7 @@ def _sampling(data: dict, max_tokens: int | None) -> SamplingParams:
         top_k=_int(data, "top_k", 0, low=-1) if data.get("top_k") != -1 else 0,
         seed=seed,
         stop=_stop(data),
+        ignore_eos=_bool(data, "ignore_eos", False),
     )
 
 

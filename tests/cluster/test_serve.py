@@ -1,0 +1,293 @@
+"""The Serve endpoint with the official openai client: transformers' greedy tokens, streaming, chat, n and seed,
+continuous batching under concurrency, OpenAI error bodies, disconnects freeing cache slots, gRPC, the API key."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import grpc
+import httpx
+import openai
+import pytest
+import ray
+import yaml
+from ray import serve
+
+from cluster.proto import generation_pb2 as pb
+from cluster.proto import generation_pb2_grpc as pb_grpc
+from cluster.serve_cli import start_serve
+from cluster.transport import free_port
+from router.generation import generate
+from router.sampling import SamplingParams
+from shards.engine import LocalEngine
+from shards.tokenizer import Tokenizer
+from tests.conftest import hf_greedy
+
+KEY = "test-key-0123456789"
+WINDOW = 16
+MODEL = "small-test"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(checkpoint_factory):
+    return checkpoint_factory("mixtral", seed=61, window=WINDOW)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    placement = {
+        "checkpoint": str(checkpoint), "dtype": "float32", "stages": 2, "expert_groups": 2,
+        "resources": {"CPU": 0.5}, "micro_batch_size": 8, "token_budget": 256, "max_seqs": 12,
+    }
+    path = tmp_path_factory.mktemp("serve") / "placement.yaml"
+    path.write_text(yaml.safe_dump(placement))
+    http_port, grpc_port = free_port(), free_port()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    start_serve({"placement": str(path), "api_key": KEY, "model_name": MODEL, "max_queued_requests": 40},
+                "127.0.0.1", http_port, grpc_port, blocking=False)
+    base = f"http://127.0.0.1:{http_port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    else:
+        pytest.fail("the server did not become ready in 180 s")
+    yield {"base": base, "grpc": f"127.0.0.1:{grpc_port}"}
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server["base"] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(checkpoint):
+    return Tokenizer(checkpoint)
+
+
+def auth() -> dict:
+    return {"Authorization": f"Bearer {KEY}"}
+
+
+def test_greedy_completion_equals_transformers(client, checkpoint, hf_model, tokenizer):
+    prompt = "The quick brown fox jumps over the lazy dog, and then it keeps running far away"
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
+                                  extra_body={"return_token_ids": True})
+    choice = r.choices[0]
+    ids = tokenizer.encode(prompt)
+    assert len(ids) > WINDOW
+    assert choice.prompt_token_ids == ids
+    expected = hf_greedy(hf_model(checkpoint), ids, 24)
+    eos = tokenizer.eos_id
+    if eos in expected:
+        expected = expected[: expected.index(eos) + 1]
+    assert choice.token_ids == expected
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(expected)
+
+
+def test_streaming_gives_the_same_tokens_and_text_as_non_streaming(client):
+    args = dict(model=MODEL, prompt=["Once upon a time", "Hi"], max_tokens=12, temperature=0,
+                extra_body={"return_token_ids": True})
+    whole = client.completions.create(**args)
+    streamed: dict[int, list[int]] = {}
+    texts: dict[int, str] = {}
+    usage = None
+    for chunk in client.completions.create(**args, stream=True, stream_options={"include_usage": True}):
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            streamed.setdefault(c.index, []).extend(c.token_ids)
+            texts[c.index] = texts.get(c.index, "") + c.text
+    for c in whole.choices:
+        assert streamed[c.index] == c.token_ids
+        assert texts[c.index] == c.text
+    assert usage is not None and usage.completion_tokens == sum(len(c.token_ids) for c in whole.choices)
+
+
+def test_chat_completion_uses_the_instruct_format(client, checkpoint, hf_model, tokenizer):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                       extra_body={"return_token_ids": True})
+    choice = r.choices[0]
+    ids = tokenizer.encode_chat(messages)
+    assert choice.prompt_token_ids == ids
+    expected = hf_greedy(hf_model(checkpoint), ids, 10)
+    assert choice.token_ids == expected[: len(choice.token_ids)] and len(choice.token_ids) >= 1
+    assert choice.message.role == "assistant" and choice.message.content == tokenizer.decode(choice.token_ids)
+
+
+def test_chat_streaming_starts_with_the_role_and_ends_with_done(server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "temperature": 0,
+            "stream": True}
+    with httpx.stream("POST", server["base"] + "/v1/chat/completions", json=body, headers=auth(), timeout=60) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+
+
+def test_n_choices_with_a_seed_differ_from_each_other_and_repeat_exactly(client):
+    args = dict(model=MODEL, prompt="Tell me a story", max_tokens=12, temperature=1.0, seed=7, n=3,
+                extra_body={"return_token_ids": True})
+    a = client.completions.create(**args)
+    b = client.completions.create(**args)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.token_ids for c in a.choices] == [c.token_ids for c in b.choices]
+    assert len({tuple(c.token_ids) for c in a.choices}) > 1
+    c = client.completions.create(**{**args, "seed": 8})
+    assert [x.token_ids for x in c.choices] != [x.token_ids for x in a.choices]
+
+
+def test_stop_string_cuts_the_text(client):
+    r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0)
+    text = r.choices[0].text
+    assert len(text) > 4
+    stop = text[2:4]
+    cut = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].text == text[: text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_logprobs_report_the_chosen_token_and_alternatives(client):
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert value <= 0 and len(top) == 3 and max(top.values()) == pytest.approx(value, abs=1e-5)
+
+
+def test_32_concurrent_streams_of_mixed_lengths_all_get_their_tokens(server, checkpoint):
+    prompts = [f"Request {i}: " + "lorem ipsum " * (i % 9) for i in range(32)]
+    max_tokens = [4 + (i % 5) * 3 for i in range(32)]
+
+    async def one(aclient, prompt, n):
+        ids = []
+        stream = await aclient.completions.create(model=MODEL, prompt=prompt, max_tokens=n, temperature=0, stream=True,
+                                                  extra_body={"return_token_ids": True, "ignore_eos": True})
+        async for chunk in stream:
+            for c in chunk.choices:
+                ids.extend(c.token_ids)
+        return ids
+
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=server["base"] + "/v1", api_key=KEY, max_retries=0, timeout=300)
+        return await asyncio.gather(*(one(aclient, p, n) for p, n in zip(prompts, max_tokens)))
+
+    got = asyncio.run(main())
+    tok = Tokenizer(checkpoint)
+    encoded = [tok.encode(p) for p in prompts]
+    engine = LocalEngine(checkpoint, max_seqs=32)
+    expected = generate(engine, encoded, [SamplingParams(max_tokens=n, ignore_eos=True) for n in max_tokens])
+    for ids, exp in zip(got, expected):
+        assert ids == exp.token_ids
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2.5}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "temperature": 3}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"prompt": []}, 400, "prompt"),
+    ("/v1/completions", {"max_tokens": 3}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 5000}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 400, "model"),
+    ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 99}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": [[1, 2], [1, 99999999]]}, 400, "prompt[1]"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+]
+
+
+@pytest.mark.parametrize("route,body,status,param", BAD_REQUESTS)
+def test_bad_request_gets_its_status_and_an_openai_error_body(server, route, body, status, param):
+    r = httpx.post(server["base"] + route, json=body, headers=auth(), timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_malformed_json_is_400_and_good_requests_still_work_after_a_burst(server, client):
+    r = httpx.post(server["base"] + "/v1/completions", content=b"{nope", headers=auth(), timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    for route, body, _, _ in BAD_REQUESTS * 2:
+        assert httpx.post(server["base"] + route, json=body, headers=auth(), timeout=30).status_code < 500
+    ok = client.completions.create(model=MODEL, prompt="still fine", max_tokens=3, temperature=0)
+    assert len(ok.choices) == 1 and ok.usage.completion_tokens >= 1
+
+
+def metric(server, name: str) -> float:
+    for line in httpx.get(server["base"] + "/metrics", timeout=30).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"metric {name} not found")
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_cache_slot(server):
+    body = {"model": MODEL, "prompt": "A very long story", "max_tokens": 1500, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", server["base"] + "/v1/completions", json=body, headers=auth(), timeout=60) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in got)
+        assert metric(server, "mistral_cluster_kv_cache_slots_in_use") >= 1
+    deadline = time.time() + 30
+    while metric(server, "mistral_cluster_kv_cache_slots_in_use") != 0:
+        assert time.time() < deadline, "the slot of a disconnected stream was never freed"
+        time.sleep(0.5)
+    assert metric(server, "mistral_cluster_aborted_requests_total") >= 1
+
+
+def test_queue_full_gets_429_with_retry_after(server):
+    async def burst():
+        async with httpx.AsyncClient(timeout=300) as c:
+            body = {"model": MODEL, "prompt": "x", "max_tokens": 2, "temperature": 0}
+            return await asyncio.gather(*(c.post(server["base"] + "/v1/completions", json=body, headers=auth())
+                                          for _ in range(90)))
+
+    responses = asyncio.run(burst())
+    codes = {r.status_code for r in responses}
+    assert codes <= {200, 429} and 429 in codes and 200 in codes
+    limited = next(r for r in responses if r.status_code == 429)
+    assert limited.headers["retry-after"].isdigit() and limited.json()["error"]["code"] == "queue_full"
+
+
+def test_grpc_stream_returns_the_same_tokens_as_http(server, client):
+    http = client.completions.create(model=MODEL, prompt="Hello from gRPC", max_tokens=8, temperature=0,
+                                     extra_body={"return_token_ids": True, "ignore_eos": True})
+    with grpc.insecure_channel(server["grpc"]) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        md = (("application", "mistral-cluster"),)
+        chunks = list(stub.GenerateStream(pb.GenerateRequest(prompt="Hello from gRPC", max_tokens=8), metadata=md))
+        whole = stub.Generate(pb.GenerateRequest(prompt="Hello from gRPC", max_tokens=8), metadata=md)
+    assert [t for c in chunks for t in c.token_ids] == http.choices[0].token_ids == list(whole.token_ids)
+    assert chunks[-1].finish_reason == http.choices[0].finish_reason
+
+
+def test_every_route_but_health_and_metrics_needs_the_key(server):
+    base = server["base"]
+    assert httpx.get(base + "/health", timeout=30).status_code == 200
+    assert httpx.get(base + "/metrics", timeout=30).status_code == 200
+    wrong = {"Authorization": "Bearer " + "x" * len(KEY)}
+    for headers in ({}, wrong):
+        for method, route in (("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")):
+            r = httpx.request(method, base + route, json={"prompt": "hi"}, headers=headers, timeout=30)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
