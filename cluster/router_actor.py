@@ -74,9 +74,12 @@ class RouterActor:
         except RequestError as e:
             yield {"rejected": 400, "message": str(e)}
             return
-        yield {"accepted": True}
-        async for event in self.loop.follow(request):
-            yield event
+        try:
+            yield {"accepted": True}
+            async for event in self.loop.follow(request):
+                yield event
+        finally:  # cancelled or closed by the caller: the slot must come back either way
+            self.loop.abort(request.seq)
 
     async def generate(self, prompts: list[list[int]], params: list[SamplingParams] | SamplingParams) -> list[Completion]:
         """Offline: every prompt through the same continuous-batching loop, results in prompt order."""

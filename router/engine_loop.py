@@ -81,9 +81,10 @@ class EngineLoop:
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> _Request:
         """Validate and queue a request; raises RequestError (bad input) or QueueFullError (try later)."""
         check_prompt(prompt_ids, params, self.scheduler.max_seq_len, self.vocab_size)
-        if len(self.scheduler.waiting) >= self.max_queued_requests:
+        queued = len(self.scheduler.waiting) - len(self.scheduler.slots.free)  # those a free slot awaits don't count
+        if queued >= self.max_queued_requests:
             raise QueueFullError(
-                f"{len(self.scheduler.waiting)} requests are already waiting (limit {self.max_queued_requests}); retry later"
+                f"{queued} requests are already waiting for a cache slot (limit {self.max_queued_requests}); retry later"
             )
         self.start()
         seq = self.scheduler.add(prompt_ids, params)
@@ -95,8 +96,12 @@ class EngineLoop:
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
         """Tokens of one request as they are sampled. Leaving the loop early (cancel, disconnect) frees its slot."""
-        async for event in self.follow(self.submit(prompt_ids, params)):
-            yield event
+        request = self.submit(prompt_ids, params)
+        try:
+            async for event in self.follow(request):
+                yield event
+        finally:  # closing this generator does not close `follow`'s: free the slot here too
+            self.abort(request.seq)
 
     async def follow(self, request: _Request) -> AsyncIterator[TokenEvent]:
         try:

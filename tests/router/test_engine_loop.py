@@ -1,0 +1,119 @@
+"""Continuous batching in the router's loop, run against the one-process engine: requests join at step
+boundaries, a long prefill does not stall decoding, slots come back when a request ends or is abandoned."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from router.engine_loop import EngineLoop, QueueFullError
+from router.generation import RequestError, generate
+from router.sampling import SamplingParams
+from router.scheduler import Scheduler
+from shards.engine import LocalEngine
+from tests.conftest import random_prompts
+
+WINDOW = 16
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint_factory):
+    return LocalEngine(checkpoint_factory("mixtral", seed=71, window=WINDOW), max_seqs=4)
+
+
+def make_loop(engine, token_budget=64, chunk=8, max_queued=8):
+    batches = []
+
+    async def step(batch):
+        batches.append(batch)
+        await asyncio.sleep(0)
+        return engine.step(batch)
+
+    scheduler = Scheduler(engine.max_seqs, token_budget, chunk, engine.max_seq_len, engine.config.eos_token_id)
+    return EngineLoop(step, scheduler, engine.config.vocab_size, max_queued), batches
+
+
+def test_requests_joining_mid_flight_get_the_same_tokens_as_alone(engine):
+    prompts = random_prompts([30, 5, 12], seed=1)
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    alone = generate(engine, prompts, params)
+
+    async def main():
+        loop, batches = make_loop(engine)
+        first = asyncio.create_task(loop.generate(prompts[0], params))
+        while len(batches) < 3:
+            await asyncio.sleep(0)
+        later = await asyncio.gather(loop.generate(prompts[1], params), loop.generate(prompts[2], params))
+        return [await first] + list(later), batches
+
+    results, batches = asyncio.run(main())
+    assert [[e.token_id for e in r] for r in results] == [a.token_ids for a in alone]
+    assert any(len(b.slots) == 3 for b in batches)  # the late requests really shared steps with the first
+
+
+def test_a_long_prefill_does_not_stall_a_decoding_request(engine):
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+
+    async def main():
+        loop, batches = make_loop(engine, token_budget=9, chunk=8)
+        short = asyncio.create_task(loop.generate(random_prompts([3], seed=2)[0], params))
+        while len(batches) < 2:
+            await asyncio.sleep(0)
+        long_prompt = random_prompts([10 * WINDOW], seed=3)[0]
+        await asyncio.gather(short, loop.generate(long_prompt, SamplingParams(max_tokens=1)))
+        return batches
+
+    batches = asyncio.run(main())
+    prefill_steps = [b for b in batches if max(b.lengths) > 1 and len(b.slots) == 2]
+    assert len(prefill_steps) >= 10  # the long prompt went in chunks of at most 8 tokens ...
+    assert all(max(b.lengths) <= 8 and 1 in b.lengths for b in prefill_steps)  # ... each beside a decode token
+
+
+def test_an_abandoned_stream_frees_its_slot(engine):
+    async def main():
+        loop, _ = make_loop(engine)
+        stream = loop.stream(random_prompts([6], seed=4)[0], SamplingParams(max_tokens=500, ignore_eos=True))
+        await stream.__anext__()
+        assert loop.scheduler.slots_in_use == 1
+        await stream.aclose()  # the client went away
+        return loop.scheduler.slots_in_use, loop.snapshot()["aborted"]
+
+    assert asyncio.run(main()) == (0, 1)
+
+
+def test_slots_are_reused_by_later_requests(engine):
+    async def main():
+        loop, _ = make_loop(engine)
+        prompts = random_prompts([4] * 10, seed=5)
+        await asyncio.gather(*(loop.generate(p, SamplingParams(max_tokens=3, ignore_eos=True)) for p in prompts))
+        return loop.scheduler.slots_in_use, loop.snapshot()["finished"]
+
+    assert asyncio.run(main()) == (0, 10)
+
+
+def test_queue_full_and_bad_requests_are_refused_at_submit(engine):
+    async def main():
+        loop, _ = make_loop(engine, max_queued=2)
+        with pytest.raises(RequestError, match="prompt 0 is empty"):
+            loop.submit([], SamplingParams())
+        for p in random_prompts([3] * 6, seed=6):
+            loop.submit(p, SamplingParams(max_tokens=2))  # 4 slots + 2 waiting
+        loop.scheduler.schedule()  # admits 4 into the running batch
+        with pytest.raises(QueueFullError, match="limit 2"):
+            loop.submit([1, 2, 3], SamplingParams(max_tokens=2))
+
+    asyncio.run(main())
+
+
+def test_a_failing_step_ends_every_request_with_an_error_instead_of_hanging(engine):
+    async def broken(batch):
+        raise ConnectionError("stage1 died")
+
+    async def main():
+        scheduler = Scheduler(4, 64, 8, engine.max_seq_len, engine.config.eos_token_id)
+        loop = EngineLoop(broken, scheduler, engine.config.vocab_size)
+        return await asyncio.wait_for(loop.generate([1, 2, 3], SamplingParams(max_tokens=3)), timeout=10)
+
+    events = asyncio.run(main())
+    assert events[-1].error == "ConnectionError: stage1 died"
