@@ -30,8 +30,10 @@ class ExpertGroupActor(ShardActor):
         self._threads: list[threading.Thread] = []
         self.errors: list[str] = []
 
-    def join(self, master_addr: str, master_port: int, world_size: int, timeout_s: float) -> str:
-        backend = super().join(master_addr, master_port, world_size, timeout_s)
+    def join(
+        self, master_addr: str, master_port: int, world_size: int, timeout_s: float, device_keys: list[str] | None = None
+    ) -> str:
+        backend = super().join(master_addr, master_port, world_size, timeout_s, device_keys)
         for stage in range(len(self.plan.stages)):
             t = threading.Thread(target=self._serve, args=(stage,), name=f"serve-stage{stage}", daemon=True)
             t.start()

@@ -7,7 +7,7 @@ import threading
 
 import torch
 
-from cluster.transport import Transport, free_port, node_ip
+from cluster.transport import Transport, device_key, free_port, node_ip
 
 
 class ShardActor:
@@ -37,15 +37,20 @@ class ShardActor:
         return {
             "shard": self.name, "node_id": ctx.get_node_id(), "node_ip": node_ip(), "pid": os.getpid(),
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "device": str(self.device),
-            "placement_group": ctx.get_placement_group_id(),
+            "placement_group": ctx.get_placement_group_id(), "device_key": f"{ctx.get_node_id()}/{device_key(self.device)}",
         }
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0 names the address every rank joins the transport group at."""
         return node_ip(), free_port()
 
-    def join(self, master_addr: str, master_port: int, world_size: int, timeout_s: float) -> str:
-        self.transport = Transport(self.rank, world_size, master_addr, master_port, self.device, timeout_s)
+    def join(
+        self, master_addr: str, master_port: int, world_size: int, timeout_s: float, device_keys: list[str] | None = None
+    ) -> str:
+        """Join the shards' transport group; `device_keys[r]` says which device rank r uses (to find GPU sharers)."""
+        mine = device_keys[self.rank] if device_keys else None
+        sharing = {r for r, key in enumerate(device_keys or []) if key == mine and r != self.rank and "/cpu" not in key}
+        self.transport = Transport(self.rank, world_size, master_addr, master_port, self.device, timeout_s, sharing)
         return self.transport.backend
 
     def ping(self) -> str:

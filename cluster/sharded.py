@@ -80,9 +80,11 @@ class ShardedCluster:
             ]
             shards = stages + experts
             stack.callback(lambda: [ray.kill(a) for a in shards])
-            ray.get([a.ping.remote() for a in shards], timeout=timeout_s)  # every shard has loaded its tensors
+            # every shard has loaded its tensors once it answers; ranks are stages first, then expert groups
+            locations = ray.get([a.location.remote() for a in shards], timeout=timeout_s)
+            device_keys = [loc["device_key"] for loc in locations]
             addr, port = ray.get(stages[0].rendezvous.remote(), timeout=timeout_s)
-            ray.get([a.join.remote(addr, port, len(shards), timeout_s) for a in shards], timeout=timeout_s)
+            ray.get([a.join.remote(addr, port, len(shards), timeout_s, device_keys) for a in shards], timeout=timeout_s)
             router = ray.remote(RouterActor).options(num_cpus=0, max_concurrency=10_000).remote(
                 stages, experts, plan, config, step_timeout_s, max_queued_requests
             )

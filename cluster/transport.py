@@ -51,36 +51,54 @@ class TransportStats:
         return out
 
 
+def device_key(device: torch.device) -> str:
+    """Which physical device this process computes on: GPU UUID, or 'cpu'. Ranks with equal keys share a GPU."""
+    if device.type != "cuda":
+        return "cpu"
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
 class Transport:
-    """One rank of the shards' process group; every operation is bounded by the group's timeout."""
+    """One rank of the shards' process group; every operation is bounded by the group's timeout.
+
+    On GPUs the group has two backends: NCCL between ranks on different GPUs, gloo (through host memory) between
+    ranks that share one GPU (fractional GPUs), because NCCL refuses two ranks on one device.
+    """
 
     def __init__(
         self, rank: int, world_size: int, master_addr: str, master_port: int, device: torch.device,
-        timeout_s: float = 60.0,
+        timeout_s: float = 60.0, same_device_peers: set[int] | frozenset[int] = frozenset(),
     ) -> None:
         self.rank, self.world_size, self.device = rank, world_size, device
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(
             backend=backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank, world_size=world_size,
             timeout=timedelta(seconds=timeout_s),
         )
         self.backend = backend
+        self.via_host = set(same_device_peers) if device.type == "cuda" else set()
         self.stats = TransportStats()
 
     def send(self, tensor: torch.Tensor, dst: int, kind: str = "activations") -> None:
         t0 = time.perf_counter()
-        dist.send(tensor.contiguous(), dst=dst)
+        dist.send(self._outgoing(tensor, dst), dst=dst)
         self.stats.add(kind, time.perf_counter() - t0, tensor.nbytes)
 
     def isend(self, tensor: torch.Tensor, dst: int) -> dist.Work:
-        return dist.isend(tensor.contiguous(), dst=dst)
+        return dist.isend(self._outgoing(tensor, dst), dst=dst)
 
     def recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, kind: str = "activations") -> torch.Tensor:
         t0 = time.perf_counter()
-        out = torch.empty(shape, dtype=dtype, device=self.device)
+        staged = src in self.via_host
+        out = torch.empty(shape, dtype=dtype, device="cpu" if staged else self.device)
         dist.recv(out, src=src)
+        if staged:
+            out = out.to(self.device)
         self.stats.add(kind, time.perf_counter() - t0, out.nbytes)
         return out
+
+    def _outgoing(self, tensor: torch.Tensor, dst: int) -> torch.Tensor:
+        return tensor.contiguous().cpu() if dst in self.via_host else tensor.contiguous()
 
     def send_header(self, values: list[int], dst: int) -> None:
         self.send(torch.tensor(values, dtype=torch.long, device=self.device), dst, kind="headers")
