@@ -360,9 +360,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-arch-") as tmp:
         tmp = Path(tmp)
-        dense = make_checkpoint(tmp / "dense-window", dense_cfg, seed=0)
+        dense = make_checkpoint(tmp / "dense-window", dense_cfg, seed=0, with_tokenizer=False)
         dense_full = same_weights_without_window(dense, tmp / "dense-full")
-        moe = make_checkpoint(tmp / "moe", moe_cfg, seed=0)
+        moe = make_checkpoint(tmp / "moe", moe_cfg, seed=0, with_tokenizer=False)
         print(f"(a) window vs full attention up to {longest} tokens ...", file=sys.stderr)
         window = bench_window(dense, dense_full, lengths, args, timer)
         print("(b) MoE vs dense ...", file=sys.stderr)

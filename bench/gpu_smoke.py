@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/gpu_smoke.json")
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--cpu-dry-run", action="store_true", help="check the script on a CPU machine (no GPUs)")
+    parser.add_argument("--placements", nargs="*", default=list(PLACEMENTS), choices=list(PLACEMENTS))
     args = parser.parse_args()
     device = "cpu" if args.cpu_dry_run else "cuda"
     if args.cpu_dry_run:
@@ -85,7 +86,7 @@ def main() -> None:
         if device == "cuda":
             torch.cuda.empty_cache()
         ray.init(address="local", num_gpus=n_gpus, num_cpus=8, include_dashboard=False, log_to_driver=False)
-        for name, spec in PLACEMENTS.items():
+        for name, spec in ((n, PLACEMENTS[n]) for n in args.placements):
             gpus = sum(s["resources"].get("GPU", 0) for s in spec["stages"] + spec.get("expert_groups", []))
             if gpus > n_gpus:
                 rows.append({"placement": name, "skipped": f"needs {gpus:g} GPUs, host has {n_gpus}"})
@@ -97,11 +98,20 @@ def main() -> None:
                 path = Path(tmp) / f"{name}-{dtype}.yaml"
                 path.write_text(yaml.safe_dump(placement))
                 t0 = time.perf_counter()
-                with ShardedCluster.start(path) as cluster:
+                try:
+                    cluster = ShardedCluster.start(path, step_timeout_s=60)
+                except Exception as e:  # noqa: BLE001 - record and go on with the next placement
+                    row["error"] = f"start ({dtype}): {type(e).__name__}: {e}"[:2000]
+                    break
+                with cluster:
                     started = time.perf_counter() - t0
                     where = cluster.locations()
                     if dtype == "float32":
-                        ours = cluster.generate(prompts, params)
+                        try:
+                            ours = cluster.generate(prompts, params)
+                        except Exception as e:  # noqa: BLE001
+                            row["error"] = f"generate: {type(e).__name__}: {e}"[:2000]
+                            break
                         row["identical"] = [a.token_ids == b.token_ids for a, b in zip(ours, reference)]
                         row["first_difference"] = [
                             next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None)
@@ -130,7 +140,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "transport_seconds_per_message"}), flush=True)
         ray.shutdown()
-    required = [r for r in rows if "identical" in r]
+    required = [r for r in rows if "skipped" not in r]
     result = {
         "machine": {"gpus": [torch.cuda.get_device_name(i) for i in range(n_gpus)] or ["cpu dry run"],
                     "torch": torch.__version__,
@@ -138,14 +148,14 @@ def main() -> None:
         "model": cfg.to_hf_dict(), "prompt_tokens": [len(p) for p in prompts], "new_tokens": args.new_tokens,
         "one_process_decode_ms_per_token_bf16": round(local_ms, 3),
         "placements": rows,
-        "all_identical": all(all(r["identical"]) for r in required) and bool(required),
+        "all_identical": bool(required) and all("identical" in r and all(r["identical"]) for r in required),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"one process, one GPU: {local_ms:.2f} ms/token (bf16, batch 1)")
     for r in rows:
-        if "skipped" in r:
-            print(f"{r['placement']:<30} skipped: {r['skipped']}")
+        if "skipped" in r or "error" in r:
+            print(f"{r['placement']:<30} {r.get('skipped') or r.get('error')}")
         else:
             print(f"{r['placement']:<30} identical={all(r['identical'])} decode={r.get('decode_ms_per_token_bf16')} ms/token")
     print("ALL IDENTICAL" if result["all_identical"] else "MISMATCH")

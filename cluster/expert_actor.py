@@ -7,6 +7,7 @@ No Ray call is on this path.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -16,6 +17,10 @@ from cluster.shard_actor import ShardActor
 from cluster.transport import STOP
 from shards.checkpoint import CheckpointReader
 from shards.model import ExpertShard
+
+
+def _no_stream():
+    return contextlib.nullcontext()
 
 
 class ExpertGroupActor(ShardActor):
@@ -40,8 +45,18 @@ class ExpertGroupActor(ShardActor):
             self._threads.append(t)
         return backend
 
+    def peers(self) -> list[int]:
+        return list(range(len(self.plan.stages)))
+
     @torch.inference_mode()
     def _serve(self, src: int) -> None:
+        # Each serving thread works on its own CUDA stream: a thread waiting for one stage's next message must not
+        # hold up another thread's expert work on a shared stream (that deadlocks a two-stage pipeline).
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        with torch.cuda.stream(stream) if stream is not None else _no_stream():
+            self._serve_on_stream(src)
+
+    def _serve_on_stream(self, src: int) -> None:
         transport, k, dim, dtype = self.transport, self.config.num_experts_per_tok, self.config.dim, self.plan.torch_dtype
         try:
             while True:
@@ -54,7 +69,7 @@ class ExpertGroupActor(ShardActor):
                 t0 = time.perf_counter()
                 out = self.model(layer, x, ids, weights)
                 if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
+                    torch.cuda.current_stream().synchronize()  # this thread's stream only, never the whole device
                 seconds = time.perf_counter() - t0
                 transport.send(out, src, kind="expert_out")
                 held = self.model.groups[str(layer)].tokens_per_expert(ids)

@@ -43,6 +43,10 @@ class StageActor(ShardActor):
             )
         self._trace: dict = {}
 
+    def peers(self) -> list[int]:
+        neighbours = [r for r in (self.index - 1, self.index + 1) if 0 <= r < self.n_stages]
+        return neighbours + [self.n_stages + g for g in range(self.n_groups)]
+
     def cache_bytes(self) -> int:
         return self.cache.nbytes
 
@@ -74,7 +78,7 @@ class StageActor(ShardActor):
             else:
                 pending_sends.append(transport.isend(h, dst=self.index + 1))
             if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+                torch.cuda.current_stream().synchronize()  # not the whole device: NCCL work may wait on peers
             spans.append({"microbatch": m, "start": start, "end": time.time(), "recv_wait": wait})
         t0 = time.perf_counter()
         for work in pending_sends:

@@ -97,6 +97,23 @@ class Transport:
         self.stats.add(kind, time.perf_counter() - t0, out.nbytes)
         return out
 
+    def warm_up(self, peers: list[int]) -> None:
+        """Exchange one small message with each peer now, so NCCL's per-pair setup (~0.5 s) is not in step 1.
+
+        Pairs are visited in one global order (lowest rank first), which no two ranks can wait on in a cycle.
+        """
+        probe = torch.zeros(1, device=self.device)
+        for peer in sorted(set(peers) - {self.rank}, key=lambda p: (min(p, self.rank), max(p, self.rank))):
+            if self.rank < peer:
+                self.send(probe, peer, kind="warm_up")
+                self.recv((1,), probe.dtype, peer, kind="warm_up")
+            else:
+                self.recv((1,), probe.dtype, peer, kind="warm_up")
+                self.send(probe, peer, kind="warm_up")
+            if self.device.type == "cuda":
+                torch.cuda.current_stream().synchronize()
+        self.stats.take()
+
     def _outgoing(self, tensor: torch.Tensor, dst: int) -> torch.Tensor:
         return tensor.contiguous().cpu() if dst in self.via_host else tensor.contiguous()
 
@@ -104,7 +121,13 @@ class Transport:
         self.send(torch.tensor(values, dtype=torch.long, device=self.device), dst, kind="headers")
 
     def recv_header(self, src: int) -> list[int]:
-        return self.recv((HEADER_LEN,), torch.long, src, kind="headers").tolist()
+        header = self.recv((HEADER_LEN,), torch.long, src, kind="headers")
+        if header.is_cuda:
+            # A header can be a long wait (the peer sends when it gets there). Wait on this thread's stream, which
+            # releases the GIL, before reading it: `.tolist()` would block holding the GIL and starve the actor's
+            # other serving threads, deadlocking the pipeline.
+            torch.cuda.current_stream().synchronize()
+        return header.tolist()
 
     def close(self) -> None:
         if dist.is_initialized():

@@ -73,9 +73,10 @@ def random_weights(config: ModelConfig, seed: int, std: float = 0.02, dtype: tor
 
 def make_checkpoint(
     out_dir: str | Path, config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
-    layout: str = "hf", max_shard_bytes: int | None = None,
+    layout: str = "hf", max_shard_bytes: int | None = None, with_tokenizer: bool = True,
 ) -> Path:
+    """`with_tokenizer=False` leaves the tokenizer out (benchmarks that feed token ids need no mistral-common)."""
     return save_checkpoint(
         out_dir, config, random_weights(config, seed, dtype=dtype), layout=layout,
-        max_shard_bytes=max_shard_bytes, tokenizer_file=mistral_tokenizer_file(),
+        max_shard_bytes=max_shard_bytes, tokenizer_file=mistral_tokenizer_file() if with_tokenizer else None,
     )

@@ -6,6 +6,7 @@ Dockerfile with hadolint. No cluster and no network: everything here reads files
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import re
 import shlex
@@ -22,9 +23,11 @@ import pydantic
 import pytest
 import ray
 import yaml
+from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
 from cluster.placement import PlacementPlan, load_placement, validate_against_model
+from cluster.serve import GRPC_SERVICER
 from shards.config import PRESETS
 from shards.make_checkpoint import small_config
 
@@ -37,9 +40,6 @@ EXAMPLES = DEPLOY / "examples"
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 SERVE_FILES = sorted((DEPLOY / "serve").glob("*.yaml"))
 
-APP_IMPORT_PATH = "cluster.serve:build_app"
-APP_ARGS = {"placement", "checkpoint", "api_key", "model_name"}
-GRPC_SERVICER = "cluster.proto.generation_pb2_grpc.add_GenerationServicer_to_server"
 MODEL_OF_PLACEMENT = {
     "mixtral-8gpu-2nodes.yaml": PRESETS["mixtral-8x7b"],
     "mistral-7b-1gpu.yaml": PRESETS["mistral-7b"],
@@ -320,8 +320,8 @@ def placement_shortfalls(plan: PlacementPlan, rayservice: dict) -> list[str]:
         problems.append(f"the shards ask for {asked['GPU']:g} GPUs, the pods have {gpus}")
     for g in groups:
         own = set(ray_start_resources(g))
-        pinned = [b for b in plan.bundles() if own >= (set(b) - set(RAY_BUILTIN_RESOURCES)) != set()]
-        need = sum(b.get("GPU", 0) for b in pinned)
+        custom = [(b, set(b) - set(RAY_BUILTIN_RESOURCES)) for b in plan.bundles()]
+        need = sum(b.get("GPU", 0) for b, names in custom if names and names <= own)  # bundles only g can hold
         if need > group_gpus(g) * g.get("replicas", 1):
             problems.append(f"workerGroupSpecs[{g['groupName']}]: its shards ask for {need:g} GPUs, "
                             f"its pods have {group_gpus(g) * g.get('replicas', 1)}")
@@ -561,12 +561,13 @@ def test_a_worker_group_with_too_few_gpus_for_its_shards_is_caught(tmp_path):
 
 @pytest.mark.parametrize("name, doc", RAYSERVICES, ids=ids(RAYSERVICES))
 def test_custom_resources_reach_ray_start_and_the_operator_alike(name, doc):
-    for group in doc["spec"]["rayClusterConfig"].get("workerGroupSpecs", []):
+    cluster = doc["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]:
         value = (group.get("rayStartParams") or {}).get("resources")
         if value is not None:
             # The operator parses the same field (to add accelerator resources) after trimming quotes; an escaped
             # '"{\"a\": 1}"' works in the shell but fails there and is logged as an error on every pod it builds.
-            assert json.loads(value.strip("'\"` ")) == ray_start_resources(group), group["groupName"]
+            assert json.loads(value.strip("'\"` ")) == ray_start_resources(group), group.get("groupName", "head")
 
 
 # === Serve configs ==============================================================================================
@@ -582,16 +583,46 @@ def test_a_misspelt_serve_option_is_caught():
     assert serve_config_errors(config) == ["grpc_options.grpc_servicer_function: not an option of gRPCOptionsSchema"]
 
 
+def imported(path: str):
+    """What Serve imports for `module:attribute` or `module.attribute`."""
+    module, _, attribute = path.partition(":") if ":" in path else path.rpartition(".")
+    return getattr(importlib.import_module(module), attribute)
+
+
 @pytest.mark.parametrize("name, config", SERVE_CONFIGS, ids=[name for name, _ in SERVE_CONFIGS])
-def test_every_serve_config_starts_our_app_with_our_grpc_servicer(name, config):
+def test_every_serve_config_builds_our_app_from_its_args(name, config):
     for app in config["applications"]:
-        module, attribute = app["import_path"].split(":")
-        # cluster/serve.py is being written; once it lands this also checks that `module` is importable and has
-        # `attribute` (importlib.util.find_spec, then getattr), as Serve does when it deploys the config.
-        assert (module, attribute) == ("cluster.serve", "build_app")
-        assert set(app["args"]) <= APP_ARGS and "placement" in app["args"]
+        assert app["import_path"] == "cluster.serve:build_app"
+        # What Serve does with the config before any replica starts: import the builder and call it with the args
+        # (binding the ingress starts nothing; an unknown or missing argument raises here).
+        assert isinstance(imported(app["import_path"])(app["args"]), serve.Application)
         assert "api_key" not in app["args"], "the key comes from MISTRAL_CLUSTER_API_KEY, never from a config file"
-    assert config["grpc_options"]["grpc_servicer_functions"] == [GRPC_SERVICER]
+
+
+@pytest.mark.parametrize("name, config", SERVE_CONFIGS, ids=[name for name, _ in SERVE_CONFIGS])
+def test_every_deployment_a_serve_config_overrides_exists_in_the_app(name, config):
+    for app in config["applications"]:
+        module = importlib.import_module(app["import_path"].partition(":")[0])
+        deployments = {v.name for v in vars(module).values() if isinstance(v, serve.Deployment)}
+        for override in app.get("deployments", []):
+            assert override["name"] in deployments, "Serve refuses an override of a deployment the app lacks"
+
+
+@pytest.mark.parametrize("name, doc", RAYSERVICES, ids=ids(RAYSERVICES))
+def test_the_ingress_is_pinned_to_the_head_and_only_there(name, doc):
+    cluster = doc["spec"]["rayClusterConfig"]
+    (app,) = serve_config(doc)["applications"]
+    (ingress,) = app["deployments"]
+    pins = set(ingress["ray_actor_options"]["resources"])
+    assert pins and pins <= set(ray_start_resources(cluster["headGroupSpec"]))
+    for group in cluster["workerGroupSpecs"]:
+        assert not pins & set(ray_start_resources(group)), group["groupName"]
+
+
+@pytest.mark.parametrize("name, config", SERVE_CONFIGS, ids=[name for name, _ in SERVE_CONFIGS])
+def test_every_serve_config_registers_our_grpc_servicer(name, config):
+    (servicer,) = config["grpc_options"]["grpc_servicer_functions"]
+    assert servicer == GRPC_SERVICER and callable(imported(servicer))
 
 
 LISTENS_ON = {
