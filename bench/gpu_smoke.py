@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -99,7 +100,7 @@ def main() -> None:
                 path.write_text(yaml.safe_dump(placement))
                 t0 = time.perf_counter()
                 try:
-                    cluster = ShardedCluster.start(path, step_timeout_s=60)
+                    cluster = ShardedCluster.start(path, step_timeout_s=float(os.environ.get('SMOKE_STEP_TIMEOUT_S', 60)))
                 except Exception as e:  # noqa: BLE001 - record and go on with the next placement
                     row["error"] = f"start ({dtype}): {type(e).__name__}: {e}"[:2000]
                     break

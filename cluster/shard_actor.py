@@ -28,6 +28,12 @@ class ShardActor:
             torch.set_num_threads(max(1, int(os.environ.get("MISTRAL_CLUSTER_THREADS", "1"))))
         self.transport: Transport | None = None
         self._lock = threading.Lock()
+        dump_every = os.environ.get("MISTRAL_CLUSTER_STACK_DUMP_S")
+        if dump_every:  # diagnosing a stall: every thread's Python stack to this worker's stderr, periodically
+            import faulthandler
+            import sys
+
+            faulthandler.dump_traceback_later(float(dump_every), repeat=True, file=sys.stderr)
 
     def location(self) -> dict:
         """Where Ray put this actor, from Ray's own runtime context (what placement tests assert on)."""
@@ -48,9 +54,16 @@ class ShardActor:
         self, master_addr: str, master_port: int, world_size: int, timeout_s: float, device_keys: list[str] | None = None
     ) -> str:
         """Join the shards' transport group; `device_keys[r]` says which device rank r uses (to find GPU sharers)."""
-        mine = device_keys[self.rank] if device_keys else None
-        sharing = {r for r, key in enumerate(device_keys or []) if key == mine and r != self.rank and "/cpu" not in key}
-        self.transport = Transport(self.rank, world_size, master_addr, master_port, self.device, timeout_s, sharing)
+        keys = device_keys or []
+        gpu_keys = [k for k in keys if not k.endswith("/cpu")]
+        if len(gpu_keys) != len(set(gpu_keys)):
+            # Two shard processes on one GPU: an NCCL receive spinning in one starves the other's kernels (the GPU
+            # is time-sliced between processes), which deadlocked a 2-stage x 2-group pipeline on 2 H200s. So when
+            # any GPU is shared, every message goes through host memory; NCCL only when each shard owns its GPU.
+            via_host = set(range(world_size)) - {self.rank}
+        else:
+            via_host = set()
+        self.transport = Transport(self.rank, world_size, master_addr, master_port, self.device, timeout_s, via_host)
         self.transport.warm_up(self.peers())
         return self.transport.backend
 
