@@ -21,7 +21,7 @@ from ray import serve
 
 from cluster.placement import load_placement
 from cluster.reservation import ray_session
-from cluster.serve_cli import start_serve
+from cluster.serve_cli import start_serve, wait_until_healthy
 from cluster.transport import free_port
 
 
@@ -55,7 +55,7 @@ async def run(base: str, prompts: list[str], max_tokens: list[int]) -> dict:
     seq_tokens = sum(r[0] for r in sequential)
     conc_tokens = sum(r[0] for r in concurrent)
     assert seq_tokens == conc_tokens == sum(max_tokens), (seq_tokens, conc_tokens, sum(max_tokens))
-    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    median = lambda xs: sorted(xs)[len(xs) // 2]
     return {
         "requests": len(prompts), "output_tokens": conc_tokens,
         "one_at_a_time": {"seconds": seq_seconds, "tokens_per_s": seq_tokens / seq_seconds,
@@ -84,13 +84,8 @@ def main() -> None:
         start_serve({"placement": str(Path(args.config).resolve()), "max_queued_requests": 1024},
                     "127.0.0.1", port, 0, blocking=False)
         base = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if httpx.get(base + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        if not wait_until_healthy(base, 300):
+            raise SystemExit("the server did not become healthy in 300 s")
         result = asyncio.run(run(base, prompts, max_tokens))
         serve.shutdown()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None

@@ -85,7 +85,7 @@ def main() -> None:
     print(f"{'arch':8} {'win':>4} {'dtype':9} {'prompt':>6} {'new':>4} {'same':>5} {'1st diff':>8}")
     for r in rows:
         print(f"{r['arch']:8} {r['window']:>4} {r['dtype']:9} {r['prompt_tokens']:>6} {r['new_tokens']:>4} "
-              f"{str(r['identical']):>5} {str(r['first_difference']):>8}")
+              f"{r['identical']!s:>5} {r['first_difference']!s:>8}")
     print(f"required cases: {result['required_cases']}, failures: {len(failures)}")
 
 

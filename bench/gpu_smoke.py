@@ -83,7 +83,7 @@ def main() -> None:
         reference = generate(LocalEngine(ckpts["float32"], device=device, max_seqs=4), prompts, params)
         local_bf16 = LocalEngine(ckpts["bfloat16"], dtype=torch.bfloat16, device=device, max_seqs=4)
         local_ms = decode_ms_per_token(lambda p, s: generate(local_bf16, p, s), prompts[1], 64)
-        del local_bf16
+        local_bf16 = None  # free its GPU memory before the cluster starts
         if device == "cuda":
             torch.cuda.empty_cache()
         ray.init(address="local", num_gpus=n_gpus, num_cpus=8, include_dashboard=False, log_to_driver=False)
@@ -100,7 +100,7 @@ def main() -> None:
                 path.write_text(yaml.safe_dump(placement))
                 t0 = time.perf_counter()
                 try:
-                    cluster = ShardedCluster.start(path, step_timeout_s=float(os.environ.get('SMOKE_STEP_TIMEOUT_S', 60)))
+                    cluster = ShardedCluster.start(path, step_timeout_s=float(os.environ.get('SMOKE_STEP_TIMEOUT_S', '60')))
                 except Exception as e:  # noqa: BLE001 - record and go on with the next placement
                     row["error"] = f"start ({dtype}): {type(e).__name__}: {e}"[:2000]
                     break

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import ray
 import torch
 
 from router.engine_loop import EngineLoop, QueueFullError, TokenEvent

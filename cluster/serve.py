@@ -8,6 +8,7 @@ background so `/health` can say "loading" truthfully until every shard is up.
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime.
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -24,8 +25,18 @@ from ray import serve
 
 from cluster.metrics import ServeMetrics
 from cluster.openai_api import (
-    APIError, ChoiceState, Limits, ParsedRequest, TextAssembler, final_response, parse_chat, parse_completion,
-    parse_json, sse, stream_chunk, usage_chunk,
+    APIError,
+    ChoiceState,
+    Limits,
+    ParsedRequest,
+    TextAssembler,
+    final_response,
+    parse_chat,
+    parse_completion,
+    parse_json,
+    sse,
+    stream_chunk,
+    usage_chunk,
 )
 from router.sampling import SamplingParams
 
@@ -92,10 +103,8 @@ class OpenAIIngress:
 
     def __del__(self) -> None:
         if self.cluster is not None:
-            try:
+            with contextlib.suppress(Exception):  # the replica is going away; nothing left to report to
                 self.cluster.shutdown()
-            except Exception:  # noqa: BLE001
-                pass
 
     # --- request plumbing ------------------------------------------------------------------------------
 
@@ -200,7 +209,7 @@ class OpenAIIngress:
             )
         except APIError as e:
             return error_response(e)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return error_response(APIError(503, f"the request did not finish within {self.request_timeout_s:g} s",
                                            code="timeout", kind="server_error"))
         finally:
@@ -284,7 +293,7 @@ class OpenAIIngress:
             while remaining:
                 try:
                     item = await asyncio.wait_for(queue.get(), timeout=max(0.0, deadline - time.monotonic()))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     yield sse({"error": APIError(503, f"the request did not finish within {self.request_timeout_s:g} s",
                                                  code="timeout", kind="server_error").body()["error"]})
                     break
@@ -347,7 +356,7 @@ class OpenAIIngress:
         finally:
             ray.cancel(stream)
 
-    async def Generate(self, request, grpc_context):  # noqa: N802 - the RPC's name
+    async def Generate(self, request, grpc_context):
         from cluster.proto.generation_pb2 import GenerateResponse
 
         texts, ids, finish = [], [], ""
@@ -358,7 +367,7 @@ class OpenAIIngress:
         prompt = list(request.prompt_token_ids) or (self.tokenizer.encode(request.prompt) if self.tokenizer else [])
         return GenerateResponse(text="".join(texts), token_ids=ids, prompt_token_ids=prompt, finish_reason=finish)
 
-    async def GenerateStream(self, request, grpc_context):  # noqa: N802 - the RPC's name
+    async def GenerateStream(self, request, grpc_context):
         from cluster.proto.generation_pb2 import GenerateChunk
 
         async for text, token, done in self._grpc_stream(request, grpc_context):

@@ -20,6 +20,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def wait_until_healthy(base_url: str, timeout_s: float) -> bool:
+    """Poll `/health` until it answers 200 (every shard loaded) or the deadline passes."""
+    import time
+
+    import httpx
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if httpx.get(base_url + "/health", timeout=5).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    return False
+
+
 def start_serve(app_args: dict, host: str, port: int, grpc_port: int, blocking: bool) -> None:
     from ray import serve
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
+from typing import Self
 
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -115,7 +116,7 @@ class ShardedCluster:
             time.sleep(0.1)
         self._exit.close()
 
-    def __enter__(self) -> ShardedCluster:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

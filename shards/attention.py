@@ -17,7 +17,7 @@ import torch.nn.functional as F
 # xformers warns at import when its compiled kernels do not match this torch; we only need its mask classes
 # there, and `xformers_kernels_available` decides about the kernels, so keep that warning out of the user's way.
 logging.getLogger("xformers").setLevel(logging.ERROR)
-from xformers.ops.fmha import attn_bias as xbias  # noqa: E402
+from xformers.ops.fmha import attn_bias as xbias
 
 AttnBias = xbias.AttentionBias
 

@@ -165,7 +165,7 @@ class CheckpointReader:
             raise CheckpointError(f"{self.root}: no {pattern} files (found {found}); only safetensors checkpoints are read")
         where: dict[str, Path] = {}
         for f in files:
-            for name in self._open(f).keys():
+            for name in self._open(f).keys():  # noqa: SIM118 - a safetensors handle, not a dict
                 where[name] = f
         return where
 

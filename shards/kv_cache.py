@@ -83,10 +83,10 @@ class StepLayout:
             write_rows.extend(slot * capacity + p % capacity for p in range(start, start + n))
         pos = torch.tensor(positions, dtype=torch.long)
         cos, sin = rotary_cos_sin(pos, head_dim, rope_theta)
-        common = dict(
-            positions=pos.to(device), cos=cos.to(device), sin=sin.to(device),
-            write_rows=torch.tensor(write_rows, dtype=torch.long, device=device),
-        )
+        common = {
+            "positions": pos.to(device), "cos": cos.to(device), "sin": sin.to(device),
+            "write_rows": torch.tensor(write_rows, dtype=torch.long, device=device),
+        }
         if batch.is_decode:
             kv_lens = [min(start + 1, capacity) for start in batch.starts]
             return StepLayout(
@@ -103,7 +103,7 @@ class StepLayout:
             new_dst.extend(range(offset + cached, offset + cached + n))
             kv_lens.append(cached + n)
             offset += cached + n
-        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)
         return StepLayout(
             **common, bias=prefill_bias(batch.lengths, kv_lens, window), decode_slots=None,
             read_rows=as_long(read_rows), read_dst=as_long(read_dst), new_dst=as_long(new_dst), n_keys=offset,

@@ -7,7 +7,7 @@ to them and brings back the weighted sum.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

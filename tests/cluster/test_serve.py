@@ -17,7 +17,7 @@ from ray import serve
 
 from cluster.proto import generation_pb2 as pb
 from cluster.proto import generation_pb2_grpc as pb_grpc
-from cluster.serve_cli import start_serve
+from cluster.serve_cli import start_serve, wait_until_healthy
 from cluster.transport import free_port
 from router.generation import generate
 from router.sampling import SamplingParams
@@ -48,15 +48,7 @@ def server(checkpoint, tmp_path_factory):
     start_serve({"placement": str(path), "api_key": KEY, "model_name": MODEL, "max_queued_requests": 40},
                 "127.0.0.1", http_port, grpc_port, blocking=False)
     base = f"http://127.0.0.1:{http_port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    else:
+    if not wait_until_healthy(base, 180):
         pytest.fail("the server did not become ready in 180 s")
     yield {"base": base, "grpc": f"127.0.0.1:{grpc_port}"}
     serve.shutdown()
@@ -94,8 +86,8 @@ def test_greedy_completion_equals_transformers(client, checkpoint, hf_model, tok
 
 
 def test_streaming_gives_the_same_tokens_and_text_as_non_streaming(client):
-    args = dict(model=MODEL, prompt=["Once upon a time", "Hi"], max_tokens=12, temperature=0,
-                extra_body={"return_token_ids": True})
+    args = {"model": MODEL, "prompt": ["Once upon a time", "Hi"], "max_tokens": 12, "temperature": 0,
+                "extra_body": {"return_token_ids": True}}
     whole = client.completions.create(**args)
     streamed: dict[int, list[int]] = {}
     texts: dict[int, str] = {}
@@ -137,8 +129,8 @@ def test_chat_streaming_starts_with_the_role_and_ends_with_done(server):
 
 
 def test_n_choices_with_a_seed_differ_from_each_other_and_repeat_exactly(client):
-    args = dict(model=MODEL, prompt="Tell me a story", max_tokens=12, temperature=1.0, seed=7, n=3,
-                extra_body={"return_token_ids": True})
+    args = {"model": MODEL, "prompt": "Tell me a story", "max_tokens": 12, "temperature": 1.0, "seed": 7, "n": 3,
+                "extra_body": {"return_token_ids": True}}
     a = client.completions.create(**args)
     b = client.completions.create(**args)
     assert [c.index for c in a.choices] == [0, 1, 2]

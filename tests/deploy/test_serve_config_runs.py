@@ -3,7 +3,6 @@ with the project's small checkpoint and a CPU placement substituted for the path
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import httpx
@@ -14,6 +13,7 @@ from ray import serve
 from ray.serve._private.api import serve_start
 from ray.serve.schema import ServeDeploySchema
 
+from cluster.serve_cli import wait_until_healthy
 from cluster.transport import free_port
 from tests.conftest import hf_greedy
 
@@ -46,15 +46,7 @@ def deployed(checkpoint_factory, tmp_path_factory):
     client = serve_start(http_options=config["http_options"], grpc_options=config["grpc_options"])
     client.deploy_apps(schema)
     base = f"http://127.0.0.1:{http_port}"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        try:
-            if httpx.get(base + "/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    else:
+    if not wait_until_healthy(base, 240):
         pytest.fail("the RayService's Serve config did not become healthy in 240 s")
     yield {"base": base, "model": app["args"]["model_name"], "checkpoint": checkpoint}
     serve.shutdown()

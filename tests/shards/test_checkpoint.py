@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from shards.checkpoint import CheckpointError, CheckpointReader, ShardSelection
 from shards.config import ConfigError, load_config
@@ -133,7 +132,7 @@ reader = CheckpointReader(sys.argv[1])
 sel = ShardSelection(layers=(0,), experts={0: (0,)}) if sys.argv[2] == "shard" else ShardSelection.whole(reader.config)
 before = rss()
 tensors = reader.load(sel)
-checksum = sum(float(t.double().sum()) for t in tensors.values())  # touch every byte, mmap-backed or not
+checksum = sum(float(t.sum()) for t in tensors.values())  # touch every byte (mmap-backed or not), no copy
 print(rss() - before, sum(t.nbytes for t in tensors.values()))
 """
 
@@ -149,6 +148,6 @@ def test_shard_loader_peak_memory_is_its_own_size_not_the_checkpoints(checkpoint
     shard_peak, shard_bytes = peaks["shard"]
     whole_peak, _ = peaks["whole"]
     assert total > 100e6
-    assert shard_peak < 2 * shard_bytes + 8e6, (shard_peak, shard_bytes)
+    assert shard_peak < 2 * shard_bytes + 12e6, (shard_peak, shard_bytes)  # its own bytes, plus page fault-around
     assert shard_peak < total / 8
     assert whole_peak > total / 2  # the measurement does see a full load

@@ -18,11 +18,9 @@ def test_cache_memory_stays_flat_as_the_sequence_grows_far_past_the_window(check
     expected = 2 * cfg.n_layers * 1 * window * cfg.n_kv_heads * cfg.head_dim * 4  # k and v, float32
     pointers = (engine.cache.k.data_ptr(), engine.cache.v.data_ptr())
     sizes = []
-    position = 0
-    for step in range(12 * window):  # decode one token at a time to 12x the window
-        engine.step(StepBatch([0], [position], [1], torch.tensor([5 + step % 100])))
-        position += 1
-        if position % window == 0:
+    for position in range(12 * window):  # decode one token at a time to 12x the window
+        engine.step(StepBatch([0], [position], [1], torch.tensor([5 + position % 100])))
+        if (position + 1) % window == 0:
             sizes.append(engine.cache.nbytes)
     assert sizes == [expected] * len(sizes)
     assert (engine.cache.k.data_ptr(), engine.cache.v.data_ptr()) == pointers  # never reallocated
