@@ -78,6 +78,16 @@ class ExpertGroupActor(ShardActor):
         except Exception as e:  # noqa: BLE001 - reported through `trace` and health, never silently lost
             self.errors.append(f"{self.name} serving stage{src}: {type(e).__name__}: {e}")
 
+    def reset_transport(self) -> None:
+        """Wait for the serving threads to end (the live stages sent STOP; a dead stage's recv fails), then leave."""
+        deadline = time.monotonic() + 5
+        for t in self._threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in self._threads):
+            raise RuntimeError(f"{self.name}: serving threads still blocked; restart this shard")
+        self._threads = []
+        super().reset_transport()
+
     def trace(self) -> dict:
         """Messages served since the last call (and any serving error)."""
         with self._lock:

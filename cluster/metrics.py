@@ -33,6 +33,13 @@ class _RouterCollector:
         yield CounterMetricFamily(f"{PREFIX}_failed_steps", "engine steps that failed", value=s["failed_steps"])
         yield CounterMetricFamily(f"{PREFIX}_aborted_requests", "requests ended early (client gone, stop string)",
                                   value=s["aborted"])
+        yield GaugeMetricFamily(f"{PREFIX}_shards_healthy", "1 when every shard answers, 0 while recovering",
+                                value=1.0 if s.get("healthy", True) else 0.0)
+        yield CounterMetricFamily(f"{PREFIX}_shard_failures", "shard failures detected", value=s.get("shard_failures", 0))
+        yield CounterMetricFamily(f"{PREFIX}_recoveries", "recoveries completed", value=s.get("recoveries", 0))
+        if s.get("last_recovery_seconds") is not None:
+            yield GaugeMetricFamily(f"{PREFIX}_last_recovery_seconds", "how long the last recovery took",
+                                    value=s["last_recovery_seconds"])
         load = CounterMetricFamily(f"{PREFIX}_expert_tokens", "tokens routed to each expert", labels=["layer", "expert"])
         for layer, row in enumerate(s.get("expert_load", [])):
             for expert, n in enumerate(row):
@@ -68,5 +75,6 @@ class ServeMetrics:
             self.tpot.observe(seconds_after_first / (n_tokens - 1))
 
     def render(self, router_stats: dict | None, ready: bool) -> tuple[bytes, str]:
-        self.router.stats, self.router.ready = router_stats, ready
+        self.router.stats = router_stats
+        self.router.ready = ready and bool(router_stats and router_stats.get("healthy", True))
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -36,13 +38,25 @@ def bad(param: str, message: str, code: str | None = None) -> APIError:
     return APIError(400, f"{param}: {message}" if param else message, param=param, code=code)
 
 
+def _no_constant(name: str) -> None:
+    raise APIError(400, f"the request body is not valid JSON: {name} is not a JSON number", code="invalid_json")
+
+
 def parse_json(raw: bytes) -> dict[str, Any]:
+    """Strict JSON (RFC 8259): UTF-8, no NaN/Infinity, no unpaired surrogate escapes; any failure is a 400."""
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        text = raw.decode("utf-8")
+        data = json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:  # bad syntax or UTF-8, an integer of over 4300 digits, deep nesting
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    if re.search(r"\\u[dD][89a-fA-F]", text):  # a surrogate escape; only a pair makes a character
+        try:
+            json.dumps(data, ensure_ascii=False).encode()
+        except (UnicodeEncodeError, RecursionError):
+            raise APIError(400, "the request body is not valid JSON: a \\u escape is an unpaired UTF-16 surrogate",
+                           code="invalid_json") from None
     return data
 
 
@@ -124,6 +138,8 @@ class ParsedRequest:
     return_token_ids: bool
     logprobs: int | None  # completions: top alternatives per token; chat: 0 means only the chosen token's
     echo: bool = False
+    # An unseeded request still gets a seed, chosen here at the edge: then a replay after a crash draws the same.
+    base_seed: int = field(default_factory=lambda: int.from_bytes(os.urandom(7), "big"))
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -131,7 +147,7 @@ class ParsedRequest:
         """Choice j of a request with a seed draws with seed + j, so `n` choices differ yet repeat exactly."""
         p = self.params
         max_tokens = self.max_tokens if self.max_tokens is not None else max_seq_len - len(prompt_ids)
-        seed = None if p.seed is None else p.seed + choice
+        seed = (self.base_seed if p.seed is None else p.seed) + choice
         return SamplingParams(max_tokens=max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
                               seed=seed, stop=p.stop, ignore_eos=p.ignore_eos, logprobs=self.logprobs)
 
@@ -159,9 +175,12 @@ def _common(data: dict, kind: str, prompts: list[list[int]], limits: Limits, max
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise bad("model", f"must be a string, got {json.dumps(model)}")
-    max_tokens = _int(data, max_tokens_key, default_max_tokens, low=1, high=limits.max_tokens_ceiling)
+    ceiling = limits.max_tokens_ceiling
+    if ceiling is not None:  # a request that leaves max_tokens out gets no more than the ceiling either
+        default_max_tokens = min(default_max_tokens or ceiling, ceiling)
+    max_tokens = _int(data, max_tokens_key, default_max_tokens, low=1, high=ceiling)
     if kind == "chat" and "max_completion_tokens" in data and "max_tokens" not in data:
-        max_tokens = _int(data, "max_completion_tokens", None, low=1, high=limits.max_tokens_ceiling)
+        max_tokens = _int(data, "max_completion_tokens", default_max_tokens, low=1, high=ceiling)
     n = _int(data, "n", 1, low=1, high=limits.max_n)
     if len(prompts) * n > limits.max_prompts:
         raise bad("n", f"{len(prompts)} prompts x n={n} is more than {limits.max_prompts} choices in one request")
@@ -308,6 +327,8 @@ class ChoiceState:
     index: int
     prompt_ids: list[int]
     assembler: TextAssembler
+    params: SamplingParams | None = None
+    stream_index: int = 0  # where this choice's router stream sits in the request's list of streams
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)

@@ -24,10 +24,19 @@ from shards.kv_cache import StepBatch, cache_capacity
 
 class RouterActor:
     def __init__(
-        self, stages: list, experts: list, plan, config: ModelConfig, step_timeout_s: float = 120.0,
-        max_queued_requests: int = 256,
+        self, supervisor, plan, config: ModelConfig, step_timeout_s: float = 120.0, max_queued_requests: int = 256,
+        on_shard_failure: str = "resume", monitor_interval_s: float = 2.0, recover_on_start: bool = False,
     ) -> None:
-        self.stages, self.experts, self.plan, self.config = stages, experts, plan, config
+        if on_shard_failure not in ("resume", "fail"):
+            raise ValueError(f"on_shard_failure must be 'resume' or 'fail', got {on_shard_failure!r}")
+        self.supervisor, self.plan, self.config = supervisor, plan, config
+        self._set_handles(supervisor.handles())
+        self.monitor_interval_s = monitor_interval_s
+        self.health = {"healthy": not recover_on_start, "reason": "router restarted" if recover_on_start else None,
+                       "shard_failures": 0, "recoveries": 0, "last_recovery_seconds": None, "restarted": []}
+        self.generation = 0  # bumped by every recovery
+        self._recover_on_start = recover_on_start
+        self._started = False
         self.max_seqs = plan.max_seqs
         self.max_seq_len = config.max_seq_len
         self.cache_capacity = cache_capacity(config.sliding_window, config.max_seq_len)
@@ -38,9 +47,72 @@ class RouterActor:
         self.expert_load = torch.zeros(config.n_layers, max(config.num_experts, 1), dtype=torch.long)
         chunk = min(plan.chunk_size or self.cache_capacity, self.cache_capacity)
         scheduler = Scheduler(plan.max_seqs, plan.token_budget, chunk, config.max_seq_len, config.eos_token_id)
-        self.loop = EngineLoop(self.step, scheduler, config.vocab_size, max_queued_requests)
+        self.loop = EngineLoop(self.step, scheduler, config.vocab_size, max_queued_requests,
+                               recover=self._recover_after_step, resume=on_shard_failure == "resume")
+
+    def _set_handles(self, handles: list) -> None:
+        n = len(self.plan.stages)
+        self.shards, self.stages, self.experts = handles, handles[:n], handles[n:]
+
+    # --- health and recovery ---------------------------------------------------------------------------
+
+    async def start(self) -> dict:
+        """Start the engine loop and the shard monitor (and, after a router restart, re-form the group)."""
+        if not self._started:
+            self._started = True
+            self._recovering = asyncio.Lock()
+            self._ready = asyncio.Event()
+            if self._recover_on_start:
+                await self.recover("router restarted", self.generation)
+            self._ready.set()
+            self.loop.start()
+            asyncio.get_running_loop().create_task(self._monitor())
+        return self.health
+
+    async def _monitor(self) -> None:
+        """Ray tells us an actor died when we call it; this calls every shard every few seconds, so a shard that
+        dies while the model is idle turns readiness false at once, not at the next request."""
+        while True:
+            await asyncio.sleep(self.monitor_interval_s)
+            if self._recovering.locked():
+                continue
+            generation = self.generation
+            alive = await asyncio.to_thread(self.supervisor.probe, self.shards)
+            if not all(alive):
+                down = [n for n, ok in zip(self.supervisor.names, alive) if not ok]
+                await self.recover(f"shard(s) {', '.join(down)} not answering", generation)
+
+    async def _recover_after_step(self, reason: str) -> None:
+        await self.recover(f"step failed: {reason}", self._step_generation)
+
+    async def recover(self, reason: str, seen_generation: int) -> None:
+        """Bring every shard back (restart the dead in their bundles, re-form the group); retries until it works."""
+        async with self._recovering:
+            if self.generation != seen_generation:
+                return  # someone already recovered from this failure
+            self._ready.clear()
+            self.health.update(healthy=False, reason=reason)
+            self.health["shard_failures"] += 1
+            t0 = time.monotonic()
+            delay = 1.0
+            while True:
+                try:
+                    handles, report = await asyncio.to_thread(self.supervisor.recover, self.shards)
+                    break
+                except Exception as e:  # noqa: BLE001 - stay unready, say why, try again
+                    self.health["reason"] = f"{reason}; recovering: {type(e).__name__}: {e}"
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+            self._set_handles(handles)
+            self.generation += 1
+            self.health.update(healthy=True, reason=None, last_recovery_seconds=round(time.monotonic() - t0, 3))
+            self.health["recoveries"] += 1
+            self.health["restarted"].append(report["restarted"])
+            self._ready.set()
 
     async def step(self, batch: StepBatch) -> torch.Tensor:
+        await self._ready.wait()
+        self._step_generation = self.generation
         t0 = time.perf_counter()
         microbatches = split_microbatches(batch, self.plan.micro_batch_size)
         later = [StepBatch(mb.slots, mb.starts, mb.lengths, None, mb.want_logits) for mb in microbatches]
@@ -61,12 +133,13 @@ class RouterActor:
         self.steps += 1
         return logits
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams):
+    async def stream(self, prompt_ids: list[int], params: SamplingParams, resume_ids: list[int] | None = None):
         """Ray streaming generator. First item: {"accepted": True} or {"rejected": status, "message": ...}, so the
         caller can answer 400/429 before it starts a response; then one `TokenEvent` per sampled token.
         Cancelling the generator frees the request's cache slot."""
+        await self.start()
         try:
-            request = self.loop.submit(prompt_ids, params)
+            request = self.loop.submit(prompt_ids, params, resume_ids)
         except QueueFullError as e:
             yield {"rejected": 429, "message": str(e), "retry_after": e.retry_after_s}
             return
@@ -82,6 +155,7 @@ class RouterActor:
 
     async def generate(self, prompts: list[list[int]], params: list[SamplingParams] | SamplingParams) -> list[Completion]:
         """Offline: every prompt through the same continuous-batching loop, results in prompt order."""
+        await self.start()
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
         results = await asyncio.gather(*(self.loop.generate(p, sp) for p, sp in zip(prompts, per_prompt)))
         out = []
@@ -94,8 +168,10 @@ class RouterActor:
         return out
 
     async def stats(self) -> dict:
+        await self.start()
         snap = self.loop.snapshot()
         snap["expert_load"] = self.expert_load.tolist()
+        snap.update(self.health)
         return snap
 
     async def take_latencies(self) -> tuple[list[float], list[float]]:

@@ -20,9 +20,11 @@ from typing import Any
 
 import ray
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
+from starlette.exceptions import HTTPException
 
+from cluster import openapi_schema
 from cluster.metrics import ServeMetrics
 from cluster.openai_api import (
     APIError,
@@ -41,12 +43,22 @@ from cluster.openai_api import (
 from router.sampling import SamplingParams
 
 log = logging.getLogger("mistral_cluster.serve")
-api = FastAPI(title="mistral-cluster", description="OpenAI-compatible completions over a sharded Mistral/Mixtral")
+# The document is served by a route of ours (`/openapi.json`), behind the API key like every route but health and
+# metrics; FastAPI's own /docs and /redoc are off (their pages could not send the key to fetch it).
+api = FastAPI(title="mistral-cluster", description="OpenAI-compatible completions over a sharded Mistral/Mixtral",
+              openapi_url=None, docs_url=None, redoc_url=None)
 PUBLIC_ROUTES = ("/health", "/metrics")
 
 
 def error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+@api.exception_handler(HTTPException)
+async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+    """Starlette's own errors (an unknown path, a wrong method) as OpenAI error bodies too."""
+    return error_response(APIError(e.status_code, str(e.detail), kind="invalid_request_error",
+                                   headers=dict(e.headers or {})))
 
 
 @serve.deployment(
@@ -62,8 +74,9 @@ class OpenAIIngress:
         self, placement: str, checkpoint: str | None = None, api_key: str | None = None,
         model_name: str | None = None, max_queued_requests: int = 256, max_body_bytes: int = 1 << 20,
         max_tokens_ceiling: int | None = None, max_prompt_tokens: int | None = None, max_n: int = 8,
-        request_timeout_s: float = 600.0,
+        request_timeout_s: float = 600.0, on_shard_failure: str = "resume", step_timeout_s: float = 60.0,
     ) -> None:
+        self.cluster_options = {"on_shard_failure": on_shard_failure, "step_timeout_s": step_timeout_s}
         self.placement, self.checkpoint = placement, checkpoint
         self.api_key = api_key or os.environ.get("MISTRAL_CLUSTER_API_KEY") or None
         self.max_body_bytes = max_body_bytes
@@ -77,6 +90,9 @@ class OpenAIIngress:
         self.limits: Limits | None = None
         self.startup_error: str | None = None
         self.metrics = ServeMetrics()
+        self.draining = False
+        self.in_flight = 0  # OpenAI requests between arrival and the end of their response or stream
+        self._admitted: dict[int, list] = {}  # id(streams) -> the router streams of each admitted request
         threading.Thread(target=self._start_cluster, name="start-cluster", daemon=True).start()
 
     # --- lifecycle -------------------------------------------------------------------------------------
@@ -86,7 +102,8 @@ class OpenAIIngress:
         from shards.tokenizer import Tokenizer
 
         try:
-            cluster = ShardedCluster.start(self.placement, self.checkpoint, max_queued_requests=self.max_queued_requests)
+            cluster = ShardedCluster.start(self.placement, self.checkpoint, max_queued_requests=self.max_queued_requests,
+                                           **self.cluster_options)
             self.tokenizer = Tokenizer(cluster.checkpoint_dir)
             self.model_name = self.model_name or Path(cluster.plan.checkpoint).name
             self.limits = Limits(max_seq_len=cluster.config.max_seq_len, **self._limits_args)
@@ -100,6 +117,21 @@ class OpenAIIngress:
         """Serve's replica health check: a failed start is unhealthy (loading is not)."""
         if self.startup_error:
             raise RuntimeError(self.startup_error)
+
+    async def drain(self, timeout_s: float = 30.0) -> dict[str, int]:
+        """Stop admitting requests and wait for those in flight; at `timeout_s` end the rest with a 503 (a stream
+        gets an error event, then [DONE]). Called through a handle before shutdown; returns what it found."""
+        self.draining = True
+        in_flight, deadline = self.in_flight, time.monotonic() + timeout_s
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        cut = self.in_flight
+        for streams in list(self._admitted.values()):
+            self._release(streams)
+        while self.in_flight and time.monotonic() < deadline + 5:  # the cut ones write their last bytes
+            await asyncio.sleep(0.05)
+        log.info("drained: %d requests in flight, %d cut at the %g s deadline", in_flight, cut, timeout_s)
+        return {"in_flight": in_flight, "cut": cut}
 
     def __del__(self) -> None:
         if self.cluster is not None:
@@ -118,6 +150,9 @@ class OpenAIIngress:
                            code="invalid_api_key", kind="authentication_error")
 
     def _ready(self) -> None:
+        if self.draining:
+            raise APIError(503, "the server is shutting down; retry later", code="server_shutting_down",
+                           kind="server_error", headers={"Retry-After": "5"})
         if self.startup_error:
             raise APIError(503, f"the model failed to start: {self.startup_error}", code="model_failed",
                            kind="server_error")
@@ -143,8 +178,10 @@ class OpenAIIngress:
 
     # --- routes ----------------------------------------------------------------------------------------
 
-    @api.get("/health")
+    @api.get("/health", openapi_extra=openapi_schema.HEALTH_OPERATION)
     async def health(self) -> Response:
+        if self.draining:
+            return JSONResponse({"status": "draining", "in_flight": self.in_flight}, status_code=503)
         if self.startup_error:
             return JSONResponse({"status": "failed", "error": self.startup_error}, status_code=503)
         if self.cluster is None:
@@ -153,10 +190,14 @@ class OpenAIIngress:
             stats = await asyncio.wait_for(self.cluster.router.stats.remote(), timeout=5)
         except Exception as e:  # noqa: BLE001 - any failure to answer is "not ready"
             return JSONResponse({"status": "unhealthy", "error": f"router: {type(e).__name__}: {e}"}, status_code=503)
+        if not stats.get("healthy", True):
+            return JSONResponse({"status": "recovering", "reason": stats.get("reason"),
+                                 "shard_failures": stats.get("shard_failures")}, status_code=503)
         return JSONResponse({"status": "ready", "model": self.model_name, "shards": len(self.cluster.plan.shard_names()),
-                             "running": stats["running"], "waiting": stats["waiting"]})
+                             "running": stats["running"], "waiting": stats["waiting"],
+                             "shard_failures": stats.get("shard_failures"), "recoveries": stats.get("recoveries")})
 
-    @api.get("/metrics")
+    @api.get("/metrics", response_class=PlainTextResponse, openapi_extra=openapi_schema.METRICS_OPERATION)
     async def metrics_route(self) -> Response:
         stats = None
         if self.cluster is not None:
@@ -167,7 +208,15 @@ class OpenAIIngress:
         body, content_type = self.metrics.render(stats, ready=self.cluster is not None and stats is not None)
         return Response(body, media_type=content_type)
 
-    @api.get("/v1/models")
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi_document(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+        except APIError as e:
+            return error_response(e)
+        return JSONResponse(openapi_schema.openapi_document(request.app.openapi()))
+
+    @api.get("/v1/models", openapi_extra=openapi_schema.MODELS_OPERATION)
     async def models(self, request: Request) -> Response:
         try:
             self._authorize(request)
@@ -179,15 +228,26 @@ class OpenAIIngress:
              "max_model_len": self.limits.max_seq_len}
         ]})
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", openapi_extra=openapi_schema.COMPLETIONS_OPERATION)
     async def completions(self, request: Request) -> Response:
         return await self._openai(request, "completion")
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", openapi_extra=openapi_schema.CHAT_COMPLETIONS_OPERATION)
     async def chat_completions(self, request: Request) -> Response:
         return await self._openai(request, "chat")
 
     async def _openai(self, request: Request, kind: str) -> Response:
+        """One OpenAI request, counted in flight (for `drain`) until its response, or its stream, has ended."""
+        self.in_flight += 1
+        response = None
+        try:
+            response = await self._answer(request, kind)
+        finally:
+            if not isinstance(response, StreamingResponse):  # a stream counts itself out when it ends (`_sse`)
+                self.in_flight -= 1
+        return response
+
+    async def _answer(self, request: Request, kind: str) -> Response:
         try:
             self._authorize(request)
             self._ready()
@@ -204,7 +264,7 @@ class OpenAIIngress:
                                      headers={"Cache-Control": "no-cache"})
         try:
             await asyncio.wait_for(
-                asyncio.gather(*(self._drain(c, s, req) for c, s in zip(choices, streams))),
+                asyncio.gather(*(self._collect(c, streams) for c in choices)),
                 timeout=self.request_timeout_s,
             )
         except APIError as e:
@@ -213,8 +273,7 @@ class OpenAIIngress:
             return error_response(APIError(503, f"the request did not finish within {self.request_timeout_s:g} s",
                                            code="timeout", kind="server_error"))
         finally:
-            for s in streams:
-                ray.cancel(s)
+            self._release(streams)
         return JSONResponse(final_response(req, self.model_name, choices, self.tokenizer))
 
     async def _start_choices(self, req: ParsedRequest) -> tuple[list[ChoiceState], list]:
@@ -223,7 +282,8 @@ class OpenAIIngress:
         for i, prompt_ids in enumerate(req.prompts):
             for j in range(req.n):
                 params = req.params_for(prompt_ids, j, self.limits.max_seq_len)
-                choices.append(ChoiceState(i * req.n + j, prompt_ids, TextAssembler(self.tokenizer, params.stop)))
+                choices.append(ChoiceState(i * req.n + j, prompt_ids, TextAssembler(self.tokenizer, params.stop),
+                                           params, stream_index=len(streams)))
                 streams.append(self.cluster.router.stream.options(num_returns="streaming").remote(prompt_ids, params))
         try:
             for s in streams:
@@ -235,18 +295,57 @@ class OpenAIIngress:
                                    kind="rate_limit_error" if status == 429 else "invalid_request_error",
                                    headers=headers)
         except BaseException:
-            for s in streams:
-                ray.cancel(s)
+            self._release(streams)
             raise
+        self._admitted[id(streams)] = streams
         self.metrics.started(req)
         return choices, streams
 
-    async def _next_events(self, choice: ChoiceState, stream):
+    def _release(self, streams: list) -> None:
+        """Stop generating (a no-op for finished streams), which frees the cache slots."""
+        self._admitted.pop(id(streams), None)
+        for s in streams:
+            ray.cancel(s)
+
+    async def _router_events(self, choice: ChoiceState, streams: list):
+        """The choice's token events. If the router dies, start a new one and resume the choice from the tokens
+        it already has: the stream sees a pause, then the tokens it would have got anyway."""
+        router = self.cluster.router
+        while True:
+            try:
+                async for ref in streams[choice.stream_index]:
+                    yield await ref
+                return
+            except ray.exceptions.RayActorError:
+                if self.draining:
+                    raise
+                log.warning("router died; restarting it and resuming choice %d after %d tokens",
+                            choice.index, len(choice.token_ids))
+                await asyncio.to_thread(self.cluster.restart_router, router)
+                router = self.cluster.router
+                stream = router.stream.options(num_returns="streaming").remote(
+                    choice.prompt_ids, choice.params, resume_ids=list(choice.token_ids))
+                streams[choice.stream_index] = stream
+                first = await (await stream.__anext__())
+                if "rejected" in first:
+                    raise APIError(503, f"could not resume after a router restart: {first['message']}",
+                                   code="engine_failure", kind="server_error") from None
+
+    async def _next_events(self, choice: ChoiceState, streams: list):
         """Events of one choice until it finishes; applies stop strings (ending the stream early)."""
         started = time.monotonic()
         first_at = None
-        async for ref in stream:
-            event = await ref
+        events = self._router_events(choice, streams)
+        while True:
+            try:
+                event = await events.__anext__()
+            except StopAsyncIteration:
+                return
+            except ray.exceptions.TaskCancelledError:
+                if not self.draining:
+                    raise
+                raise APIError(503, "the server shut down before the request finished", code="server_shutting_down",
+                               kind="server_error") from None
             if event.error:
                 raise APIError(503, f"generation failed: {event.error}", code="engine_failure", kind="server_error")
             if first_at is None:
@@ -265,18 +364,18 @@ class OpenAIIngress:
                 self.metrics.finished(len(choice.token_ids), time.monotonic() - first_at)
                 return
 
-    async def _drain(self, choice: ChoiceState, stream, req: ParsedRequest) -> None:
-        async for _ in self._next_events(choice, stream):
+    async def _collect(self, choice: ChoiceState, streams: list) -> None:
+        async for _ in self._next_events(choice, streams):
             pass
 
     async def _sse(self, req: ParsedRequest, choices: list[ChoiceState], streams: list):
         """Server-sent events as OpenAI clients expect: chunks, an optional usage chunk, then [DONE]."""
         queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(choice: ChoiceState, stream) -> None:
+        async def pump(choice: ChoiceState) -> None:
             try:
                 first = True
-                async for text, finish in self._next_events(choice, stream):
+                async for text, finish in self._next_events(choice, streams):
                     n_new = 1
                     ids = choice.token_ids[-n_new:]
                     await queue.put(stream_chunk(req, self.model_name, choice, text, ids, finish, self.tokenizer, first))
@@ -286,7 +385,7 @@ class OpenAIIngress:
             finally:
                 await queue.put(None)
 
-        tasks = [asyncio.create_task(pump(c, s)) for c, s in zip(choices, streams)]
+        tasks = [asyncio.create_task(pump(c)) for c in choices]
         remaining = len(tasks)
         deadline = time.monotonic() + self.request_timeout_s
         try:
@@ -311,8 +410,8 @@ class OpenAIIngress:
         finally:  # also when the client went away: stop generating, free the cache slots
             for t in tasks:
                 t.cancel()
-            for s in streams:
-                ray.cancel(s)
+            self._release(streams)
+            self.in_flight -= 1
 
     # --- gRPC (through Serve's gRPC proxy; methods named as in cluster/proto/generation.proto) ---------
 
@@ -346,15 +445,16 @@ class OpenAIIngress:
             grpc_context.set_code(code)
             grpc_context.set_details(e.message)
             return
-        choice = ChoiceState(0, ids, TextAssembler(self.tokenizer, params.stop))
+        choice = ChoiceState(0, ids, TextAssembler(self.tokenizer, params.stop), params)
+        streams = [stream]
         try:
-            async for text, finish in self._next_events(choice, stream):
+            async for text, finish in self._next_events(choice, streams):
                 yield text, choice.token_ids[-1], finish
         except APIError as e:
             grpc_context.set_code(grpc.StatusCode.UNAVAILABLE)
             grpc_context.set_details(e.message)
         finally:
-            ray.cancel(stream)
+            ray.cancel(streams[0])
 
     async def Generate(self, request, grpc_context):
         from cluster.proto.generation_pb2 import GenerateResponse
@@ -377,7 +477,8 @@ class OpenAIIngress:
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Serve's application builder: `args` are the Serve config's `args` (placement, checkpoint, api_key, ...)."""
     known = {"placement", "checkpoint", "api_key", "model_name", "max_queued_requests", "max_body_bytes",
-             "max_tokens_ceiling", "max_prompt_tokens", "max_n", "request_timeout_s"}
+             "max_tokens_ceiling", "max_prompt_tokens", "max_n", "request_timeout_s", "on_shard_failure",
+             "step_timeout_s"}
     unknown = set(args) - known
     if unknown:
         raise ValueError(f"unknown application args {sorted(unknown)}; known: {sorted(known)}")

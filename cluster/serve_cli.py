@@ -1,10 +1,18 @@
-"""`mistral-cluster serve`: start Ray (or join one), start the Serve application, and block serving it."""
+"""`mistral-cluster serve`: start Ray (or join one), start the Serve application, and block serving it.
+
+SIGTERM (what Kubernetes and systemd send) drains: new requests get 503, those in flight finish or are ended
+cleanly at `--drain-timeout`, then Serve and Ray shut down and the command exits 0. Ctrl-C stops at once.
+"""
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
+
+APP_NAME = "mistral-cluster"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,6 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--grpc-port", type=int, default=9000, help="0 turns gRPC off")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health and /metrics")
     p.add_argument("--max-queued-requests", type=int, default=256)
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds to let requests in flight finish before ending them (default 30)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -44,15 +54,30 @@ def start_serve(app_args: dict, host: str, port: int, grpc_port: int, blocking: 
 
     grpc_options = {"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]} if grpc_port else None
     serve.start(http_options={"host": host, "port": port}, grpc_options=grpc_options)
-    serve.run(build_app(app_args), name="mistral-cluster", route_prefix="/", blocking=blocking)
+    serve.run(build_app(app_args), name=APP_NAME, route_prefix="/", blocking=blocking)
+
+
+def drain_and_shutdown(timeout_s: float) -> None:
+    """Refuse new requests, let those in flight finish (up to `timeout_s`), then shut Serve down."""
+    from ray import serve
+
+    print(f"draining: new requests get 503; up to {timeout_s:g} s for those in flight", file=sys.stderr)
+    try:
+        found = serve.get_app_handle(APP_NAME).drain.remote(timeout_s).result(timeout_s=timeout_s + 15)
+        print(f"drained: {found['in_flight']} in flight, {found['cut']} ended at the deadline", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - a failed drain must not stop the shutdown
+        print(f"drain failed ({type(e).__name__}: {e}); shutting down anyway", file=sys.stderr)
+    serve.shutdown()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from cluster.cli import DEFAULT_CHECKPOINT, ensure_default_checkpoint
+    from cluster.cli import DEFAULT_CHECKPOINT, UsageError, ensure_default_checkpoint
     from cluster.placement import load_placement, validate_against_model
     from cluster.reservation import ray_session
     from shards.config import load_config
 
+    if args.drain_timeout < 0:
+        raise UsageError(f"--drain-timeout must be 0 or more seconds, got {args.drain_timeout:g}")
     plan = load_placement(args.config, checkpoint_override=args.checkpoint)
     if Path(plan.checkpoint) == DEFAULT_CHECKPOINT:
         ensure_default_checkpoint()
@@ -61,11 +86,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app_args["checkpoint"] = str(Path(plan.checkpoint).resolve())
     if args.api_key:
         app_args["api_key"] = args.api_key
+    terminated = threading.Event()
     with ray_session(plan, args.address):
+        # after ray.init, which installs a SIGTERM handler of its own that dumps the stack and exits
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: terminated.set())
         print(f"serving {plan.checkpoint} on http://{args.host}:{args.port}/v1 (gRPC :{args.grpc_port}); "
-              f"health: /health, metrics: /metrics; Ctrl-C stops", file=sys.stderr)
+              f"health: /health, metrics: /metrics; Ctrl-C stops, SIGTERM drains", file=sys.stderr)
         try:
-            start_serve(app_args, args.host, args.port, args.grpc_port, blocking=True)
+            start_serve(app_args, args.host, args.port, args.grpc_port, blocking=False)
+            while not terminated.wait(1):
+                pass
+            drain_and_shutdown(args.drain_timeout)
         except KeyboardInterrupt:
             pass
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     return 0

@@ -67,6 +67,14 @@ class ShardActor:
         self.transport.warm_up(self.peers())
         return self.transport.backend
 
+    def reset_transport(self) -> None:
+        """Leave the transport group (a peer died): the supervisor forms a new one with the live and new shards."""
+        if self.transport is not None:
+            try:
+                self.transport.close()
+            finally:
+                self.transport = None
+
     def peers(self) -> list[int]:
         """Ranks this shard exchanges activations with."""
         return []

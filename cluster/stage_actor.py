@@ -117,7 +117,10 @@ class StageActor(ShardActor):
         return combine(partials, x)
 
     def stop_experts(self) -> None:
-        """Tell every expert group this stage sends nothing more, so their serving threads end."""
+        """Tell every expert group this stage sends nothing more, so their serving threads end (dead ones skipped)."""
         if self.transport is not None:
             for g in range(self.n_groups):
-                self.transport.send_header([-1, 0, 0, 0], self.n_stages + g)
+                try:
+                    self.transport.send_header([-1, 0, 0, 0], self.n_stages + g)
+                except Exception:  # noqa: BLE001 - that group is gone; the supervisor restarts it
+                    pass

@@ -64,8 +64,14 @@ class LoopStats:
 class EngineLoop:
     def __init__(
         self, step: StepFn, scheduler: Scheduler, vocab_size: int, max_queued_requests: int = 256,
+        recover: Callable[[str], Awaitable[None]] | None = None, resume: bool = True,
     ) -> None:
+        """`recover(reason)` brings the shards back after a failed step (None: every request of the step fails).
+        With `resume`, requests in flight continue after recovery, their caches rebuilt; otherwise they end with
+        an error and only queued requests go on."""
         self._step = step
+        self._recover = recover
+        self.resume = resume
         self.scheduler = scheduler
         self.vocab_size = vocab_size
         self.max_queued_requests = max_queued_requests
@@ -78,8 +84,11 @@ class EngineLoop:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> _Request:
-        """Validate and queue a request; raises RequestError (bad input) or QueueFullError (try later)."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, resume_ids: list[int] | None = None) -> _Request:
+        """Validate and queue a request; raises RequestError (bad input) or QueueFullError (try later).
+
+        `resume_ids`: tokens this request already emitted elsewhere (a router that died); it goes on after them.
+        """
         check_prompt(prompt_ids, params, self.scheduler.max_seq_len, self.vocab_size)
         queued = len(self.scheduler.waiting) - len(self.scheduler.slots.free)  # those a free slot awaits don't count
         if queued >= self.max_queued_requests:
@@ -87,7 +96,7 @@ class EngineLoop:
                 f"{queued} requests are already waiting for a cache slot (limit {self.max_queued_requests}); retry later"
             )
         self.start()
-        seq = self.scheduler.add(prompt_ids, params)
+        seq = self.scheduler.add(prompt_ids, params, resume_ids)
         request = _Request(seq)
         self.requests[seq.seq_id] = request
         self.stats.tokens_in += len(prompt_ids)
@@ -134,7 +143,7 @@ class EngineLoop:
                 logits = await self._step(step.batch)
             except Exception as e:  # noqa: BLE001 - every request of the step must hear about it, none may hang
                 self.stats.failed_steps += 1
-                self._fail_all(f"{type(e).__name__}: {e}")
+                await self._after_failure(f"{type(e).__name__}: {e}")
                 continue
             self.stats.steps += 1
             self.stats.step_seconds += time.perf_counter() - t0
@@ -154,9 +163,24 @@ class EngineLoop:
                         self.stats.tpot.append((now - request.first_token) / (len(seq.output_ids) - 1))
                 request.queue.put_nowait(event)
 
-    def _fail_all(self, message: str) -> None:
+    async def _after_failure(self, message: str) -> None:
+        if self._recover is None:
+            self._fail(message, running_only=False)
+            return
+        if not self.resume:
+            self._fail(message, running_only=True)
+        try:
+            await self._recover(message)
+        except Exception as e:  # noqa: BLE001 - recovery retries itself; a failure here must not stop the loop
+            self._fail(f"{message}; recovery failed: {type(e).__name__}: {e}", running_only=False)
+        self.scheduler.forget_caches()
+
+    def _fail(self, message: str, running_only: bool) -> None:
+        running = {id(s) for s in self.scheduler.running}
         for request in list(self.requests.values()):
             seq = request.seq
+            if running_only and id(seq) not in running:
+                continue  # not started: it simply runs after recovery
             if not seq.finished:
                 self.scheduler.finish(seq, "error")
             request.queue.put_nowait(TokenEvent(-1, 0.0, None, None, error=message))

@@ -38,25 +38,35 @@ class SamplingParams:
         return self
 
 
+def draw_seed(seed: int, index: int) -> int:
+    """The seed of output token `index` of a request seeded with `seed`."""
+    return (seed * 1_000_003 + index * 7_919 + 12_345) % (2**63)
+
+
 @dataclass
 class Sampler:
-    """One per request: its own random generator, so its tokens do not depend on what it was batched with."""
+    """One per request. Token i is drawn with a generator seeded from (seed, i): a request's tokens do not depend on
+    what it was batched with, and a request replayed from its prompt and emitted tokens (after a shard or router
+    restart) draws exactly what it would have drawn. There is no hidden state to carry across a crash."""
 
     params: SamplingParams
+    seed: int = field(init=False)
     generator: torch.Generator = field(init=False)
 
     def __post_init__(self) -> None:
+        self.seed = self.params.seed if self.params.seed is not None else random.SystemRandom().randrange(2**63)
         self.generator = torch.Generator()
-        seed = self.params.seed if self.params.seed is not None else random.SystemRandom().randrange(2**63)
-        self.generator.manual_seed(seed % (2**63))
 
-    def sample(self, logits: torch.Tensor) -> tuple[int, float, list[tuple[int, float]] | None]:
+    def sample(self, logits: torch.Tensor, index: int = 0) -> tuple[int, float, list[tuple[int, float]] | None]:
         """logits: (vocab,) float32 -> (token id, its log-probability under the model, the top alternatives).
 
-        The alternatives (`params.logprobs` of them) are only computed when asked for.
+        `index` is the position of this token in the request's output. The alternatives (`params.logprobs` of
+        them) are only computed when asked for.
         """
         logprobs = torch.log_softmax(logits, dim=-1)
         p = self.params
+        if p.temperature:
+            self.generator.manual_seed(draw_seed(self.seed, index))
         token = self._choose(logits)
         top = None
         if p.logprobs:
@@ -80,9 +90,3 @@ class Sampler:
         probs = torch.softmax(scaled, dim=-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
-    def state(self) -> torch.Tensor:
-        """The generator's state, kept so a replayed request draws the same numbers again."""
-        return self.generator.get_state()
-
-    def restore(self, state: torch.Tensor) -> None:
-        self.generator.set_state(state)

@@ -85,10 +85,20 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._ids = itertools.count()
 
-    def add(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+    def add(self, prompt_ids: list[int], params: SamplingParams, output_ids: list[int] | None = None) -> Sequence:
+        """Queue a request; `output_ids` resumes one that already emitted those tokens (its cache is rebuilt by
+        prefilling prompt + output, then it goes on from the next token)."""
         seq = Sequence(next(self._ids), list(prompt_ids), params)
+        seq.output_ids = list(output_ids or [])
+        seq.output_logprobs = [0.0] * len(seq.output_ids)
+        seq.output_top_logprobs = [None] * len(seq.output_ids)
         self.waiting.append(seq)
         return seq
+
+    def forget_caches(self) -> None:
+        """The shards lost their KV caches: every running sequence prefills prompt + output again, keeping its slot."""
+        for seq in self.running:
+            seq.cached = 0
 
     @property
     def slots_in_use(self) -> int:
@@ -139,7 +149,7 @@ class Scheduler:
             row += 1
             if seq.finished:  # ended from outside while the step ran (client gone, stop string)
                 continue
-            token, logprob, top = seq.sampler.sample(logits[row - 1])
+            token, logprob, top = seq.sampler.sample(logits[row - 1], index=len(seq.output_ids))
             seq.output_ids.append(token)
             seq.output_logprobs.append(logprob)
             seq.output_top_logprobs.append(top)
