@@ -8,6 +8,7 @@ The schema is documented key by key in deploy/examples/PLACEMENT.md.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,6 +29,7 @@ STAGE_KEYS = ("layers", "resources")
 EXPERT_GROUP_KEYS = ("experts", "layers", "resources")
 DEFAULT_RESOURCES = {"CPU": 1.0}
 DEFAULT_CHUNK = 512  # the prefill chunk when the file gives none, capped by the model's window
+MAX_IDS = 1 << 16  # more layers, experts, stages or groups than any model has: a typo, refused before it fills memory
 
 
 class PlacementError(ConfigError):
@@ -156,6 +158,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:  # a list or mapping as a key: SafeLoader's own check names it
+                break
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark
@@ -187,6 +193,12 @@ class _Checker:
             raise self.fail(path, f"expected a positive integer, got {value!r}")
         return value
 
+    def count(self, value: int, path: str, what: str) -> int:
+        self.positive_int(value, path)
+        if value > MAX_IDS:
+            raise self.fail(path, f"{value} {what} is more than {MAX_IDS}")
+        return value
+
     def choice(self, value: Any, path: str, choices: tuple[str, ...]) -> str:
         if value not in choices:
             raise self.fail(path, f"expected one of {', '.join(choices)}, got {value!r}")
@@ -203,6 +215,8 @@ class _Checker:
             lo, hi = int(m[1]), int(m[2] if m[2] is not None else m[1])
             if hi < lo:
                 raise self.fail(path, f"range {value!r} ends before it starts")
+            if hi >= MAX_IDS:
+                raise self.fail(path, f"range {value!r} goes past {what} {MAX_IDS - 1}")
             return tuple(range(lo, hi + 1))
         if not isinstance(value, list) or not value:
             raise self.fail(path, f"expected a non-empty list of {what} ids or a range 'a-b', got {value!r}")
@@ -221,7 +235,7 @@ class _Checker:
         for name, amount in value.items():
             if not isinstance(name, str) or not name:
                 raise self.fail(path, f"resource names are strings, got {name!r}")
-            if not isinstance(amount, (int, float)) or isinstance(amount, bool) or not amount >= 0:
+            if not isinstance(amount, (int, float)) or isinstance(amount, bool) or not 0 <= amount < math.inf:
                 raise self.fail(f"{path}.{name}", f"expected a non-negative number, got {amount!r}")
             out[name] = float(amount)
         if not any(out.values()):
@@ -234,9 +248,11 @@ def load_placement(path: str | Path, checkpoint_override: str | Path | None = No
     source = str(path)
     check = _Checker(source)
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise PlacementError(f"{source}: cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise PlacementError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
@@ -244,6 +260,10 @@ def load_placement(path: str | Path, checkpoint_override: str | Path | None = No
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise PlacementError(f"{source}: not valid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise PlacementError(f"{source}: not valid YAML: nested too deeply") from None
+    except ValueError as e:  # a scalar PyYAML cannot convert, e.g. an integer of over 4300 digits
+        raise PlacementError(f"{source}: not valid YAML: {e}") from None
     if data is None:
         raise PlacementError(f"{source}: the file is empty; it needs at least 'checkpoint' and 'stages'")
     data = check.mapping(data, "", TOP_KEYS)
@@ -282,7 +302,7 @@ def load_placement(path: str | Path, checkpoint_override: str | Path | None = No
 
 def _parse_stages(check: _Checker, value: Any, default_resources: dict[str, float]) -> tuple[StageSpec, ...]:
     if isinstance(value, int) and not isinstance(value, bool):
-        check.positive_int(value, "stages")
+        check.count(value, "stages", "stages")
         return tuple(StageSpec(i, None, default_resources) for i in range(value))
     if not isinstance(value, list) or not value:
         raise check.fail("stages", f"expected a positive number of stages or a non-empty list of stages, got {value!r}")
@@ -311,7 +331,7 @@ def _parse_expert_groups(check: _Checker, value: Any, default_resources: dict[st
     if value is None:
         return ()
     if isinstance(value, int) and not isinstance(value, bool):
-        check.positive_int(value, "expert_groups")
+        check.count(value, "expert_groups", "groups")
         return tuple(ExpertGroupSpec(g, None, None, default_resources) for g in range(value))
     if not isinstance(value, list) or not value:
         raise check.fail("expert_groups", f"expected a positive number of groups or a non-empty list, got {value!r}")

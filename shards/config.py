@@ -140,11 +140,15 @@ def preset(name: str) -> ModelConfig:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # bad syntax, or an integer of over 4300 digits
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object at the top level")
     return data
@@ -161,6 +165,8 @@ def _field(data: dict[str, Any], key: str, path: Path, kind: type | tuple[type, 
     ok = isinstance(value, kind) and not isinstance(value, bool)
     if kind is float or kind == (int, float):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and isinstance(value, int) and not -1e308 < value < 1e308:
+            raise ConfigError(f"{path}: field '{key}' is out of range: {value!r}")
     if not ok:
         raise ConfigError(f"{path}: field '{key}' has the wrong type: {value!r}")
     return value

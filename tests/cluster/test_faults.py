@@ -1,0 +1,253 @@
+"""Fault injection on a multi-node Ray cluster, through the Serve endpoint: while 8 greedy streams run, an expert
+actor, a stage actor (SIGKILL of its process), the router and a whole node die in turn. Readiness goes false then
+true, and every stream ends with exactly the tokens it would have got without the crash (`resume`), or with a
+clear error event then [DONE] (`fail`). Recovery times go to bench/results/faults-*.json when
+MISTRAL_CLUSTER_FAULTS_OUT names a file (bench/faults.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import ray
+import yaml
+from ray import serve
+from ray.cluster_utils import Cluster
+
+from cluster.serve import OpenAIIngress
+from cluster.serve_cli import wait_until_healthy
+from cluster.transport import free_port
+from router.generation import generate
+from router.sampling import SamplingParams
+from shards.engine import LocalEngine
+from tests.conftest import random_prompts
+
+WINDOW = 16
+NEW_TOKENS = 24
+RESULTS: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"ingress_node": 1},
+                                                             "include_dashboard": False})
+    stage_node = cluster.add_node(num_cpus=2, resources={"stage_node": 2})
+    expert_node = cluster.add_node(num_cpus=2, resources={"expert_node": 2})
+    spare_expert_node = cluster.add_node(num_cpus=2, resources={"expert_node": 2})
+    ray.init(address=cluster.address)
+    port = free_port()  # Serve's HTTP proxy starts once; every app of this module is served on this port
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+    yield {"cluster": cluster, "stage": stage_node, "expert": expert_node, "spare": spare_expert_node, "port": port}
+    serve.shutdown()
+    out = os.environ.get("MISTRAL_CLUSTER_FAULTS_OUT")
+    if out and RESULTS:
+        import platform
+
+        Path(out).write_text(json.dumps({"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                                      "ray": ray.__version__}, "faults": RESULTS}, indent=2) + "\n")
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(checkpoint_factory):
+    return checkpoint_factory("mixtral", seed=91, window=WINDOW)
+
+
+@pytest.fixture(scope="module")
+def prompts_and_expected(checkpoint):
+    prompts = random_prompts([5, 9, WINDOW, 20, 3 * WINDOW, 7, 2 * WINDOW + 3, 12], seed=92)
+    expected = generate(LocalEngine(checkpoint, max_seqs=8), prompts, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
+    return prompts, [e.token_ids for e in expected]
+
+
+def start_server(nodes, checkpoint, tmp_path: Path, on_shard_failure: str, name: str) -> str:
+    placement = {
+        "checkpoint": str(checkpoint), "dtype": "float32", "strategy": "spread",
+        "stages": [{"layers": [0, 1], "resources": {"CPU": 0.25, "stage_node": 0.5}},
+                   {"layers": [2, 3], "resources": {"CPU": 0.25, "stage_node": 0.5}}],
+        "expert_groups": [{"experts": [0, 1], "resources": {"CPU": 0.25, "expert_node": 1}},
+                          {"experts": [2, 3], "resources": {"CPU": 0.25, "expert_node": 1}}],
+        "micro_batch_size": 4, "token_budget": 256, "max_seqs": 8,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(placement))
+    port = nodes["port"]
+    ingress = OpenAIIngress.options(ray_actor_options={"num_cpus": 0, "resources": {"ingress_node": 0.01}})
+    serve.run(ingress.bind(placement=str(path), on_shard_failure=on_shard_failure, step_timeout_s=20.0,
+                           request_timeout_s=120.0), name=name, route_prefix="/", blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    assert wait_until_healthy(base, 240), "server did not become ready"
+    return base
+
+
+def stream_tokens(base: str, prompt: list[int], first_token: threading.Event) -> dict:
+    """One greedy streaming request; returns its token ids, error events and whether [DONE] came."""
+    body = {"prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True, "ignore_eos": True,
+            "return_token_ids": True}
+    out = {"tokens": [], "errors": [], "done": False}
+    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=180) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line == "data: [DONE]":
+                out["done"] = True
+            elif line.startswith("data: "):
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    out["errors"].append(chunk["error"])
+                for c in chunk.get("choices", []):
+                    out["tokens"].extend(c.get("token_ids", []))
+                    first_token.set()
+    return out
+
+
+class HealthWatch:
+    """Polls /health in the background: did readiness go false, when did it come back."""
+
+    def __init__(self, base: str) -> None:
+        self.base, self.samples, self._stop = base, [], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                code = httpx.get(self.base + "/health", timeout=5).status_code
+            except httpx.HTTPError:
+                code = 0
+            self.samples.append((time.monotonic(), code))
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join()
+
+    def went_unready_then_ready(self, since: float) -> float | None:
+        """Seconds from `since` to readiness again, if readiness was lost after `since`."""
+        after = [(t, c) for t, c in self.samples if t >= since]
+        lost = next((t for t, c in after if c != 200), None)
+        if lost is None:
+            return None
+        back = next((t for t, c in after if t > lost and c == 200), None)
+        return None if back is None else back - since
+
+
+def run_with_fault(base: str, prompts, inject) -> tuple[list[dict], float | None]:
+    watch = HealthWatch(base)
+    started = [threading.Event() for _ in prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        futures = [pool.submit(stream_tokens, base, p, e) for p, e in zip(prompts, started)]
+        for e in started:
+            assert e.wait(120), "a stream produced no token before the fault"
+        t_fault = time.monotonic()
+        inject()
+        results = [f.result(timeout=240) for f in futures]
+    deadline = time.monotonic() + 60
+    while watch.went_unready_then_ready(t_fault) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    watch.stop()
+    return results, watch.went_unready_then_ready(t_fault)
+
+
+@pytest.fixture(scope="module")
+def resume_server(nodes, checkpoint, tmp_path_factory):
+    base = start_server(nodes, checkpoint, tmp_path_factory.mktemp("faults"), "resume", "faults-resume")
+    yield base
+    serve.delete("faults-resume")
+
+
+def shard_actor(name: str):
+    prefix = next(a["Name"] for a in ray._private.state.actors().values()
+                  if a["State"] == "ALIVE" and a.get("Name", "").endswith("-" + name))
+    return ray.get_actor(prefix), prefix
+
+
+def shard_pid(name: str) -> int:
+    return next(a["Pid"] for a in ray._private.state.actors().values()
+                if a["State"] == "ALIVE" and a.get("Name", "").endswith("-" + name))
+
+
+def router_actor():
+    return next(a for a in ray._private.state.actors().values()
+                if a["State"] == "ALIVE" and a["ActorClassName"].endswith("RouterActor"))
+
+
+def check_resumed(name: str, results, expected, recovery: float | None) -> None:
+    RESULTS[name] = {"recovery_seconds": None if recovery is None else round(recovery, 2),
+                     "requests": len(results), "identical": [r["tokens"] == e for r, e in zip(results, expected)]}
+    for r, e in zip(results, expected):
+        assert r["done"] and not r["errors"], r["errors"]
+        assert r["tokens"] == e
+    assert recovery is not None, "readiness never went false and back to true"
+
+
+def next_requests_are_exact(base: str, prompts, expected) -> None:
+    for p, e in list(zip(prompts, expected))[:2]:
+        r = httpx.post(base + "/v1/completions", timeout=120, json={
+            "prompt": p, "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True, "return_token_ids": True})
+        assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == e
+
+
+def test_killing_an_expert_actor_loses_no_request(resume_server, prompts_and_expected):
+    prompts, expected = prompts_and_expected
+    actor, _ = shard_actor("experts0")
+    results, recovery = run_with_fault(resume_server, prompts, lambda: ray.kill(actor, no_restart=True))
+    check_resumed("ray.kill expert group", results, expected, recovery)
+    next_requests_are_exact(resume_server, prompts, expected)
+
+
+def test_sigkill_of_a_stage_worker_loses_no_request(resume_server, prompts_and_expected):
+    prompts, expected = prompts_and_expected
+    pid = shard_pid("stage1")
+    results, recovery = run_with_fault(resume_server, prompts, lambda: os.kill(pid, signal.SIGKILL))
+    check_resumed("SIGKILL stage worker", results, expected, recovery)
+    next_requests_are_exact(resume_server, prompts, expected)
+
+
+def test_killing_the_router_loses_no_request(resume_server, prompts_and_expected):
+    prompts, expected = prompts_and_expected
+    router = ray.get_actor(router_actor()["Name"]) if router_actor().get("Name") else None
+    pid = router_actor()["Pid"]
+    results, recovery = run_with_fault(
+        resume_server, prompts, (lambda: ray.kill(router, no_restart=True)) if router else (lambda: os.kill(pid, signal.SIGKILL)))
+    check_resumed("router killed", results, expected, recovery)
+    next_requests_are_exact(resume_server, prompts, expected)
+
+
+def test_losing_the_expert_node_moves_its_shards_to_a_node_with_the_resource(resume_server, nodes, prompts_and_expected):
+    prompts, expected = prompts_and_expected
+    results, recovery = run_with_fault(resume_server, prompts, lambda: nodes["cluster"].remove_node(nodes["expert"]))
+    check_resumed("expert node removed", results, expected, recovery)
+    spare = nodes["spare"].node_id
+    for name in ("experts0", "experts1"):
+        actor_node = next(a["Address"]["NodeID"] for a in ray._private.state.actors().values()
+                          if a["State"] == "ALIVE" and a.get("Name", "").endswith("-" + name))
+        assert actor_node == spare
+    next_requests_are_exact(resume_server, prompts, expected)
+
+
+def test_fail_mode_ends_in_flight_streams_with_an_error_then_done(nodes, checkpoint, prompts_and_expected,
+                                                                  tmp_path_factory, resume_server):
+    serve.delete("faults-resume")  # one model at a time on these 2-core machines
+    base = start_server(nodes, checkpoint, tmp_path_factory.mktemp("fail"), "fail", "faults-fail")
+    prompts, expected = prompts_and_expected
+    actor, _ = shard_actor("experts1")
+    t0 = time.monotonic()
+    results, recovery = run_with_fault(base, prompts, lambda: ray.kill(actor, no_restart=True))
+    RESULTS["fail mode: ray.kill expert group"] = {
+        "recovery_seconds": None if recovery is None else round(recovery, 2),
+        "errored": sum(bool(r["errors"]) for r in results), "requests": len(results)}
+    assert all(r["done"] for r in results)  # every stream ends with [DONE] ...
+    for r, e in zip(results, expected):  # ... either complete and exact, or with a clear error event
+        assert r["tokens"] == e or (r["errors"] and r["errors"][0]["code"] == "engine_failure")
+    assert any(r["errors"] for r in results)
+    assert time.monotonic() - t0 < 150
+    next_requests_are_exact(base, prompts, expected)
+    serve.delete("faults-fail")

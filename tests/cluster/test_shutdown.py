@@ -1,0 +1,102 @@
+"""`mistral-cluster serve` on SIGTERM: new requests get 503, the stream in flight ends with [DONE] (finished, or an
+error event at the drain deadline), then Serve and Ray shut down and the command exits 0 in time."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import yaml
+
+from cluster.cli import main
+from cluster.serve_cli import wait_until_healthy
+from cluster.transport import free_port
+
+DRAIN_S = 5
+
+
+@pytest.fixture
+def placement(tmp_path):
+    checkpoint = tmp_path / "checkpoint"
+    assert main(["make-checkpoint", str(checkpoint), "--arch", "mixtral", "--window", "16", "--seed", "7"]) == 0
+    path = tmp_path / "placement.yaml"
+    path.write_text(yaml.safe_dump({"checkpoint": str(checkpoint), "dtype": "float32", "stages": 2,
+                                    "expert_groups": 2, "resources": {"CPU": 0.5}, "max_seqs": 4}))
+    return path
+
+
+@pytest.fixture
+def server(placement, tmp_path):
+    """A `mistral-cluster serve` subprocess on free ports; killed (with its Ray) if the test leaves it running."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with open(tmp_path / "serve.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cluster.cli", "serve", "--config", str(placement), "--port", str(port),
+             "--grpc-port", "0", "--drain-timeout", str(DRAIN_S)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+    try:
+        yield proc, f"http://127.0.0.1:{port}", tmp_path / "serve.log"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_sigterm_drains_the_stream_in_flight_refuses_new_requests_and_exits_0(server):
+    proc, base, log = server
+    assert wait_until_healthy(base, 120), log.read_text()[-3000:]
+
+    lines: list[str] = []
+    streaming = threading.Event()
+
+    def read_stream() -> None:
+        body = {"prompt": "A long story", "max_tokens": 200, "ignore_eos": True, "temperature": 0, "stream": True}
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=DRAIN_S + 30) as r:
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                    streaming.set()
+
+    reader = threading.Thread(target=read_stream)
+    reader.start()
+    assert streaming.wait(30), "the stream never started"
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+
+    refusal = None
+    while refusal is None and time.monotonic() - sent < DRAIN_S + 30:
+        try:
+            r = httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=10)
+        except httpx.TransportError:
+            refusal = "connection refused"  # already shut down
+            break
+        if r.status_code == 503:
+            refusal = r
+        else:
+            assert r.status_code == 200  # admitted before the signal was handled
+            time.sleep(0.2)
+    assert refusal is not None, "no request was refused while draining"
+    if refusal != "connection refused":
+        assert refusal.json()["error"]["code"] == "server_shutting_down"
+        assert refusal.headers["retry-after"].isdigit()
+        assert reader.is_alive(), "the stream ended before a new request was refused: nothing was in flight"
+        health = httpx.get(base + "/health", timeout=10)
+        assert health.status_code == 503 and health.json()["status"] == "draining"
+
+    reader.join(DRAIN_S + 30)
+    assert not reader.is_alive(), "the stream hung"
+    assert lines[-1] == "data: [DONE]"
+    last = json.loads(lines[-2][len("data: "):])
+    finished = "choices" in last and last["choices"][0]["finish_reason"] == "length"
+    cut = last.get("error", {}).get("code") == "server_shutting_down"
+    assert finished or cut, last
+    assert proc.wait(timeout=max(1.0, DRAIN_S + 30 - (time.monotonic() - sent))) == 0, log.read_text()[-3000:]
