@@ -164,6 +164,16 @@ CHAT_RESPONSE = _completion_object("chat.completion", {
 })
 
 
+# Before OpenAPI 3.2 an event stream's `schema` describes one event.
+STREAM_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string", "description": "a JSON chunk (`text_completion` or "
+                                                            "`chat.completion.chunk`), the usage chunk, an "
+                                                            "`{\"error\": ...}` object, then `[DONE]`"}},
+}
+
+
 def _error(description: str, retry_after: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {"description": description, "content": {"application/json": {"schema": ERROR_BODY}}}
     if retry_after:
@@ -185,7 +195,7 @@ def _post_operation(request: dict[str, Any], response: dict[str, Any], summary: 
                 "description": "the completion; with stream: true, Server-Sent Events of chunks ending with "
                                "`data: [DONE]`",
                 "content": {"application/json": {"schema": response},
-                            "text/event-stream": {"schema": {"type": "string"}}},
+                            "text/event-stream": {"schema": STREAM_EVENT}},
             },
             "400": _error("a field is wrong (`param` names it), or the body is not a JSON object"),
             "401": UNAUTHORIZED,

@@ -91,6 +91,7 @@ class RouterActor:
             if self.generation != seen_generation:
                 return  # someone already recovered from this failure
             self._ready.clear()
+            self.loop.shards_lost(reason)
             self.health.update(healthy=False, reason=reason)
             self.health["shard_failures"] += 1
             t0 = time.monotonic()

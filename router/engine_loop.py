@@ -166,13 +166,19 @@ class EngineLoop:
     async def _after_failure(self, message: str) -> None:
         if self._recover is None:
             self._fail(message, running_only=False)
+            self.scheduler.forget_caches()
             return
-        if not self.resume:
-            self._fail(message, running_only=True)
         try:
-            await self._recover(message)
+            await self._recover(message)  # calls `shards_lost` before it brings the shards back
         except Exception as e:  # noqa: BLE001 - recovery retries itself; a failure here must not stop the loop
             self._fail(f"{message}; recovery failed: {type(e).__name__}: {e}", running_only=False)
+            self.scheduler.forget_caches()
+
+    def shards_lost(self, message: str) -> None:
+        """The shards' KV caches can no longer be trusted (however the failure was found): with `resume`, every
+        running request prefills its prompt and output again; otherwise running requests end with the error."""
+        if not self.resume:
+            self._fail(message, running_only=True)
         self.scheduler.forget_caches()
 
     def _fail(self, message: str, running_only: bool) -> None:

@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.placement import EXPERT_GROUP_KEYS, STAGE_KEYS, TOP_KEYS, load_placement, validate_against_model
+from cluster.placement import (
+    EXPERT_GROUP_KEYS,
+    STAGE_KEYS,
+    TOP_KEYS,
+    PlacementError,
+    load_placement,
+    validate_against_model,
+)
 from shards.config import ConfigError, load_config
 from shards.make_checkpoint import small_config
 
@@ -82,26 +90,36 @@ def test_a_fuzzed_placement_structure_is_a_plan_or_a_placement_error(workdir, da
 
 
 @FUZZ
-@given(st.one_of(
-    st.text(max_size=200),
-    st.binary(max_size=200),
-    st.sampled_from([
-        "[" * 5000 + "]" * 5000,  # deeper than the parser's recursion
-        "stages: " + "9" * 5000,  # an integer Python refuses to parse
-        "stages: 1000000000000",
-        "stages: [{layers: 0-100000000000}]",
-        "stages: 2\nstages: 3",  # a repeated key
-        "? [a, b]\n: 1",  # a key that cannot be a dict key
-        "? {a: 1}\n: 1",
-        "stages: &a [*a]",  # a recursive alias
-        "resources: {CPU: .inf}\nstages: 2",
-        "resources: {CPU: .nan}\nstages: 2",
-        "!!python/object:os.system 'true'",
-        "checkpoint: !!binary aGVsbG8=\nstages: 1",
-    ]),
-))
+@given(st.one_of(st.text(max_size=200), st.binary(max_size=200)))
 def test_fuzzed_placement_text_is_a_plan_or_a_placement_error(workdir, text):
     place(workdir / "raw.yaml", text)
+
+
+HOSTILE_PLACEMENTS = {
+    "not UTF-8": (b"stages: \xff\xfe", "not UTF-8 text"),
+    "nested deeper than the parser recurses": ("[" * 5000 + "]" * 5000, "nested too deeply"),
+    "an integer Python refuses to parse": ("stages: " + "9" * 5000, "not valid YAML"),
+    "a list as a key": ("? [a, b]\n: 1", "not valid YAML"),
+    "a mapping as a key": ("? {a: 1}\n: 1", "not valid YAML"),
+    "a repeated key": ("stages: 2\nstages: 3", "duplicate key 'stages'"),
+    "a trillion stages": ("checkpoint: c\nstages: 1000000000000", "stages: 1000000000000 stages is more than"),
+    "a trillion expert groups": ("checkpoint: c\nstages: 1\nexpert_groups: 1000000000000",
+                                 "expert_groups: 1000000000000 groups is more than"),
+    "a range of a hundred billion layers": ("checkpoint: c\nstages: [{layers: 0-100000000000}]",
+                                           "stages[0].layers: range '0-100000000000' goes past layer"),
+    "an infinite resource": ("checkpoint: c\nresources: {CPU: .inf}\nstages: 2", "resources.CPU: expected a non-negative"),
+    "a NaN resource": ("checkpoint: c\nresources: {CPU: .nan}\nstages: 2", "resources.CPU: expected a non-negative"),
+    "a Python object tag": ("!!python/object/apply:os.system ['true']", "not valid YAML"),
+    "binary where a path belongs": ("checkpoint: !!binary aGVsbG8=\nstages: 1", "checkpoint: expected a directory path"),
+}
+
+
+@pytest.mark.parametrize("text,message", HOSTILE_PLACEMENTS.values(), ids=HOSTILE_PLACEMENTS)
+def test_a_hostile_placement_file_is_a_placement_error_naming_the_key(tmp_path, text, message):
+    path = tmp_path / "placement.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(PlacementError, match=f"^{re.escape(str(path))}: .*{re.escape(message)}"):
+        validate_against_model(load_placement(path), MODEL)
 
 
 # --- checkpoint configuration ---------------------------------------------------------------------------
@@ -134,7 +152,7 @@ def configure(directory, name: str, content: bytes) -> None:
 
 
 def dump(data: dict) -> bytes:
-    # NaN/Infinity the way Python's json writes them: files from other tools hold them too
+    """JSON as Python writes it, NaN and Infinity included: files written by other tools hold them too."""
     return json.dumps(data, ensure_ascii=False).encode("utf-8", "surrogatepass")
 
 
@@ -152,10 +170,23 @@ def test_a_fuzzed_params_json_is_a_config_or_a_config_error(workdir, data):
 
 @FUZZ
 @given(st.sampled_from(["config.json", "params.json"]), st.one_of(
-    st.binary(max_size=100),
-    st.text(max_size=100).map(lambda t: t.encode("utf-8", "surrogatepass")),
-    st.sampled_from([b"[" * 5000 + b"]" * 5000, b'{"hidden_size": ' + b"9" * 5000 + b"}", b"\xff\xfe{}", b"null",
-                     b'{"rms_norm_eps": 1' + b"0" * 400 + b"}"]),
-))
+    st.binary(max_size=100), st.text(max_size=100).map(lambda t: t.encode("utf-8", "surrogatepass"))))
 def test_fuzzed_config_bytes_are_a_config_or_a_config_error(workdir, name, content):
     configure(workdir, name, content)
+
+
+HOSTILE_CONFIGS = {
+    "not UTF-8": (b'{"hidden_size": "\xff\xfe"}', "not UTF-8 text"),
+    "nested deeper than the parser recurses": (b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+    "an integer Python refuses to parse": (b'{"hidden_size": ' + b"9" * 5000 + b"}", "not valid JSON"),
+    "a number too large for a float": (dump({**HF_BASE, "rms_norm_eps": 10**400}), "field 'rms_norm_eps' is out of range"),
+    "an infinite rope_theta": (dump({**HF_BASE, "rope_theta": math.inf}), "field 'rope_theta' must be a positive number"),
+    "a NaN norm epsilon": (dump({**HF_BASE, "rms_norm_eps": math.nan}), "norm_eps' must be a small positive number, got nan"),
+}
+
+
+@pytest.mark.parametrize("content,message", HOSTILE_CONFIGS.values(), ids=HOSTILE_CONFIGS)
+def test_a_hostile_config_json_is_a_config_error_naming_the_field(tmp_path, content, message):
+    (tmp_path / "config.json").write_bytes(content)
+    with pytest.raises(ConfigError, match=f"config.json: .*{re.escape(message)}"):
+        load_config(tmp_path)
