@@ -9,6 +9,7 @@ results come back and are summed in token order.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -120,7 +121,5 @@ class StageActor(ShardActor):
         """Tell every expert group this stage sends nothing more, so their serving threads end (dead ones skipped)."""
         if self.transport is not None:
             for g in range(self.n_groups):
-                try:
+                with contextlib.suppress(Exception):  # that group is gone; the supervisor restarts it
                     self.transport.send_header([-1, 0, 0, 0], self.n_stages + g)
-                except Exception:  # noqa: BLE001 - that group is gone; the supervisor restarts it
-                    pass

@@ -8,6 +8,7 @@ tensors. Live shards keep their weights and only rejoin the new transport group.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 
@@ -79,7 +80,7 @@ class ShardSupervisor:
 
     def _wait_loaded(self, handles: list, names: list[str]) -> list[dict]:
         refs = [h.location.remote() for h in handles]
-        ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=self.load_timeout_s)
+        _, waiting = ray.wait(refs, num_returns=len(refs), timeout=self.load_timeout_s)
         if waiting:
             missing = [names[refs.index(r)] for r in waiting]
             asks = "; ".join(f"{n} needs {self.bundles[self.bundle_of[n]]}" for n in missing)
@@ -143,7 +144,5 @@ class ShardSupervisor:
 
     def kill_all(self) -> None:
         for n in self.names:
-            try:
+            with contextlib.suppress(Exception):  # already gone
                 ray.kill(ray.get_actor(self.actor_name(n)), no_restart=True)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
