@@ -314,8 +314,13 @@ class OpenAIIngress:
         while True:
             try:
                 async for ref in streams[choice.stream_index]:
-                    yield await ref
-                return
+                    event = await ref
+                    yield event
+                    if event.finish_reason is not None or event.error is not None:
+                        return
+                # The stream ended with no finish event: its router went away (a lost node ends the generator
+                # without an error). Same as a RayActorError: restart the router, resume the choice.
+                raise ray.exceptions.RayActorError()
             except ray.exceptions.RayActorError:
                 if self.draining:
                     raise

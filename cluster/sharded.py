@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Self
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.placement import PlacementPlan, load_placement, validate_against_model
 from cluster.reservation import Reservation, ray_session, reserve
@@ -67,7 +68,10 @@ class ShardedCluster:
             raise
 
     def _new_router(self, recover_on_start: bool):
-        router = ray.remote(RouterActor).options(num_cpus=0, max_concurrency=10_000).remote(
+        # Beside whoever runs the model (the ingress, the CLI): not on a shard node that may be lost.
+        near_me = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+        router = ray.remote(RouterActor).options(
+            num_cpus=0, max_concurrency=10_000, scheduling_strategy=near_me).remote(
             self.supervisor, self.plan, self.config, recover_on_start=recover_on_start, **self._router_options
         )
         ray.get(router.start.remote())

@@ -61,10 +61,16 @@ def checkpoint(checkpoint_factory):
     return checkpoint_factory("mixtral", seed=91, window=WINDOW)
 
 
+def sampling(i: int) -> dict:
+    """Even requests greedy, odd ones seeded sampling: both must continue exactly after a crash."""
+    return {"temperature": 0} if i % 2 == 0 else {"temperature": 0.8, "top_p": 0.95, "seed": 1000 + i}
+
+
 @pytest.fixture(scope="module")
 def prompts_and_expected(checkpoint):
     prompts = random_prompts([5, 9, WINDOW, 20, 3 * WINDOW, 7, 2 * WINDOW + 3, 12], seed=92)
-    expected = generate(LocalEngine(checkpoint, max_seqs=8), prompts, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
+    params = [SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True, **sampling(i)) for i in range(len(prompts))]
+    expected = generate(LocalEngine(checkpoint, max_seqs=8), prompts, params)
     return prompts, [e.token_ids for e in expected]
 
 
@@ -88,10 +94,10 @@ def start_server(nodes, checkpoint, tmp_path: Path, on_shard_failure: str, name:
     return base
 
 
-def stream_tokens(base: str, prompt: list[int], first_token: threading.Event) -> dict:
-    """One greedy streaming request; returns its token ids, error events and whether [DONE] came."""
-    body = {"prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True, "ignore_eos": True,
-            "return_token_ids": True}
+def stream_tokens(base: str, prompt: list[int], first_token: threading.Event, i: int) -> dict:
+    """One streaming request; returns its token ids, error events and whether [DONE] came."""
+    body = {"prompt": prompt, "max_tokens": NEW_TOKENS, "stream": True, "ignore_eos": True,
+            "return_token_ids": True, **sampling(i)}
     out = {"tokens": [], "errors": [], "done": False}
     with httpx.stream("POST", base + "/v1/completions", json=body, timeout=180) as r:
         assert r.status_code == 200, r.read()
@@ -143,7 +149,7 @@ def run_with_fault(base: str, prompts, inject) -> tuple[list[dict], float | None
     watch = HealthWatch(base)
     started = [threading.Event() for _ in prompts]
     with ThreadPoolExecutor(len(prompts)) as pool:
-        futures = [pool.submit(stream_tokens, base, p, e) for p, e in zip(prompts, started)]
+        futures = [pool.submit(stream_tokens, base, p, e, i) for i, (p, e) in enumerate(zip(prompts, started))]
         for e in started:
             assert e.wait(120), "a stream produced no token before the fault"
         t_fault = time.monotonic()
@@ -189,25 +195,24 @@ def check_resumed(name: str, results, expected, recovery: float | None) -> None:
 
 
 def next_requests_are_exact(base: str, prompts, expected) -> None:
-    for p, e in list(zip(prompts, expected))[:2]:
+    for i, (p, e) in list(enumerate(zip(prompts, expected)))[:2]:
         r = httpx.post(base + "/v1/completions", timeout=120, json={
-            "prompt": p, "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True, "return_token_ids": True})
+            "prompt": p, "max_tokens": NEW_TOKENS, "ignore_eos": True, "return_token_ids": True, **sampling(i)})
         assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == e
 
 
-def test_killing_an_expert_actor_loses_no_request(resume_server, prompts_and_expected):
+@pytest.mark.parametrize("shard,how", [("experts0", "ray.kill"), ("experts1", "SIGKILL"),
+                                       ("stage1", "SIGKILL"), ("stage0", "ray.kill")])
+def test_killing_a_shard_loses_no_request(resume_server, prompts_and_expected, shard, how):
     prompts, expected = prompts_and_expected
-    actor, _ = shard_actor("experts0")
-    results, recovery = run_with_fault(resume_server, prompts, lambda: ray.kill(actor, no_restart=True))
-    check_resumed("ray.kill expert group", results, expected, recovery)
-    next_requests_are_exact(resume_server, prompts, expected)
-
-
-def test_sigkill_of_a_stage_worker_loses_no_request(resume_server, prompts_and_expected):
-    prompts, expected = prompts_and_expected
-    pid = shard_pid("stage1")
-    results, recovery = run_with_fault(resume_server, prompts, lambda: os.kill(pid, signal.SIGKILL))
-    check_resumed("SIGKILL stage worker", results, expected, recovery)
+    if how == "ray.kill":
+        actor, _ = shard_actor(shard)
+        inject = lambda: ray.kill(actor, no_restart=True)  # noqa: E731
+    else:
+        pid = shard_pid(shard)
+        inject = lambda: os.kill(pid, signal.SIGKILL)  # noqa: E731
+    results, recovery = run_with_fault(resume_server, prompts, inject)
+    check_resumed(f"{how} {shard}", results, expected, recovery)
     next_requests_are_exact(resume_server, prompts, expected)
 
 
