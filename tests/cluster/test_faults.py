@@ -207,10 +207,10 @@ def test_killing_a_shard_loses_no_request(resume_server, prompts_and_expected, s
     prompts, expected = prompts_and_expected
     if how == "ray.kill":
         actor, _ = shard_actor(shard)
-        inject = lambda: ray.kill(actor, no_restart=True)  # noqa: E731
+        inject = lambda: ray.kill(actor, no_restart=True)
     else:
         pid = shard_pid(shard)
-        inject = lambda: os.kill(pid, signal.SIGKILL)  # noqa: E731
+        inject = lambda: os.kill(pid, signal.SIGKILL)
     results, recovery = run_with_fault(resume_server, prompts, inject)
     check_resumed(f"{how} {shard}", results, expected, recovery)
     next_requests_are_exact(resume_server, prompts, expected)
