@@ -1,0 +1,81 @@
+"""Kill the expert group on GPU 1 while 4 greedy requests decode on 2 GPUs; the tokens must not change.
+
+Records the recovery time (readiness false -> true) in bench/results/gpu_fault-<machine>.json. Not a test.
+
+    python bench/gpu_fault.py [--cpu-dry-run]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import ray
+import torch
+import yaml
+
+from cluster.sharded import ShardedCluster
+from router.generation import generate
+from router.sampling import SamplingParams
+from shards.checkpoint import save_checkpoint
+from shards.engine import LocalEngine
+from shards.make_checkpoint import random_weights, small_config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cpu-dry-run", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    gpu = not args.cpu_dry_run
+    res = (lambda g: {"CPU": 1, "GPU": g}) if gpu else (lambda g: {"CPU": 0.5})
+    cfg = small_config("mixtral", dim=512, layers=8, heads=8, kv_heads=4, hidden=1024, experts=8, window=64)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [[1] + torch.randint(3, 32000, (n,), generator=gen).tolist() for n in (10, 70, 150, 33)]
+    params = SamplingParams(max_tokens=96, ignore_eos=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = save_checkpoint(Path(tmp) / "ck", cfg, random_weights(cfg, 0))
+        expected = [r.token_ids for r in generate(LocalEngine(ckpt, device="cuda" if gpu else "cpu", max_seqs=4),
+                                                  prompts, params)]
+        placement = {"checkpoint": str(ckpt), "dtype": "float32", "micro_batch_size": 2, "max_seqs": 4,
+                     "stages": [{"layers": "0-3", "resources": res(0.5)}, {"layers": "4-7", "resources": res(0.5)}],
+                     "expert_groups": [{"experts": "0-3", "resources": res(0.5)},
+                                       {"experts": "4-7", "resources": res(0.5)}]}
+        path = Path(tmp) / "p.yaml"
+        path.write_text(yaml.safe_dump(placement))
+        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+        with ShardedCluster.start(path, step_timeout_s=30, monitor_interval_s=1.0) as cluster:
+            where = cluster.locations()
+            victim = cluster.shard_handles()["experts1"]
+            out: dict = {}
+            worker = threading.Thread(target=lambda: out.update(r=cluster.generate(prompts, params)))
+            worker.start()
+            time.sleep(2.0)
+            t_kill = time.monotonic()
+            ray.kill(victim, no_restart=True)
+            unready_seen, back = False, None
+            while back is None and time.monotonic() - t_kill < 120:
+                healthy = cluster.health()["healthy"]
+                unready_seen |= not healthy
+                if unready_seen and healthy:
+                    back = time.monotonic() - t_kill
+                time.sleep(0.1)
+            worker.join(timeout=240)
+            identical = [r.token_ids == e for r, e in zip(out["r"], expected)]
+            health = cluster.health()
+        ray.shutdown()
+    result = {"machine": {"gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] or ["cpu"]},
+              "killed": f"experts1 on GPU {where['experts1']['gpu_ids']}", "recovery_seconds": back,
+              "identical": identical, "restarted": health["restarted"], "shard_failures": health["shard_failures"]}
+    out_path = Path(args.out or f"bench/results/gpu_fault-{'2xh200' if gpu else 'cpu-dry-run'}.json")
+    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    print("TOKENS UNCHANGED" if all(identical) and back is not None else "FAILED")
+
+
+if __name__ == "__main__":
+    main()
