@@ -168,6 +168,9 @@ class RouterActor:
                                   events[-1].finish_reason or "length"))
         return out
 
+    async def ping(self) -> bool:
+        return True
+
     async def stats(self) -> dict:
         await self.start()
         snap = self.loop.snapshot()

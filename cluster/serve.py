@@ -318,9 +318,14 @@ class OpenAIIngress:
                     yield event
                     if event.finish_reason is not None or event.error is not None:
                         return
-                # The stream ended with no finish event: its router went away (a lost node ends the generator
-                # without an error). Same as a RayActorError: restart the router, resume the choice.
-                raise ray.exceptions.RayActorError()
+                # The stream ended with no finish event. If the router no longer answers, it went away (a lost node
+                # ends the generator without an error): treat it as a RayActorError. A live router means the
+                # stream was ended on purpose (cancelled), and there is nothing to resume.
+                try:
+                    await asyncio.wait_for(router.ping.remote(), timeout=5)
+                    return
+                except Exception:  # noqa: BLE001 - dead, unreachable or hung: restart it below
+                    raise ray.exceptions.RayActorError() from None
             except ray.exceptions.RayActorError:
                 if self.draining:
                     raise
