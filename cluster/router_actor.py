@@ -178,9 +178,6 @@ class RouterActor:
         snap.update(self.health)
         return snap
 
-    async def take_latencies(self) -> tuple[list[float], list[float]]:
-        return self.loop.take_latencies()
-
     async def take_traces(self) -> list[dict]:
         traces, self.traces = self.traces, []
         return traces

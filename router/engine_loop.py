@@ -44,8 +44,6 @@ class TokenEvent:
 class _Request:
     seq: Sequence
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    submitted: float = field(default_factory=time.monotonic)
-    first_token: float | None = None
 
 
 @dataclass
@@ -57,8 +55,6 @@ class LoopStats:
     finished: int = 0
     aborted: int = 0
     failed_steps: int = 0
-    ttft: list[float] = field(default_factory=list)  # seconds, one per request, taken by the metrics exporter
-    tpot: list[float] = field(default_factory=list)  # seconds per output token after the first, one per request
 
 
 class EngineLoop:
@@ -147,20 +143,14 @@ class EngineLoop:
                 continue
             self.stats.steps += 1
             self.stats.step_seconds += time.perf_counter() - t0
-            now = time.monotonic()
             for seq in self.scheduler.process(step, logits):
                 request = self.requests.get(seq.seq_id)
                 if request is None:
                     continue
-                if request.first_token is None:
-                    request.first_token = now
-                    self.stats.ttft.append(now - request.submitted)
                 self.stats.tokens_out += 1
                 event = TokenEvent(seq.output_ids[-1], seq.output_logprobs[-1], seq.output_top_logprobs[-1], seq.finish_reason)
                 if seq.finished:
                     self.stats.finished += 1
-                    if len(seq.output_ids) > 1:
-                        self.stats.tpot.append((now - request.first_token) / (len(seq.output_ids) - 1))
                 request.queue.put_nowait(event)
 
     async def _after_failure(self, message: str) -> None:
@@ -200,8 +190,3 @@ class EngineLoop:
             "steps": s.steps, "step_seconds": s.step_seconds, "tokens_in": s.tokens_in, "tokens_out": s.tokens_out,
             "finished": s.finished, "aborted": s.aborted, "failed_steps": s.failed_steps,
         }
-
-    def take_latencies(self) -> tuple[list[float], list[float]]:
-        ttft, tpot = self.stats.ttft, self.stats.tpot
-        self.stats.ttft, self.stats.tpot = [], []
-        return ttft, tpot
