@@ -19,7 +19,6 @@ import ray
 import torch
 from ray import serve
 
-from cluster.placement import load_placement
 from cluster.reservation import ray_session
 from cluster.serve_cli import start_serve, wait_until_healthy
 from cluster.transport import free_port
@@ -72,11 +71,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    from cluster.cli import DEFAULT_CHECKPOINT, ensure_default_checkpoint
+    from cluster.cli import settle_placement
 
-    plan = load_placement(args.config)
-    if Path(plan.checkpoint) == DEFAULT_CHECKPOINT:
-        ensure_default_checkpoint()
+    plan, _ = settle_placement(args.config)
     prompts = [f"Request {i}: " + "the quick brown fox " * (1 + i % 12) for i in range(args.requests)]
     max_tokens = [8 + (i % 4) * 8 for i in range(args.requests)]
     port = free_port()

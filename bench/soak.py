@@ -27,7 +27,6 @@ import ray
 import torch
 from ray import serve
 
-from cluster.placement import load_placement
 from cluster.reservation import ray_session
 from cluster.serve_cli import start_serve, wait_until_healthy
 from cluster.transport import free_port
@@ -180,11 +179,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    from cluster.cli import DEFAULT_CHECKPOINT, ensure_default_checkpoint
+    from cluster.cli import settle_placement
 
-    plan = load_placement(args.config)
-    if Path(plan.checkpoint) == DEFAULT_CHECKPOINT:
-        ensure_default_checkpoint()
+    plan, _ = settle_placement(args.config)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with ray_session(plan):

@@ -25,6 +25,20 @@ def ensure_default_checkpoint(path: Path = DEFAULT_CHECKPOINT) -> Path:
     return path
 
 
+def settle_placement(placement, checkpoint: str | None = None):
+    """What every command does with a placement before Ray starts: read the file (or take a plan), make the
+    embedded default checkpoint if the plan names it, and check the plan against that checkpoint's config.
+    Returns (settled plan, model config)."""
+    from cluster.placement import PlacementPlan, load_placement, validate_against_model
+    from shards.config import load_config
+
+    plan = placement if isinstance(placement, PlacementPlan) else load_placement(placement, checkpoint)
+    if Path(plan.checkpoint) == DEFAULT_CHECKPOINT:
+        ensure_default_checkpoint()
+    config = load_config(plan.checkpoint)
+    return validate_against_model(plan, config), config
+
+
 def resolve_checkpoint(value: str | None) -> Path:
     if value is None:
         return ensure_default_checkpoint()

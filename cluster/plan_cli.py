@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,16 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from cluster.cli import DEFAULT_CHECKPOINT, ensure_default_checkpoint
-    from cluster.placement import load_placement, validate_against_model
+    from cluster.cli import settle_placement
     from cluster.reservation import placement_table, ray_session, reserve
-    from shards.config import load_config
 
-    plan = load_placement(args.config, checkpoint_override=args.checkpoint)
-    if Path(plan.checkpoint) == DEFAULT_CHECKPOINT:
-        ensure_default_checkpoint()
-    config = load_config(plan.checkpoint)
-    plan = validate_against_model(plan, config)
+    plan, config = settle_placement(args.config, args.checkpoint)
     with ray_session(plan, args.address):
         reservation = reserve(plan, config, timeout_s=args.timeout)
         reservation.release()  # the plan command only shows where shards would land

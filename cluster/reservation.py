@@ -20,7 +20,7 @@ from cluster.placement import PlacementError, PlacementPlan, format_ids
 from shards.config import ModelConfig
 
 RAY_STRATEGIES = {"pack": "PACK", "spread": "SPREAD", "strict_spread": "STRICT_SPREAD", "strict_pack": "STRICT_PACK"}
-_BUILTIN = ("CPU", "GPU", "memory", "object_store_memory")
+BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 _EPS = 1e-6  # Ray keeps resource amounts to 1e-4; sums of fractions must not fail on rounding
 
 
@@ -162,7 +162,7 @@ def ray_session(plan: PlacementPlan, address: str | None = None) -> Iterator[Non
         for bundle in plan.bundles():
             for key, amount in bundle.items():
                 need[key] = need.get(key, 0.0) + amount
-        custom = {k: v for k, v in need.items() if k not in _BUILTIN and not k.startswith(("node:", "accelerator_type:"))}
+        custom = {k: v for k, v in need.items() if k not in BUILTIN_RESOURCES and not k.startswith(("node:", "accelerator_type:"))}
         cpus = max(os.cpu_count() or 1, math.ceil(need.get("CPU", 0.0)))
         ray.init(address="local", num_cpus=cpus, resources=custom, include_dashboard=False, log_to_driver=False)
     try:

@@ -71,17 +71,12 @@ def drain_and_shutdown(timeout_s: float) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from cluster.cli import DEFAULT_CHECKPOINT, UsageError, ensure_default_checkpoint
-    from cluster.placement import load_placement, validate_against_model
+    from cluster.cli import UsageError, settle_placement
     from cluster.reservation import ray_session
-    from shards.config import load_config
 
     if args.drain_timeout < 0:
         raise UsageError(f"--drain-timeout must be 0 or more seconds, got {args.drain_timeout:g}")
-    plan = load_placement(args.config, checkpoint_override=args.checkpoint)
-    if Path(plan.checkpoint) == DEFAULT_CHECKPOINT:
-        ensure_default_checkpoint()
-    validate_against_model(plan, load_config(plan.checkpoint))  # fail here, before Ray starts, on a bad file
+    plan, _ = settle_placement(args.config, args.checkpoint)  # fail here, before Ray starts, on a bad file
     app_args = {"placement": str(Path(args.config).resolve()), "max_queued_requests": args.max_queued_requests}
     app_args["checkpoint"] = str(Path(plan.checkpoint).resolve())
     if args.api_key:

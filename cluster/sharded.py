@@ -15,13 +15,12 @@ from typing import Self
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from cluster.placement import PlacementPlan, load_placement, validate_against_model
+from cluster.placement import PlacementPlan
 from cluster.reservation import Reservation, ray_session, reserve
 from cluster.router_actor import RouterActor
 from cluster.supervisor import ShardSupervisor
 from router.generation import Completion
 from router.sampling import SamplingParams
-from shards.config import load_config
 
 
 class ShardedCluster:
@@ -42,13 +41,9 @@ class ShardedCluster:
         timeout_s: float = 300.0, attention_backend: str = "auto", max_queued_requests: int = 256,
         step_timeout_s: float = 120.0, on_shard_failure: str = "resume", monitor_interval_s: float = 2.0,
     ) -> ShardedCluster:
-        plan = placement if isinstance(placement, PlacementPlan) else load_placement(placement, checkpoint)
-        from cluster.cli import DEFAULT_CHECKPOINT, ensure_default_checkpoint
+        from cluster.cli import settle_placement
 
-        if Path(plan.checkpoint) == DEFAULT_CHECKPOINT:
-            ensure_default_checkpoint()
-        config = load_config(plan.checkpoint)
-        plan = validate_against_model(plan, config)
+        plan, config = settle_placement(placement, checkpoint)
         stack = contextlib.ExitStack()
         try:
             stack.enter_context(ray_session(plan, address))

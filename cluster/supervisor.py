@@ -16,9 +16,8 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.expert_actor import ExpertGroupActor
+from cluster.reservation import BUILTIN_RESOURCES
 from cluster.stage_actor import StageActor
-
-_BUILTIN = ("CPU", "GPU", "memory", "object_store_memory")
 
 
 class ShardsUnavailable(RuntimeError):
@@ -50,7 +49,7 @@ class ShardSupervisor:
         options = {
             "name": self.actor_name(shard), "lifetime": "detached", "max_concurrency": 4, "max_restarts": 0,
             "num_cpus": bundle.get("CPU", 0), "num_gpus": bundle.get("GPU", 0),
-            "resources": {k: v for k, v in bundle.items() if k not in _BUILTIN},
+            "resources": {k: v for k, v in bundle.items() if k not in BUILTIN_RESOURCES},
             "scheduling_strategy": PlacementGroupSchedulingStrategy(
                 placement_group=self.placement_group, placement_group_bundle_index=index
             ),
