@@ -85,6 +85,7 @@ class StageActor(ShardActor):
         for work in pending_sends:
             work.wait()
         send_wait = time.perf_counter() - t0
+        self._trace["expert_choices"] = {layer: c.tolist() for layer, c in self._trace["expert_choices"].items()}
         return {
             "stage": self.index, "step": step, "logits": logits if last else None, "spans": spans,
             "send_wait": send_wait, "transport": transport.stats.take(), **self._trace,
@@ -94,9 +95,10 @@ class StageActor(ShardActor):
         """Send each expert group only the tokens routed to it; sum what comes back in token order."""
         t0 = time.perf_counter()
         transport = self.transport
-        choices = torch.bincount(ids.flatten(), minlength=self.config.num_experts).tolist()
-        counts = self._trace["expert_choices"].setdefault(layer, [0] * self.config.num_experts)
-        self._trace["expert_choices"][layer] = [a + b for a, b in zip(counts, choices)]
+        # Counted on the device and read once at the end of the step: no host sync per layer for a statistic.
+        choices = torch.bincount(ids.flatten(), minlength=self.config.num_experts)
+        totals = self._trace["expert_choices"]
+        totals[layer] = totals[layer] + choices if layer in totals else choices
         sent = []
         for g, idx in enumerate(tokens_per_group(ids, self.owner[layer], self.n_groups)):
             n = idx.numel()
