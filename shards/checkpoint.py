@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from shards.config import ConfigError, ModelConfig, load_config
+from shards.random_source import is_random_checkpoint, random_tensor, read_marker
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -148,7 +149,9 @@ class CheckpointReader:
         self.root = Path(checkpoint_dir)
         self.config = load_config(self.root)
         self.layout = "hf" if (self.root / "config.json").is_file() else "reference"
-        self.file_of = self._index()
+        # A random checkpoint has no files: each tensor is made on its device when loaded (shards/random_source.py).
+        self.random = read_marker(self.root) if is_random_checkpoint(self.root) else None
+        self.file_of = self._index() if self.random is None else {}
 
     def _index(self) -> dict[str, Path]:
         index_file = self.root / ("model.safetensors.index.json" if self.layout == "hf" else "consolidated.safetensors.index.json")
@@ -189,6 +192,10 @@ class CheckpointReader:
         Every shape is checked against the config before the tensor is read.
         """
         expected = selection.tensor_shapes(self.config)
+        if self.random is not None:
+            seed, std = self.random
+            return {name: random_tensor(name, shape, seed, std, dtype or torch.float32, device)
+                    for name, shape in expected.items()}
         by_file: dict[Path, list[str]] = {}
         for name in expected:
             stored = self.stored_name(name)

@@ -1,0 +1,695 @@
+"""Real scale on GPUs: Mixtral 8x7B and Mistral 7B shapes, ours against transformers and against the hardware.
+
+One script, one run (under 10 minutes on two H200s; on one GPU the two-GPU placements are skipped):
+
+1. The hardware's limits, measured here: HBM bandwidth (a large device-to-device copy, bytes read + written) and
+   the bf16 matmul rate (8192^3).
+2. For each model, Hugging Face transformers (bf16, sdpa attention, its default grouped-GEMM experts, layers split
+   over the GPUs with its own device map) on random weights drawn by tensor name (`shards/random_source.py`), so
+   it holds exactly the weights our shards make on their own GPUs: decode throughput at batch 1/8/32/128 with
+   512-token prompts, time to first token for 4k and 16k prompts, and which experts its gates pick.
+3. Ours, for each placement YAML in deploy/examples/ (checkpoint swapped for the random one): the same numbers,
+   peak memory per GPU, KV bytes per sequence at 16k tokens, expert load, time per component.
+4. The roofline: decode = weight bytes the step reads (attention + the distinct experts the batch selects + head)
+   / bandwidth; prefill = FLOPs / matmul rate.
+
+    python bench/gpu_scale.py --out bench/results/gpu_scale-2xh200.json   # --cpu-dry-run checks it on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import yaml
+
+from shards.config import PRESETS, ModelConfig
+from shards.random_source import random_tensor, write_random_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "deploy" / "examples"
+PLACEMENTS = {  # name -> (example YAML, GPUs it needs, models it applies to)
+    "one_gpu": ("mistral-7b-1gpu.yaml", 1, ("mistral", "mixtral")),
+    "two_stages": ("mixtral-2gpu-stages.yaml", 2, ("mistral", "mixtral")),
+    "two_expert_groups": ("mixtral-2gpu-experts.yaml", 2, ("mixtral",)),
+    "mixed": ("mixtral-2gpu-mixed.yaml", 2, ("mixtral",)),
+}
+MODELS = {"mixtral": "mixtral-8x7b", "mistral": "mistral-7b"}
+SEED, STD = 0, 0.02
+
+
+class Deadline:
+    """The run must end under the device's 10-minute limit with its JSON written: later phases are skipped."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+
+# --- the hardware's limits ---------------------------------------------------------------------------------------
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeat: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / repeat
+
+
+def measure_hardware(device: torch.device, dry: bool) -> dict:
+    n = (64 << 20) if dry else (4 << 30)  # bytes copied
+    src = torch.empty(n // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    copy_s = timed(lambda: dst.copy_(src), device, repeat=10)
+    src = dst = None  # free before the matmul
+    size = 1024 if dry else 8192
+    a = torch.randn(size, size, dtype=torch.bfloat16, device=device)
+    b = torch.randn(size, size, dtype=torch.bfloat16, device=device)
+    mm_s = timed(lambda: a @ b, device, repeat=10, warmup=3)
+    a = b = None
+    return {"copy_bytes": n, "hbm_bytes_per_s": 2 * n / copy_s, "hbm_note": "device-to-device copy, read + written",
+            "matmul_size": size, "bf16_flop_per_s": 2 * size**3 / mm_s}
+
+
+# --- the roofline --------------------------------------------------------------------------------------------------
+
+def weight_bytes(cfg: ModelConfig, experts_per_layer: float, dtype_bytes: int = 2) -> dict:
+    """Bytes of weights one decode step must read: every layer's attention, norms and gate, the experts the batch
+    selects (`experts_per_layer` distinct ones on average, measured) or the dense FFN, the final norm and head."""
+    d, hd = cfg.dim, cfg.head_dim
+    attention = (cfg.n_heads * hd * d * 2 + cfg.n_kv_heads * hd * d * 2 + 2 * d) * dtype_bytes
+    ffn_one = 3 * d * cfg.hidden_dim * dtype_bytes
+    if cfg.is_moe:
+        ffn = experts_per_layer * ffn_one + cfg.num_experts * d * dtype_bytes
+    else:
+        ffn = ffn_one
+    head = (cfg.vocab_size * d + d) * dtype_bytes
+    return {"attention_per_layer": attention, "ffn_per_layer": ffn, "head": head,
+            "total": cfg.n_layers * (attention + ffn) + head}
+
+
+def prefill_flops(cfg: ModelConfig, tokens: int) -> float:
+    """Matmul FLOPs of one prompt: 2 x active weights per token, plus attention over the window (causal)."""
+    d, hd = cfg.dim, cfg.head_dim
+    per_token = cfg.n_heads * hd * d * 2 + cfg.n_kv_heads * hd * d * 2
+    per_token += (cfg.num_experts_per_tok if cfg.is_moe else 1) * 3 * d * cfg.hidden_dim
+    window = cfg.sliding_window or tokens
+    pairs = sum(min(i + 1, window) for i in range(tokens))  # query-key pairs, causal within the window
+    attention = 4 * pairs * cfg.n_heads * hd  # QK^T and PV
+    return cfg.n_layers * (2 * per_token * tokens + attention) + 2 * cfg.vocab_size * d  # head: last token only
+
+
+# --- GPU memory, watched from outside the shards ---------------------------------------------------------------------
+
+class MemoryWatch:
+    """Peak memory in use on each GPU (every process on it), sampled every 20 ms by NVML or torch."""
+
+    def __init__(self, n_gpus: int) -> None:
+        self.n = n_gpus
+        self.peak = [0] * n_gpus
+        self._stop = threading.Event()
+        self._read = self._reader()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        if n_gpus:
+            self._thread.start()
+
+    def _reader(self):
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(self.n)]
+            return lambda i: pynvml.nvmlDeviceGetMemoryInfo(handles[i]).used
+        except Exception:  # noqa: BLE001 - no NVML: torch's view (same numbers, a CUDA context per GPU)
+            def used(i: int) -> int:
+                free, total = torch.cuda.mem_get_info(i)
+                return total - free
+            return used
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            for i in range(self.n):
+                self.peak[i] = max(self.peak[i], self._read(i))
+
+    def take(self) -> list[float]:
+        """Peak GiB per GPU since the last call."""
+        out = [round(p / 2**30, 2) for p in self.peak]
+        self.peak = [self._read(i) for i in range(self.n)] if self.n else []
+        return out
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+# --- transformers on the same weights ------------------------------------------------------------------------------
+
+def hf_tensor_for(name: str, shape: tuple[int, ...], cfg: ModelConfig, device, dtype) -> torch.Tensor:
+    """A transformers parameter, made from our tensors by name (its stacked experts = our per-expert tensors)."""
+    def ours(n, s):
+        return random_tensor(n, s, SEED, STD, dtype, device)
+
+    d, h = cfg.dim, cfg.hidden_dim
+    if name.endswith("mlp.experts.gate_up_proj"):
+        p = name.removesuffix("mlp.experts.gate_up_proj") + "block_sparse_moe.experts."
+        return torch.stack([torch.cat([ours(f"{p}{e}.w1.weight", (h, d)), ours(f"{p}{e}.w3.weight", (h, d))])
+                            for e in range(cfg.num_experts)])
+    if name.endswith("mlp.experts.down_proj"):
+        p = name.removesuffix("mlp.experts.down_proj") + "block_sparse_moe.experts."
+        return torch.stack([ours(f"{p}{e}.w2.weight", (d, h)) for e in range(cfg.num_experts)])
+    if cfg.is_moe and name.endswith("mlp.gate.weight"):
+        return ours(name.replace("mlp.gate.weight", "block_sparse_moe.gate.weight"), shape)
+    return ours(name, shape)
+
+
+def build_hf(ckpt: Path, cfg: ModelConfig, devices: list[torch.device], dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_cfg = AutoConfig.from_pretrained(ckpt)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa", dtype=dtype)
+    n = len(devices)
+
+    def device_of(param: str) -> torch.device:
+        if param.startswith("model.layers."):
+            return devices[int(param.split(".")[2]) * n // cfg.n_layers]
+        return devices[0] if param.startswith("model.embed_tokens") else devices[-1]
+
+    for name, p in list(model.named_parameters()):
+        module_name, leaf = name.rsplit(".", 1)
+        module = model.get_submodule(module_name)
+        t = hf_tensor_for(name, tuple(p.shape), cfg, device_of(name), dtype)
+        module._parameters[leaf] = torch.nn.Parameter(t, requires_grad=False)
+    rotary = model.model.rotary_emb
+    with devices[0]:  # its tables are computed at construction; the meta copies hold nothing
+        model.model.rotary_emb = type(rotary)(config=hf_cfg)
+    device_map = {"model.embed_tokens": devices[0].index or 0, "model.rotary_emb": devices[0].index or 0,
+                  "model.norm": devices[-1].index or 0, "lm_head": devices[-1].index or 0}
+    device_map.update({f"model.layers.{i}": device_of(f"model.layers.{i}.x").index or 0 for i in range(cfg.n_layers)})
+    if n > 1:
+        from accelerate import dispatch_model
+
+        model = dispatch_model(model, device_map=device_map)
+    return model.eval(), {"attn_implementation": model.config._attn_implementation,
+                          "experts_implementation": getattr(model.config, "_experts_implementation", None),
+                          "device_map": "layers split evenly in order" if n > 1 else "one device"}
+
+
+def hf_generate(model, prompts: torch.Tensor, n: int) -> None:
+    with torch.inference_mode():
+        model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
+                       min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+
+def hf_routing(model, cfg: ModelConfig, prompts: torch.Tensor) -> dict:
+    """Distinct experts per layer per decode step, and tokens per expert, from its gates (an untimed pass)."""
+    counts = torch.zeros(cfg.n_layers, cfg.num_experts, dtype=torch.long)
+    distinct: list[int] = []
+    batch = prompts.shape[0]
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        def hook(_module, _inputs, out, i=i):
+            ids = out[2].reshape(-1).cpu()
+            counts[i] += torch.bincount(ids, minlength=cfg.num_experts)
+            if ids.numel() == batch * cfg.num_experts_per_tok:  # a decode step
+                distinct.append(int(ids.unique().numel()))
+        hooks.append(layer.mlp.gate.register_forward_hook(hook))
+    try:
+        hf_generate(model, prompts, 4)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {"distinct_experts_per_layer": sum(distinct) / max(1, len(distinct)), "tokens_per_expert": counts.tolist()}
+
+
+def run_hf(ckpt: Path, cfg: ModelConfig, devices, args, prompts_for, deadline: Deadline) -> dict:
+    out: dict = {"decode": {}, "ttft_s": {}, "routing": {}}
+    model, out["setup"] = build_hf(ckpt, cfg, devices, torch.bfloat16 if not args.cpu_dry_run else torch.float32)
+    first = devices[0]
+    hf_generate(model, prompts_for(1, 16).to(first), 2)  # warm-up
+    for b in args.batches:
+        if deadline.left() < 60:
+            out["decode"][str(b)] = {"skipped": "time budget"}
+            continue
+        prompts = prompts_for(b, args.prompt_tokens).to(first)
+        t1 = _wall(lambda p=prompts: hf_generate(model, p, 1), first)
+        tn = _wall(lambda p=prompts: hf_generate(model, p, args.new_tokens), first)
+        out["decode"][str(b)] = {"tokens_per_s": b * (args.new_tokens - 1) / (tn - t1), "prefill_s": t1}
+        if cfg.is_moe:
+            out["routing"][str(b)] = hf_routing(model, cfg, prompts)
+    for n in args.ttft_tokens:
+        if deadline.left() < 60:
+            out["ttft_s"][str(n)] = None
+            continue
+        prompt = prompts_for(1, n).to(first)
+        out["ttft_s"][str(n)] = min(_wall(lambda p=prompt: hf_generate(model, p, 1), first) for _ in range(2))
+    model = None  # free its memory before ours start
+    gc.collect()
+    for d in devices:
+        if d.type == "cuda":
+            with torch.cuda.device(d):
+                torch.cuda.empty_cache()
+    return out
+
+
+def _wall(fn, device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+# --- ours ------------------------------------------------------------------------------------------------------------
+
+def placement_yaml(
+    name: str, ckpt: Path, batch_cap: int, chunk: int, max_seqs: int, token_budget: int, dry: bool, tmp: Path
+) -> Path:
+    """The example YAML with the checkpoint swapped for the random one and the batch knobs set for this run."""
+    spec = yaml.safe_load((EXAMPLES / PLACEMENTS[name][0]).read_text())
+    spec.update(checkpoint=str(ckpt), max_seqs=max_seqs, micro_batch_size=batch_cap, chunk_size=chunk,
+                token_budget=max(chunk, token_budget), dtype="float32" if dry else "bfloat16")
+    if dry:  # no GPUs: the same shards as CPU fractions, the layer ranges cut to the tiny model's layers
+        spec["resources"] = {"CPU": 0.5}
+        if isinstance(spec["stages"], list):
+            n = len(spec["stages"])
+            for i, stage in enumerate(spec["stages"]):
+                stage["layers"] = f"{i * 4 // n}-{(i + 1) * 4 // n - 1}"
+        for shard in (spec["stages"] if isinstance(spec["stages"], list) else []) + spec.get("expert_groups", []):
+            shard.pop("resources", None)
+    path = tmp / f"{name}-{ckpt.name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def decode_components(traces: list[dict], batch: int) -> dict:
+    """Mean per decode step: router wall time, each stage's compute span, time in expert dispatch, transport."""
+    steps = [t for t in traces if t["tokens"] == batch and t["sequences"] == batch]
+    if not steps:
+        return {}
+    step_ms = 1000 * sum(t["seconds"] for t in steps) / len(steps)
+    stage_ms: dict[str, float] = {}
+    expert_ms: dict[str, float] = {}
+    transport_ms: dict[str, float] = {}
+    for t in steps:
+        for s in t["stages"]:
+            k = f"stage{s['stage']}"
+            span = sum(sp["end"] - sp["start"] for sp in s.get("spans", []))
+            stage_ms[k] = stage_ms.get(k, 0.0) + 1000 * span / len(steps)
+            expert_ms[k] = expert_ms.get(k, 0.0) + 1000 * s.get("expert_seconds", 0.0) / len(steps)
+            tr = s.get("transport", {}).get("seconds", {})
+            transport_ms[k] = transport_ms.get(k, 0.0) + 1000 * sum(tr.values()) / len(steps)
+    # From the first stage's start to the last stage's end (one clock: the shards share the host); the rest of the
+    # step is the router's: planning, the Ray calls, sampling.
+    busy = sum(max(sp["end"] for s in t["stages"] for sp in s["spans"]) -
+               min(sp["start"] for s in t["stages"] for sp in s["spans"]) for t in steps) / len(steps)
+    return {"step_ms": round(step_ms, 3), "stage_compute_ms": _r(stage_ms), "expert_dispatch_ms": _r(expert_ms),
+            "transport_ms": _r(transport_ms), "stages_busy_ms": round(1000 * busy, 3),
+            "router_and_ray_ms": round(step_ms - 1000 * busy, 3)}
+
+
+def _r(d: dict) -> dict:
+    return {k: round(v, 3) for k, v in d.items()}
+
+
+def run_ours(name: str, throughput_ckpt: Path, long_ckpt: Path, cfg: ModelConfig, args, prompts_for, memory,
+             deadline: Deadline, tmp: Path) -> dict:
+    import ray
+
+    from cluster.sharded import ShardedCluster
+    from router.sampling import SamplingParams
+
+    row: dict = {"placement": name, "yaml": f"deploy/examples/{PLACEMENTS[name][0]}", "decode": {}, "ttft_s": {}}
+    memory.take()
+    cap = max(args.batches)
+    budget = cap * (args.prompt_tokens + 1)  # every prompt prefills in the first step: later steps are pure decode
+    path = placement_yaml(name, throughput_ckpt, cap, args.chunk, cap, budget, args.cpu_dry_run, tmp)
+    row["overrides"] = {"micro_batch_size": cap, "max_seqs": cap, "chunk_size": args.chunk, "token_budget": budget,
+                        "why": "one micro-batch per step: decode is bandwidth-bound and each micro-batch re-reads "
+                               "the weights; the step loop waits for all micro-batches, so more gain no overlap"}
+    t0 = time.perf_counter()
+    with ShardedCluster.start(path, step_timeout_s=300.0) as cluster:
+        row["start_s"] = round(time.perf_counter() - t0, 1)
+        row["shards"] = {k: v["gpu_ids"] for k, v in cluster.locations().items()}
+        params = lambda n: SamplingParams(max_tokens=n, ignore_eos=True)
+        cluster.generate(prompts_for(1, 16).tolist(), params(2))  # warm-up
+        last = None  # (batch, seconds) of the previous batch: predicts this one's time
+        for b in args.batches:
+            guess = 0.0 if last is None else last[1] * b / last[0]
+            if deadline.left() < 45 + guess:
+                row["decode"][str(b)] = {"skipped": f"time budget (expected {guess:.0f} s, {deadline.left():.0f} s left)"}
+                continue
+            prompts = prompts_for(b, args.prompt_tokens).tolist()
+            cluster.take_traces()
+            t = time.perf_counter()
+            cluster.generate(prompts, params(1))
+            t1 = time.perf_counter() - t
+            t = time.perf_counter()
+            cluster.generate(prompts, params(args.new_tokens))
+            tn = time.perf_counter() - t
+            last = (b, t1 + tn)
+            row["decode"][str(b)] = {"tokens_per_s": b * (args.new_tokens - 1) / (tn - t1), "prefill_s": t1,
+                                     "components": decode_components(cluster.take_traces(), b)}
+        row["expert_load"] = cluster.expert_load() if cfg.is_moe else None
+    ray.shutdown()
+    row["peak_gib_per_gpu_throughput"] = memory.take()
+    if deadline.left() < 60:
+        row["ttft_s"] = {"skipped": "time budget"}
+        return row
+    path = placement_yaml(name, long_ckpt, 1, args.chunk, 1, args.chunk, args.cpu_dry_run, tmp)
+    with ShardedCluster.start(path, step_timeout_s=300.0) as cluster:
+        cluster.generate(prompts_for(1, 16).tolist(), SamplingParams(max_tokens=2, ignore_eos=True))
+        for n in args.ttft_tokens:
+            prompt = prompts_for(1, n).tolist()
+            times = []
+            for _ in range(2):
+                t = time.perf_counter()
+                cluster.generate(prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+                times.append(time.perf_counter() - t)
+            row["ttft_s"][str(n)] = min(times)
+        stages = [h for k, h in cluster.shard_handles().items() if k.startswith("stage")]
+        cache = sum(ray.get([h.cache_bytes.remote() for h in stages]))
+        row["kv_bytes_per_sequence"] = cache  # max_seqs is 1: the whole cache is one sequence's
+        row["kv_bytes_if_unbounded_at_16k"] = 2 * cfg.n_layers * max(args.ttft_tokens) * cfg.n_kv_heads * cfg.head_dim * (
+            4 if args.cpu_dry_run else 2)
+    ray.shutdown()
+    row["peak_gib_per_gpu_long"] = memory.take()
+    return row
+
+
+# --- where a step's time goes, inside one shard ----------------------------------------------------------------------
+
+def profile_components(cfg: ModelConfig, device: torch.device, batches: list[int], layers: int, tmp: Path) -> dict:
+    """A few real-shaped layers in this process: GPU time of attention and of the feed-forward (CUDA events around
+    each module, idle gaps waiting for the host included, as in a real step), the whole step's wall time, and the
+    profiler's top kernels for one decode step."""
+    from shards.checkpoint import CheckpointReader, ShardSelection
+    from shards.kv_cache import RollingKVCache, StepBatch, StepLayout, cache_capacity
+    from shards.model import TransformerShard
+
+    small = replace(cfg, n_layers=layers, max_seq_len=1024)
+    ckpt = write_random_checkpoint(tmp / f"profile-{layers}", small, SEED, STD)
+    selection = ShardSelection.whole(small)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shard = TransformerShard.from_checkpoint(CheckpointReader(ckpt), selection, dtype, device)
+    capacity = cache_capacity(small.sliding_window, small.max_seq_len)
+    out = {"layers": layers}
+    events: dict[str, list] = {"attention": [], "ffn": []}
+    hooks = []
+    for layer in shard.layers.values():
+        ffn = layer.block_sparse_moe if small.is_moe else layer.mlp
+        for kind, module in (("attention", layer.self_attn), ("ffn", ffn)):
+            def pre(_m, _a, kind=kind):
+                if device.type == "cuda":
+                    e = torch.cuda.Event(enable_timing=True)
+                    e.record()
+                    events[kind].append([e, None])
+
+            def post(_m, _a, _o, kind=kind):
+                if device.type == "cuda":
+                    e = torch.cuda.Event(enable_timing=True)
+                    e.record()
+                    events[kind][-1][1] = e
+            hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    for b in batches:
+        cache = RollingKVCache(list(range(layers)), b, capacity, small.n_kv_heads, small.head_dim, dtype, device)
+        plen = min(512, capacity)
+        prefill = StepBatch(list(range(b)), [0] * b, [plen] * b, torch.randint(3, small.vocab_size, (b * plen,)))
+        decode = StepBatch(list(range(b)), [plen] * b, [1] * b, torch.randint(3, small.vocab_size, (b,)))
+
+        def step(batch, cache=cache):
+            layout = StepLayout.build(batch, capacity, small.sliding_window, small.head_dim, small.rope_theta, device)
+            h = shard.embed(batch.token_ids.to(device))
+            h = shard.run_layers(h, layout, cache)
+            return shard.logits(h[-1:])
+
+        with torch.inference_mode():
+            step(prefill)
+            for _ in range(3):
+                step(decode)
+            sync(device)
+            for v in events.values():
+                v.clear()
+            t0 = time.perf_counter()
+            for _ in range(5):
+                step(decode)
+            sync(device)
+            wall = (time.perf_counter() - t0) / 5
+            row = {"step_ms": round(1000 * wall, 3), "step_ms_per_layer": round(1000 * wall / layers, 3)}
+            for kind, pairs in events.items():
+                if pairs:
+                    row[f"{kind}_ms_per_layer"] = round(sum(a.elapsed_time(z) for a, z in pairs) / len(pairs), 4)
+            for v in events.values():
+                v.clear()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
+                    [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:
+                step(decode)
+                sync(device)
+            key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            averages = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
+            row["top_ops"] = [{"name": e.key[:80], "calls": e.count, "us": round(getattr(e, key, 0), 1),
+                               "cpu_us": round(e.self_cpu_time_total, 1)} for e in averages[:12]]
+            row["host_syncs"] = sum(e.count for e in prof.key_averages()
+                                    if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item",
+                                                 "aten::_local_scalar_dense"))
+        out[f"batch_{b}"] = row
+        cache = None
+    for h in hooks:
+        h.remove()
+    shard = None
+    return out
+
+
+# --- the table, the plot -------------------------------------------------------------------------------------------
+
+def summarise(model: str, cfg: ModelConfig, hw: dict, hf: dict, ours: list[dict], args) -> dict:
+    table = []
+    for b in args.batches:
+        distinct = (hf.get("routing", {}).get(str(b), {}).get("distinct_experts_per_layer")
+                    if cfg.is_moe else None)
+        if cfg.is_moe and distinct is None:  # no measurement: the expected count under uniform routing
+            k, e = cfg.num_experts_per_tok, cfg.num_experts
+            distinct = e * (1 - (1 - k / e) ** b)
+        wb = weight_bytes(cfg, distinct or 0)
+        limit = b / (wb["total"] / hw["hbm_bytes_per_s"])
+        theirs = hf.get("decode", {}).get(str(b), {}).get("tokens_per_s")
+        for r in ours:
+            mine = r.get("decode", {}).get(str(b), {}).get("tokens_per_s")
+            table.append({"what": f"decode b={b}", "placement": r["placement"], "ours": mine, "transformers": theirs,
+                          "limit": limit, "ours_vs_limit": mine / limit if mine else None,
+                          "ours_vs_transformers": mine / theirs if mine and theirs else None,
+                          "unit": "tokens/s", "bytes_per_step": wb["total"], "distinct_experts": distinct})
+    for n in args.ttft_tokens:
+        floor = prefill_flops(cfg, n) / hw["bf16_flop_per_s"]
+        theirs = hf.get("ttft_s", {}).get(str(n))
+        for r in ours:
+            mine = r.get("ttft_s", {}).get(str(n)) if isinstance(r.get("ttft_s"), dict) else None
+            table.append({"what": f"ttft {n}", "placement": r["placement"], "ours": mine, "transformers": theirs,
+                          "limit": floor, "ours_vs_limit": mine / floor if mine else None,
+                          "ours_vs_transformers": theirs / mine if mine and theirs else None, "unit": "s"})
+    return {"model": model, "config": cfg.to_hf_dict(), "transformers": hf, "ours": ours, "table": table}
+
+
+def print_table(result: dict) -> None:
+    print(f"\n== {result['model']} ==")
+    print(f"{'what':<16}{'placement':<20}{'ours':>10}{'transf.':>10}{'limit':>10}{'ours/limit':>12}{'vs transf.':>12}")
+    for t in result["table"]:
+        f = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"
+        print(f"{t['what']:<16}{t['placement']:<20}{f(t['ours'])+' ':>10}{f(t['transformers']):>10}{f(t['limit']):>10}"
+              f"{f(t['ours_vs_limit'], 3):>12}{f(t['ours_vs_transformers'], 2):>12}")
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 4.5), squeeze=False)
+    for ax, res in zip(axes[0], results):
+        rows = [t for t in res["table"] if t["what"].startswith("decode")]
+        batches = sorted({int(t["what"].split("=")[1]) for t in rows})
+        for placement in dict.fromkeys(t["placement"] for t in rows):
+            ys = [next((t["ours"] for t in rows if t["placement"] == placement and t["what"] == f"decode b={b}"), None)
+                  for b in batches]
+            ax.plot(batches, [y or math.nan for y in ys], marker="o", label=f"ours: {placement}")
+        for key, style, label in (("transformers", "k--", "transformers"), ("limit", "r:", "bandwidth roofline")):
+            ys = [next((t[key] for t in rows if t["what"] == f"decode b={b}"), None) for b in batches]
+            ax.plot(batches, [y or math.nan for y in ys], style, marker="x", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch (sequences decoding together)")
+        ax.set_ylabel("output tokens / s")
+        ax.set_title(f"{res['model']}: decode throughput, 512-token prompts")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# --- the load path ---------------------------------------------------------------------------------------------------
+
+def time_load_path(device: torch.device, tmp: Path, dry: bool) -> dict:
+    """Write a real safetensors checkpoint of a smaller real-shaped model (4 Mixtral layers) and load it back."""
+    from shards.checkpoint import CheckpointReader, ShardSelection, save_checkpoint
+    from shards.model import TransformerShard
+
+    cfg = replace(PRESETS["mixtral-8x7b"], n_layers=2)
+    if dry:
+        cfg = replace(cfg, dim=256, hidden_dim=512, n_heads=8, n_kv_heads=2, head_dim=32, vocab_size=1000)
+    selection = ShardSelection.whole(cfg)
+    tensors = {n: random_tensor(n, s, SEED, STD, torch.bfloat16, device).cpu()
+               for n, s in selection.tensor_shapes(cfg).items()}
+    t0 = time.perf_counter()
+    save_checkpoint(tmp / "load-path", cfg, tensors, max_shard_bytes=4 << 30)
+    write_s = time.perf_counter() - t0
+    nbytes = sum(t.nbytes for t in tensors.values())
+    del tensors
+    t0 = time.perf_counter()
+    shard = TransformerShard.from_checkpoint(CheckpointReader(tmp / "load-path"), selection, torch.bfloat16, device)
+    sync(device)
+    load_s = time.perf_counter() - t0
+    del shard
+    return {"layers": cfg.n_layers, "bytes": nbytes, "write_s": round(write_s, 2), "load_s": round(load_s, 2),
+            "load_gb_per_s": round(nbytes / load_s / 1e9, 2)}
+
+
+# --- main ------------------------------------------------------------------------------------------------------------
+
+def model_config(model: str, dry: bool, max_seq_len: int) -> ModelConfig:
+    cfg = PRESETS[MODELS[model]]
+    if dry:
+        cfg = replace(cfg, dim=128, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=16, hidden_dim=256, vocab_size=512,
+                      sliding_window=64)
+    return replace(cfg, max_seq_len=max_seq_len)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="bench/results/gpu_scale.json")
+    parser.add_argument("--models", nargs="*", default=["mistral", "mixtral"], choices=list(MODELS))
+    parser.add_argument("--placements", nargs="*", default=list(PLACEMENTS), choices=list(PLACEMENTS))
+    parser.add_argument("--batches", nargs="*", type=int, default=[1, 8, 32, 128])
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--ttft-tokens", nargs="*", type=int, default=[4096, 16384])
+    parser.add_argument("--chunk", type=int, default=4096, help="prefill chunk (at most the window)")
+    parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--profile-layers", type=int, default=4, help="layers in the one-process profile (0: none)")
+    parser.add_argument("--load-path", action="store_true", help="also write and load a real safetensors checkpoint")
+    parser.add_argument("--budget-s", type=float, default=560.0)
+    parser.add_argument("--cpu-dry-run", action="store_true", help="tiny shapes on CPU: checks the script runs")
+    args = parser.parse_args()
+    deadline = Deadline(args.budget_s)
+    dry = args.cpu_dry_run
+    if dry:
+        args.batches = sorted({min(b, 8) for b in args.batches})
+        args.prompt_tokens, args.new_tokens, args.ttft_tokens, args.chunk = 32, 4, [128, 256], 64
+    n_gpus = 0 if dry else torch.cuda.device_count()
+    devices = [torch.device("cpu")] if dry else [torch.device("cuda", i) for i in range(n_gpus)]
+    hw = measure_hardware(devices[0], dry)
+    print(f"hardware: {hw['hbm_bytes_per_s'] / 1e12:.2f} TB/s copy, {hw['bf16_flop_per_s'] / 1e12:.0f} TFLOP/s bf16",
+          flush=True)
+    memory = MemoryWatch(n_gpus)
+    results = []
+    gen = torch.Generator().manual_seed(1)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        load_path = time_load_path(devices[0], tmp, dry) if args.load_path else None
+
+        def prompts_for(b: int, n: int) -> torch.Tensor:
+            return torch.cat([torch.ones(b, 1, dtype=torch.long), torch.randint(3, 32000 if not dry else 512,
+                                                                                 (b, n - 1), generator=gen)], dim=1)
+
+        for model in args.models:
+            throughput_cfg = model_config(model, dry, args.prompt_tokens + args.new_tokens + 16)
+            long_cfg = model_config(model, dry, max(args.ttft_tokens) + 16)
+            tput_ckpt = write_random_checkpoint(tmp / f"{model}-throughput", throughput_cfg, SEED, STD)
+            long_ckpt = write_random_checkpoint(tmp / f"{model}-long", long_cfg, SEED, STD)
+            profile = None
+            if args.profile_layers and deadline.left() > 120:
+                try:
+                    profile = profile_components(long_cfg, devices[0], [1, 32] if not dry else [1, 4],
+                                                 args.profile_layers, tmp)
+                except Exception as e:  # noqa: BLE001
+                    profile = {"error": f"{type(e).__name__}: {e}"[:2000]}
+                print("profile:", json.dumps(profile)[:3000], flush=True)
+                gc.collect()
+                if devices[0].type == "cuda":
+                    torch.cuda.empty_cache()
+            hf: dict = {}
+            if not args.no_transformers and deadline.left() > 120:
+                hf_devices = devices[: min(2, len(devices))]
+                try:
+                    hf = run_hf(long_ckpt, long_cfg, hf_devices, args, prompts_for, deadline)
+                    hf["peak_gib_per_gpu"] = memory.take()
+                except Exception as e:  # noqa: BLE001 - record it and go on with ours
+                    hf = {"error": f"{type(e).__name__}: {e}"[:2000]}
+                print("transformers:", json.dumps(hf)[:1500], flush=True)
+            ours = []
+            for name in args.placements:
+                _, gpus, models = PLACEMENTS[name]
+                if model not in models:
+                    continue
+                if not dry and gpus > n_gpus:
+                    ours.append({"placement": name, "skipped": f"needs {gpus} GPUs, host has {n_gpus}"})
+                    continue
+                if deadline.left() < 90:
+                    ours.append({"placement": name, "skipped": "time budget"})
+                    continue
+                try:
+                    row = run_ours(name, tput_ckpt, long_ckpt, throughput_cfg, args, prompts_for, memory, deadline, tmp)
+                except Exception as e:  # noqa: BLE001 - record it and go on with the next placement
+                    row = {"placement": name, "error": f"{type(e).__name__}: {e}"[:2000]}
+                    with contextlib.suppress(Exception):
+                        import ray
+
+                        ray.shutdown()
+                ours.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k not in ("expert_load",)})[:3000], flush=True)
+            res = summarise(model, long_cfg, hw, hf, [r for r in ours if "decode" in r], args)
+            res["skipped_or_failed"] = [r for r in ours if "decode" not in r]
+            res["component_profile"] = profile
+            results.append(res)
+            print_table(res)
+    memory.stop()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    import transformers
+
+    result = {
+        "machine": {"gpus": [torch.cuda.get_device_name(i) for i in range(n_gpus)] or ["cpu dry run"],
+                    "torch": torch.__version__, "transformers": transformers.__version__,
+                    "host_cpus": os.cpu_count()},
+        "hardware": hw, "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "roofline_definition": "decode: batch / (weight bytes one step reads, each counted once: attention, norms, "
+                               "gates, the distinct experts the batch selects (measured from transformers' gates on "
+                               "the same weights), head) / measured copy bandwidth of one GPU. prefill: matmul FLOPs "
+                               "/ measured bf16 matmul rate of one GPU.",
+        "load_path": load_path, "models": results, "seconds": round(args.budget_s - deadline.left(), 1),
+    }
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(results, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')} in {result['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
