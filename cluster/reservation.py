@@ -144,6 +144,38 @@ def _not_placed(plan: PlacementPlan, nodes: list[dict[str, Any]], table: dict[st
             f"{', '.join(waiting)}; other placement groups or actors may hold those resources")
 
 
+def lost_bundles(table: dict[str, Any], bundles: list[dict[str, float]], nodes: list[dict[str, Any]]) -> dict[int, str]:
+    """Bundles that lost their node and that no alive node can take: index -> the resource missing, e.g.
+    `expert_node: 1 (no alive node has expert_node)`. `table` is `placement_group_table(pg)`, `nodes` `ray.nodes()`.
+
+    Room that the group's placed bundles hold on a node is not free for the lost ones; other actors' use counts as
+    free (it may end), so a bundle named here waits for a node to join, not for work to finish. Strict strategies'
+    one-node rules are not checked: such a bundle is not named, and waits for the load timeout.
+    """
+    alive = {n["NodeID"]: n.get("Resources", {}) for n in nodes if n.get("Alive", True)}
+    where = table.get("bundles_to_node_id", {})
+    room = {node: dict(resources) for node, resources in alive.items()}
+    for i, node in where.items():
+        if node in room:
+            for key, amount in bundles[i].items():
+                room[node][key] = room[node].get(key, 0.0) - amount
+    lost = {}
+    for i, bundle in enumerate(bundles):
+        if where.get(i) in alive or any(_fits(bundle, free) for free in room.values()):
+            continue
+        absent = [k for k in bundle if not any(resources.get(k, 0.0) > 0 for resources in alive.values())]
+        most = {k: max([0.0] + [free.get(k, 0.0) for free in room.values()]) for k in bundle}
+        short = [k for k, amount in bundle.items() if amount > most[k] + _EPS]
+        if absent:
+            lost[i] = ", ".join(f"{k}: {bundle[k]:g}" for k in absent) + f" (no alive node has {' or '.join(absent)})"
+        elif short:
+            lost[i] = ", ".join(f"{k}: {bundle[k]:g}" for k in short) + " (alive nodes have at most " + ", ".join(
+                f"{most[k]:g} {k}" for k in short) + " beside this model's other shards)"
+        else:
+            lost[i] = f"{_fmt(bundle)} (no alive node has all of it)"
+    return lost
+
+
 @contextmanager
 def ray_session(plan: PlacementPlan, address: str | None = None) -> Iterator[None]:
     """Join `address` (or RAY_ADDRESS), or start a local Ray with the CPUs and custom resources the plan asks for.

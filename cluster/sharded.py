@@ -63,8 +63,9 @@ class ShardedCluster:
             raise
 
     def _new_router(self, recover_on_start: bool):
-        # Beside whoever runs the model (the ingress, the CLI): not on a shard node that may be lost.
-        near_me = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+        # Beside whoever runs the model (the ingress, the CLI): not on a shard node that may be lost. Not soft: Ray
+        # places a soft-affine actor that asks for no resources on any node (about half the time, on Ray 2.60).
+        near_me = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
         router = ray.remote(RouterActor).options(
             num_cpus=0, max_concurrency=10_000, scheduling_strategy=near_me).remote(
             self.supervisor, self.plan, self.config, recover_on_start=recover_on_start, **self._router_options

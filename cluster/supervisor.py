@@ -13,15 +13,17 @@ import time
 import uuid
 
 import ray
+from ray.util.placement_group import placement_group_table
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.expert_actor import ExpertGroupActor
-from cluster.reservation import BUILTIN_RESOURCES
+from cluster.reservation import BUILTIN_RESOURCES, lost_bundles
 from cluster.stage_actor import StageActor
 
 
 class ShardsUnavailable(RuntimeError):
-    """A shard could not be (re)started in time; the message names it and the resources its bundle asks for."""
+    """A shard could not be (re)started: no alive node can take its bundle (the message names the resource missing),
+    or it was not up in time (the message names the resources its bundle asks for)."""
 
 
 class ShardSupervisor:
@@ -78,14 +80,29 @@ class ShardSupervisor:
         return handles
 
     def _wait_loaded(self, handles: list, names: list[str]) -> list[dict]:
+        """Every shard's location once it has loaded. A shard whose bundle lost its node, and that no alive node can
+        take, fails at once; others get the load timeout. Shards not up are killed, so a retry can reuse the names."""
         refs = [h.location.remote() for h in handles]
-        _, waiting = ray.wait(refs, num_returns=len(refs), timeout=self.load_timeout_s)
-        if waiting:
+        deadline = time.monotonic() + self.load_timeout_s
+        while True:
+            step = min(1.0, max(0.0, deadline - time.monotonic()))
+            _, waiting = ray.wait(refs, num_returns=len(refs), timeout=step)
+            if not waiting:
+                return ray.get(refs)
             missing = [names[refs.index(r)] for r in waiting]
-            asks = "; ".join(f"{n} needs {self.bundles[self.bundle_of[n]]}" for n in missing)
-            raise ShardsUnavailable(f"shards not up after {self.load_timeout_s:g} s: {asks} (is a node with those "
-                                    f"resources alive?)")
-        return ray.get(refs)
+            lost = lost_bundles(placement_group_table(self.placement_group), self.bundles, ray.nodes())
+            unplaceable = [n for n in missing if self.bundle_of[n] in lost]
+            if unplaceable or time.monotonic() >= deadline:
+                break
+        for r in waiting:
+            with contextlib.suppress(Exception):  # gone already
+                ray.kill(handles[refs.index(r)], no_restart=True)
+        if unplaceable:
+            raise ShardsUnavailable("; ".join(f"{n} cannot be placed until a node with its resources joins: "
+                                              f"{lost[self.bundle_of[n]]}" for n in unplaceable))
+        asks = "; ".join(f"{n} needs {self.bundles[self.bundle_of[n]]}" for n in missing)
+        raise ShardsUnavailable(f"shards not up after {self.load_timeout_s:g} s: {asks} (is a node with those "
+                                f"resources alive?)")
 
     def form_group(self, handles: list) -> None:
         """Every shard joins a fresh transport group at a new rendezvous address."""

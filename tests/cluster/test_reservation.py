@@ -16,7 +16,7 @@ from ray.util.placement_group import placement_group, placement_group_table, rem
 
 from cluster.cli import main
 from cluster.placement import PlacementError, load_placement, validate_against_model
-from cluster.reservation import check_against_cluster, reserve
+from cluster.reservation import check_against_cluster, lost_bundles, reserve
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"
 
@@ -93,6 +93,33 @@ def test_dead_nodes_do_not_count(tmp_path):
     plan = plan_from(tmp_path, "checkpoint: c\nstages: 1\nresources: {GPU: 1}\n")
     with pytest.raises(PlacementError, match="no node of the cluster has GPU"):
         check_against_cluster(plan, [node(2), node(2, alive=False, GPU=1)])
+
+
+# --- a reserved group whose node is lost (no Ray needed) ------------------------------------------------------------
+
+def lost_expert_node(*others: dict) -> list[dict]:
+    """The nodes after the expert node died: the stage node, the dead expert node, then `others`."""
+    return [{**node(2, stage_node=1), "NodeID": "s"}, {**node(2, alive=False, expert_node=1), "NodeID": "e"}, *others]
+
+
+def test_a_bundle_that_lost_its_node_names_the_resource_no_alive_node_has(tmp_path):
+    table = {"bundles_to_node_id": {0: "s", 1: "", 2: "s", 3: ""}}  # bundle order: stage0, experts0, stage1, ...
+    lost = lost_bundles(table, plan_from(tmp_path, PINNED).bundles(), lost_expert_node())
+    assert lost == {1: "expert_node: 0.5 (no alive node has expert_node)",
+                    3: "expert_node: 0.5 (no alive node has expert_node)"}
+
+
+def test_a_bundle_that_lost_its_node_is_not_named_while_an_alive_node_can_take_it(tmp_path):
+    table = {"bundles_to_node_id": {0: "s", 1: "", 2: "s", 3: ""}}
+    spare = {**node(2, expert_node=1), "NodeID": "spare"}
+    assert lost_bundles(table, plan_from(tmp_path, PINNED).bundles(), lost_expert_node(spare)) == {}
+
+
+def test_room_the_groups_placed_bundles_hold_is_not_free_for_a_lost_one(tmp_path):
+    table = {"bundles_to_node_id": {0: "s", 1: "", 2: "s", 3: "spare"}}  # experts1 already moved to the spare node
+    spare = {**node(2, expert_node=0.5), "NodeID": "spare"}
+    lost = lost_bundles(table, plan_from(tmp_path, PINNED).bundles(), lost_expert_node(spare))
+    assert lost == {1: "expert_node: 0.5 (alive nodes have at most 0 expert_node beside this model's other shards)"}
 
 
 # --- on a Ray cluster ------------------------------------------------------------------------------------------
