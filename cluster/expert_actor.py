@@ -31,7 +31,7 @@ class ExpertGroupActor(ShardActor):
         self.plan, self.index = plan, index
         self.selection = plan.expert_selection(index, self.config)
         self.model = ExpertShard.from_checkpoint(reader, self.selection, plan.torch_dtype, self.device)
-        self.received: list[dict] = []  # one record per message: (stage, layer, tokens, tokens per expert, seconds)
+        self.received: list[dict] = []  # one record per message: stage, layer, tokens, per_expert (counts), seconds
         self._threads: list[threading.Thread] = []
         self.errors: list[str] = []
 
@@ -68,11 +68,12 @@ class ExpertGroupActor(ShardActor):
                 x = transport.recv((n, dim), dtype, src, kind="expert_in")
                 t0 = time.perf_counter()
                 out = self.model(layer, x, ids, weights)
+                # Counted on the device before the sync below, read as numbers only when `trace` is asked for.
+                held = self.model.groups[str(layer)].tokens_per_expert(ids)
                 if self.device.type == "cuda":
                     torch.cuda.current_stream().synchronize()  # this thread's stream only, never the whole device
                 seconds = time.perf_counter() - t0
                 transport.send(out, src, kind="expert_out")
-                held = self.model.groups[str(layer)].tokens_per_expert(ids)
                 with self._lock:
                     self.received.append({"stage": src, "layer": layer, "tokens": n, "per_expert": held, "seconds": seconds})
         except Exception as e:  # noqa: BLE001 - reported through `trace` and health, never silently lost
@@ -92,6 +93,9 @@ class ExpertGroupActor(ShardActor):
         """Messages served since the last call (and any serving error)."""
         with self._lock:
             received, self.received = self.received, []
+        for record in received:
+            ids = self.model.groups[str(record["layer"])].expert_ids
+            record["per_expert"] = dict(zip(ids, record["per_expert"].tolist()))
         return {"group": self.index, "received": received, "errors": list(self.errors)}
 
     def serving(self) -> int:

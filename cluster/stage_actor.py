@@ -41,7 +41,7 @@ class StageActor(ShardActor):
         if self.n_groups:
             self.owner = expert_owners(
                 [(g.experts, g.layers) for g in plan.expert_groups], config.n_layers, config.num_experts
-            )
+            ).to(self.device)  # on the device once: no host-to-device copy per layer
         self._trace: dict = {}
 
     def peers(self) -> list[int]:
@@ -95,8 +95,12 @@ class StageActor(ShardActor):
         """Send each expert group only the tokens routed to it; sum what comes back in token order."""
         t0 = time.perf_counter()
         transport = self.transport
-        # Counted on the device and read once at the end of the step: no host sync per layer for a statistic.
-        choices = torch.bincount(ids.flatten(), minlength=self.config.num_experts)
+        # Counted on the device and read once at the end of the step: no host sync per layer for a statistic
+        # (scatter_add, not bincount, which reads the largest id back to the host on CUDA).
+        flat = ids.flatten()
+        choices = torch.zeros(self.config.num_experts, dtype=torch.long, device=ids.device).scatter_add_(
+            0, flat, torch.ones_like(flat)
+        )
         totals = self._trace["expert_choices"]
         totals[layer] = totals[layer] + choices if layer in totals else choices
         sent = []

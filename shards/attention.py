@@ -2,14 +2,17 @@
 
 A step packs many sequences into one token batch. Which query may see which key is described by an xformers
 attention-bias object built once per step (block-diagonal, causal from the bottom right, local window, padded keys).
-`packed_attention` runs xformers' fused kernel when it loads on this machine, otherwise a torch SDPA kernel that
-reads the same mask object and computes the same function.
+`packed_attention` runs xformers' fused kernel when it loads on this machine, otherwise torch SDPA computing the same
+function from an `AttentionPlan`: the mask object turned into device index tensors and masks once per step, so the
+layers themselves copy nothing from the host and never wait for it. A decode step attends over each sequence's
+rolling buffer in place.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -56,16 +59,27 @@ def xformers_kernels_available(device_type: str) -> bool:
 
 
 def packed_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: AttnBias, backend: str = "auto"
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: AttnBias, backend: str = "auto",
+    plan: AttentionPlan | None = None,
 ) -> torch.Tensor:
-    """q: (q_tokens, n_heads, head_dim); k, v: (kv_tokens, n_kv_heads, head_dim) -> (q_tokens, n_heads, head_dim)."""
+    """q: (q_tokens, n_heads, head_dim); k, v: (kv_tokens, n_kv_heads, head_dim) -> (q_tokens, n_heads, head_dim).
+
+    For a decode step k, v may also be (seqs, capacity, n_kv_heads, head_dim): each sequence's rolling buffer.
+    `plan` is the step's `AttentionPlan` for `bias`; without one it is built here (once per call).
+    """
     if backend == "auto":
         backend = "xformers" if xformers_kernels_available(q.device.type) else "torch"
+    if backend not in ("xformers", "torch"):
+        raise ValueError(f"unknown attention backend {backend!r}; use 'auto', 'xformers' or 'torch'")
+    if backend == "torch" and k.dim() == 4 and plan is not None and plan.decode_mask is not None:
+        return _decode_attention(q, k, v, plan)
+    if k.dim() == 4:
+        k, v = k.flatten(0, 1), v.flatten(0, 1)
     if backend == "xformers":
         return _xformers_attention(q, k, v, bias)
-    if backend == "torch":
-        return _torch_attention(q, k, v, bias)
-    raise ValueError(f"unknown attention backend {backend!r}; use 'auto', 'xformers' or 'torch'")
+    if plan is None or plan.groups is None:
+        plan = AttentionPlan.build(bias, q.device)
+    return _torch_attention(q, k, v, plan)
 
 
 def _xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: AttnBias) -> torch.Tensor:
@@ -108,50 +122,137 @@ def _blocks(bias: AttnBias) -> tuple[list[tuple[int, int]], list[tuple[int, int]
     return q_blocks, k_blocks, bottom_right, window
 
 
-def _torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: AttnBias) -> torch.Tensor:
-    q_blocks, k_blocks, bottom_right, window = _blocks(bias)
-    out = torch.empty_like(q)
-    # Decode tokens (one query) and prefill chunks are padded in separate groups, so one long chunk
-    # does not pad every decode token to its length.
-    singles = [i for i, (s, e) in enumerate(q_blocks) if e - s == 1]
-    others = [i for i, (s, e) in enumerate(q_blocks) if e - s != 1]
-    for group in (singles, others):
-        if group:
-            _attend_group(q, k, v, out, [q_blocks[i] for i in group], [k_blocks[i] for i in group], bottom_right, window)
-    return out
+def _pad(n: int, multiple: int = 16) -> int:
+    """Keys padded to a multiple of 16: the memory-efficient kernel would otherwise pad the mask on every call."""
+    return -(-n // multiple) * multiple
 
 
-def _attend_group(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    q_blocks: list[tuple[int, int]],
-    k_blocks: list[tuple[int, int]],
-    bottom_right: bool,
-    window: int | None,
-) -> None:
-    device = q.device
-    q_lens = torch.tensor([e - s for s, e in q_blocks], device=device)
-    k_lens = torch.tensor([e - s for s, e in k_blocks], device=device)
-    q_starts = torch.tensor([s for s, _ in q_blocks], device=device)
-    k_starts = torch.tensor([s for s, _ in k_blocks], device=device)
-    max_q, max_k = int(q_lens.max()), int(k_lens.max())
+@dataclass
+class _PaddedGroup:
+    """Sequences padded into one (seqs, queries, keys) box: one SDPA call."""
+
+    q_index: torch.Tensor | slice  # (seqs, max_q) packed query rows, or the one sequence's rows
+    k_index: torch.Tensor  # (seqs, max_k) packed key rows (padding points at row 0, masked out)
+    mask: torch.Tensor  # (seqs, 1, max_q, max_k) bool: which key each query may see
+    rows: int  # seqs * max_q: this group's rows in the concatenated output
+
+
+@dataclass
+class AttentionPlan:
+    """What the torch kernel needs for one step's mask, built once per step on the device and reused by every layer.
+
+    Decode tokens (one query) and prefill chunks are padded in separate groups, so one long chunk does not pad
+    every decode token to its length. A decode step over rolling buffers uses `decode_mask` instead.
+    """
+
+    groups: list[_PaddedGroup] | None  # None in a decode plan: only rolling buffers are attended
+    out_rows: torch.Tensor | None  # (q_tokens,) row of each packed query in the groups' output; None: identity
+    decode_mask: torch.Tensor | None = None  # (seqs, 1, 1, capacity) bool: buffer row < filled rows
+    _cache: dict = field(default_factory=dict)
+
+    @staticmethod
+    def build(bias: AttnBias, device: torch.device | str) -> AttentionPlan:
+        q_blocks, k_blocks, bottom_right, window = _blocks(bias)
+        singles = [i for i, (s, e) in enumerate(q_blocks) if e - s == 1]
+        others = [i for i, (s, e) in enumerate(q_blocks) if e - s != 1]
+        groups, base = [], 0
+        out_rows = [0] * sum(e - s for s, e in q_blocks)
+        for members in (singles, others):
+            if not members:
+                continue
+            qb, kb = [q_blocks[i] for i in members], [k_blocks[i] for i in members]
+            group = _padded_group(qb, kb, bottom_right, window, torch.device(device))
+            max_q = group.rows // len(members)
+            for b, (s, e) in enumerate(qb):
+                out_rows[s:e] = range(base + b * max_q, base + b * max_q + e - s)
+            groups.append(group)
+            base += group.rows
+        identity = base == len(out_rows) and out_rows == list(range(base))
+        rows = None if identity else torch.tensor(out_rows, dtype=torch.long, device=device)
+        return AttentionPlan(groups, rows)
+
+    @staticmethod
+    def for_decode(kv_lens: list[int], capacity: int, device: torch.device | str) -> AttentionPlan:
+        """A decode step over rolling buffers of `capacity` rows, the first `kv_len` of each filled."""
+        lens = torch.tensor(kv_lens, dtype=torch.long, device=device)
+        mask = torch.arange(capacity, device=device)[None, :] < lens[:, None]
+        return AttentionPlan(None, None, mask[:, None, None, :])
+
+    def additive(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`mask` as 0 / -inf in `dtype`, made by the step's first layer and reused by the others."""
+        key = (id(mask), dtype)
+        if key not in self._cache:
+            self._cache[key] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        return self._cache[key]
+
+    def kv_rows(self, group: _PaddedGroup, n_kv: int, q_per_kv: int) -> torch.Tensor:
+        """(seqs, max_k, n_heads) rows of k.view(-1, head_dim): gathers the padded keys and repeats each KV head
+        for its `q_per_kv` query heads in one kernel."""
+        key = (id(group), n_kv, q_per_kv)
+        if key not in self._cache:
+            heads = torch.arange(n_kv * q_per_kv, device=group.k_index.device) // q_per_kv
+            self._cache[key] = group.k_index[:, :, None] * n_kv + heads
+        return self._cache[key]
+
+
+def _padded_group(
+    q_blocks: list[tuple[int, int]], k_blocks: list[tuple[int, int]], bottom_right: bool, window: int | None,
+    device: torch.device,
+) -> _PaddedGroup:
+    q_lens, k_lens = [e - s for s, e in q_blocks], [e - s for s, e in k_blocks]
+    max_q, max_k = max(q_lens), _pad(max(k_lens))
+    starts = [[s for s, _ in q_blocks], [s for s, _ in k_blocks]]
+    q_len, k_len, q_start, k_start = torch.tensor([q_lens, k_lens, *starts], dtype=torch.long, device=device)
     qi = torch.arange(max_q, device=device)
     ki = torch.arange(max_k, device=device)
-    q_valid = qi[None, :] < q_lens[:, None]  # (B, max_q)
-    k_valid = ki[None, :] < k_lens[:, None]  # (B, max_k)
-    q_index = (q_starts[:, None] + qi[None, :]).clamp(max=q.shape[0] - 1)
-    k_index = (k_starts[:, None] + ki[None, :]).clamp(max=k.shape[0] - 1)
-    qb = q[q_index].transpose(1, 2)  # (B, n_heads, max_q, head_dim)
-    kb = k[k_index].transpose(1, 2)  # (B, n_kv_heads, max_k, head_dim)
-    vb = v[k_index].transpose(1, 2)
+    q_valid = qi[None, :] < q_len[:, None]  # (B, max_q)
+    k_valid = ki[None, :] < k_len[:, None]  # (B, max_k)
+    if len(q_blocks) == 1:
+        q_index: torch.Tensor | slice = slice(q_blocks[0][0], q_blocks[0][1])
+    else:
+        q_index = torch.where(q_valid, q_start[:, None] + qi[None, :], 0)
+    k_index = torch.where(k_valid, k_start[:, None] + ki[None, :], 0)
     # Position of each query on the key axis: bottom-right alignment puts the last query on the last key.
-    q_pos = qi[None, :] + ((k_lens - q_lens)[:, None] if bottom_right else 0)
+    q_pos = qi[None, :] + ((k_len - q_len)[:, None] if bottom_right else 0)
     allowed = k_valid[:, None, :] & (ki[None, None, :] <= q_pos[:, :, None])
     if window is not None:
         allowed &= q_pos[:, :, None] - ki[None, None, :] < window
-    allowed |= ~q_valid[:, :, None]  # padded query rows: any finite row, discarded below
-    o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=allowed[:, None], enable_gqa=qb.shape[1] != kb.shape[1])
-    o = o.transpose(1, 2)  # (B, max_q, n_heads, head_dim)
-    out[q_index[q_valid]] = o[q_valid]
+    allowed |= ~q_valid[:, :, None]  # padded query rows: any finite row, discarded
+    return _PaddedGroup(q_index, k_index, allowed[:, None], len(q_blocks) * max_q)
+
+
+def _torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+    n_heads, n_kv, head_dim = q.shape[1], k.shape[1], k.shape[2]
+    k_flat, v_flat = k.reshape(-1, head_dim), v.reshape(-1, head_dim)
+    outs = []
+    for group in plan.groups:
+        qb = q[group.q_index]
+        qb = qb[None] if isinstance(group.q_index, slice) else qb  # (B, max_q, n_heads, head_dim)
+        mask = plan.additive(group.mask, q.dtype)
+        if qb.shape[1] == 1:  # one query per sequence: its heads sharing a KV head are that head's query rows
+            kb, vb = k[group.k_index].transpose(1, 2), v[group.k_index].transpose(1, 2)  # (B, n_kv, max_k, head_dim)
+            o = F.scaled_dot_product_attention(qb.view(qb.shape[0], n_kv, -1, head_dim), kb, vb, attn_mask=mask)
+            outs.append(o.reshape(-1, n_heads, head_dim))
+            continue
+        # Keys expanded to the query heads here rather than `enable_gqa`: the memory-efficient kernel, the one that
+        # takes a mask on GPU, has no GQA, and SDPA would fall back to materialising every (head, q, k) score.
+        rows = plan.kv_rows(group, n_kv, n_heads // n_kv)
+        kb, vb = k_flat[rows], v_flat[rows]  # (B, max_k, n_heads, head_dim)
+        o = F.scaled_dot_product_attention(qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2), attn_mask=mask)
+        outs.append(o.transpose(1, 2).reshape(-1, n_heads, head_dim))  # (B * max_q, n_heads, head_dim)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out if plan.out_rows is None else out[plan.out_rows]
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+    """One query per sequence over its rolling buffer, k, v: (seqs, capacity, n_kv_heads, head_dim).
+
+    The `n_heads // n_kv_heads` query heads sharing a KV head become that head's query rows, so SDPA needs neither
+    GQA nor a causal mask: every filled row of the buffer is in the window. The rows are not in position order once
+    the buffer wraps, which attention (a weighted set) does not see; the rotary was applied when they were written.
+    """
+    seqs, _, n_kv, head_dim = k.shape
+    qg = q.view(seqs, n_kv, q.shape[1] // n_kv, head_dim)
+    mask = plan.additive(plan.decode_mask, q.dtype)  # (seqs, 1, 1, capacity)
+    o = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return o.reshape(q.shape)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shards.attention import AttnBias, decode_bias, prefill_bias
+from shards.attention import AttentionPlan, AttnBias, decode_bias, prefill_bias
 from shards.layers import rotary_cos_sin
 
 
@@ -61,7 +61,9 @@ class StepLayout:
     sin: torch.Tensor  # (tokens, head_dim)
     write_rows: torch.Tensor  # (tokens,) flat cache row (slot * capacity + pos % capacity) of each new token
     bias: AttnBias
+    attention: AttentionPlan  # the torch kernel's view of `bias`, built once for every layer
     decode_slots: torch.Tensor | None  # decode step: keys are these slots' buffers, used in place
+    decode_range: slice | None  # the same slots when they are one ascending run: read as a view, no gather
     read_rows: torch.Tensor | None  # prefill step: flat cache rows of the cached keys, in position order
     read_dst: torch.Tensor | None  # where those cached keys go in the packed key tensor
     new_dst: torch.Tensor | None  # where the new keys go in the packed key tensor
@@ -89,9 +91,13 @@ class StepLayout:
         }
         if batch.is_decode:
             kv_lens = [min(start + 1, capacity) for start in batch.starts]
+            first = batch.slots[0]
+            run = batch.slots == list(range(first, first + len(batch.slots)))
             return StepLayout(
                 **common, bias=decode_bias(kv_lens, capacity),
+                attention=AttentionPlan.for_decode(kv_lens, capacity, device),
                 decode_slots=torch.tensor(batch.slots, dtype=torch.long, device=device),
+                decode_range=slice(first, first + len(batch.slots)) if run else None,
                 read_rows=None, read_dst=None, new_dst=None, n_keys=capacity * len(kv_lens),
             )
         read_rows, read_dst, new_dst, kv_lens = [], [], [], []
@@ -104,8 +110,9 @@ class StepLayout:
             kv_lens.append(cached + n)
             offset += cached + n
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)
+        bias = prefill_bias(batch.lengths, kv_lens, window)
         return StepLayout(
-            **common, bias=prefill_bias(batch.lengths, kv_lens, window), decode_slots=None,
+            **common, bias=bias, attention=AttentionPlan.build(bias, device), decode_slots=None, decode_range=None,
             read_rows=as_long(read_rows), read_dst=as_long(read_dst), new_dst=as_long(new_dst), n_keys=offset,
         )
 
@@ -138,15 +145,21 @@ class RollingKVCache:
     def update_and_read(
         self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, layout: StepLayout
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's keys/values and return the keys/values the step's queries attend over."""
+        """Store this step's keys/values and return the keys/values the step's queries attend over.
+
+        Decode: each sequence's whole rolling buffer, (seqs, capacity, n_kv_heads, head_dim). Prefill: the packed
+        keys, (n_keys, n_kv_heads, head_dim), each sequence's cached window in position order then its new tokens.
+        """
         i = self._index[layer]
         k_rows, v_rows = self.k[i], self.v[i]
         if layout.decode_slots is not None:
             k_rows.index_copy_(0, layout.write_rows, k_new)
             v_rows.index_copy_(0, layout.write_rows, v_new)
-            view = (-1, self.capacity) + tuple(k_rows.shape[1:])
+            view = (-1, self.capacity) + tuple(k_rows.shape[1:])  # (slots, capacity, n_kv_heads, head_dim)
+            if layout.decode_range is not None:
+                return k_rows.view(view)[layout.decode_range], v_rows.view(view)[layout.decode_range]
             slots = layout.decode_slots
-            return k_rows.view(view)[slots].flatten(0, 1), v_rows.view(view)[slots].flatten(0, 1)
+            return k_rows.view(view).index_select(0, slots), v_rows.view(view).index_select(0, slots)
         # Prefill: read the cached window in position order *before* this chunk overwrites it.
         keys = k_new.new_empty((layout.n_keys,) + tuple(k_new.shape[1:]))
         values = torch.empty_like(keys)

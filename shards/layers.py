@@ -1,6 +1,7 @@
 """The transformer's building blocks: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
 
-Parameter names follow the Hugging Face layout, so a shard's state dict is the checkpoint's tensors as they are.
+Parameter names follow the Hugging Face layout, so a shard's state dict is the checkpoint's tensors as they are
+(the MoE experts, stacked per layer, live in `shards.moe`).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class Attention(nn.Module):
         q = apply_rotary(q, layout.cos, layout.sin)
         k = apply_rotary(k, layout.cos, layout.sin)
         keys, values = cache.update_and_read(layer, k, v, layout)
-        out = packed_attention(q, keys, values, layout.bias, self.backend)
+        out = packed_attention(q, keys, values, layout.bias, self.backend, layout.attention)
         return self.o_proj(out.reshape(tokens, self.n_heads * self.head_dim))
 
 
@@ -82,15 +83,3 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
-
-class Expert(nn.Module):
-    """One Mixtral expert: the same SwiGLU, named w1 (gate), w3 (up), w2 (down) as in the checkpoints."""
-
-    def __init__(self, dim: int, hidden_dim: int) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -28,7 +28,7 @@ class MoEBlock(nn.Module):
     def __init__(self, config: ModelConfig, expert_ids: list[int]) -> None:
         super().__init__()
         self.gate = Gate(config.dim, config.num_experts, config.num_experts_per_tok)
-        self.experts = ExpertGroup(config.dim, config.hidden_dim, expert_ids)
+        self.experts = ExpertGroup(config.dim, config.hidden_dim, expert_ids, config.num_experts)
 
 
 class DecoderLayer(nn.Module):
@@ -84,7 +84,15 @@ class TransformerShard(nn.Module):
         with torch.device("meta"):
             shard = TransformerShard(reader.config, selection, attention_backend)
         tensors = reader.load(selection, dtype=dtype, device=device)
-        shard.load_state_dict(_module_names(tensors), strict=True, assign=True)
+        for i, layer in shard.layers.items():
+            if hasattr(layer, "block_sparse_moe"):
+                prefix = f"model.layers.{i}.block_sparse_moe.experts."
+                layer.block_sparse_moe.experts.load_experts(tensors, prefix, dtype, device)
+        # strict=False: the stacked experts are already in place; `_check_loaded` catches anything left empty.
+        unexpected = shard.load_state_dict(_module_names(tensors), strict=False, assign=True).unexpected_keys
+        if unexpected:
+            raise KeyError(f"checkpoint tensors this shard has no place for: {unexpected[:3]}")
+        _check_loaded(shard)
         return shard.eval()
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -108,7 +116,10 @@ class ExpertShard(nn.Module):
         super().__init__()
         self.config = config
         self.groups = nn.ModuleDict(
-            {str(layer): ExpertGroup(config.dim, config.hidden_dim, list(ids)) for layer, ids in selection.experts.items()}
+            {
+                str(layer): ExpertGroup(config.dim, config.hidden_dim, list(ids), config.num_experts)
+                for layer, ids in selection.experts.items()
+            }
         )
 
     @staticmethod
@@ -118,11 +129,11 @@ class ExpertShard(nn.Module):
         with torch.device("meta"):
             shard = ExpertShard(reader.config, selection)
         tensors = reader.load(selection, dtype=dtype, device=device)
-        names = {
-            "groups." + name.removeprefix("model.layers.").replace(".block_sparse_moe.experts.", ".experts."): t
-            for name, t in tensors.items()
-        }
-        shard.load_state_dict(names, strict=True, assign=True)
+        for layer, group in shard.groups.items():
+            group.load_experts(tensors, f"model.layers.{layer}.block_sparse_moe.experts.", dtype, device)
+        if tensors:
+            raise KeyError(f"checkpoint tensors outside the expert selection: {sorted(tensors)[:3]}")
+        _check_loaded(shard)
         return shard.eval()
 
     def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -131,9 +142,11 @@ class ExpertShard(nn.Module):
 
 def _module_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Checkpoint names -> this module's parameter names (layers are keyed by their global index)."""
-    out = {}
-    for name, t in tensors.items():
-        name = name.removeprefix("model.")
-        name = name.replace(".block_sparse_moe.experts.", ".block_sparse_moe.experts.experts.")
-        out[name] = t
-    return out
+    return {name.removeprefix("model."): t for name, t in tensors.items()}
+
+
+def _check_loaded(shard: nn.Module) -> None:
+    """Every parameter was filled from the checkpoint (the experts were stacked first, the rest assigned by name)."""
+    missing = [name for name, p in shard.named_parameters() if p.is_meta]
+    if missing:
+        raise KeyError(f"parameters missing from the checkpoint: {missing[:3]}")

@@ -1,15 +1,18 @@
 """Sparse mixture of experts with top-k routing (Mixtral: 8 experts, top-2).
 
 The gate and the experts are separate pieces so that the experts of one layer can live on other GPUs than the
-gate: `route` runs where the layer's attention runs, `ExpertGroup` runs wherever its experts were placed.
+gate: `Gate` runs where the layer's attention runs, `ExpertGroup` runs wherever its experts were placed.
+
+An `ExpertGroup` keeps its experts' weights stacked (Hugging Face's `gate_up_proj` / `down_proj` layout) and runs
+them all with two grouped GEMMs over the (token, choice) pairs sorted by expert: a fixed number of kernels and no
+host-device synchronisation per layer, however the gate routed the tokens.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-
-from shards.layers import Expert
 
 
 class Gate(nn.Module):
@@ -30,31 +33,106 @@ class Gate(nn.Module):
         return ids, weights.to(x.dtype)
 
 
-class ExpertGroup(nn.Module):
-    """Some of one layer's experts. Runs only the experts that received tokens, on only those tokens."""
+def grouped_mm_supported(x: torch.Tensor, hidden_dim: int) -> bool:
+    """Whether `torch._grouped_mm` runs these experts here without a host sync.
 
-    def __init__(self, dim: int, hidden_dim: int, expert_ids: list[int]) -> None:
+    On CUDA only bf16 has a grouped kernel (Hopper and later); other dtypes take a fallback that copies the
+    offsets to the host. Two-byte dtypes need rows aligned to 16 bytes.
+    """
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cuda" and x.dtype != torch.bfloat16:
+        return False
+    if x.device.type not in ("cpu", "cuda"):
+        return False
+    return (x.shape[-1] * x.element_size()) % 16 == 0 and (hidden_dim * x.element_size()) % 16 == 0
+
+
+class ExpertGroup(nn.Module):
+    """Some of one layer's experts, as stacked SwiGLU weights. Runs only on the tokens that chose them."""
+
+    def __init__(self, dim: int, hidden_dim: int, expert_ids: list[int], num_experts: int) -> None:
         super().__init__()
         self.expert_ids = sorted(expert_ids)
-        self.experts = nn.ModuleDict({str(e): Expert(dim, hidden_dim) for e in self.expert_ids})
+        if self.expert_ids and not (0 <= self.expert_ids[0] and self.expert_ids[-1] < num_experts):
+            raise ValueError(f"expert ids {self.expert_ids} out of range for {num_experts} experts")
+        self.num_experts, self.hidden_dim = num_experts, hidden_dim
+        n = len(self.expert_ids)
+        self.w13 = nn.Parameter(torch.empty(n, 2 * hidden_dim, dim))  # per expert cat(w1 gate, w3 up) rows
+        self.w2 = nn.Parameter(torch.empty(n, dim, hidden_dim))  # per expert down projection
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def load_experts(
+        self, tensors: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype | None, device: torch.device | str
+    ) -> None:
+        """Stack `{prefix}{e}.w1/w3/w2.weight` of the held experts into w13/w2, popping each from `tensors`.
+
+        Each expert's tensors are freed as soon as they are copied in, so loading needs one layer's experts extra.
+        """
+        if self.expert_ids:
+            first = tensors[f"{prefix}{self.expert_ids[0]}.w1.weight"]
+            dtype, device = first.dtype, first.device
+        like = {"dtype": dtype or torch.float32, "device": device}
+        w13 = torch.empty(self.w13.shape, **like)
+        w2 = torch.empty(self.w2.shape, **like)
+        h = self.hidden_dim
+        for i, e in enumerate(self.expert_ids):
+            w13[i, :h].copy_(tensors.pop(f"{prefix}{e}.w1.weight"))
+            w13[i, h:].copy_(tensors.pop(f"{prefix}{e}.w3.weight"))
+            w2[i].copy_(tensors.pop(f"{prefix}{e}.w2.weight"))
+        self.w13 = nn.Parameter(w13, requires_grad=False)
+        self.w2 = nn.Parameter(w2, requires_grad=False)
+        self._local_index(w13.device)  # made now: a host-to-device copy, kept out of the first forward
+
+    def _local_index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(global expert id -> local index table, with `n_local` for experts not held; 1..n_local bounds)."""
+        if device not in self._tables:
+            n = len(self.expert_ids)
+            table = torch.full((self.num_experts,), n, dtype=torch.long)
+            table[self.expert_ids] = torch.arange(n)
+            self._tables[device] = (table.to(device), torch.arange(1, n + 1, device=device))
+        return self._tables[device]
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: (tokens, dim); ids, weights: (tokens, k). Returns the weighted sum over this group's chosen experts.
 
         Choices of experts outside the group contribute nothing here; another group adds them.
         """
-        out = torch.zeros_like(x)
-        for expert_id, token_idx, weight in self.assignments(ids, weights):
-            expert = self.experts[str(expert_id)]
-            out.index_add_(0, token_idx, expert(x[token_idx]) * weight[:, None])
-        return out
+        if grouped_mm_supported(x, self.hidden_dim) and self.expert_ids:
+            return self.forward_grouped(x, ids, weights)
+        return self.forward_loop(x, ids, weights)
 
-    def assignments(self, ids: torch.Tensor, weights: torch.Tensor):
-        """(expert id, token indexes, routing weights) for each held expert that at least one token chose."""
-        for expert_id in self.expert_ids:
+    def forward_grouped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        tokens, k = ids.shape
+        n_local = len(self.expert_ids)
+        table, bounds = self._local_index(x.device)
+        # Sort the (token, choice) pairs by local expert; pairs of experts not held sort last, past offs[-1].
+        local, order = torch.sort(table[ids].flatten(), stable=True)  # (tokens * k,)
+        offs = torch.searchsorted(local, bounds, out_int32=True)  # (n_local,) end of each expert's rows
+        xs = x.index_select(0, order // k)  # (tokens * k, dim)
+        gate, up = torch._grouped_mm(xs, self.w13.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+        ys = torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(-2, -1), offs=offs)  # (tokens * k, dim)
+        ys = ys * weights.flatten().index_select(0, order)[:, None]
+        if n_local < self.num_experts:
+            # Rows past offs[-1] belong to experts not held; the kernel leaves them unwritten (any bits, NaN too).
+            ys = torch.where((local < n_local)[:, None], ys, 0)
+        # Back to (token, choice) order and sum over the k choices: no atomics, the same sum order every run.
+        return ys.new_empty(ys.shape).index_copy_(0, order, ys).view(tokens, k, -1).sum(dim=1)
+
+    def forward_loop(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """One expert at a time (a host sync per expert on GPU): the reference, and the path without grouped GEMM."""
+        out = torch.zeros_like(x)
+        for i, expert_id in enumerate(self.expert_ids):
             token_idx, choice = torch.nonzero(ids == expert_id, as_tuple=True)
             if token_idx.numel():
-                yield expert_id, token_idx, weights[token_idx, choice]
+                gate, up = F.linear(x[token_idx], self.w13[i]).chunk(2, dim=-1)
+                y = F.linear(F.silu(gate) * up, self.w2[i])
+                out.index_add_(0, token_idx, y * weights[token_idx, choice][:, None])
+        return out
 
-    def tokens_per_expert(self, ids: torch.Tensor) -> dict[int, int]:
-        return {e: int((ids == e).sum()) for e in self.expert_ids}
+    def tokens_per_expert(self, ids: torch.Tensor) -> torch.Tensor:
+        """(held experts,) int64 on ids' device: how many tokens chose each held expert. Read it when convenient."""
+        table, _ = self._local_index(ids.device)
+        local = table[ids].flatten()
+        counts = torch.zeros(len(self.expert_ids) + 1, dtype=torch.long, device=ids.device)
+        return counts.scatter_add_(0, local, torch.ones_like(local))[:-1]

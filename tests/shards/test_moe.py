@@ -1,20 +1,57 @@
-"""Top-2 routing and expert groups: only chosen experts run, on only their tokens, combined in token order."""
+"""Top-2 routing and expert groups: stacked experts run with grouped GEMMs, each token's choices summed in order."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 
+from shards import moe
 from shards.moe import ExpertGroup, Gate
 
 DIM, HIDDEN, EXPERTS = 16, 24, 6
 
 
-def make_group(ids, seed=0):
-    torch.manual_seed(seed)
-    group = ExpertGroup(DIM, HIDDEN, ids)
-    for p in group.parameters():
-        torch.nn.init.normal_(p, std=0.3)
+def expert_weights(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Checkpoint-named w1/w3/w2 of every expert of one layer."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for e in range(EXPERTS):
+        out[f"experts.{e}.w1.weight"] = torch.randn(HIDDEN, DIM, generator=gen) * 0.3
+        out[f"experts.{e}.w3.weight"] = torch.randn(HIDDEN, DIM, generator=gen) * 0.3
+        out[f"experts.{e}.w2.weight"] = torch.randn(DIM, HIDDEN, generator=gen) * 0.3
+    return out
+
+
+def make_group(ids, seed=0, dtype=torch.float32) -> ExpertGroup:
+    with torch.device("meta"):
+        group = ExpertGroup(DIM, HIDDEN, ids, EXPERTS)
+    tensors = {k: v.to(dtype) for k, v in expert_weights(seed).items()}
+    group.load_experts(tensors, "experts.", dtype, "cpu")
     return group
+
+
+def routing(tokens: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, DIM, generator=gen)
+    first = torch.randint(0, EXPERTS, (tokens,), generator=gen)
+    second = (first + 1 + torch.randint(0, EXPERTS - 1, (tokens,), generator=gen)) % EXPERTS  # two distinct experts
+    weights = torch.softmax(torch.randn(tokens, 2, generator=gen), dim=-1)
+    return x, torch.stack([first, second], dim=1), weights
+
+
+def reference(x, ids, weights, held, seed=0) -> torch.Tensor:
+    """Token by token, choice by choice, with the checkpoint's own w1/w3/w2 (float64)."""
+    w = {k: v.double() for k, v in expert_weights(seed).items()}
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if e in held:
+                xt = x[t].double()
+                h = F.silu(w[f"experts.{e}.w1.weight"] @ xt) * (w[f"experts.{e}.w3.weight"] @ xt)
+                out[t] += weights[t, j].double() * (w[f"experts.{e}.w2.weight"] @ h)
+    return out
 
 
 def test_gate_weights_are_a_softmax_over_the_chosen_two():
@@ -29,29 +66,78 @@ def test_gate_weights_are_a_softmax_over_the_chosen_two():
     assert torch.allclose(weights, expected, atol=1e-6)
 
 
-def test_only_experts_with_tokens_run_and_only_on_their_tokens():
-    group = make_group(list(range(EXPERTS)))
-    calls = {}
-    for e, expert in group.experts.items():
-        expert.register_forward_hook(lambda m, inp, out, e=e: calls.setdefault(int(e), []).append(inp[0].shape[0]))
-    ids = torch.tensor([[0, 2], [2, 0], [4, 2], [0, 4]])
-    weights = torch.full((4, 2), 0.5)
-    group(torch.randn(4, DIM), ids, weights)
-    assert calls == {0: [3], 2: [3], 4: [2]}  # experts 1, 3, 5 received no token and never ran
+def test_loading_stacks_experts_in_hugging_face_gate_up_layout_and_frees_the_per_expert_tensors():
+    tensors = expert_weights()
+    tensors["other"] = torch.zeros(1)
+    with torch.device("meta"):
+        group = ExpertGroup(DIM, HIDDEN, [4, 1], EXPERTS)
+    group.load_experts(tensors, "experts.", torch.float32, "cpu")
+    ref = expert_weights()
+    assert group.expert_ids == [1, 4]
+    assert torch.equal(group.w13[1], torch.cat([ref["experts.4.w1.weight"], ref["experts.4.w3.weight"]]))
+    assert torch.equal(group.w2[0], ref["experts.1.w2.weight"])
+    assert set(tensors) == {"other"} | {k for k in ref if k.split(".")[1] not in ("1", "4")}
+
+
+@pytest.mark.parametrize("held", [list(range(EXPERTS)), [0, 1, 2], [1, 3, 4], [5]], ids=["all", "low", "gaps", "one"])
+def test_grouped_experts_match_the_token_by_token_mixture_of_the_held_experts(held):
+    x, ids, weights = routing(13, seed=len(held))
+    ours = make_group(held).forward_grouped(x, ids, weights)
+    assert torch.allclose(ours.double(), reference(x, ids, weights, set(held)), atol=1e-5)
+
+
+@pytest.mark.parametrize("held", [list(range(EXPERTS)), [0, 2, 5]])
+def test_grouped_experts_match_the_per_expert_loop(held):
+    group = make_group(held, seed=2)
+    x, ids, weights = routing(33, seed=3)
+    assert torch.allclose(group.forward_grouped(x, ids, weights), group.forward_loop(x, ids, weights), atol=1e-6)
+
+
+def test_grouped_experts_match_the_per_expert_loop_in_bfloat16():
+    group = make_group([0, 2, 3, 5], seed=4, dtype=torch.bfloat16)
+    x, ids, weights = routing(40, seed=5)
+    x, weights = x.bfloat16(), weights.bfloat16()
+    grouped, loop = group.forward_grouped(x, ids, weights), group.forward_loop(x, ids, weights)
+    assert grouped.dtype == torch.bfloat16
+    assert torch.allclose(grouped.float(), loop.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_choices_of_experts_not_held_contribute_exactly_zero_even_if_the_kernel_leaves_garbage(monkeypatch):
+    real = torch._grouped_mm
+
+    def garbage_past_offs(a, b, offs):
+        out = real(a, b, offs=offs)
+        out[int(offs[-1]):] = float("nan")  # what an uninitialised tail may hold
+        return out
+
+    monkeypatch.setattr(torch, "_grouped_mm", garbage_past_offs)
+    group = make_group([1, 3])
+    x, _, weights = routing(4, seed=6)
+    ids = torch.tensor([[0, 2], [1, 5], [4, 3], [2, 0]])  # tokens 0 and 3 chose no held expert
+    out = group.forward_grouped(x, ids, weights)
+    assert torch.equal(out[0], torch.zeros(DIM)) and torch.equal(out[3], torch.zeros(DIM))
+    assert torch.allclose(out.double(), reference(x, ids, weights, {1, 3}), atol=1e-5)
 
 
 def test_groups_split_across_experts_sum_to_the_dense_mixture():
-    full = make_group(list(range(EXPERTS)), seed=1)
-    low, high = make_group([0, 1, 2]), make_group([3, 4, 5])
-    for e in range(EXPERTS):
-        part = low if e < 3 else high
-        part.experts[str(e)].load_state_dict(full.experts[str(e)].state_dict())
-    x = torch.randn(9, DIM)
-    ids = torch.randint(0, EXPERTS, (9, 2))
-    ids[:, 1] = (ids[:, 0] + 1 + torch.randint(0, EXPERTS - 1, (9,))) % EXPERTS  # two distinct experts per token
-    weights = torch.softmax(torch.randn(9, 2), dim=-1)
-    dense = torch.stack([
-        sum(weights[t, j] * full.experts[str(int(ids[t, j]))](x[t : t + 1])[0] for j in range(2)) for t in range(9)
-    ])
-    assert torch.allclose(full(x, ids, weights), dense, atol=1e-5)
-    assert torch.allclose(low(x, ids, weights) + high(x, ids, weights), dense, atol=1e-5)
+    full, low, high = make_group(list(range(EXPERTS))), make_group([0, 2, 4]), make_group([1, 3, 5])
+    x, ids, weights = routing(9, seed=7)
+    dense = reference(x, ids, weights, set(range(EXPERTS)))
+    assert torch.allclose(full(x, ids, weights).double(), dense, atol=1e-5)
+    assert torch.allclose((low(x, ids, weights) + high(x, ids, weights)).double(), dense, atol=1e-5)
+
+
+def test_without_grouped_gemm_the_group_runs_one_expert_at_a_time(monkeypatch):
+    group = make_group([0, 2, 4])
+    x, ids, weights = routing(11, seed=8)
+    expected = group.forward_grouped(x, ids, weights)
+    monkeypatch.delattr(torch, "_grouped_mm")
+    assert not moe.grouped_mm_supported(x, HIDDEN)
+    assert torch.allclose(group(x, ids, weights), expected, atol=1e-6)
+
+
+def test_tokens_per_expert_counts_only_held_experts_on_the_device():
+    group = make_group([1, 3, 4])
+    ids = torch.tensor([[1, 0], [3, 1], [4, 1], [2, 5]])
+    counts = group.tokens_per_expert(ids)
+    assert isinstance(counts, torch.Tensor) and counts.tolist() == [3, 1, 1]
