@@ -19,7 +19,6 @@ One script, one run (under 10 minutes on two H200s; on one GPU the two-GPU place
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import math
@@ -128,7 +127,7 @@ class MemoryWatch:
         self.n = n_gpus
         self.peak = [0] * n_gpus
         self._stop = threading.Event()
-        self._read = self._reader()
+        self.read = self._reader()
         self._thread = threading.Thread(target=self._run, daemon=True)
         if n_gpus:
             self._thread.start()
@@ -149,12 +148,12 @@ class MemoryWatch:
     def _run(self) -> None:
         while not self._stop.wait(0.02):
             for i in range(self.n):
-                self.peak[i] = max(self.peak[i], self._read(i))
+                self.peak[i] = max(self.peak[i], self.read(i))
 
     def take(self) -> list[float]:
         """Peak GiB per GPU since the last call."""
         out = [round(p / 2**30, 2) for p in self.peak]
-        self.peak = [self._read(i) for i in range(self.n)] if self.n else []
+        self.peak = [self.read(i) for i in range(self.n)] if self.n else []
         return out
 
     def stop(self) -> None:
@@ -370,7 +369,7 @@ def run_ours(name: str, throughput_ckpt: Path, long_ckpt: Path, cfg: ModelConfig
             row["decode"][str(b)] = {"tokens_per_s": b * (args.new_tokens - 1) / (tn - t1), "prefill_s": t1,
                                      "components": decode_components(cluster.take_traces(), b)}
         row["expert_load"] = cluster.expert_load() if cfg.is_moe else None
-    ray.shutdown()
+    wait_until_gpus_free(memory)
     row["peak_gib_per_gpu_throughput"] = memory.take()
     if deadline.left() < 60:
         row["ttft_s"] = {"skipped": "time budget"}
@@ -391,7 +390,6 @@ def run_ours(name: str, throughput_ckpt: Path, long_ckpt: Path, cfg: ModelConfig
         row["kv_bytes_per_sequence"] = cache  # max_seqs is 1: the whole cache is one sequence's
         row["kv_bytes_if_unbounded_at_16k"] = 2 * cfg.n_layers * max(args.ttft_tokens) * cfg.n_kv_heads * cfg.head_dim * (
             4 if args.cpu_dry_run else 2)
-    ray.shutdown()
     row["peak_gib_per_gpu_long"] = memory.take()
     return row
 
@@ -585,7 +583,7 @@ def model_config(model: str, dry: bool, max_seq_len: int) -> ModelConfig:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench/results/gpu_scale.json")
-    parser.add_argument("--models", nargs="*", default=["mistral", "mixtral"], choices=list(MODELS))
+    parser.add_argument("--models", nargs="*", default=["mixtral", "mistral"], choices=list(MODELS))
     parser.add_argument("--placements", nargs="*", default=list(PLACEMENTS), choices=list(PLACEMENTS))
     parser.add_argument("--batches", nargs="*", type=int, default=[1, 8, 32, 128])
     parser.add_argument("--prompt-tokens", type=int, default=512)
@@ -609,7 +607,11 @@ def main() -> None:
     print(f"hardware: {hw['hbm_bytes_per_s'] / 1e12:.2f} TB/s copy, {hw['bf16_flop_per_s'] / 1e12:.0f} TFLOP/s bf16",
           flush=True)
     memory = MemoryWatch(n_gpus)
-    results = []
+    import ray
+
+    # One Ray for every placement (each cluster reuses it): a fresh local Ray per placement cost seconds each.
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    results: list[dict] = []
     gen = torch.Generator().manual_seed(1)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -619,62 +621,49 @@ def main() -> None:
             return torch.cat([torch.ones(b, 1, dtype=torch.long), torch.randint(3, 32000 if not dry else 512,
                                                                                  (b, n - 1), generator=gen)], dim=1)
 
-        for model in args.models:
-            throughput_cfg = model_config(model, dry, args.prompt_tokens + args.new_tokens + 16)
-            long_cfg = model_config(model, dry, max(args.ttft_tokens) + 16)
-            tput_ckpt = write_random_checkpoint(tmp / f"{model}-throughput", throughput_cfg, SEED, STD)
-            long_ckpt = write_random_checkpoint(tmp / f"{model}-long", long_cfg, SEED, STD)
-            profile = None
-            if args.profile_layers and deadline.left() > 120:
-                try:
-                    profile = profile_components(long_cfg, devices[0], [1, 32] if not dry else [1, 4],
-                                                 args.profile_layers, tmp)
-                except Exception as e:  # noqa: BLE001
-                    profile = {"error": f"{type(e).__name__}: {e}"[:2000]}
-                print("profile:", json.dumps(profile)[:3000], flush=True)
-                gc.collect()
-                if devices[0].type == "cuda":
-                    torch.cuda.empty_cache()
-            hf: dict = {}
-            if not args.no_transformers and deadline.left() > 120:
-                hf_devices = devices[: min(2, len(devices))]
-                try:
-                    hf = run_hf(long_ckpt, long_cfg, hf_devices, args, prompts_for, deadline)
-                    hf["peak_gib_per_gpu"] = memory.take()
-                except Exception as e:  # noqa: BLE001 - record it and go on with ours
-                    hf = {"error": f"{type(e).__name__}: {e}"[:2000]}
-                print("transformers:", json.dumps(hf)[:1500], flush=True)
-            ours = []
-            for name in args.placements:
-                _, gpus, models = PLACEMENTS[name]
-                if model not in models:
-                    continue
-                if not dry and gpus > n_gpus:
-                    ours.append({"placement": name, "skipped": f"needs {gpus} GPUs, host has {n_gpus}"})
+        # Host-path placements (a GPU shared by two shards) are slowest: they go last, after both models' others.
+        phases = [(m, [p for p in args.placements if PLACEMENTS[p][1] == 1 or p == "two_stages"]) for m in args.models]
+        phases += [(m, [p for p in args.placements if p in ("two_expert_groups", "mixed")]) for m in args.models]
+        state: dict[str, dict] = {}
+        for model, placements in phases:
+            placements = [p for p in placements if model in PLACEMENTS[p][2]]
+            if model not in state:
+                state[model] = first_visit(model, args, dry, tmp, devices, memory, prompts_for, deadline)
+            st = state[model]
+            for name in placements:
+                if not dry and PLACEMENTS[name][1] > n_gpus:
+                    st["ours"].append({"placement": name, "skipped": f"needs {PLACEMENTS[name][1]} GPUs, host has {n_gpus}"})
                     continue
                 if deadline.left() < 90:
-                    ours.append({"placement": name, "skipped": "time budget"})
+                    st["ours"].append({"placement": name, "skipped": "time budget"})
                     continue
                 try:
-                    row = run_ours(name, tput_ckpt, long_ckpt, throughput_cfg, args, prompts_for, memory, deadline, tmp)
+                    row = run_ours(name, st["tput_ckpt"], st["long_ckpt"], st["tput_cfg"], args, prompts_for, memory,
+                                   deadline, tmp)
                 except Exception as e:  # noqa: BLE001 - record it and go on with the next placement
                     row = {"placement": name, "error": f"{type(e).__name__}: {e}"[:2000]}
-                    with contextlib.suppress(Exception):
-                        import ray
-
-                        ray.shutdown()
-                ours.append(row)
+                wait_until_gpus_free(memory)
+                st["ours"].append(row)
                 print(json.dumps({k: v for k, v in row.items() if k not in ("expert_load",)})[:3000], flush=True)
-            res = summarise(model, long_cfg, hw, hf, [r for r in ours if "decode" in r], args)
-            res["skipped_or_failed"] = [r for r in ours if "decode" not in r]
-            res["component_profile"] = profile
-            results.append(res)
+            results = []
+            for m, st in state.items():
+                res = summarise(m, st["long_cfg"], hw, st["hf"], [r for r in st["ours"] if "decode" in r], args)
+                res["skipped_or_failed"] = [r for r in st["ours"] if "decode" not in r]
+                res["component_profile"] = st["profile"]
+                results.append(res)
+            write_result(args, hw, n_gpus, load_path, results, deadline)  # after every phase: a cut-off run keeps it
+        for res in results:
             print_table(res)
     memory.stop()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    plot(results, Path(args.out).with_suffix(".png"))
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')} in {round(args.budget_s - deadline.left(), 1)} s")
+
+
+def write_result(args, hw: dict, n_gpus: int, load_path: dict | None, results: list[dict], deadline: Deadline) -> None:
     import transformers
 
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "machine": {"gpus": [torch.cuda.get_device_name(i) for i in range(n_gpus)] or ["cpu dry run"],
                     "torch": torch.__version__, "transformers": transformers.__version__,
@@ -687,8 +676,43 @@ def main() -> None:
         "load_path": load_path, "models": results, "seconds": round(args.budget_s - deadline.left(), 1),
     }
     out.write_text(json.dumps(result, indent=2) + "\n")
-    plot(results, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')} in {result['seconds']} s")
+
+
+def first_visit(model, args, dry, tmp, devices, memory, prompts_for, deadline) -> dict:
+    """A model's checkpoints, its one-process profile and the transformers run: once, before its first placement."""
+    st: dict = {"ours": [], "profile": None, "hf": {}}
+    st["tput_cfg"] = model_config(model, dry, args.prompt_tokens + args.new_tokens + 16)
+    st["long_cfg"] = model_config(model, dry, max(args.ttft_tokens) + 16)
+    st["tput_ckpt"] = write_random_checkpoint(tmp / f"{model}-throughput", st["tput_cfg"], SEED, STD)
+    st["long_ckpt"] = write_random_checkpoint(tmp / f"{model}-long", st["long_cfg"], SEED, STD)
+    if args.profile_layers and deadline.left() > 120:
+        try:
+            st["profile"] = profile_components(st["long_cfg"], devices[0], [1, 32] if not dry else [1, 4],
+                                               args.profile_layers, tmp)
+        except Exception as e:  # noqa: BLE001
+            st["profile"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        print("profile:", json.dumps(st["profile"])[:3000], flush=True)
+        gc.collect()
+        if devices[0].type == "cuda":
+            torch.cuda.empty_cache()
+    if not args.no_transformers and deadline.left() > 120:
+        try:
+            st["hf"] = run_hf(st["long_ckpt"], st["long_cfg"], devices[: min(2, len(devices))], args, prompts_for,
+                              deadline)
+            st["hf"]["peak_gib_per_gpu"] = memory.take()
+        except Exception as e:  # noqa: BLE001 - record it and go on with ours
+            st["hf"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        print("transformers:", json.dumps(st["hf"])[:1500], flush=True)
+    return st
+
+
+def wait_until_gpus_free(memory: MemoryWatch, timeout_s: float = 60.0) -> None:
+    """Killed shard processes free their GPU memory a moment after the call returns; the next placement needs it."""
+    end = time.monotonic() + timeout_s
+    while memory.n and time.monotonic() < end:
+        if all(memory.read(i) < 8 * 2**30 for i in range(memory.n)):
+            return
+        time.sleep(0.5)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ class StageActor(ShardActor):
         pending_sends = []
         logits, spans = [], []
         self._trace = {"tokens_to_group": {}, "expert_choices": {}, "expert_seconds": 0.0}
+        self._choices: list[tuple[int, torch.Tensor]] = []  # (layer, the gate's expert ids) of this step
         for m, mb in enumerate(microbatches):
             wait = 0.0
             if first:
@@ -72,7 +73,8 @@ class StageActor(ShardActor):
                 mb, self.capacity, self.config.sliding_window, self.config.head_dim, self.config.rope_theta, self.device
             )
             self._mb = m
-            h = self.model.run_layers(h, layout, self.cache, self._dispatch if self.n_groups else None)
+            experts = self._dispatch if self.n_groups else self._local_experts if self.config.is_moe else None
+            h = self.model.run_layers(h, layout, self.cache, experts)
             if last:
                 rows = torch.tensor(mb.logit_rows(), dtype=torch.long, device=self.device)
                 logits.append(self.model.logits(h[rows]).cpu())
@@ -85,7 +87,7 @@ class StageActor(ShardActor):
         for work in pending_sends:
             work.wait()
         send_wait = time.perf_counter() - t0
-        self._trace["expert_choices"] = {layer: c.tolist() for layer, c in self._trace["expert_choices"].items()}
+        self._trace["expert_choices"] = self._count_choices()
         return {
             "stage": self.index, "step": step, "logits": logits if last else None, "spans": spans,
             "send_wait": send_wait, "transport": transport.stats.take(), **self._trace,
@@ -95,14 +97,7 @@ class StageActor(ShardActor):
         """Send each expert group only the tokens routed to it; sum what comes back in token order."""
         t0 = time.perf_counter()
         transport = self.transport
-        # Counted on the device and read once at the end of the step: no host sync per layer for a statistic
-        # (scatter_add, not bincount, which reads the largest id back to the host on CUDA).
-        flat = ids.flatten()
-        choices = torch.zeros(self.config.num_experts, dtype=torch.long, device=ids.device).scatter_add_(
-            0, flat, torch.ones_like(flat)
-        )
-        totals = self._trace["expert_choices"]
-        totals[layer] = totals[layer] + choices if layer in totals else choices
+        self._choices.append((layer, ids))
         sent = []
         for g, idx in enumerate(tokens_per_group(ids, self.owner[layer], self.n_groups)):
             n = idx.numel()
@@ -122,6 +117,26 @@ class StageActor(ShardActor):
         ]
         self._trace["expert_seconds"] += time.perf_counter() - t0
         return combine(partials, x)
+
+    def _local_experts(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """This stage holds the layer's experts: run them here, noting the gate's choices for the load statistic."""
+        self._choices.append((layer, ids))
+        return self.model.layers[str(layer)].block_sparse_moe.experts(x, ids, weights)
+
+    def _count_choices(self) -> dict[int, list[int]]:
+        """Tokens per expert per layer this step, counted in a few kernels at the end of the step, not per layer
+        (a statistic must not add launches or host syncs to the layers)."""
+        if not self._choices:
+            return {}
+        n_experts = self.config.num_experts
+        layers = [layer for layer, _ in self._choices]
+        sizes = torch.tensor([ids.numel() for _, ids in self._choices])
+        offsets = torch.repeat_interleave(torch.tensor(layers) * n_experts, sizes).to(self.device)
+        flat = torch.cat([ids.flatten() for _, ids in self._choices]) + offsets
+        counts = torch.zeros(self.config.n_layers * n_experts, dtype=torch.long, device=self.device)
+        counts = counts.scatter_add_(0, flat, torch.ones_like(flat)).view(self.config.n_layers, n_experts).cpu()
+        self._choices = []
+        return {layer: counts[layer].tolist() for layer in sorted(set(layers))}
 
     def stop_experts(self) -> None:
         """Tell every expert group this stage sends nothing more, so their serving threads end (dead ones skipped)."""

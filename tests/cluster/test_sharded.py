@@ -122,3 +122,33 @@ def test_router_records_expert_load_per_layer(sharded):
     load = sharded.expert_load()
     assert len(load) == 4 and all(len(row) == 4 for row in load)
     assert all(sum(row) > 0 and sum(row) % 2 == 0 for row in load)  # two choices per token
+
+
+def test_stages_that_hold_their_experts_count_exactly_the_gates_choices(ray_nodes, checkpoint, tmp_path):
+    placement = {
+        "checkpoint": str(checkpoint), "dtype": "float32", "strategy": "spread",
+        "stages": [{"layers": [0, 1], "resources": {"CPU": 0.5}},  # beside the 2 x 2 cluster, which holds the
+                   {"layers": [2, 3], "resources": {"CPU": 0.5}}],     # node resources: plain CPUs only
+        "micro_batch_size": 2, "token_budget": 256, "max_seqs": 4,
+    }
+    path = tmp_path / "two-stages.yaml"
+    path.write_text(yaml.safe_dump(placement))
+    prompts = random_prompts([9, 2 * WINDOW + 3], seed=61)
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    with ShardedCluster.start(path) as cluster:
+        ours = cluster.generate(prompts, params)
+        load = cluster.expert_load()
+    engine = LocalEngine(checkpoint, max_seqs=4)
+    expected = [[0] * engine.config.num_experts for _ in range(engine.config.n_layers)]
+
+    def count(layer):
+        def hook(_module, _inputs, out):
+            for e in out[0].flatten().tolist():
+                expected[layer][e] += 1
+        return hook
+
+    for i, layer in engine.model.layers.items():
+        layer.block_sparse_moe.gate.register_forward_hook(count(int(i)))
+    local = generate(engine, prompts, params)
+    assert [c.token_ids for c in ours] == [c.token_ids for c in local]
+    assert load == expected
