@@ -48,6 +48,7 @@ log = logging.getLogger("mistral_cluster.serve")
 api = FastAPI(title="mistral-cluster", description="OpenAI-compatible completions over a sharded Mistral/Mixtral",
               openapi_url=None, docs_url=None, redoc_url=None)
 PUBLIC_ROUTES = ("/health", "/metrics")
+ADMIT_TRIES = 3  # routers a request may find dead on arrival (each replaced) before it gets a 503
 
 
 def error_response(e: APIError) -> JSONResponse:
@@ -93,6 +94,7 @@ class OpenAIIngress:
         self.draining = False
         self.in_flight = 0  # OpenAI requests between arrival and the end of their response or stream
         self._admitted: dict[int, list] = {}  # id(streams) -> the router streams of each admitted request
+        self._router_restart: tuple | None = None  # (the dead router, the task starting its replacement)
         threading.Thread(target=self._start_cluster, name="start-cluster", daemon=True).start()
 
     # --- lifecycle -------------------------------------------------------------------------------------
@@ -132,6 +134,33 @@ class OpenAIIngress:
             await asyncio.sleep(0.05)
         log.info("drained: %d requests in flight, %d cut at the %g s deadline", in_flight, cut, timeout_s)
         return {"in_flight": in_flight, "cut": cut}
+
+    def _restart_router(self, dead) -> asyncio.Future:
+        """Start a router in place of `dead` in the background: one restart however many requests and health checks
+        saw it die; after a failed one, the next caller tries again."""
+        seen, task = self._router_restart or (None, None)
+        if seen is not dead or (task.done() and (task.cancelled() or task.exception() is not None)):
+            log.warning("router died; starting a new one")
+            task = asyncio.ensure_future(asyncio.to_thread(self.cluster.restart_router, dead))
+            task.add_done_callback(self._router_restarted)
+            self._router_restart = (dead, task)
+        return task
+
+    @staticmethod
+    def _router_restarted(task: asyncio.Future) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("router restart failed: %s: %s", type(task.exception()).__name__, task.exception())
+
+    async def _replace_router(self, dead) -> None:
+        """Wait for the router that replaces `dead` (at most the request timeout); a 503 naming why if none comes."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self._restart_router(dead)), timeout=self.request_timeout_s)
+        except TimeoutError:
+            raise APIError(503, f"the router died and no new one was ready within {self.request_timeout_s:g} s",
+                           code="router_unavailable", kind="server_error", headers={"Retry-After": "5"}) from None
+        except Exception as e:  # noqa: BLE001 - whatever stopped the restart is the reason the client gets
+            raise APIError(503, f"the router died and could not be restarted: {type(e).__name__}: {e}",
+                           code="router_unavailable", kind="server_error", headers={"Retry-After": "5"}) from None
 
     def __del__(self) -> None:
         if self.cluster is not None:
@@ -186,9 +215,14 @@ class OpenAIIngress:
             return JSONResponse({"status": "failed", "error": self.startup_error}, status_code=503)
         if self.cluster is None:
             return JSONResponse({"status": "loading"}, status_code=503)
+        router = self.cluster.router
         try:
-            stats = await asyncio.wait_for(self.cluster.router.stats.remote(), timeout=5)
-        except Exception as e:  # noqa: BLE001 - any failure to answer is "not ready"
+            stats = await asyncio.wait_for(router.stats.remote(), timeout=5)
+        except ray.exceptions.RayActorError as e:  # dead: start its replacement, ready again once that one is
+            self._restart_router(router)
+            return JSONResponse({"status": "recovering", "reason": f"router restarting after {type(e).__name__}"},
+                                status_code=503)
+        except Exception as e:  # noqa: BLE001 - any other failure to answer is "not ready"
             return JSONResponse({"status": "unhealthy", "error": f"router: {type(e).__name__}: {e}"}, status_code=503)
         if not stats.get("healthy", True):
             return JSONResponse({"status": "recovering", "reason": stats.get("reason"),
@@ -278,28 +312,46 @@ class OpenAIIngress:
 
     async def _start_choices(self, req: ParsedRequest) -> tuple[list[ChoiceState], list]:
         """Submit every choice; all are admitted (or none: the admitted ones are cancelled) before replying."""
-        choices, streams = [], []
+        choices = []
         for i, prompt_ids in enumerate(req.prompts):
             for j in range(req.n):
                 params = req.params_for(prompt_ids, j, self.limits.max_seq_len)
                 choices.append(ChoiceState(i * req.n + j, prompt_ids, TextAssembler(self.tokenizer, params.stop),
-                                           params, stream_index=len(streams)))
-                streams.append(self.cluster.router.stream.options(num_returns="streaming").remote(prompt_ids, params))
-        try:
-            for s in streams:
-                first = await (await s.__anext__())
-                if "rejected" in first:
-                    headers = {"Retry-After": str(first["retry_after"])} if first.get("retry_after") else None
-                    status = first["rejected"]
-                    raise APIError(status, first["message"], code="queue_full" if status == 429 else None,
-                                   kind="rate_limit_error" if status == 429 else "invalid_request_error",
-                                   headers=headers)
-        except BaseException:
-            self._release(streams)
-            raise
+                                           params, stream_index=len(choices)))
+        streams = await self._admit(choices)
         self._admitted[id(streams)] = streams
         self.metrics.started(req)
         return choices, streams
+
+    async def _admit(self, choices: list[ChoiceState]) -> list:
+        """One router stream per choice, each past its admission item. A router found dead (it died while idle, so
+        nothing restarted it) is replaced and the choices are submitted again to the new one."""
+        for _ in range(ADMIT_TRIES):
+            router, streams = self.cluster.router, []
+            try:
+                for c in choices:
+                    streams.append(router.stream.options(num_returns="streaming").remote(c.prompt_ids, c.params))
+                for s in streams:
+                    first = await (await s.__anext__())  # a live router always answers: a stream ended here is a dead one
+                    if "rejected" in first:
+                        headers = {"Retry-After": str(first["retry_after"])} if first.get("retry_after") else None
+                        status = first["rejected"]
+                        raise APIError(status, first["message"], code="queue_full" if status == 429 else None,
+                                       kind="rate_limit_error" if status == 429 else "invalid_request_error",
+                                       headers=headers)
+            except (ray.exceptions.RayActorError, StopAsyncIteration):
+                self._release(streams)
+                self._ready()  # draining: no new router, the 503 says why
+                await self._replace_router(router)
+                continue
+            except BaseException:
+                self._release(streams)
+                raise
+            for c in choices:
+                c.router = router
+            return streams
+        raise APIError(503, f"the router died {ADMIT_TRIES} times while admitting the request", code="router_unavailable",
+                       kind="server_error", headers={"Retry-After": "5"})
 
     def _release(self, streams: list) -> None:
         """Stop generating (a no-op for finished streams), which frees the cache slots."""
@@ -310,7 +362,6 @@ class OpenAIIngress:
     async def _router_events(self, choice: ChoiceState, streams: list):
         """The choice's token events. If the router dies, start a new one and resume the choice from the tokens
         it already has: the stream sees a pause, then the tokens it would have got anyway."""
-        router = self.cluster.router
         while True:
             try:
                 async for ref in streams[choice.stream_index]:
@@ -322,7 +373,7 @@ class OpenAIIngress:
                 # ends the generator without an error): treat it as a RayActorError. A live router means the
                 # stream was ended on purpose (cancelled), and there is nothing to resume.
                 try:
-                    await asyncio.wait_for(router.ping.remote(), timeout=5)
+                    await asyncio.wait_for(choice.router.ping.remote(), timeout=5)
                     return
                 except Exception:  # noqa: BLE001 - dead, unreachable or hung: restart it below
                     raise ray.exceptions.RayActorError() from None
@@ -331,9 +382,9 @@ class OpenAIIngress:
                     raise
                 log.warning("router died; restarting it and resuming choice %d after %d tokens",
                             choice.index, len(choice.token_ids))
-                await asyncio.to_thread(self.cluster.restart_router, router)
-                router = self.cluster.router
-                stream = router.stream.options(num_returns="streaming").remote(
+                await self._replace_router(choice.router)
+                choice.router = self.cluster.router
+                stream = choice.router.stream.options(num_returns="streaming").remote(
                     choice.prompt_ids, choice.params, resume_ids=list(choice.token_ids))
                 streams[choice.stream_index] = stream
                 first = await (await stream.__anext__())
@@ -445,18 +496,14 @@ class OpenAIIngress:
 
         try:
             ids, params = self._grpc_params(request)
-            stream = self.cluster.router.stream.options(num_returns="streaming").remote(ids, params)
-            first = await (await stream.__anext__())
-            if "rejected" in first:
-                raise APIError(first["rejected"], first["message"])
+            choice = ChoiceState(0, ids, TextAssembler(self.tokenizer, params.stop), params)
+            streams = await self._admit([choice])
         except APIError as e:
             code = {400: grpc.StatusCode.INVALID_ARGUMENT, 429: grpc.StatusCode.RESOURCE_EXHAUSTED}.get(
                 e.status, grpc.StatusCode.UNAVAILABLE)
             grpc_context.set_code(code)
             grpc_context.set_details(e.message)
             return
-        choice = ChoiceState(0, ids, TextAssembler(self.tokenizer, params.stop), params)
-        streams = [stream]
         try:
             async for text, finish in self._next_events(choice, streams):
                 yield text, choice.token_ids[-1], finish

@@ -33,6 +33,7 @@ class ShardedCluster:
         self._router_options = router_options
         self._exit = exit_stack
         self._router_lock = threading.Lock()
+        self._routers_started = 0
         self.router = self._new_router(recover_on_start=False)
 
     @classmethod
@@ -66,8 +67,12 @@ class ShardedCluster:
         # Beside whoever runs the model (the ingress, the CLI): not on a shard node that may be lost. Not soft: Ray
         # places a soft-affine actor that asks for no resources on any node (about half the time, on Ray 2.60).
         near_me = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        # Named (a new name per restart: a dead actor's name is freed a moment after its death) so operators and the
+        # fault tests find it among the shards in `ray list actors`.
+        name = f"{self.supervisor.prefix}-router-{self._routers_started}"
+        self._routers_started += 1
         router = ray.remote(RouterActor).options(
-            num_cpus=0, max_concurrency=10_000, scheduling_strategy=near_me).remote(
+            name=name, num_cpus=0, max_concurrency=10_000, scheduling_strategy=near_me).remote(
             self.supervisor, self.plan, self.config, recover_on_start=recover_on_start, **self._router_options
         )
         ray.get(router.start.remote())

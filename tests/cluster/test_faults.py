@@ -1,7 +1,8 @@
 """Fault injection on a multi-node Ray cluster, through the Serve endpoint: while 8 greedy streams run, an expert
 actor, a stage actor (SIGKILL of its process), the router and a whole node die in turn. Readiness goes false then
 true, and every stream ends with exactly the tokens it would have got without the crash (`resume`), or with a
-clear error event then [DONE] (`fail`). Recovery times go to bench/results/faults-*.json when
+clear error event then [DONE] (`fail`). A router that dies while idle is restarted by the next health check or
+request, which is then served as if nothing happened. Recovery times go to bench/results/faults-*.json when
 MISTRAL_CLUSTER_FAULTS_OUT names a file (bench/faults.py)."""
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from cluster.transport import free_port
 from router.generation import generate
 from router.sampling import SamplingParams
 from shards.engine import LocalEngine
-from tests.conftest import random_prompts
+from tests.conftest import hf_greedy, random_prompts
 
 WINDOW = 16
 NEW_TOKENS = 24
@@ -185,6 +186,22 @@ def router_actor():
                 if a["State"] == "ALIVE" and a["ActorClassName"].endswith("RouterActor"))
 
 
+def kill_router_while_idle() -> str:
+    """ray.kill the router with no request in flight (so no stream sees it die); returns its id once it is dead."""
+    info = router_actor()
+    ray.kill(ray.get_actor(info["Name"]), no_restart=True)
+    deadline = time.monotonic() + 30
+    while ray._private.state.actors(info["ActorID"])["State"] != "DEAD":
+        assert time.monotonic() < deadline, "the killed router is still alive after 30 s"
+        time.sleep(0.1)
+    return info["ActorID"]
+
+
+def live_routers() -> list[str]:
+    return [a["ActorID"] for a in ray._private.state.actors().values()
+            if a["State"] == "ALIVE" and a["ActorClassName"].endswith("RouterActor")]
+
+
 def check_resumed(name: str, results, expected, recovery: float | None) -> None:
     RESULTS[name] = {"recovery_seconds": None if recovery is None else round(recovery, 2),
                      "requests": len(results), "identical": [r["tokens"] == e for r, e in zip(results, expected)]}
@@ -224,6 +241,34 @@ def test_killing_the_router_loses_no_request(resume_server, prompts_and_expected
         resume_server, prompts, (lambda: ray.kill(router, no_restart=True)) if router else (lambda: os.kill(pid, signal.SIGKILL)))
     check_resumed("router killed", results, expected, recovery)
     next_requests_are_exact(resume_server, prompts, expected)
+
+
+def test_health_restarts_a_router_that_died_while_idle(resume_server):
+    dead = kill_router_while_idle()
+    seen, deadline = [], time.monotonic() + 30
+    while not seen or seen[-1][0] != 200:
+        assert time.monotonic() < deadline, f"/health not ready 30 s after the router died: {seen[-3:]}"
+        r = httpx.get(resume_server + "/health", timeout=10)
+        seen.append((r.status_code, r.json()["status"]))
+        time.sleep(0.2)
+    assert seen[0] == (503, "recovering")
+    assert len(live_routers()) == 1 and live_routers()[0] != dead  # one restart, however many polls saw the death
+
+
+def test_requests_after_the_router_died_while_idle_restart_it_and_get_transformers_tokens(
+        resume_server, checkpoint, hf_model):
+    prompt = random_prompts([WINDOW + 5], seed=93)[0]
+    expected = hf_greedy(hf_model(checkpoint), prompt, NEW_TOKENS)
+    dead = kill_router_while_idle()
+    body = {"prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    with ThreadPoolExecutor(2) as pool:  # both find the router dead: one restart serves both
+        whole = pool.submit(httpx.post, resume_server + "/v1/completions", json=body, timeout=120)
+        streamed = pool.submit(stream_tokens, resume_server, prompt, threading.Event(), 0)
+        whole, streamed = whole.result(), streamed.result()
+    assert whole.status_code == 200, whole.text
+    assert whole.json()["choices"][0]["token_ids"] == expected
+    assert streamed["done"] and not streamed["errors"] and streamed["tokens"] == expected
+    assert len(live_routers()) == 1 and live_routers()[0] != dead
 
 
 def test_losing_the_expert_node_moves_its_shards_to_a_node_with_the_resource(resume_server, nodes, prompts_and_expected):
