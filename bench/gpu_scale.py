@@ -358,6 +358,8 @@ def run_ours(name: str, throughput_ckpt: Path, long_ckpt: Path, cfg: ModelConfig
                 row["decode"][str(b)] = {"skipped": f"time budget (expected {guess:.0f} s, {deadline.left():.0f} s left)"}
                 continue
             prompts = prompts_for(b, args.prompt_tokens).tolist()
+            # Same batch size and slots as the timed runs: the decode step's CUDA graph is captured here, not there.
+            cluster.generate(prompts_for(b, 16).tolist(), params(3))
             cluster.take_traces()
             t = time.perf_counter()
             cluster.generate(prompts, params(1))

@@ -83,6 +83,8 @@ def main() -> None:
         reference = generate(LocalEngine(ckpts["float32"], device=device, max_seqs=4), prompts, params)
         local_bf16 = LocalEngine(ckpts["bfloat16"], dtype=torch.bfloat16, device=device, max_seqs=4)
         local_ms = decode_ms_per_token(lambda p, s: generate(local_bf16, p, s), prompts[1], 64)
+        # bf16 stages without expert groups replay CUDA graphs of the same kernels: tokens must match one process.
+        reference_bf16 = generate(local_bf16, prompts, params)
         local_bf16 = None  # free its GPU memory before the cluster starts
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -122,6 +124,11 @@ def main() -> None:
                         row["shards"] = {k: {"gpu_ids": v["gpu_ids"], "device_key": v["device_key"][-12:]}
                                          for k, v in where.items()}
                     else:
+                        ours_bf16 = cluster.generate(prompts, params)
+                        row["identical_bf16"] = [a.token_ids == b.token_ids for a, b in zip(ours_bf16, reference_bf16)]
+                        row["graph_replays"] = sum(ray.get([h.graph_replays.remote()
+                                                            for k, h in cluster.shard_handles().items()
+                                                            if k.startswith("stage")]))
                         row["decode_ms_per_token_bf16"] = round(
                             decode_ms_per_token(cluster.generate, prompts[1], 64), 3)
                         cluster.take_traces()
@@ -158,7 +165,8 @@ def main() -> None:
         if "skipped" in r or "error" in r:
             print(f"{r['placement']:<30} {r.get('skipped') or r.get('error')}")
         else:
-            print(f"{r['placement']:<30} identical={all(r['identical'])} decode={r.get('decode_ms_per_token_bf16')} ms/token")
+            print(f"{r['placement']:<30} identical={all(r['identical'])} bf16 identical={r.get('identical_bf16')} "
+                  f"graph replays={r.get('graph_replays')} decode={r.get('decode_ms_per_token_bf16')} ms/token")
     print("ALL IDENTICAL" if result["all_identical"] else "MISMATCH")
 
 

@@ -10,6 +10,7 @@ results come back and are summed in token order.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 import torch
@@ -17,8 +18,10 @@ import torch
 from cluster.shard_actor import ShardActor
 from router.dispatch import combine, expert_owners, tokens_per_group
 from shards.checkpoint import CheckpointReader
+from shards.decode_graphs import DecodeGraphs
 from shards.kv_cache import RollingKVCache, StepBatch, StepLayout, cache_capacity
 from shards.model import TransformerShard
+from shards.moe import grouped_mm_supported
 
 
 class StageActor(ShardActor):
@@ -43,10 +46,33 @@ class StageActor(ShardActor):
                 [(g.experts, g.layers) for g in plan.expert_groups], config.n_layers, config.num_experts
             ).to(self.device)  # on the device once: no host-to-device copy per layer
         self._trace: dict = {}
+        self._choices: list[tuple[int, torch.Tensor]] = []
+        self.graphs = self._decode_graphs()
+        # Expert choices counted inside captured decode steps (no host code runs on a replay).
+        self._graph_load = torch.zeros(config.n_layers, max(config.num_experts, 1), dtype=torch.long, device=self.device)
+
+    def _decode_graphs(self) -> DecodeGraphs | None:
+        """CUDA graphs for decode steps, where the layers run here alone: a stage that sends tokens to expert groups
+        in the middle of its layers has host work (the transport) in every layer. MISTRAL_CLUSTER_CUDA_GRAPHS=0 turns
+        them off; =eager replays on the static buffers without CUDA (what CPU tests use)."""
+        mode = os.environ.get("MISTRAL_CLUSTER_CUDA_GRAPHS", "1")
+        if self.n_groups or mode == "0":
+            return None
+        if mode == "eager":
+            return DecodeGraphs(self.model, self.cache, replay="eager")
+        if self.device.type != "cuda":
+            return None
+        probe = torch.empty(0, self.config.dim, dtype=self.plan.torch_dtype, device=self.device)
+        if self.config.is_moe and not grouped_mm_supported(probe, self.config.hidden_dim):
+            return None  # the per-expert loop reads counts back to the host: nothing to capture
+        return DecodeGraphs(self.model, self.cache)
 
     def peers(self) -> list[int]:
         neighbours = [r for r in (self.index - 1, self.index + 1) if 0 <= r < self.n_stages]
         return neighbours + [self.n_stages + g for g in range(self.n_groups)]
+
+    def graph_replays(self) -> int:
+        return self.graphs.replays if self.graphs is not None else 0
 
     def cache_bytes(self) -> int:
         return self.cache.nbytes
@@ -74,10 +100,13 @@ class StageActor(ShardActor):
             )
             self._mb = m
             experts = self._dispatch if self.n_groups else self._local_experts if self.config.is_moe else None
-            h = self.model.run_layers(h, layout, self.cache, experts)
+            if self.graphs is not None and layout.decode_slots is not None:
+                h = self.graphs.run(h, layout, experts)
+            else:
+                h = self.model.run_layers(h, layout, self.cache, experts)
             if last:
                 rows = torch.tensor(mb.logit_rows(), dtype=torch.long, device=self.device)
-                logits.append(self.model.logits(h[rows]).cpu())
+                logits.append(self.model.logits(h[rows], float32=False).cpu())
             else:
                 pending_sends.append(transport.isend(h, dst=self.index + 1))
             if self.device.type == "cuda":
@@ -120,23 +149,32 @@ class StageActor(ShardActor):
 
     def _local_experts(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """This stage holds the layer's experts: run them here, noting the gate's choices for the load statistic."""
-        self._choices.append((layer, ids))
+        if self.graphs is not None and self.graphs.capturing:  # recorded into the graph: counted on every replay
+            flat = ids.flatten()
+            self._graph_load[layer].scatter_add_(0, flat, torch.ones_like(flat))
+        else:
+            self._choices.append((layer, ids))
         return self.model.layers[str(layer)].block_sparse_moe.experts(x, ids, weights)
 
     def _count_choices(self) -> dict[int, list[int]]:
         """Tokens per expert per layer this step, counted in a few kernels at the end of the step, not per layer
         (a statistic must not add launches or host syncs to the layers)."""
-        if not self._choices:
-            return {}
         n_experts = self.config.num_experts
-        layers = [layer for layer, _ in self._choices]
-        sizes = torch.tensor([ids.numel() for _, ids in self._choices])
-        offsets = torch.repeat_interleave(torch.tensor(layers) * n_experts, sizes).to(self.device)
-        flat = torch.cat([ids.flatten() for _, ids in self._choices]) + offsets
+        layers = {layer for layer, _ in self._choices}
         counts = torch.zeros(self.config.n_layers * n_experts, dtype=torch.long, device=self.device)
-        counts = counts.scatter_add_(0, flat, torch.ones_like(flat)).view(self.config.n_layers, n_experts).cpu()
+        if self._choices:
+            sizes = torch.tensor([ids.numel() for _, ids in self._choices])
+            offsets = torch.repeat_interleave(torch.tensor([la for la, _ in self._choices]) * n_experts, sizes)
+            flat = torch.cat([ids.flatten() for _, ids in self._choices]) + offsets.to(self.device)
+            counts.scatter_add_(0, flat, torch.ones_like(flat))
+        counts = counts.view(self.config.n_layers, n_experts)
+        if self.graphs is not None and self.graphs.replays:
+            counts += self._graph_load
+            self._graph_load.zero_()
+            layers |= {la for la in self.selection.layers if self.config.is_moe}
         self._choices = []
-        return {layer: counts[layer].tolist() for layer in sorted(set(layers))}
+        counts = counts.cpu()
+        return {layer: counts[layer].tolist() for layer in sorted(layers) if counts[layer].any()}
 
     def stop_experts(self) -> None:
         """Tell every expert group this stage sends nothing more, so their serving threads end (dead ones skipped)."""

@@ -24,4 +24,4 @@ def split_microbatches(batch: StepBatch, max_seqs_per_microbatch: int) -> list[S
 
 def join_logits(parts: list[torch.Tensor | None], vocab: int) -> torch.Tensor:
     kept = [p for p in parts if p is not None and p.numel()]
-    return torch.cat(kept) if kept else torch.empty(0, vocab)
+    return torch.cat(kept).float() if kept else torch.empty(0, vocab)  # shards send them in the weights' dtype

@@ -105,8 +105,11 @@ class TransformerShard(nn.Module):
             h = layer(h, layout, cache, experts)
         return h
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(h)).float()
+    def logits(self, h: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """`float32=False` leaves them in the weights' dtype (the values are the same: the head computes in that
+        dtype), half the bytes for a shard to send back."""
+        out = self.lm_head(self.norm(h))
+        return out.float() if float32 else out
 
 
 class ExpertShard(nn.Module):

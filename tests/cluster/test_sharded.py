@@ -4,6 +4,8 @@ receives only its tokens."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import ray
 import yaml
@@ -20,6 +22,9 @@ WINDOW = 16
 
 @pytest.fixture(scope="module")
 def ray_nodes():
+    # Stages that hold their experts capture decode steps; on CPU they replay them on the graphs' static buffers
+    # (shards/decode_graphs.py), so these tests check those buffers too. The nodes' workers inherit this.
+    os.environ["MISTRAL_CLUSTER_CUDA_GRAPHS"] = "eager"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     stage_node = cluster.add_node(num_cpus=2, resources={"stage_node": 2})
     expert_node = cluster.add_node(num_cpus=2, resources={"expert_node": 2})
@@ -27,6 +32,7 @@ def ray_nodes():
     yield {"stage_node": stage_node.node_id, "expert_node": expert_node.node_id}
     ray.shutdown()
     cluster.shutdown()
+    os.environ.pop("MISTRAL_CLUSTER_CUDA_GRAPHS", None)
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +144,8 @@ def test_stages_that_hold_their_experts_count_exactly_the_gates_choices(ray_node
     with ShardedCluster.start(path) as cluster:
         ours = cluster.generate(prompts, params)
         load = cluster.expert_load()
+        replays = ray.get([h.graph_replays.remote() for k, h in cluster.shard_handles().items()])
+    assert all(n > 0 for n in replays), replays  # decode steps ran as (CPU-replayed) captured graphs
     engine = LocalEngine(checkpoint, max_seqs=4)
     expected = [[0] * engine.config.num_experts for _ in range(engine.config.n_layers)]
 

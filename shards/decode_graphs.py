@@ -1,0 +1,102 @@
+"""CUDA graphs for a shard's decode step: the layers' kernels launched as one graph instead of one by one.
+
+At batch 1 a Mixtral layer's kernels read its weights in about 0.2 ms of GPU time, but launching its ~70 kernels
+from Python took 1.4 ms (bench/NOTES.md): decode was bound by the host, not by memory. A decode step has the same
+shapes every time for a given batch size and slot layout, so it is captured once and replayed: each step the host
+builds the step's few index tensors as usual, copies them into the graph's own (static) tensors, and launches
+one graph. The first step of a new shape runs eagerly (its result is used) and is then captured.
+
+`DecodeGraphs(..., replay="eager")` keeps the same static-buffer bookkeeping but replays by running the layers
+on those buffers: what CPU tests use to check that every per-step input reaches the graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+
+from shards.attention import AttentionPlan
+from shards.kv_cache import RollingKVCache, StepLayout
+from shards.model import ExpertsFn, TransformerShard
+
+# The per-step tensors of a decode layout: the host refills them before every replay.
+_STEP_TENSORS = ("positions", "cos", "sin", "write_rows", "decode_slots")
+
+
+@dataclasses.dataclass
+class _Captured:
+    h: torch.Tensor  # static input hidden states (batch, dim)
+    layout: StepLayout  # static copies of the step's index tensors and mask
+    out: torch.Tensor | None = None  # static output, written by every replay
+    graph: torch.cuda.CUDAGraph | None = None
+    run: Callable[[], torch.Tensor] | None = None  # replay="eager": the layers on the static buffers
+
+
+class DecodeGraphs:
+    """Captured decode steps of one shard, keyed by (batch size, first slot when the slots are one run)."""
+
+    def __init__(
+        self, shard: TransformerShard, cache: RollingKVCache, replay: str = "cuda", max_graphs: int = 16
+    ) -> None:
+        if replay not in ("cuda", "eager"):
+            raise ValueError(f"replay must be 'cuda' or 'eager', got {replay!r}")
+        self.shard, self.cache, self.replay, self.max_graphs = shard, cache, replay, max_graphs
+        self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
+        self._failed: set[tuple] = set()  # shapes whose capture failed: they stay eager
+        self._pool = torch.cuda.graph_pool_handle() if replay == "cuda" else None
+        self.captures = 0
+        self.replays = 0
+        self.capturing = False  # True while the layers run only to be recorded: their values are not real
+
+    def run(self, h: torch.Tensor, layout: StepLayout, experts: ExpertsFn | None) -> torch.Tensor:
+        """The decode step's output hidden states: replayed, or run eagerly (and captured) the first time."""
+        if layout.decode_slots is None:
+            raise ValueError("only decode steps (one new token per sequence) are captured")
+        # A contiguous run of slots is read in place (a view): the view's start is part of what was captured.
+        key = (h.shape[0], layout.decode_range.start if layout.decode_range is not None else None)
+        graph = self._graphs.get(key)
+        if graph is None:
+            out = self.shard.run_layers(h, layout, self.cache, experts)
+            if key not in self._failed:
+                self._capture(key, h, layout, experts)
+            return out
+        self._graphs.move_to_end(key)
+        graph.h.copy_(h)
+        for name in _STEP_TENSORS:
+            getattr(graph.layout, name).copy_(getattr(layout, name))
+        graph.layout.attention.decode_mask.copy_(layout.attention.decode_mask)
+        self.replays += 1
+        if graph.graph is not None:
+            graph.graph.replay()
+            return graph.out.clone()  # the next replay overwrites the static output; a send may still read it
+        graph.layout.attention._cache.clear()  # masks derived from the old step's (a real graph recomputes them)
+        return graph.run()
+
+    def _capture(self, key: tuple, h: torch.Tensor, layout: StepLayout, experts: ExpertsFn | None) -> None:
+        static_layout = dataclasses.replace(
+            layout, **{name: getattr(layout, name).clone() for name in _STEP_TENSORS},
+            attention=AttentionPlan(None, None, layout.attention.decode_mask.clone()),
+        )
+        captured = _Captured(h=h.clone(), layout=static_layout)
+        if self.replay == "eager":
+            captured.run = lambda: self.shard.run_layers(captured.h, captured.layout, self.cache, experts)
+        else:
+            graph = torch.cuda.CUDAGraph()
+            torch.cuda.current_stream().synchronize()
+            self.capturing = True
+            try:
+                with torch.cuda.graph(graph, pool=self._pool):
+                    captured.out = self.shard.run_layers(captured.h, captured.layout, self.cache, experts)
+            except Exception:  # noqa: BLE001 - a kernel that cannot be captured: this shape stays eager
+                self._failed.add(key)
+                return
+            finally:
+                self.capturing = False
+            captured.graph = graph
+        self._graphs[key] = captured
+        self.captures += 1
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)

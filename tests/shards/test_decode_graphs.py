@@ -1,0 +1,66 @@
+"""Captured decode steps: every per-step input reaches the graph's static buffers, so a replay computes exactly
+what running the layers does. CPU has no CUDA graphs; `replay="eager"` runs the layers on the static buffers, which
+is what a replay reads (a field left stale would show here as different hidden states)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from shards.checkpoint import CheckpointReader, ShardSelection
+from shards.decode_graphs import DecodeGraphs
+from shards.kv_cache import RollingKVCache, StepBatch, StepLayout, cache_capacity
+from shards.model import TransformerShard
+
+WINDOW = 8
+
+
+@pytest.fixture(scope="module", params=["mixtral", "mistral"])
+def shard(request, checkpoint_factory):
+    ckpt = checkpoint_factory(request.param, seed=5, window=WINDOW)
+    reader = CheckpointReader(ckpt)
+    return TransformerShard.from_checkpoint(reader, ShardSelection.whole(reader.config), torch.float32, "cpu")
+
+
+def test_replays_match_running_the_layers_step_for_step(shard):
+    cfg = shard.config
+    capacity = cache_capacity(cfg.sliding_window, 256)
+    cache = RollingKVCache(list(range(cfg.n_layers)), 4, capacity, cfg.n_kv_heads, cfg.head_dim, torch.float32)
+    gen = torch.Generator().manual_seed(0)
+
+    def layout(batch):
+        return StepLayout.build(batch, capacity, cfg.sliding_window, cfg.head_dim, cfg.rope_theta, torch.device("cpu"))
+
+    with torch.inference_mode():
+        lengths = {0: 5, 1: 3, 2: 6, 3: 2}
+        prefill = StepBatch([0, 1, 2, 3], [0] * 4, list(lengths.values()))
+        h = torch.randn(sum(lengths.values()), cfg.dim, generator=gen)
+        shard.run_layers(h, layout(prefill), cache)
+        reference = copy.deepcopy(cache)
+        graphs = DecodeGraphs(shard, cache, replay="eager")
+        positions = dict(lengths)
+        # Batches that change size, start slot, contiguity and order, long enough to wrap every rolling buffer.
+        plans = [[0, 1, 2, 3], [1, 2], [0, 2], [3], [0, 1, 2, 3], [1, 2], [2, 0], [0, 2], [3]] * 3
+        for slots in plans:
+            batch = StepBatch(slots, [positions[s] for s in slots], [1] * len(slots))
+            x = torch.randn(len(slots), cfg.dim, generator=gen)
+            ours = graphs.run(x.clone(), layout(batch), None)
+            expected = shard.run_layers(x.clone(), layout(batch), reference)
+            torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+            for s in slots:
+                positions[s] += 1
+        assert torch.equal(cache.k, reference.k) and torch.equal(cache.v, reference.v)
+        assert max(positions.values()) > 2 * WINDOW  # the buffers wrapped
+        # one capture per (size, first slot of a contiguous run) seen: [2, 0] replays the graph of [0, 2]
+        assert graphs.captures == 4 and graphs.replays == len(plans) - 4
+
+
+def test_only_decode_steps_are_captured(shard):
+    cfg = shard.config
+    cache = RollingKVCache(list(range(cfg.n_layers)), 1, WINDOW, cfg.n_kv_heads, cfg.head_dim, torch.float32)
+    batch = StepBatch([0], [0], [3])
+    step = StepLayout.build(batch, WINDOW, cfg.sliding_window, cfg.head_dim, cfg.rope_theta, torch.device("cpu"))
+    with pytest.raises(ValueError, match="only decode steps"):
+        DecodeGraphs(shard, cache, replay="eager").run(torch.zeros(3, cfg.dim), step, None)
