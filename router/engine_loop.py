@@ -143,9 +143,17 @@ class EngineLoop:
                 continue
             self.stats.steps += 1
             self.stats.step_seconds += time.perf_counter() - t0
-            for seq in self.scheduler.process(step, logits):
+            try:
+                changed = self.scheduler.process(step, logits)
+            except Exception as e:  # noqa: BLE001 - the step's requests end with the error; the loop goes on
+                self._fail(f"{type(e).__name__}: {e}", running_only=True)
+                continue
+            for seq in changed:
                 request = self.requests.get(seq.seq_id)
                 if request is None:
+                    continue
+                if seq.error is not None:
+                    request.queue.put_nowait(TokenEvent(-1, 0.0, None, None, error=seq.error))
                     continue
                 self.stats.tokens_out += 1
                 event = TokenEvent(seq.output_ids[-1], seq.output_logprobs[-1], seq.output_top_logprobs[-1], seq.finish_reason)

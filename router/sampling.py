@@ -86,6 +86,7 @@ class Sampler:
             sorted_logits, order = torch.sort(scaled, descending=True)
             cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
             drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= p.top_p  # keep the smallest set reaching top_p
+            drop[0] = False  # the most likely token always stays: a top_p that rounds to 0 in float32 keeps just it
             scaled = scaled.scatter(0, order[drop], -math.inf)
         probs = torch.softmax(scaled, dim=-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))

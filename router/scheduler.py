@@ -30,6 +30,7 @@ class Sequence:
     slot: int | None = None
     cached: int = 0  # tokens whose keys/values are in the cache
     finish_reason: str | None = None  # "stop" or "length" once finished
+    error: str | None = None  # why it ended with finish_reason "error" (its sampler failed)
 
     def __post_init__(self) -> None:
         self.sampler = Sampler(self.params)
@@ -149,7 +150,13 @@ class Scheduler:
             row += 1
             if seq.finished:  # ended from outside while the step ran (client gone, stop string)
                 continue
-            token, logprob, top = seq.sampler.sample(logits[row - 1], index=len(seq.output_ids))
+            try:
+                token, logprob, top = seq.sampler.sample(logits[row - 1], index=len(seq.output_ids))
+            except Exception as e:  # noqa: BLE001 - one request's bad sampling must end it, not the loop serving all
+                seq.error = f"sampling failed: {type(e).__name__}: {e}"
+                self.finish(seq, "error")
+                changed.append(seq)
+                continue
             seq.output_ids.append(token)
             seq.output_logprobs.append(logprob)
             seq.output_top_logprobs.append(top)

@@ -117,3 +117,35 @@ def test_a_failing_step_ends_every_request_with_an_error_instead_of_hanging(engi
 
     events = asyncio.run(main())
     assert events[-1].error == "ConnectionError: stage1 died"
+
+
+def test_a_request_whose_sampling_fails_gets_an_error_and_the_loop_serves_the_others(engine):
+    """A sampler that raises (found by fuzzing: top_p=3e-300 rounded to 0 emptied the distribution) must end only
+    its own request, with an error event; before, the exception ended the loop and every request hung."""
+    async def main():
+        loop, _ = make_loop(engine)
+        bad = SamplingParams(max_tokens=3, temperature=1.0)
+        good = SamplingParams(max_tokens=3, temperature=0)
+        bad_request = loop.submit([1, 5, 6], bad)
+        bad_request.seq.sampler.sample = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("invalid distribution"))
+
+        async def collect():
+            return [e async for e in loop.follow(bad_request)]
+
+        events = await asyncio.wait_for(collect(), timeout=30)
+        after = await asyncio.wait_for(loop.generate([1, 7, 8, 9], good), timeout=30)
+        return events, after
+
+    events, after = asyncio.run(main())
+    assert events[-1].error == "sampling failed: RuntimeError: invalid distribution"
+    assert len(after) == 3 and after[-1].finish_reason == "length" and all(e.error is None for e in after)
+
+
+def test_a_top_p_that_rounds_to_zero_keeps_the_most_likely_token():
+    import torch
+
+    from router.sampling import Sampler
+
+    logits = torch.randn(32000, generator=torch.Generator().manual_seed(3))
+    sampler = Sampler(SamplingParams(max_tokens=1, temperature=1.0, top_p=3.4278214123464904e-300, seed=1))
+    assert [sampler.sample(logits, i)[0] for i in range(5)] == [int(logits.argmax())] * 5
