@@ -49,6 +49,7 @@ api = FastAPI(title="mistral-cluster", description="OpenAI-compatible completion
               openapi_url=None, docs_url=None, redoc_url=None)
 PUBLIC_ROUTES = ("/health", "/metrics")
 ADMIT_TRIES = 3  # routers a request may find dead on arrival (each replaced) before it gets a 503
+ADMIT_PING_S = 10.0  # a router this slow to accept a request is pinged: hung or dead ones are replaced
 
 
 def error_response(e: APIError) -> JSONResponse:
@@ -332,7 +333,7 @@ class OpenAIIngress:
                 for c in choices:
                     streams.append(router.stream.options(num_returns="streaming").remote(c.prompt_ids, c.params))
                 for s in streams:
-                    first = await (await s.__anext__())  # a live router always answers: a stream ended here is a dead one
+                    first = await self._first_item(router, s)
                     if "rejected" in first:
                         headers = {"Retry-After": str(first["retry_after"])} if first.get("retry_after") else None
                         status = first["rejected"]
@@ -352,6 +353,25 @@ class OpenAIIngress:
             return streams
         raise APIError(503, f"the router died {ADMIT_TRIES} times while admitting the request", code="router_unavailable",
                        kind="server_error", headers={"Retry-After": "5"})
+
+    async def _first_item(self, router, stream) -> dict:
+        """The router's admission answer. A live router always answers at once (a stream that ends here is a dead
+        router's); one that has not answered in ADMIT_PING_S is pinged, and if it does not answer that either it
+        is treated as dead (a hung router must not hang the request)."""
+        pending = asyncio.ensure_future(self._next(stream))
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=ADMIT_PING_S)
+            if done:
+                return pending.result()
+            try:
+                await asyncio.wait_for(router.ping.remote(), timeout=5)
+            except Exception:  # noqa: BLE001 - dead, unreachable or hung: replaced by the caller
+                pending.cancel()
+                raise ray.exceptions.RayActorError() from None
+
+    @staticmethod
+    async def _next(stream) -> dict:
+        return await (await stream.__anext__())
 
     def _release(self, streams: list) -> None:
         """Stop generating (a no-op for finished streams), which frees the cache slots."""
