@@ -15,7 +15,7 @@ import torch
 
 from router.engine_loop import EngineLoop, QueueFullError, TokenEvent
 from router.generation import Completion, RequestError
-from router.pipeline import join_logits, split_microbatches
+from router.pipeline import join_outputs, split_microbatches
 from router.sampling import SamplingParams
 from router.scheduler import Scheduler
 from shards.config import ModelConfig
@@ -116,12 +116,12 @@ class RouterActor:
         self._step_generation = self.generation
         t0 = time.perf_counter()
         microbatches = split_microbatches(batch, self.plan.micro_batch_size)
-        later = [StepBatch(mb.slots, mb.starts, mb.lengths, None, mb.want_logits) for mb in microbatches]
+        later = [StepBatch(mb.slots, mb.starts, mb.lengths, None, mb.want_logits, mb.greedy) for mb in microbatches]
         refs = [
             stage.run_step.remote(self.steps, microbatches if i == 0 else later) for i, stage in enumerate(self.stages)
         ]
         results = await asyncio.wait_for(asyncio.gather(*refs), timeout=self.step_timeout_s)
-        logits = join_logits(results[-1]["logits"], self.config.vocab_size)
+        logits = join_outputs(results[-1]["logits"], self.config.vocab_size)
         for r in results:
             for layer, counts in r.get("expert_choices", {}).items():
                 self.expert_load[int(layer)] += torch.tensor(counts)

@@ -17,6 +17,7 @@ import torch
 
 from cluster.shard_actor import ShardActor
 from router.dispatch import combine, expert_owners, tokens_per_group
+from router.pipeline import pick_on_stage
 from shards.checkpoint import CheckpointReader
 from shards.decode_graphs import DecodeGraphs
 from shards.kv_cache import RollingKVCache, StepBatch, StepLayout, cache_capacity
@@ -106,7 +107,9 @@ class StageActor(ShardActor):
                 h = self.model.run_layers(h, layout, self.cache, experts)
             if last:
                 rows = torch.tensor(mb.logit_rows(), dtype=torch.long, device=self.device)
-                logits.append(self.model.logits(h[rows], float32=False).cpu())
+                want = mb.want_logits or [True] * len(mb.slots)
+                greedy = [g for g, w in zip(mb.greedy or [False] * len(mb.slots), want) if w]
+                logits.append(pick_on_stage(self.model.logits(h[rows], float32=False), greedy))
             else:
                 pending_sends.append(transport.isend(h, dst=self.index + 1))
             if self.device.type == "cuda":

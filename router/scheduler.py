@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from router.pipeline import StepOutput
 from router.sampling import Sampler, SamplingParams
 from shards.kv_cache import StepBatch
 
@@ -136,22 +137,31 @@ class Scheduler:
             lengths=[n for _, n in chosen],
             token_ids=token_ids,
             want_logits=[seq.cached + n == len(seq.tokens) for seq, n in chosen],
+            greedy=[seq.params.temperature == 0 and not seq.params.logprobs for seq, _ in chosen],
         )
         for seq, n in chosen:
             seq.cached += n
         return ScheduledStep(batch, [seq for seq, _ in chosen])
 
-    def process(self, step: ScheduledStep, logits: torch.Tensor) -> list[Sequence]:
-        """Sample a token for every sequence whose step ended at its last token; returns the sequences that changed."""
-        changed, row = [], 0
-        for seq, want in zip(step.sequences, step.batch.want_logits):
-            if not want:
-                continue
-            row += 1
+    def process(self, step: ScheduledStep, out: torch.Tensor | StepOutput) -> list[Sequence]:
+        """Sample a token for every sequence whose step ended at its last token; returns the sequences that changed.
+
+        `out`: logits of every such sequence in order, or a `StepOutput` whose greedy rows come already chosen.
+        """
+        if isinstance(out, torch.Tensor):
+            out = StepOutput(out, None, [], [])
+        changed, sampled, chosen = [], iter(out.logits), iter(zip(out.greedy_ids, out.greedy_logprobs))
+        wanting = [seq for seq, want in zip(step.sequences, step.batch.want_logits) if want]
+        for r, seq in enumerate(wanting):
+            picked = next(chosen) if out.greedy is not None and out.greedy[r] else None
+            row_logits = next(sampled) if picked is None else None
             if seq.finished:  # ended from outside while the step ran (client gone, stop string)
                 continue
             try:
-                token, logprob, top = seq.sampler.sample(logits[row - 1], index=len(seq.output_ids))
+                if picked is not None:
+                    token, logprob, top = picked[0], picked[1], None
+                else:
+                    token, logprob, top = seq.sampler.sample(row_logits, index=len(seq.output_ids))
             except Exception as e:  # noqa: BLE001 - one request's bad sampling must end it, not the loop serving all
                 seq.error = f"sampling failed: {type(e).__name__}: {e}"
                 self.finish(seq, "error")

@@ -32,6 +32,7 @@ class StepBatch:
     lengths: list[int]  # new tokens of each sequence (1 when decoding, a chunk when prefilling)
     token_ids: torch.Tensor | None = None  # (sum(lengths),) int64; needed only where the embedding lives
     want_logits: list[bool] | None = None  # per sequence: return logits of its last new token
+    greedy: list[bool] | None = None  # per sequence: its token is the argmax (the last stage picks it, no logits)
 
     @property
     def n_tokens(self) -> int:

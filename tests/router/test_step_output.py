@@ -1,0 +1,44 @@
+"""Greedy rows chosen on the last stage give exactly what sampling them from the logits on the router gives."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from router.pipeline import join_outputs, pick_on_stage, split_microbatches
+from router.sampling import SamplingParams
+from router.scheduler import Scheduler
+
+PARAMS = [SamplingParams(max_tokens=8), SamplingParams(max_tokens=8, temperature=0.7, seed=3),
+          SamplingParams(max_tokens=8, logprobs=2), SamplingParams(max_tokens=8), SamplingParams(max_tokens=8, logprobs=0)]
+
+
+def scheduled():
+    scheduler = Scheduler(max_seqs=8, token_budget=64, chunk_size=16, max_seq_len=256, eos_id=2)
+    for i, p in enumerate(PARAMS):
+        scheduler.add([1, 5 + i, 9], p)
+    return scheduler, scheduler.schedule()
+
+
+@pytest.mark.parametrize("microbatch", [1, 2, 5])
+def test_tokens_and_logprobs_match_sampling_every_row_on_the_router(microbatch):
+    scheduler, step = scheduled()
+    # temperature 0 and no alternatives asked (logprobs=0 reports only the chosen token's, which the stage gives)
+    assert step.batch.greedy == [True, False, False, True, True]
+    logits = torch.randn(len(PARAMS), 1000, generator=torch.Generator().manual_seed(7)).bfloat16()
+    reference, reference_step = copy.deepcopy((scheduler, step))  # the same sequences, apart
+    parts, row = [], 0
+    for mb in split_microbatches(step.batch, microbatch):
+        n = sum(mb.want_logits)
+        parts.append(pick_on_stage(logits[row : row + n], [g for g, w in zip(mb.greedy, mb.want_logits) if w]))
+        row += n
+    out = join_outputs(parts, 1000)
+    assert out.logits.shape == (2, 1000) and out.logits.dtype == torch.float32  # only the sampled rows
+    ours = scheduler.process(step, out)
+    theirs = reference.process(reference_step, logits.float())
+    for a, b in zip(ours, theirs):
+        assert a.output_ids == b.output_ids
+        assert a.output_top_logprobs == b.output_top_logprobs
+        assert a.output_logprobs == pytest.approx(b.output_logprobs, rel=1e-6)
