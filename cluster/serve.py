@@ -363,11 +363,18 @@ class OpenAIIngress:
             done, _ = await asyncio.wait({pending}, timeout=ADMIT_PING_S)
             if done:
                 return pending.result()
-            try:
-                await asyncio.wait_for(router.ping.remote(), timeout=5)
-            except Exception:  # noqa: BLE001 - dead, unreachable or hung: replaced by the caller
+            if not await self._router_answers(router):  # dead, unreachable or hung: replaced by the caller
                 pending.cancel()
-                raise ray.exceptions.RayActorError() from None
+                raise ray.exceptions.RayActorError()
+
+    @staticmethod
+    async def _router_answers(router) -> bool:
+        """Whether the router answers a ping within 5 s (what tells a dead or hung router from a busy one)."""
+        try:
+            await asyncio.wait_for(router.ping.remote(), timeout=5)
+            return True
+        except Exception:  # noqa: BLE001 - dead, unreachable or hung alike
+            return False
 
     @staticmethod
     async def _next(stream) -> dict:
@@ -392,11 +399,9 @@ class OpenAIIngress:
                 # The stream ended with no finish event. If the router no longer answers, it went away (a lost node
                 # ends the generator without an error): treat it as a RayActorError. A live router means the
                 # stream was ended on purpose (cancelled), and there is nothing to resume.
-                try:
-                    await asyncio.wait_for(choice.router.ping.remote(), timeout=5)
+                if await self._router_answers(choice.router):
                     return
-                except Exception:  # noqa: BLE001 - dead, unreachable or hung: restart it below
-                    raise ray.exceptions.RayActorError() from None
+                raise ray.exceptions.RayActorError()  # dead, unreachable or hung: restarted below
             except ray.exceptions.RayActorError:
                 if self.draining:
                     raise

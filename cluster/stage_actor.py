@@ -47,7 +47,7 @@ class StageActor(ShardActor):
                 [(g.experts, g.layers) for g in plan.expert_groups], config.n_layers, config.num_experts
             ).to(self.device)  # on the device once: no host-to-device copy per layer
         self._trace: dict = {}
-        self._choices: list[tuple[int, torch.Tensor]] = []
+        self._choices: list[tuple[int, torch.Tensor]] = []  # (layer, the gate's expert ids) of the running step
         self.graphs = self._decode_graphs()
         # Expert choices counted inside captured decode steps (no host code runs on a replay).
         self._graph_load = torch.zeros(config.n_layers, max(config.num_experts, 1), dtype=torch.long, device=self.device)
@@ -86,7 +86,7 @@ class StageActor(ShardActor):
         pending_sends = []
         logits, spans = [], []
         self._trace = {"tokens_to_group": {}, "expert_choices": {}, "expert_seconds": 0.0}
-        self._choices: list[tuple[int, torch.Tensor]] = []  # (layer, the gate's expert ids) of this step
+        self._choices = []  # (layer, the gate's expert ids) of this step
         for m, mb in enumerate(microbatches):
             wait = 0.0
             if first:
@@ -107,9 +107,7 @@ class StageActor(ShardActor):
                 h = self.model.run_layers(h, layout, self.cache, experts)
             if last:
                 rows = torch.tensor(mb.logit_rows(), dtype=torch.long, device=self.device)
-                want = mb.want_logits or [True] * len(mb.slots)
-                greedy = [g for g, w in zip(mb.greedy or [False] * len(mb.slots), want) if w]
-                logits.append(pick_on_stage(self.model.logits(h[rows], float32=False), greedy))
+                logits.append(pick_on_stage(self.model.logits(h[rows], float32=False), mb.greedy_logit_rows()))
             else:
                 pending_sends.append(transport.isend(h, dst=self.index + 1))
             if self.device.type == "cuda":

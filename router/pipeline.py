@@ -13,7 +13,7 @@ def split_microbatches(batch: StepBatch, max_seqs_per_microbatch: int) -> list[S
     """Consecutive runs of at most `max_seqs_per_microbatch` sequences; logits come back in the same order."""
     if max_seqs_per_microbatch < 1:
         raise ValueError(f"micro-batch size must be positive, got {max_seqs_per_microbatch}")
-    want = batch.want_logits or [True] * len(batch.slots)
+    want = batch.wants()
     out, token_start = [], 0
     for i in range(0, len(batch.slots), max_seqs_per_microbatch):
         j = min(i + max_seqs_per_microbatch, len(batch.slots))
@@ -43,8 +43,9 @@ def pick_on_stage(logits: torch.Tensor, greedy: list[bool]) -> dict:
     if not any(greedy):
         return {"logits": logits.cpu(), "greedy": greedy, "ids": [], "logprobs": []}
     mask = torch.tensor(greedy, device=logits.device)
-    ids = logits[mask].argmax(dim=-1)
-    logprobs = torch.log_softmax(logits[mask].float(), dim=-1).gather(1, ids[:, None])[:, 0]
+    picked = logits[mask]
+    ids = picked.argmax(dim=-1)
+    logprobs = torch.log_softmax(picked.float(), dim=-1).gather(1, ids[:, None])[:, 0]
     return {"logits": logits[~mask].cpu(), "greedy": greedy, "ids": ids.tolist(), "logprobs": logprobs.tolist()}
 
 

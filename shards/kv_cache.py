@@ -42,11 +42,19 @@ class StepBatch:
     def is_decode(self) -> bool:
         return all(n == 1 for n in self.lengths)
 
+    def wants(self) -> list[bool]:
+        """Per sequence: whether its last new token gets logits (all of them when `want_logits` is not given)."""
+        return self.want_logits or [True] * len(self.lengths)
+
+    def greedy_logit_rows(self) -> list[bool]:
+        """Per row of `logit_rows`: whether the last stage picks that sequence's token (greedy) itself."""
+        greedy = self.greedy or [False] * len(self.lengths)
+        return [g for g, w in zip(greedy, self.wants()) if w]
+
     def logit_rows(self) -> list[int]:
         """Indexes, in the packed token batch, of the last new token of every sequence that wants logits."""
         rows, end = [], 0
-        want = self.want_logits or [True] * len(self.lengths)
-        for n, w in zip(self.lengths, want):
+        for n, w in zip(self.lengths, self.wants()):
             end += n
             if w:
                 rows.append(end - 1)

@@ -46,7 +46,8 @@ def quick_ping(monkeypatch):
 
 
 def run(router, stream):
-    ingress = SimpleNamespace(_next=serve_module.OpenAIIngress.func_or_class._next)  # all `_first_item` uses
+    cls = serve_module.OpenAIIngress.func_or_class
+    ingress = SimpleNamespace(_next=cls._next, _router_answers=cls._router_answers)  # all `_first_item` uses
     return asyncio.run(asyncio.wait_for(first_item(ingress, router, stream), timeout=20))
 
 
