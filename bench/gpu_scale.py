@@ -473,10 +473,45 @@ def profile_components(cfg: ModelConfig, device: torch.device, batches: list[int
                                                  "aten::_local_scalar_dense"))
         out[f"batch_{b}"] = row
         cache = None
+    out["prefill_4096"] = profile_prefill(shard, small, device, dtype, 4096)
     for h in hooks:
         h.remove()
     shard = None
     return out
+
+
+def profile_prefill(shard, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, tokens: int) -> dict:
+    """One prompt's first chunk through the profile's layers: wall time against the FLOP floor, and the top kernels."""
+    from shards.kv_cache import RollingKVCache, StepBatch, StepLayout
+
+    tokens = tokens if device.type == "cuda" else 64
+    layers = len(shard.layers)
+    cache = RollingKVCache([int(i) for i in shard.layers], 1, tokens, cfg.n_kv_heads, cfg.head_dim, dtype, device)
+    batch = StepBatch([0], [0], [tokens], torch.randint(3, cfg.vocab_size, (tokens,)))
+
+    def step():
+        layout = StepLayout.build(batch, tokens, cfg.sliding_window, cfg.head_dim, cfg.rope_theta, device)
+        return shard.run_layers(shard.embed(batch.token_ids.to(device)), layout, cache)
+
+    with torch.inference_mode():
+        step()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            step()
+        sync(device)
+        wall = (time.perf_counter() - t0) / 3
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
+                [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:
+            step()
+            sync(device)
+    per_layer = prefill_flops(replace(cfg, n_layers=1), tokens) - 2 * cfg.vocab_size * cfg.dim  # layers only
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    averages = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
+    return {"tokens": tokens, "ms_per_layer": round(1000 * wall / layers, 3),
+            "layer_flops": per_layer, "tflop_per_s": round(per_layer * layers / wall / 1e12, 1),
+            "top_ops": [{"name": e.key[:80], "calls": e.count, "us": round(getattr(e, key, 0), 1)}
+                        for e in averages[:12]]}
 
 
 # --- the table, the plot -------------------------------------------------------------------------------------------

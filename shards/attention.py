@@ -148,6 +148,7 @@ class AttentionPlan:
     groups: list[_PaddedGroup] | None  # None in a decode plan: only rolling buffers are attended
     out_rows: torch.Tensor | None  # (q_tokens,) row of each packed query in the groups' output; None: identity
     decode_mask: torch.Tensor | None = None  # (seqs, 1, 1, capacity) bool: buffer row < filled rows
+    causal: bool = False  # one sequence, no cached keys, inside the window: a plain causal mask (flash, no mask)
     _cache: dict = field(default_factory=dict)
 
     @staticmethod
@@ -169,7 +170,9 @@ class AttentionPlan:
             base += group.rows
         identity = base == len(out_rows) and out_rows == list(range(base))
         rows = None if identity else torch.tensor(out_rows, dtype=torch.long, device=device)
-        return AttentionPlan(groups, rows)
+        (q_start, q_end), (k_start, k_end) = q_blocks[0], k_blocks[0]
+        causal = len(q_blocks) == 1 and q_end - q_start == k_end - k_start and (window is None or k_end - k_start <= window)
+        return AttentionPlan(groups, rows, causal=causal)
 
     @staticmethod
     def for_decode(kv_lens: list[int], capacity: int, device: torch.device | str) -> AttentionPlan:
@@ -223,6 +226,8 @@ def _padded_group(
 
 def _torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
     n_heads, n_kv, head_dim = q.shape[1], k.shape[1], k.shape[2]
+    if plan.causal:
+        return _causal_attention(q, k, v)
     k_flat, v_flat = k.reshape(-1, head_dim), v.reshape(-1, head_dim)
     outs = []
     for group in plan.groups:
@@ -242,6 +247,18 @@ def _torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: At
         outs.append(o.transpose(1, 2).reshape(-1, n_heads, head_dim))  # (B * max_q, n_heads, head_dim)
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out if plan.out_rows is None else out[plan.out_rows]
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A prompt's first chunk: `is_causal` without a mask lets SDPA take its flash kernel (4k tokens: a 32 MiB mask
+    per layer and the memory-efficient kernel otherwise). KV heads are repeated for their query heads, as the flash
+    kernel's GQA support varies by backend."""
+    tokens, n_heads, head_dim = q.shape
+    group = n_heads // k.shape[1]
+    kb = k[:, :, None].expand(-1, -1, group, -1).reshape(tokens, n_heads, head_dim)
+    vb = v[:, :, None].expand(-1, -1, group, -1).reshape(tokens, n_heads, head_dim)
+    o = F.scaled_dot_product_attention(q.transpose(0, 1), kb.transpose(0, 1), vb.transpose(0, 1), is_causal=True)
+    return o.transpose(0, 1)
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:

@@ -4,11 +4,15 @@ The gate and the experts are separate pieces so that the experts of one layer ca
 gate: `Gate` runs where the layer's attention runs, `ExpertGroup` runs wherever its experts were placed.
 
 An `ExpertGroup` keeps its experts' weights stacked (Hugging Face's `gate_up_proj` / `down_proj` layout) and runs
-them all with two grouped GEMMs over the (token, choice) pairs sorted by expert: a fixed number of kernels and no
-host-device synchronisation per layer, however the gate routed the tokens.
+them with a fixed number of kernels and no host-device synchronisation per layer, however the gate routed the
+tokens: two grouped GEMMs over the (token, choice) pairs sorted by expert when few tokens reach each expert or
+many tokens make compute count (prefill), or, when a decode batch reaches every expert anyway, every held
+expert on every token as plain GEMMs with the choices as weights (zero for an expert a token did not choose).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +50,13 @@ def grouped_mm_supported(x: torch.Tensor, hidden_dim: int) -> bool:
     if x.device.type not in ("cpu", "cuda"):
         return False
     return (x.shape[-1] * x.element_size()) % 16 == 0 and (hidden_dim * x.element_size()) % 16 == 0
+
+
+def dense_max_tokens() -> int:
+    """Most tokens a step may have for the dense path: it multiplies the FLOPs by experts / top-k, which a decode
+    batch hides behind reading the weights and a prefill chunk does not. MISTRAL_CLUSTER_DENSE_EXPERTS_MAX_TOKENS
+    overrides it (0 turns the dense path off)."""
+    return int(os.environ.get("MISTRAL_CLUSTER_DENSE_EXPERTS_MAX_TOKENS", "128"))
 
 
 class ExpertGroup(nn.Module):
@@ -98,9 +109,30 @@ class ExpertGroup(nn.Module):
 
         Choices of experts outside the group contribute nothing here; another group adds them.
         """
+        if self.expert_ids and self.dense_pays(*ids.shape):
+            return self.forward_dense(x, ids, weights)
         if grouped_mm_supported(x, self.hidden_dim) and self.expert_ids:
             return self.forward_grouped(x, ids, weights)
         return self.forward_loop(x, ids, weights)
+
+    def dense_pays(self, tokens: int, k: int) -> bool:
+        """Dense when each expert expects at least one of the step's choices (so it is read anyway) and the step is
+        small enough that the extra FLOPs hide behind the weight reads.
+
+        Measured on H200 (bench/NOTES.md): cuBLAS GEMMs with 32 rows read weights at ~3.8 TB/s, the grouped kernel
+        with ~8 rows per expert at ~2.7.
+        """
+        return tokens * k >= self.num_experts and tokens <= dense_max_tokens()
+
+    def forward_dense(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Every held expert on every token; the choices weight the SwiGLU activations (0 where not chosen)."""
+        tokens, n, h = x.shape[0], len(self.expert_ids), self.hidden_dim
+        table, _ = self._local_index(x.device)
+        # (tokens, n) routing weight per held expert; column n collects choices of experts held elsewhere.
+        dense = torch.zeros(tokens, n + 1, dtype=weights.dtype, device=x.device).scatter_(1, table[ids], weights)
+        gate, up = F.linear(x, self.w13.view(n * 2 * h, -1)).view(tokens, n, 2 * h).chunk(2, dim=-1)
+        act = F.silu(gate) * up * dense[:, :n, None]  # (tokens, n, hidden)
+        return torch.bmm(act.transpose(0, 1), self.w2.transpose(1, 2)).sum(dim=0)  # (n, tokens, dim) -> (tokens, dim)
 
     def forward_grouped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         tokens, k = ids.shape

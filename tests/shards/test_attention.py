@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shards.attention import decode_bias, packed_attention, prefill_bias
+from shards.attention import AttentionPlan, decode_bias, packed_attention, prefill_bias
 
 N_HEADS, N_KV, HEAD_DIM = 4, 2, 16
 
@@ -31,6 +31,9 @@ def rand(n: int, heads: int, seed: int) -> torch.Tensor:
         ([5, 9, 1], [5, 9, 1], None),  # full causal attention
         ([4, 1, 6], [20, 13, 6], 8),  # chunks after a cached window, mixed with a decode token
         ([16], [32], 16),  # a chunk equal to the window after a full window of cache
+        ([12], [12], None),  # one prompt's first chunk: the plain causal (flash) path
+        ([12], [12], 12),  # the same with the window covering the whole chunk
+        ([12], [12], 5),  # the window inside the chunk: masked path
     ],
 )
 def test_prefill_mask_matches_xformers_definition(q_lens, kv_lens, window):
@@ -38,6 +41,15 @@ def test_prefill_mask_matches_xformers_definition(q_lens, kv_lens, window):
     q, k, v = rand(sum(q_lens), N_HEADS, 1), rand(sum(kv_lens), N_KV, 2), rand(sum(kv_lens), N_KV, 3)
     ours = packed_attention(q, k, v, bias, backend="torch")
     assert torch.allclose(ours.double(), reference_attention(q, k, v, bias), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "q_lens,kv_lens,window,causal",
+    [([12], [12], None, True), ([12], [12], 12, True), ([12], [12], 11, False), ([4], [12], None, False),
+     ([5, 7], [5, 7], None, False)],
+)
+def test_only_a_single_uncached_chunk_inside_the_window_takes_the_plain_causal_path(q_lens, kv_lens, window, causal):
+    assert AttentionPlan.build(prefill_bias(q_lens, kv_lens, window), "cpu").causal is causal
 
 
 def test_decode_mask_with_padded_keys_matches_xformers_definition():

@@ -128,12 +128,48 @@ def test_groups_split_across_experts_sum_to_the_dense_mixture():
 
 
 def test_without_grouped_gemm_the_group_runs_one_expert_at_a_time(monkeypatch):
+    monkeypatch.setenv("MISTRAL_CLUSTER_DENSE_EXPERTS_MAX_TOKENS", "0")
     group = make_group([0, 2, 4])
     x, ids, weights = routing(11, seed=8)
     expected = group.forward_grouped(x, ids, weights)
     monkeypatch.delattr(torch, "_grouped_mm")
     assert not moe.grouped_mm_supported(x, HIDDEN)
     assert torch.allclose(group(x, ids, weights), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("held", [list(range(EXPERTS)), [0, 1, 2], [1, 3, 4], [5]], ids=["all", "low", "gaps", "one"])
+def test_dense_experts_match_the_token_by_token_mixture_of_the_held_experts(held):
+    x, ids, weights = routing(7, seed=10 + len(held))
+    ours = make_group(held).forward_dense(x, ids, weights)
+    assert torch.allclose(ours.double(), reference(x, ids, weights, set(held)), atol=1e-5)
+
+
+def test_dense_experts_match_the_grouped_ones_in_bfloat16():
+    group = make_group([0, 2, 3, 5], seed=11, dtype=torch.bfloat16)
+    x, ids, weights = routing(24, seed=12)
+    x, weights = x.bfloat16(), weights.bfloat16()
+    dense, grouped = group.forward_dense(x, ids, weights), group.forward_grouped(x, ids, weights)
+    assert dense.dtype == torch.bfloat16
+    assert torch.allclose(dense.float(), grouped.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_the_dense_path_runs_only_where_every_expert_expects_a_token_and_the_step_is_small(monkeypatch):
+    group = make_group(list(range(EXPERTS)))
+    assert not group.dense_pays(2, 2)  # 4 choices over 6 experts: most experts would be read for nothing
+    assert group.dense_pays(3, 2)
+    assert group.dense_pays(128, 2)
+    assert not group.dense_pays(129, 2)  # a prefill chunk: 3x the FLOPs would show
+    monkeypatch.setenv("MISTRAL_CLUSTER_DENSE_EXPERTS_MAX_TOKENS", "0")
+    assert not group.dense_pays(3, 2)
+
+
+def test_forward_takes_the_dense_path_for_a_decode_sized_batch(monkeypatch):
+    group = make_group([1, 2, 4])
+    x, ids, weights = routing(5, seed=13)
+    calls = []
+    monkeypatch.setattr(group, "forward_grouped", lambda *a: calls.append("grouped"))
+    out = group(x, ids, weights)
+    assert calls == [] and torch.allclose(out.double(), reference(x, ids, weights, {1, 2, 4}), atol=1e-5)
 
 
 def test_tokens_per_expert_counts_only_held_experts_on_the_device():

@@ -1,0 +1,116 @@
+"""Kernel choices for one Mixtral layer at its real shapes, timed on one GPU as CUDA graphs (as a decode step runs).
+
+Experts: the grouped GEMMs over (token, choice) pairs sorted by expert, against every held expert on every token
+as plain GEMMs (`ExpertGroup.forward_dense`), by tokens per step; the bandwidth column divides the bytes of the
+experts the step actually selects by the time. Prefill attention of a 4,096-token first chunk: the masked path
+against the plain causal one. Prints a table, writes a JSON result.
+
+    python bench/expert_kernels.py --out bench/results/expert_kernels-h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from shards.attention import AttentionPlan, _torch_attention, prefill_bias
+from shards.moe import ExpertGroup
+
+DIM, HIDDEN, EXPERTS, TOP_K = 4096, 14336, 8, 2
+
+
+def graph_time_us(fn, device: torch.device, repeat: int = 20) -> float:
+    """Mean time of `fn` replayed as a CUDA graph (launch cost out, as in a captured decode step); eager on CPU."""
+    fn()
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(3):
+            fn()
+        return (time.perf_counter() - t0) / 3 * 1e6
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeat):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeat * 1000
+
+
+def expert_group(device: torch.device, dtype: torch.dtype, dim: int, hidden: int) -> ExpertGroup:
+    with torch.device("meta"):
+        group = ExpertGroup(dim, hidden, list(range(EXPERTS)), EXPERTS)
+    gen = torch.Generator(device=device).manual_seed(0)
+    group.w13 = torch.nn.Parameter(torch.randn(EXPERTS, 2 * hidden, dim, device=device, dtype=dtype, generator=gen)
+                                   * 0.02, requires_grad=False)
+    group.w2 = torch.nn.Parameter(torch.randn(EXPERTS, dim, hidden, device=device, dtype=dtype, generator=gen)
+                                  * 0.02, requires_grad=False)
+    return group
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="bench/results/expert_kernels.json")
+    parser.add_argument("--tokens", nargs="*", type=int, default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
+    parser.add_argument("--cpu-dry-run", action="store_true")
+    args = parser.parse_args()
+    dry = args.cpu_dry_run
+    device = torch.device("cpu" if dry else "cuda")
+    dtype = torch.float32 if dry else torch.bfloat16
+    dim, hidden = (64, 128) if dry else (DIM, HIDDEN)
+    result: dict = {"machine": torch.cuda.get_device_name(0) if not dry else "cpu dry run", "torch": torch.__version__,
+                    "experts": [], "prefill_attention": None}
+    group = expert_group(device, dtype, dim, hidden)
+    expert_bytes = 3 * dim * hidden * torch.finfo(dtype).bits // 8
+    gen = torch.Generator().manual_seed(1)
+    print(f"{'tokens':>6} {'distinct':>8} {'grouped us':>10} {'dense us':>9} {'grouped TB/s':>12} {'dense TB/s':>10}")
+    with torch.inference_mode():
+        for t in args.tokens:
+            x = (torch.randn(t, dim, generator=gen) * 0.5).to(device, dtype)
+            ids = torch.rand(t, EXPERTS, generator=gen).topk(TOP_K, dim=-1).indices.to(device)
+            weights = torch.softmax(torch.randn(t, TOP_K, generator=gen), dim=-1).to(device, dtype)
+            distinct = int(ids.unique().numel())
+            inputs = (x, ids, weights)
+            grouped = graph_time_us(lambda a=inputs: group.forward_grouped(*a), device)
+            dense = graph_time_us(lambda a=inputs: group.forward_dense(*a), device)
+            diff = (group.forward_grouped(*inputs).float() - group.forward_dense(*inputs).float()).abs()
+            row = {"tokens": t, "distinct_experts": distinct, "grouped_us": round(grouped, 1), "dense_us": round(dense, 1),
+                   "grouped_tb_per_s": round(distinct * expert_bytes / grouped / 1e6, 2),
+                   "dense_tb_per_s": round(distinct * expert_bytes / dense / 1e6, 2),
+                   "max_abs_difference": float(diff.max())}
+            result["experts"].append(row)
+            print(f"{t:>6} {distinct:>8} {grouped:>10.1f} {dense:>9.1f} {row['grouped_tb_per_s']:>12.2f} "
+                  f"{row['dense_tb_per_s']:>10.2f}", flush=True)
+        group = None
+        n = 256 if dry else 4096
+        heads, kv_heads, head_dim = (8, 2, 16) if dry else (32, 8, 128)
+        q = torch.randn(n, heads, head_dim, device=device, dtype=dtype)
+        k = torch.randn(n, kv_heads, head_dim, device=device, dtype=dtype)
+        v = torch.randn(n, kv_heads, head_dim, device=device, dtype=dtype)
+        plan = AttentionPlan.build(prefill_bias([n], [n], n), device)
+        masked_plan = AttentionPlan(plan.groups, plan.out_rows)
+        causal = graph_time_us(lambda: _torch_attention(q, k, v, plan), device)
+        masked = graph_time_us(lambda: _torch_attention(q, k, v, masked_plan), device)
+        flops = 4 * (n * (n + 1) // 2) * heads * head_dim
+        diff = (_torch_attention(q, k, v, plan).float() - _torch_attention(q, k, v, masked_plan).float()).abs().max()
+        result["prefill_attention"] = {"tokens": n, "causal_us": round(causal, 1), "masked_us": round(masked, 1),
+                                       "causal_tflop_per_s": round(flops / causal / 1e6, 1),
+                                       "masked_tflop_per_s": round(flops / masked / 1e6, 1),
+                                       "max_abs_difference": float(diff)}
+        print("prefill attention:", result["prefill_attention"], flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
