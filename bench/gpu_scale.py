@@ -682,18 +682,25 @@ def main() -> None:
                 wait_until_gpus_free(memory)
                 st["ours"].append(row)
                 print(json.dumps({k: v for k, v in row.items() if k not in ("expert_load",)})[:3000], flush=True)
-            results = []
-            for m, st in state.items():
-                res = summarise(m, st["long_cfg"], hw, st["hf"], [r for r in st["ours"] if "decode" in r], args)
-                res["skipped_or_failed"] = [r for r in st["ours"] if "decode" not in r]
-                res["component_profile"] = st["profile"]
-                results.append(res)
-            write_result(args, hw, n_gpus, load_path, results, deadline)  # after every phase: a cut-off run keeps it
+                results = summarise_all(state, hw, args)
+                write_result(args, hw, n_gpus, load_path, results, deadline)  # after every placement: a cut-off run keeps it
+            results = summarise_all(state, hw, args)
+            write_result(args, hw, n_gpus, load_path, results, deadline)
         for res in results:
             print_table(res)
     memory.stop()
     plot(results, Path(args.out).with_suffix(".png"))
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')} in {round(args.budget_s - deadline.left(), 1)} s")
+
+
+def summarise_all(state: dict[str, dict], hw: dict, args) -> list[dict]:
+    results = []
+    for m, st in state.items():
+        res = summarise(m, st["long_cfg"], hw, st["hf"], [r for r in st["ours"] if "decode" in r], args)
+        res["skipped_or_failed"] = [r for r in st["ours"] if "decode" not in r]
+        res["component_profile"] = st["profile"]
+        results.append(res)
+    return results
 
 
 def write_result(args, hw: dict, n_gpus: int, load_path: dict | None, results: list[dict], deadline: Deadline) -> None:

@@ -257,8 +257,10 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     group = n_heads // k.shape[1]
     kb = k[:, :, None].expand(-1, -1, group, -1).reshape(tokens, n_heads, head_dim)
     vb = v[:, :, None].expand(-1, -1, group, -1).reshape(tokens, n_heads, head_dim)
-    o = F.scaled_dot_product_attention(q.transpose(0, 1), kb.transpose(0, 1), vb.transpose(0, 1), is_causal=True)
-    return o.transpose(0, 1)
+    # 4-D (batch of one): with 3-D inputs SDPA takes its math path, 13 ms instead of ~1 for 4k tokens on H200.
+    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kb.transpose(0, 1)[None], vb.transpose(0, 1)[None],
+                                       is_causal=True)
+    return o[0].transpose(0, 1)
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:

@@ -86,6 +86,18 @@ def test_grouped_experts_match_the_token_by_token_mixture_of_the_held_experts(he
     assert torch.allclose(ours.double(), reference(x, ids, weights, set(held)), atol=1e-5)
 
 
+@pytest.mark.parametrize("tokens", [1, 2])
+@pytest.mark.parametrize("held", [list(range(EXPERTS)), [0, 2, 5], [4]], ids=["all", "gaps", "one"])
+def test_a_step_of_fewer_choices_than_experts_takes_weights_as_the_left_operand(held, tokens, monkeypatch):
+    calls = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda a, b, offs: calls.append(a.dim()) or real(a, b, offs=offs))
+    x, ids, weights = routing(tokens, seed=20 + tokens)
+    ours = make_group(held).forward_grouped(x, ids, weights)
+    assert calls == [3, 3]  # (experts, rows, dim) @ (dim, pairs): the swapped form
+    assert torch.allclose(ours.double(), reference(x, ids, weights, set(held)), atol=1e-5)
+
+
 @pytest.mark.parametrize("held", [list(range(EXPERTS)), [0, 2, 5]])
 def test_grouped_experts_match_the_per_expert_loop(held):
     group = make_group(held, seed=2)
