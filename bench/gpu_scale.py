@@ -321,9 +321,23 @@ def decode_components(traces: list[dict], batch: int) -> dict:
     # step is the router's: planning, the Ray calls, sampling.
     busy = sum(max(sp["end"] for s in t["stages"] for sp in s["spans"]) -
                min(sp["start"] for s in t["stages"] for sp in s["spans"]) for t in steps) / len(steps)
-    return {"step_ms": round(step_ms, 3), "stage_compute_ms": _r(stage_ms), "expert_dispatch_ms": _r(expert_ms),
-            "transport_ms": _r(transport_ms), "stages_busy_ms": round(1000 * busy, 3),
-            "router_and_ray_ms": round(step_ms - 1000 * busy, 3)}
+    out = {"step_ms": round(step_ms, 3), "stage_compute_ms": _r(stage_ms), "expert_dispatch_ms": _r(expert_ms),
+           "transport_ms": _r(transport_ms), "stages_busy_ms": round(1000 * busy, 3),
+           "router_and_ray_ms": round(step_ms - 1000 * busy, 3)}
+    if all("called" in t and all("entered" in s for s in t["stages"]) for t in steps):
+        # The router's share split: until the first stage's call starts, inside the calls but outside the layers'
+        # spans (embedding, counting expert choices, ...), after the last call ends until the router has the results.
+        n = len(steps)
+        out["router_to_stage_ms"] = round(1000 * sum(min(s["entered"] for s in t["stages"]) - t["called"]
+                                                     for t in steps) / n, 3)
+        out["in_call_outside_layers_ms"] = _r({f"stage{s['stage']}": 0.0 for s in steps[0]["stages"]})
+        for t in steps:
+            for s in t["stages"]:
+                outside = (s["left"] - s["entered"]) - sum(sp["end"] - sp["start"] for sp in s["spans"])
+                out["in_call_outside_layers_ms"][f"stage{s['stage']}"] += round(1000 * outside / n, 3)
+        out["stage_to_router_ms"] = round(1000 * sum(t["returned"] - max(s["left"] for s in t["stages"])
+                                                     for t in steps) / n, 3)
+    return out
 
 
 def _r(d: dict) -> dict:

@@ -81,6 +81,7 @@ class StageActor(ShardActor):
     @torch.inference_mode()
     def run_step(self, step: int, microbatches: list[StepBatch]) -> dict:
         """Run every micro-batch of one step through this stage; the last stage returns their logits."""
+        entered = time.time()
         first, last = self.index == 0, self.index == self.n_stages - 1
         transport = self.transport
         pending_sends = []
@@ -90,7 +91,7 @@ class StageActor(ShardActor):
         for m, mb in enumerate(microbatches):
             wait = 0.0
             if first:
-                h = self.model.embed(mb.token_ids.to(self.device))
+                h = self.model.embed(torch.as_tensor(mb.token_ids).to(self.device))  # numpy from the router
             else:
                 t0 = time.perf_counter()
                 h = transport.recv((mb.n_tokens, self.config.dim), self.plan.torch_dtype, src=self.index - 1)
@@ -121,6 +122,7 @@ class StageActor(ShardActor):
         return {
             "stage": self.index, "step": step, "logits": logits if last else None, "spans": spans,
             "send_wait": send_wait, "transport": transport.stats.take(), **self._trace,
+            "entered": entered, "left": time.time(),  # the call's span in this process, on the host's clock
         }
 
     def _dispatch(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

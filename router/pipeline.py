@@ -46,12 +46,14 @@ def pick_on_stage(logits: torch.Tensor, greedy: list[bool]) -> dict:
     picked = logits[mask]
     ids = picked.argmax(dim=-1)
     logprobs = torch.log_softmax(picked.float(), dim=-1).gather(1, ids[:, None])[:, 0]
-    return {"logits": logits[~mask].cpu(), "greedy": greedy, "ids": ids.tolist(), "logprobs": logprobs.tolist()}
+    # None when every row is greedy: even an empty torch tensor costs a Ray return ~0.5 ms to serialise.
+    rest = logits[~mask].cpu() if not all(greedy) else None
+    return {"logits": rest, "greedy": greedy, "ids": ids.tolist(), "logprobs": logprobs.tolist()}
 
 
 def join_outputs(parts: list[dict], vocab: int) -> StepOutput:
     """The micro-batches' answers as one, in order (logits arrive in the weights' dtype, leave in float32)."""
-    kept = [p["logits"] for p in parts if p["logits"].numel()]
+    kept = [p["logits"] for p in parts if p["logits"] is not None and p["logits"].numel()]
     logits = torch.cat(kept).float() if kept else torch.empty(0, vocab)
     return StepOutput(logits, [g for p in parts for g in p["greedy"]], [i for p in parts for i in p["ids"]],
                       [lp for p in parts for lp in p["logprobs"]])
