@@ -12,6 +12,7 @@ expert on every token as plain GEMMs with the choices as weights (zero for an ex
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -50,6 +51,19 @@ def grouped_mm_supported(x: torch.Tensor, hidden_dim: int) -> bool:
     if x.device.type not in ("cpu", "cuda"):
         return False
     return (x.shape[-1] * x.element_size()) % 16 == 0 and (hidden_dim * x.element_size()) % 16 == 0
+
+
+@functools.cache
+def swapped_grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the grouped kernel takes (experts, rows, K) @ (K, pairs) here (weights as the left operand): probed
+    once with small shapes, so an unsupported layout falls back to the usual form instead of failing a step."""
+    try:
+        w = torch.zeros(2, 16, 64, device=device, dtype=dtype)
+        x = torch.zeros(3, 64, device=device, dtype=dtype)
+        torch._grouped_mm(w, x.t(), offs=torch.tensor([1, 3], dtype=torch.int32, device=device))
+        return True
+    except RuntimeError:
+        return False
 
 
 def dense_max_tokens() -> int:
@@ -145,7 +159,9 @@ class ExpertGroup(nn.Module):
         local, order = torch.sort(table[ids].flatten(), stable=True)  # (tokens * k,)
         offs = torch.searchsorted(local, bounds, out_int32=True)  # (n_local,) end of each expert's rows
         xs = x.index_select(0, order // k)  # (tokens * k, dim)
-        if swap_ab or (swap_ab is None and tokens * k < self.num_experts):
+        if swap_ab is None:
+            swap_ab = tokens * k < self.num_experts and swapped_grouped_mm_runs(x.device, x.dtype)
+        if swap_ab:
             ys = self._swapped_grouped_mm(xs, offs)
         else:
             gate, up = torch._grouped_mm(xs, self.w13.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
