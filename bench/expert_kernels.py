@@ -1,7 +1,6 @@
 """Kernel choices for one Mixtral layer at its real shapes, timed on one GPU as CUDA graphs (as a decode step runs).
 
-Experts: the grouped GEMMs over (token, choice) pairs sorted by expert (weights as the right operand, and as the
-left one: `swap_ab`), against every held expert on every token
+Experts: the grouped GEMMs over (token, choice) pairs sorted by expert, against every held expert on every token
 as plain GEMMs (`ExpertGroup.forward_dense`), by tokens per step; the bandwidth column divides the bytes of the
 experts the step actually selects by the time. Prefill attention of a 4,096-token first chunk: the masked path
 against the plain causal one. Prints a table, writes a JSON result.
@@ -72,8 +71,7 @@ def main() -> None:
     group = expert_group(device, dtype, dim, hidden)
     expert_bytes = 3 * dim * hidden * torch.finfo(dtype).bits // 8
     gen = torch.Generator().manual_seed(1)
-    print(f"{'tokens':>6} {'distinct':>8} {'grouped us':>10} {'dense us':>9} {'swapped us':>10} {'grouped TB/s':>12} "
-          f"{'dense TB/s':>10} {'swapped TB/s':>12}")
+    print(f"{'tokens':>6} {'distinct':>8} {'grouped us':>10} {'dense us':>9} {'grouped TB/s':>12} {'dense TB/s':>10}")
     with torch.inference_mode():
         for t in args.tokens:
             x = (torch.randn(t, dim, generator=gen) * 0.5).to(device, dtype)
@@ -82,19 +80,15 @@ def main() -> None:
             distinct = int(ids.unique().numel())
             inputs = (x, ids, weights)
             grouped = graph_time_us(lambda a=inputs: group.forward_grouped(*a), device)
-            swapped = graph_time_us(lambda a=inputs: group.forward_grouped(*a, swap_ab=True), device)
             dense = graph_time_us(lambda a=inputs: group.forward_dense(*a), device)
             diff = (group.forward_grouped(*inputs).float() - group.forward_dense(*inputs).float()).abs()
-            swap_diff = (group.forward_grouped(*inputs, swap_ab=True).float() - group.forward_dense(*inputs).float()).abs()
             row = {"tokens": t, "distinct_experts": distinct, "grouped_us": round(grouped, 1), "dense_us": round(dense, 1),
-                   "swapped_us": round(swapped, 1), "swapped_tb_per_s": round(distinct * expert_bytes / swapped / 1e6, 2),
-                   "swapped_max_abs_difference": float(swap_diff.max()),
                    "grouped_tb_per_s": round(distinct * expert_bytes / grouped / 1e6, 2),
                    "dense_tb_per_s": round(distinct * expert_bytes / dense / 1e6, 2),
                    "max_abs_difference": float(diff.max())}
             result["experts"].append(row)
-            print(f"{t:>6} {distinct:>8} {grouped:>10.1f} {dense:>9.1f} {swapped:>10.1f} {row['grouped_tb_per_s']:>12.2f} "
-                  f"{row['dense_tb_per_s']:>10.2f} {row['swapped_tb_per_s']:>12.2f}", flush=True)
+            print(f"{t:>6} {distinct:>8} {grouped:>10.1f} {dense:>9.1f} {row['grouped_tb_per_s']:>12.2f} "
+                  f"{row['dense_tb_per_s']:>10.2f}", flush=True)
         group = None
         n = 256 if dry else 4096
         heads, kv_heads, head_dim = (8, 2, 16) if dry else (32, 8, 128)

@@ -12,7 +12,6 @@ expert on every token as plain GEMMs with the choices as weights (zero for an ex
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -51,24 +50,6 @@ def grouped_mm_supported(x: torch.Tensor, hidden_dim: int) -> bool:
     if x.device.type not in ("cpu", "cuda"):
         return False
     return (x.shape[-1] * x.element_size()) % 16 == 0 and (hidden_dim * x.element_size()) % 16 == 0
-
-
-@functools.cache
-def swapped_grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the grouped kernel takes (experts, rows, K) @ (K, pairs) here (weights as the left operand): probed
-    once with small shapes, so an unsupported layout falls back to the usual form instead of failing a step.
-    MISTRAL_CLUSTER_SWAPPED_EXPERTS=0 turns the form off."""
-    if os.environ.get("MISTRAL_CLUSTER_SWAPPED_EXPERTS") == "0":
-        return False
-    try:
-        w = torch.zeros(2, 16, 64, device=device, dtype=dtype)
-        x = torch.zeros(16, 64, device=device, dtype=dtype)
-        torch._grouped_mm(w, x.t(), offs=torch.tensor([8, 16], dtype=torch.int32, device=device))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return True
-    except RuntimeError:
-        return False
 
 
 def dense_max_tokens() -> int:
@@ -153,10 +134,7 @@ class ExpertGroup(nn.Module):
         act = F.silu(gate) * up * dense[:, :n, None]  # (tokens, n, hidden)
         return torch.bmm(act.transpose(0, 1), self.w2.transpose(1, 2)).sum(dim=0)  # (n, tokens, dim) -> (tokens, dim)
 
-    def forward_grouped(
-        self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, swap_ab: bool | None = None
-    ) -> torch.Tensor:
-        """`swap_ab`: weights as the left operand; by default when the step has fewer choices than experts."""
+    def forward_grouped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         tokens, k = ids.shape
         n_local = len(self.expert_ids)
         table, bounds = self._local_index(x.device)
@@ -164,42 +142,14 @@ class ExpertGroup(nn.Module):
         local, order = torch.sort(table[ids].flatten(), stable=True)  # (tokens * k,)
         offs = torch.searchsorted(local, bounds, out_int32=True)  # (n_local,) end of each expert's rows
         xs = x.index_select(0, order // k)  # (tokens * k, dim)
-        if swap_ab is None:
-            swap_ab = tokens * k < self.num_experts and swapped_grouped_mm_runs(x.device, x.dtype)
-        if swap_ab:
-            ys = self._swapped_grouped_mm(xs, local, offs)
-        else:
-            gate, up = torch._grouped_mm(xs, self.w13.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
-            ys = torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(-2, -1), offs=offs)  # (tokens * k, dim)
+        gate, up = torch._grouped_mm(xs, self.w13.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+        ys = torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(-2, -1), offs=offs)  # (tokens * k, dim)
         ys = ys * weights.flatten().index_select(0, order)[:, None]
         if n_local < self.num_experts:
             # Rows past offs[-1] belong to experts not held; the kernel leaves them unwritten (any bits, NaN too).
             ys = torch.where((local < n_local)[:, None], ys, 0)
         # Back to (token, choice) order and sum over the k choices: no atomics, the same sum order every run.
         return ys.new_empty(ys.shape).index_copy_(0, order, ys).view(tokens, k, -1).sum(dim=1)
-
-    def _swapped_grouped_mm(self, xs: torch.Tensor, local: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        """The SwiGLU of sorted pairs with weights as the left operand: each expert's few rows become the narrow side
-        of W @ x^T, so the kernel tiles the weights' many rows across the GPU instead of padding a row tile of one
-        or two tokens (the grouped kernel read the two chosen experts at ~2 TB/s at batch 1 on H200).
-
-        The kernel wants each expert's columns to span a multiple of 16 bytes, so each chosen expert's pairs are
-        spread into a zero-padded block of columns; an expert with no pairs keeps an empty block (it is not read).
-        """
-        pairs, h = xs.shape[0], self.hidden_dim
-        align = max(16 // xs.element_size(), 1)
-        counts = torch.diff(offs, prepend=offs.new_zeros(1))  # (n_local,) pairs of each held expert
-        padded = (counts + align - 1) // align * align
-        padded_offs = torch.cumsum(padded, 0, dtype=torch.int32)
-        # Column of each sorted pair: its expert's padded start plus its rank there; pairs of experts not held
-        # (local id n_local) go past the last block, where the kernel writes nothing and the caller masks them.
-        shift = torch.cat([padded_offs - padded - (offs - counts), padded_offs[-1:] - offs[-1:]])
-        cols = torch.arange(pairs, device=xs.device) + shift[local]
-        width = pairs * (align + 1)  # the most columns any routing needs: a static shape for CUDA graphs
-        xp = xs.new_zeros(width, xs.shape[1]).index_copy_(0, cols, xs)
-        h13 = torch._grouped_mm(self.w13, xp.t(), offs=padded_offs)  # (2 * hidden, width)
-        act = (F.silu(h13[:h]) * h13[h:]).t().contiguous()  # (width, hidden): the next right operand, K-major
-        return torch._grouped_mm(self.w2, act.t(), offs=padded_offs).t().index_select(0, cols)  # (pairs, dim)
 
     def forward_loop(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """One expert at a time (a host sync per expert on GPU): the reference, and the path without grouped GEMM."""

@@ -86,26 +86,6 @@ def test_grouped_experts_match_the_token_by_token_mixture_of_the_held_experts(he
     assert torch.allclose(ours.double(), reference(x, ids, weights, set(held)), atol=1e-5)
 
 
-@pytest.mark.parametrize("tokens", [1, 2])
-@pytest.mark.parametrize("held", [list(range(EXPERTS)), [0, 2, 5], [4]], ids=["all", "gaps", "one"])
-def test_a_step_of_fewer_choices_than_experts_takes_weights_as_the_left_operand(held, tokens, monkeypatch):
-    assert moe.swapped_grouped_mm_runs(torch.device("cpu"), torch.float32)  # probed (and cached) before counting
-    calls = []
-    real = torch._grouped_mm
-
-    def checked(a, b, offs):
-        # CUDA's kernel asserts (on the device) that each expert's columns span a multiple of 16 bytes.
-        assert a.dim() == 3 and bool((offs % (16 // b.element_size()) == 0).all()), offs
-        calls.append(a.dim())
-        return real(a, b, offs=offs)
-
-    monkeypatch.setattr(torch, "_grouped_mm", checked)
-    x, ids, weights = routing(tokens, seed=20 + tokens)
-    ours = make_group(held).forward_grouped(x, ids, weights)
-    assert calls == [3, 3]  # (experts, rows, dim) @ (dim, pairs): the swapped form
-    assert torch.allclose(ours.double(), reference(x, ids, weights, set(held)), atol=1e-5)
-
-
 @pytest.mark.parametrize("held", [list(range(EXPERTS)), [0, 2, 5]])
 def test_grouped_experts_match_the_per_expert_loop(held):
     group = make_group(held, seed=2)
@@ -120,14 +100,6 @@ def test_grouped_experts_match_the_per_expert_loop_in_bfloat16():
     grouped, loop = group.forward_grouped(x, ids, weights), group.forward_loop(x, ids, weights)
     assert grouped.dtype == torch.bfloat16
     assert torch.allclose(grouped.float(), loop.float(), atol=3e-2, rtol=3e-2)
-
-
-def test_swapped_grouped_experts_match_the_per_expert_loop_in_bfloat16():
-    group = make_group([0, 2, 3, 5], seed=14, dtype=torch.bfloat16)
-    x, ids, weights = routing(3, seed=15)
-    x, weights = x.bfloat16(), weights.bfloat16()
-    swapped, loop = group.forward_grouped(x, ids, weights, swap_ab=True), group.forward_loop(x, ids, weights)
-    assert torch.allclose(swapped.float(), loop.float(), atol=3e-2, rtol=3e-2)
 
 
 def test_choices_of_experts_not_held_contribute_exactly_zero_even_if_the_kernel_leaves_garbage(monkeypatch):
