@@ -474,14 +474,7 @@ def profile_components(cfg: ModelConfig, device: torch.device, batches: list[int
                     row[f"{kind}_ms_per_layer"] = round(sum(a.elapsed_time(z) for a, z in pairs) / len(pairs), 4)
             for v in events.values():
                 v.clear()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
-                    [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:
-                step(decode)
-                sync(device)
-            key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-            averages = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
-            row["top_ops"] = [{"name": e.key[:80], "calls": e.count, "us": round(getattr(e, key, 0), 1),
-                               "cpu_us": round(e.self_cpu_time_total, 1)} for e in averages[:12]]
+            row["top_ops"], prof = top_ops(lambda d=decode: step(d), device)
             row["host_syncs"] = sum(e.count for e in prof.key_averages()
                                     if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item",
                                                  "aten::_local_scalar_dense"))
@@ -515,17 +508,22 @@ def profile_prefill(shard, cfg: ModelConfig, device: torch.device, dtype: torch.
             step()
         sync(device)
         wall = (time.perf_counter() - t0) / 3
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
-                [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:
-            step()
-            sync(device)
+        ops, _ = top_ops(step, device)
     per_layer = prefill_flops(replace(cfg, n_layers=1), tokens) - 2 * cfg.vocab_size * cfg.dim  # layers only
+    return {"tokens": tokens, "ms_per_layer": round(1000 * wall / layers, 3),
+            "layer_flops": per_layer, "tflop_per_s": round(per_layer * layers / wall / 1e12, 1), "top_ops": ops}
+
+
+def top_ops(run, device: torch.device, n: int = 12) -> tuple[list[dict], torch.profiler.profile]:
+    """The profiler over one call of `run`: its `n` costliest ops (device time on GPU, host time on CPU)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:
+        run()
+        sync(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     averages = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
-    return {"tokens": tokens, "ms_per_layer": round(1000 * wall / layers, 3),
-            "layer_flops": per_layer, "tflop_per_s": round(per_layer * layers / wall / 1e12, 1),
-            "top_ops": [{"name": e.key[:80], "calls": e.count, "us": round(getattr(e, key, 0), 1)}
-                        for e in averages[:12]]}
+    return [{"name": e.key[:80], "calls": e.count, "us": round(getattr(e, key, 0), 1),
+             "cpu_us": round(e.self_cpu_time_total, 1)} for e in averages[:n]], prof
 
 
 # --- the table, the plot -------------------------------------------------------------------------------------------

@@ -117,7 +117,7 @@ class RouterActor:
         self._step_generation = self.generation
         t0, called = time.perf_counter(), time.time()
         microbatches = split_microbatches(batch, self.plan.micro_batch_size)
-        later = [StepBatch(mb.slots, mb.starts, mb.lengths, None, mb.want_logits, mb.greedy) for mb in microbatches]
+        later = [dataclasses.replace(mb, token_ids=None) for mb in microbatches]  # only the first stage embeds
         # Token ids as numpy: a torch tensor in a Ray call's arguments costs ~0.5 ms more to serialise (measured).
         microbatches = [dataclasses.replace(mb, token_ids=None if mb.token_ids is None else mb.token_ids.numpy())
                         for mb in microbatches]

@@ -93,13 +93,15 @@ def test_grouped_experts_match_the_per_expert_loop(held):
     assert torch.allclose(group.forward_grouped(x, ids, weights), group.forward_loop(x, ids, weights), atol=1e-6)
 
 
-def test_grouped_experts_match_the_per_expert_loop_in_bfloat16():
-    group = make_group([0, 2, 3, 5], seed=4, dtype=torch.bfloat16)
-    x, ids, weights = routing(40, seed=5)
+@pytest.mark.parametrize("path,reference_path,tokens,seed", [("forward_grouped", "forward_loop", 40, 4),
+                                                              ("forward_dense", "forward_grouped", 24, 11)])
+def test_each_expert_path_matches_its_reference_path_in_bfloat16(path, reference_path, tokens, seed):
+    group = make_group([0, 2, 3, 5], seed=seed, dtype=torch.bfloat16)
+    x, ids, weights = routing(tokens, seed=seed + 1)
     x, weights = x.bfloat16(), weights.bfloat16()
-    grouped, loop = group.forward_grouped(x, ids, weights), group.forward_loop(x, ids, weights)
-    assert grouped.dtype == torch.bfloat16
-    assert torch.allclose(grouped.float(), loop.float(), atol=3e-2, rtol=3e-2)
+    ours, expected = getattr(group, path)(x, ids, weights), getattr(group, reference_path)(x, ids, weights)
+    assert ours.dtype == torch.bfloat16
+    assert torch.allclose(ours.float(), expected.float(), atol=3e-2, rtol=3e-2)
 
 
 def test_choices_of_experts_not_held_contribute_exactly_zero_even_if_the_kernel_leaves_garbage(monkeypatch):
@@ -142,15 +144,6 @@ def test_dense_experts_match_the_token_by_token_mixture_of_the_held_experts(held
     x, ids, weights = routing(7, seed=10 + len(held))
     ours = make_group(held).forward_dense(x, ids, weights)
     assert torch.allclose(ours.double(), reference(x, ids, weights, set(held)), atol=1e-5)
-
-
-def test_dense_experts_match_the_grouped_ones_in_bfloat16():
-    group = make_group([0, 2, 3, 5], seed=11, dtype=torch.bfloat16)
-    x, ids, weights = routing(24, seed=12)
-    x, weights = x.bfloat16(), weights.bfloat16()
-    dense, grouped = group.forward_dense(x, ids, weights), group.forward_grouped(x, ids, weights)
-    assert dense.dtype == torch.bfloat16
-    assert torch.allclose(dense.float(), grouped.float(), atol=3e-2, rtol=3e-2)
 
 
 def test_the_dense_path_runs_only_where_every_expert_expects_a_token_and_the_step_is_small(monkeypatch):
