@@ -78,7 +78,9 @@ class Sampler:
         p = self.params
         if p.temperature == 0:
             return int(torch.argmax(logits))
-        scaled = logits / p.temperature
+        # Shifted so the best logit is 0 and divided in float64: a tiny temperature (fuzzing sent 3.8e-58) then sends
+        # the rest to -inf instead of overflowing every logit to inf, whose softmax is nan.
+        scaled = (logits.double() - logits.max()) / p.temperature
         if p.top_k and p.top_k < scaled.numel():
             kth = torch.topk(scaled, p.top_k).values[-1]
             scaled = scaled.masked_fill(scaled < kth, -math.inf)
