@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 
 import pytest
@@ -26,7 +27,9 @@ from cluster.placement import (
 from shards.config import ConfigError, load_config
 from shards.make_checkpoint import small_config
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# MISTRAL_CLUSTER_FUZZ_SCALE multiplies the examples for a soak run; CI runs the default.
+SCALE = int(os.environ.get("MISTRAL_CLUSTER_FUZZ_SCALE", "1"))
+FUZZ = settings(max_examples=150 * SCALE, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 MODEL = small_config("mixtral", layers=4, experts=4)
 
 # Values a hand-written file could hold, and some no one would write: huge and negative numbers, NaN and
