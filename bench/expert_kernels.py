@@ -1,8 +1,9 @@
 """Kernel choices for one Mixtral layer at its real shapes, timed on one GPU as CUDA graphs (as a decode step runs).
 
 Experts: the grouped GEMMs over (token, choice) pairs sorted by expert, against every held expert on every token
-as plain GEMMs (`ExpertGroup.forward_dense`), by tokens per step; the bandwidth column divides the bytes of the
-experts the step actually selects by the time. Prefill attention of a 4,096-token first chunk: the masked path
+as plain GEMMs (`ExpertGroup.forward_dense`) and the Triton GEMV that reads only the chosen experts
+(`shards/expert_gemv.py`, for 1-3 tokens), by tokens per step; the bandwidth column divides the bytes of the
+experts the step actually selects by the time. `--gemv-sweep` times the GEMV's tile shapes at one token. Prefill attention of a 4,096-token first chunk: the masked path
 against the plain causal one. Prints a table, writes a JSON result.
 
     python bench/expert_kernels.py --out bench/results/expert_kernels-h200.json
@@ -19,6 +20,11 @@ import torch
 
 from shards.attention import AttentionPlan, _torch_attention, prefill_bias
 from shards.moe import ExpertGroup
+
+try:
+    from shards.expert_gemv import expert_gemv
+except ImportError:  # no Triton here
+    expert_gemv = None
 
 DIM, HIDDEN, EXPERTS, TOP_K = 4096, 14336, 8, 2
 
@@ -56,18 +62,59 @@ def expert_group(device: torch.device, dtype: torch.dtype, dim: int, hidden: int
     return group
 
 
+def float32_experts(group: ExpertGroup, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The chosen experts in float32 from the same bf16 values: what every kernel's rounding is measured against."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for t, (row, chosen, weight) in enumerate(zip(x.float(), ids.tolist(), weights.float())):
+        for e, w in zip(chosen, weight):
+            gate, up = (group.w13[e].float() @ row).chunk(2)
+            out[t] += w * (group.w2[e].float() @ (torch.nn.functional.silu(gate) * up))
+    return out
+
+
+def gemv_sweep(group: ExpertGroup, device: torch.device, dtype: torch.dtype, dim: int, expert_bytes: int) -> list:
+    """The GEMV at one token with each kernel's tile varied in turn (the other at its default)."""
+    from triton.runtime.errors import OutOfResources
+
+    from shards.expert_gemv import DOWN_TILE, GATE_UP_TILE
+
+    gen = torch.Generator().manual_seed(2)
+    x = (torch.randn(1, dim, generator=gen) * 0.5).to(device, dtype)
+    ids = torch.rand(1, EXPERTS, generator=gen).topk(TOP_K, dim=-1).indices.to(device)
+    weights = torch.softmax(torch.randn(1, TOP_K, generator=gen), dim=-1).to(device, dtype)
+    table, _ = group._local_index(device)
+    slots = table[ids]
+    rows = []
+    tiles = [(r, c, w) for r, c in ((8, 256), (16, 128), (16, 256), (32, 128), (64, 128), (2, 512), (4, 512),
+                                    (8, 512), (16, 512), (2, 1024), (4, 1024), (8, 1024)) for w in (4, 8)]
+    for kernel in ("gate_up", "down"):
+        for tile in tiles:
+            kwargs = {"gate_up_tile": tile if kernel == "gate_up" else GATE_UP_TILE,
+                      "down_tile": tile if kernel == "down" else DOWN_TILE}
+            try:
+                us = graph_time_us(lambda kw=kwargs: expert_gemv(x, slots, weights, group.w13, group.w2, **kw), device)
+            except OutOfResources as error:  # a tile too large for the registers or shared memory
+                print(f"{kernel} {tile}: {type(error).__name__}", flush=True)
+                continue
+            rows.append({"kernel": kernel, "tile": list(tile), "us": round(us, 1),
+                         "tb_per_s": round(TOP_K * expert_bytes / us / 1e6, 2)})
+            print(f"{kernel} rows {tile[0]} cols {tile[1]} warps {tile[2]}: {us:.1f} us", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench/results/expert_kernels.json")
     parser.add_argument("--tokens", nargs="*", type=int, default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
     parser.add_argument("--cpu-dry-run", action="store_true")
+    parser.add_argument("--gemv-sweep", action="store_true", help="time the GEMV's tile shapes at one token")
     args = parser.parse_args()
     dry = args.cpu_dry_run
     device = torch.device("cpu" if dry else "cuda")
     dtype = torch.float32 if dry else torch.bfloat16
     dim, hidden = (64, 128) if dry else (DIM, HIDDEN)
     result: dict = {"machine": torch.cuda.get_device_name(0) if not dry else "cpu dry run", "torch": torch.__version__,
-                    "experts": [], "prefill_attention": None}
+                    "experts": [], "gemv_sweep": [], "prefill_attention": None}
     group = expert_group(device, dtype, dim, hidden)
     expert_bytes = 3 * dim * hidden * torch.finfo(dtype).bits // 8
     gen = torch.Generator().manual_seed(1)
@@ -86,9 +133,22 @@ def main() -> None:
                    "grouped_tb_per_s": round(distinct * expert_bytes / grouped / 1e6, 2),
                    "dense_tb_per_s": round(distinct * expert_bytes / dense / 1e6, 2),
                    "max_abs_difference": float(diff.max())}
+            if expert_gemv is not None and t <= 3:
+                slots = group._local_index(device)[0][ids]
+                gemv = graph_time_us(lambda a=(x, slots, weights): expert_gemv(*a, group.w13, group.w2), device)
+                exact = float32_experts(group, x, ids, weights)
+                error = {name: float((out.float() - exact).norm() / exact.norm()) for name, out in (
+                    ("gemv", expert_gemv(x, slots, weights, group.w13, group.w2)),
+                    ("grouped", group.forward_grouped(*inputs)))}
+                row.update(gemv_us=round(gemv, 1), gemv_tb_per_s=round(t * TOP_K * expert_bytes / gemv / 1e6, 2),
+                           gemv_relative_error=error["gemv"], grouped_relative_error=error["grouped"])
             result["experts"].append(row)
             print(f"{t:>6} {distinct:>8} {grouped:>10.1f} {dense:>9.1f} {row['grouped_tb_per_s']:>12.2f} "
-                  f"{row['dense_tb_per_s']:>10.2f}", flush=True)
+                  f"{row['dense_tb_per_s']:>10.2f}" + (f"  gemv {row['gemv_us']} us {row['gemv_tb_per_s']} TB/s, "
+                  f"error {row['gemv_relative_error']:.1e} (grouped {row['grouped_relative_error']:.1e})"
+                  if "gemv_us" in row else ""), flush=True)
+        if args.gemv_sweep and expert_gemv is not None:
+            result["gemv_sweep"] = gemv_sweep(group, device, dtype, dim, expert_bytes)
         group = None
         n = 256 if dry else 4096
         heads, kv_heads, head_dim = (8, 2, 16) if dry else (32, 8, 128)

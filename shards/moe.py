@@ -5,13 +5,17 @@ gate: `Gate` runs where the layer's attention runs, `ExpertGroup` runs wherever 
 
 An `ExpertGroup` keeps its experts' weights stacked (Hugging Face's `gate_up_proj` / `down_proj` layout) and runs
 them with a fixed number of kernels and no host-device synchronisation per layer, however the gate routed the
-tokens: two grouped GEMMs over the (token, choice) pairs sorted by expert when few tokens reach each expert or
-many tokens make compute count (prefill), or, when a decode batch reaches every expert anyway, every held
-expert on every token as plain GEMMs with the choices as weights (zero for an expert a token did not choose).
+tokens. Which kernels depends on the step's size:
+- 1-3 tokens on a GPU: a Triton GEMV that reads only the chosen experts (`shards/expert_gemv.py`);
+- a decode batch that reaches every expert anyway: every held expert on every token as plain GEMMs with the
+  choices as weights (zero for an expert a token did not choose);
+- otherwise (prefill, and where Triton is missing): two grouped GEMMs over the (token, choice) pairs sorted by
+  expert.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -57,6 +61,27 @@ def dense_max_tokens() -> int:
     batch hides behind reading the weights and a prefill chunk does not. MISTRAL_CLUSTER_DENSE_EXPERTS_MAX_TOKENS
     overrides it (0 turns the dense path off)."""
     return int(os.environ.get("MISTRAL_CLUSTER_DENSE_EXPERTS_MAX_TOKENS", "128"))
+
+
+def gemv_max_tokens() -> int:
+    """Most tokens a step may have for the Triton GEMV, which reads each chosen expert once per (token, choice) pair:
+    up to 3 tokens it beats the grouped GEMMs on an H200 (bench/NOTES.md), and from 4 the dense path takes over.
+    MISTRAL_CLUSTER_EXPERT_GEMV_MAX_TOKENS overrides it (0 turns the GEMV off)."""
+    return int(os.environ.get("MISTRAL_CLUSTER_EXPERT_GEMV_MAX_TOKENS", "3"))
+
+
+def gemv_supported(x: torch.Tensor) -> bool:
+    """The GEMV runs where Triton compiles for the device: CUDA with Triton installed."""
+    return x.device.type == "cuda" and _triton_installed()
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class ExpertGroup(nn.Module):
@@ -109,6 +134,8 @@ class ExpertGroup(nn.Module):
 
         Choices of experts outside the group contribute nothing here; another group adds them.
         """
+        if self.expert_ids and ids.shape[0] <= gemv_max_tokens() and gemv_supported(x):
+            return self.forward_gemv(x, ids, weights)
         if self.expert_ids and self.dense_pays(*ids.shape):
             return self.forward_dense(x, ids, weights)
         if grouped_mm_supported(x, self.hidden_dim) and self.expert_ids:
@@ -133,6 +160,13 @@ class ExpertGroup(nn.Module):
         gate, up = F.linear(x, self.w13.view(n * 2 * h, -1)).view(tokens, n, 2 * h).chunk(2, dim=-1)
         act = F.silu(gate) * up * dense[:, :n, None]  # (tokens, n, hidden)
         return torch.bmm(act.transpose(0, 1), self.w2.transpose(1, 2)).sum(dim=0)  # (n, tokens, dim) -> (tokens, dim)
+
+    def forward_gemv(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The Triton GEMV over the chosen experts (imported here: Triton is only needed where it runs)."""
+        from shards.expert_gemv import expert_gemv
+
+        table, _ = self._local_index(x.device)
+        return expert_gemv(x, table[ids], weights, self.w13, self.w2)
 
     def forward_grouped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         tokens, k = ids.shape
