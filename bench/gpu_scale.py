@@ -244,30 +244,42 @@ def run_hf(ckpt: Path, cfg: ModelConfig, devices, args, prompts_for, deadline: D
     out: dict = {"decode": {}, "ttft_s": {}, "routing": {}}
     model, out["setup"] = build_hf(ckpt, cfg, devices, torch.bfloat16 if not args.cpu_dry_run else torch.float32)
     first = devices[0]
-    hf_generate(model, prompts_for(1, 16).to(first), 2)  # warm-up
-    for b in args.batches:
-        if deadline.left() < 60:
-            out["decode"][str(b)] = {"skipped": "time budget"}
-            continue
-        prompts = prompts_for(b, args.prompt_tokens).to(first)
-        t1 = _wall(lambda p=prompts: hf_generate(model, p, 1), first)
-        tn = _wall(lambda p=prompts: hf_generate(model, p, args.new_tokens), first)
-        out["decode"][str(b)] = {"tokens_per_s": b * (args.new_tokens - 1) / (tn - t1), "prefill_s": t1}
-        if cfg.is_moe:
-            out["routing"][str(b)] = hf_routing(model, cfg, prompts)
-    for n in args.ttft_tokens:
-        if deadline.left() < 60:
-            out["ttft_s"][str(n)] = None
-            continue
-        prompt = prompts_for(1, n).to(first)
-        out["ttft_s"][str(n)] = min(_wall(lambda p=prompt: hf_generate(model, p, 1), first) for _ in range(2))
-    model = None  # free its memory before ours start
+    try:
+        hf_generate(model, prompts_for(1, 16).to(first), 2)  # warm-up
+        for b in args.batches:
+            if deadline.left() < 60:
+                out["decode"][str(b)] = {"skipped": "time budget"}
+                continue
+            prompts = prompts_for(b, args.prompt_tokens).to(first)
+            t1 = _wall(lambda p=prompts: hf_generate(model, p, 1), first)
+            tn = _wall(lambda p=prompts: hf_generate(model, p, args.new_tokens), first)
+            out["decode"][str(b)] = {"tokens_per_s": b * (args.new_tokens - 1) / (tn - t1), "prefill_s": t1}
+            if cfg.is_moe:
+                out["routing"][str(b)] = hf_routing(model, cfg, prompts)
+        for n in args.ttft_tokens:
+            if deadline.left() < 60:
+                out["ttft_s"][str(n)] = None
+                continue
+            prompt = prompts_for(1, n).to(first)
+            try:
+                out["ttft_s"][str(n)] = min(_wall(lambda p=prompt: hf_generate(model, p, 1), first) for _ in range(2))
+            except torch.OutOfMemoryError as e:  # Mixtral's 16k prompt beside its weights on one GPU: record it
+                out["ttft_s"][str(n)] = None
+                out.setdefault("errors", {})[f"ttft {n}"] = f"OutOfMemoryError: {str(e)[:300]}"
+    finally:
+        model = None  # free its memory before ours start, also after a failure (the traceback holds the frames)
+        free_cuda_memory(devices)
+    return out
+
+
+def free_cuda_memory(devices) -> None:
+    """Collect what the last phase left (a failed phase's traceback cycle holds tensors) and give its cached blocks
+    back to the driver: the shard processes started next need that memory."""
     gc.collect()
     for d in devices:
         if d.type == "cuda":
             with torch.cuda.device(d):
                 torch.cuda.empty_cache()
-    return out
 
 
 def _wall(fn, device: torch.device) -> float:
@@ -574,6 +586,9 @@ def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 4.5), squeeze=False)
     for ax, res in zip(axes[0], results):
         rows = [t for t in res["table"] if t["what"].startswith("decode")]
+        if not rows:  # every placement of this model failed or was skipped: its JSON says why
+            ax.set_title(f"{res['model']}: no decode results")
+            continue
         batches = sorted({int(t["what"].split("=")[1]) for t in rows})
         for placement in dict.fromkeys(t["placement"] for t in rows):
             ys = [next((t["ours"] for t in rows if t["placement"] == placement and t["what"] == f"decode b={b}"), None)
@@ -760,6 +775,7 @@ def first_visit(model, args, dry, tmp, devices, memory, prompts_for, deadline) -
             st["hf"]["peak_gib_per_gpu"] = memory.take()
         except Exception as e:  # noqa: BLE001 - record it and go on with ours
             st["hf"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        free_cuda_memory(devices)
         print("transformers:", json.dumps(st["hf"])[:1500], flush=True)
     return st
 
