@@ -251,11 +251,15 @@ def run_hf(ckpt: Path, cfg: ModelConfig, devices, args, prompts_for, deadline: D
                 out["decode"][str(b)] = {"skipped": "time budget"}
                 continue
             prompts = prompts_for(b, args.prompt_tokens).to(first)
-            t1 = _wall(lambda p=prompts: hf_generate(model, p, 1), first)
-            tn = _wall(lambda p=prompts: hf_generate(model, p, args.new_tokens), first)
-            out["decode"][str(b)] = {"tokens_per_s": b * (args.new_tokens - 1) / (tn - t1), "prefill_s": t1}
-            if cfg.is_moe:
-                out["routing"][str(b)] = hf_routing(model, cfg, prompts)
+            try:
+                t1 = _wall(lambda p=prompts: hf_generate(model, p, 1), first)
+                tn = _wall(lambda p=prompts: hf_generate(model, p, args.new_tokens), first)
+                out["decode"][str(b)] = {"tokens_per_s": b * (args.new_tokens - 1) / (tn - t1), "prefill_s": t1}
+                if cfg.is_moe:
+                    out["routing"][str(b)] = hf_routing(model, cfg, prompts)
+            except torch.OutOfMemoryError as e:  # Mixtral's batch-128 prefill beside its weights on one GPU
+                out["decode"][str(b)] = {"error": f"OutOfMemoryError: {str(e)[:300]}"}
+            free_cuda_memory(devices)
         for n in args.ttft_tokens:
             if deadline.left() < 60:
                 out["ttft_s"][str(n)] = None
@@ -263,9 +267,10 @@ def run_hf(ckpt: Path, cfg: ModelConfig, devices, args, prompts_for, deadline: D
             prompt = prompts_for(1, n).to(first)
             try:
                 out["ttft_s"][str(n)] = min(_wall(lambda p=prompt: hf_generate(model, p, 1), first) for _ in range(2))
-            except torch.OutOfMemoryError as e:  # Mixtral's 16k prompt beside its weights on one GPU: record it
+            except torch.OutOfMemoryError as e:  # a long prompt beside the weights on one GPU: record it
                 out["ttft_s"][str(n)] = None
                 out.setdefault("errors", {})[f"ttft {n}"] = f"OutOfMemoryError: {str(e)[:300]}"
+            free_cuda_memory(devices)
     finally:
         model = None  # free its memory before ours start, also after a failure (the traceback holds the frames)
         free_cuda_memory(devices)
