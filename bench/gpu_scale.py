@@ -657,7 +657,7 @@ def main() -> None:
     parser.add_argument("--batches", nargs="*", type=int, default=[1, 8, 32, 128])
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=64,
-                        help="tokens per timed decode; 16 left batch-1 figures ±30 % noisy (bench/NOTES.md)")
+                        help="tokens per timed decode; 16 left batch-1 figures ±30 %% noisy (bench/NOTES.md)")
     parser.add_argument("--ttft-tokens", nargs="+", type=int, default=[4096, 16384])
     parser.add_argument("--chunk", type=int, default=4096, help="prefill chunk (at most the window)")
     parser.add_argument("--no-transformers", action="store_true")
