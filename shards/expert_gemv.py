@@ -1,4 +1,4 @@
-"""Experts for a decode step of one or two tokens: a GEMV that reads only the chosen experts' weights.
+"""Experts for a decode step of 1-3 tokens: a GEMV that reads only the chosen experts' weights.
 
 At batch 1 a Mixtral layer reads two experts (2 x 352 MB at the real shape) for one token, so the step is bound by
 memory bandwidth. `torch._grouped_mm` reads them at about 2 TB/s of the H200's 4.3 there (bench/NOTES.md): its
