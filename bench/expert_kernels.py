@@ -3,8 +3,9 @@
 Experts: the grouped GEMMs over (token, choice) pairs sorted by expert, against every held expert on every token
 as plain GEMMs (`ExpertGroup.forward_dense`) and the Triton GEMV that reads only the chosen experts
 (`shards/expert_gemv.py`, for 1-3 tokens), by tokens per step; the bandwidth column divides the bytes of the
-experts the step actually selects by the time. `--gemv-sweep` times the GEMV's tile shapes at one token. Prefill attention of a 4,096-token first chunk: the masked path
-against the plain causal one. Prints a table, writes a JSON result.
+experts the step actually selects by the time. `--gemv-sweep` times the GEMV's tile shapes at one token.
+Prefill attention of a 4,096-token first chunk: the masked path against the plain causal one. Prints a table,
+writes a JSON result.
 
     python bench/expert_kernels.py --out bench/results/expert_kernels-h200.json
 """
@@ -12,6 +13,7 @@ against the plain causal one. Prints a table, writes a JSON result.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -62,16 +64,6 @@ def expert_group(device: torch.device, dtype: torch.dtype, dim: int, hidden: int
     return group
 
 
-def float32_experts(group: ExpertGroup, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The chosen experts in float32 from the same bf16 values: what every kernel's rounding is measured against."""
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for t, (row, chosen, weight) in enumerate(zip(x.float(), ids.tolist(), weights.float())):
-        for e, w in zip(chosen, weight):
-            gate, up = (group.w13[e].float() @ row).chunk(2)
-            out[t] += w * (group.w2[e].float() @ (torch.nn.functional.silu(gate) * up))
-    return out
-
-
 def gemv_sweep(group: ExpertGroup, device: torch.device, dtype: torch.dtype, dim: int, expert_bytes: int) -> list:
     """The GEMV at one token with each kernel's tile varied in turn (the other at its default)."""
     from triton.runtime.errors import OutOfResources
@@ -116,6 +108,7 @@ def main() -> None:
     result: dict = {"machine": torch.cuda.get_device_name(0) if not dry else "cpu dry run", "torch": torch.__version__,
                     "experts": [], "gemv_sweep": [], "prefill_attention": None}
     group = expert_group(device, dtype, dim, hidden)
+    reference = copy.deepcopy(group).float() if expert_gemv is not None else None
     expert_bytes = 3 * dim * hidden * torch.finfo(dtype).bits // 8
     gen = torch.Generator().manual_seed(1)
     print(f"{'tokens':>6} {'distinct':>8} {'grouped us':>10} {'dense us':>9} {'grouped TB/s':>12} {'dense TB/s':>10}")
@@ -136,7 +129,9 @@ def main() -> None:
             if expert_gemv is not None and t <= 3:
                 slots = group._local_index(device)[0][ids]
                 gemv = graph_time_us(lambda a=(x, slots, weights): expert_gemv(*a, group.w13, group.w2), device)
-                exact = float32_experts(group, x, ids, weights)
+                # The reference path on float32 copies of the same bf16 values: what each kernel's rounding is
+                # measured against.
+                exact = reference.forward_loop(x.float(), ids, weights.float())
                 error = {name: float((out.float() - exact).norm() / exact.norm()) for name, out in (
                     ("gemv", expert_gemv(x, slots, weights, group.w13, group.w2)),
                     ("grouped", group.forward_grouped(*inputs)))}
@@ -149,7 +144,7 @@ def main() -> None:
                   if "gemv_us" in row else ""), flush=True)
         if args.gemv_sweep and expert_gemv is not None:
             result["gemv_sweep"] = gemv_sweep(group, device, dtype, dim, expert_bytes)
-        group = None
+        group = reference = None
         n = 256 if dry else 4096
         heads, kv_heads, head_dim = (8, 2, 16) if dry else (32, 8, 128)
         q = torch.randn(n, heads, head_dim, device=device, dtype=dtype)

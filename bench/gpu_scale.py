@@ -769,9 +769,7 @@ def first_visit(model, args, dry, tmp, devices, memory, prompts_for, deadline) -
         except Exception as e:  # noqa: BLE001
             st["profile"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
         print("profile:", json.dumps(st["profile"])[:3000], flush=True)
-        gc.collect()
-        if devices[0].type == "cuda":
-            torch.cuda.empty_cache()
+        free_cuda_memory(devices[:1])
     if not args.no_transformers and deadline.left() > 120:
         wait_until_gpus_free(memory)
         memory.take()  # the peak below is transformers' alone, not what the last placement left behind

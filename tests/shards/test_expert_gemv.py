@@ -21,7 +21,7 @@ pytest.importorskip("triton", reason="Triton is a test dependency: pip install -
 ROOT = Path(__file__).resolve().parents[2]
 
 CHECKS = r"""
-import json, sys
+import copy, json, os, sys
 import torch
 from shards import moe
 from shards.expert_gemv import expert_gemv
@@ -41,10 +41,7 @@ def group(dim, hidden, held, dtype, seed):
 
 def exact(g, x, ids, weights):
     # The same values in float64 through the one-expert-at-a-time reference path.
-    ref = ExpertGroup(g.w13.shape[2], g.hidden_dim, g.expert_ids, E)
-    ref.w13 = torch.nn.Parameter(g.w13.double(), requires_grad=False)
-    ref.w2 = torch.nn.Parameter(g.w2.double(), requires_grad=False)
-    return ref.forward_loop(x.double(), ids, weights.double())
+    return copy.deepcopy(g).double().forward_loop(x.double(), ids, weights.double())
 
 
 rows = []
@@ -86,7 +83,6 @@ for tokens in (1, 3, 4):
     dispatch[tokens] = {"used_gemv": bool(calls) and calls[-1] == tokens,
                         "max_abs_vs_loop": float((out - g.forward_loop(x[:tokens], ids[:tokens], weights[:tokens])).abs().max())}
     calls.clear()
-import os
 os.environ["MISTRAL_CLUSTER_EXPERT_GEMV_MAX_TOKENS"] = "0"
 g.forward(x[:1], ids[:1], weights[:1])
 dispatch["off"] = {"used_gemv": bool(calls)}
