@@ -39,9 +39,13 @@ RESULTS = Path(__file__).parent / "results"
 
 def machine(device: torch.device) -> dict:
     info = {
-        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "python": platform.python_version(), "device": str(device),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -108,6 +112,7 @@ def same_weights_without_window(src: Path, out: Path) -> Path:
 
 # --- (a) sliding window vs full attention -----------------------------------------------------------------
 
+
 def bench_window(window_ckpt: Path, full_ckpt: Path, lengths: list[int], args, timer: Timer) -> dict:
     dtype, device = parse_dtype(args.dtype), args.device
     steps = timer.warmup + timer.repeat
@@ -126,17 +131,21 @@ def bench_window(window_ckpt: Path, full_ckpt: Path, lengths: list[int], args, t
         full_seq.prefill_to(length, chunk)
         t_window, t_full = timer.median_s(seq.decode, full_seq.decode)
         predicted = describe(rolling.config, context=length, dtype=dtype)["kv_cache"]
-        rows.append({
-            "seq_len": length, "window_multiple": length / window,
-            # rows a sequence of this length holds: min(length, window) in the rolling buffer, length without it
-            "kv_bytes_window": min(length, window) * row_bytes,
-            "kv_bytes_full": length * full.cache.bytes_per_slot() // full.cache_capacity,
-            "kv_bytes_window_allocated": rolling.cache.bytes_per_slot(),
-            "kv_bytes_full_allocated": full.cache.bytes_per_slot(),
-            "kv_bytes_window_describe": predicted["bytes_per_sequence_window"],
-            "kv_bytes_full_describe": predicted["bytes_per_sequence_full"],
-            "decode_ms_window": 1e3 * t_window, "decode_ms_full": 1e3 * t_full,
-        })
+        rows.append(
+            {
+                "seq_len": length,
+                "window_multiple": length / window,
+                # rows a sequence of this length holds: min(length, window) in the rolling buffer, length without it
+                "kv_bytes_window": min(length, window) * row_bytes,
+                "kv_bytes_full": length * full.cache.bytes_per_slot() // full.cache_capacity,
+                "kv_bytes_window_allocated": rolling.cache.bytes_per_slot(),
+                "kv_bytes_full_allocated": full.cache.bytes_per_slot(),
+                "kv_bytes_window_describe": predicted["bytes_per_sequence_window"],
+                "kv_bytes_full_describe": predicted["bytes_per_sequence_full"],
+                "decode_ms_window": 1e3 * t_window,
+                "decode_ms_full": 1e3 * t_full,
+            }
+        )
         del full, full_seq
     return {"window": window, "rows": rows, "crossover": crossover(rows, window, args.margin)}
 
@@ -166,6 +175,7 @@ def crossover(rows: list[dict], window: int, margin: float) -> dict:
 
 # --- (b) top-2 MoE vs dense ---------------------------------------------------------------------------------
 
+
 def bench_moe(moe_ckpt: Path, dense_ckpt: Path, batches: list[int], args, timer: Timer) -> dict:
     dtype, device = parse_dtype(args.dtype), args.device
     engines = {
@@ -184,10 +194,15 @@ def bench_moe(moe_ckpt: Path, dense_ckpt: Path, batches: list[int], args, timer:
         with torch.inference_mode():
             t_ffns = timer.median_s(*ffns)
         for label, t_step, t_ffn in zip(engines, t_steps, t_ffns):
-            rows.append({
-                "model": label, "batch": batch, "decode_ms_per_step": 1e3 * t_step,
-                "decode_ms_per_token": 1e3 * t_step / batch, "ffn_us_per_token": 1e6 * t_ffn / batch,
-            })
+            rows.append(
+                {
+                    "model": label,
+                    "batch": batch,
+                    "decode_ms_per_step": 1e3 * t_step,
+                    "decode_ms_per_token": 1e3 * t_step / batch,
+                    "ffn_us_per_token": 1e6 * t_ffn / batch,
+                }
+            )
     return {"rows": rows}
 
 
@@ -204,39 +219,60 @@ def _feed_forward(engine: LocalEngine, batch: int) -> Callable[[], torch.Tensor]
 
 # --- (c) grouped-query vs multi-head attention -----------------------------------------------------------
 
+
 def bench_gqa(config: ModelConfig, args) -> dict:
     """Allocate both caches for real beside `describe`'s arithmetic, then the same arithmetic for the presets."""
     dtype, rows = parse_dtype(args.dtype), []
     capacity = config.sliding_window
     for label, kv_heads in (("grouped-query", config.n_kv_heads), ("multi-head", config.n_heads)):
         cache = RollingKVCache(list(range(config.n_layers)), 1, capacity, kv_heads, config.head_dim, dtype, args.device)
-        rows.append({"model": f"bench model ({args.dtype})", "attention": label, "kv_heads": kv_heads,
-                     "kv_bytes_per_token": cache.bytes_per_slot() // capacity,
-                     "kv_bytes_per_token_describe": kv_bytes_per_token(
-                         dataclasses.replace(config, n_kv_heads=kv_heads), dtype)})
+        rows.append(
+            {
+                "model": f"bench model ({args.dtype})",
+                "attention": label,
+                "kv_heads": kv_heads,
+                "kv_bytes_per_token": cache.bytes_per_slot() // capacity,
+                "kv_bytes_per_token_describe": kv_bytes_per_token(
+                    dataclasses.replace(config, n_kv_heads=kv_heads), dtype
+                ),
+            }
+        )
         del cache
     for name, preset in PRESETS.items():
         for label, kv_heads in (("grouped-query", preset.n_kv_heads), ("multi-head", preset.n_heads)):
             per_token = kv_bytes_per_token(dataclasses.replace(preset, n_kv_heads=kv_heads), torch.bfloat16)
-            rows.append({"model": f"{name} (bfloat16)", "attention": label, "kv_heads": kv_heads,
-                         "kv_bytes_per_token": per_token,
-                         "kv_bytes_per_sequence_at_window": per_token * preset.sliding_window})
+            rows.append(
+                {
+                    "model": f"{name} (bfloat16)",
+                    "attention": label,
+                    "kv_heads": kv_heads,
+                    "kv_bytes_per_token": per_token,
+                    "kv_bytes_per_sequence_at_window": per_token * preset.sliding_window,
+                }
+            )
     return {"rows": rows, "dtype_bench": args.dtype, "dtype_presets": "bfloat16"}
 
 
 # --- output ---------------------------------------------------------------------------------------------------
 
+
 def print_tables(result: dict) -> None:
     a, b, c = result["window"], result["moe"], result["gqa"]
     w = a["window"]
-    print(f"\n(a) sliding window (rolling buffer, W={w}) vs full attention: decode batch 1, {result['dtype']}, "
-          f"{result['machine']['device']}")
-    print(f"{'seq len':>8} {'x W':>5} {'KV window':>11} {'KV full':>11} {'ms/tok window':>14} {'ms/tok full':>12}"
-          f" {'full/window':>12}")
+    print(
+        f"\n(a) sliding window (rolling buffer, W={w}) vs full attention: decode batch 1, {result['dtype']}, "
+        f"{result['machine']['device']}"
+    )
+    print(
+        f"{'seq len':>8} {'x W':>5} {'KV window':>11} {'KV full':>11} {'ms/tok window':>14} {'ms/tok full':>12}"
+        f" {'full/window':>12}"
+    )
     for r in a["rows"]:
-        print(f"{r['seq_len']:>8} {r['window_multiple']:>5g} {r['kv_bytes_window'] / 2**10:>8.0f} KiB"
-              f" {r['kv_bytes_full'] / 2**10:>7.0f} KiB {r['decode_ms_window']:>14.3f} {r['decode_ms_full']:>12.3f}"
-              f" {r['decode_ms_full'] / r['decode_ms_window']:>11.2f}x")
+        print(
+            f"{r['seq_len']:>8} {r['window_multiple']:>5g} {r['kv_bytes_window'] / 2**10:>8.0f} KiB"
+            f" {r['kv_bytes_full'] / 2**10:>7.0f} KiB {r['decode_ms_window']:>14.3f} {r['decode_ms_full']:>12.3f}"
+            f" {r['decode_ms_full'] / r['decode_ms_window']:>11.2f}x"
+        )
     same = all(
         r["kv_bytes_window"] == r["kv_bytes_window_describe"] and r["kv_bytes_full"] == r["kv_bytes_full_describe"]
         for r in a["rows"]
@@ -246,16 +282,22 @@ def print_tables(result: dict) -> None:
     if x["from_seq_len"] is None:
         print(f"crossover: the window never decoded more than {x['margin']:.0%} faster in this run")
     else:
-        print(f"crossover: from {x['from_seq_len']} tokens ({x['from_window_multiple']:g} x W) the window decodes more "
-              f"than {x['margin']:.0%} faster at every longer length ({x['speedup_at_crossover']:.2f}x there); "
-              f"at {x['longest_seq_len']} tokens "
-              f"it is {x['speedup_at_longest']:.2f}x faster with {x['kv_ratio_at_longest']:.0f}x less KV memory")
-    print(f"\n(b) top-2 of {result['model']['moe']['num_experts']} experts vs dense SwiGLU with the same active "
-          "parameters: decode")
+        print(
+            f"crossover: from {x['from_seq_len']} tokens ({x['from_window_multiple']:g} x W) the window decodes more "
+            f"than {x['margin']:.0%} faster at every longer length ({x['speedup_at_crossover']:.2f}x there); "
+            f"at {x['longest_seq_len']} tokens "
+            f"it is {x['speedup_at_longest']:.2f}x faster with {x['kv_ratio_at_longest']:.0f}x less KV memory"
+        )
+    print(
+        f"\n(b) top-2 of {result['model']['moe']['num_experts']} experts vs dense SwiGLU with the same active "
+        "parameters: decode"
+    )
     print(f"{'model':>9} {'batch':>6} {'ms/step':>9} {'ms/token':>9} {'FFN us/token':>13}")
     for r in b["rows"]:
-        print(f"{r['model']:>9} {r['batch']:>6} {r['decode_ms_per_step']:>9.3f} {r['decode_ms_per_token']:>9.3f}"
-              f" {r['ffn_us_per_token']:>13.1f}")
+        print(
+            f"{r['model']:>9} {r['batch']:>6} {r['decode_ms_per_step']:>9.3f} {r['decode_ms_per_token']:>9.3f}"
+            f" {r['ffn_us_per_token']:>13.1f}"
+        )
     print("\n(c) grouped-query vs multi-head attention: KV cache per token")
     print(f"{'model':>25} {'attention':>14} {'kv heads':>9} {'KV/token':>12}")
     for r in c["rows"]:
@@ -275,12 +317,18 @@ def plot(result: dict, prefix: Path) -> list[str]:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     ax1.plot(seq, [r["kv_bytes_window"] / 2**10 for r in rows], "o-", label=f"rolling buffer (window {w})")
     ax1.plot(seq, [r["kv_bytes_full"] / 2**10 for r in rows], "s-", label="full attention")
-    ax1.set(xscale="log", yscale="log", xlabel="sequence length (tokens)", ylabel="KV cache per sequence (KiB)",
-            title="KV cache memory")
+    ax1.set(
+        xscale="log",
+        yscale="log",
+        xlabel="sequence length (tokens)",
+        ylabel="KV cache per sequence (KiB)",
+        title="KV cache memory",
+    )
     ax2.plot(seq, [r["decode_ms_window"] for r in rows], "o-", label=f"rolling buffer (window {w})")
     ax2.plot(seq, [r["decode_ms_full"] for r in rows], "s-", label="full attention")
-    ax2.set(xscale="log", xlabel="sequence length (tokens)", ylabel="decode time per token (ms)",
-            title="decode, batch 1")
+    ax2.set(
+        xscale="log", xlabel="sequence length (tokens)", ylabel="decode time per token (ms)", title="decode, batch 1"
+    )
     for ax in (ax1, ax2):
         ax.axvline(w, color="grey", ls=":", lw=1)
         ax.legend()
@@ -315,8 +363,11 @@ def plot(result: dict, prefix: Path) -> list[str]:
     fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.5))
     for ax, model in zip(axes, models):
         mine = [r for r in c if r["model"] == model]
-        ax.bar([f"{r['attention']}\n({r['kv_heads']} KV heads)" for r in mine],
-               [r["kv_bytes_per_token"] / 2**10 for r in mine], color=["tab:blue", "tab:orange"])
+        ax.bar(
+            [f"{r['attention']}\n({r['kv_heads']} KV heads)" for r in mine],
+            [r["kv_bytes_per_token"] / 2**10 for r in mine],
+            color=["tab:blue", "tab:orange"],
+        )
         ax.set(ylabel="KV cache per token (KiB)", title=model)
     fig.suptitle("Grouped-query vs multi-head attention: KV cache per token")
     fig.tight_layout()

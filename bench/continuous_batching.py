@@ -26,8 +26,14 @@ from cluster.transport import free_port
 
 async def one(client: httpx.AsyncClient, base: str, prompt: str, max_tokens: int) -> tuple[int, float, float]:
     """(tokens, seconds to first token, seconds total) of one streaming request."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
-            "return_token_ids": True}
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }
     t0 = time.perf_counter()
     first, tokens = None, 0
     async with client.stream("POST", base + "/v1/completions", json=body) as r:
@@ -56,11 +62,18 @@ async def run(base: str, prompts: list[str], max_tokens: list[int]) -> dict:
     assert seq_tokens == conc_tokens == sum(max_tokens), (seq_tokens, conc_tokens, sum(max_tokens))
     median = lambda xs: sorted(xs)[len(xs) // 2]
     return {
-        "requests": len(prompts), "output_tokens": conc_tokens,
-        "one_at_a_time": {"seconds": seq_seconds, "tokens_per_s": seq_tokens / seq_seconds,
-                          "median_ttft_s": median([r[1] for r in sequential])},
-        "concurrent": {"seconds": conc_seconds, "tokens_per_s": conc_tokens / conc_seconds,
-                       "median_ttft_s": median([r[1] for r in concurrent])},
+        "requests": len(prompts),
+        "output_tokens": conc_tokens,
+        "one_at_a_time": {
+            "seconds": seq_seconds,
+            "tokens_per_s": seq_tokens / seq_seconds,
+            "median_ttft_s": median([r[1] for r in sequential]),
+        },
+        "concurrent": {
+            "seconds": conc_seconds,
+            "tokens_per_s": conc_tokens / conc_seconds,
+            "median_ttft_s": median([r[1] for r in concurrent]),
+        },
         "throughput_ratio": (conc_tokens / conc_seconds) / (seq_tokens / seq_seconds),
     }
 
@@ -78,16 +91,26 @@ def main() -> None:
     max_tokens = [8 + (i % 4) * 8 for i in range(args.requests)]
     port = free_port()
     with ray_session(plan):
-        start_serve({"placement": str(Path(args.config).resolve()), "max_queued_requests": 1024},
-                    "127.0.0.1", port, 0, blocking=False)
+        start_serve(
+            {"placement": str(Path(args.config).resolve()), "max_queued_requests": 1024},
+            "127.0.0.1",
+            port,
+            0,
+            blocking=False,
+        )
         base = f"http://127.0.0.1:{port}"
         if not wait_until_healthy(base, 300):
             raise SystemExit("the server did not become healthy in 300 s")
         result = asyncio.run(run(base, prompts, max_tokens))
         serve.shutdown()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    result["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "gpu": gpu,
-                         "torch": torch.__version__, "ray": ray.__version__}
+    result["machine"] = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+    }
     result["config"] = args.config
     slug = "cpu" if gpu is None else gpu.lower().replace(" ", "-")
     out = Path(args.out or f"bench/results/continuous_batching-{slug}.json")

@@ -57,10 +57,12 @@ def expert_group(device: torch.device, dtype: torch.dtype, dim: int, hidden: int
     with torch.device("meta"):
         group = ExpertGroup(dim, hidden, list(range(EXPERTS)), EXPERTS)
     gen = torch.Generator(device=device).manual_seed(0)
-    group.w13 = torch.nn.Parameter(torch.randn(EXPERTS, 2 * hidden, dim, device=device, dtype=dtype, generator=gen)
-                                   * 0.02, requires_grad=False)
-    group.w2 = torch.nn.Parameter(torch.randn(EXPERTS, dim, hidden, device=device, dtype=dtype, generator=gen)
-                                  * 0.02, requires_grad=False)
+    group.w13 = torch.nn.Parameter(
+        torch.randn(EXPERTS, 2 * hidden, dim, device=device, dtype=dtype, generator=gen) * 0.02, requires_grad=False
+    )
+    group.w2 = torch.nn.Parameter(
+        torch.randn(EXPERTS, dim, hidden, device=device, dtype=dtype, generator=gen) * 0.02, requires_grad=False
+    )
     return group
 
 
@@ -77,19 +79,43 @@ def gemv_sweep(group: ExpertGroup, device: torch.device, dtype: torch.dtype, dim
     table, _ = group._local_index(device)
     slots = table[ids]
     rows = []
-    tiles = [(r, c, w) for r, c in ((8, 256), (16, 128), (16, 256), (32, 128), (64, 128), (2, 512), (4, 512),
-                                    (8, 512), (16, 512), (2, 1024), (4, 1024), (8, 1024)) for w in (4, 8)]
+    tiles = [
+        (r, c, w)
+        for r, c in (
+            (8, 256),
+            (16, 128),
+            (16, 256),
+            (32, 128),
+            (64, 128),
+            (2, 512),
+            (4, 512),
+            (8, 512),
+            (16, 512),
+            (2, 1024),
+            (4, 1024),
+            (8, 1024),
+        )
+        for w in (4, 8)
+    ]
     for kernel in ("gate_up", "down"):
         for tile in tiles:
-            kwargs = {"gate_up_tile": tile if kernel == "gate_up" else GATE_UP_TILE,
-                      "down_tile": tile if kernel == "down" else DOWN_TILE}
+            kwargs = {
+                "gate_up_tile": tile if kernel == "gate_up" else GATE_UP_TILE,
+                "down_tile": tile if kernel == "down" else DOWN_TILE,
+            }
             try:
                 us = graph_time_us(lambda kw=kwargs: expert_gemv(x, slots, weights, group.w13, group.w2, **kw), device)
             except OutOfResources as error:  # a tile too large for the registers or shared memory
                 print(f"{kernel} {tile}: {type(error).__name__}", flush=True)
                 continue
-            rows.append({"kernel": kernel, "tile": list(tile), "us": round(us, 1),
-                         "tb_per_s": round(TOP_K * expert_bytes / us / 1e6, 2)})
+            rows.append(
+                {
+                    "kernel": kernel,
+                    "tile": list(tile),
+                    "us": round(us, 1),
+                    "tb_per_s": round(TOP_K * expert_bytes / us / 1e6, 2),
+                }
+            )
             print(f"{kernel} rows {tile[0]} cols {tile[1]} warps {tile[2]}: {us:.1f} us", flush=True)
     return rows
 
@@ -105,8 +131,13 @@ def main() -> None:
     device = torch.device("cpu" if dry else "cuda")
     dtype = torch.float32 if dry else torch.bfloat16
     dim, hidden = (64, 128) if dry else (DIM, HIDDEN)
-    result: dict = {"machine": torch.cuda.get_device_name(0) if not dry else "cpu dry run", "torch": torch.__version__,
-                    "experts": [], "gemv_sweep": [], "prefill_attention": None}
+    result: dict = {
+        "machine": torch.cuda.get_device_name(0) if not dry else "cpu dry run",
+        "torch": torch.__version__,
+        "experts": [],
+        "gemv_sweep": [],
+        "prefill_attention": None,
+    }
     group = expert_group(device, dtype, dim, hidden)
     reference = copy.deepcopy(group).float() if expert_gemv is not None else None
     expert_bytes = 3 * dim * hidden * torch.finfo(dtype).bits // 8
@@ -122,26 +153,46 @@ def main() -> None:
             grouped = graph_time_us(lambda a=inputs: group.forward_grouped(*a), device)
             dense = graph_time_us(lambda a=inputs: group.forward_dense(*a), device)
             diff = (group.forward_grouped(*inputs).float() - group.forward_dense(*inputs).float()).abs()
-            row = {"tokens": t, "distinct_experts": distinct, "grouped_us": round(grouped, 1), "dense_us": round(dense, 1),
-                   "grouped_tb_per_s": round(distinct * expert_bytes / grouped / 1e6, 2),
-                   "dense_tb_per_s": round(distinct * expert_bytes / dense / 1e6, 2),
-                   "max_abs_difference": float(diff.max())}
+            row = {
+                "tokens": t,
+                "distinct_experts": distinct,
+                "grouped_us": round(grouped, 1),
+                "dense_us": round(dense, 1),
+                "grouped_tb_per_s": round(distinct * expert_bytes / grouped / 1e6, 2),
+                "dense_tb_per_s": round(distinct * expert_bytes / dense / 1e6, 2),
+                "max_abs_difference": float(diff.max()),
+            }
             if expert_gemv is not None and t <= 3:
                 slots = group._local_index(device)[0][ids]
                 gemv = graph_time_us(lambda a=(x, slots, weights): expert_gemv(*a, group.w13, group.w2), device)
                 # The reference path on float32 copies of the same bf16 values: what each kernel's rounding is
                 # measured against.
                 exact = reference.forward_loop(x.float(), ids, weights.float())
-                error = {name: float((out.float() - exact).norm() / exact.norm()) for name, out in (
-                    ("gemv", expert_gemv(x, slots, weights, group.w13, group.w2)),
-                    ("grouped", group.forward_grouped(*inputs)))}
-                row.update(gemv_us=round(gemv, 1), gemv_tb_per_s=round(t * TOP_K * expert_bytes / gemv / 1e6, 2),
-                           gemv_relative_error=error["gemv"], grouped_relative_error=error["grouped"])
+                error = {
+                    name: float((out.float() - exact).norm() / exact.norm())
+                    for name, out in (
+                        ("gemv", expert_gemv(x, slots, weights, group.w13, group.w2)),
+                        ("grouped", group.forward_grouped(*inputs)),
+                    )
+                }
+                row.update(
+                    gemv_us=round(gemv, 1),
+                    gemv_tb_per_s=round(t * TOP_K * expert_bytes / gemv / 1e6, 2),
+                    gemv_relative_error=error["gemv"],
+                    grouped_relative_error=error["grouped"],
+                )
             result["experts"].append(row)
-            print(f"{t:>6} {distinct:>8} {grouped:>10.1f} {dense:>9.1f} {row['grouped_tb_per_s']:>12.2f} "
-                  f"{row['dense_tb_per_s']:>10.2f}" + (f"  gemv {row['gemv_us']} us {row['gemv_tb_per_s']} TB/s, "
-                  f"error {row['gemv_relative_error']:.1e} (grouped {row['grouped_relative_error']:.1e})"
-                  if "gemv_us" in row else ""), flush=True)
+            print(
+                f"{t:>6} {distinct:>8} {grouped:>10.1f} {dense:>9.1f} {row['grouped_tb_per_s']:>12.2f} "
+                f"{row['dense_tb_per_s']:>10.2f}"
+                + (
+                    f"  gemv {row['gemv_us']} us {row['gemv_tb_per_s']} TB/s, "
+                    f"error {row['gemv_relative_error']:.1e} (grouped {row['grouped_relative_error']:.1e})"
+                    if "gemv_us" in row
+                    else ""
+                ),
+                flush=True,
+            )
         if args.gemv_sweep and expert_gemv is not None:
             result["gemv_sweep"] = gemv_sweep(group, device, dtype, dim, expert_bytes)
         group = reference = None
@@ -156,10 +207,14 @@ def main() -> None:
         masked = graph_time_us(lambda: _torch_attention(q, k, v, masked_plan), device)
         flops = 4 * (n * (n + 1) // 2) * heads * head_dim
         diff = (_torch_attention(q, k, v, plan).float() - _torch_attention(q, k, v, masked_plan).float()).abs().max()
-        result["prefill_attention"] = {"tokens": n, "causal_us": round(causal, 1), "masked_us": round(masked, 1),
-                                       "causal_tflop_per_s": round(flops / causal / 1e6, 1),
-                                       "masked_tflop_per_s": round(flops / masked / 1e6, 1),
-                                       "max_abs_difference": float(diff)}
+        result["prefill_attention"] = {
+            "tokens": n,
+            "causal_us": round(causal, 1),
+            "masked_us": round(masked, 1),
+            "causal_tflop_per_s": round(flops / causal / 1e6, 1),
+            "masked_tflop_per_s": round(flops / masked / 1e6, 1),
+            "max_abs_difference": float(diff),
+        }
         print("prefill attention:", result["prefill_attention"], flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -39,12 +39,18 @@ def main() -> None:
     params = SamplingParams(max_tokens=96, ignore_eos=True)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = save_checkpoint(Path(tmp) / "ck", cfg, random_weights(cfg, 0))
-        expected = [r.token_ids for r in generate(LocalEngine(ckpt, device="cuda" if gpu else "cpu", max_seqs=4),
-                                                  prompts, params)]
-        placement = {"checkpoint": str(ckpt), "dtype": "float32", "micro_batch_size": 2, "max_seqs": 4,
-                     "stages": [{"layers": "0-3", "resources": res(0.5)}, {"layers": "4-7", "resources": res(0.5)}],
-                     "expert_groups": [{"experts": "0-3", "resources": res(0.5)},
-                                       {"experts": "4-7", "resources": res(0.5)}]}
+        expected = [
+            r.token_ids
+            for r in generate(LocalEngine(ckpt, device="cuda" if gpu else "cpu", max_seqs=4), prompts, params)
+        ]
+        placement = {
+            "checkpoint": str(ckpt),
+            "dtype": "float32",
+            "micro_batch_size": 2,
+            "max_seqs": 4,
+            "stages": [{"layers": "0-3", "resources": res(0.5)}, {"layers": "4-7", "resources": res(0.5)}],
+            "expert_groups": [{"experts": "0-3", "resources": res(0.5)}, {"experts": "4-7", "resources": res(0.5)}],
+        }
         path = Path(tmp) / "p.yaml"
         path.write_text(yaml.safe_dump(placement))
         ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
@@ -68,9 +74,14 @@ def main() -> None:
             identical = [r.token_ids == e for r, e in zip(out["r"], expected)]
             health = cluster.health()
         ray.shutdown()
-    result = {"machine": {"gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] or ["cpu"]},
-              "killed": f"experts1 on GPU {where['experts1']['gpu_ids']}", "recovery_seconds": back,
-              "identical": identical, "restarted": health["restarted"], "shard_failures": health["shard_failures"]}
+    result = {
+        "machine": {"gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] or ["cpu"]},
+        "killed": f"experts1 on GPU {where['experts1']['gpu_ids']}",
+        "recovery_seconds": back,
+        "identical": identical,
+        "restarted": health["restarted"],
+        "shard_failures": health["shard_failures"],
+    }
     out_path = Path(args.out or f"bench/results/gpu_fault-{'2xh200' if gpu else 'cpu-dry-run'}.json")
     out_path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))

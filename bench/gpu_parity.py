@@ -27,9 +27,10 @@ from shards.make_checkpoint import random_weights, small_config
 
 def hf_greedy(model, prompt: list[int], n: int, device: str) -> list[int]:
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt], device=device), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+        out = model.generate(
+            torch.tensor([prompt], device=device), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
@@ -62,19 +63,27 @@ def main() -> None:
                 for prompt, result in zip(prompts, ours):
                     ref = hf_greedy(hf, prompt, new_tokens, device)
                     short = len(prompt) <= window
-                    rows.append({
-                        "arch": arch, "window": window, "dtype": dtype_name, "prompt_tokens": len(prompt),
-                        "new_tokens": new_tokens, "identical": result.token_ids == ref,
-                        "first_difference": first_difference(result.token_ids, ref),
-                        "required": dtype_name == "float32" or short, "batch_seconds": round(elapsed, 3),
-                    })
+                    rows.append(
+                        {
+                            "arch": arch,
+                            "window": window,
+                            "dtype": dtype_name,
+                            "prompt_tokens": len(prompt),
+                            "new_tokens": new_tokens,
+                            "identical": result.token_ids == ref,
+                            "first_difference": first_difference(result.token_ids, ref),
+                            "required": dtype_name == "float32" or short,
+                            "batch_seconds": round(elapsed, 3),
+                        }
+                    )
                 del hf, engine
                 torch.cuda.empty_cache() if device == "cuda" else None
     failures = [r for r in rows if r["required"] and not r["identical"]]
     result = {
         "machine": {
             "gpu": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor(),
-            "torch": torch.__version__, "python": platform.python_version(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
         },
         "cases": rows,
         "required_cases": sum(r["required"] for r in rows),
@@ -84,8 +93,10 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'arch':8} {'win':>4} {'dtype':9} {'prompt':>6} {'new':>4} {'same':>5} {'1st diff':>8}")
     for r in rows:
-        print(f"{r['arch']:8} {r['window']:>4} {r['dtype']:9} {r['prompt_tokens']:>6} {r['new_tokens']:>4} "
-              f"{r['identical']!s:>5} {r['first_difference']!s:>8}")
+        print(
+            f"{r['arch']:8} {r['window']:>4} {r['dtype']:9} {r['prompt_tokens']:>6} {r['new_tokens']:>4} "
+            f"{r['identical']!s:>5} {r['first_difference']!s:>8}"
+        )
     print(f"required cases: {result['required_cases']}, failures: {len(failures)}")
 
 

@@ -59,6 +59,7 @@ class Deadline:
 
 # --- the hardware's limits ---------------------------------------------------------------------------------------
 
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -86,11 +87,17 @@ def measure_hardware(device: torch.device, dry: bool) -> dict:
     b = torch.randn(size, size, dtype=torch.bfloat16, device=device)
     mm_s = timed(lambda: a @ b, device, repeat=10, warmup=3)
     a = b = None
-    return {"copy_bytes": n, "hbm_bytes_per_s": 2 * n / copy_s, "hbm_note": "device-to-device copy, read + written",
-            "matmul_size": size, "bf16_flop_per_s": 2 * size**3 / mm_s}
+    return {
+        "copy_bytes": n,
+        "hbm_bytes_per_s": 2 * n / copy_s,
+        "hbm_note": "device-to-device copy, read + written",
+        "matmul_size": size,
+        "bf16_flop_per_s": 2 * size**3 / mm_s,
+    }
 
 
 # --- the roofline --------------------------------------------------------------------------------------------------
+
 
 def weight_bytes(cfg: ModelConfig, experts_per_layer: float, dtype_bytes: int = 2) -> dict:
     """Bytes of weights one decode step must read: every layer's attention, norms and gate, the experts the batch
@@ -103,8 +110,12 @@ def weight_bytes(cfg: ModelConfig, experts_per_layer: float, dtype_bytes: int = 
     else:
         ffn = ffn_one
     head = (cfg.vocab_size * d + d) * dtype_bytes
-    return {"attention_per_layer": attention, "ffn_per_layer": ffn, "head": head,
-            "total": cfg.n_layers * (attention + ffn) + head}
+    return {
+        "attention_per_layer": attention,
+        "ffn_per_layer": ffn,
+        "head": head,
+        "total": cfg.n_layers * (attention + ffn) + head,
+    }
 
 
 def prefill_flops(cfg: ModelConfig, tokens: int) -> float:
@@ -119,6 +130,7 @@ def prefill_flops(cfg: ModelConfig, tokens: int) -> float:
 
 
 # --- GPU memory, watched from outside the shards ---------------------------------------------------------------------
+
 
 class MemoryWatch:
     """Peak memory in use on each GPU (every process on it), sampled every 20 ms by NVML or torch."""
@@ -140,9 +152,11 @@ class MemoryWatch:
             handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(self.n)]
             return lambda i: pynvml.nvmlDeviceGetMemoryInfo(handles[i]).used
         except Exception:  # noqa: BLE001 - no NVML: torch's view (same numbers, a CUDA context per GPU)
+
             def used(i: int) -> int:
                 free, total = torch.cuda.mem_get_info(i)
                 return total - free
+
             return used
 
     def _run(self) -> None:
@@ -162,16 +176,22 @@ class MemoryWatch:
 
 # --- transformers on the same weights ------------------------------------------------------------------------------
 
+
 def hf_tensor_for(name: str, shape: tuple[int, ...], cfg: ModelConfig, device, dtype) -> torch.Tensor:
     """A transformers parameter, made from our tensors by name (its stacked experts = our per-expert tensors)."""
+
     def ours(n, s):
         return random_tensor(n, s, SEED, STD, dtype, device)
 
     d, h = cfg.dim, cfg.hidden_dim
     if name.endswith("mlp.experts.gate_up_proj"):
         p = name.removesuffix("mlp.experts.gate_up_proj") + "block_sparse_moe.experts."
-        return torch.stack([torch.cat([ours(f"{p}{e}.w1.weight", (h, d)), ours(f"{p}{e}.w3.weight", (h, d))])
-                            for e in range(cfg.num_experts)])
+        return torch.stack(
+            [
+                torch.cat([ours(f"{p}{e}.w1.weight", (h, d)), ours(f"{p}{e}.w3.weight", (h, d))])
+                for e in range(cfg.num_experts)
+            ]
+        )
     if name.endswith("mlp.experts.down_proj"):
         p = name.removesuffix("mlp.experts.down_proj") + "block_sparse_moe.experts."
         return torch.stack([ours(f"{p}{e}.w2.weight", (d, h)) for e in range(cfg.num_experts)])
@@ -201,22 +221,34 @@ def build_hf(ckpt: Path, cfg: ModelConfig, devices: list[torch.device], dtype: t
     rotary = model.model.rotary_emb
     with devices[0]:  # its tables are computed at construction; the meta copies hold nothing
         model.model.rotary_emb = type(rotary)(config=hf_cfg)
-    device_map = {"model.embed_tokens": devices[0].index or 0, "model.rotary_emb": devices[0].index or 0,
-                  "model.norm": devices[-1].index or 0, "lm_head": devices[-1].index or 0}
+    device_map = {
+        "model.embed_tokens": devices[0].index or 0,
+        "model.rotary_emb": devices[0].index or 0,
+        "model.norm": devices[-1].index or 0,
+        "lm_head": devices[-1].index or 0,
+    }
     device_map.update({f"model.layers.{i}": device_of(f"model.layers.{i}.x").index or 0 for i in range(cfg.n_layers)})
     if n > 1:
         from accelerate import dispatch_model
 
         model = dispatch_model(model, device_map=device_map)
-    return model.eval(), {"attn_implementation": model.config._attn_implementation,
-                          "experts_implementation": getattr(model.config, "_experts_implementation", None),
-                          "device_map": "layers split evenly in order" if n > 1 else "one device"}
+    return model.eval(), {
+        "attn_implementation": model.config._attn_implementation,
+        "experts_implementation": getattr(model.config, "_experts_implementation", None),
+        "device_map": "layers split evenly in order" if n > 1 else "one device",
+    }
 
 
 def hf_generate(model, prompts: torch.Tensor, n: int) -> None:
     with torch.inference_mode():
-        model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
-                       min_new_tokens=n, do_sample=False, pad_token_id=0)
+        model.generate(
+            input_ids=prompts,
+            attention_mask=torch.ones_like(prompts),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
 
 
 def hf_routing(model, cfg: ModelConfig, prompts: torch.Tensor) -> dict:
@@ -226,11 +258,13 @@ def hf_routing(model, cfg: ModelConfig, prompts: torch.Tensor) -> dict:
     batch = prompts.shape[0]
     hooks = []
     for i, layer in enumerate(model.model.layers):
+
         def hook(_module, _inputs, out, i=i):
             ids = out[2].reshape(-1).cpu()
             counts[i] += torch.bincount(ids, minlength=cfg.num_experts)
             if ids.numel() == batch * cfg.num_experts_per_tok:  # a decode step
                 distinct.append(int(ids.unique().numel()))
+
         hooks.append(layer.mlp.gate.register_forward_hook(hook))
     try:
         hf_generate(model, prompts, 4)
@@ -297,13 +331,20 @@ def _wall(fn, device: torch.device) -> float:
 
 # --- ours ------------------------------------------------------------------------------------------------------------
 
+
 def placement_yaml(
     name: str, ckpt: Path, batch_cap: int, chunk: int, max_seqs: int, token_budget: int, dry: bool, tmp: Path
 ) -> Path:
     """The example YAML with the checkpoint swapped for the random one and the batch knobs set for this run."""
     spec = yaml.safe_load((EXAMPLES / PLACEMENTS[name][0]).read_text())
-    spec.update(checkpoint=str(ckpt), max_seqs=max_seqs, micro_batch_size=batch_cap, chunk_size=chunk,
-                token_budget=max(chunk, token_budget), dtype="float32" if dry else "bfloat16")
+    spec.update(
+        checkpoint=str(ckpt),
+        max_seqs=max_seqs,
+        micro_batch_size=batch_cap,
+        chunk_size=chunk,
+        token_budget=max(chunk, token_budget),
+        dtype="float32" if dry else "bfloat16",
+    )
     if dry:  # no GPUs: the same shards as CPU fractions, the layer ranges cut to the tiny model's layers
         spec["resources"] = {"CPU": 0.5}
         if isinstance(spec["stages"], list):
@@ -336,24 +377,34 @@ def decode_components(traces: list[dict], batch: int) -> dict:
             transport_ms[k] = transport_ms.get(k, 0.0) + 1000 * sum(tr.values()) / len(steps)
     # From the first stage's start to the last stage's end (one clock: the shards share the host); the rest of the
     # step is the router's: planning, the Ray calls, sampling.
-    busy = sum(max(sp["end"] for s in t["stages"] for sp in s["spans"]) -
-               min(sp["start"] for s in t["stages"] for sp in s["spans"]) for t in steps) / len(steps)
-    out = {"step_ms": round(step_ms, 3), "stage_compute_ms": _r(stage_ms), "expert_dispatch_ms": _r(expert_ms),
-           "transport_ms": _r(transport_ms), "stages_busy_ms": round(1000 * busy, 3),
-           "router_and_ray_ms": round(step_ms - 1000 * busy, 3)}
+    busy = sum(
+        max(sp["end"] for s in t["stages"] for sp in s["spans"])
+        - min(sp["start"] for s in t["stages"] for sp in s["spans"])
+        for t in steps
+    ) / len(steps)
+    out = {
+        "step_ms": round(step_ms, 3),
+        "stage_compute_ms": _r(stage_ms),
+        "expert_dispatch_ms": _r(expert_ms),
+        "transport_ms": _r(transport_ms),
+        "stages_busy_ms": round(1000 * busy, 3),
+        "router_and_ray_ms": round(step_ms - 1000 * busy, 3),
+    }
     if all("called" in t and all("entered" in s for s in t["stages"]) for t in steps):
         # The router's share split: until the first stage's call starts, inside the calls but outside the layers'
         # spans (embedding, counting expert choices, ...), after the last call ends until the router has the results.
         n = len(steps)
-        out["router_to_stage_ms"] = round(1000 * sum(min(s["entered"] for s in t["stages"]) - t["called"]
-                                                     for t in steps) / n, 3)
+        out["router_to_stage_ms"] = round(
+            1000 * sum(min(s["entered"] for s in t["stages"]) - t["called"] for t in steps) / n, 3
+        )
         out["in_call_outside_layers_ms"] = _r({f"stage{s['stage']}": 0.0 for s in steps[0]["stages"]})
         for t in steps:
             for s in t["stages"]:
                 outside = (s["left"] - s["entered"]) - sum(sp["end"] - sp["start"] for sp in s["spans"])
                 out["in_call_outside_layers_ms"][f"stage{s['stage']}"] += round(1000 * outside / n, 3)
-        out["stage_to_router_ms"] = round(1000 * sum(t["returned"] - max(s["left"] for s in t["stages"])
-                                                     for t in steps) / n, 3)
+        out["stage_to_router_ms"] = round(
+            1000 * sum(t["returned"] - max(s["left"] for s in t["stages"]) for t in steps) / n, 3
+        )
     return out
 
 
@@ -361,8 +412,17 @@ def _r(d: dict) -> dict:
     return {k: round(v, 3) for k, v in d.items()}
 
 
-def run_ours(name: str, throughput_ckpt: Path, long_ckpt: Path, cfg: ModelConfig, args, prompts_for, memory,
-             deadline: Deadline, tmp: Path) -> dict:
+def run_ours(
+    name: str,
+    throughput_ckpt: Path,
+    long_ckpt: Path,
+    cfg: ModelConfig,
+    args,
+    prompts_for,
+    memory,
+    deadline: Deadline,
+    tmp: Path,
+) -> dict:
     import ray
 
     from cluster.sharded import ShardedCluster
@@ -373,9 +433,14 @@ def run_ours(name: str, throughput_ckpt: Path, long_ckpt: Path, cfg: ModelConfig
     cap = max(args.batches)
     budget = cap * (args.prompt_tokens + 1)  # every prompt prefills in the first step: later steps are pure decode
     path = placement_yaml(name, throughput_ckpt, cap, args.chunk, cap, budget, args.cpu_dry_run, tmp)
-    row["overrides"] = {"micro_batch_size": cap, "max_seqs": cap, "chunk_size": args.chunk, "token_budget": budget,
-                        "why": "one micro-batch per step: decode is bandwidth-bound and each micro-batch re-reads "
-                               "the weights; the step loop waits for all micro-batches, so more gain no overlap"}
+    row["overrides"] = {
+        "micro_batch_size": cap,
+        "max_seqs": cap,
+        "chunk_size": args.chunk,
+        "token_budget": budget,
+        "why": "one micro-batch per step: decode is bandwidth-bound and each micro-batch re-reads "
+        "the weights; the step loop waits for all micro-batches, so more gain no overlap",
+    }
     t0 = time.perf_counter()
     with ShardedCluster.start(path, step_timeout_s=300.0) as cluster:
         row["start_s"] = round(time.perf_counter() - t0, 1)
@@ -386,7 +451,9 @@ def run_ours(name: str, throughput_ckpt: Path, long_ckpt: Path, cfg: ModelConfig
         for b in args.batches:
             guess = 0.0 if last is None else last[1] * b / last[0]
             if deadline.left() < 45 + guess:
-                row["decode"][str(b)] = {"skipped": f"time budget (expected {guess:.0f} s, {deadline.left():.0f} s left)"}
+                row["decode"][str(b)] = {
+                    "skipped": f"time budget (expected {guess:.0f} s, {deadline.left():.0f} s left)"
+                }
                 continue
             prompts = prompts_for(b, args.prompt_tokens).tolist()
             # Same batch size and slots as the timed runs: the decode step's CUDA graph is captured here, not there.
@@ -399,8 +466,11 @@ def run_ours(name: str, throughput_ckpt: Path, long_ckpt: Path, cfg: ModelConfig
             cluster.generate(prompts, params(args.new_tokens))
             tn = time.perf_counter() - t
             last = (b, t1 + tn)
-            row["decode"][str(b)] = {"tokens_per_s": b * (args.new_tokens - 1) / (tn - t1), "prefill_s": t1,
-                                     "components": decode_components(cluster.take_traces(), b)}
+            row["decode"][str(b)] = {
+                "tokens_per_s": b * (args.new_tokens - 1) / (tn - t1),
+                "prefill_s": t1,
+                "components": decode_components(cluster.take_traces(), b),
+            }
         row["expert_load"] = cluster.expert_load() if cfg.is_moe else None
     wait_until_gpus_free(memory)
     row["peak_gib_per_gpu_throughput"] = memory.take()  # the reset reads memory after the shards are gone
@@ -421,13 +491,15 @@ def run_ours(name: str, throughput_ckpt: Path, long_ckpt: Path, cfg: ModelConfig
         stages = [h for k, h in cluster.shard_handles().items() if k.startswith("stage")]
         cache = sum(ray.get([h.cache_bytes.remote() for h in stages]))
         row["kv_bytes_per_sequence"] = cache  # max_seqs is 1: the whole cache is one sequence's
-        row["kv_bytes_if_unbounded_at_16k"] = 2 * cfg.n_layers * max(args.ttft_tokens) * cfg.n_kv_heads * cfg.head_dim * (
-            4 if args.cpu_dry_run else 2)
+        row["kv_bytes_if_unbounded_at_16k"] = (
+            2 * cfg.n_layers * max(args.ttft_tokens) * cfg.n_kv_heads * cfg.head_dim * (4 if args.cpu_dry_run else 2)
+        )
     row["peak_gib_per_gpu_long"] = memory.take()
     return row
 
 
 # --- where a step's time goes, inside one shard ----------------------------------------------------------------------
+
 
 def profile_components(cfg: ModelConfig, device: torch.device, batches: list[int], layers: int, tmp: Path) -> dict:
     """A few real-shaped layers in this process: GPU time of attention and of the feed-forward (CUDA events around
@@ -449,6 +521,7 @@ def profile_components(cfg: ModelConfig, device: torch.device, batches: list[int
     for layer in shard.layers.values():
         ffn = layer.block_sparse_moe.experts if small.is_moe else layer.mlp  # the MoE block's experts: what runs
         for kind, module in (("attention", layer.self_attn), ("ffn", ffn)):
+
             def pre(_m, _a, kind=kind):
                 if device.type == "cuda":
                     e = torch.cuda.Event(enable_timing=True)
@@ -460,6 +533,7 @@ def profile_components(cfg: ModelConfig, device: torch.device, batches: list[int
                     e = torch.cuda.Event(enable_timing=True)
                     e.record()
                     events[kind][-1][1] = e
+
             hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
     for b in batches:
         cache = RollingKVCache(list(range(layers)), b, capacity, small.n_kv_heads, small.head_dim, dtype, device)
@@ -492,9 +566,12 @@ def profile_components(cfg: ModelConfig, device: torch.device, batches: list[int
             for v in events.values():
                 v.clear()
             row["top_ops"], prof = top_ops(lambda d=decode: step(d), device)
-            row["host_syncs"] = sum(e.count for e in prof.key_averages()
-                                    if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item",
-                                                 "aten::_local_scalar_dense"))
+            row["host_syncs"] = sum(
+                e.count
+                for e in prof.key_averages()
+                if e.key
+                in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item", "aten::_local_scalar_dense")
+            )
         out[f"batch_{b}"] = row
         cache = None
     out["prefill_4096"] = profile_prefill(shard, small, device, dtype, 4096)
@@ -527,29 +604,43 @@ def profile_prefill(shard, cfg: ModelConfig, device: torch.device, dtype: torch.
         wall = (time.perf_counter() - t0) / 3
         ops, _ = top_ops(step, device)
     per_layer = prefill_flops(replace(cfg, n_layers=1), tokens) - 2 * cfg.vocab_size * cfg.dim  # layers only
-    return {"tokens": tokens, "ms_per_layer": round(1000 * wall / layers, 3),
-            "layer_flops": per_layer, "tflop_per_s": round(per_layer * layers / wall / 1e12, 1), "top_ops": ops}
+    return {
+        "tokens": tokens,
+        "ms_per_layer": round(1000 * wall / layers, 3),
+        "layer_flops": per_layer,
+        "tflop_per_s": round(per_layer * layers / wall / 1e12, 1),
+        "top_ops": ops,
+    }
 
 
 def top_ops(run, device: torch.device, n: int = 12) -> tuple[list[dict], torch.profiler.profile]:
     """The profiler over one call of `run`: its `n` costliest ops (device time on GPU, host time on CPU)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
-            [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU]
+        + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    ) as prof:
         run()
         sync(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     averages = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
-    return [{"name": e.key[:80], "calls": e.count, "us": round(getattr(e, key, 0), 1),
-             "cpu_us": round(e.self_cpu_time_total, 1)} for e in averages[:n]], prof
+    return [
+        {
+            "name": e.key[:80],
+            "calls": e.count,
+            "us": round(getattr(e, key, 0), 1),
+            "cpu_us": round(e.self_cpu_time_total, 1),
+        }
+        for e in averages[:n]
+    ], prof
 
 
 # --- the table, the plot -------------------------------------------------------------------------------------------
 
+
 def summarise(model: str, cfg: ModelConfig, hw: dict, hf: dict, ours: list[dict], args) -> dict:
     table = []
     for b in args.batches:
-        distinct = (hf.get("routing", {}).get(str(b), {}).get("distinct_experts_per_layer")
-                    if cfg.is_moe else None)
+        distinct = hf.get("routing", {}).get(str(b), {}).get("distinct_experts_per_layer") if cfg.is_moe else None
         if cfg.is_moe and distinct is None:  # no measurement: the expected count under uniform routing
             k, e = cfg.num_experts_per_tok, cfg.num_experts
             distinct = e * (1 - (1 - k / e) ** b)
@@ -558,18 +649,37 @@ def summarise(model: str, cfg: ModelConfig, hw: dict, hf: dict, ours: list[dict]
         theirs = hf.get("decode", {}).get(str(b), {}).get("tokens_per_s")
         for r in ours:
             mine = r.get("decode", {}).get(str(b), {}).get("tokens_per_s")
-            table.append({"what": f"decode b={b}", "placement": r["placement"], "ours": mine, "transformers": theirs,
-                          "limit": limit, "ours_vs_limit": mine / limit if mine else None,
-                          "ours_vs_transformers": mine / theirs if mine and theirs else None,
-                          "unit": "tokens/s", "bytes_per_step": wb["total"], "distinct_experts": distinct})
+            table.append(
+                {
+                    "what": f"decode b={b}",
+                    "placement": r["placement"],
+                    "ours": mine,
+                    "transformers": theirs,
+                    "limit": limit,
+                    "ours_vs_limit": mine / limit if mine else None,
+                    "ours_vs_transformers": mine / theirs if mine and theirs else None,
+                    "unit": "tokens/s",
+                    "bytes_per_step": wb["total"],
+                    "distinct_experts": distinct,
+                }
+            )
     for n in args.ttft_tokens:
         floor = prefill_flops(cfg, n) / hw["bf16_flop_per_s"]
         theirs = hf.get("ttft_s", {}).get(str(n))
         for r in ours:
             mine = r.get("ttft_s", {}).get(str(n)) if isinstance(r.get("ttft_s"), dict) else None
-            table.append({"what": f"ttft {n}", "placement": r["placement"], "ours": mine, "transformers": theirs,
-                          "limit": floor, "ours_vs_limit": mine / floor if mine else None,
-                          "ours_vs_transformers": theirs / mine if mine and theirs else None, "unit": "s"})
+            table.append(
+                {
+                    "what": f"ttft {n}",
+                    "placement": r["placement"],
+                    "ours": mine,
+                    "transformers": theirs,
+                    "limit": floor,
+                    "ours_vs_limit": mine / floor if mine else None,
+                    "ours_vs_transformers": theirs / mine if mine and theirs else None,
+                    "unit": "s",
+                }
+            )
     return {"model": model, "config": cfg.to_hf_dict(), "transformers": hf, "ours": ours, "table": table}
 
 
@@ -578,8 +688,10 @@ def print_table(result: dict) -> None:
     print(f"{'what':<16}{'placement':<20}{'ours':>10}{'transf.':>10}{'limit':>10}{'ours/limit':>12}{'vs transf.':>12}")
     for t in result["table"]:
         f = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"
-        print(f"{t['what']:<16}{t['placement']:<20}{f(t['ours'])+' ':>10}{f(t['transformers']):>10}{f(t['limit']):>10}"
-              f"{f(t['ours_vs_limit'], 3):>12}{f(t['ours_vs_transformers'], 2):>12}")
+        print(
+            f"{t['what']:<16}{t['placement']:<20}{f(t['ours']) + ' ':>10}{f(t['transformers']):>10}{f(t['limit']):>10}"
+            f"{f(t['ours_vs_limit'], 3):>12}{f(t['ours_vs_transformers'], 2):>12}"
+        )
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -596,8 +708,10 @@ def plot(results: list[dict], path: Path) -> None:
             continue
         batches = sorted({int(t["what"].split("=")[1]) for t in rows})
         for placement in dict.fromkeys(t["placement"] for t in rows):
-            ys = [next((t["ours"] for t in rows if t["placement"] == placement and t["what"] == f"decode b={b}"), None)
-                  for b in batches]
+            ys = [
+                next((t["ours"] for t in rows if t["placement"] == placement and t["what"] == f"decode b={b}"), None)
+                for b in batches
+            ]
             ax.plot(batches, [y or math.nan for y in ys], marker="o", label=f"ours: {placement}")
         for key, style, label in (("transformers", "k--", "transformers"), ("limit", "r:", "bandwidth roofline")):
             ys = [next((t[key] for t in rows if t["what"] == f"decode b={b}"), None) for b in batches]
@@ -614,6 +728,7 @@ def plot(results: list[dict], path: Path) -> None:
 
 # --- the load path ---------------------------------------------------------------------------------------------------
 
+
 def time_load_path(device: torch.device, tmp: Path, dry: bool) -> dict:
     """Write a real safetensors checkpoint of a smaller real-shaped model (4 Mixtral layers) and load it back."""
     from shards.checkpoint import CheckpointReader, ShardSelection, save_checkpoint
@@ -623,8 +738,9 @@ def time_load_path(device: torch.device, tmp: Path, dry: bool) -> dict:
     if dry:
         cfg = replace(cfg, dim=256, hidden_dim=512, n_heads=8, n_kv_heads=2, head_dim=32, vocab_size=1000)
     selection = ShardSelection.whole(cfg)
-    tensors = {n: random_tensor(n, s, SEED, STD, torch.bfloat16, device).cpu()
-               for n, s in selection.tensor_shapes(cfg).items()}
+    tensors = {
+        n: random_tensor(n, s, SEED, STD, torch.bfloat16, device).cpu() for n, s in selection.tensor_shapes(cfg).items()
+    }
     t0 = time.perf_counter()
     save_checkpoint(tmp / "load-path", cfg, tensors, max_shard_bytes=4 << 30)
     write_s = time.perf_counter() - t0
@@ -635,17 +751,32 @@ def time_load_path(device: torch.device, tmp: Path, dry: bool) -> dict:
     sync(device)
     load_s = time.perf_counter() - t0
     del shard
-    return {"layers": cfg.n_layers, "bytes": nbytes, "write_s": round(write_s, 2), "load_s": round(load_s, 2),
-            "load_gb_per_s": round(nbytes / load_s / 1e9, 2)}
+    return {
+        "layers": cfg.n_layers,
+        "bytes": nbytes,
+        "write_s": round(write_s, 2),
+        "load_s": round(load_s, 2),
+        "load_gb_per_s": round(nbytes / load_s / 1e9, 2),
+    }
 
 
 # --- main ------------------------------------------------------------------------------------------------------------
 
+
 def model_config(model: str, dry: bool, max_seq_len: int) -> ModelConfig:
     cfg = PRESETS[MODELS[model]]
     if dry:
-        cfg = replace(cfg, dim=128, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=16, hidden_dim=256, vocab_size=512,
-                      sliding_window=64)
+        cfg = replace(
+            cfg,
+            dim=128,
+            n_layers=4,
+            n_heads=8,
+            n_kv_heads=2,
+            head_dim=16,
+            hidden_dim=256,
+            vocab_size=512,
+            sliding_window=64,
+        )
     return replace(cfg, max_seq_len=max_seq_len)
 
 
@@ -656,8 +787,12 @@ def main() -> None:
     parser.add_argument("--placements", nargs="*", default=list(PLACEMENTS), choices=list(PLACEMENTS))
     parser.add_argument("--batches", nargs="*", type=int, default=[1, 8, 32, 128])
     parser.add_argument("--prompt-tokens", type=int, default=512)
-    parser.add_argument("--new-tokens", type=int, default=64,
-                        help="tokens per timed decode; 16 left batch-1 figures ±30 %% noisy (bench/NOTES.md)")
+    parser.add_argument(
+        "--new-tokens",
+        type=int,
+        default=64,
+        help="tokens per timed decode; 16 left batch-1 figures ±30 %% noisy (bench/NOTES.md)",
+    )
     parser.add_argument("--ttft-tokens", nargs="+", type=int, default=[4096, 16384])
     parser.add_argument("--chunk", type=int, default=4096, help="prefill chunk (at most the window)")
     parser.add_argument("--no-transformers", action="store_true")
@@ -674,8 +809,10 @@ def main() -> None:
     n_gpus = 0 if dry else torch.cuda.device_count()
     devices = [torch.device("cpu")] if dry else [torch.device("cuda", i) for i in range(n_gpus)]
     hw = measure_hardware(devices[0], dry)
-    print(f"hardware: {hw['hbm_bytes_per_s'] / 1e12:.2f} TB/s copy, {hw['bf16_flop_per_s'] / 1e12:.0f} TFLOP/s bf16",
-          flush=True)
+    print(
+        f"hardware: {hw['hbm_bytes_per_s'] / 1e12:.2f} TB/s copy, {hw['bf16_flop_per_s'] / 1e12:.0f} TFLOP/s bf16",
+        flush=True,
+    )
     memory = MemoryWatch(n_gpus)
     import ray
 
@@ -688,8 +825,13 @@ def main() -> None:
         load_path = time_load_path(devices[0], tmp, dry) if args.load_path else None
 
         def prompts_for(b: int, n: int) -> torch.Tensor:
-            return torch.cat([torch.ones(b, 1, dtype=torch.long), torch.randint(3, 32000 if not dry else 512,
-                                                                                 (b, n - 1), generator=gen)], dim=1)
+            return torch.cat(
+                [
+                    torch.ones(b, 1, dtype=torch.long),
+                    torch.randint(3, 32000 if not dry else 512, (b, n - 1), generator=gen),
+                ],
+                dim=1,
+            )
 
         # Host-path placements (a GPU shared by two shards) are slowest: they go last, after both models' others.
         phases = [(m, [p for p in args.placements if PLACEMENTS[p][1] == 1 or p == "two_stages"]) for m in args.models]
@@ -702,21 +844,26 @@ def main() -> None:
             st = state[model]
             for name in placements:
                 if not dry and PLACEMENTS[name][1] > n_gpus:
-                    st["ours"].append({"placement": name, "skipped": f"needs {PLACEMENTS[name][1]} GPUs, host has {n_gpus}"})
+                    st["ours"].append(
+                        {"placement": name, "skipped": f"needs {PLACEMENTS[name][1]} GPUs, host has {n_gpus}"}
+                    )
                     continue
                 if deadline.left() < 90:
                     st["ours"].append({"placement": name, "skipped": "time budget"})
                     continue
                 try:
-                    row = run_ours(name, st["tput_ckpt"], st["long_ckpt"], st["tput_cfg"], args, prompts_for, memory,
-                                   deadline, tmp)
+                    row = run_ours(
+                        name, st["tput_ckpt"], st["long_ckpt"], st["tput_cfg"], args, prompts_for, memory, deadline, tmp
+                    )
                 except Exception as e:  # noqa: BLE001 - record it and go on with the next placement
                     row = {"placement": name, "error": f"{type(e).__name__}: {e}"[:2000]}
                 wait_until_gpus_free(memory)
                 st["ours"].append(row)
                 print(json.dumps({k: v for k, v in row.items() if k not in ("expert_load",)})[:3000], flush=True)
                 results = summarise_all(state, hw, args)
-                write_result(args, hw, n_gpus, load_path, results, deadline)  # after every placement: a cut-off run keeps it
+                write_result(
+                    args, hw, n_gpus, load_path, results, deadline
+                )  # after every placement: a cut-off run keeps it
             results = summarise_all(state, hw, args)
             write_result(args, hw, n_gpus, load_path, results, deadline)
         for res in results:
@@ -742,15 +889,21 @@ def write_result(args, hw: dict, n_gpus: int, load_path: dict | None, results: l
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
-        "machine": {"gpus": [torch.cuda.get_device_name(i) for i in range(n_gpus)] or ["cpu dry run"],
-                    "torch": torch.__version__, "transformers": transformers.__version__,
-                    "host_cpus": os.cpu_count()},
-        "hardware": hw, "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "machine": {
+            "gpus": [torch.cuda.get_device_name(i) for i in range(n_gpus)] or ["cpu dry run"],
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "host_cpus": os.cpu_count(),
+        },
+        "hardware": hw,
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "roofline_definition": "decode: batch / (weight bytes one step reads, each counted once: attention, norms, "
-                               "gates, the distinct experts the batch selects (measured from transformers' gates on "
-                               "the same weights), head) / measured copy bandwidth of one GPU. prefill: matmul FLOPs "
-                               "/ measured bf16 matmul rate of one GPU.",
-        "load_path": load_path, "models": results, "seconds": round(args.budget_s - deadline.left(), 1),
+        "gates, the distinct experts the batch selects (measured from transformers' gates on "
+        "the same weights), head) / measured copy bandwidth of one GPU. prefill: matmul FLOPs "
+        "/ measured bf16 matmul rate of one GPU.",
+        "load_path": load_path,
+        "models": results,
+        "seconds": round(args.budget_s - deadline.left(), 1),
     }
     out.write_text(json.dumps(result, indent=2) + "\n")
 
@@ -764,8 +917,9 @@ def first_visit(model, args, dry, tmp, devices, memory, prompts_for, deadline) -
     st["long_ckpt"] = write_random_checkpoint(tmp / f"{model}-long", st["long_cfg"], SEED, STD)
     if args.profile_layers and deadline.left() > 120:
         try:
-            st["profile"] = profile_components(st["long_cfg"], devices[0], [1, 32] if not dry else [1, 4],
-                                               args.profile_layers, tmp)
+            st["profile"] = profile_components(
+                st["long_cfg"], devices[0], [1, 32] if not dry else [1, 4], args.profile_layers, tmp
+            )
         except Exception as e:  # noqa: BLE001
             st["profile"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
         print("profile:", json.dumps(st["profile"])[:3000], flush=True)
@@ -774,8 +928,9 @@ def first_visit(model, args, dry, tmp, devices, memory, prompts_for, deadline) -
         wait_until_gpus_free(memory)
         memory.take()  # the peak below is transformers' alone, not what the last placement left behind
         try:
-            st["hf"] = run_hf(st["long_ckpt"], st["long_cfg"], devices[: min(2, len(devices))], args, prompts_for,
-                              deadline)
+            st["hf"] = run_hf(
+                st["long_ckpt"], st["long_cfg"], devices[: min(2, len(devices))], args, prompts_for, deadline
+            )
             st["hf"]["peak_gib_per_gpu"] = memory.take()
         except Exception as e:  # noqa: BLE001 - record it and go on with ours
             st["hf"] = {"error": f"{type(e).__name__}: {e}"[:2000]}

@@ -30,17 +30,29 @@ from shards.make_checkpoint import random_weights, small_config
 
 PLACEMENTS = {
     "one_gpu": {"stages": [{"layers": "0-7", "resources": {"CPU": 1, "GPU": 1}}]},
-    "two_stages": {"stages": [{"layers": "0-3", "resources": {"CPU": 1, "GPU": 1}},
-                              {"layers": "4-7", "resources": {"CPU": 1, "GPU": 1}}]},
+    "two_stages": {
+        "stages": [
+            {"layers": "0-3", "resources": {"CPU": 1, "GPU": 1}},
+            {"layers": "4-7", "resources": {"CPU": 1, "GPU": 1}},
+        ]
+    },
     "stage_and_two_expert_groups": {
         "stages": [{"layers": "0-7", "resources": {"CPU": 1, "GPU": 0.5}}],
-        "expert_groups": [{"experts": "0-3", "resources": {"CPU": 1, "GPU": 0.5}},
-                          {"experts": "4-7", "resources": {"CPU": 1, "GPU": 1}}]},
+        "expert_groups": [
+            {"experts": "0-3", "resources": {"CPU": 1, "GPU": 0.5}},
+            {"experts": "4-7", "resources": {"CPU": 1, "GPU": 1}},
+        ],
+    },
     "two_stages_two_expert_groups": {
-        "stages": [{"layers": "0-3", "resources": {"CPU": 1, "GPU": 0.5}},
-                   {"layers": "4-7", "resources": {"CPU": 1, "GPU": 0.5}}],
-        "expert_groups": [{"experts": "0-3", "resources": {"CPU": 1, "GPU": 0.5}},
-                          {"experts": "4-7", "resources": {"CPU": 1, "GPU": 0.5}}]},
+        "stages": [
+            {"layers": "0-3", "resources": {"CPU": 1, "GPU": 0.5}},
+            {"layers": "4-7", "resources": {"CPU": 1, "GPU": 0.5}},
+        ],
+        "expert_groups": [
+            {"experts": "0-3", "resources": {"CPU": 1, "GPU": 0.5}},
+            {"experts": "4-7", "resources": {"CPU": 1, "GPU": 0.5}},
+        ],
+    },
 }
 
 
@@ -69,15 +81,18 @@ def main() -> None:
                 shard["resources"] = {"CPU": 0.5}
     n_gpus = torch.cuda.device_count() if not args.cpu_dry_run else 0
     dim = 256 if args.cpu_dry_run else 1024
-    cfg = small_config("mixtral", dim=dim, layers=8, heads=16, kv_heads=4, hidden=2 * dim, experts=8, window=128,
-                       max_seq_len=4096)
+    cfg = small_config(
+        "mixtral", dim=dim, layers=8, heads=16, kv_heads=4, hidden=2 * dim, experts=8, window=128, max_seq_len=4096
+    )
     gen = torch.Generator().manual_seed(0)
     prompts = [[1] + torch.randint(3, 32000, (n - 1,), generator=gen).tolist() for n in (7, 128, 300, 61)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         weights = random_weights(cfg, seed=0)
-        ckpts = {"float32": save_checkpoint(Path(tmp) / "f32", cfg, weights),
-                 "bfloat16": save_checkpoint(Path(tmp) / "bf16", cfg, {k: v.bfloat16() for k, v in weights.items()})}
+        ckpts = {
+            "float32": save_checkpoint(Path(tmp) / "f32", cfg, weights),
+            "bfloat16": save_checkpoint(Path(tmp) / "bf16", cfg, {k: v.bfloat16() for k, v in weights.items()}),
+        }
         del weights
         params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
         reference = generate(LocalEngine(ckpts["float32"], device=device, max_seqs=4), prompts, params)
@@ -96,13 +111,22 @@ def main() -> None:
                 continue
             row = {"placement": name}
             for dtype in ("float32", "bfloat16"):
-                placement = {"checkpoint": str(ckpts[dtype]), "dtype": dtype, "strategy": "pack",
-                             "micro_batch_size": 2, "max_seqs": 4, "token_budget": 1024, **spec}
+                placement = {
+                    "checkpoint": str(ckpts[dtype]),
+                    "dtype": dtype,
+                    "strategy": "pack",
+                    "micro_batch_size": 2,
+                    "max_seqs": 4,
+                    "token_budget": 1024,
+                    **spec,
+                }
                 path = Path(tmp) / f"{name}-{dtype}.yaml"
                 path.write_text(yaml.safe_dump(placement))
                 t0 = time.perf_counter()
                 try:
-                    cluster = ShardedCluster.start(path, step_timeout_s=float(os.environ.get('SMOKE_STEP_TIMEOUT_S', '60')))
+                    cluster = ShardedCluster.start(
+                        path, step_timeout_s=float(os.environ.get("SMOKE_STEP_TIMEOUT_S", "60"))
+                    )
                 except Exception as e:  # noqa: BLE001 - record and go on with the next placement
                     row["error"] = f"start ({dtype}): {type(e).__name__}: {e}"[:2000]
                     break
@@ -121,16 +145,24 @@ def main() -> None:
                             for a, b in zip(ours, reference)
                         ]
                         row["start_seconds"] = round(started, 1)
-                        row["shards"] = {k: {"gpu_ids": v["gpu_ids"], "device_key": v["device_key"][-12:]}
-                                         for k, v in where.items()}
+                        row["shards"] = {
+                            k: {"gpu_ids": v["gpu_ids"], "device_key": v["device_key"][-12:]} for k, v in where.items()
+                        }
                     else:
                         ours_bf16 = cluster.generate(prompts, params)
                         row["identical_bf16"] = [a.token_ids == b.token_ids for a, b in zip(ours_bf16, reference_bf16)]
-                        row["graph_replays"] = sum(ray.get([h.graph_replays.remote()
-                                                            for k, h in cluster.shard_handles().items()
-                                                            if k.startswith("stage")]))
+                        row["graph_replays"] = sum(
+                            ray.get(
+                                [
+                                    h.graph_replays.remote()
+                                    for k, h in cluster.shard_handles().items()
+                                    if k.startswith("stage")
+                                ]
+                            )
+                        )
                         row["decode_ms_per_token_bf16"] = round(
-                            decode_ms_per_token(cluster.generate, prompts[1], 64), 3)
+                            decode_ms_per_token(cluster.generate, prompts[1], 64), 3
+                        )
                         cluster.take_traces()
                         cluster.generate([prompts[1]], SamplingParams(max_tokens=16, ignore_eos=True))
                         traces = cluster.take_traces()
@@ -141,8 +173,12 @@ def main() -> None:
                                 for s in t["stages"]:
                                     tr = s.get("transport", {})
                                     per_stage.setdefault(s["stage"], []).append(
-                                        {k: tr.get("seconds", {}).get(k, 0.0) / max(1, tr.get("messages", {}).get(k, 1))
-                                         for k in tr.get("seconds", {})})
+                                        {
+                                            k: tr.get("seconds", {}).get(k, 0.0)
+                                            / max(1, tr.get("messages", {}).get(k, 1))
+                                            for k in tr.get("seconds", {})
+                                        }
+                                    )
                             row["decode_step_ms"] = round(1000 * sum(t["seconds"] for t in decode) / len(decode), 3)
                             row["transport_seconds_per_message"] = per_stage
             rows.append(row)
@@ -150,10 +186,14 @@ def main() -> None:
         ray.shutdown()
     required = [r for r in rows if "skipped" not in r]
     result = {
-        "machine": {"gpus": [torch.cuda.get_device_name(i) for i in range(n_gpus)] or ["cpu dry run"],
-                    "torch": torch.__version__,
-                    "ray": ray.__version__},
-        "model": cfg.to_hf_dict(), "prompt_tokens": [len(p) for p in prompts], "new_tokens": args.new_tokens,
+        "machine": {
+            "gpus": [torch.cuda.get_device_name(i) for i in range(n_gpus)] or ["cpu dry run"],
+            "torch": torch.__version__,
+            "ray": ray.__version__,
+        },
+        "model": cfg.to_hf_dict(),
+        "prompt_tokens": [len(p) for p in prompts],
+        "new_tokens": args.new_tokens,
         "one_process_decode_ms_per_token_bf16": round(local_ms, 3),
         "placements": rows,
         "all_identical": bool(required) and all("identical" in r and all(r["identical"]) for r in required),
@@ -165,8 +205,10 @@ def main() -> None:
         if "skipped" in r or "error" in r:
             print(f"{r['placement']:<30} {r.get('skipped') or r.get('error')}")
         else:
-            print(f"{r['placement']:<30} identical={all(r['identical'])} bf16 identical={r.get('identical_bf16')} "
-                  f"graph replays={r.get('graph_replays')} decode={r.get('decode_ms_per_token_bf16')} ms/token")
+            print(
+                f"{r['placement']:<30} identical={all(r['identical'])} bf16 identical={r.get('identical_bf16')} "
+                f"graph replays={r.get('graph_replays')} decode={r.get('decode_ms_per_token_bf16')} ms/token"
+            )
     print("ALL IDENTICAL" if result["all_identical"] else "MISMATCH")
 
 

@@ -49,8 +49,10 @@ def measure(batches: list[int], new_tokens: int) -> dict:
             cluster.generate(prompts, SamplingParams(max_tokens=new_tokens + 1, ignore_eos=True))
             tn = time.perf_counter() - t
             parts = decode_components(cluster.take_traces(), b)
-            out[str(b)] = {"tokens_per_s": round(b * new_tokens / (tn - t1), 1),
-                           **{k: parts[k] for k in ("step_ms", "stages_busy_ms", "router_and_ray_ms")}}
+            out[str(b)] = {
+                "tokens_per_s": round(b * new_tokens / (tn - t1), 1),
+                **{k: parts[k] for k in ("step_ms", "stages_busy_ms", "router_and_ray_ms")},
+            }
     return out
 
 
@@ -61,12 +63,21 @@ def main() -> None:
     parser.add_argument("--batches", nargs="*", type=int, default=[1, 32, 64])
     parser.add_argument("--new-tokens", type=int, default=16)
     args = parser.parse_args()
-    row = {"label": args.label, "code": str(Path(__import__("cluster").__file__).parent.parent),
-           **measure(args.batches, args.new_tokens)}
+    row = {
+        "label": args.label,
+        "code": str(Path(__import__("cluster").__file__).parent.parent),
+        **measure(args.batches, args.new_tokens),
+    }
     out = Path(args.out)
-    result = json.loads(out.read_text()) if out.is_file() else {
-        "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count()},
-        "config": "deploy/examples/local.yaml, one micro-batch, 32-token prompts, greedy", "runs": []}
+    result = (
+        json.loads(out.read_text())
+        if out.is_file()
+        else {
+            "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count()},
+            "config": "deploy/examples/local.yaml, one micro-batch, 32-token prompts, greedy",
+            "runs": [],
+        }
+    )
     result["runs"].append(row)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -32,8 +32,24 @@ from cluster.serve_cli import start_serve, wait_until_healthy
 from cluster.transport import free_port
 
 WORKER_ROLES = ("StageActor", "ExpertGroupActor", "RouterActor", "ServeReplica")
-WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "quietly",
-         "judge", "boxing", "matches")
+WORDS = (
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "wizards",
+    "quietly",
+    "judge",
+    "boxing",
+    "matches",
+)
 
 
 @dataclass
@@ -73,7 +89,7 @@ async def attempt(client: httpx.AsyncClient, url: str, body: dict, rec: Record) 
             if line == "data: [DONE]":
                 done = True
             elif line.startswith("data: "):
-                chunk = json.loads(line[len("data: "):])
+                chunk = json.loads(line[len("data: ") :])
                 if "error" in chunk:
                     rec.lost.append(f"error event: {chunk['error']}")
                     continue
@@ -92,13 +108,19 @@ async def attempt(client: httpx.AsyncClient, url: str, body: dict, rec: Record) 
     return None
 
 
-async def soak_client(client: httpx.AsyncClient, base: str, until: float, rng: random.Random, deadline_s: float,
-                      rec: Record) -> None:
+async def soak_client(
+    client: httpx.AsyncClient, base: str, until: float, rng: random.Random, deadline_s: float, rec: Record
+) -> None:
     url = base + "/v1/completions"
     while time.monotonic() < until:
         words = rng.randint(1, 96)
-        body = {"prompt": " ".join(rng.choice(WORDS) for _ in range(words)), "max_tokens": rng.randint(4, 32),
-                "temperature": rng.choice([0.0, 0.8]), "stream": True, "return_token_ids": True}
+        body = {
+            "prompt": " ".join(rng.choice(WORDS) for _ in range(words)),
+            "max_tokens": rng.randint(4, 32),
+            "temperature": rng.choice([0.0, 0.8]),
+            "stream": True,
+            "return_token_ids": True,
+        }
         started = time.perf_counter()
         while True:  # the same request until it is admitted (429s wait for Retry-After)
             try:
@@ -155,16 +177,18 @@ async def rss_samples(every_s: float, out: list[tuple[float, int]]) -> None:
         await asyncio.sleep(every_s)
 
 
-async def soak(base: str, clients: int, seconds: float, deadline_s: float, seed: int,
-               rss_trend: list[tuple[float, int]]) -> tuple[Record, float]:
+async def soak(
+    base: str, clients: int, seconds: float, deadline_s: float, seed: int, rss_trend: list[tuple[float, int]]
+) -> tuple[Record, float]:
     rec = Record()
     limits = httpx.Limits(max_connections=clients * 2, max_keepalive_connections=clients * 2)
     sampler = asyncio.create_task(rss_samples(10.0, rss_trend))
     async with httpx.AsyncClient(timeout=deadline_s, limits=limits) as client:
         t0 = time.monotonic()
         until = t0 + seconds
-        await asyncio.gather(*(soak_client(client, base, until, random.Random(seed + i), deadline_s, rec)
-                               for i in range(clients)))
+        await asyncio.gather(
+            *(soak_client(client, base, until, random.Random(seed + i), deadline_s, rec) for i in range(clients))
+        )
         sampler.cancel()
         return rec, time.monotonic() - t0
 
@@ -185,8 +209,13 @@ def main() -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with ray_session(plan):
-        start_serve({"placement": str(Path(args.config).resolve()), "max_queued_requests": args.max_queued},
-                    "127.0.0.1", port, 0, blocking=False)
+        start_serve(
+            {"placement": str(Path(args.config).resolve()), "max_queued_requests": args.max_queued},
+            "127.0.0.1",
+            port,
+            0,
+            blocking=False,
+        )
         try:
             if not wait_until_healthy(base, 300):
                 raise SystemExit("the server did not become healthy in 300 s")
@@ -195,7 +224,9 @@ def main() -> None:
             rss_trend: list[tuple[float, int]] = []
             rec, wall = asyncio.run(soak(base, args.clients, args.seconds, args.deadline, args.seed, rss_trend))
             settle_t0 = time.monotonic()
-            while (slots := metric(base, "mistral_cluster_kv_cache_slots_in_use")) and time.monotonic() - settle_t0 < 10:
+            while (
+                slots := metric(base, "mistral_cluster_kv_cache_slots_in_use")
+            ) and time.monotonic() - settle_t0 < 10:
                 time.sleep(0.5)
             rss_after, load_after = cluster_rss(), os.getloadavg()
             server = {
@@ -218,20 +249,44 @@ def main() -> None:
     }
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     result = {
-        "clients": args.clients, "seconds": wall, "max_queued_requests": args.max_queued,
-        "request_deadline_s": args.deadline, "config": args.config,
-        "requests_finished": rec.finished, "statuses": statuses, "retries_after_429": rec.retries,
-        "lost": len(rec.lost), "lost_examples": rec.lost[:5], "hung": rec.hung,
-        "finish_reasons": dict(rec.finish_reasons), "output_tokens": rec.tokens, "tokens_per_s": rec.tokens / wall,
+        "clients": args.clients,
+        "seconds": wall,
+        "max_queued_requests": args.max_queued,
+        "request_deadline_s": args.deadline,
+        "config": args.config,
+        "requests_finished": rec.finished,
+        "statuses": statuses,
+        "retries_after_429": rec.retries,
+        "lost": len(rec.lost),
+        "lost_examples": rec.lost[:5],
+        "hung": rec.hung,
+        "finish_reasons": dict(rec.finish_reasons),
+        "output_tokens": rec.tokens,
+        "tokens_per_s": rec.tokens / wall,
         "latency_s": {"p50": percentile(rec.latency, 0.5), "p99": percentile(rec.latency, 0.99)},
         "ttft_s": {"p50": percentile(rec.ttft, 0.5), "p99": percentile(rec.ttft, 0.99)},
-        "latency_with_retries_s": {"p50": percentile(rec.latency_with_retries, 0.5),
-                                   "p99": percentile(rec.latency_with_retries, 0.99)},
-        "worker_rss_bytes": {"before": rss_before, "after": rss_after, "total_before": sum(rss_before.values()),
-                             "total_after": sum(rss_after.values()), "total_during": rss_trend},
-        "server": server, "checks": checks, "passed": all(checks.values()),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
-                    "ray": ray.__version__, "load_avg_1_5_15min": {"before": load_before, "after": load_after}},
+        "latency_with_retries_s": {
+            "p50": percentile(rec.latency_with_retries, 0.5),
+            "p99": percentile(rec.latency_with_retries, 0.99),
+        },
+        "worker_rss_bytes": {
+            "before": rss_before,
+            "after": rss_after,
+            "total_before": sum(rss_before.values()),
+            "total_after": sum(rss_after.values()),
+            "total_during": rss_trend,
+        },
+        "server": server,
+        "checks": checks,
+        "passed": all(checks.values()),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "gpu": gpu,
+            "torch": torch.__version__,
+            "ray": ray.__version__,
+            "load_avg_1_5_15min": {"before": load_before, "after": load_after},
+        },
     }
     slug = "cpu" if gpu is None else gpu.lower().replace(" ", "-")
     out = Path(args.out or f"bench/results/soak-{slug}.json")
@@ -247,7 +302,10 @@ def main() -> None:
         ("output tokens/s", f"{result['tokens_per_s']:.1f}"),
         ("latency p50 / p99", f"{result['latency_s']['p50']:.2f} / {result['latency_s']['p99']:.2f} s"),
         ("TTFT p50 / p99", f"{result['ttft_s']['p50']:.2f} / {result['ttft_s']['p99']:.2f} s"),
-        ("worker RSS before -> after", f"{sum(rss_before.values()) / mib:.0f} -> {sum(rss_after.values()) / mib:.0f} MiB"),
+        (
+            "worker RSS before -> after",
+            f"{sum(rss_before.values()) / mib:.0f} -> {sum(rss_after.values()) / mib:.0f} MiB",
+        ),
         ("worker RSS every 10 s", " ".join(f"{b / mib:.0f}" for _, b in rss_trend) + " MiB"),
         ("KV slots in use at end", f"{slots:g}" if slots is not None else "?"),
         ("passed", f"{result['passed']}"),

@@ -55,10 +55,16 @@ class TransportProbe(ShardActor):
 
     def describe(self) -> dict:
         info = {
-            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "ray": ray.__version__, "python": platform.python_version(), "device": str(self.device),
-            "backend": self.transport.backend if self.transport else None, "gpu": None,
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "ray": ray.__version__,
+            "python": platform.python_version(),
+            "device": str(self.device),
+            "backend": self.transport.backend if self.transport else None,
+            "gpu": None,
             "env": {k: os.environ[k] for k in PASSED_ENV if k in os.environ},
         }
         if self.device.type == "cuda":
@@ -177,8 +183,10 @@ def summary(r: dict, nbytes: int | None = None) -> dict:
     rt = sorted(r["round_trip_s"])
     q = statistics.quantiles(rt, n=10)
     out = {
-        "iterations": len(rt), "one_way_us": statistics.median(rt) / 2 * 1e6,
-        "p10_one_way_us": q[0] / 2 * 1e6, "p90_one_way_us": q[-1] / 2 * 1e6,
+        "iterations": len(rt),
+        "one_way_us": statistics.median(rt) / 2 * 1e6,
+        "p10_one_way_us": q[0] / 2 * 1e6,
+        "p90_one_way_us": q[-1] / 2 * 1e6,
         "round_trip_us": statistics.median(rt) * 1e6,
     }
     if r.get("event_round_trip_s"):
@@ -239,18 +247,29 @@ def measure(probes: list, sizes: list[int], quick: bool, timeout_s: float) -> di
     for nbytes in sizes:
         warm, iters = iterations(nbytes, quick)
         print(f"  {label(nbytes)}: {warm} + {iters} round trips each way ...", file=sys.stderr)
-        ours = summary(pair(a.transport_ping.remote(nbytes, warm, iters), b.transport_pong.remote(nbytes, warm + iters),
-                            timeout_s), nbytes)
+        ours = summary(
+            pair(
+                a.transport_ping.remote(nbytes, warm, iters), b.transport_pong.remote(nbytes, warm + iters), timeout_s
+            ),
+            nbytes,
+        )
         call = summary(ray.get(a.ray_call_ping.remote(b, nbytes, warm, iters), timeout=timeout_s), nbytes)
         put = summary(ray.get(a.ray_put_ping.remote(b, nbytes, warm, iters), timeout=timeout_s), nbytes)
-        rows.append({
-            "bytes": nbytes, "label": label(nbytes), "warmup": warm, "transport": ours, "ray_call": call,
-            "ray_put_get": put,
-            "ray_call_over_transport": round(call["one_way_us"] / ours["one_way_us"], 2),
-            "ray_put_get_over_transport": round(put["one_way_us"] / ours["one_way_us"], 2),
-        })
+        rows.append(
+            {
+                "bytes": nbytes,
+                "label": label(nbytes),
+                "warmup": warm,
+                "transport": ours,
+                "ray_call": call,
+                "ray_put_get": put,
+                "ray_call_over_transport": round(call["one_way_us"] / ours["one_way_us"], 2),
+                "ray_put_get_over_transport": round(put["one_way_us"] / ours["one_way_us"], 2),
+            }
+        )
     return {
-        "sizes": rows, "header": header,
+        "sizes": rows,
+        "header": header,
         "ray_empty_call": {
             "actor_to_actor": empty,
             "driver_to_actor": {"iterations": len(driver), "round_trip_us": round(statistics.median(driver) * 1e6, 3)},
@@ -260,19 +279,27 @@ def measure(probes: list, sizes: list[int], quick: bool, timeout_s: float) -> di
 
 def print_table(result: dict) -> None:
     m = result["machine"]
-    print(f"\ntransport ({m['backend']}, {m['gpu'] or m['device']}) vs Ray object store; one-way = round trip / 2,"
-          " medians")
+    print(
+        f"\ntransport ({m['backend']}, {m['gpu'] or m['device']}) vs Ray object store; one-way = round trip / 2,"
+        " medians"
+    )
     head = ("size", "ours us", "ours GB/s", "ray call us", "call/ours", "put+get us", "put/ours")
     print(f"{head[0]:>8} {head[1]:>10} {head[2]:>10} {head[3]:>12} {head[4]:>10} {head[5]:>11} {head[6]:>9}")
     for r in result["sizes"]:
         o, c, p = r["transport"], r["ray_call"], r["ray_put_get"]
-        print(f"{r['label']:>8} {o['one_way_us']:>10.1f} {o['gb_per_s']:>10.3f} {c['one_way_us']:>12.1f} "
-              f"{r['ray_call_over_transport']:>9.1f}x {p['one_way_us']:>11.1f} {r['ray_put_get_over_transport']:>8.1f}x")
+        print(
+            f"{r['label']:>8} {o['one_way_us']:>10.1f} {o['gb_per_s']:>10.3f} {c['one_way_us']:>12.1f} "
+            f"{r['ray_call_over_transport']:>9.1f}x {p['one_way_us']:>11.1f} {r['ray_put_get_over_transport']:>8.1f}x"
+        )
     h, e = result["header"], result["ray_empty_call"]
-    print(f"\nheader (4 x int64) round trip: {h['round_trip_us']:.1f} us (one-way {h['one_way_us']:.1f} us); "
-          f"first round trip on the group: {h['first_round_trip_ms']:.1f} ms")
-    print(f"empty Ray actor call round trip: actor->actor {e['actor_to_actor']['round_trip_us']:.1f} us, "
-          f"driver->actor {e['driver_to_actor']['round_trip_us']:.1f} us")
+    print(
+        f"\nheader (4 x int64) round trip: {h['round_trip_us']:.1f} us (one-way {h['one_way_us']:.1f} us); "
+        f"first round trip on the group: {h['first_round_trip_ms']:.1f} ms"
+    )
+    print(
+        f"empty Ray actor call round trip: actor->actor {e['actor_to_actor']['round_trip_us']:.1f} us, "
+        f"driver->actor {e['driver_to_actor']['round_trip_us']:.1f} us"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,8 +312,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no GPU here")
     t_start = time.perf_counter()
-    ray.init(address="local", num_cpus=2 if args.device == "cpu" else 4, include_dashboard=False,
-             object_store_memory=1024 * MiB, logging_level="warning")
+    ray.init(
+        address="local",
+        num_cpus=2 if args.device == "cpu" else 4,
+        include_dashboard=False,
+        object_store_memory=1024 * MiB,
+        logging_level="warning",
+    )
     probes: list = []
     try:
         if args.device == "cuda" and ray.cluster_resources().get("GPU", 0) < 2:
@@ -301,9 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
     result = {
-        "machine": info, "quick": args.quick,
+        "machine": info,
+        "quick": args.quick,
         "method": {
-            "payload": "float32 tensor on the actor's device", "statistic": "median round trip / 2, after warm-up",
+            "payload": "float32 tensor on the actor's device",
+            "statistic": "median round trip / 2, after warm-up",
             "transport": "Transport.send then Transport.recv of the echo, timed in actor A",
             "ray_call": "ray.get(B.echo.remote(tensor)), B returns the tensor, timed in actor A",
             "ray_put_get": "A ray.put, B ray.get + ray.put, A ray.get (one actor call carries the refs)",

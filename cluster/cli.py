@@ -60,14 +60,22 @@ def positive_int(text: str) -> int:
 
 # --- make-checkpoint ------------------------------------------------------------------------------------
 
+
 def cmd_make_checkpoint(args: argparse.Namespace) -> int:
     from shards.checkpoint import parse_dtype
     from shards.make_checkpoint import make_checkpoint, small_config
 
     window = None if args.no_window else (args.window if args.window is not None else "default")
     cfg = small_config(
-        args.arch, layers=args.layers, dim=args.dim, experts=args.experts, window=window, heads=args.heads,
-        kv_heads=args.kv_heads, hidden=args.hidden, max_seq_len=args.max_seq_len,
+        args.arch,
+        layers=args.layers,
+        dim=args.dim,
+        experts=args.experts,
+        window=window,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        hidden=args.hidden,
+        max_seq_len=args.max_seq_len,
     )
     out = make_checkpoint(args.out, cfg, seed=args.seed, dtype=parse_dtype(args.dtype), layout=args.layout)
     print(json.dumps({"checkpoint": str(out), "config": cfg.to_hf_dict()}, indent=2) if args.json else f"wrote {out}")
@@ -76,12 +84,17 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
 
 # --- generate -------------------------------------------------------------------------------------------
 
+
 def sampling_from_args(args: argparse.Namespace):
     from router.sampling import SamplingParams
 
     return SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        seed=args.seed, ignore_eos=args.ignore_eos,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
     )
 
 
@@ -107,7 +120,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from shards.engine import LocalEngine
 
         engine = LocalEngine(
-            resolve_checkpoint(args.checkpoint), dtype=parse_dtype(args.dtype), device=args.device,
+            resolve_checkpoint(args.checkpoint),
+            dtype=parse_dtype(args.dtype),
+            device=args.device,
             max_seqs=len(args.prompt),
         )
         tokenizer = Tokenizer(engine.reader.root)
@@ -132,8 +147,16 @@ def _print_results(results, tokenizer, as_json: bool) -> None:
     for r in results:
         text = tokenizer.decode(r.token_ids)
         if as_json:
-            print(json.dumps({"prompt_token_ids": r.prompt_ids, "token_ids": r.token_ids, "text": text,
-                              "finish_reason": r.finish_reason}))
+            print(
+                json.dumps(
+                    {
+                        "prompt_token_ids": r.prompt_ids,
+                        "token_ids": r.token_ids,
+                        "text": text,
+                        "finish_reason": r.finish_reason,
+                    }
+                )
+            )
         else:
             print(text)
 
@@ -154,6 +177,7 @@ def _generate_on_cluster(args: argparse.Namespace, params) -> None:
 
 
 # --- entry ----------------------------------------------------------------------------------------------
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mistral-cluster", description=__doc__)

@@ -36,7 +36,12 @@ class ExpertGroupActor(ShardActor):
         self.errors: list[str] = []
 
     def join(
-        self, master_addr: str, master_port: int, world_size: int, timeout_s: float, device_keys: list[str] | None = None
+        self,
+        master_addr: str,
+        master_port: int,
+        world_size: int,
+        timeout_s: float,
+        device_keys: list[str] | None = None,
     ) -> str:
         backend = super().join(master_addr, master_port, world_size, timeout_s, device_keys)
         for stage in range(len(self.plan.stages)):
@@ -57,7 +62,12 @@ class ExpertGroupActor(ShardActor):
             self._serve_on_stream(src)
 
     def _serve_on_stream(self, src: int) -> None:
-        transport, k, dim, dtype = self.transport, self.config.num_experts_per_tok, self.config.dim, self.plan.torch_dtype
+        transport, k, dim, dtype = (
+            self.transport,
+            self.config.num_experts_per_tok,
+            self.config.dim,
+            self.plan.torch_dtype,
+        )
         try:
             while True:
                 layer, n, _, _ = transport.recv_header(src)
@@ -75,7 +85,9 @@ class ExpertGroupActor(ShardActor):
                 seconds = time.perf_counter() - t0
                 transport.send(out, src, kind="expert_out")
                 with self._lock:
-                    self.received.append({"stage": src, "layer": layer, "tokens": n, "per_expert": held, "seconds": seconds})
+                    self.received.append(
+                        {"stage": src, "layer": layer, "tokens": n, "per_expert": held, "seconds": seconds}
+                    )
         except Exception as e:  # noqa: BLE001 - reported through `trace` and health, never silently lost
             self.errors.append(f"{self.name} serving stage{src}: {type(e).__name__}: {e}")
 

@@ -17,30 +17,41 @@ class _RouterCollector:
         self.ready = False
 
     def collect(self):
-        yield GaugeMetricFamily(f"{PREFIX}_ready", "1 when every shard is loaded and the router answers",
-                                value=1.0 if self.ready else 0.0)
+        yield GaugeMetricFamily(
+            f"{PREFIX}_ready", "1 when every shard is loaded and the router answers", value=1.0 if self.ready else 0.0
+        )
         s = self.stats
         if s is None:
             return
         yield GaugeMetricFamily(f"{PREFIX}_requests_running", "sequences in the running batch", value=s["running"])
         yield GaugeMetricFamily(f"{PREFIX}_requests_waiting", "sequences waiting for a cache slot", value=s["waiting"])
-        yield GaugeMetricFamily(f"{PREFIX}_kv_cache_slots_in_use", "KV cache slots held by sequences",
-                                value=s["slots_in_use"])
+        yield GaugeMetricFamily(
+            f"{PREFIX}_kv_cache_slots_in_use", "KV cache slots held by sequences", value=s["slots_in_use"]
+        )
         yield GaugeMetricFamily(f"{PREFIX}_kv_cache_slots_total", "KV cache slots", value=s["slots_total"])
         yield CounterMetricFamily(f"{PREFIX}_prompt_tokens", "prompt tokens accepted", value=s["tokens_in"])
         yield CounterMetricFamily(f"{PREFIX}_generation_tokens", "tokens generated", value=s["tokens_out"])
         yield CounterMetricFamily(f"{PREFIX}_steps", "engine steps run", value=s["steps"])
         yield CounterMetricFamily(f"{PREFIX}_failed_steps", "engine steps that failed", value=s["failed_steps"])
-        yield CounterMetricFamily(f"{PREFIX}_aborted_requests", "requests ended early (client gone, stop string)",
-                                  value=s["aborted"])
-        yield GaugeMetricFamily(f"{PREFIX}_shards_healthy", "1 when every shard answers, 0 while recovering",
-                                value=1.0 if s.get("healthy", True) else 0.0)
-        yield CounterMetricFamily(f"{PREFIX}_shard_failures", "shard failures detected", value=s.get("shard_failures", 0))
+        yield CounterMetricFamily(
+            f"{PREFIX}_aborted_requests", "requests ended early (client gone, stop string)", value=s["aborted"]
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_shards_healthy",
+            "1 when every shard answers, 0 while recovering",
+            value=1.0 if s.get("healthy", True) else 0.0,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_shard_failures", "shard failures detected", value=s.get("shard_failures", 0)
+        )
         yield CounterMetricFamily(f"{PREFIX}_recoveries", "recoveries completed", value=s.get("recoveries", 0))
         if s.get("last_recovery_seconds") is not None:
-            yield GaugeMetricFamily(f"{PREFIX}_last_recovery_seconds", "how long the last recovery took",
-                                    value=s["last_recovery_seconds"])
-        load = CounterMetricFamily(f"{PREFIX}_expert_tokens", "tokens routed to each expert", labels=["layer", "expert"])
+            yield GaugeMetricFamily(
+                f"{PREFIX}_last_recovery_seconds", "how long the last recovery took", value=s["last_recovery_seconds"]
+            )
+        load = CounterMetricFamily(
+            f"{PREFIX}_expert_tokens", "tokens routed to each expert", labels=["layer", "expert"]
+        )
         for layer, row in enumerate(s.get("expert_load", [])):
             for expert, n in enumerate(row):
                 load.add_metric([str(layer), str(expert)], n)
@@ -51,11 +62,15 @@ class ServeMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-        self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "time to first token", buckets=buckets,
-                              registry=self.registry)
-        self.tpot = Histogram(f"{PREFIX}_time_per_output_token_seconds", "time per output token after the first",
-                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
-                              registry=self.registry)
+        self.ttft = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds", "time to first token", buckets=buckets, registry=self.registry
+        )
+        self.tpot = Histogram(
+            f"{PREFIX}_time_per_output_token_seconds",
+            "time per output token after the first",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+            registry=self.registry,
+        )
         self.requests = Counter(f"{PREFIX}_requests", "requests admitted", ["kind"], registry=self.registry)
         self.rejections = Counter(f"{PREFIX}_rejected_requests", "requests refused", ["status"], registry=self.registry)
         self.router = _RouterCollector()

@@ -24,8 +24,15 @@ MAX_LOGPROBS = 5
 class APIError(Exception):
     """An error the client caused (or a state it must wait out), with its HTTP status and OpenAI error body."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
         self.headers = headers or {}
@@ -55,12 +62,16 @@ def parse_json(raw: bytes) -> dict[str, Any]:
         try:
             json.dumps(data, ensure_ascii=False).encode()
         except (UnicodeEncodeError, RecursionError):
-            raise APIError(400, "the request body is not valid JSON: a \\u escape is an unpaired UTF-16 surrogate",
-                           code="invalid_json") from None
+            raise APIError(
+                400,
+                "the request body is not valid JSON: a \\u escape is an unpaired UTF-16 surrogate",
+                code="invalid_json",
+            ) from None
     return data
 
 
 # --- field checks --------------------------------------------------------------------------------------
+
 
 def _int(data: dict, key: str, default: int | None, low: int | None = None, high: int | None = None) -> int | None:
     value = data.get(key, default)
@@ -148,8 +159,16 @@ class ParsedRequest:
         p = self.params
         max_tokens = self.max_tokens if self.max_tokens is not None else max_seq_len - len(prompt_ids)
         seed = (self.base_seed if p.seed is None else p.seed) + choice
-        return SamplingParams(max_tokens=max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-                              seed=seed, stop=p.stop, ignore_eos=p.ignore_eos, logprobs=self.logprobs)
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            top_k=p.top_k,
+            seed=seed,
+            stop=p.stop,
+            ignore_eos=p.ignore_eos,
+            logprobs=self.logprobs,
+        )
 
 
 def _sampling(data: dict, max_tokens: int | None) -> SamplingParams:
@@ -170,8 +189,9 @@ def _sampling(data: dict, max_tokens: int | None) -> SamplingParams:
     )
 
 
-def _common(data: dict, kind: str, prompts: list[list[int]], limits: Limits, max_tokens_key: str,
-            default_max_tokens: int | None) -> ParsedRequest:
+def _common(
+    data: dict, kind: str, prompts: list[list[int]], limits: Limits, max_tokens_key: str, default_max_tokens: int | None
+) -> ParsedRequest:
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise bad("model", f"must be a string, got {json.dumps(model)}")
@@ -200,7 +220,8 @@ def _common(data: dict, kind: str, prompts: list[list[int]], limits: Limits, max
             raise bad(
                 max_tokens_key if max_tokens else where,
                 f"the prompt has {len(ids)} tokens and max_tokens is {max_tokens or 1}: {needed} is over the "
-                f"model's context limit of {limits.max_seq_len} tokens", code="context_length_exceeded",
+                f"model's context limit of {limits.max_seq_len} tokens",
+                code="context_length_exceeded",
             )
     params = _sampling(data, max_tokens)
     logprobs = None
@@ -217,8 +238,19 @@ def _common(data: dict, kind: str, prompts: list[list[int]], limits: Limits, max
     best_of = data.get("best_of")
     if best_of is not None and best_of != n:
         raise bad("best_of", "is not supported (leave it out or equal to n)")
-    return ParsedRequest(kind, model, prompts, max_tokens, params, n, stream, include_usage,
-                         _bool(data, "return_token_ids", False), logprobs, echo)
+    return ParsedRequest(
+        kind,
+        model,
+        prompts,
+        max_tokens,
+        params,
+        n,
+        stream,
+        include_usage,
+        _bool(data, "return_token_ids", False),
+        logprobs,
+        echo,
+    )
 
 
 def parse_completion(data: dict, tokenizer, limits: Limits) -> ParsedRequest:
@@ -243,7 +275,9 @@ def parse_completion(data: dict, tokenizer, limits: Limits) -> ParsedRequest:
                 raise bad(where, "must not be empty")
             prompts.append(tokenizer.encode(p))
         else:
-            if not p or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < tokenizer.vocab_size for t in p):
+            if not p or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < tokenizer.vocab_size for t in p
+            ):
                 raise bad(where, f"token ids must be a non-empty list of integers in [0, {tokenizer.vocab_size})")
             prompts.append(list(p))
     if len(prompts) > limits.max_prompts:
@@ -283,6 +317,7 @@ def parse_chat(data: dict, tokenizer, limits: Limits) -> ParsedRequest:
 
 # --- building responses --------------------------------------------------------------------------------
 
+
 class TextAssembler:
     """Turns a choice's tokens into text as they come: holds back incomplete characters and any tail that may
     still become a stop string, and cuts the text where a stop string appears."""
@@ -317,7 +352,7 @@ class TextAssembler:
     def _emit(self, text: str) -> str:
         if not text.startswith(self.emitted) or len(text) <= len(self.emitted):
             return ""
-        new = text[len(self.emitted):]
+        new = text[len(self.emitted) :]
         self.emitted = text
         return new
 
@@ -340,8 +375,11 @@ def usage(choices: list[ChoiceState], n: int) -> dict[str, int]:
     """Each prompt counts once however many choices (`n`) it has, as OpenAI counts it."""
     prompt_tokens = sum({c.index // n: len(c.prompt_ids) for c in choices}.values())
     completion_tokens = sum(len(c.token_ids) for c in choices)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def completion_logprobs(tokenizer, ids: list[int], lps: list[float], tops: list, offset: int = 0) -> dict:
@@ -362,11 +400,17 @@ def chat_logprobs(tokenizer, ids: list[int], lps: list[float], tops: list) -> di
     content = []
     for i, lp, top in zip(ids, lps, tops):
         piece = tokenizer.decode([i])
-        content.append({
-            "token": piece, "logprob": lp, "bytes": list(piece.encode()),
-            "top_logprobs": [{"token": tokenizer.decode([t]), "logprob": v, "bytes": list(tokenizer.decode([t]).encode())}
-                             for t, v in (top or [])],
-        })
+        content.append(
+            {
+                "token": piece,
+                "logprob": lp,
+                "bytes": list(piece.encode()),
+                "top_logprobs": [
+                    {"token": tokenizer.decode([t]), "logprob": v, "bytes": list(tokenizer.decode([t]).encode())}
+                    for t, v in (top or [])
+                ],
+            }
+        )
     return {"content": content}
 
 
@@ -375,13 +419,21 @@ def final_response(req: ParsedRequest, model: str, choices: list[ChoiceState], t
     for c in choices:
         text = c.assembler.emitted
         if req.kind == "completion":
-            choice: dict[str, Any] = {"index": c.index, "text": text, "finish_reason": c.finish_reason,
-                                      "logprobs": None}
+            choice: dict[str, Any] = {
+                "index": c.index,
+                "text": text,
+                "finish_reason": c.finish_reason,
+                "logprobs": None,
+            }
             if req.logprobs is not None:
                 choice["logprobs"] = completion_logprobs(tokenizer, c.token_ids, c.logprobs, c.top_logprobs)
         else:
-            choice = {"index": c.index, "message": {"role": "assistant", "content": text},
-                      "finish_reason": c.finish_reason, "logprobs": None}
+            choice = {
+                "index": c.index,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": c.finish_reason,
+                "logprobs": None,
+            }
             if req.logprobs is not None:
                 choice["logprobs"] = chat_logprobs(tokenizer, c.token_ids, c.logprobs, c.top_logprobs)
         if req.return_token_ids:
@@ -391,12 +443,23 @@ def final_response(req: ParsedRequest, model: str, choices: list[ChoiceState], t
     return {
         "id": ("cmpl-" if req.kind == "completion" else "chatcmpl-") + req.request_id,
         "object": "text_completion" if req.kind == "completion" else "chat.completion",
-        "created": req.created, "model": model, "choices": out_choices, "usage": usage(choices, req.n),
+        "created": req.created,
+        "model": model,
+        "choices": out_choices,
+        "usage": usage(choices, req.n),
     }
 
 
-def stream_chunk(req: ParsedRequest, model: str, choice: ChoiceState, text: str, token_ids: list[int],
-                 finish_reason: str | None, tokenizer, first: bool = False) -> dict:
+def stream_chunk(
+    req: ParsedRequest,
+    model: str,
+    choice: ChoiceState,
+    text: str,
+    token_ids: list[int],
+    finish_reason: str | None,
+    tokenizer,
+    first: bool = False,
+) -> dict:
     if req.kind == "completion":
         body: dict[str, Any] = {"index": choice.index, "text": text, "logprobs": None, "finish_reason": finish_reason}
         if req.logprobs is not None and token_ids:
@@ -415,7 +478,9 @@ def stream_chunk(req: ParsedRequest, model: str, choice: ChoiceState, text: str,
     return {
         "id": ("cmpl-" if req.kind == "completion" else "chatcmpl-") + req.request_id,
         "object": "text_completion" if req.kind == "completion" else "chat.completion.chunk",
-        "created": req.created, "model": model, "choices": [body],
+        "created": req.created,
+        "model": model,
+        "choices": [body],
     }
 
 
@@ -423,7 +488,10 @@ def usage_chunk(req: ParsedRequest, model: str, choices: list[ChoiceState]) -> d
     return {
         "id": ("cmpl-" if req.kind == "completion" else "chatcmpl-") + req.request_id,
         "object": "text_completion" if req.kind == "completion" else "chat.completion.chunk",
-        "created": req.created, "model": model, "choices": [], "usage": usage(choices, req.n),
+        "created": req.created,
+        "model": model,
+        "choices": [],
+        "usage": usage(choices, req.n),
     }
 
 

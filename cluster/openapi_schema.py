@@ -21,28 +21,42 @@ def _nullable(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"anyOf": [schema, {"type": "null"}], "description": description}
 
 
-TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0},
-             "description": "token ids, each below the tokenizer's vocabulary size"}
+TOKEN_IDS = {
+    "type": "array",
+    "minItems": 1,
+    "items": {"type": "integer", "minimum": 0},
+    "description": "token ids, each below the tokenizer's vocabulary size",
+}
 
 COMMON_FIELDS: dict[str, Any] = {
     "model": {"type": "string", "description": "the served model's name (GET /v1/models); other names are a 400"},
-    "max_tokens": _nullable({"type": "integer", "minimum": 1},
-                            "tokens to generate; at most the server's max_tokens_ceiling, and prompt + max_tokens "
-                            "within the model's context"),
+    "max_tokens": _nullable(
+        {"type": "integer", "minimum": 1},
+        "tokens to generate; at most the server's max_tokens_ceiling, and prompt + max_tokens "
+        "within the model's context",
+    ),
     "temperature": _nullable({"type": "number", "minimum": 0, "maximum": 2}, "0 is greedy; default 1"),
     "top_p": _nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 1}, "nucleus sampling; default 1"),
     "top_k": _nullable({"type": "integer", "minimum": -1}, "keep the k most likely tokens; 0 or -1: no cut"),
     "seed": _nullable({"type": "integer"}, "choice j of a seeded request samples with seed + j"),
-    "stop": _nullable({"anyOf": [
-        {"type": "string", "minLength": 1},
-        {"type": "array", "maxItems": MAX_STOP_STRINGS, "items": {"type": "string", "minLength": 1}},
-    ]}, f"up to {MAX_STOP_STRINGS} non-empty stop strings; the text is cut before the first one"),
+    "stop": _nullable(
+        {
+            "anyOf": [
+                {"type": "string", "minLength": 1},
+                {"type": "array", "maxItems": MAX_STOP_STRINGS, "items": {"type": "string", "minLength": 1}},
+            ]
+        },
+        f"up to {MAX_STOP_STRINGS} non-empty stop strings; the text is cut before the first one",
+    ),
     "n": _nullable({"type": "integer", "minimum": 1}, "choices per prompt; at most the server's max_n (default 8)"),
     "stream": _nullable({"type": "boolean"}, "Server-Sent Events ending with `data: [DONE]`"),
-    "stream_options": _nullable({
-        "type": "object",
-        "properties": {"include_usage": _nullable({"type": "boolean"}, "a last chunk with the usage")},
-    }, "only with stream: true"),
+    "stream_options": _nullable(
+        {
+            "type": "object",
+            "properties": {"include_usage": _nullable({"type": "boolean"}, "a last chunk with the usage")},
+        },
+        "only with stream: true",
+    ),
     "return_token_ids": _nullable({"type": "boolean"}, "each choice carries token_ids and prompt_token_ids"),
     "ignore_eos": _nullable({"type": "boolean"}, "keep generating past the end-of-sequence token"),
     "presence_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}, "only 0 is supported"),
@@ -64,8 +78,10 @@ COMPLETION_REQUEST: dict[str, Any] = {
             ],
         },
         **COMMON_FIELDS,
-        "logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS},
-                              "log-probability of each chosen token and of this many alternatives"),
+        "logprobs": _nullable(
+            {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS},
+            "log-probability of each chosen token and of this many alternatives",
+        ),
         "echo": _nullable({"type": "boolean"}, "only false is supported"),
     },
 }
@@ -75,13 +91,19 @@ MESSAGE = {
     "required": ["role", "content"],
     "properties": {
         "role": {"type": "string", "enum": ["system", "user", "assistant"]},
-        "content": {"anyOf": [
-            {"type": "string"},
-            {"type": "array", "items": {
-                "type": "object", "required": ["type", "text"],
-                "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}},
-            }},
-        ]},
+        "content": {
+            "anyOf": [
+                {"type": "string"},
+                {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["type", "text"],
+                        "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}},
+                    },
+                },
+            ]
+        },
     },
 }
 
@@ -89,14 +111,18 @@ CHAT_REQUEST: dict[str, Any] = {
     "type": "object",
     "required": ["messages"],
     "properties": {
-        "messages": {"type": "array", "minItems": 1, "items": MESSAGE,
-                     "description": "a conversation in the Mistral instruct format: it starts with a user or "
-                                    "system message"},
+        "messages": {
+            "type": "array",
+            "minItems": 1,
+            "items": MESSAGE,
+            "description": "a conversation in the Mistral instruct format: it starts with a user or system message",
+        },
         **COMMON_FIELDS,
         "max_completion_tokens": _nullable({"type": "integer", "minimum": 1}, "max_tokens under its newer name"),
         "logprobs": _nullable({"type": "boolean"}, "log-probability of each chosen token"),
-        "top_logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS},
-                                  "alternatives per token; needs logprobs: true"),
+        "top_logprobs": _nullable(
+            {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS}, "alternatives per token; needs logprobs: true"
+        ),
     },
 }
 
@@ -105,27 +131,33 @@ CHAT_REQUEST: dict[str, Any] = {
 ERROR_BODY: dict[str, Any] = {
     "type": "object",
     "required": ["error"],
-    "properties": {"error": {
-        "type": "object",
-        "required": ["message", "type", "param", "code"],
-        "properties": {
-            "message": {"type": "string"},
-            "type": {"type": "string"},
-            "param": {"type": ["string", "null"], "description": "the request field at fault"},
-            "code": {"type": ["string", "null"]},
-        },
-    }},
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"], "description": "the request field at fault"},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
 }
 
 USAGE = {
     "type": "object",
     "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
-    "properties": {k: {"type": "integer", "minimum": 0} for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
+    "properties": {
+        k: {"type": "integer", "minimum": 0} for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+    },
 }
 
 FINISH_REASON = {"type": ["string", "null"], "enum": ["stop", "length", None]}
-CHOICE_TOKEN_IDS = {"token_ids": {"type": "array", "items": {"type": "integer"}},
-                    "prompt_token_ids": {"type": "array", "items": {"type": "integer"}}}
+CHOICE_TOKEN_IDS = {
+    "token_ids": {"type": "array", "items": {"type": "integer"}},
+    "prompt_token_ids": {"type": "array", "items": {"type": "integer"}},
+}
 
 
 def _completion_object(kind: str, choice: dict[str, Any]) -> dict[str, Any]:
@@ -143,42 +175,62 @@ def _completion_object(kind: str, choice: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-COMPLETION_RESPONSE = _completion_object("text_completion", {
-    "type": "object",
-    "required": ["index", "text", "finish_reason", "logprobs"],
-    "properties": {"index": {"type": "integer"}, "text": {"type": "string"}, "finish_reason": FINISH_REASON,
-                   "logprobs": {"type": ["object", "null"]}, **CHOICE_TOKEN_IDS},
-})
-
-CHAT_RESPONSE = _completion_object("chat.completion", {
-    "type": "object",
-    "required": ["index", "message", "finish_reason", "logprobs"],
-    "properties": {
-        "index": {"type": "integer"},
-        "message": {"type": "object", "required": ["role", "content"],
-                    "properties": {"role": {"type": "string", "enum": ["assistant"]}, "content": {"type": "string"}}},
-        "finish_reason": FINISH_REASON,
-        "logprobs": {"type": ["object", "null"]},
-        **CHOICE_TOKEN_IDS,
+COMPLETION_RESPONSE = _completion_object(
+    "text_completion",
+    {
+        "type": "object",
+        "required": ["index", "text", "finish_reason", "logprobs"],
+        "properties": {
+            "index": {"type": "integer"},
+            "text": {"type": "string"},
+            "finish_reason": FINISH_REASON,
+            "logprobs": {"type": ["object", "null"]},
+            **CHOICE_TOKEN_IDS,
+        },
     },
-})
+)
+
+CHAT_RESPONSE = _completion_object(
+    "chat.completion",
+    {
+        "type": "object",
+        "required": ["index", "message", "finish_reason", "logprobs"],
+        "properties": {
+            "index": {"type": "integer"},
+            "message": {
+                "type": "object",
+                "required": ["role", "content"],
+                "properties": {"role": {"type": "string", "enum": ["assistant"]}, "content": {"type": "string"}},
+            },
+            "finish_reason": FINISH_REASON,
+            "logprobs": {"type": ["object", "null"]},
+            **CHOICE_TOKEN_IDS,
+        },
+    },
+)
 
 
 # Before OpenAPI 3.2 an event stream's `schema` describes one event.
 STREAM_EVENT = {
     "type": "object",
     "required": ["data"],
-    "properties": {"data": {"type": "string", "description": "a JSON chunk (`text_completion` or "
-                                                            "`chat.completion.chunk`), the usage chunk, an "
-                                                            "`{\"error\": ...}` object, then `[DONE]`"}},
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": "a JSON chunk (`text_completion` or "
+            "`chat.completion.chunk`), the usage chunk, an "
+            '`{"error": ...}` object, then `[DONE]`',
+        }
+    },
 }
 
 
 def _error(description: str, retry_after: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {"description": description, "content": {"application/json": {"schema": ERROR_BODY}}}
     if retry_after:
-        out["headers"] = {"Retry-After": {"description": "seconds to wait before trying again",
-                                          "schema": {"type": "string"}}}
+        out["headers"] = {
+            "Retry-After": {"description": "seconds to wait before trying again", "schema": {"type": "string"}}
+        }
     return out
 
 
@@ -187,54 +239,87 @@ NOT_READY = _error("the model is still loading or failed to start", retry_after=
 
 
 def _post_operation(request: dict[str, Any], response: dict[str, Any], summary: str) -> dict[str, Any]:
-    return copy.deepcopy({
-        "summary": summary,
-        "requestBody": {"required": True, "content": {"application/json": {"schema": request}}},
-        "responses": {
-            "200": {
-                "description": "the completion; with stream: true, Server-Sent Events of chunks ending with "
-                               "`data: [DONE]`",
-                "content": {"application/json": {"schema": response},
-                            "text/event-stream": {"schema": STREAM_EVENT}},
+    return copy.deepcopy(
+        {
+            "summary": summary,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": request}}},
+            "responses": {
+                "200": {
+                    "description": "the completion; with stream: true, Server-Sent Events of chunks ending with "
+                    "`data: [DONE]`",
+                    "content": {
+                        "application/json": {"schema": response},
+                        "text/event-stream": {"schema": STREAM_EVENT},
+                    },
+                },
+                "400": _error("a field is wrong (`param` names it), or the body is not a JSON object"),
+                "401": UNAUTHORIZED,
+                "413": _error("the body is over the server's max_body_bytes"),
+                "429": _error("more than max_queued_requests are waiting for a cache slot", retry_after=True),
+                "503": NOT_READY,
             },
-            "400": _error("a field is wrong (`param` names it), or the body is not a JSON object"),
-            "401": UNAUTHORIZED,
-            "413": _error("the body is over the server's max_body_bytes"),
-            "429": _error("more than max_queued_requests are waiting for a cache slot", retry_after=True),
-            "503": NOT_READY,
-        },
-    })
+        }
+    )
 
 
 COMPLETIONS_OPERATION = _post_operation(COMPLETION_REQUEST, COMPLETION_RESPONSE, "Complete a prompt")
 CHAT_COMPLETIONS_OPERATION = _post_operation(CHAT_REQUEST, CHAT_RESPONSE, "Answer a conversation")
 
-MODELS_OPERATION = copy.deepcopy({
-    "responses": {
-        "200": {"description": "the served model", "content": {"application/json": {"schema": {
-            "type": "object", "required": ["object", "data"],
-            "properties": {"object": {"type": "string", "enum": ["list"]}, "data": {"type": "array", "items": {
-                "type": "object", "required": ["id", "object"],
-                "properties": {"id": {"type": "string"}, "object": {"type": "string"},
-                               "max_model_len": {"type": "integer"}},
-            }}},
-        }}}},
-        "401": UNAUTHORIZED,
-        "503": NOT_READY,
-    },
-})
+MODELS_OPERATION = copy.deepcopy(
+    {
+        "responses": {
+            "200": {
+                "description": "the served model",
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["object", "data"],
+                            "properties": {
+                                "object": {"type": "string", "enum": ["list"]},
+                                "data": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["id", "object"],
+                                        "properties": {
+                                            "id": {"type": "string"},
+                                            "object": {"type": "string"},
+                                            "max_model_len": {"type": "integer"},
+                                        },
+                                    },
+                                },
+                            },
+                        }
+                    }
+                },
+            },
+            "401": UNAUTHORIZED,
+            "503": NOT_READY,
+        },
+    }
+)
 
-HEALTH_BODY = {"type": "object", "required": ["status"],
-               "properties": {"status": {"type": "string", "description": "ready; otherwise why not"}}}
-HEALTH_OPERATION = copy.deepcopy({
-    "security": [],
-    "responses": {
-        "200": {"description": "every shard is loaded and the router answers",
-                "content": {"application/json": {"schema": HEALTH_BODY}}},
-        "503": {"description": "loading, failed, or the router does not answer (`error` says why)",
-                "content": {"application/json": {"schema": HEALTH_BODY}}},
-    },
-})
+HEALTH_BODY = {
+    "type": "object",
+    "required": ["status"],
+    "properties": {"status": {"type": "string", "description": "ready; otherwise why not"}},
+}
+HEALTH_OPERATION = copy.deepcopy(
+    {
+        "security": [],
+        "responses": {
+            "200": {
+                "description": "every shard is loaded and the router answers",
+                "content": {"application/json": {"schema": HEALTH_BODY}},
+            },
+            "503": {
+                "description": "loading, failed, or the router does not answer (`error` says why)",
+                "content": {"application/json": {"schema": HEALTH_BODY}},
+            },
+        },
+    }
+)
 METRICS_OPERATION = {"security": []}
 
 

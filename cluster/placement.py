@@ -22,8 +22,16 @@ from shards.config import ConfigError, ModelConfig
 
 STRATEGIES = ("pack", "spread", "strict_spread", "strict_pack")
 TOP_KEYS = (
-    "checkpoint", "dtype", "strategy", "stages", "expert_groups", "resources",
-    "micro_batch_size", "token_budget", "max_seqs", "chunk_size",
+    "checkpoint",
+    "dtype",
+    "strategy",
+    "stages",
+    "expert_groups",
+    "resources",
+    "micro_batch_size",
+    "token_budget",
+    "max_seqs",
+    "chunk_size",
 )
 STAGE_KEYS = ("layers", "resources")
 EXPERT_GROUP_KEYS = ("experts", "layers", "resources")
@@ -151,6 +159,7 @@ class PlacementPlan:
 
 # --- reading the file ------------------------------------------------------------------------------------------
 
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML keeps the last of two equal keys; a placement file with a repeated key is a mistake."""
 
@@ -163,9 +172,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             except TypeError:  # a list or mapping as a key: SafeLoader's own check names it
                 break
             if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
 
@@ -230,7 +237,9 @@ class _Checker:
 
     def resources(self, value: Any, path: str) -> dict[str, float]:
         if not isinstance(value, dict) or not value:
-            raise self.fail(path, f"expected a mapping of Ray resource names to amounts, e.g. {{CPU: 1}}; got {value!r}")
+            raise self.fail(
+                path, f"expected a mapping of Ray resource names to amounts, e.g. {{CPU: 1}}; got {value!r}"
+            )
         out = {}
         for name, amount in value.items():
             if not isinstance(name, str) or not name:
@@ -287,8 +296,11 @@ def load_placement(path: str | Path, checkpoint_override: str | Path | None = No
     for key, default in (("micro_batch_size", 4), ("token_budget", 2048), ("max_seqs", 32), ("chunk_size", None)):
         numbers[key] = check.positive_int(data[key], key) if key in data else default
     if numbers["chunk_size"] is not None and numbers["chunk_size"] > numbers["token_budget"]:
-        raise check.fail("chunk_size", f"{numbers['chunk_size']} is larger than token_budget ({numbers['token_budget']}); "
-                                       "a prefill chunk must fit in one step")
+        raise check.fail(
+            "chunk_size",
+            f"{numbers['chunk_size']} is larger than token_budget ({numbers['token_budget']}); "
+            "a prefill chunk must fit in one step",
+        )
     return PlacementPlan(
         source=source,
         checkpoint=checkpoint,
@@ -320,14 +332,20 @@ def _parse_stages(check: _Checker, value: Any, default_resources: dict[str, floa
             if common:
                 raise check.fail(f"{path}.layers", f"layer {min(common)} is also in stages[{prev.index}]")
         if stages and layers[0] < stages[-1].layers[0]:
-            raise check.fail(f"{path}.layers", f"starts at layer {layers[0]}, before stages[{i - 1}]; "
-                                               "stages are listed in pipeline order")
-        resources = check.resources(item["resources"], f"{path}.resources") if "resources" in item else default_resources
+            raise check.fail(
+                f"{path}.layers",
+                f"starts at layer {layers[0]}, before stages[{i - 1}]; stages are listed in pipeline order",
+            )
+        resources = (
+            check.resources(item["resources"], f"{path}.resources") if "resources" in item else default_resources
+        )
         stages.append(StageSpec(i, layers, resources))
     return tuple(stages)
 
 
-def _parse_expert_groups(check: _Checker, value: Any, default_resources: dict[str, float]) -> tuple[ExpertGroupSpec, ...]:
+def _parse_expert_groups(
+    check: _Checker, value: Any, default_resources: dict[str, float]
+) -> tuple[ExpertGroupSpec, ...]:
     if value is None:
         return ()
     if isinstance(value, int) and not isinstance(value, bool):
@@ -349,8 +367,12 @@ def _parse_expert_groups(check: _Checker, value: Any, default_resources: dict[st
             shared = _shared_layers(layers, prev.layers)
             if common and shared:
                 where = "every layer" if shared == "all" else f"layer {min(shared)}"
-                raise check.fail(f"{path}.experts", f"expert {min(common)} of {where} is also in expert_groups[{prev.index}]")
-        resources = check.resources(item["resources"], f"{path}.resources") if "resources" in item else default_resources
+                raise check.fail(
+                    f"{path}.experts", f"expert {min(common)} of {where} is also in expert_groups[{prev.index}]"
+                )
+        resources = (
+            check.resources(item["resources"], f"{path}.resources") if "resources" in item else default_resources
+        )
         groups.append(ExpertGroupSpec(g, experts, layers, resources))
     return tuple(groups)
 
@@ -363,6 +385,7 @@ def _shared_layers(a: tuple[int, ...] | None, b: tuple[int, ...] | None) -> set[
 
 
 # --- checking against the model ----------------------------------------------------------------------------------
+
 
 def validate_against_model(plan: PlacementPlan, config: ModelConfig) -> PlacementPlan:
     """Check the plan against the checkpoint and return it settled: explicit layers and experts, a chunk size."""
@@ -387,8 +410,10 @@ def _settle_stages(check: _Checker, stages: tuple[StageSpec, ...], config: Model
     for s in stages:
         out_of_range = [layer for layer in s.layers if layer >= n]
         if out_of_range:
-            raise check.fail(f"stages[{s.index}].layers", f"layer {out_of_range[0]} is out of range; "
-                                                          f"the model has {n} layers (0-{n - 1})")
+            raise check.fail(
+                f"stages[{s.index}].layers",
+                f"layer {out_of_range[0]} is out of range; the model has {n} layers (0-{n - 1})",
+            )
     missing = sorted(set(range(n)) - {layer for s in stages for layer in s.layers})
     if missing:
         raise check.fail("stages", f"layers {format_ids(missing)} are in no stage; every layer needs one")
@@ -401,29 +426,38 @@ def _settle_expert_groups(
     if not groups:
         return groups
     if not config.is_moe:
-        raise check.fail("expert_groups", f"the checkpoint is a dense {config.arch} model without experts; "
-                                          "remove expert_groups")
+        raise check.fail(
+            "expert_groups", f"the checkpoint is a dense {config.arch} model without experts; remove expert_groups"
+        )
     n, e = config.n_layers, config.num_experts
     if groups[0].experts is None:
         if len(groups) > e:
             raise check.fail("expert_groups", f"{len(groups)} groups for a model of {e} experts; each group needs one")
-        return tuple(replace(g, experts=part, layers=tuple(range(n))) for g, part in zip(groups, _even_split(e, len(groups))))
+        return tuple(
+            replace(g, experts=part, layers=tuple(range(n))) for g, part in zip(groups, _even_split(e, len(groups)))
+        )
     settled = []
     for g in groups:
         path = f"expert_groups[{g.index}]"
         layers = g.layers if g.layers is not None else tuple(range(n))
         if layers[-1] >= n:
-            raise check.fail(f"{path}.layers", f"layer {layers[-1]} is out of range; the model has {n} layers (0-{n - 1})")
+            raise check.fail(
+                f"{path}.layers", f"layer {layers[-1]} is out of range; the model has {n} layers (0-{n - 1})"
+            )
         if g.experts[-1] >= e:
-            raise check.fail(f"{path}.experts", f"expert {g.experts[-1]} is out of range; "
-                                                f"the model has {e} experts (0-{e - 1})")
+            raise check.fail(
+                f"{path}.experts", f"expert {g.experts[-1]} is out of range; the model has {e} experts (0-{e - 1})"
+            )
         settled.append(replace(g, layers=layers))
     covered = {(layer, x) for g in settled for layer in g.layers for x in g.experts}
     for layer in range(n):
         missing = [x for x in range(e) if (layer, x) not in covered]
         if missing:
-            raise check.fail("expert_groups", f"expert {missing[0]} of layer {layer} is in no group; "
-                                              "with expert groups, every expert of every layer needs one")
+            raise check.fail(
+                "expert_groups",
+                f"expert {missing[0]} of layer {layer} is in no group; "
+                "with expert groups, every expert of every layer needs one",
+            )
     return tuple(settled)
 
 

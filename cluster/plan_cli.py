@@ -29,12 +29,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
         reservation.release()  # the plan command only shows where shards would land
     placements, group_id = reservation.placements, reservation.placement_group.id.hex()
     if args.json:
-        print(json.dumps({
-            "config": plan.source, "checkpoint": plan.checkpoint, "dtype": plan.dtype, "strategy": plan.strategy,
-            "placement_group": group_id, "shards": [p.to_dict() for p in placements],
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "config": plan.source,
+                    "checkpoint": plan.checkpoint,
+                    "dtype": plan.dtype,
+                    "strategy": plan.strategy,
+                    "placement_group": group_id,
+                    "shards": [p.to_dict() for p in placements],
+                },
+                indent=2,
+            )
+        )
     else:
-        print(f"{plan.source}: {len(plan.stages)} stage(s), {len(plan.expert_groups)} expert group(s), "
-              f"{plan.dtype}, strategy {plan.strategy}, checkpoint {plan.checkpoint}")
+        print(
+            f"{plan.source}: {len(plan.stages)} stage(s), {len(plan.expert_groups)} expert group(s), "
+            f"{plan.dtype}, strategy {plan.strategy}, checkpoint {plan.checkpoint}"
+        )
         print(placement_table(placements))
     return 0

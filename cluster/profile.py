@@ -6,12 +6,17 @@ from __future__ import annotations
 def summarize(traces: list[dict], expert_traces: list[dict]) -> dict:
     """Seconds per component summed over the run, and per-step means (what `--profile` prints)."""
     steps = len(traces)
-    out = {"steps": steps, "tokens": sum(t["tokens"] for t in traces), "step_seconds": sum(t["seconds"] for t in traces)}
+    out = {
+        "steps": steps,
+        "tokens": sum(t["tokens"] for t in traces),
+        "step_seconds": sum(t["seconds"] for t in traces),
+    }
     stage_rows: dict[int, dict] = {}
     for t in traces:
         for s in t["stages"]:
-            row = stage_rows.setdefault(s["stage"], {"busy": 0.0, "recv_wait": 0.0, "send_wait": 0.0, "experts": 0.0,
-                                                     "transport_bytes": 0})
+            row = stage_rows.setdefault(
+                s["stage"], {"busy": 0.0, "recv_wait": 0.0, "send_wait": 0.0, "experts": 0.0, "transport_bytes": 0}
+            )
             row["busy"] += sum(sp["end"] - sp["start"] for sp in s["spans"])
             row["recv_wait"] += sum(sp["recv_wait"] for sp in s["spans"])
             row["send_wait"] += s.get("send_wait", 0.0)
@@ -19,8 +24,11 @@ def summarize(traces: list[dict], expert_traces: list[dict]) -> dict:
             row["transport_bytes"] += sum(s.get("transport", {}).get("bytes", {}).values())
     out["stages"] = stage_rows
     out["expert_groups"] = {
-        e["group"]: {"compute": sum(r["seconds"] for r in e["received"]), "messages": len(e["received"]),
-                     "tokens": sum(r["tokens"] for r in e["received"])}
+        e["group"]: {
+            "compute": sum(r["seconds"] for r in e["received"]),
+            "messages": len(e["received"]),
+            "tokens": sum(r["tokens"] for r in e["received"]),
+        }
         for e in expert_traces
     }
     busiest = max((r["busy"] + r["recv_wait"] for r in stage_rows.values()), default=0.0)
@@ -31,8 +39,10 @@ def summarize(traces: list[dict], expert_traces: list[dict]) -> dict:
 def profile_table(traces: list[dict], expert_traces: list[dict]) -> str:
     s = summarize(traces, expert_traces)
     n = max(s["steps"], 1)
-    lines = [f"{s['steps']} steps, {s['tokens']} tokens, {1000 * s['step_seconds'] / n:.2f} ms per step",
-             f"{'component':<24} {'ms/step':>9} {'share':>7}"]
+    lines = [
+        f"{s['steps']} steps, {s['tokens']} tokens, {1000 * s['step_seconds'] / n:.2f} ms per step",
+        f"{'component':<24} {'ms/step':>9} {'share':>7}",
+    ]
 
     def row(name: str, seconds: float) -> None:
         share = seconds / s["step_seconds"] if s["step_seconds"] else 0.0

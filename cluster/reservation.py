@@ -75,11 +75,15 @@ def check_against_cluster(plan: PlacementPlan, nodes: list[dict[str, Any]]) -> N
         have = totals.get(key, 0.0)
         if have == 0:
             name, amount = next(iter(by_shard.items()))
-            raise PlacementError(f"{src}: shard {name} asks for {key}: {amount:g}, but no node of the cluster has {key}")
+            raise PlacementError(
+                f"{src}: shard {name} asks for {key}: {amount:g}, but no node of the cluster has {key}"
+            )
         need = sum(by_shard.values())
         if need > have + _EPS:
             each = ", ".join(f"{n}: {a:g}" for n, a in by_shard.items())
-            raise PlacementError(f"{src}: the shards ask for {need:g} {key} in all ({each}), but the cluster has {have:g}")
+            raise PlacementError(
+                f"{src}: the shards ask for {need:g} {key} in all ({each}), but the cluster has {have:g}"
+            )
 
     for name, bundle in zip(names, bundles):
         if not any(_fits(bundle, node) for node in alive):
@@ -87,18 +91,24 @@ def check_against_cluster(plan: PlacementPlan, nodes: list[dict[str, Any]]) -> N
             if short:
                 key = short[0]
                 largest = max(node.get(key, 0.0) for node in alive)
-                raise PlacementError(f"{src}: shard {name} asks for {key}: {bundle[key]:g}, "
-                                     f"more than any single node has (at most {largest:g})")
+                raise PlacementError(
+                    f"{src}: shard {name} asks for {key}: {bundle[key]:g}, "
+                    f"more than any single node has (at most {largest:g})"
+                )
             raise PlacementError(f"{src}: shard {name} asks for {_fmt(bundle)}, which no single node has all together")
 
     if plan.strategy == "strict_pack":
         together = {k: sum(b.get(k, 0.0) for b in bundles) for k in asked}
         if not any(_fits(together, node) for node in alive):
-            raise PlacementError(f"{src}: strategy strict_pack puts every shard on one node, but no node has "
-                                 f"{_fmt(together)} ({', '.join(names)} together)")
+            raise PlacementError(
+                f"{src}: strategy strict_pack puts every shard on one node, but no node has "
+                f"{_fmt(together)} ({', '.join(names)} together)"
+            )
     if plan.strategy == "strict_spread" and len(bundles) > len(alive):
-        raise PlacementError(f"{src}: strategy strict_spread puts each of the {len(bundles)} shards on its own node, "
-                             f"but the cluster has {len(alive)} nodes")
+        raise PlacementError(
+            f"{src}: strategy strict_spread puts each of the {len(bundles)} shards on its own node, "
+            f"but the cluster has {len(alive)} nodes"
+        )
 
 
 def reserve(plan: PlacementPlan, config: ModelConfig, timeout_s: float = 60.0) -> Reservation:
@@ -121,11 +131,19 @@ def reserve(plan: PlacementPlan, config: ModelConfig, timeout_s: float = 60.0) -
     placements = []
     for i, shard in enumerate(shards):
         node, sel = table["bundles_to_node_id"][i], shard.selection
-        placements.append(ShardPlacement(
-            shard=shard.name, kind=shard.kind, layers=sel.layers if shard.kind == "stage" else tuple(sorted(sel.experts)),
-            experts=dict(sel.experts), bundle_index=i, node_id=node, node_ip=ip_of.get(node, "?"),
-            gpus=bundles[i].get("GPU", 0.0), weight_bytes=sel.nbytes(config, plan.torch_dtype),
-        ))
+        placements.append(
+            ShardPlacement(
+                shard=shard.name,
+                kind=shard.kind,
+                layers=sel.layers if shard.kind == "stage" else tuple(sorted(sel.experts)),
+                experts=dict(sel.experts),
+                bundle_index=i,
+                node_id=node,
+                node_ip=ip_of.get(node, "?"),
+                gpus=bundles[i].get("GPU", 0.0),
+                weight_bytes=sel.nbytes(config, plan.torch_dtype),
+            )
+        )
     return Reservation(plan, pg, placements)
 
 
@@ -138,10 +156,14 @@ def _not_placed(plan: PlacementPlan, nodes: list[dict[str, Any]], table: dict[st
     for i, (name, bundle) in enumerate(zip(plan.shard_names(), plan.bundles())):
         if i in placed:
             continue
-        short = [f"{k}: {a:g} asked, {free.get(k, 0.0):g} free" for k, a in bundle.items() if a > free.get(k, 0.0) + _EPS]
+        short = [
+            f"{k}: {a:g} asked, {free.get(k, 0.0):g} free" for k, a in bundle.items() if a > free.get(k, 0.0) + _EPS
+        ]
         waiting.append(f"{name} {_fmt(bundle)}" + (f" ({'; '.join(short)})" if short else ""))
-    return (f"{plan.source}: the placement group was not ready after {timeout_s:g} s; shards not placed: "
-            f"{', '.join(waiting)}; other placement groups or actors may hold those resources")
+    return (
+        f"{plan.source}: the placement group was not ready after {timeout_s:g} s; shards not placed: "
+        f"{', '.join(waiting)}; other placement groups or actors may hold those resources"
+    )
 
 
 def lost_bundles(table: dict[str, Any], bundles: list[dict[str, float]], nodes: list[dict[str, Any]]) -> dict[int, str]:
@@ -169,8 +191,12 @@ def lost_bundles(table: dict[str, Any], bundles: list[dict[str, float]], nodes: 
         if absent:
             lost[i] = ", ".join(f"{k}: {bundle[k]:g}" for k in absent) + f" (no alive node has {' or '.join(absent)})"
         elif short:
-            lost[i] = ", ".join(f"{k}: {bundle[k]:g}" for k in short) + " (alive nodes have at most " + ", ".join(
-                f"{most[k]:g} {k}" for k in short) + " beside this model's other shards)"
+            lost[i] = (
+                ", ".join(f"{k}: {bundle[k]:g}" for k in short)
+                + " (alive nodes have at most "
+                + ", ".join(f"{most[k]:g} {k}" for k in short)
+                + " beside this model's other shards)"
+            )
         else:
             lost[i] = f"{_fmt(bundle)} (no alive node has all of it)"
     return lost
@@ -194,7 +220,11 @@ def ray_session(plan: PlacementPlan, address: str | None = None) -> Iterator[Non
         for bundle in plan.bundles():
             for key, amount in bundle.items():
                 need[key] = need.get(key, 0.0) + amount
-        custom = {k: v for k, v in need.items() if k not in BUILTIN_RESOURCES and not k.startswith(("node:", "accelerator_type:"))}
+        custom = {
+            k: v
+            for k, v in need.items()
+            if k not in BUILTIN_RESOURCES and not k.startswith(("node:", "accelerator_type:"))
+        }
         cpus = max(os.cpu_count() or 1, math.ceil(need.get("CPU", 0.0)))
         ray.init(address="local", num_cpus=cpus, resources=custom, include_dashboard=False, log_to_driver=False)
     try:
@@ -207,8 +237,15 @@ def placement_table(placements: list[ShardPlacement]) -> str:
     """The rows as an aligned text table, one line per shard."""
     header = ("shard", "layers", "experts", "node", "ip", "GPU", "weights")
     rows = [header] + [
-        (p.shard, format_ids(p.layers), _experts(p.experts), p.node_id[:12], p.node_ip, f"{p.gpus:g}",
-         _bytes(p.weight_bytes))
+        (
+            p.shard,
+            format_ids(p.layers),
+            _experts(p.experts),
+            p.node_id[:12],
+            p.node_ip,
+            f"{p.gpus:g}",
+            _bytes(p.weight_bytes),
+        )
         for p in placements
     ]
     widths = [max(len(r[c]) for r in rows) for c in range(len(header))]

@@ -25,16 +25,29 @@ from shards.kv_cache import StepBatch, cache_capacity
 
 class RouterActor:
     def __init__(
-        self, supervisor, plan, config: ModelConfig, step_timeout_s: float = 120.0, max_queued_requests: int = 256,
-        on_shard_failure: str = "resume", monitor_interval_s: float = 2.0, recover_on_start: bool = False,
+        self,
+        supervisor,
+        plan,
+        config: ModelConfig,
+        step_timeout_s: float = 120.0,
+        max_queued_requests: int = 256,
+        on_shard_failure: str = "resume",
+        monitor_interval_s: float = 2.0,
+        recover_on_start: bool = False,
     ) -> None:
         if on_shard_failure not in ("resume", "fail"):
             raise ValueError(f"on_shard_failure must be 'resume' or 'fail', got {on_shard_failure!r}")
         self.supervisor, self.plan, self.config = supervisor, plan, config
         self._set_handles(supervisor.handles())
         self.monitor_interval_s = monitor_interval_s
-        self.health = {"healthy": not recover_on_start, "reason": "router restarted" if recover_on_start else None,
-                       "shard_failures": 0, "recoveries": 0, "last_recovery_seconds": None, "restarted": []}
+        self.health = {
+            "healthy": not recover_on_start,
+            "reason": "router restarted" if recover_on_start else None,
+            "shard_failures": 0,
+            "recoveries": 0,
+            "last_recovery_seconds": None,
+            "restarted": [],
+        }
         self.generation = 0  # bumped by every recovery
         self._recover_on_start = recover_on_start
         self._started = False
@@ -48,8 +61,14 @@ class RouterActor:
         self.expert_load = torch.zeros(config.n_layers, max(config.num_experts, 1), dtype=torch.long)
         chunk = min(plan.chunk_size or self.cache_capacity, self.cache_capacity)
         scheduler = Scheduler(plan.max_seqs, plan.token_budget, chunk, config.max_seq_len, config.eos_token_id)
-        self.loop = EngineLoop(self.step, scheduler, config.vocab_size, max_queued_requests,
-                               recover=self._recover_after_step, resume=on_shard_failure == "resume")
+        self.loop = EngineLoop(
+            self.step,
+            scheduler,
+            config.vocab_size,
+            max_queued_requests,
+            recover=self._recover_after_step,
+            resume=on_shard_failure == "resume",
+        )
 
     def _set_handles(self, handles: list) -> None:
         n = len(self.plan.stages)
@@ -119,8 +138,10 @@ class RouterActor:
         microbatches = split_microbatches(batch, self.plan.micro_batch_size)
         later = [dataclasses.replace(mb, token_ids=None) for mb in microbatches]  # only the first stage embeds
         # Token ids as numpy: a torch tensor in a Ray call's arguments costs ~0.5 ms more to serialise (measured).
-        microbatches = [dataclasses.replace(mb, token_ids=None if mb.token_ids is None else mb.token_ids.numpy())
-                        for mb in microbatches]
+        microbatches = [
+            dataclasses.replace(mb, token_ids=None if mb.token_ids is None else mb.token_ids.numpy())
+            for mb in microbatches
+        ]
         refs = [
             stage.run_step.remote(self.steps, microbatches if i == 0 else later) for i, stage in enumerate(self.stages)
         ]
@@ -131,12 +152,18 @@ class RouterActor:
             for layer, counts in r.get("expert_choices", {}).items():
                 self.expert_load[int(layer)] += torch.tensor(counts)
         if len(self.traces) < self.keep_traces:
-            self.traces.append({
-                "step": self.steps, "tokens": batch.n_tokens, "sequences": len(batch.slots),
-                "microbatches": len(microbatches), "seconds": time.perf_counter() - t0,
-                "called": called, "returned": returned,
-                "stages": [{k: v for k, v in r.items() if k != "logits"} for r in results],
-            })
+            self.traces.append(
+                {
+                    "step": self.steps,
+                    "tokens": batch.n_tokens,
+                    "sequences": len(batch.slots),
+                    "microbatches": len(microbatches),
+                    "seconds": time.perf_counter() - t0,
+                    "called": called,
+                    "returned": returned,
+                    "stages": [{k: v for k, v in r.items() if k != "logits"} for r in results],
+                }
+            )
         self.steps += 1
         return logits
 
@@ -160,7 +187,9 @@ class RouterActor:
         finally:  # cancelled or closed by the caller: the slot must come back either way
             self.loop.abort(request.seq)
 
-    async def generate(self, prompts: list[list[int]], params: list[SamplingParams] | SamplingParams) -> list[Completion]:
+    async def generate(
+        self, prompts: list[list[int]], params: list[SamplingParams] | SamplingParams
+    ) -> list[Completion]:
         """Offline: every prompt through the same continuous-batching loop, results in prompt order."""
         await self.start()
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
@@ -170,8 +199,14 @@ class RouterActor:
             errors = [e.error for e in events if e.error]
             if errors:
                 raise RuntimeError(errors[0])
-            out.append(Completion(prompt, [e.token_id for e in events], [e.logprob for e in events],
-                                  events[-1].finish_reason or "length"))
+            out.append(
+                Completion(
+                    prompt,
+                    [e.token_id for e in events],
+                    [e.logprob for e in events],
+                    events[-1].finish_reason or "length",
+                )
+            )
         return out
 
     async def ping(self) -> bool:

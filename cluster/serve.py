@@ -45,8 +45,13 @@ from router.sampling import SamplingParams
 log = logging.getLogger("mistral_cluster.serve")
 # The document is served by a route of ours (`/openapi.json`), behind the API key like every route but health and
 # metrics; FastAPI's own /docs and /redoc are off (their pages could not send the key to fetch it).
-api = FastAPI(title="mistral-cluster", description="OpenAI-compatible completions over a sharded Mistral/Mixtral",
-              openapi_url=None, docs_url=None, redoc_url=None)
+api = FastAPI(
+    title="mistral-cluster",
+    description="OpenAI-compatible completions over a sharded Mistral/Mixtral",
+    openapi_url=None,
+    docs_url=None,
+    redoc_url=None,
+)
 PUBLIC_ROUTES = ("/health", "/metrics")
 ADMIT_TRIES = 3  # routers a request may find dead on arrival (each replaced) before it gets a 503
 ADMIT_PING_S = 10.0  # a router this slow to accept a request is pinged: hung or dead ones are replaced
@@ -59,8 +64,9 @@ def error_response(e: APIError) -> JSONResponse:
 @api.exception_handler(HTTPException)
 async def http_error(request: Request, e: HTTPException) -> JSONResponse:
     """Starlette's own errors (an unknown path, a wrong method) as OpenAI error bodies too."""
-    return error_response(APIError(e.status_code, str(e.detail), kind="invalid_request_error",
-                                   headers=dict(e.headers or {})))
+    return error_response(
+        APIError(e.status_code, str(e.detail), kind="invalid_request_error", headers=dict(e.headers or {}))
+    )
 
 
 @serve.deployment(
@@ -73,18 +79,30 @@ async def http_error(request: Request, e: HTTPException) -> JSONResponse:
 @serve.ingress(api)
 class OpenAIIngress:
     def __init__(
-        self, placement: str, checkpoint: str | None = None, api_key: str | None = None,
-        model_name: str | None = None, max_queued_requests: int = 256, max_body_bytes: int = 1 << 20,
-        max_tokens_ceiling: int | None = None, max_prompt_tokens: int | None = None, max_n: int = 8,
-        request_timeout_s: float = 600.0, on_shard_failure: str = "resume", step_timeout_s: float = 60.0,
+        self,
+        placement: str,
+        checkpoint: str | None = None,
+        api_key: str | None = None,
+        model_name: str | None = None,
+        max_queued_requests: int = 256,
+        max_body_bytes: int = 1 << 20,
+        max_tokens_ceiling: int | None = None,
+        max_prompt_tokens: int | None = None,
+        max_n: int = 8,
+        request_timeout_s: float = 600.0,
+        on_shard_failure: str = "resume",
+        step_timeout_s: float = 60.0,
     ) -> None:
         self.cluster_options = {"on_shard_failure": on_shard_failure, "step_timeout_s": step_timeout_s}
         self.placement, self.checkpoint = placement, checkpoint
         self.api_key = api_key or os.environ.get("MISTRAL_CLUSTER_API_KEY") or None
         self.max_body_bytes = max_body_bytes
         self.request_timeout_s = request_timeout_s
-        self._limits_args = {"max_tokens_ceiling": max_tokens_ceiling, "max_prompt_tokens": max_prompt_tokens,
-                             "max_n": max_n}
+        self._limits_args = {
+            "max_tokens_ceiling": max_tokens_ceiling,
+            "max_prompt_tokens": max_prompt_tokens,
+            "max_n": max_n,
+        }
         self.max_queued_requests = max_queued_requests
         self.model_name = model_name
         self.cluster = None
@@ -105,8 +123,9 @@ class OpenAIIngress:
         from shards.tokenizer import Tokenizer
 
         try:
-            cluster = ShardedCluster.start(self.placement, self.checkpoint, max_queued_requests=self.max_queued_requests,
-                                           **self.cluster_options)
+            cluster = ShardedCluster.start(
+                self.placement, self.checkpoint, max_queued_requests=self.max_queued_requests, **self.cluster_options
+            )
             self.tokenizer = Tokenizer(cluster.checkpoint_dir)
             self.model_name = self.model_name or Path(cluster.plan.checkpoint).name
             self.limits = Limits(max_seq_len=cluster.config.max_seq_len, **self._limits_args)
@@ -157,11 +176,21 @@ class OpenAIIngress:
         try:
             await asyncio.wait_for(asyncio.shield(self._restart_router(dead)), timeout=self.request_timeout_s)
         except TimeoutError:
-            raise APIError(503, f"the router died and no new one was ready within {self.request_timeout_s:g} s",
-                           code="router_unavailable", kind="server_error", headers={"Retry-After": "5"}) from None
+            raise APIError(
+                503,
+                f"the router died and no new one was ready within {self.request_timeout_s:g} s",
+                code="router_unavailable",
+                kind="server_error",
+                headers={"Retry-After": "5"},
+            ) from None
         except Exception as e:  # noqa: BLE001 - whatever stopped the restart is the reason the client gets
-            raise APIError(503, f"the router died and could not be restarted: {type(e).__name__}: {e}",
-                           code="router_unavailable", kind="server_error", headers={"Retry-After": "5"}) from None
+            raise APIError(
+                503,
+                f"the router died and could not be restarted: {type(e).__name__}: {e}",
+                code="router_unavailable",
+                kind="server_error",
+                headers={"Retry-After": "5"},
+            ) from None
 
     def __del__(self) -> None:
         if self.cluster is not None:
@@ -176,35 +205,58 @@ class OpenAIIngress:
         header = request.headers.get("authorization", "")
         given = header[7:] if header.lower().startswith("bearer ") else ""
         if not hmac.compare_digest(given.encode(), self.api_key.encode()):
-            raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
-                           code="invalid_api_key", kind="authentication_error")
+            raise APIError(
+                401,
+                "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                code="invalid_api_key",
+                kind="authentication_error",
+            )
 
     def _ready(self) -> None:
         if self.draining:
-            raise APIError(503, "the server is shutting down; retry later", code="server_shutting_down",
-                           kind="server_error", headers={"Retry-After": "5"})
+            raise APIError(
+                503,
+                "the server is shutting down; retry later",
+                code="server_shutting_down",
+                kind="server_error",
+                headers={"Retry-After": "5"},
+            )
         if self.startup_error:
-            raise APIError(503, f"the model failed to start: {self.startup_error}", code="model_failed",
-                           kind="server_error")
+            raise APIError(
+                503, f"the model failed to start: {self.startup_error}", code="model_failed", kind="server_error"
+            )
         if self.cluster is None:
-            raise APIError(503, "the model is still loading", code="model_loading", kind="server_error",
-                           headers={"Retry-After": "5"})
+            raise APIError(
+                503,
+                "the model is still loading",
+                code="model_loading",
+                kind="server_error",
+                headers={"Retry-After": "5"},
+            )
 
     async def _body(self, request: Request) -> dict[str, Any]:
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > self.max_body_bytes:
-            raise APIError(413, f"request body of {length} bytes is over the limit of {self.max_body_bytes}",
-                           code="body_too_large")
+            raise APIError(
+                413, f"request body of {length} bytes is over the limit of {self.max_body_bytes}", code="body_too_large"
+            )
         raw = await request.body()
         if len(raw) > self.max_body_bytes:
-            raise APIError(413, f"request body of {len(raw)} bytes is over the limit of {self.max_body_bytes}",
-                           code="body_too_large")
+            raise APIError(
+                413,
+                f"request body of {len(raw)} bytes is over the limit of {self.max_body_bytes}",
+                code="body_too_large",
+            )
         return parse_json(raw)
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
-            raise APIError(400, f"model: unknown model {model!r}; this server serves {self.model_name!r}",
-                           param="model", code="model_not_found")
+            raise APIError(
+                400,
+                f"model: unknown model {model!r}; this server serves {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
 
     # --- routes ----------------------------------------------------------------------------------------
 
@@ -221,16 +273,27 @@ class OpenAIIngress:
             stats = await asyncio.wait_for(router.stats.remote(), timeout=5)
         except ray.exceptions.RayActorError as e:  # dead: start its replacement, ready again once that one is
             self._restart_router(router)
-            return JSONResponse({"status": "recovering", "reason": f"router restarting after {type(e).__name__}"},
-                                status_code=503)
+            return JSONResponse(
+                {"status": "recovering", "reason": f"router restarting after {type(e).__name__}"}, status_code=503
+            )
         except Exception as e:  # noqa: BLE001 - any other failure to answer is "not ready"
             return JSONResponse({"status": "unhealthy", "error": f"router: {type(e).__name__}: {e}"}, status_code=503)
         if not stats.get("healthy", True):
-            return JSONResponse({"status": "recovering", "reason": stats.get("reason"),
-                                 "shard_failures": stats.get("shard_failures")}, status_code=503)
-        return JSONResponse({"status": "ready", "model": self.model_name, "shards": len(self.cluster.plan.shard_names()),
-                             "running": stats["running"], "waiting": stats["waiting"],
-                             "shard_failures": stats.get("shard_failures"), "recoveries": stats.get("recoveries")})
+            return JSONResponse(
+                {"status": "recovering", "reason": stats.get("reason"), "shard_failures": stats.get("shard_failures")},
+                status_code=503,
+            )
+        return JSONResponse(
+            {
+                "status": "ready",
+                "model": self.model_name,
+                "shards": len(self.cluster.plan.shard_names()),
+                "running": stats["running"],
+                "waiting": stats["waiting"],
+                "shard_failures": stats.get("shard_failures"),
+                "recoveries": stats.get("recoveries"),
+            }
+        )
 
     @api.get("/metrics", response_class=PlainTextResponse, openapi_extra=openapi_schema.METRICS_OPERATION)
     async def metrics_route(self) -> Response:
@@ -258,10 +321,20 @@ class OpenAIIngress:
             self._ready()
         except APIError as e:
             return error_response(e)
-        return JSONResponse({"object": "list", "data": [
-            {"id": self.model_name, "object": "model", "created": 0, "owned_by": "mistral-cluster",
-             "max_model_len": self.limits.max_seq_len}
-        ]})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.model_name,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "mistral-cluster",
+                        "max_model_len": self.limits.max_seq_len,
+                    }
+                ],
+            }
+        )
 
     @api.post("/v1/completions", openapi_extra=openapi_schema.COMPLETIONS_OPERATION)
     async def completions(self, request: Request) -> Response:
@@ -295,8 +368,9 @@ class OpenAIIngress:
             self.metrics.rejected(e.status)
             return error_response(e)
         if req.stream:
-            return StreamingResponse(self._sse(req, choices, streams), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                self._sse(req, choices, streams), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
         try:
             await asyncio.wait_for(
                 asyncio.gather(*(self._collect(c, streams) for c in choices)),
@@ -305,8 +379,14 @@ class OpenAIIngress:
         except APIError as e:
             return error_response(e)
         except TimeoutError:
-            return error_response(APIError(503, f"the request did not finish within {self.request_timeout_s:g} s",
-                                           code="timeout", kind="server_error"))
+            return error_response(
+                APIError(
+                    503,
+                    f"the request did not finish within {self.request_timeout_s:g} s",
+                    code="timeout",
+                    kind="server_error",
+                )
+            )
         finally:
             self._release(streams)
         return JSONResponse(final_response(req, self.model_name, choices, self.tokenizer))
@@ -317,8 +397,15 @@ class OpenAIIngress:
         for i, prompt_ids in enumerate(req.prompts):
             for j in range(req.n):
                 params = req.params_for(prompt_ids, j, self.limits.max_seq_len)
-                choices.append(ChoiceState(i * req.n + j, prompt_ids, TextAssembler(self.tokenizer, params.stop),
-                                           params, stream_index=len(choices)))
+                choices.append(
+                    ChoiceState(
+                        i * req.n + j,
+                        prompt_ids,
+                        TextAssembler(self.tokenizer, params.stop),
+                        params,
+                        stream_index=len(choices),
+                    )
+                )
         streams = await self._admit(choices)
         self._admitted[id(streams)] = streams
         self.metrics.started(req)
@@ -337,9 +424,13 @@ class OpenAIIngress:
                     if "rejected" in first:
                         headers = {"Retry-After": str(first["retry_after"])} if first.get("retry_after") else None
                         status = first["rejected"]
-                        raise APIError(status, first["message"], code="queue_full" if status == 429 else None,
-                                       kind="rate_limit_error" if status == 429 else "invalid_request_error",
-                                       headers=headers)
+                        raise APIError(
+                            status,
+                            first["message"],
+                            code="queue_full" if status == 429 else None,
+                            kind="rate_limit_error" if status == 429 else "invalid_request_error",
+                            headers=headers,
+                        )
             except (ray.exceptions.RayActorError, StopAsyncIteration):
                 self._release(streams)
                 self._ready()  # draining: no new router, the 503 says why
@@ -351,8 +442,13 @@ class OpenAIIngress:
             for c in choices:
                 c.router = router
             return streams
-        raise APIError(503, f"the router died {ADMIT_TRIES} times while admitting the request", code="router_unavailable",
-                       kind="server_error", headers={"Retry-After": "5"})
+        raise APIError(
+            503,
+            f"the router died {ADMIT_TRIES} times while admitting the request",
+            code="router_unavailable",
+            kind="server_error",
+            headers={"Retry-After": "5"},
+        )
 
     async def _first_item(self, router, stream) -> dict:
         """The router's admission answer. A live router always answers at once (a stream that ends here is a dead
@@ -405,17 +501,25 @@ class OpenAIIngress:
             except ray.exceptions.RayActorError:
                 if self.draining:
                     raise
-                log.warning("router died; restarting it and resuming choice %d after %d tokens",
-                            choice.index, len(choice.token_ids))
+                log.warning(
+                    "router died; restarting it and resuming choice %d after %d tokens",
+                    choice.index,
+                    len(choice.token_ids),
+                )
                 await self._replace_router(choice.router)
                 choice.router = self.cluster.router
                 stream = choice.router.stream.options(num_returns="streaming").remote(
-                    choice.prompt_ids, choice.params, resume_ids=list(choice.token_ids))
+                    choice.prompt_ids, choice.params, resume_ids=list(choice.token_ids)
+                )
                 streams[choice.stream_index] = stream
                 first = await (await stream.__anext__())
                 if "rejected" in first:
-                    raise APIError(503, f"could not resume after a router restart: {first['message']}",
-                                   code="engine_failure", kind="server_error") from None
+                    raise APIError(
+                        503,
+                        f"could not resume after a router restart: {first['message']}",
+                        code="engine_failure",
+                        kind="server_error",
+                    ) from None
 
     async def _next_events(self, choice: ChoiceState, streams: list):
         """Events of one choice until it finishes; applies stop strings (ending the stream early)."""
@@ -430,8 +534,12 @@ class OpenAIIngress:
             except ray.exceptions.TaskCancelledError:
                 if not self.draining:
                     raise
-                raise APIError(503, "the server shut down before the request finished", code="server_shutting_down",
-                               kind="server_error") from None
+                raise APIError(
+                    503,
+                    "the server shut down before the request finished",
+                    code="server_shutting_down",
+                    kind="server_error",
+                ) from None
             if event.error:
                 raise APIError(503, f"generation failed: {event.error}", code="engine_failure", kind="server_error")
             if first_at is None:
@@ -464,7 +572,9 @@ class OpenAIIngress:
                 async for text, finish in self._next_events(choice, streams):
                     n_new = 1
                     ids = choice.token_ids[-n_new:]
-                    await queue.put(stream_chunk(req, self.model_name, choice, text, ids, finish, self.tokenizer, first))
+                    await queue.put(
+                        stream_chunk(req, self.model_name, choice, text, ids, finish, self.tokenizer, first)
+                    )
                     first = False
             except APIError as e:
                 await queue.put(e)
@@ -479,8 +589,16 @@ class OpenAIIngress:
                 try:
                     item = await asyncio.wait_for(queue.get(), timeout=max(0.0, deadline - time.monotonic()))
                 except TimeoutError:
-                    yield sse({"error": APIError(503, f"the request did not finish within {self.request_timeout_s:g} s",
-                                                 code="timeout", kind="server_error").body()["error"]})
+                    yield sse(
+                        {
+                            "error": APIError(
+                                503,
+                                f"the request did not finish within {self.request_timeout_s:g} s",
+                                code="timeout",
+                                kind="server_error",
+                            ).body()["error"]
+                        }
+                    )
                     break
                 if item is None:
                     remaining -= 1
@@ -509,8 +627,13 @@ class OpenAIIngress:
             ids = self.tokenizer.encode(request.prompt)
         else:
             raise APIError(400, "prompt: give prompt or prompt_token_ids", param="prompt")
-        data = {"max_tokens": request.max_tokens or 16, "temperature": request.temperature,
-                "top_p": request.top_p or 1.0, "top_k": request.top_k, "stop": list(request.stop) or None}
+        data = {
+            "max_tokens": request.max_tokens or 16,
+            "temperature": request.temperature,
+            "top_p": request.top_p or 1.0,
+            "top_k": request.top_k,
+            "stop": list(request.stop) or None,
+        }
         if request.HasField("seed"):
             data["seed"] = request.seed
         parsed = parse_completion({"prompt": ids, **data}, self.tokenizer, self.limits)
@@ -525,7 +648,8 @@ class OpenAIIngress:
             streams = await self._admit([choice])
         except APIError as e:
             code = {400: grpc.StatusCode.INVALID_ARGUMENT, 429: grpc.StatusCode.RESOURCE_EXHAUSTED}.get(
-                e.status, grpc.StatusCode.UNAVAILABLE)
+                e.status, grpc.StatusCode.UNAVAILABLE
+            )
             grpc_context.set_code(code)
             grpc_context.set_details(e.message)
             return
@@ -558,9 +682,20 @@ class OpenAIIngress:
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Serve's application builder: `args` are the Serve config's `args` (placement, checkpoint, api_key, ...)."""
-    known = {"placement", "checkpoint", "api_key", "model_name", "max_queued_requests", "max_body_bytes",
-             "max_tokens_ceiling", "max_prompt_tokens", "max_n", "request_timeout_s", "on_shard_failure",
-             "step_timeout_s"}
+    known = {
+        "placement",
+        "checkpoint",
+        "api_key",
+        "model_name",
+        "max_queued_requests",
+        "max_body_bytes",
+        "max_tokens_ceiling",
+        "max_prompt_tokens",
+        "max_n",
+        "request_timeout_s",
+        "on_shard_failure",
+        "step_timeout_s",
+    }
     unknown = set(args) - known
     if unknown:
         raise ValueError(f"unknown application args {sorted(unknown)}; known: {sorted(known)}")

@@ -23,10 +23,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=9000, help="0 turns gRPC off")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health and /metrics")
+    p.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health and /metrics"
+    )
     p.add_argument("--max-queued-requests", type=int, default=256)
-    p.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="on SIGTERM, seconds to let requests in flight finish before ending them (default 30)")
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds to let requests in flight finish before ending them (default 30)",
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -85,8 +91,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with ray_session(plan, args.address):
         # after ray.init, which installs a SIGTERM handler of its own that dumps the stack and exits
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: terminated.set())
-        print(f"serving {plan.checkpoint} on http://{args.host}:{args.port}/v1 (gRPC :{args.grpc_port}); "
-              f"health: /health, metrics: /metrics; Ctrl-C stops, SIGTERM drains", file=sys.stderr)
+        print(
+            f"serving {plan.checkpoint} on http://{args.host}:{args.port}/v1 (gRPC :{args.grpc_port}); "
+            f"health: /health, metrics: /metrics; Ctrl-C stops, SIGTERM drains",
+            file=sys.stderr,
+        )
         try:
             start_serve(app_args, args.host, args.port, args.grpc_port, blocking=False)
             while not terminated.wait(1):

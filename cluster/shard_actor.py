@@ -41,9 +41,14 @@ class ShardActor:
 
         ctx = ray.get_runtime_context()
         return {
-            "shard": self.name, "node_id": ctx.get_node_id(), "node_ip": node_ip(), "pid": os.getpid(),
-            "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "device": str(self.device),
-            "placement_group": ctx.get_placement_group_id(), "device_key": f"{ctx.get_node_id()}/{device_key(self.device)}",
+            "shard": self.name,
+            "node_id": ctx.get_node_id(),
+            "node_ip": node_ip(),
+            "pid": os.getpid(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "device": str(self.device),
+            "placement_group": ctx.get_placement_group_id(),
+            "device_key": f"{ctx.get_node_id()}/{device_key(self.device)}",
         }
 
     def rendezvous(self) -> tuple[str, int]:
@@ -51,7 +56,12 @@ class ShardActor:
         return node_ip(), free_port()
 
     def join(
-        self, master_addr: str, master_port: int, world_size: int, timeout_s: float, device_keys: list[str] | None = None
+        self,
+        master_addr: str,
+        master_port: int,
+        world_size: int,
+        timeout_s: float,
+        device_keys: list[str] | None = None,
     ) -> str:
         """Join the shards' transport group; `device_keys[r]` says which device rank r uses (to find GPU sharers)."""
         keys = device_keys or []

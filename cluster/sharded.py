@@ -26,8 +26,15 @@ from router.sampling import SamplingParams
 class ShardedCluster:
     """A running sharded model: shard actors in their bundles, the transport group, the router actor."""
 
-    def __init__(self, plan: PlacementPlan, config, reservation: Reservation, supervisor: ShardSupervisor,
-                 router_options: dict, exit_stack: contextlib.ExitStack) -> None:
+    def __init__(
+        self,
+        plan: PlacementPlan,
+        config,
+        reservation: Reservation,
+        supervisor: ShardSupervisor,
+        router_options: dict,
+        exit_stack: contextlib.ExitStack,
+    ) -> None:
         self.plan, self.config, self.reservation, self.supervisor = plan, config, reservation, supervisor
         self.checkpoint_dir = Path(plan.checkpoint)
         self._router_options = router_options
@@ -38,9 +45,16 @@ class ShardedCluster:
 
     @classmethod
     def start(
-        cls, placement: str | Path | PlacementPlan, checkpoint: str | None = None, address: str | None = None,
-        timeout_s: float = 300.0, attention_backend: str = "auto", max_queued_requests: int = 256,
-        step_timeout_s: float = 120.0, on_shard_failure: str = "resume", monitor_interval_s: float = 2.0,
+        cls,
+        placement: str | Path | PlacementPlan,
+        checkpoint: str | None = None,
+        address: str | None = None,
+        timeout_s: float = 300.0,
+        attention_backend: str = "auto",
+        max_queued_requests: int = 256,
+        step_timeout_s: float = 120.0,
+        on_shard_failure: str = "resume",
+        monitor_interval_s: float = 2.0,
     ) -> ShardedCluster:
         from cluster.cli import settle_placement
 
@@ -51,13 +65,21 @@ class ShardedCluster:
             reservation = reserve(plan, config, timeout_s=timeout_s)
             stack.callback(reservation.release)
             supervisor = ShardSupervisor(
-                plan, plan.checkpoint, reservation.placement_group, attention_backend, load_timeout_s=timeout_s,
+                plan,
+                plan.checkpoint,
+                reservation.placement_group,
+                attention_backend,
+                load_timeout_s=timeout_s,
                 transport_timeout_s=step_timeout_s,
             )
             stack.callback(supervisor.kill_all)
             supervisor.start_all()
-            options = {"step_timeout_s": step_timeout_s, "max_queued_requests": max_queued_requests,
-                       "on_shard_failure": on_shard_failure, "monitor_interval_s": monitor_interval_s}
+            options = {
+                "step_timeout_s": step_timeout_s,
+                "max_queued_requests": max_queued_requests,
+                "on_shard_failure": on_shard_failure,
+                "monitor_interval_s": monitor_interval_s,
+            }
             return cls(plan, config, reservation, supervisor, options, stack)
         except BaseException:
             stack.close()
@@ -71,9 +93,10 @@ class ShardedCluster:
         # fault tests find it among the shards in `ray list actors`.
         name = f"{self.supervisor.prefix}-router-{self._routers_started}"
         self._routers_started += 1
-        router = ray.remote(RouterActor).options(
-            name=name, num_cpus=0, max_concurrency=10_000, scheduling_strategy=near_me).remote(
-            self.supervisor, self.plan, self.config, recover_on_start=recover_on_start, **self._router_options
+        router = (
+            ray.remote(RouterActor)
+            .options(name=name, num_cpus=0, max_concurrency=10_000, scheduling_strategy=near_me)
+            .remote(self.supervisor, self.plan, self.config, recover_on_start=recover_on_start, **self._router_options)
         )
         ray.get(router.start.remote())
         return router

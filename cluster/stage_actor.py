@@ -33,12 +33,19 @@ class StageActor(ShardActor):
         self.plan, self.index = plan, index
         self.n_stages = len(plan.stages)
         self.selection = plan.stage_selection(index, config)
-        self.model = TransformerShard.from_checkpoint(reader, self.selection, plan.torch_dtype, self.device, attention_backend)
+        self.model = TransformerShard.from_checkpoint(
+            reader, self.selection, plan.torch_dtype, self.device, attention_backend
+        )
         self.max_seq_len = config.max_seq_len
         self.capacity = cache_capacity(config.sliding_window, self.max_seq_len)
         self.cache = RollingKVCache(
-            list(self.selection.layers), plan.max_seqs, self.capacity, config.n_kv_heads, config.head_dim,
-            plan.torch_dtype, self.device,
+            list(self.selection.layers),
+            plan.max_seqs,
+            self.capacity,
+            config.n_kv_heads,
+            config.head_dim,
+            plan.torch_dtype,
+            self.device,
         )
         self.n_groups = len(plan.expert_groups)
         self.owner = None
@@ -50,7 +57,9 @@ class StageActor(ShardActor):
         self._choices: list[tuple[int, torch.Tensor]] = []  # (layer, the gate's expert ids) of the running step
         self.graphs = self._decode_graphs()
         # Expert choices counted inside captured decode steps (no host code runs on a replay).
-        self._graph_load = torch.zeros(config.n_layers, max(config.num_experts, 1), dtype=torch.long, device=self.device)
+        self._graph_load = torch.zeros(
+            config.n_layers, max(config.num_experts, 1), dtype=torch.long, device=self.device
+        )
 
     def _decode_graphs(self) -> DecodeGraphs | None:
         """CUDA graphs for decode steps, where the layers run here alone: a stage that sends tokens to expert groups
@@ -120,9 +129,15 @@ class StageActor(ShardActor):
         send_wait = time.perf_counter() - t0
         self._trace["expert_choices"] = self._count_choices()
         return {
-            "stage": self.index, "step": step, "logits": logits if last else None, "spans": spans,
-            "send_wait": send_wait, "transport": transport.stats.take(), **self._trace,
-            "entered": entered, "left": time.time(),  # the call's span in this process, on the host's clock
+            "stage": self.index,
+            "step": step,
+            "logits": logits if last else None,
+            "spans": spans,
+            "send_wait": send_wait,
+            "transport": transport.stats.take(),
+            **self._trace,
+            "entered": entered,
+            "left": time.time(),  # the call's span in this process, on the host's clock
         }
 
     def _dispatch(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -28,12 +28,23 @@ class ShardsUnavailable(RuntimeError):
 
 class ShardSupervisor:
     def __init__(
-        self, plan, checkpoint: str, placement_group, attention_backend: str = "auto", load_timeout_s: float = 300.0,
-        transport_timeout_s: float = 60.0, probe_timeout_s: float = 5.0, prefix: str | None = None,
+        self,
+        plan,
+        checkpoint: str,
+        placement_group,
+        attention_backend: str = "auto",
+        load_timeout_s: float = 300.0,
+        transport_timeout_s: float = 60.0,
+        probe_timeout_s: float = 5.0,
+        prefix: str | None = None,
     ) -> None:
         self.plan, self.checkpoint, self.placement_group = plan, checkpoint, placement_group
         self.attention_backend = attention_backend
-        self.load_timeout_s, self.transport_timeout_s, self.probe_timeout_s = load_timeout_s, transport_timeout_s, probe_timeout_s
+        self.load_timeout_s, self.transport_timeout_s, self.probe_timeout_s = (
+            load_timeout_s,
+            transport_timeout_s,
+            probe_timeout_s,
+        )
         self.prefix = prefix or f"mistral-cluster-{uuid.uuid4().hex[:8]}"
         self.bundle_of = {name: i for i, name in enumerate(plan.shard_names())}
         self.bundles = plan.bundles()
@@ -49,8 +60,12 @@ class ShardSupervisor:
         index = self.bundle_of[shard]
         bundle = self.bundles[index]
         options = {
-            "name": self.actor_name(shard), "lifetime": "detached", "max_concurrency": 4, "max_restarts": 0,
-            "num_cpus": bundle.get("CPU", 0), "num_gpus": bundle.get("GPU", 0),
+            "name": self.actor_name(shard),
+            "lifetime": "detached",
+            "max_concurrency": 4,
+            "max_restarts": 0,
+            "num_cpus": bundle.get("CPU", 0),
+            "num_gpus": bundle.get("GPU", 0),
             "resources": {k: v for k, v in bundle.items() if k not in BUILTIN_RESOURCES},
             "scheduling_strategy": PlacementGroupSchedulingStrategy(
                 placement_group=self.placement_group, placement_group_bundle_index=index
@@ -98,19 +113,26 @@ class ShardSupervisor:
             with contextlib.suppress(Exception):  # gone already
                 ray.kill(handles[refs.index(r)], no_restart=True)
         if unplaceable:
-            raise ShardsUnavailable("; ".join(f"{n} cannot be placed until a node with its resources joins: "
-                                              f"{lost[self.bundle_of[n]]}" for n in unplaceable))
+            raise ShardsUnavailable(
+                "; ".join(
+                    f"{n} cannot be placed until a node with its resources joins: {lost[self.bundle_of[n]]}"
+                    for n in unplaceable
+                )
+            )
         asks = "; ".join(f"{n} needs {self.bundles[self.bundle_of[n]]}" for n in missing)
-        raise ShardsUnavailable(f"shards not up after {self.load_timeout_s:g} s: {asks} (is a node with those "
-                                f"resources alive?)")
+        raise ShardsUnavailable(
+            f"shards not up after {self.load_timeout_s:g} s: {asks} (is a node with those resources alive?)"
+        )
 
     def form_group(self, handles: list) -> None:
         """Every shard joins a fresh transport group at a new rendezvous address."""
         locations = ray.get([h.location.remote() for h in handles], timeout=self.load_timeout_s)
         keys = [loc["device_key"] for loc in locations]
         addr, port = ray.get(handles[0].rendezvous.remote(), timeout=self.probe_timeout_s * 4)
-        ray.get([h.join.remote(addr, port, len(handles), self.transport_timeout_s, keys) for h in handles],
-                timeout=self.load_timeout_s)
+        ray.get(
+            [h.join.remote(addr, port, len(handles), self.transport_timeout_s, keys) for h in handles],
+            timeout=self.load_timeout_s,
+        )
 
     # --- health and recovery ---------------------------------------------------------------------------
 

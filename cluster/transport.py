@@ -66,13 +66,22 @@ class Transport:
     """
 
     def __init__(
-        self, rank: int, world_size: int, master_addr: str, master_port: int, device: torch.device,
-        timeout_s: float = 60.0, same_device_peers: set[int] | frozenset[int] = frozenset(),
+        self,
+        rank: int,
+        world_size: int,
+        master_addr: str,
+        master_port: int,
+        device: torch.device,
+        timeout_s: float = 60.0,
+        same_device_peers: set[int] | frozenset[int] = frozenset(),
     ) -> None:
         self.rank, self.world_size, self.device = rank, world_size, device
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(
-            backend=backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank, world_size=world_size,
+            backend=backend,
+            init_method=f"tcp://{master_addr}:{master_port}",
+            rank=rank,
+            world_size=world_size,
             timeout=timedelta(seconds=timeout_s),
         )
         self.backend = backend

@@ -59,8 +59,13 @@ class LoopStats:
 
 class EngineLoop:
     def __init__(
-        self, step: StepFn, scheduler: Scheduler, vocab_size: int, max_queued_requests: int = 256,
-        recover: Callable[[str], Awaitable[None]] | None = None, resume: bool = True,
+        self,
+        step: StepFn,
+        scheduler: Scheduler,
+        vocab_size: int,
+        max_queued_requests: int = 256,
+        recover: Callable[[str], Awaitable[None]] | None = None,
+        resume: bool = True,
     ) -> None:
         """`recover(reason)` brings the shards back after a failed step (None: every request of the step fails).
         With `resume`, requests in flight continue after recovery, their caches rebuilt; otherwise they end with
@@ -156,7 +161,9 @@ class EngineLoop:
                     request.queue.put_nowait(TokenEvent(-1, 0.0, None, None, error=seq.error))
                     continue
                 self.stats.tokens_out += 1
-                event = TokenEvent(seq.output_ids[-1], seq.output_logprobs[-1], seq.output_top_logprobs[-1], seq.finish_reason)
+                event = TokenEvent(
+                    seq.output_ids[-1], seq.output_logprobs[-1], seq.output_top_logprobs[-1], seq.finish_reason
+                )
                 if seq.finished:
                     self.stats.finished += 1
                 request.queue.put_nowait(event)
@@ -193,8 +200,15 @@ class EngineLoop:
         """What the metrics and health endpoints read."""
         s = self.stats
         return {
-            "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-            "slots_in_use": self.scheduler.slots_in_use, "slots_total": self.scheduler.slots.n,
-            "steps": s.steps, "step_seconds": s.step_seconds, "tokens_in": s.tokens_in, "tokens_out": s.tokens_out,
-            "finished": s.finished, "aborted": s.aborted, "failed_steps": s.failed_steps,
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "slots_in_use": self.scheduler.slots_in_use,
+            "slots_total": self.scheduler.slots.n,
+            "steps": s.steps,
+            "step_seconds": s.step_seconds,
+            "tokens_in": s.tokens_in,
+            "tokens_out": s.tokens_out,
+            "finished": s.finished,
+            "aborted": s.aborted,
+            "failed_steps": s.failed_steps,
         }

@@ -34,7 +34,9 @@ class Completion:
     finish_reason: str
 
 
-def check_prompt(prompt_ids: list[int], params: SamplingParams, max_seq_len: int, vocab_size: int, index: int = 0) -> None:
+def check_prompt(
+    prompt_ids: list[int], params: SamplingParams, max_seq_len: int, vocab_size: int, index: int = 0
+) -> None:
     where = f"prompt {index}"
     if not prompt_ids:
         raise RequestError(f"{where} is empty")

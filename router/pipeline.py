@@ -55,5 +55,9 @@ def join_outputs(parts: list[dict], vocab: int) -> StepOutput:
     """The micro-batches' answers as one, in order (logits arrive in the weights' dtype, leave in float32)."""
     kept = [p["logits"] for p in parts if p["logits"] is not None and p["logits"].numel()]
     logits = torch.cat(kept).float() if kept else torch.empty(0, vocab)
-    return StepOutput(logits, [g for p in parts for g in p["greedy"]], [i for p in parts for i in p["ids"]],
-                      [lp for p in parts for lp in p["logprobs"]])
+    return StepOutput(
+        logits,
+        [g for p in parts for g in p["greedy"]],
+        [i for p in parts for i in p["ids"]],
+        [lp for p in parts for lp in p["logprobs"]],
+    )

@@ -25,7 +25,11 @@ class SamplingParams:
         """Raises ValueError naming the field; the edges (CLI, HTTP) turn it into their own error."""
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and 0 <= self.temperature <= 2):
+        if not (
+            isinstance(self.temperature, (int, float))
+            and math.isfinite(self.temperature)
+            and 0 <= self.temperature <= 2
+        ):
             raise ValueError(f"temperature must be between 0 and 2, got {self.temperature!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
@@ -92,4 +96,3 @@ class Sampler:
             scaled = scaled.scatter(0, order[drop], -math.inf)
         probs = torch.softmax(scaled, dim=-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))
-

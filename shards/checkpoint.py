@@ -110,7 +110,10 @@ _TO_REFERENCE = [
     (r"^model\.layers\.(\d+)\.mlp\.down_proj\.weight$", r"layers.\1.feed_forward.w2.weight"),
     (r"^model\.layers\.(\d+)\.mlp\.up_proj\.weight$", r"layers.\1.feed_forward.w3.weight"),
     (r"^model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight$", r"layers.\1.feed_forward.gate.weight"),
-    (r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$", r"layers.\1.feed_forward.experts.\2.\3.weight"),
+    (
+        r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$",
+        r"layers.\1.feed_forward.experts.\2.\3.weight",
+    ),
 ]
 
 
@@ -142,6 +145,7 @@ def _rotary_heads(hf_name: str, config: ModelConfig) -> int | None:
 
 # --- reading ---------------------------------------------------------------------------------------------
 
+
 class CheckpointReader:
     """Where each tensor of a checkpoint lives, so a selection opens only the files it needs."""
 
@@ -154,7 +158,9 @@ class CheckpointReader:
         self.file_of = self._index() if self.random is None else {}
 
     def _index(self) -> dict[str, Path]:
-        index_file = self.root / ("model.safetensors.index.json" if self.layout == "hf" else "consolidated.safetensors.index.json")
+        index_file = self.root / (
+            "model.safetensors.index.json" if self.layout == "hf" else "consolidated.safetensors.index.json"
+        )
         if index_file.is_file():
             try:
                 weight_map = json.loads(index_file.read_text())["weight_map"]
@@ -165,7 +171,9 @@ class CheckpointReader:
         files = sorted(self.root.glob(pattern))
         if not files:
             found = sorted(p.name for p in self.root.iterdir())
-            raise CheckpointError(f"{self.root}: no {pattern} files (found {found}); only safetensors checkpoints are read")
+            raise CheckpointError(
+                f"{self.root}: no {pattern} files (found {found}); only safetensors checkpoints are read"
+            )
         where: dict[str, Path] = {}
         for f in files:
             for name in self._open(f).keys():  # noqa: SIM118 - a safetensors handle, not a dict
@@ -194,8 +202,10 @@ class CheckpointReader:
         expected = selection.tensor_shapes(self.config)
         if self.random is not None:
             seed, std = self.random
-            return {name: random_tensor(name, shape, seed, std, dtype or torch.float32, device)
-                    for name, shape in expected.items()}
+            return {
+                name: random_tensor(name, shape, seed, std, dtype or torch.float32, device)
+                for name, shape in expected.items()
+            }
         by_file: dict[Path, list[str]] = {}
         for name in expected:
             stored = self.stored_name(name)
@@ -220,7 +230,9 @@ class CheckpointReader:
                 except (SafetensorError, RuntimeError, OSError) as e:
                     raise CheckpointError(f"{path}: tensor {stored!r} cannot be read ({e})") from None
                 if not t.is_floating_point():
-                    raise CheckpointError(f"{path}: tensor {stored!r} has dtype {t.dtype}, expected a floating-point type")
+                    raise CheckpointError(
+                        f"{path}: tensor {stored!r} has dtype {t.dtype}, expected a floating-point type"
+                    )
                 heads = _rotary_heads(name, self.config)
                 if heads is not None and self.layout == "reference":
                     t = _rotary_rows_to_hf(t, heads)
@@ -230,6 +242,7 @@ class CheckpointReader:
 
 
 # --- writing ---------------------------------------------------------------------------------------------
+
 
 def save_checkpoint(
     out_dir: str | Path,
@@ -285,4 +298,6 @@ def convert_checkpoint(src_dir: str | Path, out_dir: str | Path, layout: str) ->
     reader = CheckpointReader(src_dir)
     tensors = reader.load(ShardSelection.whole(reader.config), dtype=None)
     tok = Path(src_dir) / "tokenizer.model"
-    return save_checkpoint(out_dir, reader.config, tensors, layout=layout, tokenizer_file=tok if tok.is_file() else None)
+    return save_checkpoint(
+        out_dir, reader.config, tensors, layout=layout, tokenizer_file=tok if tok.is_file() else None
+    )

@@ -58,16 +58,22 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ConfigError(f"{source}: head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.sliding_window is not None and (
-            not isinstance(self.sliding_window, int) or isinstance(self.sliding_window, bool) or self.sliding_window <= 0
+            not isinstance(self.sliding_window, int)
+            or isinstance(self.sliding_window, bool)
+            or self.sliding_window <= 0
         ):
-            raise ConfigError(f"{source}: field 'sliding_window' must be a positive integer or null, got {self.sliding_window!r}")
+            raise ConfigError(
+                f"{source}: field 'sliding_window' must be a positive integer or null, got {self.sliding_window!r}"
+            )
         if not (isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < 1):
             raise ConfigError(f"{source}: field 'norm_eps' must be a small positive number, got {self.norm_eps!r}")
         if not (isinstance(self.rope_theta, (int, float)) and math.isfinite(self.rope_theta) and self.rope_theta > 0):
             raise ConfigError(f"{source}: field 'rope_theta' must be a positive number, got {self.rope_theta!r}")
         if not isinstance(self.num_experts, int) or self.num_experts < 0:
             raise ConfigError(f"{source}: field 'num_experts' must be a non-negative integer, got {self.num_experts!r}")
-        if self.is_moe and not (isinstance(self.num_experts_per_tok, int) and 1 <= self.num_experts_per_tok <= self.num_experts):
+        if self.is_moe and not (
+            isinstance(self.num_experts_per_tok, int) and 1 <= self.num_experts_per_tok <= self.num_experts
+        ):
             raise ConfigError(
                 f"{source}: field 'num_experts_per_tok' must be between 1 and num_experts ({self.num_experts}), "
                 f"got {self.num_experts_per_tok!r}"
@@ -122,12 +128,32 @@ class ModelConfig:
 
 PRESETS: dict[str, ModelConfig] = {
     "mistral-7b": ModelConfig(
-        dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336, vocab_size=32000,
-        norm_eps=1e-5, rope_theta=10000.0, sliding_window=4096, max_seq_len=32768,
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=128,
+        hidden_dim=14336,
+        vocab_size=32000,
+        norm_eps=1e-5,
+        rope_theta=10000.0,
+        sliding_window=4096,
+        max_seq_len=32768,
     ),
     "mixtral-8x7b": ModelConfig(
-        dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336, vocab_size=32000,
-        norm_eps=1e-5, rope_theta=1e6, sliding_window=4096, max_seq_len=32768, num_experts=8, num_experts_per_tok=2,
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=128,
+        hidden_dim=14336,
+        vocab_size=32000,
+        norm_eps=1e-5,
+        rope_theta=1e6,
+        sliding_window=4096,
+        max_seq_len=32768,
+        num_experts=8,
+        num_experts_per_tok=2,
     ),
 }
 
@@ -154,7 +180,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _field(data: dict[str, Any], key: str, path: Path, kind: type | tuple[type, ...] = int, default: Any = dataclasses.MISSING) -> Any:
+def _field(
+    data: dict[str, Any], key: str, path: Path, kind: type | tuple[type, ...] = int, default: Any = dataclasses.MISSING
+) -> Any:
     if key not in data:
         if default is dataclasses.MISSING:
             raise ConfigError(f"{path}: missing field '{key}'")
@@ -182,14 +210,18 @@ def from_hf_config(path: Path) -> ModelConfig:
     head_dim = data.get("head_dim")
     if head_dim is None:
         if not isinstance(n_heads, int) or n_heads <= 0 or dim % n_heads:
-            raise ConfigError(f"{path}: 'head_dim' is absent and hidden_size {dim} is not divisible by num_attention_heads {n_heads}")
+            raise ConfigError(
+                f"{path}: 'head_dim' is absent and hidden_size {dim} is not divisible by num_attention_heads {n_heads}"
+            )
         head_dim = dim // n_heads
     # Hub files carry `rope_theta`; transformers >= 5 writes it inside `rope_parameters`.
     rope = data.get("rope_parameters")
     if isinstance(rope, dict) and "rope_theta" in rope:
         rope_type = rope.get("rope_type", "default")
         if rope_type != "default":
-            raise ConfigError(f"{path}: field 'rope_parameters.rope_type' is {rope_type!r}; only 'default' is supported")
+            raise ConfigError(
+                f"{path}: field 'rope_parameters.rope_type' is {rope_type!r}; only 'default' is supported"
+            )
         rope_theta = _field(rope, "rope_theta", path, (int, float))
     else:
         rope_theta = _field(data, "rope_theta", path, (int, float), 10000.0)
@@ -214,7 +246,9 @@ def from_hf_config(path: Path) -> ModelConfig:
         eos_token_id=eos if isinstance(eos, int) else 2,
     )
     if data.get("tie_word_embeddings"):
-        raise ConfigError(f"{path}: field 'tie_word_embeddings' is true; Mistral checkpoints have a separate output head")
+        raise ConfigError(
+            f"{path}: field 'tie_word_embeddings' is true; Mistral checkpoints have a separate output head"
+        )
     return cfg.validate(str(path))
 
 

@@ -77,7 +77,8 @@ class DecodeGraphs:
 
     def _capture(self, key: tuple, h: torch.Tensor, layout: StepLayout, experts: ExpertsFn | None) -> None:
         static_layout = dataclasses.replace(
-            layout, **{name: getattr(layout, name).clone() for name in _STEP_TENSORS},
+            layout,
+            **{name: getattr(layout, name).clone() for name in _STEP_TENSORS},
             attention=AttentionPlan(None, None, layout.attention.decode_mask.clone()),
         )
         captured = _Captured(h=h.clone(), layout=static_layout)

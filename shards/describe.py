@@ -118,7 +118,10 @@ def check_context(config: ModelConfig, context: int, batch: int = 1) -> None:
 
 
 def describe(
-    config: ModelConfig, context: int | None = None, batch: int = 1, dtype: torch.dtype = torch.bfloat16,
+    config: ModelConfig,
+    context: int | None = None,
+    batch: int = 1,
+    dtype: torch.dtype = torch.bfloat16,
     name: str | None = None,
 ) -> dict[str, Any]:
     """The whole description as plain data (what `describe --json` prints); context defaults to max_seq_len."""
@@ -132,9 +135,15 @@ def describe(
     return {
         "name": name,
         "dimensions": {
-            "dim": config.dim, "n_layers": config.n_layers, "n_heads": config.n_heads,
-            "n_kv_heads": config.n_kv_heads, "head_dim": config.head_dim, "hidden_dim": config.hidden_dim,
-            "vocab_size": config.vocab_size, "sliding_window": window, "max_seq_len": config.max_seq_len,
+            "dim": config.dim,
+            "n_layers": config.n_layers,
+            "n_heads": config.n_heads,
+            "n_kv_heads": config.n_kv_heads,
+            "head_dim": config.head_dim,
+            "hidden_dim": config.hidden_dim,
+            "vocab_size": config.vocab_size,
+            "sliding_window": window,
+            "max_seq_len": config.max_seq_len,
             "num_experts": config.num_experts,
             "num_experts_per_tok": config.num_experts_per_tok if config.is_moe else 0,
         },
@@ -160,8 +169,11 @@ def describe(
 
 
 def shard_table(
-    config: ModelConfig, shards: Sequence[tuple[str, ShardSelection, int | Sequence[int]]], context: int,
-    batch: int = 1, dtype: torch.dtype = torch.bfloat16,
+    config: ModelConfig,
+    shards: Sequence[tuple[str, ShardSelection, int | Sequence[int]]],
+    context: int,
+    batch: int = 1,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> list[dict[str, Any]]:
     """Per shard: weight bytes of its selection and KV bytes of the layers whose cache it keeps (an int or ids)."""
     check_context(config, context, batch)
@@ -178,6 +190,7 @@ def shard_table(
 
 
 # --- text ------------------------------------------------------------------------------------------------
+
 
 def human_count(n: float) -> str:
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -243,14 +256,17 @@ def render(d: dict[str, Any], shards: list[dict[str, Any]] | None = None) -> str
     row("decode: matmul", human_flops(fl["decode_matmul"]), human_flops(fl["decode_matmul"]))
     row("decode: attention", human_flops(fl["decode_attention_window"]), human_flops(fl["decode_attention_full"]))
     row("decode: total", human_flops(fl["decode_total_window"]), human_flops(fl["decode_total_full"]))
-    row("prefill: attention", human_flops(fl["prefill_attention_window"]),
-        human_flops(fl["prefill_attention_full"]))
+    row("prefill: attention", human_flops(fl["prefill_attention_window"]), human_flops(fl["prefill_attention_full"]))
     row("prefill: total", human_flops(fl["prefill_total_window"]), human_flops(fl["prefill_total_full"]))
 
     if shards:
         lines.append(f"shards (weights + rolling KV for batch {batch} at context {ctx})")
         row("", "weights", "KV", "total")
         for s in shards:
-            row(f"{s['shard']} ({s['kv_layers']} KV layers)", human_bytes(s["weight_bytes"]),
-                human_bytes(s["kv_bytes"]), human_bytes(s["total_bytes"]))
+            row(
+                f"{s['shard']} ({s['kv_layers']} KV layers)",
+                human_bytes(s["weight_bytes"]),
+                human_bytes(s["kv_bytes"]),
+                human_bytes(s["total_bytes"]),
+            )
     return "\n".join(lines)

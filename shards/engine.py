@@ -32,8 +32,13 @@ class LocalEngine:
             self.reader, ShardSelection.whole(self.config), dtype, self.device, attention_backend
         )
         self.cache = RollingKVCache(
-            list(range(self.config.n_layers)), max_seqs, self.cache_capacity, self.config.n_kv_heads,
-            self.config.head_dim, dtype, self.device,
+            list(range(self.config.n_layers)),
+            max_seqs,
+            self.cache_capacity,
+            self.config.n_kv_heads,
+            self.config.head_dim,
+            dtype,
+            self.device,
         )
 
     @property
@@ -44,7 +49,11 @@ class LocalEngine:
     def step(self, batch: StepBatch) -> torch.Tensor:
         """(rows wanting logits, vocab) float32 logits, in batch order."""
         layout = StepLayout.build(
-            batch, self.cache_capacity, self.config.sliding_window, self.config.head_dim, self.config.rope_theta,
+            batch,
+            self.cache_capacity,
+            self.config.sliding_window,
+            self.config.head_dim,
+            self.config.rope_theta,
             self.device,
         )
         h = self.model.embed(batch.token_ids.to(self.device))

@@ -25,8 +25,9 @@ DOWN_TILE = (4, 512, 8)
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, w13_ptr, slot_ptr, act_ptr, dim, hidden, n_local,
-                    K: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+def _gate_up_kernel(
+    x_ptr, w13_ptr, slot_ptr, act_ptr, dim, hidden, n_local, K: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr
+):
     pair = tl.program_id(0)
     rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < hidden
@@ -49,8 +50,19 @@ def _gate_up_kernel(x_ptr, w13_ptr, slot_ptr, act_ptr, dim, hidden, n_local,
 
 
 @triton.jit
-def _down_kernel(act_ptr, w2_ptr, slot_ptr, weight_ptr, out_ptr, dim, hidden, n_local,
-                 K: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+def _down_kernel(
+    act_ptr,
+    w2_ptr,
+    slot_ptr,
+    weight_ptr,
+    out_ptr,
+    dim,
+    hidden,
+    n_local,
+    K: tl.constexpr,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+):
     token = tl.program_id(0)
     rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < dim
@@ -70,9 +82,15 @@ def _down_kernel(act_ptr, w2_ptr, slot_ptr, weight_ptr, out_ptr, dim, hidden, n_
     tl.store(out_ptr + token * dim + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
-def expert_gemv(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                gate_up_tile: tuple[int, int, int] = GATE_UP_TILE,
-                down_tile: tuple[int, int, int] = DOWN_TILE) -> torch.Tensor:
+def expert_gemv(
+    x: torch.Tensor,
+    slots: torch.Tensor,
+    weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    gate_up_tile: tuple[int, int, int] = GATE_UP_TILE,
+    down_tile: tuple[int, int, int] = DOWN_TILE,
+) -> torch.Tensor:
     """x: (tokens, dim); slots: (tokens, k) local expert index, len(w13) where not held; weights: (tokens, k);
     w13: (n, 2 * hidden, dim); w2: (n, dim, hidden). Returns (tokens, dim) in x's dtype."""
     tokens, k = slots.shape
@@ -82,8 +100,10 @@ def expert_gemv(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, w13
     out = torch.empty(tokens, dim, dtype=x.dtype, device=x.device)
     rows, cols, warps = gate_up_tile
     _gate_up_kernel[(tokens * k, triton.cdiv(hidden, rows))](
-        x, w13, slots, act, dim, hidden, n_local, K=k, ROWS=rows, COLS=cols, num_warps=warps)
+        x, w13, slots, act, dim, hidden, n_local, K=k, ROWS=rows, COLS=cols, num_warps=warps
+    )
     rows, cols, warps = down_tile
     _down_kernel[(tokens, triton.cdiv(dim, rows))](
-        act, w2, slots, weights, out, dim, hidden, n_local, K=k, ROWS=rows, COLS=cols, num_warps=warps)
+        act, w2, slots, weights, out, dim, hidden, n_local, K=k, ROWS=rows, COLS=cols, num_warps=warps
+    )
     return out

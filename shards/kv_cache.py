@@ -87,15 +87,21 @@ class StepLayout:
             if n <= 0:
                 raise ValueError(f"a step must give every sequence at least one token, slot {slot} has {n}")
             if n > capacity:
-                raise ValueError(f"a chunk of {n} tokens exceeds the cache capacity {capacity}; prefill in smaller chunks")
+                raise ValueError(
+                    f"a chunk of {n} tokens exceeds the cache capacity {capacity}; prefill in smaller chunks"
+                )
             if window is None and start + n > capacity:
-                raise ValueError(f"sequence in slot {slot} reaches {start + n} tokens, past the cache capacity {capacity}")
+                raise ValueError(
+                    f"sequence in slot {slot} reaches {start + n} tokens, past the cache capacity {capacity}"
+                )
             positions.extend(range(start, start + n))
             write_rows.extend(slot * capacity + p % capacity for p in range(start, start + n))
         pos = torch.tensor(positions, dtype=torch.long)
         cos, sin = rotary_cos_sin(pos, head_dim, rope_theta)
         common = {
-            "positions": pos.to(device), "cos": cos.to(device), "sin": sin.to(device),
+            "positions": pos.to(device),
+            "cos": cos.to(device),
+            "sin": sin.to(device),
             "write_rows": torch.tensor(write_rows, dtype=torch.long, device=device),
         }
         if batch.is_decode:
@@ -103,11 +109,15 @@ class StepLayout:
             first = batch.slots[0]
             run = batch.slots == list(range(first, first + len(batch.slots)))
             return StepLayout(
-                **common, bias=decode_bias(kv_lens, capacity),
+                **common,
+                bias=decode_bias(kv_lens, capacity),
                 attention=AttentionPlan.for_decode(kv_lens, capacity, device),
                 decode_slots=torch.tensor(batch.slots, dtype=torch.long, device=device),
                 decode_range=slice(first, first + len(batch.slots)) if run else None,
-                read_rows=None, read_dst=None, new_dst=None, n_keys=capacity * len(kv_lens),
+                read_rows=None,
+                read_dst=None,
+                new_dst=None,
+                n_keys=capacity * len(kv_lens),
             )
         read_rows, read_dst, new_dst, kv_lens = [], [], [], []
         offset = 0
@@ -121,8 +131,15 @@ class StepLayout:
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)
         bias = prefill_bias(batch.lengths, kv_lens, window)
         return StepLayout(
-            **common, bias=bias, attention=AttentionPlan.build(bias, device), decode_slots=None, decode_range=None,
-            read_rows=as_long(read_rows), read_dst=as_long(read_dst), new_dst=as_long(new_dst), n_keys=offset,
+            **common,
+            bias=bias,
+            attention=AttentionPlan.build(bias, device),
+            decode_slots=None,
+            decode_range=None,
+            read_rows=as_long(read_rows),
+            read_dst=as_long(read_dst),
+            new_dst=as_long(new_dst),
+            n_keys=offset,
         )
 
 
@@ -133,8 +150,14 @@ class RollingKVCache:
     """
 
     def __init__(
-        self, layers: list[int], max_seqs: int, capacity: int, n_kv_heads: int, head_dim: int,
-        dtype: torch.dtype, device: torch.device | str = "cpu",
+        self,
+        layers: list[int],
+        max_seqs: int,
+        capacity: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.layers = list(layers)
         self.max_seqs = max_seqs

@@ -16,8 +16,17 @@ from shards.checkpoint import ShardSelection, save_checkpoint
 from shards.config import ConfigError, ModelConfig
 
 SMALL = ModelConfig(
-    dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128, vocab_size=32000,
-    norm_eps=1e-5, rope_theta=10000.0, sliding_window=32, max_seq_len=2048,
+    dim=64,
+    n_layers=4,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=16,
+    hidden_dim=128,
+    vocab_size=32000,
+    norm_eps=1e-5,
+    rope_theta=10000.0,
+    sliding_window=32,
+    max_seq_len=2048,
 )
 
 
@@ -32,9 +41,15 @@ def mistral_tokenizer_file() -> Path:
 
 
 def small_config(
-    arch: str = "mixtral", layers: int | None = None, dim: int | None = None, experts: int | None = None,
-    window: int | None | str = "default", heads: int | None = None, kv_heads: int | None = None,
-    hidden: int | None = None, max_seq_len: int | None = None,
+    arch: str = "mixtral",
+    layers: int | None = None,
+    dim: int | None = None,
+    experts: int | None = None,
+    window: int | None | str = "default",
+    heads: int | None = None,
+    kv_heads: int | None = None,
+    hidden: int | None = None,
+    max_seq_len: int | None = None,
 ) -> ModelConfig:
     if arch not in ("mistral", "mixtral"):
         raise ConfigError(f"--arch must be 'mistral' or 'mixtral', got {arch!r}")
@@ -58,7 +73,9 @@ def small_config(
     return cfg.validate("make-checkpoint options")
 
 
-def random_weights(config: ModelConfig, seed: int, std: float = 0.02, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def random_weights(
+    config: ModelConfig, seed: int, std: float = 0.02, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """Every tensor drawn from N(0, std) (norm weights around 1), from one seeded generator."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
@@ -72,11 +89,20 @@ def random_weights(config: ModelConfig, seed: int, std: float = 0.02, dtype: tor
 
 
 def make_checkpoint(
-    out_dir: str | Path, config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
-    layout: str = "hf", max_shard_bytes: int | None = None, with_tokenizer: bool = True,
+    out_dir: str | Path,
+    config: ModelConfig,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    layout: str = "hf",
+    max_shard_bytes: int | None = None,
+    with_tokenizer: bool = True,
 ) -> Path:
     """`with_tokenizer=False` leaves the tokenizer out (benchmarks that feed token ids need no mistral-common)."""
     return save_checkpoint(
-        out_dir, config, random_weights(config, seed, dtype=dtype), layout=layout,
-        max_shard_bytes=max_shard_bytes, tokenizer_file=mistral_tokenizer_file() if with_tokenizer else None,
+        out_dir,
+        config,
+        random_weights(config, seed, dtype=dtype),
+        layout=layout,
+        max_shard_bytes=max_shard_bytes,
+        tokenizer_file=mistral_tokenizer_file() if with_tokenizer else None,
     )

@@ -78,7 +78,10 @@ class TransformerShard(nn.Module):
 
     @staticmethod
     def from_checkpoint(
-        reader: CheckpointReader, selection: ShardSelection, dtype: torch.dtype, device: str | torch.device,
+        reader: CheckpointReader,
+        selection: ShardSelection,
+        dtype: torch.dtype,
+        device: str | torch.device,
         attention_backend: str = "auto",
     ) -> TransformerShard:
         with torch.device("meta"):

@@ -30,7 +30,7 @@ def read_marker(root: str | Path) -> tuple[int, float]:
         data = json.loads(path.read_text())
         seed, std = data["seed"], data["std"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ConfigError(f"{path}: expected {{\"seed\": int, \"std\": float}} ({e})") from None
+        raise ConfigError(f'{path}: expected {{"seed": int, "std": float}} ({e})') from None
     if not isinstance(seed, int) or isinstance(seed, bool) or not isinstance(std, (int, float)) or std <= 0:
         raise ConfigError(f"{path}: seed must be an integer and std a positive number, got seed={seed!r} std={std!r}")
     return seed, float(std)

@@ -19,13 +19,25 @@ def checkpoint_factory(tmp_path_factory):
 
     made: dict[tuple, Path] = {}
 
-    def make(arch: str = "mixtral", seed: int = 0, layout: str = "hf", dtype: torch.dtype = torch.float32,
-             max_shard_bytes: int | None = None, **options) -> Path:
+    def make(
+        arch: str = "mixtral",
+        seed: int = 0,
+        layout: str = "hf",
+        dtype: torch.dtype = torch.float32,
+        max_shard_bytes: int | None = None,
+        **options,
+    ) -> Path:
         key = (arch, seed, layout, dtype, max_shard_bytes, tuple(sorted(options.items())))
         if key not in made:
             out = tmp_path_factory.mktemp(f"{arch}-ckpt")
-            made[key] = make_checkpoint(out, small_config(arch, **options), seed=seed, dtype=dtype, layout=layout,
-                                        max_shard_bytes=max_shard_bytes)
+            made[key] = make_checkpoint(
+                out,
+                small_config(arch, **options),
+                seed=seed,
+                dtype=dtype,
+                layout=layout,
+                max_shard_bytes=max_shard_bytes,
+            )
         return made[key]
 
     return make
@@ -49,10 +61,13 @@ def hf_model():
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([prompt]), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=0,
+            torch.tensor([prompt]),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=0,
         )
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 def random_prompts(lengths: list[int], seed: int, vocab: int = 32000) -> list[list[int]]:

@@ -14,7 +14,9 @@ from tests.conftest import hf_greedy
 @pytest.fixture(scope="module")
 def cli_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "ck"
-    assert main(["make-checkpoint", str(out), "--arch", "mixtral", "--layers", "2", "--window", "8", "--seed", "3"]) == 0
+    assert (
+        main(["make-checkpoint", str(out), "--arch", "mixtral", "--layers", "2", "--window", "8", "--seed", "3"]) == 0
+    )
     return out
 
 

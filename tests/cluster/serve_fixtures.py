@@ -32,20 +32,33 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(checkpoint: Path, workdir: Path, host: str = "127.0.0.1", key: str = "test-key-0123456789",
-                   model: str = "small-test", **app_args) -> Iterator[Server]:
+def running_server(
+    checkpoint: Path,
+    workdir: Path,
+    host: str = "127.0.0.1",
+    key: str = "test-key-0123456789",
+    model: str = "small-test",
+    **app_args,
+) -> Iterator[Server]:
     """Two stages x two expert groups on half a CPU each, HTTP only; Serve and Ray are shut down on the way out."""
     placement = {
-        "checkpoint": str(checkpoint), "dtype": "float32", "stages": 2, "expert_groups": 2,
-        "resources": {"CPU": 0.5}, "micro_batch_size": 8, "token_budget": 256, "max_seqs": 8,
+        "checkpoint": str(checkpoint),
+        "dtype": "float32",
+        "stages": 2,
+        "expert_groups": 2,
+        "resources": {"CPU": 0.5},
+        "micro_batch_size": 8,
+        "token_budget": 256,
+        "max_seqs": 8,
     }
     path = workdir / "placement.yaml"
     path.write_text(yaml.safe_dump(placement))
     port = free_port()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        start_serve({"placement": str(path), "api_key": key, "model_name": model, **app_args}, host, port, 0,
-                    blocking=False)
+        start_serve(
+            {"placement": str(path), "api_key": key, "model_name": model, **app_args}, host, port, 0, blocking=False
+        )
         base = f"http://127.0.0.1:{port}"
         if not wait_until_healthy(base, 180):
             pytest.fail("the server did not become ready in 180 s")

@@ -37,6 +37,7 @@ class FakeRouter:
             if not self.alive:
                 await asyncio.Event().wait()  # hung: the ping never comes back
             return True
+
         return answer()
 
 

@@ -37,8 +37,10 @@ RESULTS: dict[str, dict] = {}
 
 @pytest.fixture(scope="module")
 def nodes():
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"ingress_node": 1},
-                                                             "include_dashboard": False})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "resources": {"ingress_node": 1}, "include_dashboard": False},
+    )
     stage_node = cluster.add_node(num_cpus=2, resources={"stage_node": 2})
     expert_node = cluster.add_node(num_cpus=2, resources={"expert_node": 2})
     spare_expert_node = cluster.add_node(num_cpus=2, resources={"expert_node": 2})
@@ -51,8 +53,16 @@ def nodes():
     if out and RESULTS:
         import platform
 
-        Path(out).write_text(json.dumps({"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                                                      "ray": ray.__version__}, "faults": RESULTS}, indent=2) + "\n")
+        Path(out).write_text(
+            json.dumps(
+                {
+                    "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "ray": ray.__version__},
+                    "faults": RESULTS,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     ray.shutdown()
     cluster.shutdown()
 
@@ -77,19 +87,33 @@ def prompts_and_expected(checkpoint):
 
 def start_server(nodes, checkpoint, tmp_path: Path, on_shard_failure: str, name: str) -> str:
     placement = {
-        "checkpoint": str(checkpoint), "dtype": "float32", "strategy": "spread",
-        "stages": [{"layers": [0, 1], "resources": {"CPU": 0.25, "stage_node": 0.5}},
-                   {"layers": [2, 3], "resources": {"CPU": 0.25, "stage_node": 0.5}}],
-        "expert_groups": [{"experts": [0, 1], "resources": {"CPU": 0.25, "expert_node": 1}},
-                          {"experts": [2, 3], "resources": {"CPU": 0.25, "expert_node": 1}}],
-        "micro_batch_size": 4, "token_budget": 256, "max_seqs": 8,
+        "checkpoint": str(checkpoint),
+        "dtype": "float32",
+        "strategy": "spread",
+        "stages": [
+            {"layers": [0, 1], "resources": {"CPU": 0.25, "stage_node": 0.5}},
+            {"layers": [2, 3], "resources": {"CPU": 0.25, "stage_node": 0.5}},
+        ],
+        "expert_groups": [
+            {"experts": [0, 1], "resources": {"CPU": 0.25, "expert_node": 1}},
+            {"experts": [2, 3], "resources": {"CPU": 0.25, "expert_node": 1}},
+        ],
+        "micro_batch_size": 4,
+        "token_budget": 256,
+        "max_seqs": 8,
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(placement))
     port = nodes["port"]
     ingress = OpenAIIngress.options(ray_actor_options={"num_cpus": 0, "resources": {"ingress_node": 0.01}})
-    serve.run(ingress.bind(placement=str(path), on_shard_failure=on_shard_failure, step_timeout_s=20.0,
-                           request_timeout_s=120.0), name=name, route_prefix="/", blocking=False)
+    serve.run(
+        ingress.bind(
+            placement=str(path), on_shard_failure=on_shard_failure, step_timeout_s=20.0, request_timeout_s=120.0
+        ),
+        name=name,
+        route_prefix="/",
+        blocking=False,
+    )
     base = f"http://127.0.0.1:{port}"
     assert wait_until_healthy(base, 240), "server did not become ready"
     return base
@@ -97,8 +121,14 @@ def start_server(nodes, checkpoint, tmp_path: Path, on_shard_failure: str, name:
 
 def stream_tokens(base: str, prompt: list[int], first_token: threading.Event, i: int) -> dict:
     """One streaming request; returns its token ids, error events and whether [DONE] came."""
-    body = {"prompt": prompt, "max_tokens": NEW_TOKENS, "stream": True, "ignore_eos": True,
-            "return_token_ids": True, **sampling(i)}
+    body = {
+        "prompt": prompt,
+        "max_tokens": NEW_TOKENS,
+        "stream": True,
+        "ignore_eos": True,
+        "return_token_ids": True,
+        **sampling(i),
+    }
     out = {"tokens": [], "errors": [], "done": False}
     with httpx.stream("POST", base + "/v1/completions", json=body, timeout=180) as r:
         assert r.status_code == 200, r.read()
@@ -171,19 +201,28 @@ def resume_server(nodes, checkpoint, tmp_path_factory):
 
 
 def shard_actor(name: str):
-    prefix = next(a["Name"] for a in ray._private.state.actors().values()
-                  if a["State"] == "ALIVE" and a.get("Name", "").endswith("-" + name))
+    prefix = next(
+        a["Name"]
+        for a in ray._private.state.actors().values()
+        if a["State"] == "ALIVE" and a.get("Name", "").endswith("-" + name)
+    )
     return ray.get_actor(prefix), prefix
 
 
 def shard_pid(name: str) -> int:
-    return next(a["Pid"] for a in ray._private.state.actors().values()
-                if a["State"] == "ALIVE" and a.get("Name", "").endswith("-" + name))
+    return next(
+        a["Pid"]
+        for a in ray._private.state.actors().values()
+        if a["State"] == "ALIVE" and a.get("Name", "").endswith("-" + name)
+    )
 
 
 def router_actor():
-    return next(a for a in ray._private.state.actors().values()
-                if a["State"] == "ALIVE" and a["ActorClassName"].endswith("RouterActor"))
+    return next(
+        a
+        for a in ray._private.state.actors().values()
+        if a["State"] == "ALIVE" and a["ActorClassName"].endswith("RouterActor")
+    )
 
 
 def kill_router_while_idle() -> str:
@@ -198,13 +237,19 @@ def kill_router_while_idle() -> str:
 
 
 def live_routers() -> list[str]:
-    return [a["ActorID"] for a in ray._private.state.actors().values()
-            if a["State"] == "ALIVE" and a["ActorClassName"].endswith("RouterActor")]
+    return [
+        a["ActorID"]
+        for a in ray._private.state.actors().values()
+        if a["State"] == "ALIVE" and a["ActorClassName"].endswith("RouterActor")
+    ]
 
 
 def check_resumed(name: str, results, expected, recovery: float | None) -> None:
-    RESULTS[name] = {"recovery_seconds": None if recovery is None else round(recovery, 2),
-                     "requests": len(results), "identical": [r["tokens"] == e for r, e in zip(results, expected)]}
+    RESULTS[name] = {
+        "recovery_seconds": None if recovery is None else round(recovery, 2),
+        "requests": len(results),
+        "identical": [r["tokens"] == e for r, e in zip(results, expected)],
+    }
     for r, e in zip(results, expected):
         assert r["done"] and not r["errors"], r["errors"]
         assert r["tokens"] == e
@@ -213,13 +258,17 @@ def check_resumed(name: str, results, expected, recovery: float | None) -> None:
 
 def next_requests_are_exact(base: str, prompts, expected) -> None:
     for i, (p, e) in list(enumerate(zip(prompts, expected)))[:2]:
-        r = httpx.post(base + "/v1/completions", timeout=120, json={
-            "prompt": p, "max_tokens": NEW_TOKENS, "ignore_eos": True, "return_token_ids": True, **sampling(i)})
+        r = httpx.post(
+            base + "/v1/completions",
+            timeout=120,
+            json={"prompt": p, "max_tokens": NEW_TOKENS, "ignore_eos": True, "return_token_ids": True, **sampling(i)},
+        )
         assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == e
 
 
-@pytest.mark.parametrize("shard,how", [("experts0", "ray.kill"), ("experts1", "SIGKILL"),
-                                       ("stage1", "SIGKILL"), ("stage0", "ray.kill")])
+@pytest.mark.parametrize(
+    "shard,how", [("experts0", "ray.kill"), ("experts1", "SIGKILL"), ("stage1", "SIGKILL"), ("stage0", "ray.kill")]
+)
 def test_killing_a_shard_loses_no_request(resume_server, prompts_and_expected, shard, how):
     prompts, expected = prompts_and_expected
     if how == "ray.kill":
@@ -238,7 +287,10 @@ def test_killing_the_router_loses_no_request(resume_server, prompts_and_expected
     router = ray.get_actor(router_actor()["Name"]) if router_actor().get("Name") else None
     pid = router_actor()["Pid"]
     results, recovery = run_with_fault(
-        resume_server, prompts, (lambda: ray.kill(router, no_restart=True)) if router else (lambda: os.kill(pid, signal.SIGKILL)))
+        resume_server,
+        prompts,
+        (lambda: ray.kill(router, no_restart=True)) if router else (lambda: os.kill(pid, signal.SIGKILL)),
+    )
     check_resumed("router killed", results, expected, recovery)
     next_requests_are_exact(resume_server, prompts, expected)
 
@@ -256,7 +308,8 @@ def test_health_restarts_a_router_that_died_while_idle(resume_server):
 
 
 def test_requests_after_the_router_died_while_idle_restart_it_and_get_transformers_tokens(
-        resume_server, checkpoint, hf_model):
+    resume_server, checkpoint, hf_model
+):
     prompt = random_prompts([WINDOW + 5], seed=93)[0]
     expected = hf_greedy(hf_model(checkpoint), prompt, NEW_TOKENS)
     dead = kill_router_while_idle()
@@ -271,20 +324,26 @@ def test_requests_after_the_router_died_while_idle_restart_it_and_get_transforme
     assert len(live_routers()) == 1 and live_routers()[0] != dead
 
 
-def test_losing_the_expert_node_moves_its_shards_to_a_node_with_the_resource(resume_server, nodes, prompts_and_expected):
+def test_losing_the_expert_node_moves_its_shards_to_a_node_with_the_resource(
+    resume_server, nodes, prompts_and_expected
+):
     prompts, expected = prompts_and_expected
     results, recovery = run_with_fault(resume_server, prompts, lambda: nodes["cluster"].remove_node(nodes["expert"]))
     check_resumed("expert node removed", results, expected, recovery)
     spare = nodes["spare"].node_id
     for name in ("experts0", "experts1"):
-        actor_node = next(a["Address"]["NodeID"] for a in ray._private.state.actors().values()
-                          if a["State"] == "ALIVE" and a.get("Name", "").endswith("-" + name))
+        actor_node = next(
+            a["Address"]["NodeID"]
+            for a in ray._private.state.actors().values()
+            if a["State"] == "ALIVE" and a.get("Name", "").endswith("-" + name)
+        )
         assert actor_node == spare
     next_requests_are_exact(resume_server, prompts, expected)
 
 
-def test_fail_mode_ends_in_flight_streams_with_an_error_then_done(nodes, checkpoint, prompts_and_expected,
-                                                                  tmp_path_factory, resume_server):
+def test_fail_mode_ends_in_flight_streams_with_an_error_then_done(
+    nodes, checkpoint, prompts_and_expected, tmp_path_factory, resume_server
+):
     serve.delete("faults-resume")  # one model at a time on these 2-core machines
     base = start_server(nodes, checkpoint, tmp_path_factory.mktemp("fail"), "fail", "faults-fail")
     prompts, expected = prompts_and_expected
@@ -293,7 +352,9 @@ def test_fail_mode_ends_in_flight_streams_with_an_error_then_done(nodes, checkpo
     results, recovery = run_with_fault(base, prompts, lambda: ray.kill(actor, no_restart=True))
     RESULTS["fail mode: ray.kill expert group"] = {
         "recovery_seconds": None if recovery is None else round(recovery, 2),
-        "errored": sum(bool(r["errors"]) for r in results), "requests": len(results)}
+        "errored": sum(bool(r["errors"]) for r in results),
+        "requests": len(results),
+    }
     assert all(r["done"] for r in results)  # every stream ends with [DONE] ...
     for r, e in zip(results, expected):  # ... either complete and exact, or with a clear error event
         assert r["tokens"] == e or (r["errors"] and r["errors"][0]["code"] == "engine_failure")

@@ -38,18 +38,39 @@ def assert_openai_error(response) -> None:
 
 
 def good_request_works(server) -> None:
-    r = httpx.post(server.base + "/v1/completions", headers=server.auth(), timeout=60,
-                   json={"model": server.model, "prompt": "still fine", "max_tokens": 2, "temperature": 0})
+    r = httpx.post(
+        server.base + "/v1/completions",
+        headers=server.auth(),
+        timeout=60,
+        json={"model": server.model, "prompt": "still fine", "max_tokens": 2, "temperature": 0},
+    )
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] >= 1
 
 
-COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "stream", "stream_options",
-                 "return_token_ids", "ignore_eos", "presence_penalty", "frequency_penalty", "best_of"}
+COMMON_FIELDS = {
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "n",
+    "stream",
+    "stream_options",
+    "return_token_ids",
+    "ignore_eos",
+    "presence_penalty",
+    "frequency_penalty",
+    "best_of",
+}
 REQUEST_FIELDS = {
     "POST /v1/completions": ("prompt", COMMON_FIELDS | {"prompt", "logprobs", "echo"}),
-    "POST /v1/chat/completions": ("messages", COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs",
-                                                               "top_logprobs"}),
+    "POST /v1/chat/completions": (
+        "messages",
+        COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"},
+    ),
 }
 
 
@@ -63,7 +84,11 @@ def test_the_openapi_document_describes_every_field_the_parser_reads(api_schema)
         for status in ("400", "401", "413", "429", "503"):
             error = operations[label]["responses"][status]["content"]["application/json"]["schema"]
             assert error["required"] == ["error"] and set(error["properties"]["error"]["required"]) == {
-                "message", "type", "param", "code"}
+                "message",
+                "type",
+                "param",
+                "code",
+            }
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
@@ -73,13 +98,18 @@ def test_fuzzed_requests_never_get_a_server_error(server, api_schema, mode):
         if mode == GenerationMode.NEGATIVE and operation.method == "get":
             continue  # no parameters and no body: nothing to get wrong
 
-        @settings(max_examples=EXAMPLES[operation.method], deadline=None, phases=[Phase.generate],
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=EXAMPLES[operation.method],
+            deadline=None,
+            phases=[Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
         @given(case=operation.as_strategy(generation_mode=mode))
         def call(case):
             response = case.call(base_url=server.base, headers=server.auth(), timeout=60)
-            case.validate_response(response, checks=[not_a_server_error, status_code_conformance,
-                                                     response_schema_conformance])
+            case.validate_response(
+                response, checks=[not_a_server_error, status_code_conformance, response_schema_conformance]
+            )
             if response.status_code >= 400 and case.operation.path != "/health":
                 assert_openai_error(response)
 
@@ -105,8 +135,11 @@ HOSTILE_BODIES = {
     "UTF-16 body": ('{"prompt": "hi"}'.encode("utf-16"), "application/json", 400),
     "byte order mark": (b'\xef\xbb\xbf{"prompt": "hi"}', "application/json", 400),
     "form-encoded body": (b"prompt=hi&max_tokens=2", "application/x-www-form-urlencoded", 400),
-    "multipart body": (b'--x\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nhi\r\n--x--\r\n',
-                       "multipart/form-data; boundary=x", 400),
+    "multipart body": (
+        b'--x\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nhi\r\n--x--\r\n',
+        "multipart/form-data; boundary=x",
+        400,
+    ),
     "plain text": (b"complete this please", "text/plain", 400),
     "2 MiB body": (b'{"prompt": "' + b"a" * (2 << 20) + b'"}', "application/json", 413),
 }
@@ -115,8 +148,9 @@ HOSTILE_BODIES = {
 @pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
 def test_hostile_bodies_get_a_4xx_with_an_openai_error_body(server, route):
     for name, (body, content_type, status) in HOSTILE_BODIES.items():
-        r = httpx.post(server.base + route, content=body, timeout=60,
-                       headers={**server.auth(), "Content-Type": content_type})
+        r = httpx.post(
+            server.base + route, content=body, timeout=60, headers={**server.auth(), "Content-Type": content_type}
+        )
         assert r.status_code == status, f"{name}: {r.status_code} {r.text[:200]}"
         assert_openai_error(r)
     good_request_works(server)
@@ -129,16 +163,23 @@ def test_a_2_mib_body_without_a_content_length_is_refused_too(server):
             yield b"a" * (64 << 10)
         yield b'"}'
 
-    r = httpx.post(server.base + "/v1/completions", content=chunks(), timeout=60,
-                   headers={**server.auth(), "Content-Type": "application/json"})
+    r = httpx.post(
+        server.base + "/v1/completions",
+        content=chunks(),
+        timeout=60,
+        headers={**server.auth(), "Content-Type": "application/json"},
+    )
     assert r.status_code == 413 and "content-length" not in r.request.headers
     assert_openai_error(r)
     good_request_works(server)
 
 
 def test_unknown_paths_and_wrong_methods_get_openai_error_bodies(server):
-    for method, path, status in (("GET", "/v1/nothing-here", 404), ("GET", "/v1/completions", 405),
-                                 ("DELETE", "/v1/models", 405)):
+    for method, path, status in (
+        ("GET", "/v1/nothing-here", 404),
+        ("GET", "/v1/completions", 405),
+        ("DELETE", "/v1/models", 405),
+    ):
         r = httpx.request(method, server.base + path, headers=server.auth(), timeout=30)
         assert r.status_code == status
         assert_openai_error(r)

@@ -26,8 +26,10 @@ NEW_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def nodes():
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "resources": {"ingress_node": 1, "shard_node": 3}, "include_dashboard": False})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "resources": {"ingress_node": 1, "shard_node": 3}, "include_dashboard": False},
+    )
     lone = cluster.add_node(num_cpus=1, resources={LONE: 1})
     ray.init(address=cluster.address, log_to_driver=False)
     port = free_port()
@@ -42,25 +44,46 @@ def nodes():
 def server(nodes, checkpoint_factory, tmp_path_factory):
     checkpoint = checkpoint_factory("mixtral", seed=61, window=16)  # the one test_serve also reads with transformers
     placement = {
-        "checkpoint": str(checkpoint), "dtype": "float32", "strategy": "pack",
-        "stages": [{"layers": [0, 1], "resources": {"CPU": 0.25, "shard_node": 1}},
-                   {"layers": [2, 3], "resources": {"CPU": 0.25, "shard_node": 1}}],
-        "expert_groups": [{"experts": [0, 1], "resources": {"CPU": 0.25, LONE: 1}},
-                          {"experts": [2, 3], "resources": {"CPU": 0.25, "shard_node": 1}}],
-        "micro_batch_size": 4, "token_budget": 256, "max_seqs": 4,
+        "checkpoint": str(checkpoint),
+        "dtype": "float32",
+        "strategy": "pack",
+        "stages": [
+            {"layers": [0, 1], "resources": {"CPU": 0.25, "shard_node": 1}},
+            {"layers": [2, 3], "resources": {"CPU": 0.25, "shard_node": 1}},
+        ],
+        "expert_groups": [
+            {"experts": [0, 1], "resources": {"CPU": 0.25, LONE: 1}},
+            {"experts": [2, 3], "resources": {"CPU": 0.25, "shard_node": 1}},
+        ],
+        "micro_batch_size": 4,
+        "token_budget": 256,
+        "max_seqs": 4,
     }
     path = tmp_path_factory.mktemp("node-loss") / "placement.yaml"
     path.write_text(yaml.safe_dump(placement))
     ingress = OpenAIIngress.options(ray_actor_options={"num_cpus": 0, "resources": {"ingress_node": 0.01}})
-    serve.run(ingress.bind(placement=str(path), step_timeout_s=20.0, request_timeout_s=120.0),
-              name="node-loss", route_prefix="/", blocking=False)
+    serve.run(
+        ingress.bind(placement=str(path), step_timeout_s=20.0, request_timeout_s=120.0),
+        name="node-loss",
+        route_prefix="/",
+        blocking=False,
+    )
     assert wait_until_healthy(nodes["base"], 120), "server did not become ready"
     return checkpoint
 
 
 def complete(base: str, prompt: list[int]) -> list[int]:
-    r = httpx.post(base + "/v1/completions", timeout=120, json={
-        "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True, "return_token_ids": True})
+    r = httpx.post(
+        base + "/v1/completions",
+        timeout=120,
+        json={
+            "prompt": prompt,
+            "max_tokens": NEW_TOKENS,
+            "temperature": 0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+        },
+    )
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["token_ids"]
 
@@ -78,9 +101,13 @@ def health_once(base: str, predicate, timeout_s: float) -> dict | None:
 
 
 def node_of(class_name: str, name_suffix: str = "") -> str:
-    return next(a["Address"]["NodeID"] for a in ray._private.state.actors().values()
-                if a["State"] == "ALIVE" and a["ActorClassName"].endswith(class_name)
-                and a.get("Name", "").endswith(name_suffix))
+    return next(
+        a["Address"]["NodeID"]
+        for a in ray._private.state.actors().values()
+        if a["State"] == "ALIVE"
+        and a["ActorClassName"].endswith(class_name)
+        and a.get("Name", "").endswith(name_suffix)
+    )
 
 
 def test_a_lost_node_whose_resource_no_node_has_is_named_until_a_node_with_it_joins(nodes, server, hf_model):
@@ -93,8 +120,10 @@ def test_a_lost_node_whose_resource_no_node_has_is_named_until_a_node_with_it_jo
     health = health_once(base, lambda h: LONE in (h.get("reason") or ""), 20)
     assert health is not None, f"/health did not name {LONE} within 20 s"
     assert health["code"] == 503 and health["status"] == "recovering"
-    assert (f"experts0 cannot be placed until a node with its resources joins: {LONE}: 1 (no alive node has {LONE})"
-            in health["reason"])
+    assert (
+        f"experts0 cannot be placed until a node with its resources joins: {LONE}: 1 (no alive node has {LONE})"
+        in health["reason"]
+    )
 
     answered: list[list[int]] = []  # accepted while no node can hold experts0: queued, not refused
     waiting = threading.Thread(target=lambda: answered.append(complete(base, prompt)))

@@ -35,6 +35,7 @@ def settle(path: str, config=MIXTRAL, **kwargs):
 
 # --- what a valid file means ------------------------------------------------------------------------------------
 
+
 def test_local_example_is_two_stages_and_two_expert_groups_on_one_cpu_each():
     plan = settle(str(EXAMPLES / "local.yaml"))
     assert [s.layers for s in plan.stages] == [(0, 1), (2, 3)]
@@ -43,14 +44,17 @@ def test_local_example_is_two_stages_and_two_expert_groups_on_one_cpu_each():
     assert (plan.checkpoint, plan.strategy, plan.dtype) == ("checkpoints/small-mixtral", "spread", "float32")
 
 
-@pytest.mark.parametrize("name, model", [
-    ("local.yaml", MIXTRAL),
-    ("mistral-7b-1gpu.yaml", PRESETS["mistral-7b"]),
-    ("mixtral-2gpu-stages.yaml", PRESETS["mixtral-8x7b"]),
-    ("mixtral-2gpu-experts.yaml", PRESETS["mixtral-8x7b"]),
-    ("mixtral-2gpu-mixed.yaml", PRESETS["mixtral-8x7b"]),
-    ("mixtral-8gpu-2nodes.yaml", PRESETS["mixtral-8x7b"]),
-])
+@pytest.mark.parametrize(
+    "name, model",
+    [
+        ("local.yaml", MIXTRAL),
+        ("mistral-7b-1gpu.yaml", PRESETS["mistral-7b"]),
+        ("mixtral-2gpu-stages.yaml", PRESETS["mixtral-8x7b"]),
+        ("mixtral-2gpu-experts.yaml", PRESETS["mixtral-8x7b"]),
+        ("mixtral-2gpu-mixed.yaml", PRESETS["mixtral-8x7b"]),
+        ("mixtral-8gpu-2nodes.yaml", PRESETS["mixtral-8x7b"]),
+    ],
+)
 def test_every_example_holds_each_tensor_of_its_model_exactly_once(name, model):
     plan = settle(str(EXAMPLES / name), model)
     held = Counter(t for shard in plan.shards(model) for t in shard.selection.tensor_shapes(model))
@@ -76,8 +80,12 @@ def test_without_expert_groups_a_stage_holds_every_expert_of_its_layers(write):
 
 
 def test_with_expert_groups_a_stage_holds_no_experts_and_a_group_only_its_own(write):
-    plan = settle(write("checkpoint: c\nstages: 1\nexpert_groups:\n  - experts: [0, 3]\n    layers: 1-2\n"
-                        "  - experts: 0-3\n    layers: [0, 3]\n  - experts: 1-2\n    layers: 1-2\n"))
+    plan = settle(
+        write(
+            "checkpoint: c\nstages: 1\nexpert_groups:\n  - experts: [0, 3]\n    layers: 1-2\n"
+            "  - experts: 0-3\n    layers: [0, 3]\n  - experts: 1-2\n    layers: 1-2\n"
+        )
+    )
     assert plan.stage_selection(0, MIXTRAL).experts == {}
     group = plan.expert_selection(0, MIXTRAL)
     assert group == ShardSelection(experts={1: (0, 3), 2: (0, 3)})
@@ -90,8 +98,12 @@ def test_a_range_string_and_a_list_name_the_same_layers(write):
 
 
 def test_a_shard_without_resources_takes_the_top_level_default(write):
-    plan = load_placement(write("checkpoint: c\nresources: {CPU: 2, GPU: 0.5}\nstages:\n"
-                                "  - layers: 0-1\n  - layers: 2-3\n    resources: {CPU: 1}\n"))
+    plan = load_placement(
+        write(
+            "checkpoint: c\nresources: {CPU: 2, GPU: 0.5}\nstages:\n"
+            "  - layers: 0-1\n  - layers: 2-3\n    resources: {CPU: 1}\n"
+        )
+    )
     assert plan.bundles() == [{"CPU": 2.0, "GPU": 0.5}, {"CPU": 1.0}]
 
 
@@ -127,7 +139,12 @@ def test_chunk_size_defaults_to_the_window_capped_at_512(write):
 def test_defaults_for_the_batching_keys(write):
     plan = load_placement(write("checkpoint: c\nstages: 1\n"))
     assert (plan.dtype, plan.strategy, plan.micro_batch_size, plan.token_budget, plan.max_seqs) == (
-        "float32", "pack", 4, 2048, 32)
+        "float32",
+        "pack",
+        4,
+        2048,
+        32,
+    )
 
 
 def test_validating_a_settled_plan_again_changes_nothing(write):
@@ -176,22 +193,35 @@ BAD_FILES = [
     ("checkpoint: c\nstages:\n  - layers: 0-1\n  - layers: 1-3\n", "stages[1].layers: layer 1 is also in stages[0]"),
     ("checkpoint: c\nstages:\n  - layers: 0-1\n", "stages: layers 2-3 are in no stage"),
     ("checkpoint: c\nstages:\n  - layers: 0-1\n  - layers: 2-4\n", "stages[1].layers: layer 4 is out of range"),
-    ("checkpoint: c\nstages:\n  - layers: [0, 2]\n  - layers: [1, 3]\n",
-     "stages[0].layers: must be a contiguous run of layers, got 0,2"),
-    ("checkpoint: c\nstages:\n  - layers: 2-3\n  - layers: 0-1\n", "stages[1].layers: starts at layer 0, before stages[0]"),
+    (
+        "checkpoint: c\nstages:\n  - layers: [0, 2]\n  - layers: [1, 3]\n",
+        "stages[0].layers: must be a contiguous run of layers, got 0,2",
+    ),
+    (
+        "checkpoint: c\nstages:\n  - layers: 2-3\n  - layers: 0-1\n",
+        "stages[1].layers: starts at layer 0, before stages[0]",
+    ),
     ("checkpoint: c\nstages: 5\n", "stages: 5 stages for a model of 4 layers"),
     # experts
     (GROUPS + "  - experts: 0-1\n  - experts: [2]\n", "expert_groups: expert 3 of layer 0 is in no group"),
-    (GROUPS + "  - experts: 0-2\n  - experts: 2-3\n", "expert_groups[1].experts: expert 2 of every layer is also in expert_groups[0]"),
-    (GROUPS + "  - experts: 0-3\n    layers: 0-1\n  - experts: 0-3\n    layers: 1-3\n",
-     "expert_groups[1].experts: expert 0 of layer 1 is also in expert_groups[0]"),
+    (
+        GROUPS + "  - experts: 0-2\n  - experts: 2-3\n",
+        "expert_groups[1].experts: expert 2 of every layer is also in expert_groups[0]",
+    ),
+    (
+        GROUPS + "  - experts: 0-3\n    layers: 0-1\n  - experts: 0-3\n    layers: 1-3\n",
+        "expert_groups[1].experts: expert 0 of layer 1 is also in expert_groups[0]",
+    ),
     (GROUPS + "  - experts: 0-1\n  - experts: 2-4\n", "expert_groups[1].experts: expert 4 is out of range"),
     (GROUPS + "  - experts: 0-3\n    layers: 0-7\n", "expert_groups[0].layers: layer 7 is out of range"),
     ("checkpoint: c\nstages: 1\nexpert_groups: 5\n", "expert_groups: 5 groups for a model of 4 experts"),
     # batching
     ("checkpoint: c\nstages: 1\nchunk_size: 64\n", "chunk_size: 64 is larger than the model's sliding window (32)"),
     ("checkpoint: c\nstages: 1\nchunk_size: 64\ntoken_budget: 32\n", "chunk_size: 64 is larger than token_budget (32)"),
-    ("checkpoint: c\nstages: 1\nstrategy: balanced\n", "strategy: expected one of pack, spread, strict_spread, strict_pack"),
+    (
+        "checkpoint: c\nstages: 1\nstrategy: balanced\n",
+        "strategy: expected one of pack, spread, strict_spread, strict_pack",
+    ),
     ("checkpoint: c\nstages: 1\ndtype: int8\n", "dtype: expected one of float32, bfloat16, float16, got 'int8'"),
 ]
 
@@ -203,10 +233,17 @@ def test_a_mistake_is_named_with_the_file_and_the_key(write, text, message):
     assert str(err.value).startswith(f"placement.yaml: {message}")
 
 
-@pytest.mark.parametrize("key, value", [
-    ("stages", "0"), ("micro_batch_size", "0"), ("token_budget", "-1"), ("max_seqs", "true"), ("chunk_size", "1.5"),
-    ("expert_groups", "0"),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("stages", "0"),
+        ("micro_batch_size", "0"),
+        ("token_budget", "-1"),
+        ("max_seqs", "true"),
+        ("chunk_size", "1.5"),
+        ("expert_groups", "0"),
+    ],
+)
 def test_counts_and_sizes_must_be_positive_integers(write, key, value):
     text = "\n".join(f"{k}: {v}" for k, v in {"checkpoint": "c", "stages": "1", key: value}.items())
     with pytest.raises(PlacementError, match=rf"^placement\.yaml: {key}: expected a positive integer"):
@@ -214,7 +251,9 @@ def test_counts_and_sizes_must_be_positive_integers(write, key, value):
 
 
 def test_expert_groups_for_a_dense_checkpoint_are_refused(write):
-    with pytest.raises(PlacementError, match=r"^placement\.yaml: expert_groups: the checkpoint is a dense mistral model"):
+    with pytest.raises(
+        PlacementError, match=r"^placement\.yaml: expert_groups: the checkpoint is a dense mistral model"
+    ):
         settle(write("checkpoint: c\nstages: 1\nexpert_groups: 2\n"), MISTRAL)
 
 

@@ -50,12 +50,15 @@ def node(cpus: float, alive: bool = True, **resources: float) -> dict:
 
 # --- the check before reserving (no Ray needed) ---------------------------------------------------------------------
 
+
 def test_a_plan_that_fits_passes_the_check(tmp_path):
     check_against_cluster(plan_from(tmp_path, PINNED), [node(1), node(2, stage_node=1), node(2, expert_node=1)])
 
 
 def test_a_custom_resource_no_node_has_is_named_with_its_shard(tmp_path):
-    with pytest.raises(PlacementError, match="shard experts0 asks for expert_node: 0.5, but no node of the cluster has"):
+    with pytest.raises(
+        PlacementError, match="shard experts0 asks for expert_node: 0.5, but no node of the cluster has"
+    ):
         check_against_cluster(plan_from(tmp_path, PINNED), [node(4, stage_node=1)])
 
 
@@ -67,7 +70,9 @@ def test_more_gpus_in_all_than_the_cluster_has_names_every_shard_and_the_total(t
 
 def test_a_bundle_larger_than_any_node_is_named(tmp_path):
     plan = plan_from(tmp_path, "checkpoint: c\nstages:\n  - layers: 0-3\n    resources: {CPU: 3}\n")
-    with pytest.raises(PlacementError, match=r"shard stage0 asks for CPU: 3, more than any single node has \(at most 2\)"):
+    with pytest.raises(
+        PlacementError, match=r"shard stage0 asks for CPU: 3, more than any single node has \(at most 2\)"
+    ):
         check_against_cluster(plan, [node(2), node(2)])
 
 
@@ -97,6 +102,7 @@ def test_dead_nodes_do_not_count(tmp_path):
 
 # --- a reserved group whose node is lost (no Ray needed) ------------------------------------------------------------
 
+
 def lost_expert_node(*others: dict) -> list[dict]:
     """The nodes after the expert node died: the stage node, the dead expert node, then `others`."""
     return [{**node(2, stage_node=1), "NodeID": "s"}, {**node(2, alive=False, expert_node=1), "NodeID": "e"}, *others]
@@ -105,8 +111,10 @@ def lost_expert_node(*others: dict) -> list[dict]:
 def test_a_bundle_that_lost_its_node_names_the_resource_no_alive_node_has(tmp_path):
     table = {"bundles_to_node_id": {0: "s", 1: "", 2: "s", 3: ""}}  # bundle order: stage0, experts0, stage1, ...
     lost = lost_bundles(table, plan_from(tmp_path, PINNED).bundles(), lost_expert_node())
-    assert lost == {1: "expert_node: 0.5 (no alive node has expert_node)",
-                    3: "expert_node: 0.5 (no alive node has expert_node)"}
+    assert lost == {
+        1: "expert_node: 0.5 (no alive node has expert_node)",
+        3: "expert_node: 0.5 (no alive node has expert_node)",
+    }
 
 
 def test_a_bundle_that_lost_its_node_is_not_named_while_an_alive_node_can_take_it(tmp_path):
@@ -123,6 +131,7 @@ def test_room_the_groups_placed_bundles_hold_is_not_free_for_a_lost_one(tmp_path
 
 
 # --- on a Ray cluster ------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def ray_cluster():
@@ -155,8 +164,12 @@ def test_each_bundle_lands_on_the_node_its_custom_resource_names(ray_cluster, sm
     finally:
         reservation.release()
     assert table["strategy"] == "SPREAD"
-    assert on == {"stage0": ray_cluster["stage_node"], "stage1": ray_cluster["stage_node"],
-                  "experts0": ray_cluster["expert_node"], "experts1": ray_cluster["expert_node"]}
+    assert on == {
+        "stage0": ray_cluster["stage_node"],
+        "stage1": ray_cluster["stage_node"],
+        "experts0": ray_cluster["expert_node"],
+        "experts1": ray_cluster["expert_node"],
+    }
 
 
 def test_reserve_reports_each_shard_with_its_node_layers_experts_and_weight_bytes(ray_cluster, small_mixtral, tmp_path):
@@ -200,8 +213,17 @@ def test_a_reservation_not_placed_in_time_names_the_waiting_shards_and_is_remove
 
 def test_plan_command_prints_the_placement_table_for_the_local_example(ray_cluster, small_mixtral, capsys):
     checkpoint, _ = small_mixtral
-    status = main(["plan", "--config", str(EXAMPLES / "local.yaml"), "--checkpoint", str(checkpoint),
-                   "--address", ray_cluster["cluster"].address])
+    status = main(
+        [
+            "plan",
+            "--config",
+            str(EXAMPLES / "local.yaml"),
+            "--checkpoint",
+            str(checkpoint),
+            "--address",
+            ray_cluster["cluster"].address,
+        ]
+    )
     out = capsys.readouterr().out.splitlines()
     assert status == 0
     assert out[1].split() == ["shard", "layers", "experts", "node", "ip", "GPU", "weights"]

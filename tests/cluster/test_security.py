@@ -38,8 +38,9 @@ def checkpoint(checkpoint_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
-    with running_server(checkpoint, tmp_path_factory.mktemp("security"), host=cli_default_host(),
-                        max_tokens_ceiling=4) as s:
+    with running_server(
+        checkpoint, tmp_path_factory.mktemp("security"), host=cli_default_host(), max_tokens_ceiling=4
+    ) as s:
         yield s
 
 
@@ -56,6 +57,7 @@ def http_routes(router, prefix: str = "") -> list[tuple[str, str]]:
 
 # --- the API key -----------------------------------------------------------------------------------------
 
+
 def test_every_route_but_health_and_metrics_answers_401_without_the_right_key(server):
     routes = http_routes(api)
     gated = [(m, p) for m, p in routes if p not in PUBLIC_ROUTES]
@@ -63,8 +65,13 @@ def test_every_route_but_health_and_metrics_answers_401_without_the_right_key(se
     same_length_wrong = {"Authorization": "Bearer " + "x" * len(server.key)}
     for headers in ({}, same_length_wrong, {"Authorization": server.key}, {"Authorization": f"Basic {server.key}"}):
         for method, path in gated:
-            r = httpx.request(method, server.base + path, headers=headers, timeout=30,
-                              json={"model": server.model, "prompt": "hi", "max_tokens": 1})
+            r = httpx.request(
+                method,
+                server.base + path,
+                headers=headers,
+                timeout=30,
+                json={"model": server.model, "prompt": "hi", "max_tokens": 1},
+            )
             assert r.status_code == 401, (method, path, headers, r.text)
             error = r.json()["error"]
             assert error["code"] == "invalid_api_key" and error["type"] == "authentication_error", error
@@ -77,14 +84,18 @@ def test_the_openapi_document_is_served_with_the_key(server):
     r = httpx.get(server.base + "/openapi.json", headers=server.auth(), timeout=30)
     assert r.status_code == 200
     doc = r.json()
-    assert doc["components"]["securitySchemes"]["apiKey"] == {"type": "http", "scheme": "bearer",
-                                                              "description": "the server's --api-key"}
+    assert doc["components"]["securitySchemes"]["apiKey"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "the server's --api-key",
+    }
     assert doc["paths"]["/health"]["get"]["security"] == [] and doc["security"] == [{"apiKey": []}]
     for path in ("/docs", "/redoc"):
         assert httpx.get(server.base + path, timeout=30).status_code == 404
 
 
 # --- where it listens ------------------------------------------------------------------------------------
+
 
 def listening_addresses(port: int) -> set[str]:
     """The local addresses of the TCP sockets listening on `port`, read from the kernel's tables."""
@@ -100,7 +111,7 @@ def listening_addresses(port: int) -> set[str]:
             if state != "0A" or int(port_hex, 16) != port:  # 0A: LISTEN
                 continue
             raw = bytes.fromhex(address)  # each 32-bit word in host (little-endian) order
-            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
             found.add(socket.inet_ntop(family, raw))
     return found
 
@@ -128,6 +139,7 @@ def test_http_listens_on_the_loopback_interface_only_by_default(server):
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------
+
 
 class _Tripwire:
     """Unpickling this touches a file: proof that a loader ran code from the checkpoint."""
@@ -189,7 +201,9 @@ def test_a_safetensors_index_pointing_at_a_pickle_file_is_refused(checkpoint, tm
     marker = tmp_path / "unpickled"
     (copy / "pytorch_model.bin").write_bytes(tripwire_pickle(marker))
     names = ShardSelection.whole(load_config(copy)).tensor_shapes(load_config(copy))
-    (copy / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(names, "pytorch_model.bin")}))
+    (copy / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": dict.fromkeys(names, "pytorch_model.bin")})
+    )
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: not a readable safetensors file"):
         CheckpointReader(copy).load(ShardSelection.whole(load_config(copy)))
     assert not marker.exists()
@@ -217,12 +231,16 @@ def test_a_tensor_of_the_wrong_shape_is_refused_naming_it(checkpoint, tmp_path):
     original = load_file(checkpoint / "model.safetensors")[name]
     copy = rewritten(checkpoint, tmp_path / "ck", name, original.t().contiguous())
     rows, cols = original.shape
-    with pytest.raises(CheckpointError, match=rf"tensor '{name}' has shape \[{cols}, {rows}\], the config asks for "
-                                              rf"\[{rows}, {cols}\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"tensor '{name}' has shape \[{cols}, {rows}\], the config asks for "
+        rf"\[{rows}, {cols}\]",
+    ):
         CheckpointReader(copy).load(ShardSelection.whole(load_config(copy)))
 
 
 # --- logs ------------------------------------------------------------------------------------------------
+
 
 def ray_logs_dir() -> Path:
     node = getattr(ray._private.worker, "_global_node", None)  # this session's own directory, not the latest one
@@ -239,8 +257,10 @@ def test_request_bodies_do_not_appear_in_the_server_logs(server):
     requests = [
         ("/v1/completions", {"model": server.model, "prompt": f"{marker} once upon a time", "max_tokens": 2}),
         ("/v1/completions", {"model": server.model, "prompt": marker, "max_tokens": 2, "stream": True}),
-        ("/v1/chat/completions", {"model": server.model, "messages": [{"role": "user", "content": marker}],
-                                  "max_tokens": 2}),
+        (
+            "/v1/chat/completions",
+            {"model": server.model, "messages": [{"role": "user", "content": marker}], "max_tokens": 2},
+        ),
         ("/v1/completions", {"model": marker, "prompt": marker}),  # refused: 400 naming the model
         ("/v1/completions", {"prompt": marker, "temperature": marker}),  # refused: 400 naming temperature
     ]

@@ -38,15 +38,26 @@ def checkpoint(checkpoint_factory):
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
     placement = {
-        "checkpoint": str(checkpoint), "dtype": "float32", "stages": 2, "expert_groups": 2,
-        "resources": {"CPU": 0.5}, "micro_batch_size": 8, "token_budget": 256, "max_seqs": 12,
+        "checkpoint": str(checkpoint),
+        "dtype": "float32",
+        "stages": 2,
+        "expert_groups": 2,
+        "resources": {"CPU": 0.5},
+        "micro_batch_size": 8,
+        "token_budget": 256,
+        "max_seqs": 12,
     }
     path = tmp_path_factory.mktemp("serve") / "placement.yaml"
     path.write_text(yaml.safe_dump(placement))
     http_port, grpc_port = free_port(), free_port()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    start_serve({"placement": str(path), "api_key": KEY, "model_name": MODEL, "max_queued_requests": 40},
-                "127.0.0.1", http_port, grpc_port, blocking=False)
+    start_serve(
+        {"placement": str(path), "api_key": KEY, "model_name": MODEL, "max_queued_requests": 40},
+        "127.0.0.1",
+        http_port,
+        grpc_port,
+        blocking=False,
+    )
     base = f"http://127.0.0.1:{http_port}"
     if not wait_until_healthy(base, 180):
         pytest.fail("the server did not become ready in 180 s")
@@ -71,8 +82,9 @@ def auth() -> dict:
 
 def test_greedy_completion_equals_transformers(client, checkpoint, hf_model, tokenizer):
     prompt = "The quick brown fox jumps over the lazy dog, and then it keeps running far away"
-    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
-                                  extra_body={"return_token_ids": True})
+    r = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=24, temperature=0, extra_body={"return_token_ids": True}
+    )
     choice = r.choices[0]
     ids = tokenizer.encode(prompt)
     assert len(ids) > WINDOW
@@ -86,8 +98,13 @@ def test_greedy_completion_equals_transformers(client, checkpoint, hf_model, tok
 
 
 def test_streaming_gives_the_same_tokens_and_text_as_non_streaming(client):
-    args = {"model": MODEL, "prompt": ["Once upon a time", "Hi"], "max_tokens": 12, "temperature": 0,
-                "extra_body": {"return_token_ids": True}}
+    args = {
+        "model": MODEL,
+        "prompt": ["Once upon a time", "Hi"],
+        "max_tokens": 12,
+        "temperature": 0,
+        "extra_body": {"return_token_ids": True},
+    }
     whole = client.completions.create(**args)
     streamed: dict[int, list[int]] = {}
     texts: dict[int, str] = {}
@@ -106,8 +123,9 @@ def test_streaming_gives_the_same_tokens_and_text_as_non_streaming(client):
 
 def test_chat_completion_uses_the_instruct_format(client, checkpoint, hf_model, tokenizer):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
-                                       extra_body={"return_token_ids": True})
+    r = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=10, temperature=0, extra_body={"return_token_ids": True}
+    )
     choice = r.choices[0]
     ids = tokenizer.encode_chat(messages)
     assert choice.prompt_token_ids == ids
@@ -117,8 +135,13 @@ def test_chat_completion_uses_the_instruct_format(client, checkpoint, hf_model, 
 
 
 def test_chat_streaming_starts_with_the_role_and_ends_with_done(server):
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "temperature": 0,
-            "stream": True}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 5,
+        "temperature": 0,
+        "stream": True,
+    }
     with httpx.stream("POST", server["base"] + "/v1/chat/completions", json=body, headers=auth(), timeout=60) as r:
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
@@ -129,8 +152,15 @@ def test_chat_streaming_starts_with_the_role_and_ends_with_done(server):
 
 
 def test_n_choices_with_a_seed_differ_from_each_other_and_repeat_exactly(client):
-    args = {"model": MODEL, "prompt": "Tell me a story", "max_tokens": 12, "temperature": 1.0, "seed": 7, "n": 3,
-                "extra_body": {"return_token_ids": True}}
+    args = {
+        "model": MODEL,
+        "prompt": "Tell me a story",
+        "max_tokens": 12,
+        "temperature": 1.0,
+        "seed": 7,
+        "n": 3,
+        "extra_body": {"return_token_ids": True},
+    }
     a = client.completions.create(**args)
     b = client.completions.create(**args)
     assert [c.index for c in a.choices] == [0, 1, 2]
@@ -164,8 +194,14 @@ def test_32_concurrent_streams_of_mixed_lengths_all_get_their_tokens(server, che
 
     async def one(aclient, prompt, n):
         ids = []
-        stream = await aclient.completions.create(model=MODEL, prompt=prompt, max_tokens=n, temperature=0, stream=True,
-                                                  extra_body={"return_token_ids": True, "ignore_eos": True})
+        stream = await aclient.completions.create(
+            model=MODEL,
+            prompt=prompt,
+            max_tokens=n,
+            temperature=0,
+            stream=True,
+            extra_body={"return_token_ids": True, "ignore_eos": True},
+        )
         async for chunk in stream:
             for c in chunk.choices:
                 ids.extend(c.token_ids)
@@ -230,8 +266,14 @@ def metric(server, name: str) -> float:
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_cache_slot(server):
-    body = {"model": MODEL, "prompt": "A very long story", "max_tokens": 1500, "temperature": 0, "stream": True,
-            "ignore_eos": True}
+    body = {
+        "model": MODEL,
+        "prompt": "A very long story",
+        "max_tokens": 1500,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
     with httpx.stream("POST", server["base"] + "/v1/completions", json=body, headers=auth(), timeout=60) as r:
         lines = r.iter_lines()
         got = [next(lines) for _ in range(6)]
@@ -248,8 +290,9 @@ def test_queue_full_gets_429_with_retry_after(server):
     async def burst():
         async with httpx.AsyncClient(timeout=300) as c:
             body = {"model": MODEL, "prompt": "x", "max_tokens": 2, "temperature": 0}
-            return await asyncio.gather(*(c.post(server["base"] + "/v1/completions", json=body, headers=auth())
-                                          for _ in range(90)))
+            return await asyncio.gather(
+                *(c.post(server["base"] + "/v1/completions", json=body, headers=auth()) for _ in range(90))
+            )
 
     responses = asyncio.run(burst())
     codes = {r.status_code for r in responses}
@@ -259,8 +302,13 @@ def test_queue_full_gets_429_with_retry_after(server):
 
 
 def test_grpc_stream_returns_the_same_tokens_as_http(server, client):
-    http = client.completions.create(model=MODEL, prompt="Hello from gRPC", max_tokens=8, temperature=0,
-                                     extra_body={"return_token_ids": True, "ignore_eos": True})
+    http = client.completions.create(
+        model=MODEL,
+        prompt="Hello from gRPC",
+        max_tokens=8,
+        temperature=0,
+        extra_body={"return_token_ids": True, "ignore_eos": True},
+    )
     with grpc.insecure_channel(server["grpc"]) as channel:
         stub = pb_grpc.GenerationStub(channel)
         md = (("application", "mistral-cluster"),)

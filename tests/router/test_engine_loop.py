@@ -122,6 +122,7 @@ def test_a_failing_step_ends_every_request_with_an_error_instead_of_hanging(engi
 def test_a_request_whose_sampling_fails_gets_an_error_and_the_loop_serves_the_others(engine):
     """A sampler that raises (found by fuzzing: top_p=3e-300 rounded to 0 emptied the distribution) must end only
     its own request, with an error event; before, the exception ended the loop and every request hung."""
+
     async def main():
         loop, _ = make_loop(engine)
         bad = SamplingParams(max_tokens=3, temperature=1.0)

@@ -11,8 +11,13 @@ from router.pipeline import join_outputs, pick_on_stage, split_microbatches
 from router.sampling import SamplingParams
 from router.scheduler import Scheduler
 
-PARAMS = [SamplingParams(max_tokens=8), SamplingParams(max_tokens=8, temperature=0.7, seed=3),
-          SamplingParams(max_tokens=8, logprobs=2), SamplingParams(max_tokens=8), SamplingParams(max_tokens=8, logprobs=0)]
+PARAMS = [
+    SamplingParams(max_tokens=8),
+    SamplingParams(max_tokens=8, temperature=0.7, seed=3),
+    SamplingParams(max_tokens=8, logprobs=2),
+    SamplingParams(max_tokens=8),
+    SamplingParams(max_tokens=8, logprobs=0),
+]
 
 
 def scheduled():

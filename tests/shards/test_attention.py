@@ -45,8 +45,13 @@ def test_prefill_mask_matches_xformers_definition(q_lens, kv_lens, window):
 
 @pytest.mark.parametrize(
     "q_lens,kv_lens,window,causal",
-    [([12], [12], None, True), ([12], [12], 12, True), ([12], [12], 11, False), ([4], [12], None, False),
-     ([5, 7], [5, 7], None, False)],
+    [
+        ([12], [12], None, True),
+        ([12], [12], 12, True),
+        ([12], [12], 11, False),
+        ([4], [12], None, False),
+        ([5, 7], [5, 7], None, False),
+    ],
 )
 def test_only_a_single_uncached_chunk_inside_the_window_takes_the_plain_causal_path(q_lens, kv_lens, window, causal):
     assert AttentionPlan.build(prefill_bias(q_lens, kv_lens, window), "cpu").causal is causal

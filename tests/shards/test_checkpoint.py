@@ -14,9 +14,17 @@ from shards.config import ConfigError, load_config
 
 def write_config(tmp_path, **overrides):
     base = {
-        "model_type": "mixtral", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 32000, "rms_norm_eps": 1e-5,
-        "sliding_window": 32, "num_local_experts": 4, "num_experts_per_tok": 2,
+        "model_type": "mixtral",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "vocab_size": 32000,
+        "rms_norm_eps": 1e-5,
+        "sliding_window": 32,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
     }
     base.update(overrides)
     base = {k: v for k, v in base.items() if v is not ...}
@@ -103,7 +111,10 @@ def test_tensor_shape_that_disagrees_with_the_config_is_named(checkpoint_factory
     cfg = json.loads((copy / "config.json").read_text())
     cfg["intermediate_size"] = 100
     (copy / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"tensor 'model.layers.0.mlp.gate_proj.weight' has shape \[128, 64\], the config asks for \[100, 64\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensor 'model.layers.0.mlp.gate_proj.weight' has shape \[128, 64\], the config asks for \[100, 64\]",
+    ):
         CheckpointReader(copy).load(ShardSelection.whole(load_config(copy)))
 
 
@@ -112,11 +123,15 @@ def test_selection_reads_only_its_tensors(checkpoint_factory):
     sel = ShardSelection(layers=(1,), experts={1: (2,)})
     names = set(reader.load(sel))
     assert names == {
-        "model.layers.1.input_layernorm.weight", "model.layers.1.post_attention_layernorm.weight",
-        "model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight",
-        "model.layers.1.self_attn.v_proj.weight", "model.layers.1.self_attn.o_proj.weight",
+        "model.layers.1.input_layernorm.weight",
+        "model.layers.1.post_attention_layernorm.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.1.self_attn.k_proj.weight",
+        "model.layers.1.self_attn.v_proj.weight",
+        "model.layers.1.self_attn.o_proj.weight",
         "model.layers.1.block_sparse_moe.gate.weight",
-        "model.layers.1.block_sparse_moe.experts.2.w1.weight", "model.layers.1.block_sparse_moe.experts.2.w2.weight",
+        "model.layers.1.block_sparse_moe.experts.2.w1.weight",
+        "model.layers.1.block_sparse_moe.experts.2.w2.weight",
         "model.layers.1.block_sparse_moe.experts.2.w3.weight",
     }
 
@@ -143,7 +158,9 @@ def test_shard_loader_peak_memory_is_its_own_size_not_the_checkpoints(checkpoint
     total = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
     peaks = {}
     for which in ("shard", "whole"):
-        out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(ckpt), which], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", PEAK_SCRIPT, str(ckpt), which], capture_output=True, text=True, check=True
+        )
         peaks[which] = [int(x) for x in out.stdout.split()]
     shard_peak, shard_bytes = peaks["shard"]
     whole_peak, _ = peaks["whole"]

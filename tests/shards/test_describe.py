@@ -60,8 +60,11 @@ def test_shard_table_splits_weights_and_kv_of_the_whole_model_exactly():
     half = config.n_layers // 2
     shards = [
         ("stage 0", ShardSelection(embedding=True, layers=tuple(range(half))), range(half)),
-        ("stage 1", ShardSelection(layers=tuple(range(half, config.n_layers)), final_norm=True, head=True),
-         range(half, config.n_layers)),
+        (
+            "stage 1",
+            ShardSelection(layers=tuple(range(half, config.n_layers)), final_norm=True, head=True),
+            range(half, config.n_layers),
+        ),
         ("experts", ShardSelection(experts={i: tuple(range(config.num_experts)) for i in range(config.n_layers)}), 0),
     ]
     rows = shard_table(config, shards, context=500, batch=2, dtype=torch.float32)

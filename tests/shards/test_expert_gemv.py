@@ -94,8 +94,9 @@ json.dump({"rows": rows, "dispatch": dispatch}, sys.stdout)
 def interpreted():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     env.pop("MISTRAL_CLUSTER_EXPERT_GEMV_MAX_TOKENS", None)
-    done = subprocess.run([sys.executable, "-c", CHECKS], check=False, capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", CHECKS], check=False, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout)
 

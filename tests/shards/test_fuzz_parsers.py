@@ -35,40 +35,75 @@ MODEL = small_config("mixtral", layers=4, experts=4)
 # Values a hand-written file could hold, and some no one would write: huge and negative numbers, NaN and
 # infinities, ranges that run backwards or very far, strings where numbers belong, nesting where scalars belong.
 SCALARS = st.one_of(
-    st.none(), st.booleans(),
-    st.integers(-3, 12), st.integers(), st.sampled_from([2**63, 10**30, -(10**30), 10**4000]),
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 12),
+    st.integers(),
+    st.sampled_from([2**63, 10**30, -(10**30), 10**4000]),
     st.floats(allow_nan=True, allow_infinity=True),
-    st.sampled_from(["all", "0-3", "2-1", "0-999999999999", " 1 - 2 ", "3", "", "x", "0-", "-1", "float32",
-                     "bfloat16", "spread", "pack", "strict_pack", "CPU", "GPU", "checkpoints/x"]),
+    st.sampled_from(
+        [
+            "all",
+            "0-3",
+            "2-1",
+            "0-999999999999",
+            " 1 - 2 ",
+            "3",
+            "",
+            "x",
+            "0-",
+            "-1",
+            "float32",
+            "bfloat16",
+            "spread",
+            "pack",
+            "strict_pack",
+            "CPU",
+            "GPU",
+            "checkpoints/x",
+        ]
+    ),
     st.text(max_size=10),
 )
-VALUES = st.recursive(SCALARS, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.one_of(st.text(max_size=6), st.sampled_from(["CPU", "GPU"])),
-                                                 inner, max_size=3)), max_leaves=8)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.dictionaries(st.one_of(st.text(max_size=6), st.sampled_from(["CPU", "GPU"])), inner, max_size=3),
+    ),
+    max_leaves=8,
+)
 
 
 def _maybe(keys: tuple[str, ...], values: dict) -> st.SearchStrategy[dict]:
     """Dictionaries over `keys` (and a stray key now and then), each value from `values` or anything."""
     return st.dictionaries(st.sampled_from(keys + ("stray",)), VALUES, max_size=len(keys)).flatmap(
-        lambda d: st.fixed_dictionaries({k: st.one_of(values.get(k, VALUES), VALUES) for k in d}))
+        lambda d: st.fixed_dictionaries({k: st.one_of(values.get(k, VALUES), VALUES) for k in d})
+    )
 
 
-RESOURCES = st.dictionaries(st.sampled_from(["CPU", "GPU", "node_a"]),
-                            st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2, 4)),
-                            max_size=3)
-IDS = st.one_of(st.lists(st.integers(-1, 6), max_size=5), st.integers(-1, 6),
-                st.sampled_from(["0-1", "2-3", "0-3", "all", "3-0"]))
+RESOURCES = st.dictionaries(
+    st.sampled_from(["CPU", "GPU", "node_a"]),
+    st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2, 4)),
+    max_size=3,
+)
+IDS = st.one_of(
+    st.lists(st.integers(-1, 6), max_size=5), st.integers(-1, 6), st.sampled_from(["0-1", "2-3", "0-3", "all", "3-0"])
+)
 STAGE = _maybe(STAGE_KEYS, {"layers": IDS, "resources": RESOURCES})
 GROUP = _maybe(EXPERT_GROUP_KEYS, {"experts": IDS, "layers": IDS, "resources": RESOURCES})
-PLACEMENTS = _maybe(TOP_KEYS, {
-    "checkpoint": st.just("checkpoints/small"),
-    "stages": st.one_of(st.integers(-1, 6), st.lists(STAGE, max_size=4)),
-    "expert_groups": st.one_of(st.integers(-1, 6), st.lists(GROUP, max_size=4)),
-    "resources": RESOURCES,
-    "dtype": st.sampled_from(["float32", "bfloat16", "float16", "int8"]),
-    "strategy": st.sampled_from(["pack", "spread", "strict_spread", "strict_pack", "none"]),
-    **{k: st.integers(-2, 4096) for k in ("micro_batch_size", "token_budget", "max_seqs", "chunk_size")},
-})
+PLACEMENTS = _maybe(
+    TOP_KEYS,
+    {
+        "checkpoint": st.just("checkpoints/small"),
+        "stages": st.one_of(st.integers(-1, 6), st.lists(STAGE, max_size=4)),
+        "expert_groups": st.one_of(st.integers(-1, 6), st.lists(GROUP, max_size=4)),
+        "resources": RESOURCES,
+        "dtype": st.sampled_from(["float32", "bfloat16", "float16", "int8"]),
+        "strategy": st.sampled_from(["pack", "spread", "strict_spread", "strict_pack", "none"]),
+        **{k: st.integers(-2, 4096) for k in ("micro_batch_size", "token_budget", "max_seqs", "chunk_size")},
+    },
+)
 
 
 def place(path, text: str | bytes) -> None:
@@ -106,14 +141,24 @@ HOSTILE_PLACEMENTS = {
     "a mapping as a key": ("? {a: 1}\n: 1", "not valid YAML"),
     "a repeated key": ("stages: 2\nstages: 3", "duplicate key 'stages'"),
     "a trillion stages": ("checkpoint: c\nstages: 1000000000000", "stages: 1000000000000 stages is more than"),
-    "a trillion expert groups": ("checkpoint: c\nstages: 1\nexpert_groups: 1000000000000",
-                                 "expert_groups: 1000000000000 groups is more than"),
-    "a range of a hundred billion layers": ("checkpoint: c\nstages: [{layers: 0-100000000000}]",
-                                           "stages[0].layers: range '0-100000000000' goes past layer"),
-    "an infinite resource": ("checkpoint: c\nresources: {CPU: .inf}\nstages: 2", "resources.CPU: expected a non-negative"),
+    "a trillion expert groups": (
+        "checkpoint: c\nstages: 1\nexpert_groups: 1000000000000",
+        "expert_groups: 1000000000000 groups is more than",
+    ),
+    "a range of a hundred billion layers": (
+        "checkpoint: c\nstages: [{layers: 0-100000000000}]",
+        "stages[0].layers: range '0-100000000000' goes past layer",
+    ),
+    "an infinite resource": (
+        "checkpoint: c\nresources: {CPU: .inf}\nstages: 2",
+        "resources.CPU: expected a non-negative",
+    ),
     "a NaN resource": ("checkpoint: c\nresources: {CPU: .nan}\nstages: 2", "resources.CPU: expected a non-negative"),
     "a Python object tag": ("!!python/object/apply:os.system ['true']", "not valid YAML"),
-    "binary where a path belongs": ("checkpoint: !!binary aGVsbG8=\nstages: 1", "checkpoint: expected a directory path"),
+    "binary where a path belongs": (
+        "checkpoint: !!binary aGVsbG8=\nstages: 1",
+        "checkpoint: expected a directory path",
+    ),
 }
 
 
@@ -137,8 +182,7 @@ def config_dicts(base: dict) -> st.SearchStrategy[dict]:
     keys = sorted(base) + ["head_dim", "rope_parameters", "moe", "num_local_experts", "stray"]
     changes = st.dictionaries(st.sampled_from(keys), st.one_of(NUMBERS, VALUES), max_size=4)
     removals = st.sets(st.sampled_from(sorted(base)), max_size=3)
-    return st.tuples(changes, removals).map(
-        lambda cr: {k: v for k, v in {**base, **cr[0]}.items() if k not in cr[1]})
+    return st.tuples(changes, removals).map(lambda cr: {k: v for k, v in {**base, **cr[0]}.items() if k not in cr[1]})
 
 
 def configure(directory, name: str, content: bytes) -> None:
@@ -172,8 +216,10 @@ def test_a_fuzzed_params_json_is_a_config_or_a_config_error(workdir, data):
 
 
 @FUZZ
-@given(st.sampled_from(["config.json", "params.json"]), st.one_of(
-    st.binary(max_size=100), st.text(max_size=100).map(lambda t: t.encode("utf-8", "surrogatepass"))))
+@given(
+    st.sampled_from(["config.json", "params.json"]),
+    st.one_of(st.binary(max_size=100), st.text(max_size=100).map(lambda t: t.encode("utf-8", "surrogatepass"))),
+)
 def test_fuzzed_config_bytes_are_a_config_or_a_config_error(workdir, name, content):
     configure(workdir, name, content)
 
@@ -182,9 +228,18 @@ HOSTILE_CONFIGS = {
     "not UTF-8": (b'{"hidden_size": "\xff\xfe"}', "not UTF-8 text"),
     "nested deeper than the parser recurses": (b"[" * 5000 + b"]" * 5000, "nested too deeply"),
     "an integer Python refuses to parse": (b'{"hidden_size": ' + b"9" * 5000 + b"}", "not valid JSON"),
-    "a number too large for a float": (dump({**HF_BASE, "rms_norm_eps": 10**400}), "field 'rms_norm_eps' is out of range"),
-    "an infinite rope_theta": (dump({**HF_BASE, "rope_theta": math.inf}), "field 'rope_theta' must be a positive number"),
-    "a NaN norm epsilon": (dump({**HF_BASE, "rms_norm_eps": math.nan}), "norm_eps' must be a small positive number, got nan"),
+    "a number too large for a float": (
+        dump({**HF_BASE, "rms_norm_eps": 10**400}),
+        "field 'rms_norm_eps' is out of range",
+    ),
+    "an infinite rope_theta": (
+        dump({**HF_BASE, "rope_theta": math.inf}),
+        "field 'rope_theta' must be a positive number",
+    ),
+    "a NaN norm epsilon": (
+        dump({**HF_BASE, "rms_norm_eps": math.nan}),
+        "norm_eps' must be a small positive number, got nan",
+    ),
 }
 
 

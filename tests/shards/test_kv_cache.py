@@ -32,7 +32,9 @@ def test_position_p_is_written_at_row_p_mod_window():
     k = torch.arange(6, dtype=torch.float32).view(3, 1, 2) + 100
     cache.update_and_read(0, k, k.clone(), layout)
     rows = cache.k[0].view(2, 4, 1, 2)
-    assert torch.equal(rows[1, 9 % 4], k[0]) and torch.equal(rows[1, 10 % 4], k[1]) and torch.equal(rows[1, 11 % 4], k[2])
+    assert (
+        torch.equal(rows[1, 9 % 4], k[0]) and torch.equal(rows[1, 10 % 4], k[1]) and torch.equal(rows[1, 11 % 4], k[2])
+    )
     assert torch.count_nonzero(rows[0]) == 0  # the other slot is untouched
 
 

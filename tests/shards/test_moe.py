@@ -93,8 +93,10 @@ def test_grouped_experts_match_the_per_expert_loop(held):
     assert torch.allclose(group.forward_grouped(x, ids, weights), group.forward_loop(x, ids, weights), atol=1e-6)
 
 
-@pytest.mark.parametrize("path,reference_path,tokens,seed", [("forward_grouped", "forward_loop", 40, 4),
-                                                              ("forward_dense", "forward_grouped", 24, 11)])
+@pytest.mark.parametrize(
+    "path,reference_path,tokens,seed",
+    [("forward_grouped", "forward_loop", 40, 4), ("forward_dense", "forward_grouped", 24, 11)],
+)
 def test_each_expert_path_matches_its_reference_path_in_bfloat16(path, reference_path, tokens, seed):
     group = make_group([0, 2, 3, 5], seed=seed, dtype=torch.bfloat16)
     x, ids, weights = routing(tokens, seed=seed + 1)
@@ -109,7 +111,7 @@ def test_choices_of_experts_not_held_contribute_exactly_zero_even_if_the_kernel_
 
     def garbage_past_offs(a, b, offs):
         out = real(a, b, offs=offs)
-        out[int(offs[-1]):] = float("nan")  # what an uninitialised tail may hold
+        out[int(offs[-1]) :] = float("nan")  # what an uninitialised tail may hold
         return out
 
     monkeypatch.setattr(torch, "_grouped_mm", garbage_past_offs)

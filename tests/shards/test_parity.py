@@ -24,7 +24,9 @@ def test_greedy_tokens_equal_transformers_for_a_mixed_length_batch(checkpoint_fa
     ckpt = checkpoint_factory(arch, seed=seed, window=window)
     lengths = [3, window, 3 * window + 5]
     prompts = random_prompts(lengths, seed=100 + seed)
-    ours = generate(LocalEngine(ckpt, max_seqs=len(prompts)), prompts, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
+    ours = generate(
+        LocalEngine(ckpt, max_seqs=len(prompts)), prompts, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+    )
     for prompt, result in zip(prompts, ours):
         assert result.token_ids == hf_greedy(hf_model(ckpt), prompt, NEW_TOKENS), f"prompt of {len(prompt)} tokens"
 
@@ -33,8 +35,13 @@ def test_greedy_tokens_equal_transformers_for_a_mixed_length_batch(checkpoint_fa
 def test_chunked_prefill_gives_the_same_tokens_for_any_chunk_size(checkpoint_factory, hf_model, chunk_size):
     ckpt = checkpoint_factory("mixtral", seed=4, window=16)
     prompts = random_prompts([61, 9], seed=7)
-    ours = generate(LocalEngine(ckpt, max_seqs=2), prompts, SamplingParams(max_tokens=20, ignore_eos=True),
-                    chunk_size=chunk_size, token_budget=chunk_size + 1)
+    ours = generate(
+        LocalEngine(ckpt, max_seqs=2),
+        prompts,
+        SamplingParams(max_tokens=20, ignore_eos=True),
+        chunk_size=chunk_size,
+        token_budget=chunk_size + 1,
+    )
     for prompt, result in zip(prompts, ours):
         assert result.token_ids == hf_greedy(hf_model(ckpt), prompt, 20)
 
@@ -46,7 +53,7 @@ def test_last_position_logits_match_transformers(checkpoint_factory, hf_model, a
     engine = LocalEngine(ckpt, max_seqs=1)
     ours = None
     for start in range(0, len(prompt), 16):  # chunked prefill through the rolling cache
-        chunk = prompt[start:start + 16]
+        chunk = prompt[start : start + 16]
         ours = engine.step(StepBatch([0], [start], [len(chunk)], torch.tensor(chunk)))
     with torch.no_grad():
         ref = hf_model(ckpt)(torch.tensor([prompt])).logits[0, -1]
@@ -57,7 +64,9 @@ def test_last_position_logits_match_transformers(checkpoint_factory, hf_model, a
 def test_model_without_window_matches_transformers(checkpoint_factory, hf_model):
     ckpt = checkpoint_factory("mistral", seed=6, window=None)
     prompts = random_prompts([40, 7], seed=12)
-    ours = generate(LocalEngine(ckpt, max_seqs=2), prompts, SamplingParams(max_tokens=16, ignore_eos=True), chunk_size=12)
+    ours = generate(
+        LocalEngine(ckpt, max_seqs=2), prompts, SamplingParams(max_tokens=16, ignore_eos=True), chunk_size=12
+    )
     for prompt, result in zip(prompts, ours):
         assert result.token_ids == hf_greedy(hf_model(ckpt), prompt, 16)
 

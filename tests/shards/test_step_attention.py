@@ -92,7 +92,7 @@ def test_decode_with_slots_out_of_order_gives_each_sequence_its_own_logits(check
     prompts = {2: [1, 5, 9, 13, 17, 21, 25, 29, 33, 37], 0: [1, 6, 10]}
     for slot, prompt in prompts.items():
         for start in range(0, len(prompt), 8):  # slot 2 goes past the window: its buffer wraps
-            chunk = prompt[start:start + 8]
+            chunk = prompt[start : start + 8]
             engine.step(StepBatch([slot], [start], [len(chunk)], torch.tensor(chunk)))
     alone = {
         slot: engine.step(StepBatch([slot], [len(p)], [1], torch.tensor([40 + slot])))[0] for slot, p in prompts.items()

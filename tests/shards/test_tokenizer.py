@@ -24,12 +24,16 @@ def test_encode_prepends_bos_like_mistral(tok):
 
 def test_chat_format_is_inst_blocks_with_eos_after_each_answer(tok):
     sp = spm.SentencePieceProcessor(model_file=str(mistral_tokenizer_file()))
-    ids = tok.encode_chat([
-        {"role": "user", "content": "Hi there"},
-        {"role": "assistant", "content": "Hello!"},
-        {"role": "user", "content": "Tell me"},
-    ])
-    expected = ([1] + sp.encode("[INST] Hi there [/INST]") + sp.encode("Hello!") + [2] + sp.encode("[INST] Tell me [/INST]"))
+    ids = tok.encode_chat(
+        [
+            {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Tell me"},
+        ]
+    )
+    expected = (
+        [1] + sp.encode("[INST] Hi there [/INST]") + sp.encode("Hello!") + [2] + sp.encode("[INST] Tell me [/INST]")
+    )
     assert ids == expected
 
 
