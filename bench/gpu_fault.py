@@ -65,7 +65,7 @@ def main() -> None:
             ray.kill(victim, no_restart=True)
             unready_seen, back = False, None
             while back is None and time.monotonic() - t_kill < 120:
-                healthy = cluster.health()["healthy"]
+                healthy = cluster.health().health.healthy
                 unready_seen |= not healthy
                 if unready_seen and healthy:
                     back = time.monotonic() - t_kill
@@ -79,8 +79,8 @@ def main() -> None:
         "killed": f"experts1 on GPU {where['experts1']['gpu_ids']}",
         "recovery_seconds": back,
         "identical": identical,
-        "restarted": health["restarted"],
-        "shard_failures": health["shard_failures"],
+        "restarted": [list(r) for r in health.health.restarted],
+        "shard_failures": health.health.shard_failures,
     }
     out_path = Path(args.out or f"bench/results/gpu_fault-{'2xh200' if gpu else 'cpu-dry-run'}.json")
     out_path.write_text(json.dumps(result, indent=2) + "\n")

@@ -6,6 +6,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from router.step import RouterStats
+
 PREFIX = "mistral_cluster"
 
 
@@ -13,46 +15,44 @@ class _RouterCollector:
     """Reads the router snapshot taken for this scrape (running, waiting, cache slots, tokens, expert load)."""
 
     def __init__(self) -> None:
-        self.stats: dict | None = None
+        self.stats: RouterStats | None = None
         self.ready = False
 
     def collect(self):
         yield GaugeMetricFamily(
             f"{PREFIX}_ready", "1 when every shard is loaded and the router answers", value=1.0 if self.ready else 0.0
         )
-        s = self.stats
-        if s is None:
+        if self.stats is None:
             return
-        yield GaugeMetricFamily(f"{PREFIX}_requests_running", "sequences in the running batch", value=s["running"])
-        yield GaugeMetricFamily(f"{PREFIX}_requests_waiting", "sequences waiting for a cache slot", value=s["waiting"])
+        s, health = self.stats.engine, self.stats.health
+        yield GaugeMetricFamily(f"{PREFIX}_requests_running", "sequences in the running batch", value=s.running)
+        yield GaugeMetricFamily(f"{PREFIX}_requests_waiting", "sequences waiting for a cache slot", value=s.waiting)
         yield GaugeMetricFamily(
-            f"{PREFIX}_kv_cache_slots_in_use", "KV cache slots held by sequences", value=s["slots_in_use"]
+            f"{PREFIX}_kv_cache_slots_in_use", "KV cache slots held by sequences", value=s.slots_in_use
         )
-        yield GaugeMetricFamily(f"{PREFIX}_kv_cache_slots_total", "KV cache slots", value=s["slots_total"])
-        yield CounterMetricFamily(f"{PREFIX}_prompt_tokens", "prompt tokens accepted", value=s["tokens_in"])
-        yield CounterMetricFamily(f"{PREFIX}_generation_tokens", "tokens generated", value=s["tokens_out"])
-        yield CounterMetricFamily(f"{PREFIX}_steps", "engine steps run", value=s["steps"])
-        yield CounterMetricFamily(f"{PREFIX}_failed_steps", "engine steps that failed", value=s["failed_steps"])
+        yield GaugeMetricFamily(f"{PREFIX}_kv_cache_slots_total", "KV cache slots", value=s.slots_total)
+        yield CounterMetricFamily(f"{PREFIX}_prompt_tokens", "prompt tokens accepted", value=s.tokens_in)
+        yield CounterMetricFamily(f"{PREFIX}_generation_tokens", "tokens generated", value=s.tokens_out)
+        yield CounterMetricFamily(f"{PREFIX}_steps", "engine steps run", value=s.steps)
+        yield CounterMetricFamily(f"{PREFIX}_failed_steps", "engine steps that failed", value=s.failed_steps)
         yield CounterMetricFamily(
-            f"{PREFIX}_aborted_requests", "requests ended early (client gone, stop string)", value=s["aborted"]
+            f"{PREFIX}_aborted_requests", "requests ended early (client gone, stop string)", value=s.aborted
         )
         yield GaugeMetricFamily(
             f"{PREFIX}_shards_healthy",
             "1 when every shard answers, 0 while recovering",
-            value=1.0 if s.get("healthy", True) else 0.0,
+            value=1.0 if health.healthy else 0.0,
         )
-        yield CounterMetricFamily(
-            f"{PREFIX}_shard_failures", "shard failures detected", value=s.get("shard_failures", 0)
-        )
-        yield CounterMetricFamily(f"{PREFIX}_recoveries", "recoveries completed", value=s.get("recoveries", 0))
-        if s.get("last_recovery_seconds") is not None:
+        yield CounterMetricFamily(f"{PREFIX}_shard_failures", "shard failures detected", value=health.shard_failures)
+        yield CounterMetricFamily(f"{PREFIX}_recoveries", "recoveries completed", value=health.recoveries)
+        if health.last_recovery_seconds is not None:
             yield GaugeMetricFamily(
-                f"{PREFIX}_last_recovery_seconds", "how long the last recovery took", value=s["last_recovery_seconds"]
+                f"{PREFIX}_last_recovery_seconds", "how long the last recovery took", value=health.last_recovery_seconds
             )
         load = CounterMetricFamily(
             f"{PREFIX}_expert_tokens", "tokens routed to each expert", labels=["layer", "expert"]
         )
-        for layer, row in enumerate(s.get("expert_load", [])):
+        for layer, row in enumerate(self.stats.expert_load):
             for expert, n in enumerate(row):
                 load.add_metric([str(layer), str(expert)], n)
         yield load
@@ -89,7 +89,7 @@ class ServeMetrics:
         if n_tokens > 1:
             self.tpot.observe(seconds_after_first / (n_tokens - 1))
 
-    def render(self, router_stats: dict | None, ready: bool) -> tuple[bytes, str]:
+    def render(self, router_stats: RouterStats | None, ready: bool) -> tuple[bytes, str]:
         self.router.stats = router_stats
-        self.router.ready = ready and bool(router_stats and router_stats.get("healthy", True))
+        self.router.ready = ready and router_stats is not None and router_stats.health.healthy
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -11,14 +11,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from dataclasses import replace
 
 import torch
 
-from router.engine_loop import EngineLoop, QueueFullError, TokenEvent
+from router.engine_loop import EngineLoop, QueueFullError
 from router.generation import Completion, RequestError
 from router.pipeline import join_outputs, split_microbatches
 from router.sampling import SamplingParams
 from router.scheduler import Scheduler
+from router.step import Admission, RouterHealth, RouterStats
 from shards.config import ModelConfig
 from shards.kv_cache import StepBatch, cache_capacity
 
@@ -40,14 +42,9 @@ class RouterActor:
         self.supervisor, self.plan, self.config = supervisor, plan, config
         self._set_handles(supervisor.handles())
         self.monitor_interval_s = monitor_interval_s
-        self.health = {
-            "healthy": not recover_on_start,
-            "reason": "router restarted" if recover_on_start else None,
-            "shard_failures": 0,
-            "recoveries": 0,
-            "last_recovery_seconds": None,
-            "restarted": [],
-        }
+        self.health = RouterHealth(
+            healthy=not recover_on_start, reason="router restarted" if recover_on_start else None
+        )
         self.generation = 0  # bumped by every recovery
         self._recover_on_start = recover_on_start
         self._started = False
@@ -76,7 +73,7 @@ class RouterActor:
 
     # --- health and recovery ---------------------------------------------------------------------------
 
-    async def start(self) -> dict:
+    async def start(self) -> RouterHealth:
         """Start the engine loop and the shard monitor (and, after a router restart, re-form the group)."""
         if not self._started:
             self._started = True
@@ -112,8 +109,9 @@ class RouterActor:
                 return  # someone already recovered from this failure
             self._ready.clear()
             self.loop.shards_lost(reason)
-            self.health.update(healthy=False, reason=reason)
-            self.health["shard_failures"] += 1
+            self.health = replace(
+                self.health, healthy=False, reason=reason, shard_failures=self.health.shard_failures + 1
+            )
             t0 = time.monotonic()
             delay = 1.0
             while True:
@@ -121,14 +119,19 @@ class RouterActor:
                     handles, report = await asyncio.to_thread(self.supervisor.recover, self.shards)
                     break
                 except Exception as e:  # noqa: BLE001 - stay unready, say why, try again
-                    self.health["reason"] = f"{reason}; recovering: {type(e).__name__}: {e}"
+                    self.health = replace(self.health, reason=f"{reason}; recovering: {type(e).__name__}: {e}")
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 10.0)
             self._set_handles(handles)
             self.generation += 1
-            self.health.update(healthy=True, reason=None, last_recovery_seconds=round(time.monotonic() - t0, 3))
-            self.health["recoveries"] += 1
-            self.health["restarted"].append(report["restarted"])
+            self.health = replace(
+                self.health,
+                healthy=True,
+                reason=None,
+                last_recovery_seconds=round(time.monotonic() - t0, 3),
+                recoveries=self.health.recoveries + 1,
+                restarted=(*self.health.restarted, tuple(report["restarted"])),
+            )
             self._ready.set()
 
     async def step(self, batch: StepBatch) -> torch.Tensor:
@@ -168,20 +171,19 @@ class RouterActor:
         return logits
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams, resume_ids: list[int] | None = None):
-        """Ray streaming generator. First item: {"accepted": True} or {"rejected": status, "message": ...}, so the
-        caller can answer 400/429 before it starts a response; then one `TokenEvent` per sampled token.
-        Cancelling the generator frees the request's cache slot."""
+        """Ray streaming generator. First item: an `Admission`, so the caller can answer 400/429 before it starts a
+        response; then one `TokenEvent` per sampled token. Cancelling the generator frees the request's cache slot."""
         await self.start()
         try:
             request = self.loop.submit(prompt_ids, params, resume_ids)
         except QueueFullError as e:
-            yield {"rejected": 429, "message": str(e), "retry_after": e.retry_after_s}
+            yield Admission.reject(429, str(e), e.retry_after_s)
             return
         except RequestError as e:
-            yield {"rejected": 400, "message": str(e)}
+            yield Admission.reject(400, str(e))
             return
         try:
-            yield {"accepted": True}
+            yield Admission.accept()
             async for event in self.loop.follow(request):
                 yield event
         finally:  # cancelled or closed by the caller: the slot must come back either way
@@ -212,12 +214,10 @@ class RouterActor:
     async def ping(self) -> bool:
         return True
 
-    async def stats(self) -> dict:
+    async def stats(self) -> RouterStats:
         await self.start()
-        snap = self.loop.snapshot()
-        snap["expert_load"] = self.expert_load.tolist()
-        snap.update(self.health)
-        return snap
+        load = tuple(tuple(row) for row in self.expert_load.tolist())
+        return RouterStats(self.loop.snapshot(), self.health, load)
 
     async def take_traces(self) -> list[dict]:
         traces, self.traces = self.traces, []
@@ -228,6 +228,3 @@ class RouterActor:
 
     async def get_expert_load(self) -> list[list[int]]:
         return self.expert_load.tolist()
-
-
-__all__ = ["RouterActor", "TokenEvent"]

@@ -41,6 +41,7 @@ from cluster.openai_api import (
     usage_chunk,
 )
 from router.sampling import SamplingParams
+from router.step import Admission
 
 log = logging.getLogger("mistral_cluster.serve")
 # The document is served by a route of ours (`/openapi.json`), behind the API key like every route but health and
@@ -278,9 +279,9 @@ class OpenAIIngress:
             )
         except Exception as e:  # noqa: BLE001 - any other failure to answer is "not ready"
             return JSONResponse({"status": "unhealthy", "error": f"router: {type(e).__name__}: {e}"}, status_code=503)
-        if not stats.get("healthy", True):
+        if not stats.health.healthy:
             return JSONResponse(
-                {"status": "recovering", "reason": stats.get("reason"), "shard_failures": stats.get("shard_failures")},
+                {"status": "recovering", "reason": stats.health.reason, "shard_failures": stats.health.shard_failures},
                 status_code=503,
             )
         return JSONResponse(
@@ -288,10 +289,10 @@ class OpenAIIngress:
                 "status": "ready",
                 "model": self.model_name,
                 "shards": len(self.cluster.plan.shard_names()),
-                "running": stats["running"],
-                "waiting": stats["waiting"],
-                "shard_failures": stats.get("shard_failures"),
-                "recoveries": stats.get("recoveries"),
+                "running": stats.engine.running,
+                "waiting": stats.engine.waiting,
+                "shard_failures": stats.health.shard_failures,
+                "recoveries": stats.health.recoveries,
             }
         )
 
@@ -420,13 +421,14 @@ class OpenAIIngress:
                 for c in choices:
                     streams.append(router.stream.options(num_returns="streaming").remote(c.prompt_ids, c.params))
                 for s in streams:
-                    first = await self._first_item(router, s)
-                    if "rejected" in first:
-                        headers = {"Retry-After": str(first["retry_after"])} if first.get("retry_after") else None
-                        status = first["rejected"]
+                    admission = await self._first_item(router, s)
+                    if not admission.accepted:
+                        retry = admission.retry_after_s
+                        headers = {"Retry-After": str(retry)} if retry else None
+                        status = admission.status
                         raise APIError(
                             status,
-                            first["message"],
+                            admission.message,
                             code="queue_full" if status == 429 else None,
                             kind="rate_limit_error" if status == 429 else "invalid_request_error",
                             headers=headers,
@@ -450,7 +452,7 @@ class OpenAIIngress:
             headers={"Retry-After": "5"},
         )
 
-    async def _first_item(self, router, stream) -> dict:
+    async def _first_item(self, router, stream) -> Admission:
         """The router's admission answer. A live router always answers at once (a stream that ends here is a dead
         router's); one that has not answered in ADMIT_PING_S is pinged, and if it does not answer that either it
         is treated as dead (a hung router must not hang the request)."""
@@ -473,7 +475,7 @@ class OpenAIIngress:
             return False
 
     @staticmethod
-    async def _next(stream) -> dict:
+    async def _next(stream) -> Admission:
         return await (await stream.__anext__())
 
     def _release(self, streams: list) -> None:
@@ -490,7 +492,7 @@ class OpenAIIngress:
                 async for ref in streams[choice.stream_index]:
                     event = await ref
                     yield event
-                    if event.finish_reason is not None or event.error is not None:
+                    if event.last:
                         return
                 # The stream ended with no finish event. If the router no longer answers, it went away (a lost node
                 # ends the generator without an error): treat it as a RayActorError. A live router means the
@@ -512,11 +514,11 @@ class OpenAIIngress:
                     choice.prompt_ids, choice.params, resume_ids=list(choice.token_ids)
                 )
                 streams[choice.stream_index] = stream
-                first = await (await stream.__anext__())
-                if "rejected" in first:
+                admission = await (await stream.__anext__())
+                if not admission.accepted:
                     raise APIError(
                         503,
-                        f"could not resume after a router restart: {first['message']}",
+                        f"could not resume after a router restart: {admission.message}",
                         code="engine_failure",
                         kind="server_error",
                     ) from None

@@ -21,6 +21,7 @@ from cluster.router_actor import RouterActor
 from cluster.supervisor import ShardSupervisor
 from router.generation import Completion
 from router.sampling import SamplingParams
+from router.step import RouterStats
 
 
 class ShardedCluster:
@@ -120,7 +121,7 @@ class ShardedCluster:
     def locations(self) -> dict[str, dict]:
         return {loc["shard"]: loc for loc in ray.get([a.location.remote() for a in self.supervisor.handles()])}
 
-    def health(self) -> dict:
+    def health(self) -> RouterStats:
         return ray.get(self.router.stats.remote())
 
     def take_traces(self) -> list[dict]:

@@ -16,6 +16,7 @@ import torch
 from router.generation import RequestError, check_prompt
 from router.sampling import SamplingParams
 from router.scheduler import Scheduler, Sequence
+from router.step import EngineStats, TokenEvent
 from shards.kv_cache import StepBatch
 
 StepFn = Callable[[StepBatch], Awaitable[torch.Tensor]]
@@ -29,15 +30,6 @@ class QueueFullError(RequestError):
 
 class EngineFailure(RuntimeError):
     """A step failed (a shard died or timed out); the requests it carried end with this message."""
-
-
-@dataclass
-class TokenEvent:
-    token_id: int
-    logprob: float
-    top_logprobs: list[tuple[int, float]] | None
-    finish_reason: str | None  # "stop", "length", or None while generating
-    error: str | None = None
 
 
 @dataclass
@@ -118,7 +110,7 @@ class EngineLoop:
             while True:
                 event = await request.queue.get()
                 yield event
-                if event.finish_reason is not None or event.error is not None:
+                if event.last:
                     return
         finally:
             self.abort(request.seq)
@@ -158,11 +150,12 @@ class EngineLoop:
                 if request is None:
                     continue
                 if seq.error is not None:
-                    request.queue.put_nowait(TokenEvent(-1, 0.0, None, None, error=seq.error))
+                    request.queue.put_nowait(TokenEvent.failure(seq.error))
                     continue
                 self.stats.tokens_out += 1
+                top = seq.output_top_logprobs[-1]
                 event = TokenEvent(
-                    seq.output_ids[-1], seq.output_logprobs[-1], seq.output_top_logprobs[-1], seq.finish_reason
+                    seq.output_ids[-1], seq.output_logprobs[-1], None if top is None else tuple(top), seq.finish_reason
                 )
                 if seq.finished:
                     self.stats.finished += 1
@@ -194,21 +187,21 @@ class EngineLoop:
                 continue  # not started: it simply runs after recovery
             if not seq.finished:
                 self.scheduler.finish(seq, "error")
-            request.queue.put_nowait(TokenEvent(-1, 0.0, None, None, error=message))
+            request.queue.put_nowait(TokenEvent.failure(message))
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> EngineStats:
         """What the metrics and health endpoints read."""
         s = self.stats
-        return {
-            "running": len(self.scheduler.running),
-            "waiting": len(self.scheduler.waiting),
-            "slots_in_use": self.scheduler.slots_in_use,
-            "slots_total": self.scheduler.slots.n,
-            "steps": s.steps,
-            "step_seconds": s.step_seconds,
-            "tokens_in": s.tokens_in,
-            "tokens_out": s.tokens_out,
-            "finished": s.finished,
-            "aborted": s.aborted,
-            "failed_steps": s.failed_steps,
-        }
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            slots_in_use=self.scheduler.slots_in_use,
+            slots_total=self.scheduler.slots.n,
+            steps=s.steps,
+            step_seconds=s.step_seconds,
+            tokens_in=s.tokens_in,
+            tokens_out=s.tokens_out,
+            finished=s.finished,
+            aborted=s.aborted,
+            failed_steps=s.failed_steps,
+        )

@@ -10,6 +10,7 @@ import pytest
 import ray
 
 import cluster.serve as serve_module
+from router.step import Admission
 
 first_item = serve_module.OpenAIIngress.func_or_class._first_item
 
@@ -23,7 +24,7 @@ class FakeStream:
             await asyncio.Event().wait()  # never answers
         await asyncio.sleep(self.answer_after_s)
         future = asyncio.get_running_loop().create_future()
-        future.set_result({"accepted": True})
+        future.set_result(Admission.accept())
         return future
 
 
@@ -58,4 +59,4 @@ def test_a_hung_router_is_reported_dead_instead_of_hanging_the_request(quick_pin
 
 
 def test_a_slow_but_live_router_is_waited_for(quick_ping):
-    assert run(FakeRouter(alive=True), FakeStream(answer_after_s=0.3)) == {"accepted": True}
+    assert run(FakeRouter(alive=True), FakeStream(answer_after_s=0.3)) == Admission.accept()

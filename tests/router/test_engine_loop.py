@@ -77,7 +77,7 @@ def test_an_abandoned_stream_frees_its_slot(engine):
         await stream.__anext__()
         assert loop.scheduler.slots_in_use == 1
         await stream.aclose()  # the client went away
-        return loop.scheduler.slots_in_use, loop.snapshot()["aborted"]
+        return loop.scheduler.slots_in_use, loop.snapshot().aborted
 
     assert asyncio.run(main()) == (0, 1)
 
@@ -87,7 +87,7 @@ def test_slots_are_reused_by_later_requests(engine):
         loop, _ = make_loop(engine)
         prompts = random_prompts([4] * 10, seed=5)
         await asyncio.gather(*(loop.generate(p, SamplingParams(max_tokens=3, ignore_eos=True)) for p in prompts))
-        return loop.scheduler.slots_in_use, loop.snapshot()["finished"]
+        return loop.scheduler.slots_in_use, loop.snapshot().finished
 
     assert asyncio.run(main()) == (0, 10)
 
