@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 
+from router.step import StepPlan
 from shards.checkpoint import CheckpointReader, ShardSelection, parse_dtype, save_checkpoint
 from shards.config import PRESETS, ModelConfig
 from shards.describe import describe, kv_bytes_per_token
 from shards.engine import LocalEngine
-from shards.kv_cache import RollingKVCache, StepBatch
+from shards.kv_cache import RollingKVCache
 from shards.make_checkpoint import make_checkpoint, small_config
 
 RESULTS = Path(__file__).parent / "results"
@@ -93,13 +94,13 @@ class Sequences:
         while self.pos[0] < length:
             n = min(chunk, length - self.pos[0])
             slots = list(range(len(self.pos)))
-            batch = StepBatch(slots, list(self.pos), [n] * len(slots), self._ids(n * len(slots)), [False] * len(slots))
+            batch = StepPlan(slots, list(self.pos), [n] * len(slots), self._ids(n * len(slots)), [False] * len(slots))
             self.engine.step(batch)
             self.pos = [p + n for p in self.pos]
 
     def decode(self) -> None:
         slots = list(range(len(self.pos)))
-        self.engine.step(StepBatch(slots, list(self.pos), [1] * len(slots), self._ids(len(slots))))
+        self.engine.step(StepPlan(slots, list(self.pos), [1] * len(slots), self._ids(len(slots))))
         self.pos = [p + 1 for p in self.pos]
 
 

@@ -358,60 +358,6 @@ def placement_yaml(
     return path
 
 
-def decode_components(traces: list[dict], batch: int) -> dict:
-    """Mean per decode step: router wall time, each stage's compute span, time in expert dispatch, transport."""
-    steps = [t for t in traces if t["tokens"] == batch and t["sequences"] == batch]
-    if not steps:
-        return {}
-    step_ms = 1000 * sum(t["seconds"] for t in steps) / len(steps)
-    stage_ms: dict[str, float] = {}
-    expert_ms: dict[str, float] = {}
-    transport_ms: dict[str, float] = {}
-    for t in steps:
-        for s in t["stages"]:
-            k = f"stage{s['stage']}"
-            span = sum(sp["end"] - sp["start"] for sp in s.get("spans", []))
-            stage_ms[k] = stage_ms.get(k, 0.0) + 1000 * span / len(steps)
-            expert_ms[k] = expert_ms.get(k, 0.0) + 1000 * s.get("expert_seconds", 0.0) / len(steps)
-            tr = s.get("transport", {}).get("seconds", {})
-            transport_ms[k] = transport_ms.get(k, 0.0) + 1000 * sum(tr.values()) / len(steps)
-    # From the first stage's start to the last stage's end (one clock: the shards share the host); the rest of the
-    # step is the router's: planning, the Ray calls, sampling.
-    busy = sum(
-        max(sp["end"] for s in t["stages"] for sp in s["spans"])
-        - min(sp["start"] for s in t["stages"] for sp in s["spans"])
-        for t in steps
-    ) / len(steps)
-    out = {
-        "step_ms": round(step_ms, 3),
-        "stage_compute_ms": _r(stage_ms),
-        "expert_dispatch_ms": _r(expert_ms),
-        "transport_ms": _r(transport_ms),
-        "stages_busy_ms": round(1000 * busy, 3),
-        "router_and_ray_ms": round(step_ms - 1000 * busy, 3),
-    }
-    if all("called" in t and all("entered" in s for s in t["stages"]) for t in steps):
-        # The router's share split: until the first stage's call starts, inside the calls but outside the layers'
-        # spans (embedding, counting expert choices, ...), after the last call ends until the router has the results.
-        n = len(steps)
-        out["router_to_stage_ms"] = round(
-            1000 * sum(min(s["entered"] for s in t["stages"]) - t["called"] for t in steps) / n, 3
-        )
-        out["in_call_outside_layers_ms"] = _r({f"stage{s['stage']}": 0.0 for s in steps[0]["stages"]})
-        for t in steps:
-            for s in t["stages"]:
-                outside = (s["left"] - s["entered"]) - sum(sp["end"] - sp["start"] for sp in s["spans"])
-                out["in_call_outside_layers_ms"][f"stage{s['stage']}"] += round(1000 * outside / n, 3)
-        out["stage_to_router_ms"] = round(
-            1000 * sum(t["returned"] - max(s["left"] for s in t["stages"]) for t in steps) / n, 3
-        )
-    return out
-
-
-def _r(d: dict) -> dict:
-    return {k: round(v, 3) for k, v in d.items()}
-
-
 def run_ours(
     name: str,
     throughput_ckpt: Path,
@@ -425,6 +371,7 @@ def run_ours(
 ) -> dict:
     import ray
 
+    from cluster.profile import decode_components
     from cluster.sharded import ShardedCluster
     from router.sampling import SamplingParams
 
@@ -444,7 +391,7 @@ def run_ours(
     t0 = time.perf_counter()
     with ShardedCluster.start(path, step_timeout_s=300.0) as cluster:
         row["start_s"] = round(time.perf_counter() - t0, 1)
-        row["shards"] = {k: v["gpu_ids"] for k, v in cluster.locations().items()}
+        row["shards"] = {k: list(v.gpu_ids) for k, v in cluster.locations().items()}
         params = lambda n: SamplingParams(max_tokens=n, ignore_eos=True)
         cluster.generate(prompts_for(1, 16).tolist(), params(2))  # warm-up
         last = None  # (batch, seconds) of the previous batch: predicts this one's time
@@ -505,8 +452,9 @@ def profile_components(cfg: ModelConfig, device: torch.device, batches: list[int
     """A few real-shaped layers in this process: GPU time of attention and of the feed-forward (CUDA events around
     each module, idle gaps waiting for the host included, as in a real step), the whole step's wall time, and the
     profiler's top kernels for one decode step."""
+    from router.step import StepPlan
     from shards.checkpoint import CheckpointReader, ShardSelection
-    from shards.kv_cache import RollingKVCache, StepBatch, StepLayout, cache_capacity
+    from shards.kv_cache import RollingKVCache, StepLayout, cache_capacity
     from shards.model import TransformerShard
 
     small = replace(cfg, n_layers=layers, max_seq_len=1024)
@@ -538,12 +486,12 @@ def profile_components(cfg: ModelConfig, device: torch.device, batches: list[int
     for b in batches:
         cache = RollingKVCache(list(range(layers)), b, capacity, small.n_kv_heads, small.head_dim, dtype, device)
         plen = min(512, capacity)
-        prefill = StepBatch(list(range(b)), [0] * b, [plen] * b, torch.randint(3, small.vocab_size, (b * plen,)))
-        decode = StepBatch(list(range(b)), [plen] * b, [1] * b, torch.randint(3, small.vocab_size, (b,)))
+        prefill = StepPlan(list(range(b)), [0] * b, [plen] * b, torch.randint(3, small.vocab_size, (b * plen,)))
+        decode = StepPlan(list(range(b)), [plen] * b, [1] * b, torch.randint(3, small.vocab_size, (b,)))
 
         def step(batch, cache=cache):
             layout = StepLayout.build(batch, capacity, small.sliding_window, small.head_dim, small.rope_theta, device)
-            h = shard.embed(batch.token_ids.to(device))
+            h = shard.embed(torch.as_tensor(batch.token_ids).to(device))
             h = shard.run_layers(h, layout, cache)
             return shard.logits(h[-1:])
 
@@ -583,16 +531,17 @@ def profile_components(cfg: ModelConfig, device: torch.device, batches: list[int
 
 def profile_prefill(shard, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, tokens: int) -> dict:
     """One prompt's first chunk through the profile's layers: wall time against the FLOP floor, and the top kernels."""
-    from shards.kv_cache import RollingKVCache, StepBatch, StepLayout
+    from router.step import StepPlan
+    from shards.kv_cache import RollingKVCache, StepLayout
 
     tokens = tokens if device.type == "cuda" else 64
     layers = len(shard.layers)
     cache = RollingKVCache([int(i) for i in shard.layers], 1, tokens, cfg.n_kv_heads, cfg.head_dim, dtype, device)
-    batch = StepBatch([0], [0], [tokens], torch.randint(3, cfg.vocab_size, (tokens,)))
+    batch = StepPlan([0], [0], [tokens], torch.randint(3, cfg.vocab_size, (tokens,)))
 
     def step():
         layout = StepLayout.build(batch, tokens, cfg.sliding_window, cfg.head_dim, cfg.rope_theta, device)
-        return shard.run_layers(shard.embed(batch.token_ids.to(device)), layout, cache)
+        return shard.run_layers(shard.embed(torch.as_tensor(batch.token_ids).to(device)), layout, cache)
 
     with torch.inference_mode():
         step()

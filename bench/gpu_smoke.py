@@ -146,7 +146,7 @@ def main() -> None:
                         ]
                         row["start_seconds"] = round(started, 1)
                         row["shards"] = {
-                            k: {"gpu_ids": v["gpu_ids"], "device_key": v["device_key"][-12:]} for k, v in where.items()
+                            k: {"gpu_ids": list(v.gpu_ids), "device_key": v.device_key[-12:]} for k, v in where.items()
                         }
                     else:
                         ours_bf16 = cluster.generate(prompts, params)
@@ -166,20 +166,16 @@ def main() -> None:
                         cluster.take_traces()
                         cluster.generate([prompts[1]], SamplingParams(max_tokens=16, ignore_eos=True))
                         traces = cluster.take_traces()
-                        decode = [t for t in traces if t["tokens"] == 1]
+                        decode = [t for t in traces if t.tokens == 1]
                         if decode:
                             per_stage = {}
                             for t in decode:
-                                for s in t["stages"]:
-                                    tr = s.get("transport", {})
-                                    per_stage.setdefault(s["stage"], []).append(
-                                        {
-                                            k: tr.get("seconds", {}).get(k, 0.0)
-                                            / max(1, tr.get("messages", {}).get(k, 1))
-                                            for k in tr.get("seconds", {})
-                                        }
+                                for s in t.stages:
+                                    tr = s.transport
+                                    per_stage.setdefault(s.stage, []).append(
+                                        {k: tr.seconds[k] / max(1, tr.messages.get(k, 1)) for k in tr.seconds}
                                     )
-                            row["decode_step_ms"] = round(1000 * sum(t["seconds"] for t in decode) / len(decode), 3)
+                            row["decode_step_ms"] = round(1000 * sum(t.seconds for t in decode) / len(decode), 3)
                             row["transport_seconds_per_message"] = per_stage
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "transport_seconds_per_message"}), flush=True)

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from bench.gpu_scale import decode_components
 from cluster.cli import ensure_default_checkpoint
+from cluster.profile import decode_components
 from cluster.sharded import ShardedCluster
 from router.sampling import SamplingParams
 

@@ -100,6 +100,7 @@ def sampling_from_args(args: argparse.Namespace):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from router.generation import generate
+    from router.scheduler import SchedulerConfig
     from shards.checkpoint import parse_dtype
     from shards.tokenizer import Tokenizer
 
@@ -127,7 +128,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
         tokenizer = Tokenizer(engine.reader.root)
         prompts = _encode_prompts(args.prompt, tokenizer, params, engine.max_seq_len, engine.config.vocab_size)
-        _print_results(generate(engine, prompts, params, chunk_size=args.chunk_size), tokenizer, args.json)
+        scheduling = SchedulerConfig(max_seqs=len(prompts), chunk_size=args.chunk_size)
+        try:
+            scheduling.settled(engine.cache_capacity)
+        except ValueError as e:
+            raise UsageError(f"--chunk-size: {e}") from None
+        _print_results(generate(engine, prompts, params, scheduling), tokenizer, args.json)
     return 0
 
 

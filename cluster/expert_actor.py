@@ -15,6 +15,7 @@ import torch
 
 from cluster.shard_actor import ShardActor
 from cluster.transport import STOP
+from router.step import ExpertMessage, ExpertTrace
 from shards.checkpoint import CheckpointReader
 from shards.model import ExpertShard
 
@@ -31,7 +32,8 @@ class ExpertGroupActor(ShardActor):
         self.plan, self.index = plan, index
         self.selection = plan.expert_selection(index, self.config)
         self.model = ExpertShard.from_checkpoint(reader, self.selection, plan.torch_dtype, self.device)
-        self.received: list[dict] = []  # one record per message: stage, layer, tokens, per_expert (counts), seconds
+        # One record per message: stage, layer, tokens, per_expert (counts, still on the device), seconds.
+        self.received: list[dict] = []
         self._threads: list[threading.Thread] = []
         self.errors: list[str] = []
 
@@ -101,14 +103,16 @@ class ExpertGroupActor(ShardActor):
         self._threads = []
         super().reset_transport()
 
-    def trace(self) -> dict:
+    def trace(self) -> ExpertTrace:
         """Messages served since the last call (and any serving error)."""
         with self._lock:
             received, self.received = self.received, []
-        for record in received:
-            ids = self.model.groups[str(record["layer"])].expert_ids
-            record["per_expert"] = dict(zip(ids, record["per_expert"].tolist()))
-        return {"group": self.index, "received": received, "errors": list(self.errors)}
+        messages = []
+        for r in received:
+            ids = self.model.groups[str(r["layer"])].expert_ids
+            per_expert = dict(zip(ids, r["per_expert"].tolist(), strict=True))
+            messages.append(ExpertMessage(r["stage"], r["layer"], r["tokens"], per_expert, r["seconds"]))
+        return ExpertTrace(self.index, tuple(messages), tuple(self.errors))
 
     def serving(self) -> int:
         return sum(t.is_alive() for t in self._threads)

@@ -2,32 +2,34 @@
 
 from __future__ import annotations
 
+from router.step import ExpertTrace, StepTrace
 
-def summarize(traces: list[dict], expert_traces: list[dict]) -> dict:
+
+def summarize(traces: list[StepTrace], expert_traces: list[ExpertTrace]) -> dict:
     """Seconds per component summed over the run, and per-step means (what `--profile` prints)."""
     steps = len(traces)
     out = {
         "steps": steps,
-        "tokens": sum(t["tokens"] for t in traces),
-        "step_seconds": sum(t["seconds"] for t in traces),
+        "tokens": sum(t.tokens for t in traces),
+        "step_seconds": sum(t.seconds for t in traces),
     }
     stage_rows: dict[int, dict] = {}
     for t in traces:
-        for s in t["stages"]:
+        for s in t.stages:
             row = stage_rows.setdefault(
-                s["stage"], {"busy": 0.0, "recv_wait": 0.0, "send_wait": 0.0, "experts": 0.0, "transport_bytes": 0}
+                s.stage, {"busy": 0.0, "recv_wait": 0.0, "send_wait": 0.0, "experts": 0.0, "transport_bytes": 0}
             )
-            row["busy"] += sum(sp["end"] - sp["start"] for sp in s["spans"])
-            row["recv_wait"] += sum(sp["recv_wait"] for sp in s["spans"])
-            row["send_wait"] += s.get("send_wait", 0.0)
-            row["experts"] += s.get("expert_seconds", 0.0)
-            row["transport_bytes"] += sum(s.get("transport", {}).get("bytes", {}).values())
+            row["busy"] += sum(sp.end - sp.start for sp in s.spans)
+            row["recv_wait"] += sum(sp.recv_wait for sp in s.spans)
+            row["send_wait"] += s.send_wait
+            row["experts"] += s.expert_seconds
+            row["transport_bytes"] += sum(s.transport.bytes.values())
     out["stages"] = stage_rows
     out["expert_groups"] = {
-        e["group"]: {
-            "compute": sum(r["seconds"] for r in e["received"]),
-            "messages": len(e["received"]),
-            "tokens": sum(r["tokens"] for r in e["received"]),
+        e.group: {
+            "compute": sum(r.seconds for r in e.received),
+            "messages": len(e.received),
+            "tokens": sum(r.tokens for r in e.received),
         }
         for e in expert_traces
     }
@@ -36,7 +38,7 @@ def summarize(traces: list[dict], expert_traces: list[dict]) -> dict:
     return out
 
 
-def profile_table(traces: list[dict], expert_traces: list[dict]) -> str:
+def profile_table(traces: list[StepTrace], expert_traces: list[ExpertTrace]) -> str:
     s = summarize(traces, expert_traces)
     n = max(s["steps"], 1)
     lines = [
@@ -56,3 +58,50 @@ def profile_table(traces: list[dict], expert_traces: list[dict]) -> str:
         row(f"experts{group} compute", r["compute"])
     row("router + control", s["router_and_control"])
     return "\n".join(lines)
+
+
+def decode_components(traces: list[StepTrace], batch: int) -> dict:
+    """Mean per decode step of `batch` sequences, in ms: router wall time, each stage's compute span, time in expert
+    dispatch, transport, and the router's share split into before, inside and after the stage calls."""
+    steps = [t for t in traces if t.tokens == batch and t.sequences == batch]
+    if not steps:
+        return {}
+    n = len(steps)
+    step_ms = 1000 * sum(t.seconds for t in steps) / n
+    stage_ms: dict[str, float] = {}
+    expert_ms: dict[str, float] = {}
+    transport_ms: dict[str, float] = {}
+    outside_ms: dict[str, float] = {}
+    for t in steps:
+        for s in t.stages:
+            k = f"stage{s.stage}"
+            span = sum(sp.end - sp.start for sp in s.spans)
+            stage_ms[k] = stage_ms.get(k, 0.0) + 1000 * span / n
+            expert_ms[k] = expert_ms.get(k, 0.0) + 1000 * s.expert_seconds / n
+            transport_ms[k] = transport_ms.get(k, 0.0) + 1000 * sum(s.transport.seconds.values()) / n
+            # inside the call but outside the layers' spans: embedding, counting expert choices, ...
+            outside_ms[k] = outside_ms.get(k, 0.0) + 1000 * ((s.left - s.entered) - span) / n
+    # From the first stage's start to the last stage's end (one clock: the shards share the host); the rest of the
+    # step is the router's: planning, the Ray calls, sampling.
+    busy = (
+        sum(
+            max(sp.end for s in t.stages for sp in s.spans) - min(sp.start for s in t.stages for sp in s.spans)
+            for t in steps
+        )
+        / n
+    )
+    return {
+        "step_ms": round(step_ms, 3),
+        "stage_compute_ms": _rounded(stage_ms),
+        "expert_dispatch_ms": _rounded(expert_ms),
+        "transport_ms": _rounded(transport_ms),
+        "stages_busy_ms": round(1000 * busy, 3),
+        "router_and_ray_ms": round(step_ms - 1000 * busy, 3),
+        "router_to_stage_ms": round(1000 * sum(min(s.entered for s in t.stages) - t.called for t in steps) / n, 3),
+        "in_call_outside_layers_ms": _rounded(outside_ms),
+        "stage_to_router_ms": round(1000 * sum(t.returned - max(s.left for s in t.stages) for t in steps) / n, 3),
+    }
+
+
+def _rounded(d: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 3) for k, v in d.items()}

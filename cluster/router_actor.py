@@ -1,15 +1,15 @@
 """The router actor: owns the schedule and the step loop of a sharded model.
 
-It runs `router.engine_loop.EngineLoop` (continuous batching). Each step it cuts the batch into micro-batches
+It runs `router.engine_loop.EngineLoop` (continuous batching). Each step it cuts the `StepPlan` into micro-batches
 (`router.pipeline`) and makes one call per stage; the stages move activations among themselves and to the expert
-groups on the transport. The last stage's logits come back, the loop samples and streams the new tokens.
+groups on the transport. The last stage's `StageResult` carries the picked tokens and the logits to sample; the
+loop samples and streams the new tokens.
 It is an async actor, so requests join and streams flow while a step is in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from dataclasses import replace
 
@@ -17,12 +17,21 @@ import torch
 
 from router.engine_loop import EngineLoop, QueueFullError
 from router.generation import Completion, RequestError
-from router.pipeline import join_outputs, split_microbatches
+from router.pipeline import split_microbatches
 from router.sampling import SamplingParams
-from router.scheduler import Scheduler
-from router.step import Admission, RouterHealth, RouterStats
+from router.scheduler import Scheduler, SchedulerConfig
+from router.step import (
+    Admission,
+    ExpertTrace,
+    RouterHealth,
+    RouterStats,
+    StageResult,
+    StepOutput,
+    StepPlan,
+    StepTrace,
+)
 from shards.config import ModelConfig
-from shards.kv_cache import StepBatch, cache_capacity
+from shards.kv_cache import cache_capacity
 
 
 class RouterActor:
@@ -53,11 +62,11 @@ class RouterActor:
         self.cache_capacity = cache_capacity(config.sliding_window, config.max_seq_len)
         self.step_timeout_s = step_timeout_s
         self.steps = 0
-        self.traces: list[dict] = []
+        self.traces: list[StepTrace] = []
         self.keep_traces = 10_000
         self.expert_load = torch.zeros(config.n_layers, max(config.num_experts, 1), dtype=torch.long)
-        chunk = min(plan.chunk_size or self.cache_capacity, self.cache_capacity)
-        scheduler = Scheduler(plan.max_seqs, plan.token_budget, chunk, config.max_seq_len, config.eos_token_id)
+        scheduling = SchedulerConfig(plan.max_seqs, plan.token_budget, plan.chunk_size).settled(self.cache_capacity)
+        scheduler = Scheduler(scheduling, config.max_seq_len, config.eos_token_id)
         self.loop = EngineLoop(
             self.step,
             scheduler,
@@ -96,7 +105,7 @@ class RouterActor:
             generation = self.generation
             alive = await asyncio.to_thread(self.supervisor.probe, self.shards)
             if not all(alive):
-                down = [n for n, ok in zip(self.supervisor.names, alive) if not ok]
+                down = [n for n, ok in zip(self.supervisor.names, alive, strict=True) if not ok]
                 await self.recover(f"shard(s) {', '.join(down)} not answering", generation)
 
     async def _recover_after_step(self, reason: str) -> None:
@@ -134,41 +143,31 @@ class RouterActor:
             )
             self._ready.set()
 
-    async def step(self, batch: StepBatch) -> torch.Tensor:
+    async def step(self, plan: StepPlan) -> StepOutput:
+        """Execute one step: a call to every stage at once, each given the micro-batches; the last one's answer."""
         await self._ready.wait()
         self._step_generation = self.generation
         t0, called = time.perf_counter(), time.time()
-        microbatches = split_microbatches(batch, self.plan.micro_batch_size)
-        later = [dataclasses.replace(mb, token_ids=None) for mb in microbatches]  # only the first stage embeds
-        # Token ids as numpy: a torch tensor in a Ray call's arguments costs ~0.5 ms more to serialise (measured).
-        microbatches = [
-            dataclasses.replace(mb, token_ids=None if mb.token_ids is None else mb.token_ids.numpy())
-            for mb in microbatches
-        ]
+        microbatches = split_microbatches(plan, self.plan.micro_batch_size)
+        later = [mb.without_tokens() for mb in microbatches]  # only the first stage embeds
         refs = [
             stage.run_step.remote(self.steps, microbatches if i == 0 else later) for i, stage in enumerate(self.stages)
         ]
-        results = await asyncio.wait_for(asyncio.gather(*refs), timeout=self.step_timeout_s)
+        results: list[StageResult] = await asyncio.wait_for(asyncio.gather(*refs), timeout=self.step_timeout_s)
         returned = time.time()
-        logits = join_outputs(results[-1]["logits"], self.config.vocab_size)
+        output = StepOutput.join(results[-1].picked, self.config.vocab_size)
         for r in results:
-            for layer, counts in r.get("expert_choices", {}).items():
-                self.expert_load[int(layer)] += torch.tensor(counts)
+            for layer, counts in r.expert_choices.items():
+                self.expert_load[layer] += torch.tensor(counts)
         if len(self.traces) < self.keep_traces:
-            self.traces.append(
-                {
-                    "step": self.steps,
-                    "tokens": batch.n_tokens,
-                    "sequences": len(batch.slots),
-                    "microbatches": len(microbatches),
-                    "seconds": time.perf_counter() - t0,
-                    "called": called,
-                    "returned": returned,
-                    "stages": [{k: v for k, v in r.items() if k != "logits"} for r in results],
-                }
+            stages = tuple(replace(r, picked=None) for r in results)  # a trace keeps no logits
+            seconds = time.perf_counter() - t0
+            trace = StepTrace(
+                self.steps, plan.n_tokens, len(plan.slots), len(microbatches), seconds, called, returned, stages
             )
+            self.traces.append(trace)
         self.steps += 1
-        return logits
+        return output
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams, resume_ids: list[int] | None = None):
         """Ray streaming generator. First item: an `Admission`, so the caller can answer 400/429 before it starts a
@@ -195,21 +194,7 @@ class RouterActor:
         """Offline: every prompt through the same continuous-batching loop, results in prompt order."""
         await self.start()
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
-        results = await asyncio.gather(*(self.loop.generate(p, sp) for p, sp in zip(prompts, per_prompt)))
-        out = []
-        for prompt, events in zip(prompts, results):
-            errors = [e.error for e in events if e.error]
-            if errors:
-                raise RuntimeError(errors[0])
-            out.append(
-                Completion(
-                    prompt,
-                    [e.token_id for e in events],
-                    [e.logprob for e in events],
-                    events[-1].finish_reason or "length",
-                )
-            )
-        return out
+        return await self.loop.complete(prompts, per_prompt)
 
     async def ping(self) -> bool:
         return True
@@ -219,11 +204,11 @@ class RouterActor:
         load = tuple(tuple(row) for row in self.expert_load.tolist())
         return RouterStats(self.loop.snapshot(), self.health, load)
 
-    async def take_traces(self) -> list[dict]:
+    async def take_traces(self) -> list[StepTrace]:
         traces, self.traces = self.traces, []
         return traces
 
-    async def expert_traces(self) -> list[dict]:
+    async def expert_traces(self) -> list[ExpertTrace]:
         return await asyncio.gather(*(e.trace.remote() for e in self.experts))
 
     async def get_expert_load(self) -> list[list[int]]:

@@ -8,6 +8,7 @@ import threading
 import torch
 
 from cluster.transport import Transport, device_key, free_port, node_ip
+from router.step import ShardLocation
 
 
 class ShardActor:
@@ -35,21 +36,21 @@ class ShardActor:
 
             faulthandler.dump_traceback_later(float(dump_every), repeat=True, file=sys.stderr)
 
-    def location(self) -> dict:
+    def location(self) -> ShardLocation:
         """Where Ray put this actor, from Ray's own runtime context (what placement tests assert on)."""
         import ray
 
         ctx = ray.get_runtime_context()
-        return {
-            "shard": self.name,
-            "node_id": ctx.get_node_id(),
-            "node_ip": node_ip(),
-            "pid": os.getpid(),
-            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-            "device": str(self.device),
-            "placement_group": ctx.get_placement_group_id(),
-            "device_key": f"{ctx.get_node_id()}/{device_key(self.device)}",
-        }
+        return ShardLocation(
+            shard=self.name,
+            node_id=ctx.get_node_id(),
+            node_ip=node_ip(),
+            pid=os.getpid(),
+            gpu_ids=tuple(str(g) for g in ray.get_gpu_ids()),
+            device=str(self.device),
+            placement_group=ctx.get_placement_group_id(),
+            device_key=f"{ctx.get_node_id()}/{device_key(self.device)}",
+        )
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0 names the address every rank joins the transport group at."""

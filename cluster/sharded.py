@@ -21,7 +21,7 @@ from cluster.router_actor import RouterActor
 from cluster.supervisor import ShardSupervisor
 from router.generation import Completion
 from router.sampling import SamplingParams
-from router.step import RouterStats
+from router.step import ExpertTrace, RouterStats, ShardLocation, StepTrace
 
 
 class ShardedCluster:
@@ -116,18 +116,18 @@ class ShardedCluster:
         return ray.get(self.router.generate.remote(prompts, params))
 
     def shard_handles(self) -> dict[str, object]:
-        return dict(zip(self.supervisor.names, self.supervisor.handles()))
+        return dict(zip(self.supervisor.names, self.supervisor.handles(), strict=True))
 
-    def locations(self) -> dict[str, dict]:
-        return {loc["shard"]: loc for loc in ray.get([a.location.remote() for a in self.supervisor.handles()])}
+    def locations(self) -> dict[str, ShardLocation]:
+        return {loc.shard: loc for loc in ray.get([a.location.remote() for a in self.supervisor.handles()])}
 
     def health(self) -> RouterStats:
         return ray.get(self.router.stats.remote())
 
-    def take_traces(self) -> list[dict]:
+    def take_traces(self) -> list[StepTrace]:
         return ray.get(self.router.take_traces.remote())
 
-    def expert_traces(self) -> list[dict]:
+    def expert_traces(self) -> list[ExpertTrace]:
         return ray.get(self.router.expert_traces.remote())
 
     def expert_load(self) -> list[list[int]]:

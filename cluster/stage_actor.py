@@ -15,12 +15,12 @@ import time
 
 import torch
 
+from cluster.expert_dispatch import combine, expert_owners, tokens_per_group
 from cluster.shard_actor import ShardActor
-from router.dispatch import combine, expert_owners, tokens_per_group
-from router.pipeline import pick_on_stage
+from router.step import MicrobatchSpan, PickedLogits, StageResult, StepPlan
 from shards.checkpoint import CheckpointReader
 from shards.decode_graphs import DecodeGraphs
-from shards.kv_cache import RollingKVCache, StepBatch, StepLayout, cache_capacity
+from shards.kv_cache import RollingKVCache, StepLayout, cache_capacity
 from shards.model import TransformerShard
 from shards.moe import grouped_mm_supported
 
@@ -53,7 +53,8 @@ class StageActor(ShardActor):
             self.owner = expert_owners(
                 [(g.experts, g.layers) for g in plan.expert_groups], config.n_layers, config.num_experts
             ).to(self.device)  # on the device once: no host-to-device copy per layer
-        self._trace: dict = {}
+        self._tokens_to_group: dict[str, int] = {}  # "layer:group" -> tokens sent, this step
+        self._expert_seconds = 0.0  # in the expert dispatch, this step
         self._choices: list[tuple[int, torch.Tensor]] = []  # (layer, the gate's expert ids) of the running step
         self.graphs = self._decode_graphs()
         # Expert choices counted inside captured decode steps (no host code runs on a replay).
@@ -88,14 +89,17 @@ class StageActor(ShardActor):
         return self.cache.nbytes
 
     @torch.inference_mode()
-    def run_step(self, step: int, microbatches: list[StepBatch]) -> dict:
-        """Run every micro-batch of one step through this stage; the last stage returns their logits."""
+    def run_step(self, step: int, microbatches: list[StepPlan]) -> StageResult:
+        """Run every micro-batch of one step through this stage; the last stage returns their picked tokens and
+        logits."""
         entered = time.time()
         first, last = self.index == 0, self.index == self.n_stages - 1
         transport = self.transport
         pending_sends = []
-        logits, spans = [], []
-        self._trace = {"tokens_to_group": {}, "expert_choices": {}, "expert_seconds": 0.0}
+        picked: list[PickedLogits] = []
+        spans: list[MicrobatchSpan] = []
+        self._tokens_to_group: dict[str, int] = {}
+        self._expert_seconds = 0.0
         self._choices = []  # (layer, the gate's expert ids) of this step
         for m, mb in enumerate(microbatches):
             wait = 0.0
@@ -117,28 +121,29 @@ class StageActor(ShardActor):
                 h = self.model.run_layers(h, layout, self.cache, experts)
             if last:
                 rows = torch.tensor(mb.logit_rows(), dtype=torch.long, device=self.device)
-                logits.append(pick_on_stage(self.model.logits(h[rows], float32=False), mb.greedy_logit_rows()))
+                picked.append(pick_tokens(self.model.logits(h[rows], float32=False), mb.greedy_logit_rows()))
             else:
                 pending_sends.append(transport.isend(h, dst=self.index + 1))
             if self.device.type == "cuda":
                 torch.cuda.current_stream().synchronize()  # not the whole device: NCCL work may wait on peers
-            spans.append({"microbatch": m, "start": start, "end": time.time(), "recv_wait": wait})
+            spans.append(MicrobatchSpan(m, start, time.time(), wait))
         t0 = time.perf_counter()
         for work in pending_sends:
             work.wait()
         send_wait = time.perf_counter() - t0
-        self._trace["expert_choices"] = self._count_choices()
-        return {
-            "stage": self.index,
-            "step": step,
-            "logits": logits if last else None,
-            "spans": spans,
-            "send_wait": send_wait,
-            "transport": transport.stats.take(),
-            **self._trace,
-            "entered": entered,
-            "left": time.time(),  # the call's span in this process, on the host's clock
-        }
+        return StageResult(
+            stage=self.index,
+            step=step,
+            picked=tuple(picked) if last else None,
+            spans=tuple(spans),
+            send_wait=send_wait,
+            transport=transport.stats.take(),
+            tokens_to_group=self._tokens_to_group,
+            expert_choices=self._count_choices(),
+            expert_seconds=self._expert_seconds,
+            entered=entered,
+            left=time.time(),  # the call's span in this process, on the host's clock
+        )
 
     def _dispatch(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Send each expert group only the tokens routed to it; sum what comes back in token order."""
@@ -149,7 +154,7 @@ class StageActor(ShardActor):
         for g, idx in enumerate(tokens_per_group(ids, self.owner[layer], self.n_groups)):
             n = idx.numel()
             key = f"{layer}:{g}"
-            self._trace["tokens_to_group"][key] = self._trace["tokens_to_group"].get(key, 0) + n
+            self._tokens_to_group[key] = self._tokens_to_group.get(key, 0) + n
             if n == 0:
                 continue
             dst = self.n_stages + g
@@ -162,7 +167,7 @@ class StageActor(ShardActor):
             (idx, transport.recv((idx.numel(), self.config.dim), x.dtype, self.n_stages + g, kind="expert_out"))
             for g, idx in sent
         ]
-        self._trace["expert_seconds"] += time.perf_counter() - t0
+        self._expert_seconds += time.perf_counter() - t0
         return combine(partials, x)
 
     def _local_experts(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -200,3 +205,17 @@ class StageActor(ShardActor):
             for g in range(self.n_groups):
                 with contextlib.suppress(Exception):  # that group is gone; the supervisor restarts it
                     self.transport.send_header([-1, 0, 0, 0], self.n_stages + g)
+
+
+def pick_tokens(logits: torch.Tensor, greedy: tuple[bool, ...]) -> PickedLogits:
+    """The last stage's answer for one micro-batch: logits (weights' dtype) of the rows the router samples, token and
+    log-probability of the greedy rows. `greedy` has one flag per row of `logits`."""
+    if not any(greedy):
+        return PickedLogits(logits.cpu(), greedy, (), ())
+    mask = torch.tensor(greedy, device=logits.device)
+    chosen = logits[mask]
+    ids = chosen.argmax(dim=-1)
+    logprobs = torch.log_softmax(chosen.float(), dim=-1).gather(1, ids[:, None])[:, 0]
+    # None when every row is greedy: even an empty torch tensor costs a Ray return ~0.5 ms to serialise.
+    rest = logits[~mask].cpu() if not all(greedy) else None
+    return PickedLogits(rest, greedy, tuple(ids.tolist()), tuple(logprobs.tolist()))

@@ -127,7 +127,7 @@ class ShardSupervisor:
     def form_group(self, handles: list) -> None:
         """Every shard joins a fresh transport group at a new rendezvous address."""
         locations = ray.get([h.location.remote() for h in handles], timeout=self.load_timeout_s)
-        keys = [loc["device_key"] for loc in locations]
+        keys = [loc.device_key for loc in locations]
         addr, port = ray.get(handles[0].rendezvous.remote(), timeout=self.probe_timeout_s * 4)
         ray.get(
             [h.join.remote(addr, port, len(handles), self.transport_timeout_s, keys) for h in handles],

@@ -16,6 +16,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from router.step import TransportTally
+
 HEADER_LEN = 4  # (layer or STOP, tokens, step, micro-batch)
 STOP = -1
 
@@ -45,8 +47,8 @@ class TransportStats:
         self.bytes[kind] = self.bytes.get(kind, 0) + nbytes
         self.messages[kind] = self.messages.get(kind, 0) + 1
 
-    def take(self) -> dict:
-        out = {"seconds": self.seconds, "bytes": self.bytes, "messages": self.messages}
+    def take(self) -> TransportTally:
+        out = TransportTally(self.seconds, self.bytes, self.messages)
         self.seconds, self.bytes, self.messages = {}, {}, {}
         return out
 

@@ -1,25 +1,21 @@
 """The continuous-batching loop: requests join the running batch at step boundaries and leave when they finish.
 
-The loop knows nothing of Ray or of where the model runs: it is given an async `step` function (the sharded
-pipeline in the router actor, the one-process engine in tests) and streams each request's tokens as they come.
+The loop knows nothing of Ray or of where the model runs: each turn it runs one `EngineCore` step (given an
+async `execute` function: the sharded pipeline in the router actor, the one-process engine in tests) and streams
+each request's tokens as they come.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-import torch
-
-from router.generation import RequestError, check_prompt
+from router.engine_core import EngineCore, ExecuteFn, StepFailed
+from router.generation import Completion, RequestError, check_prompt
 from router.sampling import SamplingParams
 from router.scheduler import Scheduler, Sequence
 from router.step import EngineStats, TokenEvent
-from shards.kv_cache import StepBatch
-
-StepFn = Callable[[StepBatch], Awaitable[torch.Tensor]]
 
 
 class QueueFullError(RequestError):
@@ -40,8 +36,6 @@ class _Request:
 
 @dataclass
 class LoopStats:
-    steps: int = 0
-    step_seconds: float = 0.0
     tokens_in: int = 0
     tokens_out: int = 0
     finished: int = 0
@@ -52,7 +46,7 @@ class LoopStats:
 class EngineLoop:
     def __init__(
         self,
-        step: StepFn,
+        execute: ExecuteFn,
         scheduler: Scheduler,
         vocab_size: int,
         max_queued_requests: int = 256,
@@ -62,7 +56,7 @@ class EngineLoop:
         """`recover(reason)` brings the shards back after a failed step (None: every request of the step fails).
         With `resume`, requests in flight continue after recovery, their caches rebuilt; otherwise they end with
         an error and only queued requests go on."""
-        self._step = step
+        self.core = EngineCore(scheduler, execute)
         self._recover = recover
         self.resume = resume
         self.scheduler = scheduler
@@ -86,7 +80,8 @@ class EngineLoop:
         queued = len(self.scheduler.waiting) - len(self.scheduler.slots.free)  # those a free slot awaits don't count
         if queued >= self.max_queued_requests:
             raise QueueFullError(
-                f"{queued} requests are already waiting for a cache slot (limit {self.max_queued_requests}); retry later"
+                f"{queued} requests are already waiting for a cache slot (limit {self.max_queued_requests}); "
+                "retry later"
             )
         self.start()
         seq = self.scheduler.add(prompt_ids, params, resume_ids)
@@ -118,6 +113,17 @@ class EngineLoop:
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> list[TokenEvent]:
         return [event async for event in self.stream(prompt_ids, params)]
 
+    async def complete(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Completion]:
+        """Offline through the live loop: every prompt submitted at once, results in prompt order."""
+        requests = [self.submit(p, sp) for p, sp in zip(prompts, params, strict=True)]
+
+        async def until_done(request: _Request) -> None:
+            async for _ in self.follow(request):
+                pass
+
+        await asyncio.gather(*(until_done(r) for r in requests))
+        return [Completion.of(r.seq) for r in requests]
+
     def abort(self, seq: Sequence) -> None:
         if not seq.finished:
             self.scheduler.finish(seq, "abort")
@@ -126,40 +132,35 @@ class EngineLoop:
 
     async def _run(self) -> None:
         while True:
-            step = self.scheduler.schedule()
-            if step is None:
+            try:
+                changed = await self.core.step()
+            except StepFailed as e:  # every request of the step must hear about it, none may hang
+                self.stats.failed_steps += 1
+                await self._after_failure(str(e))
+                continue
+            except Exception as e:  # noqa: BLE001 - processing the output failed: the running requests end with it
+                self._fail(f"{type(e).__name__}: {e}", running_only=True)
+                continue
+            if changed is None:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            t0 = time.perf_counter()
-            try:
-                logits = await self._step(step.batch)
-            except Exception as e:  # noqa: BLE001 - every request of the step must hear about it, none may hang
-                self.stats.failed_steps += 1
-                await self._after_failure(f"{type(e).__name__}: {e}")
-                continue
-            self.stats.steps += 1
-            self.stats.step_seconds += time.perf_counter() - t0
-            try:
-                changed = self.scheduler.process(step, logits)
-            except Exception as e:  # noqa: BLE001 - the step's requests end with the error; the loop goes on
-                self._fail(f"{type(e).__name__}: {e}", running_only=True)
-                continue
             for seq in changed:
                 request = self.requests.get(seq.seq_id)
-                if request is None:
-                    continue
-                if seq.error is not None:
-                    request.queue.put_nowait(TokenEvent.failure(seq.error))
-                    continue
-                self.stats.tokens_out += 1
-                top = seq.output_top_logprobs[-1]
-                event = TokenEvent(
-                    seq.output_ids[-1], seq.output_logprobs[-1], None if top is None else tuple(top), seq.finish_reason
-                )
-                if seq.finished:
-                    self.stats.finished += 1
-                request.queue.put_nowait(event)
+                if request is not None:
+                    request.queue.put_nowait(self._event(seq))
+
+    def _event(self, seq: Sequence) -> TokenEvent:
+        """The token `seq` just got (or the error that ended it), counted."""
+        if seq.error is not None:
+            return TokenEvent.failure(seq.error)
+        self.stats.tokens_out += 1
+        if seq.finished:
+            self.stats.finished += 1
+        top = seq.output_top_logprobs[-1]
+        return TokenEvent(
+            seq.output_ids[-1], seq.output_logprobs[-1], None if top is None else tuple(top), seq.finish_reason
+        )
 
     async def _after_failure(self, message: str) -> None:
         if self._recover is None:
@@ -197,8 +198,8 @@ class EngineLoop:
             waiting=len(self.scheduler.waiting),
             slots_in_use=self.scheduler.slots_in_use,
             slots_total=self.scheduler.slots.n,
-            steps=s.steps,
-            step_seconds=s.step_seconds,
+            steps=self.core.counters.steps,
+            step_seconds=self.core.counters.step_seconds,
             tokens_in=s.tokens_in,
             tokens_out=s.tokens_out,
             finished=s.finished,

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from router.engine_core import EngineCore
 from router.sampling import SamplingParams
-from router.scheduler import Scheduler
+from router.scheduler import Scheduler, SchedulerConfig, Sequence
+from router.step import StepOutput, StepPlan
 from shards.config import ModelConfig
-from shards.kv_cache import StepBatch
 
 
 class RequestError(ValueError):
@@ -18,20 +20,29 @@ class RequestError(ValueError):
 
 
 class Executor(Protocol):
+    """A model in one process (`shards.engine.LocalEngine`): every wanting row's logits, in plan order."""
+
     config: ModelConfig
     max_seqs: int
     max_seq_len: int
     cache_capacity: int
 
-    def step(self, batch: StepBatch) -> torch.Tensor: ...
+    def step(self, plan: StepPlan) -> torch.Tensor: ...
 
 
-@dataclass
+@dataclass(frozen=True)
 class Completion:
     prompt_ids: list[int]
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str
+
+    @staticmethod
+    def of(seq: Sequence) -> Completion:
+        """A finished sequence's result (one that ended with an error raises it: there is no completion)."""
+        if seq.error is not None:
+            raise RuntimeError(seq.error)
+        return Completion(seq.prompt_ids, seq.output_ids, seq.output_logprobs, seq.finish_reason or "length")
 
 
 def check_prompt(
@@ -54,34 +65,24 @@ def check_prompt(
         )
 
 
-def default_chunk_size(executor: Executor) -> int:
-    """Prefill chunks never exceed the window, so attention per chunk is bounded by 2 x window keys."""
-    return min(executor.cache_capacity, 512)
-
-
 def generate(
     executor: Executor,
     prompts: list[list[int]],
     params: SamplingParams | list[SamplingParams],
-    chunk_size: int | None = None,
-    token_budget: int | None = None,
+    scheduling: SchedulerConfig | None = None,
 ) -> list[Completion]:
-    """Complete every prompt; all of them run together as one continuously batched workload."""
+    """Complete every prompt; all of them run together as one continuously batched workload, through the same
+    `EngineCore` step the served loop runs. `scheduling` defaults to `SchedulerConfig` with the executor's slots."""
     per_prompt = params if isinstance(params, list) else [params] * len(prompts)
-    for i, (ids, p) in enumerate(zip(prompts, per_prompt)):
+    for i, (ids, p) in enumerate(zip(prompts, per_prompt, strict=True)):
         check_prompt(ids, p, executor.max_seq_len, executor.config.vocab_size, i)
-    chunk = min(chunk_size or default_chunk_size(executor), executor.cache_capacity)
-    scheduler = Scheduler(
-        max_seqs=executor.max_seqs,
-        token_budget=token_budget or max(chunk, 2048),
-        chunk_size=chunk,
-        max_seq_len=executor.max_seq_len,
-        eos_id=executor.config.eos_token_id,
-    )
-    seqs = [scheduler.add(ids, p) for ids, p in zip(prompts, per_prompt)]
-    while scheduler.has_work():
-        step = scheduler.schedule()
-        if step is None:
-            raise RuntimeError("scheduler has work but scheduled nothing")
-        scheduler.process(step, executor.step(step.batch))
-    return [Completion(s.prompt_ids, s.output_ids, s.output_logprobs, s.finish_reason or "length") for s in seqs]
+    config = (scheduling or SchedulerConfig(max_seqs=executor.max_seqs)).settled(executor.cache_capacity)
+    scheduler = Scheduler(config, executor.max_seq_len, executor.config.eos_token_id)
+
+    async def execute(plan: StepPlan) -> StepOutput:
+        return StepOutput.from_logits(executor.step(plan))
+
+    core = EngineCore(scheduler, execute)
+    seqs = [scheduler.add(ids, p) for ids, p in zip(prompts, per_prompt, strict=True)]
+    asyncio.run(core.run_until_done())
+    return [Completion.of(s) for s in seqs]

@@ -75,7 +75,7 @@ class Sampler:
         top = None
         if p.logprobs:
             values, ids = torch.topk(logprobs, p.logprobs)
-            top = list(zip(ids.tolist(), values.tolist()))
+            top = list(zip(ids.tolist(), values.tolist(), strict=True))
         return token, float(logprobs[token]), top
 
     def _choose(self, logits: torch.Tensor) -> int:

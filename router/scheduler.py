@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
-from router.pipeline import StepOutput
 from router.sampling import Sampler, SamplingParams
-from shards.kv_cache import StepBatch
+from router.step import StepOutput, StepPlan
+
+DEFAULT_MAX_SEQS = 32
+DEFAULT_TOKEN_BUDGET = 2048
+DEFAULT_MAX_CHUNK = 512  # the prefill chunk when none is given, capped by the cache capacity and the token budget
 
 
 @dataclass
@@ -68,19 +72,48 @@ class SlotPool:
         return self.n - len(self.free)
 
 
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How much one step may carry: the single source of the scheduler's defaults (deploy/examples/PLACEMENT.md
+    documents them; the placement file, the CLI and the offline `generate` all build one of these)."""
+
+    max_seqs: int = DEFAULT_MAX_SEQS  # sequences holding a KV cache slot at once
+    token_budget: int = DEFAULT_TOKEN_BUDGET  # tokens in one step, decode tokens first
+    chunk_size: int | None = None  # prefill chunk; None: min(cache capacity, DEFAULT_MAX_CHUNK, token_budget)
+
+    def settled(self, capacity: int) -> SchedulerConfig:
+        """The config with its chunk size fixed for a cache of `capacity` rows per slot (the window, or the whole
+        context without one). Raises ValueError naming the field when the numbers cannot work together."""
+        for name in ("max_seqs", "token_budget", "chunk_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        chunk = self.chunk_size if self.chunk_size is not None else min(capacity, DEFAULT_MAX_CHUNK, self.token_budget)
+        if chunk > capacity:
+            raise ValueError(f"chunk_size {chunk} is larger than the KV cache's {capacity} rows per sequence")
+        if chunk > self.token_budget:
+            raise ValueError(
+                f"chunk_size {chunk} is larger than token_budget {self.token_budget}; a prefill chunk must fit in "
+                "one step"
+            )
+        return replace(self, chunk_size=chunk)
+
+
 @dataclass
 class ScheduledStep:
-    batch: StepBatch
+    plan: StepPlan
     sequences: list[Sequence]
 
 
 class Scheduler:
-    def __init__(self, max_seqs: int, token_budget: int, chunk_size: int, max_seq_len: int, eos_id: int) -> None:
-        if chunk_size < 1 or token_budget < 1:
-            raise ValueError(f"chunk_size ({chunk_size}) and token_budget ({token_budget}) must be positive")
-        self.slots = SlotPool(max_seqs)
-        self.token_budget = token_budget
-        self.chunk_size = chunk_size
+    def __init__(self, config: SchedulerConfig, max_seq_len: int, eos_id: int) -> None:
+        """`config` settled (its chunk size fixed): `SchedulerConfig.settled`."""
+        if config.chunk_size is None:
+            raise ValueError("the scheduler needs a settled SchedulerConfig (chunk_size fixed)")
+        self.config = config
+        self.slots = SlotPool(config.max_seqs)
+        self.token_budget = config.token_budget
+        self.chunk_size = config.chunk_size
         self.max_seq_len = max_seq_len
         self.eos_id = eos_id
         self.waiting: deque[Sequence] = deque()
@@ -128,40 +161,34 @@ class Scheduler:
         if not chosen:
             return None
         chosen.sort(key=lambda sn: self.running.index(sn[0]))
-        token_ids = torch.tensor(
-            [t for seq, n in chosen for t in seq.tokens[seq.cached : seq.cached + n]], dtype=torch.long
-        )
-        batch = StepBatch(
-            slots=[seq.slot for seq, _ in chosen],
-            starts=[seq.cached for seq, _ in chosen],
-            lengths=[n for _, n in chosen],
+        token_ids = np.array([t for seq, n in chosen for t in seq.tokens[seq.cached : seq.cached + n]], np.int64)
+        plan = StepPlan(
+            slots=tuple(seq.slot for seq, _ in chosen),
+            starts=tuple(seq.cached for seq, _ in chosen),
+            lengths=tuple(n for _, n in chosen),
             token_ids=token_ids,
-            want_logits=[seq.cached + n == len(seq.tokens) for seq, n in chosen],
-            greedy=[seq.params.temperature == 0 and not seq.params.logprobs for seq, _ in chosen],
+            want_logits=tuple(seq.cached + n == len(seq.tokens) for seq, n in chosen),
+            greedy=tuple(seq.params.temperature == 0 and not seq.params.logprobs for seq, _ in chosen),
         )
         for seq, n in chosen:
             seq.cached += n
-        return ScheduledStep(batch, [seq for seq, _ in chosen])
+        return ScheduledStep(plan, [seq for seq, _ in chosen])
 
-    def process(self, step: ScheduledStep, out: torch.Tensor | StepOutput) -> list[Sequence]:
-        """Sample a token for every sequence whose step ended at its last token; returns the sequences that changed.
+    def process(self, step: ScheduledStep, out: StepOutput) -> list[Sequence]:
+        """Take a token for every sequence whose step ended at its last token; returns the sequences that changed.
 
-        `out`: logits of every such sequence in order, or a `StepOutput` whose greedy rows come already chosen.
+        Greedy rows of `out` come already picked on the last stage; the others are sampled here from their logits.
         """
-        if isinstance(out, torch.Tensor):
-            out = StepOutput(out, None, [], [])
-        changed, sampled, chosen = [], iter(out.logits), iter(zip(out.greedy_ids, out.greedy_logprobs))
-        wanting = [seq for seq, want in zip(step.sequences, step.batch.want_logits) if want]
-        for r, seq in enumerate(wanting):
-            picked = next(chosen) if out.greedy is not None and out.greedy[r] else None
-            row_logits = next(sampled) if picked is None else None
+        changed: list[Sequence] = []
+        wanting = [seq for seq, want in zip(step.sequences, step.plan.wants(), strict=True) if want]
+        for seq, pick in zip(wanting, _row_picks(out, len(wanting)), strict=True):
             if seq.finished:  # ended from outside while the step ran (client gone, stop string)
                 continue
             try:
-                if picked is not None:
-                    token, logprob, top = picked[0], picked[1], None
+                if isinstance(pick, tuple):
+                    token, logprob, top = pick[0], pick[1], None
                 else:
-                    token, logprob, top = seq.sampler.sample(row_logits, index=len(seq.output_ids))
+                    token, logprob, top = seq.sampler.sample(pick, index=len(seq.output_ids))
             except Exception as e:  # noqa: BLE001 - one request's bad sampling must end it, not the loop serving all
                 seq.error = f"sampling failed: {type(e).__name__}: {e}"
                 self.finish(seq, "error")
@@ -197,3 +224,13 @@ class Scheduler:
         if seq.slot is not None:
             self.slots.give(seq.slot)
             seq.slot = None
+
+
+def _row_picks(out: StepOutput, rows: int) -> list[tuple[int, float] | torch.Tensor]:
+    """Per wanting row, in order: (token, log-probability) picked on the stage, or the logits to sample from."""
+    greedy = out.greedy if out.greedy is not None else (False,) * rows
+    if len(greedy) != rows:
+        raise ValueError(f"the step output has {len(greedy)} rows; the step wanted {rows}")
+    picked = iter(zip(out.greedy_ids, out.greedy_logprobs, strict=True))
+    sampled = iter(out.logits)
+    return [next(picked) if g else next(sampled) for g in greedy]

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
+import numpy as np
 import torch
 
 from shards.checkpoint import CheckpointReader, ShardSelection
-from shards.kv_cache import RollingKVCache, StepBatch, StepLayout, cache_capacity
+from shards.kv_cache import PackedStep, RollingKVCache, StepLayout, cache_capacity
 from shards.model import TransformerShard
 
 
+class TokenStep(PackedStep, Protocol):
+    """A step plan with its token ids (`router.step.StepPlan`): what the shard holding the embedding reads."""
+
+    token_ids: np.ndarray | torch.Tensor | None
+
+    def logit_rows(self) -> Sequence[int]: ...
+
+
 class LocalEngine:
-    """Runs a `StepBatch` through every layer and returns the logits the batch asks for."""
+    """Runs a step plan through every layer and returns the logits the plan asks for."""
 
     def __init__(
         self,
@@ -46,17 +57,17 @@ class LocalEngine:
         return cache_capacity(self.config.sliding_window, self.max_seq_len)
 
     @torch.inference_mode()
-    def step(self, batch: StepBatch) -> torch.Tensor:
-        """(rows wanting logits, vocab) float32 logits, in batch order."""
+    def step(self, plan: TokenStep) -> torch.Tensor:
+        """(rows wanting logits, vocab) float32 logits, in plan order."""
         layout = StepLayout.build(
-            batch,
+            plan,
             self.cache_capacity,
             self.config.sliding_window,
             self.config.head_dim,
             self.config.rope_theta,
             self.device,
         )
-        h = self.model.embed(batch.token_ids.to(self.device))
+        h = self.model.embed(torch.as_tensor(plan.token_ids).to(self.device))
         h = self.model.run_layers(h, layout, self.cache)
-        rows = torch.tensor(batch.logit_rows(), dtype=torch.long, device=self.device)
+        rows = torch.tensor(plan.logit_rows(), dtype=torch.long, device=self.device)
         return self.model.logits(h[rows]).cpu()

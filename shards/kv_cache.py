@@ -7,7 +7,9 @@ layer (Mistral's rolling buffer). Without a window the capacity is the longest c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -20,45 +22,16 @@ def cache_capacity(window: int | None, max_seq_len: int) -> int:
     return min(window, max_seq_len) if window else max_seq_len
 
 
-@dataclass
-class StepBatch:
-    """What one forward step computes: for each sequence in the batch, a run of new tokens.
+class PackedStep(Protocol):
+    """What a shard reads of the router's step plan (`router.step.StepPlan`, which the model cannot import: the
+    router sits above it): for each sequence, a run of new tokens at its cache slot."""
 
-    This is the whole per-step plan the router publishes; every shard derives its `StepLayout` from it.
-    """
-
-    slots: list[int]  # cache slot of each sequence
-    starts: list[int]  # position of the first new token = tokens already in the cache
-    lengths: list[int]  # new tokens of each sequence (1 when decoding, a chunk when prefilling)
-    token_ids: torch.Tensor | None = None  # (sum(lengths),) int64; needed only where the embedding lives
-    want_logits: list[bool] | None = None  # per sequence: return logits of its last new token
-    greedy: list[bool] | None = None  # per sequence: its token is the argmax (the last stage picks it, no logits)
+    slots: Sequence[int]  # cache slot of each sequence
+    starts: Sequence[int]  # position of the first new token = tokens already in the cache
+    lengths: Sequence[int]  # new tokens of each sequence
 
     @property
-    def n_tokens(self) -> int:
-        return sum(self.lengths)
-
-    @property
-    def is_decode(self) -> bool:
-        return all(n == 1 for n in self.lengths)
-
-    def wants(self) -> list[bool]:
-        """Per sequence: whether its last new token gets logits (all of them when `want_logits` is not given)."""
-        return self.want_logits or [True] * len(self.lengths)
-
-    def greedy_logit_rows(self) -> list[bool]:
-        """Per row of `logit_rows`: whether the last stage picks that sequence's token (greedy) itself."""
-        greedy = self.greedy or [False] * len(self.lengths)
-        return [g for g, w in zip(greedy, self.wants()) if w]
-
-    def logit_rows(self) -> list[int]:
-        """Indexes, in the packed token batch, of the last new token of every sequence that wants logits."""
-        rows, end = [], 0
-        for n, w in zip(self.lengths, self.wants()):
-            end += n
-            if w:
-                rows.append(end - 1)
-        return rows
+    def is_decode(self) -> bool: ...
 
 
 @dataclass
@@ -80,10 +53,10 @@ class StepLayout:
 
     @staticmethod
     def build(
-        batch: StepBatch, capacity: int, window: int | None, head_dim: int, rope_theta: float, device: torch.device
+        step: PackedStep, capacity: int, window: int | None, head_dim: int, rope_theta: float, device: torch.device
     ) -> StepLayout:
         positions, write_rows = [], []
-        for slot, start, n in zip(batch.slots, batch.starts, batch.lengths):
+        for slot, start, n in zip(step.slots, step.starts, step.lengths, strict=True):
             if n <= 0:
                 raise ValueError(f"a step must give every sequence at least one token, slot {slot} has {n}")
             if n > capacity:
@@ -104,16 +77,16 @@ class StepLayout:
             "sin": sin.to(device),
             "write_rows": torch.tensor(write_rows, dtype=torch.long, device=device),
         }
-        if batch.is_decode:
-            kv_lens = [min(start + 1, capacity) for start in batch.starts]
-            first = batch.slots[0]
-            run = batch.slots == list(range(first, first + len(batch.slots)))
+        if step.is_decode:
+            kv_lens = [min(start + 1, capacity) for start in step.starts]
+            first = step.slots[0]
+            run = list(step.slots) == list(range(first, first + len(step.slots)))
             return StepLayout(
                 **common,
                 bias=decode_bias(kv_lens, capacity),
                 attention=AttentionPlan.for_decode(kv_lens, capacity, device),
-                decode_slots=torch.tensor(batch.slots, dtype=torch.long, device=device),
-                decode_range=slice(first, first + len(batch.slots)) if run else None,
+                decode_slots=torch.tensor(step.slots, dtype=torch.long, device=device),
+                decode_range=slice(first, first + len(step.slots)) if run else None,
                 read_rows=None,
                 read_dst=None,
                 new_dst=None,
@@ -121,15 +94,18 @@ class StepLayout:
             )
         read_rows, read_dst, new_dst, kv_lens = [], [], [], []
         offset = 0
-        for slot, start, n in zip(batch.slots, batch.starts, batch.lengths):
+        for slot, start, n in zip(step.slots, step.starts, step.lengths, strict=True):
             cached = min(start, capacity)
             read_rows.extend(slot * capacity + p % capacity for p in range(start - cached, start))
             read_dst.extend(range(offset, offset + cached))
             new_dst.extend(range(offset + cached, offset + cached + n))
             kv_lens.append(cached + n)
             offset += cached + n
-        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)
-        bias = prefill_bias(batch.lengths, kv_lens, window)
+
+        def as_long(xs: list[int]) -> torch.Tensor:
+            return torch.tensor(xs, dtype=torch.long, device=device)
+
+        bias = prefill_bias(list(step.lengths), kv_lens, window)
         return StepLayout(
             **common,
             bias=bias,

@@ -66,13 +66,13 @@ def sharded(ray_nodes, checkpoint, tmp_path_factory):
 
 def test_every_shard_runs_on_the_node_its_yaml_names(sharded, ray_nodes):
     where = sharded.locations()
-    assert {where["stage0"]["node_id"], where["stage1"]["node_id"]} == {ray_nodes["stage_node"]}
-    assert {where["experts0"]["node_id"], where["experts1"]["node_id"]} == {ray_nodes["expert_node"]}
+    assert {where["stage0"].node_id, where["stage1"].node_id} == {ray_nodes["stage_node"]}
+    assert {where["experts0"].node_id, where["experts1"].node_id} == {ray_nodes["expert_node"]}
     from ray._private.state import actors
 
     by_pid = {a["Pid"]: a for a in actors().values() if a["State"] == "ALIVE"}
     for loc in where.values():  # Ray's own actor table (GCS) agrees with what each actor reports
-        assert by_pid[loc["pid"]]["Address"]["NodeID"] == loc["node_id"]
+        assert by_pid[loc.pid]["Address"]["NodeID"] == loc.node_id
 
 
 def test_greedy_tokens_equal_one_process_and_transformers(sharded, checkpoint, hf_model):
@@ -80,7 +80,7 @@ def test_greedy_tokens_equal_one_process_and_transformers(sharded, checkpoint, h
     params = SamplingParams(max_tokens=2 * WINDOW, ignore_eos=True)
     ours = sharded.generate(prompts, params)
     local = generate(LocalEngine(checkpoint, max_seqs=4), prompts, params)
-    for prompt, a, b in zip(prompts, ours, local):
+    for prompt, a, b in zip(prompts, ours, local, strict=True):
         assert a.token_ids == b.token_ids, f"prompt of {len(prompt)} tokens"
         assert a.token_ids == hf_greedy(hf_model(checkpoint), prompt, 2 * WINDOW)
 
@@ -91,11 +91,11 @@ def test_stages_work_on_different_microbatches_at_the_same_time(sharded):
     sharded.generate(prompts, SamplingParams(max_tokens=2, ignore_eos=True))
     overlapped = False
     for step in sharded.take_traces():
-        first, second = (s["spans"] for s in sorted(step["stages"], key=lambda s: s["stage"]))
+        first, second = (s.spans for s in sorted(step.stages, key=lambda s: s.stage))
         assert len(first) == 4  # micro_batch_size 1: one micro-batch per sequence
         for m in range(len(first) - 1):
             nxt, cur = first[m + 1], second[m]
-            if nxt["start"] < cur["end"] and cur["start"] < nxt["end"]:
+            if nxt.start < cur.end and cur.start < nxt.end:
                 overlapped = True
     assert overlapped, "stage0 never worked on micro-batch m+1 while stage1 worked on m"
 
@@ -106,19 +106,19 @@ def test_each_expert_group_receives_only_the_tokens_routed_to_it(sharded):
     sharded.generate(random_prompts([20, 7], seed=51), SamplingParams(max_tokens=6, ignore_eos=True))
     chosen, sent_to_group = {}, {}
     for step in sharded.take_traces():
-        for stage in step["stages"]:
-            for layer, counts in stage["expert_choices"].items():
-                chosen[int(layer)] = [a + b for a, b in zip(chosen.get(int(layer), [0] * 4), counts)]
-            for key, n in stage["tokens_to_group"].items():
+        for stage in step.stages:
+            for layer, counts in stage.expert_choices.items():
+                chosen[layer] = [a + b for a, b in zip(chosen.get(layer, [0] * 4), counts, strict=True)]
+            for key, n in stage.tokens_to_group.items():
                 sent_to_group[key] = sent_to_group.get(key, 0) + n
     received_tokens, per_expert = {}, {}
     for group in sharded.expert_traces():
-        assert group["errors"] == []
-        for msg in group["received"]:
-            key = f"{msg['layer']}:{group['group']}"
-            received_tokens[key] = received_tokens.get(key, 0) + msg["tokens"]
-            for expert, n in msg["per_expert"].items():
-                per_expert[(msg["layer"], int(expert))] = per_expert.get((msg["layer"], int(expert)), 0) + n
+        assert group.errors == ()
+        for msg in group.received:
+            key = f"{msg.layer}:{group.group}"
+            received_tokens[key] = received_tokens.get(key, 0) + msg.tokens
+            for expert, n in msg.per_expert.items():
+                per_expert[(msg.layer, expert)] = per_expert.get((msg.layer, expert), 0) + n
     assert received_tokens == {k: v for k, v in sent_to_group.items() if v}
     for layer, counts in chosen.items():
         for expert, n in enumerate(counts):

@@ -10,7 +10,8 @@ import pytest
 from router.engine_loop import EngineLoop, QueueFullError
 from router.generation import RequestError, generate
 from router.sampling import SamplingParams
-from router.scheduler import Scheduler
+from router.scheduler import Scheduler, SchedulerConfig
+from router.step import StepOutput
 from shards.engine import LocalEngine
 from tests.conftest import random_prompts
 
@@ -25,13 +26,14 @@ def engine(checkpoint_factory):
 def make_loop(engine, token_budget=64, chunk=8, max_queued=8):
     batches = []
 
-    async def step(batch):
-        batches.append(batch)
+    async def execute(plan):
+        batches.append(plan)
         await asyncio.sleep(0)
-        return engine.step(batch)
+        return StepOutput.from_logits(engine.step(plan))
 
-    scheduler = Scheduler(engine.max_seqs, token_budget, chunk, engine.max_seq_len, engine.config.eos_token_id)
-    return EngineLoop(step, scheduler, engine.config.vocab_size, max_queued), batches
+    config = SchedulerConfig(engine.max_seqs, token_budget, chunk).settled(engine.cache_capacity)
+    scheduler = Scheduler(config, engine.max_seq_len, engine.config.eos_token_id)
+    return EngineLoop(execute, scheduler, engine.config.vocab_size, max_queued), batches
 
 
 def test_requests_joining_mid_flight_get_the_same_tokens_as_alone(engine):
@@ -50,6 +52,22 @@ def test_requests_joining_mid_flight_get_the_same_tokens_as_alone(engine):
     results, batches = asyncio.run(main())
     assert [[e.token_id for e in r] for r in results] == [a.token_ids for a in alone]
     assert any(len(b.slots) == 3 for b in batches)  # the late requests really shared steps with the first
+
+
+def test_offline_completion_through_the_live_loop_equals_offline_generate(engine):
+    prompts = random_prompts([30, 5, 12, 9, 40], seed=4)  # more prompts than the engine's 4 slots: some wait
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (3, 8, 1, 5, 6)]
+    offline = generate(engine, prompts, params)
+
+    async def main():
+        loop, _ = make_loop(engine)
+        return await loop.complete(prompts, params)
+
+    served = asyncio.run(main())
+    assert [c.token_ids for c in served] == [c.token_ids for c in offline]
+    assert [c.finish_reason for c in served] == [c.finish_reason for c in offline] == ["length"] * 5
+    for a, b in zip(served, offline, strict=True):  # batched differently: equal up to float rounding
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
 
 
 def test_a_long_prefill_does_not_stall_a_decoding_request(engine):
@@ -111,7 +129,7 @@ def test_a_failing_step_ends_every_request_with_an_error_instead_of_hanging(engi
         raise ConnectionError("stage1 died")
 
     async def main():
-        scheduler = Scheduler(4, 64, 8, engine.max_seq_len, engine.config.eos_token_id)
+        scheduler = Scheduler(SchedulerConfig(4, 64, 8), engine.max_seq_len, engine.config.eos_token_id)
         loop = EngineLoop(broken, scheduler, engine.config.vocab_size)
         return await asyncio.wait_for(loop.generate([1, 2, 3], SamplingParams(max_tokens=3)), timeout=10)
 

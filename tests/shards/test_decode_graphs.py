@@ -9,9 +9,10 @@ import copy
 import pytest
 import torch
 
+from router.step import StepPlan
 from shards.checkpoint import CheckpointReader, ShardSelection
 from shards.decode_graphs import DecodeGraphs
-from shards.kv_cache import RollingKVCache, StepBatch, StepLayout, cache_capacity
+from shards.kv_cache import RollingKVCache, StepLayout, cache_capacity
 from shards.model import TransformerShard
 
 WINDOW = 8
@@ -35,7 +36,7 @@ def test_replays_match_running_the_layers_step_for_step(shard):
 
     with torch.inference_mode():
         lengths = {0: 5, 1: 3, 2: 6, 3: 2}
-        prefill = StepBatch([0, 1, 2, 3], [0] * 4, list(lengths.values()))
+        prefill = StepPlan([0, 1, 2, 3], [0] * 4, list(lengths.values()))
         h = torch.randn(sum(lengths.values()), cfg.dim, generator=gen)
         shard.run_layers(h, layout(prefill), cache)
         reference = copy.deepcopy(cache)
@@ -44,7 +45,7 @@ def test_replays_match_running_the_layers_step_for_step(shard):
         # Batches that change size, start slot, contiguity and order, long enough to wrap every rolling buffer.
         plans = [[0, 1, 2, 3], [1, 2], [0, 2], [3], [0, 1, 2, 3], [1, 2], [2, 0], [0, 2], [3]] * 3
         for slots in plans:
-            batch = StepBatch(slots, [positions[s] for s in slots], [1] * len(slots))
+            batch = StepPlan(slots, [positions[s] for s in slots], [1] * len(slots))
             x = torch.randn(len(slots), cfg.dim, generator=gen)
             ours = graphs.run(x.clone(), layout(batch), None)
             expected = shard.run_layers(x.clone(), layout(batch), reference)
@@ -60,7 +61,7 @@ def test_replays_match_running_the_layers_step_for_step(shard):
 def test_only_decode_steps_are_captured(shard):
     cfg = shard.config
     cache = RollingKVCache(list(range(cfg.n_layers)), 1, WINDOW, cfg.n_kv_heads, cfg.head_dim, torch.float32)
-    batch = StepBatch([0], [0], [3])
+    batch = StepPlan([0], [0], [3])
     step = StepLayout.build(batch, WINDOW, cfg.sliding_window, cfg.head_dim, cfg.rope_theta, torch.device("cpu"))
     with pytest.raises(ValueError, match="only decode steps"):
         DecodeGraphs(shard, cache, replay="eager").run(torch.zeros(3, cfg.dim), step, None)

@@ -7,9 +7,10 @@ import torch
 
 from router.generation import generate
 from router.sampling import SamplingParams
+from router.scheduler import SchedulerConfig
+from router.step import StepPlan
 from shards.checkpoint import convert_checkpoint
 from shards.engine import LocalEngine
-from shards.kv_cache import StepBatch
 from tests.conftest import hf_greedy, random_prompts
 
 NEW_TOKENS = 40
@@ -39,8 +40,7 @@ def test_chunked_prefill_gives_the_same_tokens_for_any_chunk_size(checkpoint_fac
         LocalEngine(ckpt, max_seqs=2),
         prompts,
         SamplingParams(max_tokens=20, ignore_eos=True),
-        chunk_size=chunk_size,
-        token_budget=chunk_size + 1,
+        SchedulerConfig(max_seqs=2, token_budget=chunk_size + 1, chunk_size=chunk_size),
     )
     for prompt, result in zip(prompts, ours):
         assert result.token_ids == hf_greedy(hf_model(ckpt), prompt, 20)
@@ -54,7 +54,7 @@ def test_last_position_logits_match_transformers(checkpoint_factory, hf_model, a
     ours = None
     for start in range(0, len(prompt), 16):  # chunked prefill through the rolling cache
         chunk = prompt[start : start + 16]
-        ours = engine.step(StepBatch([0], [start], [len(chunk)], torch.tensor(chunk)))
+        ours = engine.step(StepPlan([0], [start], [len(chunk)], torch.tensor(chunk)))
     with torch.no_grad():
         ref = hf_model(ckpt)(torch.tensor([prompt])).logits[0, -1]
     rel = (ours[0] - ref).norm() / ref.norm()
@@ -65,7 +65,10 @@ def test_model_without_window_matches_transformers(checkpoint_factory, hf_model)
     ckpt = checkpoint_factory("mistral", seed=6, window=None)
     prompts = random_prompts([40, 7], seed=12)
     ours = generate(
-        LocalEngine(ckpt, max_seqs=2), prompts, SamplingParams(max_tokens=16, ignore_eos=True), chunk_size=12
+        LocalEngine(ckpt, max_seqs=2),
+        prompts,
+        SamplingParams(max_tokens=16, ignore_eos=True),
+        SchedulerConfig(max_seqs=2, chunk_size=12),
     )
     for prompt, result in zip(prompts, ours):
         assert result.token_ids == hf_greedy(hf_model(ckpt), prompt, 16)
@@ -104,8 +107,8 @@ def test_half_precision_load_converts_dtype_and_stays_close(checkpoint_factory, 
     assert all(p.dtype == dtype for p in engine.model.parameters())
     full = LocalEngine(ckpt, max_seqs=1)
     prompt = torch.tensor(random_prompts([12], seed=15)[0])
-    a = engine.step(StepBatch([0], [0], [12], prompt))
-    b = full.step(StepBatch([0], [0], [12], prompt))
+    a = engine.step(StepPlan([0], [0], [12], prompt))
+    b = full.step(StepPlan([0], [0], [12], prompt))
     assert ((a - b).norm() / b.norm()) < 5e-2
 
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from router.step import StepPlan
 from shards.attention import AttentionPlan, packed_attention, prefill_bias
-from shards.kv_cache import RollingKVCache, StepBatch, StepLayout
+from shards.kv_cache import RollingKVCache, StepLayout
 from tests.shards.test_attention import HEAD_DIM, N_HEADS, N_KV, rand, reference_attention
 
 CAPACITY = 8
 
 
-def build(batch: StepBatch, capacity: int = CAPACITY) -> StepLayout:
+def build(batch: StepPlan, capacity: int = CAPACITY) -> StepLayout:
     return StepLayout.build(batch, capacity, capacity, HEAD_DIM, 10000.0, torch.device("cpu"))
 
 
@@ -27,7 +28,7 @@ def filled_cache(max_seqs: int = 4, seed: int = 0) -> RollingKVCache:
 @pytest.mark.parametrize("slots", [[1, 2, 3], [3, 0, 2], [2]], ids=["contiguous", "scattered", "one"])
 def test_decode_fast_path_equals_the_packed_path_over_the_same_buffers(slots):
     starts = [2, 30, 7][: len(slots)]  # part-filled, wrapped several times, exactly full
-    layout = build(StepBatch(slots, starts, [1] * len(slots)))
+    layout = build(StepPlan(slots, starts, [1] * len(slots)))
     cache = filled_cache()
     q, k_new, v_new = rand(len(slots), N_HEADS, 1), rand(len(slots), N_KV, 2), rand(len(slots), N_KV, 3)
     keys, values = cache.update_and_read(0, k_new, v_new, layout)
@@ -40,7 +41,7 @@ def test_decode_fast_path_equals_the_packed_path_over_the_same_buffers(slots):
 
 
 def test_decode_of_contiguous_slots_reads_the_cache_in_place():
-    layout = build(StepBatch([1, 2], [3, 4], [1, 1]))
+    layout = build(StepPlan([1, 2], [3, 4], [1, 1]))
     cache = filled_cache()
     keys, _ = cache.update_and_read(0, rand(2, N_KV, 1), rand(2, N_KV, 2), layout)
     assert keys.data_ptr() == cache.k[0, CAPACITY:].data_ptr()  # a view of slots 1..2, no copy
@@ -51,7 +52,7 @@ def test_decode_after_the_buffer_wraps_attends_over_the_last_window_in_any_row_o
     cache = RollingKVCache([0], 2, CAPACITY, N_KV, HEAD_DIM, torch.float32)
     history_k, history_v = [], []
     for position in range(3 * CAPACITY + 3):
-        layout = build(StepBatch([1], [position], [1]))
+        layout = build(StepPlan([1], [position], [1]))
         k, v = rand(1, N_KV, 10 + position), rand(1, N_KV, 100 + position)
         history_k.append(k)
         history_v.append(v)
@@ -93,9 +94,9 @@ def test_decode_with_slots_out_of_order_gives_each_sequence_its_own_logits(check
     for slot, prompt in prompts.items():
         for start in range(0, len(prompt), 8):  # slot 2 goes past the window: its buffer wraps
             chunk = prompt[start : start + 8]
-            engine.step(StepBatch([slot], [start], [len(chunk)], torch.tensor(chunk)))
+            engine.step(StepPlan([slot], [start], [len(chunk)], torch.tensor(chunk)))
     alone = {
-        slot: engine.step(StepBatch([slot], [len(p)], [1], torch.tensor([40 + slot])))[0] for slot, p in prompts.items()
+        slot: engine.step(StepPlan([slot], [len(p)], [1], torch.tensor([40 + slot])))[0] for slot, p in prompts.items()
     }
-    together = engine.step(StepBatch([2, 0], [len(prompts[2]), len(prompts[0])], [1, 1], torch.tensor([42, 40])))
+    together = engine.step(StepPlan([2, 0], [len(prompts[2]), len(prompts[0])], [1, 1], torch.tensor([42, 40])))
     assert torch.allclose(together[0], alone[2], atol=1e-5) and torch.allclose(together[1], alone[0], atol=1e-5)

@@ -7,9 +7,11 @@ import copy
 import pytest
 import torch
 
-from router.pipeline import join_outputs, pick_on_stage, split_microbatches
+from cluster.stage_actor import pick_tokens
+from router.pipeline import split_microbatches
 from router.sampling import SamplingParams
-from router.scheduler import Scheduler
+from router.scheduler import Scheduler, SchedulerConfig
+from router.step import StepOutput
 
 PARAMS = [
     SamplingParams(max_tokens=8),
@@ -21,7 +23,7 @@ PARAMS = [
 
 
 def scheduled():
-    scheduler = Scheduler(max_seqs=8, token_budget=64, chunk_size=16, max_seq_len=256, eos_id=2)
+    scheduler = Scheduler(SchedulerConfig(max_seqs=8, token_budget=64, chunk_size=16), max_seq_len=256, eos_id=2)
     for i, p in enumerate(PARAMS):
         scheduler.add([1, 5 + i, 9], p)
     return scheduler, scheduler.schedule()
@@ -31,19 +33,19 @@ def scheduled():
 def test_tokens_and_logprobs_match_sampling_every_row_on_the_router(microbatch):
     scheduler, step = scheduled()
     # temperature 0 and no alternatives asked (logprobs=0 reports only the chosen token's, which the stage gives)
-    assert step.batch.greedy == [True, False, False, True, True]
+    assert step.plan.greedy == (True, False, False, True, True)
     logits = torch.randn(len(PARAMS), 1000, generator=torch.Generator().manual_seed(7)).bfloat16()
     reference, reference_step = copy.deepcopy((scheduler, step))  # the same sequences, apart
     parts, row = [], 0
-    for mb in split_microbatches(step.batch, microbatch):
+    for mb in split_microbatches(step.plan, microbatch):
         n = sum(mb.want_logits)
-        parts.append(pick_on_stage(logits[row : row + n], [g for g, w in zip(mb.greedy, mb.want_logits) if w]))
+        parts.append(pick_tokens(logits[row : row + n], mb.greedy_logit_rows()))
         row += n
-    out = join_outputs(parts, 1000)
+    out = StepOutput.join(parts, 1000)
     assert out.logits.shape == (2, 1000) and out.logits.dtype == torch.float32  # only the sampled rows
     ours = scheduler.process(step, out)
-    theirs = reference.process(reference_step, logits.float())
-    for a, b in zip(ours, theirs):
+    theirs = reference.process(reference_step, StepOutput.from_logits(logits))
+    for a, b in zip(ours, theirs, strict=True):
         assert a.output_ids == b.output_ids
         assert a.output_top_logprobs == b.output_top_logprobs
         assert a.output_logprobs == pytest.approx(b.output_logprobs, rel=1e-6)
