@@ -1,4 +1,5 @@
-"""Reserving a plan on a Ray cluster: one placement-group bundle per shard, checked against the nodes first.
+"""Reserving a plan on a Ray cluster: one placement-group bundle per worker (`cluster.workers`: the shards of one
+device), checked against the nodes first.
 
 A plan the cluster can never hold fails in `check_against_cluster` with the shard and the resource named, instead of
 a placement group that stays pending forever; one that cannot be placed in time is removed, not left queued.
@@ -17,6 +18,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
 
 from cluster.placement import PlacementError, PlacementPlan, format_ids
+from cluster.workers import group_workers
 from shards.config import ModelConfig
 
 RAY_STRATEGIES = {"pack": "PACK", "spread": "SPREAD", "strict_spread": "STRICT_SPREAD", "strict_pack": "STRICT_PACK"}
@@ -60,7 +62,8 @@ class Reservation:
 def check_against_cluster(plan: PlacementPlan, nodes: list[dict[str, Any]]) -> None:
     """Fail before reserving when no placement could hold the plan; `nodes` is what `ray.nodes()` returns."""
     alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
-    names, bundles = plan.shard_names(), plan.bundles()
+    workers = group_workers(plan)
+    names, bundles = [w.name for w in workers], [w.bundle for w in workers]
     src = plan.source
 
     totals: dict[str, float] = {}
@@ -116,7 +119,8 @@ def reserve(plan: PlacementPlan, config: ModelConfig, timeout_s: float = 60.0) -
     shards = plan.shards(config)  # an unsettled plan fails here, before anything is reserved
     nodes = ray.nodes()
     check_against_cluster(plan, nodes)
-    bundles = plan.bundles()
+    workers = group_workers(plan)
+    bundles = [w.bundle for w in workers]
     pg = placement_group(bundles, strategy=RAY_STRATEGIES[plan.strategy])
     try:
         ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
@@ -129,7 +133,9 @@ def reserve(plan: PlacementPlan, config: ModelConfig, timeout_s: float = 60.0) -
 
     ip_of = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
     placements = []
-    for i, shard in enumerate(shards):
+    bundle_of = {shard: w.index for w in workers for shard in w.shards}
+    for shard in shards:
+        i = bundle_of[shard.name]
         node, sel = table["bundles_to_node_id"][i], shard.selection
         placements.append(
             ShardPlacement(
@@ -140,7 +146,7 @@ def reserve(plan: PlacementPlan, config: ModelConfig, timeout_s: float = 60.0) -
                 bundle_index=i,
                 node_id=node,
                 node_ip=ip_of.get(node, "?"),
-                gpus=bundles[i].get("GPU", 0.0),
+                gpus=shard.resources.get("GPU", 0.0),
                 weight_bytes=sel.nbytes(config, plan.torch_dtype),
             )
         )
@@ -153,7 +159,8 @@ def _not_placed(plan: PlacementPlan, nodes: list[dict[str, Any]], table: dict[st
     placed = {i for i, node in table.get("bundles_to_node_id", {}).items() if node in known}
     free = ray.available_resources()
     waiting = []
-    for i, (name, bundle) in enumerate(zip(plan.shard_names(), plan.bundles())):
+    for w in group_workers(plan):
+        i, name, bundle = w.index, w.name, w.bundle
         if i in placed:
             continue
         short = [

@@ -1,23 +1,25 @@
 """The router actor: owns the schedule and the step loop of a sharded model.
 
-It runs `router.engine_loop.EngineLoop` (continuous batching). Each step it cuts the `StepPlan` into micro-batches
-(`router.pipeline`) and makes one call per stage; the stages move activations among themselves and to the expert
-groups on the transport. The last stage's `StageResult` carries the picked tokens and the logits to sample; the
-loop samples and streams the new tokens.
-It is an async actor, so requests join and streams flow while a step is in flight.
+It runs `router.engine_loop.EngineLoop` (continuous batching). Each step it sends the `StepPlan` to every worker
+on the step link (`cluster.step_link`: no Ray call on the hot path) and waits for the last stage's picked tokens
+and logits; the workers move activations among themselves and to the expert groups on the process group. The loop
+samples and streams the new tokens. Ray is the control plane here: the supervisor starts, watches and restarts the
+workers, and traces and statistics are gathered by Ray calls when asked for. It is an async actor, so requests
+join and streams flow while a step is in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from dataclasses import replace
 
-import torch
-
+from cluster.step_link import RouterLink
+from cluster.step_wire import decode_result, encode_plan
+from cluster.transport import node_ip
 from router.engine_loop import EngineLoop, QueueFullError
 from router.generation import Completion, RequestError
-from router.pipeline import split_microbatches
 from router.sampling import SamplingParams
 from router.scheduler import Scheduler, SchedulerConfig
 from router.step import (
@@ -32,6 +34,8 @@ from router.step import (
 )
 from shards.config import ModelConfig
 from shards.kv_cache import cache_capacity
+
+TRACE_LIMIT = 10_000  # steps remembered for `--profile` and benchmarks
 
 
 class RouterActor:
@@ -62,9 +66,9 @@ class RouterActor:
         self.cache_capacity = cache_capacity(config.sliding_window, config.max_seq_len)
         self.step_timeout_s = step_timeout_s
         self.steps = 0
-        self.traces: list[StepTrace] = []
-        self.keep_traces = 10_000
-        self.expert_load = torch.zeros(config.n_layers, max(config.num_experts, 1), dtype=torch.long)
+        self.traces: deque[StepTrace] = deque(maxlen=TRACE_LIMIT)  # the router's side; stages joined when taken
+        self.link: RouterLink | None = None
+        self._expert_load: tuple[tuple[int, ...], ...] = ()
         scheduling = SchedulerConfig(plan.max_seqs, plan.token_budget, plan.chunk_size).settled(self.cache_capacity)
         scheduler = Scheduler(scheduling, config.max_seq_len, config.eos_token_id)
         self.loop = EngineLoop(
@@ -77,19 +81,21 @@ class RouterActor:
         )
 
     def _set_handles(self, handles: list) -> None:
-        n = len(self.plan.stages)
-        self.shards, self.stages, self.experts = handles, handles[:n], handles[n:]
+        self.workers = handles  # in rank order
 
     # --- health and recovery ---------------------------------------------------------------------------
 
     async def start(self) -> RouterHealth:
-        """Start the engine loop and the shard monitor (and, after a router restart, re-form the group)."""
+        """Form the data plane (after a router restart: recover it), then start the engine loop and the monitor."""
         if not self._started:
             self._started = True
             self._recovering = asyncio.Lock()
             self._ready = asyncio.Event()
             if self._recover_on_start:
                 await self.recover("router restarted", self.generation)
+            else:
+                self.link = RouterLink(node_ip())
+                await asyncio.to_thread(self.supervisor.form_group, self.workers, self.link)
             self._ready.set()
             self.loop.start()
             asyncio.get_running_loop().create_task(self._monitor())
@@ -103,10 +109,10 @@ class RouterActor:
             if self._recovering.locked():
                 continue
             generation = self.generation
-            alive = await asyncio.to_thread(self.supervisor.probe, self.shards)
+            alive = await asyncio.to_thread(self.supervisor.probe, self.workers)
             if not all(alive):
                 down = [n for n, ok in zip(self.supervisor.names, alive, strict=True) if not ok]
-                await self.recover(f"shard(s) {', '.join(down)} not answering", generation)
+                await self.recover(f"worker(s) {', '.join(down)} not answering", generation)
 
     async def _recover_after_step(self, reason: str) -> None:
         await self.recover(f"step failed: {reason}", self._step_generation)
@@ -124,8 +130,11 @@ class RouterActor:
             t0 = time.monotonic()
             delay = 1.0
             while True:
+                if self.link is not None:
+                    self.link.close()  # a step waiting on the old data plane fails now, not at its timeout
+                self.link = RouterLink(node_ip())
                 try:
-                    handles, report = await asyncio.to_thread(self.supervisor.recover, self.shards)
+                    handles, report = await asyncio.to_thread(self.supervisor.recover, self.workers, self.link)
                     break
                 except Exception as e:  # noqa: BLE001 - stay unready, say why, try again
                     self.health = replace(self.health, reason=f"{reason}; recovering: {type(e).__name__}: {e}")
@@ -144,30 +153,25 @@ class RouterActor:
             self._ready.set()
 
     async def step(self, plan: StepPlan) -> StepOutput:
-        """Execute one step: a call to every stage at once, each given the micro-batches; the last one's answer."""
+        """Execute one step: the plan to every worker on the step link, the last stage's picks back."""
         await self._ready.wait()
         self._step_generation = self.generation
-        t0, called = time.perf_counter(), time.time()
-        microbatches = split_microbatches(plan, self.plan.micro_batch_size)
-        later = [mb.without_tokens() for mb in microbatches]  # only the first stage embeds
-        refs = [
-            stage.run_step.remote(self.steps, microbatches if i == 0 else later) for i, stage in enumerate(self.stages)
-        ]
-        results: list[StageResult] = await asyncio.wait_for(asyncio.gather(*refs), timeout=self.step_timeout_s)
-        returned = time.time()
-        output = StepOutput.join(results[-1].picked, self.config.vocab_size)
-        for r in results:
-            for layer, counts in r.expert_choices.items():
-                self.expert_load[layer] += torch.tensor(counts)
-        if len(self.traces) < self.keep_traces:
-            stages = tuple(replace(r, picked=None) for r in results)  # a trace keeps no logits
-            seconds = time.perf_counter() - t0
-            trace = StepTrace(
-                self.steps, plan.n_tokens, len(plan.slots), len(microbatches), seconds, called, returned, stages
-            )
-            self.traces.append(trace)
+        step, link = self.steps, self.link
         self.steps += 1
+        t0, called = time.perf_counter(), time.time()
+        message = await asyncio.to_thread(self._exchange, link, step, plan)
+        returned = time.time()
+        output = decode_result(message, plan, self.config.vocab_size)
+        n_microbatches = -(-len(plan.slots) // self.plan.micro_batch_size)
+        seconds = time.perf_counter() - t0
+        self.traces.append(
+            StepTrace(step, plan.n_tokens, len(plan.slots), n_microbatches, seconds, called, returned, ())
+        )
         return output
+
+    def _exchange(self, link: RouterLink, step: int, plan: StepPlan):
+        link.send_plan(encode_plan(step, plan, self.plan.micro_batch_size))
+        return link.recv_result(self.supervisor.last_stage_worker, self.step_timeout_s)
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams, resume_ids: list[int] | None = None):
         """Ray streaming generator. First item: an `Admission`, so the caller can answer 400/429 before it starts a
@@ -201,15 +205,31 @@ class RouterActor:
 
     async def stats(self) -> RouterStats:
         await self.start()
-        load = tuple(tuple(row) for row in self.expert_load.tolist())
-        return RouterStats(self.loop.snapshot(), self.health, load)
+        return RouterStats(self.loop.snapshot(), self.health, await self._gather_expert_load())
+
+    async def _gather_expert_load(self) -> tuple[tuple[int, ...], ...]:
+        """Tokens per expert per layer, summed over the workers' gates (the last figures if a worker is slow)."""
+        try:
+            loads = await asyncio.wait_for(asyncio.gather(*(w.expert_load.remote() for w in self.workers)), 2.0)
+        except Exception:  # noqa: BLE001 - a dead or busy worker: recovery deals with it, statistics wait
+            return self._expert_load
+        rows = [load for load in loads if load is not None]
+        if rows:
+            self._expert_load = tuple(tuple(map(sum, zip(*layer, strict=True))) for layer in zip(*rows, strict=True))
+        return self._expert_load
 
     async def take_traces(self) -> list[StepTrace]:
-        traces, self.traces = self.traces, []
-        return traces
+        """The steps since the last call, each with every stage's result (gathered from the workers now)."""
+        traces, self.traces = list(self.traces), deque(maxlen=TRACE_LIMIT)
+        results: list[list[StageResult]] = await asyncio.gather(*(w.stage_results.remote() for w in self.workers))
+        by_step: dict[int, list[StageResult]] = {}
+        for r in (r for rs in results for r in rs):
+            by_step.setdefault(r.step, []).append(r)
+        return [replace(t, stages=tuple(sorted(by_step.get(t.step, []), key=lambda r: r.stage))) for t in traces]
 
     async def expert_traces(self) -> list[ExpertTrace]:
-        return await asyncio.gather(*(e.trace.remote() for e in self.experts))
+        traces = await asyncio.gather(*(w.expert_traces.remote() for w in self.workers))
+        return [t for ts in traces for t in ts]
 
     async def get_expert_load(self) -> list[list[int]]:
-        return self.expert_load.tolist()
+        return [list(row) for row in await self._gather_expert_load()]

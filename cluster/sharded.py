@@ -116,10 +116,14 @@ class ShardedCluster:
         return ray.get(self.router.generate.remote(prompts, params))
 
     def shard_handles(self) -> dict[str, object]:
-        return dict(zip(self.supervisor.names, self.supervisor.handles(), strict=True))
+        """Each shard's worker actor, by shard name (shards on one device share one worker)."""
+        handles = dict(zip(self.supervisor.names, self.supervisor.handles(), strict=True))
+        return {shard: handles[w.name] for w in self.supervisor.workers for shard in w.shards}
 
     def locations(self) -> dict[str, ShardLocation]:
-        return {loc.shard: loc for loc in ray.get([a.location.remote() for a in self.supervisor.handles()])}
+        """Where each shard runs, by shard name: its worker's location."""
+        where = {loc.shard: loc for loc in ray.get([a.location.remote() for a in self.supervisor.handles()])}
+        return {shard: where[w.name] for w in self.supervisor.workers for shard in w.shards}
 
     def health(self) -> RouterStats:
         return ray.get(self.router.stats.remote())

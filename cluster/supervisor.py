@@ -1,9 +1,11 @@
-"""Shard lifecycle: start each shard actor in its own bundle, find the dead ones, restart them, re-form the group.
+"""Worker lifecycle: start each worker actor in its own bundle, find the dead ones, restart them, re-form the data
+plane.
 
-Shard actors are named and detached from whoever started them, so a restarted router finds them by name and a
-router crash does not take them down; they live as long as the placement group (owned by the ingress or the
-CLI), and are killed with it. A restarted shard is a fresh actor in the same bundle: it reloads only its own
-tensors. Live shards keep their weights and only rejoin the new transport group.
+Workers (`cluster.workers`: one per device, holding that device's shards) are named and detached from whoever
+started them, so a restarted router finds them by name and a router crash does not take them down; they live as
+long as the placement group (owned by the ingress or the CLI), and are killed with it. A restarted worker is a
+fresh actor in the same bundle: it reloads only its own tensors. Live workers keep their weights and only rejoin
+the new data plane.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import ray
 from ray.util.placement_group import placement_group_table
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.expert_actor import ExpertGroupActor
 from cluster.reservation import BUILTIN_RESOURCES, lost_bundles
-from cluster.stage_actor import StageActor
+from cluster.worker_actor import ShardWorker
+from cluster.workers import group_workers
 
 
 class ShardsUnavailable(RuntimeError):
@@ -46,21 +48,23 @@ class ShardSupervisor:
             probe_timeout_s,
         )
         self.prefix = prefix or f"mistral-cluster-{uuid.uuid4().hex[:8]}"
-        self.bundle_of = {name: i for i, name in enumerate(plan.shard_names())}
-        self.bundles = plan.bundles()
-        # transport ranks: stages first, then expert groups
-        self.names = [s.name for s in plan.stages] + [g.name for g in plan.expert_groups]
+        self.workers = group_workers(plan)
+        self.names = [w.name for w in self.workers]  # in rank order, which is also bundle order
+        self.bundle_of = {w.name: w.index for w in self.workers}
+        self.bundles = [w.bundle for w in self.workers]
+        # the worker holding the last stage: it sends each step's picked tokens to the router
+        self.last_stage_worker = next(w.index for w in self.workers if len(plan.stages) - 1 in w.stages)
 
     # --- actors ----------------------------------------------------------------------------------------
 
-    def actor_name(self, shard: str) -> str:
-        return f"{self.prefix}-{shard}"
+    def actor_name(self, worker: str) -> str:
+        return f"{self.prefix}-{worker}"
 
-    def create(self, shard: str):
-        index = self.bundle_of[shard]
+    def create(self, worker: str):
+        index = self.bundle_of[worker]
         bundle = self.bundles[index]
         options = {
-            "name": self.actor_name(shard),
+            "name": self.actor_name(worker),
             "lifetime": "detached",
             "max_concurrency": 4,
             "max_restarts": 0,
@@ -74,11 +78,8 @@ class ShardSupervisor:
         deadline = time.monotonic() + 30
         while True:
             try:
-                if shard.startswith("stage"):
-                    cls, args = StageActor, (self.checkpoint, self.plan, int(shard[5:]), self.attention_backend)
-                else:
-                    cls, args = ExpertGroupActor, (self.checkpoint, self.plan, int(shard[7:]))
-                return ray.remote(cls).options(**options).remote(*args)
+                args = (self.checkpoint, self.plan, index, self.attention_backend)
+                return ray.remote(ShardWorker).options(**options).remote(*args)
             except ValueError as e:  # the name of a just-killed actor is freed a moment after its death
                 if "already taken" not in str(e) or time.monotonic() > deadline:
                     raise
@@ -89,9 +90,9 @@ class ShardSupervisor:
         return [ray.get_actor(self.actor_name(n)) for n in self.names]
 
     def start_all(self) -> list:
+        """Start every worker and wait until each has loaded its tensors (the data plane is formed by the router)."""
         handles = [self.create(n) for n in self.names]
         self._wait_loaded(handles, self.names)
-        self.form_group(handles)
         return handles
 
     def _wait_loaded(self, handles: list, names: list[str]) -> list[dict]:
@@ -124,15 +125,17 @@ class ShardSupervisor:
             f"shards not up after {self.load_timeout_s:g} s: {asks} (is a node with those resources alive?)"
         )
 
-    def form_group(self, handles: list) -> None:
-        """Every shard joins a fresh transport group at a new rendezvous address."""
+    def form_group(self, handles: list, router_link) -> None:
+        """Every worker joins a fresh process group at a new rendezvous address and connects to `router_link`
+        (a `cluster.step_link.RouterLink`), which accepts them meanwhile."""
         locations = ray.get([h.location.remote() for h in handles], timeout=self.load_timeout_s)
         keys = [loc.device_key for loc in locations]
         addr, port = ray.get(handles[0].rendezvous.remote(), timeout=self.probe_timeout_s * 4)
-        ray.get(
-            [h.join.remote(addr, port, len(handles), self.transport_timeout_s, keys) for h in handles],
-            timeout=self.load_timeout_s,
-        )
+        refs = [h.join.remote(addr, port, self.transport_timeout_s, keys, router_link.address) for h in handles]
+        try:
+            router_link.accept(len(handles), self.load_timeout_s)
+        finally:  # a join that failed says why, which beats the accept's timeout
+            ray.get(refs, timeout=self.load_timeout_s)
 
     # --- health and recovery ---------------------------------------------------------------------------
 
@@ -152,25 +155,23 @@ class ShardSupervisor:
                 alive.append(False)
         return alive
 
-    def recover(self, handles: list) -> tuple[list, dict]:
-        """Restart dead shards in their bundles, reset the live ones, re-form the group. Returns the new handles
-        and a report (which shards were restarted, how long it took)."""
+    def recover(self, handles: list, router_link) -> tuple[list, dict]:
+        """Restart dead workers in their bundles, reset the live ones, re-form the data plane with `router_link`.
+        Returns the new handles and a report (which workers were restarted, how long it took)."""
         t0 = time.monotonic()
         alive = self.probe(handles)
-        dead = {n for n, ok in zip(self.names, alive) if not ok}
-        live = [(n, h) for n, h, ok in zip(self.names, handles, alive) if ok]
-        for n, h in live:  # stages first (rank order): they release the experts' serving threads
-            if n.startswith("stage"):
-                self._best_effort(h.stop_experts.remote())
-        for n, h in live:
-            if not self._best_effort(h.reset_transport.remote(), timeout=self.probe_timeout_s * 2):
+        dead = {n for n, ok in zip(self.names, alive, strict=True) if not ok}
+        live = [(n, h) for n, h, ok in zip(self.names, handles, alive, strict=True) if ok]
+        resets = {n: h.reset_transport.remote() for n, h in live}  # all at once: each may wait on the others
+        for n, ref in resets.items():
+            if not self._best_effort(ref, timeout=self.probe_timeout_s * 2):
                 dead.add(n)
-        for n, h in zip(self.names, handles):
+        for n, h in zip(self.names, handles, strict=True):
             if n in dead:
                 ray.kill(h, no_restart=True)
-        new = [self.create(n) if n in dead else h for n, h in zip(self.names, handles)]
+        new = [self.create(n) if n in dead else h for n, h in zip(self.names, handles, strict=True)]
         self._wait_loaded(new, self.names)
-        self.form_group(new)
+        self.form_group(new, router_link)
         return new, {"restarted": sorted(dead), "seconds": time.monotonic() - t0}
 
     def _best_effort(self, ref, timeout: float | None = None) -> bool:

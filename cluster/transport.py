@@ -1,25 +1,29 @@
-"""The data plane: activations move between shard actors on one torch.distributed process group.
+"""The data plane: the workers on one torch.distributed process group, with one channel (a process group of two
+ranks) per kind of traffic between two workers.
 
 Ray calls cost ~0.7-0.9 ms and a 1 MiB tensor through the object store ~5.7 ms; a torch.distributed message
-between two GPUs costs ~25 us. So Ray only starts actors and carries one control call per step, and every
-activation (stage to stage, stage to expert group and back) is a point-to-point message here: NCCL between GPUs,
-gloo between CPU processes, the same code either way.
+between two GPUs costs ~25 us. So Ray only starts, watches and restarts the actors; the activations (stage to
+stage, stage to expert groups and back) are messages here: NCCL between GPUs, gloo between CPU processes, the same
+code either way. Plans and picked tokens travel between the router and the workers on `cluster.step_link`.
+
+Why channels: a worker runs several loops at once (its stage, and the expert service it gives other stages), and
+NCCL needs the operations on one communicator issued in the same order on both sides. Each channel is used by
+exactly one thread at each end, so every channel's order is fixed by construction.
 """
 
 from __future__ import annotations
 
+import queue
 import socket
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+import ray
 import torch
 import torch.distributed as dist
 
 from router.step import TransportTally
-
-HEADER_LEN = 4  # (layer or STOP, tokens, step, micro-batch)
-STOP = -1
 
 
 def free_port() -> int:
@@ -29,9 +33,14 @@ def free_port() -> int:
 
 
 def node_ip() -> str:
-    import ray
-
     return ray.util.get_node_ip_address()
+
+
+def device_key(device: torch.device) -> str:
+    """Which physical device this process computes on: GPU UUID, or 'cpu'. Ranks with equal keys share a GPU."""
+    if device.type != "cuda":
+        return "cpu"
+    return str(torch.cuda.get_device_properties(device).uuid)
 
 
 @dataclass
@@ -53,19 +62,94 @@ class TransportStats:
         return out
 
 
-def device_key(device: torch.device) -> str:
-    """Which physical device this process computes on: GPU UUID, or 'cpu'. Ranks with equal keys share a GPU."""
-    if device.type != "cuda":
-        return "cpu"
-    return str(torch.cuda.get_device_properties(device).uuid)
+@dataclass(frozen=True)
+class ChannelKey:
+    """A kind of traffic between two workers (ranks): `pipe` (a stage's activations to the next stage) or `experts`
+    (a stage's tokens to a worker holding expert groups of its layers, and their results back)."""
+
+    kind: str
+    a: int  # the rank that starts each exchange: the sending stage
+    b: int
+    tag: int  # the stage: one channel per stage and peer
+
+
+class Channel:
+    """Two ranks' private process group; `send`/`recv` stage through host memory where the peer shares the GPU."""
+
+    def __init__(self, key: ChannelKey, group, rank: int, device: torch.device, via_host: bool) -> None:
+        self.key, self.group = key, group
+        self.peer = key.b if rank == key.a else key.a
+        self.device, self.via_host = device, via_host
+        self.stats = TransportStats()
+
+    def isend(self, tensor: torch.Tensor, kind: str) -> dist.Work:
+        """Sent in the background: keep `tensor` alive until the returned work is waited on."""
+        self.stats.add(kind, 0.0, tensor.nbytes)
+        out = tensor.contiguous()
+        return dist.isend(out.cpu() if self.via_host else out, dst=self.peer, group=self.group)
+
+    def send(self, tensor: torch.Tensor, kind: str) -> None:
+        t0 = time.perf_counter()
+        out = tensor.contiguous()
+        dist.send(out.cpu() if self.via_host else out, dst=self.peer, group=self.group)
+        self.stats.add(kind, time.perf_counter() - t0, tensor.nbytes)
+
+    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, kind: str) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = torch.empty(shape, dtype=dtype, device="cpu" if self.via_host else self.device)
+        dist.recv(out, src=self.peer, group=self.group)
+        if self.via_host and self.device.type != "cpu":
+            out = out.to(self.device)
+        self.stats.add(kind, time.perf_counter() - t0, out.nbytes)
+        return out
+
+    def recv_into(self, out: torch.Tensor, kind: str) -> torch.Tensor:
+        """Receive into a buffer that already exists (a captured graph's static input, a reused plan buffer)."""
+        if self.via_host and out.device.type != "cpu":
+            out.copy_(self.recv(tuple(out.shape), out.dtype, kind))
+            return out
+        t0 = time.perf_counter()
+        dist.recv(out, src=self.peer, group=self.group)
+        self.stats.add(kind, time.perf_counter() - t0, out.nbytes)
+        return out
+
+
+class _Done:
+    """A send that completed at once."""
+
+    def wait(self) -> bool:
+        return True
+
+
+class LocalPipe:
+    """Two adjacent stages in one worker: activations handed over in memory, with no message. On a GPU the
+    receiving loop's stream waits for the sending loop's (they run on streams of their own)."""
+
+    via_host = False
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue = queue.Queue()
+        self.stats = TransportStats()
+
+    def isend(self, tensor: torch.Tensor, kind: str) -> _Done:
+        ready = None
+        if tensor.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        self._queue.put((tensor, ready))
+        return _Done()
+
+    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, kind: str) -> torch.Tensor:
+        tensor, ready = self._queue.get()
+        if ready is not None:
+            torch.cuda.current_stream().wait_event(ready)
+        return tensor
 
 
 class Transport:
-    """One rank of the shards' process group; every operation is bounded by the group's timeout.
-
-    On GPUs the group has two backends: NCCL between ranks on different GPUs, gloo (through host memory) between
-    ranks that share one GPU (fractional GPUs), because NCCL refuses two ranks on one device.
-    """
+    """One rank of the process group and the channels it takes part in; every wait is bounded by the group's
+    timeout. On GPUs the group has two backends: NCCL for CUDA tensors, gloo for host tensors (peers that share a
+    GPU: NCCL refuses two ranks on one device)."""
 
     def __init__(
         self,
@@ -74,72 +158,48 @@ class Transport:
         master_addr: str,
         master_port: int,
         device: torch.device,
-        timeout_s: float = 60.0,
-        same_device_peers: set[int] | frozenset[int] = frozenset(),
+        timeout_s: float,
+        device_keys: list[str],
+        channels: list[ChannelKey],
     ) -> None:
         self.rank, self.world_size, self.device = rank, world_size, device
-        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        self.backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(
-            backend=backend,
+            backend=self.backend,
             init_method=f"tcp://{master_addr}:{master_port}",
             rank=rank,
             world_size=world_size,
             timeout=timedelta(seconds=timeout_s),
         )
-        self.backend = backend
-        self.via_host = set(same_device_peers) if device.type == "cuda" else set()
-        self.stats = TransportStats()
+        self.channels: dict[ChannelKey, Channel] = {}
+        for key in channels:  # every rank creates every channel, in one order: new_group is collective
+            group = dist.new_group([key.a, key.b])
+            if rank in (key.a, key.b):
+                peer = key.b if rank == key.a else key.a
+                shared = device_keys[rank] == device_keys[peer] and device_keys[rank] != "cpu"
+                self.channels[key] = Channel(key, group, rank, device, via_host=device.type == "cuda" and shared)
 
-    def send(self, tensor: torch.Tensor, dst: int, kind: str = "activations") -> None:
-        t0 = time.perf_counter()
-        dist.send(self._outgoing(tensor, dst), dst=dst)
-        self.stats.add(kind, time.perf_counter() - t0, tensor.nbytes)
+    def channel(self, kind: str, a: int, b: int, tag: int) -> Channel:
+        return self.channels[ChannelKey(kind, a, b, tag)]
 
-    def isend(self, tensor: torch.Tensor, dst: int) -> dist.Work:
-        return dist.isend(self._outgoing(tensor, dst), dst=dst)
-
-    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, kind: str = "activations") -> torch.Tensor:
-        t0 = time.perf_counter()
-        staged = src in self.via_host
-        out = torch.empty(shape, dtype=dtype, device="cpu" if staged else self.device)
-        dist.recv(out, src=src)
-        if staged:
-            out = out.to(self.device)
-        self.stats.add(kind, time.perf_counter() - t0, out.nbytes)
-        return out
-
-    def warm_up(self, peers: list[int]) -> None:
-        """Exchange one small message with each peer now, so NCCL's per-pair setup (~0.5 s) is not in step 1.
-
-        Pairs are visited in one global order (lowest rank first), which no two ranks can wait on in a cycle.
-        """
-        probe = torch.zeros(1, device=self.device)
-        for peer in sorted(set(peers) - {self.rank}, key=lambda p: (min(p, self.rank), max(p, self.rank))):
-            if self.rank < peer:
-                self.send(probe, peer, kind="warm_up")
-                self.recv((1,), probe.dtype, peer, kind="warm_up")
-            else:
-                self.recv((1,), probe.dtype, peer, kind="warm_up")
-                self.send(probe, peer, kind="warm_up")
-            if self.device.type == "cuda":
-                torch.cuda.current_stream().synchronize()
-        self.stats.take()
-
-    def _outgoing(self, tensor: torch.Tensor, dst: int) -> torch.Tensor:
-        return tensor.contiguous().cpu() if dst in self.via_host else tensor.contiguous()
-
-    def send_header(self, values: list[int], dst: int) -> None:
-        self.send(torch.tensor(values, dtype=torch.long, device=self.device), dst, kind="headers")
-
-    def recv_header(self, src: int) -> list[int]:
-        header = self.recv((HEADER_LEN,), torch.long, src, kind="headers")
-        if header.is_cuda:
-            # A header can be a long wait (the peer sends when it gets there). Wait on this thread's stream, which
-            # releases the GIL, before reading it: `.tolist()` would block holding the GIL and starve the actor's
-            # other serving threads, deadlocking the pipeline.
-            torch.cuda.current_stream().synchronize()
-        return header.tolist()
+    @property
+    def any_via_host(self) -> bool:
+        return any(ch.via_host for ch in self.channels.values())
 
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def tally(channels: list[Channel]) -> TransportTally:
+    """These channels' waits and bytes since the last call, summed by kind of message (one thread's channels)."""
+    seconds: dict[str, float] = {}
+    nbytes: dict[str, int] = {}
+    messages: dict[str, int] = {}
+    for ch in channels:
+        t = ch.stats.take()
+        for kind in t.seconds:
+            seconds[kind] = seconds.get(kind, 0.0) + t.seconds[kind]
+            nbytes[kind] = nbytes.get(kind, 0) + t.bytes[kind]
+            messages[kind] = messages.get(kind, 0) + t.messages[kind]
+    return TransportTally(seconds, nbytes, messages)

@@ -3,9 +3,10 @@
 A decode step, as data (README, "The path of a token"):
 - ingress -> router: a prompt and its `SamplingParams`; the router answers with an `Admission`, then one
   `TokenEvent` per sampled token;
-- router -> every stage: a `StepPlan` (cut into micro-batches, each itself a `StepPlan`);
-- stage -> router: a `StageResult`; the last stage's carries one `PickedLogits` per micro-batch, which the router
-  joins into the step's `StepOutput` for the scheduler;
+- router -> every worker: a `StepPlan` (on the step link, `cluster.step_wire`; the stages cut it into micro-batches,
+  each itself a `StepPlan`);
+- last stage -> router: the step's `StepOutput` (greedy rows' tokens picked on the device, logits of the others);
+- every stage: a `StageResult` per step, gathered when traces are asked for;
 - router -> ingress, metrics, operators: `RouterStats` (engine counters and `RouterHealth`), `StepTrace` and
   `ExpertTrace` for `--profile`, and each shard's `ShardLocation`.
 
@@ -96,17 +97,6 @@ class StepPlan:
 
 
 @dataclass(frozen=True)
-class PickedLogits:
-    """The last stage's answer for one micro-batch: tokens it picked for greedy rows (an argmax and its
-    log-probability: a few bytes instead of a vocabulary of logits) and logits of the rows the router samples."""
-
-    logits: torch.Tensor | None  # (rows the router samples, vocab), the weights' dtype; None when every row is greedy
-    greedy: tuple[bool, ...]  # per row wanting a token: picked on the stage
-    ids: tuple[int, ...]
-    logprobs: tuple[float, ...]
-
-
-@dataclass(frozen=True)
 class MicrobatchSpan:
     """When one micro-batch ran on a stage (host clock, seconds since the epoch) and how long it waited for input."""
 
@@ -131,12 +121,9 @@ class StageResult:
 
     stage: int
     step: int
-    picked: tuple[PickedLogits, ...] | None  # the last stage's, one per micro-batch; None on the others
     spans: tuple[MicrobatchSpan, ...]
     send_wait: float  # waiting for this stage's sends to the next stage to complete
     transport: TransportTally
-    tokens_to_group: dict[str, int]  # "layer:group" -> tokens sent to that expert group
-    expert_choices: dict[int, list[int]]  # layer -> tokens per expert, for the load statistic
     expert_seconds: float  # time inside the expert dispatch
     entered: float  # the call's span in the stage's process, host clock
     left: float
@@ -156,18 +143,6 @@ class StepOutput:
     def from_logits(logits: torch.Tensor) -> StepOutput:
         """An executor that returns every wanting row's logits (the one-process engine)."""
         return StepOutput(logits.float(), None)
-
-    @staticmethod
-    def join(parts: list[PickedLogits] | tuple[PickedLogits, ...], vocab: int) -> StepOutput:
-        """The micro-batches' answers as one, in order (logits arrive in the weights' dtype, leave in float32)."""
-        kept = [p.logits for p in parts if p.logits is not None and p.logits.numel()]
-        logits = torch.cat(kept).float() if kept else torch.empty(0, vocab)
-        return StepOutput(
-            logits,
-            tuple(g for p in parts for g in p.greedy),
-            tuple(i for p in parts for i in p.ids),
-            tuple(lp for p in parts for lp in p.logprobs),
-        )
 
 
 # --- router -> ingress --------------------------------------------------------------------------------------------
@@ -268,19 +243,22 @@ class StepTrace:
 
 @dataclass(frozen=True)
 class ExpertMessage:
-    """One message an expert group served: which stage and layer, how many tokens, each held expert's share."""
+    """One message a worker's expert groups served: which stage and layer, how many tokens, the host time it took
+    (the compute itself on a CPU; on a GPU, the time to queue it)."""
 
     stage: int
     layer: int
     tokens: int
-    per_expert: dict[int, int]
     seconds: float
 
 
 @dataclass(frozen=True)
 class ExpertTrace:
-    group: int
+    """What a worker's expert groups served since the last trace."""
+
+    worker: str
     received: tuple[ExpertMessage, ...]
+    computed: dict[int, dict[int, int]]  # layer -> held expert -> tokens it computed for
     errors: tuple[str, ...]
 
 

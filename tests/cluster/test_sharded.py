@@ -100,32 +100,36 @@ def test_stages_work_on_different_microbatches_at_the_same_time(sharded):
     assert overlapped, "stage0 never worked on micro-batch m+1 while stage1 worked on m"
 
 
-def test_each_expert_group_receives_only_the_tokens_routed_to_it(sharded):
+def test_expert_groups_compute_exactly_the_gates_choices_from_fixed_size_messages(sharded):
+    """Each remote expert group gets every token of a micro-batch (a fixed-size message: no host sync decides who
+    gets what), computes only the experts it holds, and only for the tokens whose gate chose them."""
     sharded.take_traces()
     sharded.expert_traces()
+    before = sharded.expert_load()
     sharded.generate(random_prompts([20, 7], seed=51), SamplingParams(max_tokens=6, ignore_eos=True))
-    chosen, sent_to_group = {}, {}
-    for step in sharded.take_traces():
-        for stage in step.stages:
-            for layer, counts in stage.expert_choices.items():
-                chosen[layer] = [a + b for a, b in zip(chosen.get(layer, [0] * 4), counts, strict=True)]
-            for key, n in stage.tokens_to_group.items():
-                sent_to_group[key] = sent_to_group.get(key, 0) + n
-    received_tokens, per_expert = {}, {}
-    for group in sharded.expert_traces():
-        assert group.errors == ()
-        for msg in group.received:
-            key = f"{msg.layer}:{group.group}"
-            received_tokens[key] = received_tokens.get(key, 0) + msg.tokens
-            for expert, n in msg.per_expert.items():
-                per_expert[(msg.layer, expert)] = per_expert.get((msg.layer, expert), 0) + n
-    assert received_tokens == {k: v for k, v in sent_to_group.items() if v}
-    for layer, counts in chosen.items():
-        for expert, n in enumerate(counts):
-            assert per_expert.get((layer, expert), 0) == n  # the gate's choices, no more, no less
-        total_tokens = sum(counts) // 2
-        for g in (0, 1):
-            assert received_tokens.get(f"{layer}:{g}", 0) <= total_tokens
+    after = sharded.expert_load()
+    chosen = {
+        (layer, e): a - b
+        for layer, (row_a, row_b) in enumerate(zip(after, before, strict=True))
+        for e, (a, b) in enumerate(zip(row_a, row_b, strict=True))
+        if a != b
+    }
+    steps = sharded.take_traces()
+    computed, tokens_served = {}, {}
+    for trace in sharded.expert_traces():
+        assert trace.errors == ()
+        held = {"experts0": {0, 1}, "experts1": {2, 3}}[trace.worker]
+        for layer, per_expert in trace.computed.items():
+            assert set(per_expert) <= held, f"{trace.worker} computed experts it does not hold"
+            for e, n in per_expert.items():
+                computed[layer, e] = computed.get((layer, e), 0) + n
+        for msg in trace.received:
+            key = (trace.worker, msg.stage, msg.layer)
+            tokens_served[key] = tokens_served.get(key, 0) + msg.tokens
+    assert computed == chosen  # the gates' choices, no more, no less
+    all_tokens = sum(t.tokens for t in steps)
+    assert len(tokens_served) == 2 * 4  # two groups, each serving every one of the 4 MoE layers
+    assert set(tokens_served.values()) == {all_tokens}  # every token of every step, in every layer
 
 
 def test_router_records_expert_load_per_layer(sharded):

@@ -1,0 +1,218 @@
+"""A pipeline stage inside a worker: some layers' attention, norms and gates (plus embedding or head at the ends),
+their KV cache, and the MoE dispatch to wherever the layers' experts live. No Ray here: the worker's stage loop
+calls `run` once per step plan.
+
+Stage k takes micro-batch m from stage k-1 (or embeds it), runs its layers, and hands it on with a non-blocking
+send, so it is already on micro-batch m+1 while stage k+1 works on m. The last stage picks the greedy rows' tokens
+on the device and returns them with the logits of the rows the router samples.
+
+MoE dispatch, per layer: the expert groups held by this worker are computed in place; every other worker holding
+experts of the layer gets one message (activations, expert ids and weights packed, every token of the micro-batch:
+a fixed size, so no host sync decides who gets what) and sends one back (its groups' weighted sum). The remote
+groups compute while the local ones do. Partial sums are added in worker order, the same on every step.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from cluster.step_wire import encode_result
+from cluster.transport import Channel, LocalPipe, Transport, tally
+from cluster.workers import WorkerMap
+from router.pipeline import split_microbatches
+from router.step import MicrobatchSpan, StageResult, StepPlan
+from shards.checkpoint import CheckpointReader
+from shards.decode_graphs import DecodeGraphs
+from shards.kv_cache import RollingKVCache, StepLayout, cache_capacity
+from shards.model import ExpertShard, TransformerShard
+from shards.moe import grouped_mm_supported
+
+
+def pack_for_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(tokens, dim + 2k) in x's dtype: activations, expert ids (exact: bf16 holds integers up to 256), weights."""
+    return torch.cat([x, ids.to(x.dtype), weights.to(x.dtype)], dim=1)
+
+
+def unpack_for_experts(packed: torch.Tensor, dim: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return packed[:, :dim], packed[:, dim : dim + k].long(), packed[:, dim + k :]
+
+
+def local_experts_sum(groups: list[ExpertShard], layer: int, x, ids, weights) -> torch.Tensor | None:
+    """The weighted sum of this worker's expert groups of `layer` (in group order), or None when it holds none."""
+    out = None
+    for g in groups:
+        y = g(layer, x, ids, weights)
+        out = y if out is None else out + y
+    return out
+
+
+class StageRunner:
+    def __init__(
+        self,
+        reader: CheckpointReader,
+        plan,
+        index: int,
+        workers: WorkerMap,
+        local_groups: dict[int, ExpertShard],
+        device: torch.device,
+        attention_backend: str = "auto",
+    ) -> None:
+        self.config = config = reader.config
+        self.plan, self.index, self.workers, self.device = plan, index, workers, device
+        self.n_stages = len(plan.stages)
+        self.first, self.last = index == 0, index == self.n_stages - 1
+        self.selection = plan.stage_selection(index, config)
+        self.model = TransformerShard.from_checkpoint(
+            reader, self.selection, plan.torch_dtype, device, attention_backend
+        )
+        self.capacity = cache_capacity(config.sliding_window, config.max_seq_len)
+        self.cache = RollingKVCache(
+            list(self.selection.layers),
+            plan.max_seqs,
+            self.capacity,
+            config.n_kv_heads,
+            config.head_dim,
+            plan.torch_dtype,
+            device,
+        )
+        self.rank = workers.of_stage(index).index
+        self.has_groups = bool(plan.expert_groups)
+        # Per MoE layer: this worker's groups of it (group order), and the other workers holding some of its experts.
+        self.local_groups: dict[int, list[ExpertShard]] = {}
+        self.remote_ranks: dict[int, list[int]] = {}
+        for layer in self.selection.layers:
+            holders = [g for g in plan.expert_groups if layer in g.layers]
+            self.local_groups[layer] = [local_groups[g.index] for g in holders if g.index in local_groups]
+            self.remote_ranks[layer] = sorted({workers.of_group(g.index).index for g in holders} - {self.rank})
+        # Tokens per expert per layer, counted on the device at each MoE layer (a statistic adds no host sync).
+        self.load = torch.zeros(config.n_layers, max(config.num_experts, 1), dtype=torch.long, device=device)
+        # Channels to the neighbouring stages (a `LocalPipe` where the neighbour is in this worker).
+        self.pipe_in: Channel | LocalPipe | None = None
+        self.pipe_out: Channel | LocalPipe | None = None
+        self.expert_channels: dict[int, Channel] = {}
+        self.graphs: DecodeGraphs | None = None
+        self._expert_seconds = 0.0
+
+    def attach(self, transport: Transport) -> None:
+        """Take this stage's channels from a freshly formed process group, and decide on CUDA graphs."""
+        before = None if self.first else self.workers.of_stage(self.index - 1).index
+        after = None if self.last else self.workers.of_stage(self.index + 1).index
+        if before is not None and before != self.rank:
+            self.pipe_in = transport.channel("pipe", before, self.rank, self.index - 1)
+        if after is not None and after != self.rank:
+            self.pipe_out = transport.channel("pipe", self.rank, after, self.index)
+        peers = sorted({r for ranks in self.remote_ranks.values() for r in ranks})
+        self.expert_channels = {r: transport.channel("experts", self.rank, r, self.index) for r in peers}
+        self.graphs = self._decode_graphs()
+
+    def _decode_graphs(self) -> DecodeGraphs | None:
+        """CUDA graphs for decode steps: the layers' kernels, and the expert dispatch's NCCL messages with them, as one
+        launch. Not where a message goes through host memory (that is host work in the middle of a layer).
+        MISTRAL_CLUSTER_CUDA_GRAPHS=0 turns them off; =eager replays on the static buffers without CUDA (CPU tests)."""
+        mode = os.environ.get("MISTRAL_CLUSTER_CUDA_GRAPHS", "1")
+        if mode == "0":
+            return None
+        if mode == "eager":
+            return DecodeGraphs(self.model, self.cache, replay="eager")
+        if self.device.type != "cuda" or any(ch.via_host for ch in self.expert_channels.values()):
+            return None
+        probe = torch.empty(0, self.config.dim, dtype=self.plan.torch_dtype, device=self.device)
+        if self.config.is_moe and not grouped_mm_supported(probe, self.config.hidden_dim):
+            return None  # the per-expert loop reads counts back to the host: nothing to capture
+        return DecodeGraphs(self.model, self.cache)
+
+    def channels(self) -> list[Channel | LocalPipe]:
+        return [ch for ch in (self.pipe_in, self.pipe_out, *self.expert_channels.values()) if ch is not None]
+
+    @torch.inference_mode()
+    def run(self, step: int, plan: StepPlan, micro_batch_size: int) -> tuple[StageResult, torch.Tensor | None]:
+        """Every micro-batch of one step through this stage. The last stage also returns its picks as one tensor
+        (greedy ids, their log-probabilities, the sampled rows' logits: `cluster.step_wire.encode_result`)."""
+        entered = time.time()
+        self._expert_seconds = 0.0
+        microbatches = split_microbatches(plan if self.first else plan.without_tokens(), micro_batch_size)
+        experts = self._experts if self.config.is_moe else None
+        pending, spans, picks = [], [], []
+        for m, mb in enumerate(microbatches):
+            wait = 0.0
+            if self.first:
+                h = self.model.embed(torch.as_tensor(mb.token_ids).to(self.device))
+            else:
+                t0 = time.perf_counter()
+                h = self.pipe_in.recv((mb.n_tokens, self.config.dim), self.plan.torch_dtype, "activations")
+                wait = time.perf_counter() - t0
+            start = time.time()
+            layout = StepLayout.build(
+                mb, self.capacity, self.config.sliding_window, self.config.head_dim, self.config.rope_theta, self.device
+            )
+            if self.graphs is not None and layout.decode_slots is not None:
+                h = self.graphs.run(h, layout, experts)
+            else:
+                h = self.model.run_layers(h, layout, self.cache, experts)
+            if self.last:
+                picks.append(self._pick(h, mb))
+            else:
+                pending.append((self.pipe_out.isend(h, "activations"), h))
+            if self.device.type == "cuda":
+                torch.cuda.current_stream().synchronize()  # this thread's stream: NCCL work may wait on peers
+            spans.append(MicrobatchSpan(m, start, time.time(), wait))
+        t0 = time.perf_counter()
+        for work, _ in pending:
+            work.wait()
+        send_wait = time.perf_counter() - t0
+        result = StageResult(
+            stage=self.index,
+            step=step,
+            spans=tuple(spans),
+            send_wait=send_wait,
+            transport=tally(self.channels()),
+            expert_seconds=self._expert_seconds,
+            entered=entered,
+            left=time.time(),
+        )
+        return result, self._join_picks(picks) if self.last else None
+
+    def _experts(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The MoE layer's weighted expert sum: local groups in place, one message to and from each remote worker."""
+        t0 = time.perf_counter()
+        flat = ids.flatten()
+        self.load[layer].scatter_add_(0, flat, torch.ones_like(flat))
+        if not self.has_groups:  # the stage holds every expert of its layers
+            out = self.model.layers[str(layer)].block_sparse_moe.experts(x, ids, weights)
+            self._expert_seconds += time.perf_counter() - t0
+            return out
+        remote = [self.expert_channels[r] for r in self.remote_ranks[layer]]
+        if remote:
+            packed = pack_for_experts(x, ids, weights)
+            for ch in remote:
+                ch.send(packed, "expert_in")
+        out = local_experts_sum(self.local_groups[layer], layer, x, ids, weights)
+        for ch in remote:
+            y = ch.recv(tuple(x.shape), x.dtype, "expert_out")
+            out = y if out is None else out + y
+        self._expert_seconds += time.perf_counter() - t0
+        return out
+
+    def _pick(self, h: torch.Tensor, mb: StepPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = torch.tensor(mb.logit_rows(), dtype=torch.long, device=self.device)
+        return pick_tokens(self.model.logits(h[rows], float32=False), mb.greedy_logit_rows())
+
+    @staticmethod
+    def _join_picks(picks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """The micro-batches' picks as one result message (`cluster.step_wire`), still on the device."""
+        return encode_result(
+            torch.cat([p[0] for p in picks]), torch.cat([p[1] for p in picks]), torch.cat([p[2] for p in picks])
+        )
+
+
+def pick_tokens(logits: torch.Tensor, greedy: tuple[bool, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The last stage's picks for one micro-batch, on the device: the greedy rows' argmax and its log-probability,
+    and the logits (weights' dtype) of the rows the router samples. `greedy` has one flag per row of `logits`."""
+    mask = torch.tensor(greedy, dtype=torch.bool, device=logits.device)
+    chosen = logits[mask]
+    ids = chosen.argmax(dim=-1)
+    logprobs = torch.log_softmax(chosen.float(), dim=-1).gather(1, ids[:, None])[:, 0]
+    return ids, logprobs, logits[~mask]

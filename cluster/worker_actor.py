@@ -1,0 +1,279 @@
+"""A worker: one process per device, holding every shard the placement puts there (`cluster.workers`), and the
+long-lived loops that run them. `cluster.sharded` wraps the class with `ray.remote`.
+
+Ray starts the worker, places it and calls it for the control plane only (where it is, joining the data plane,
+traces, statistics, resets). Steps never go through Ray: a control loop takes each step plan off the step link
+(`cluster.step_link`) and hands it to the worker's stage loop (if it holds a stage) and to one expert-serving
+loop per stage elsewhere whose layers this worker holds experts of. Each loop runs in its own thread on its own
+CUDA stream and owns its channels. A loop that fails reports why on the step link, so the step fails with the
+cause named, and stops; recovery resets or restarts the worker.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import queue
+import sys
+import threading
+import time
+from collections import deque
+
+import ray
+import torch
+
+from cluster.expert_server import ExpertServer
+from cluster.stage_runner import StageRunner
+from cluster.step_link import LinkClosed, WorkerLink
+from cluster.step_wire import WirePlan, decode_plan
+from cluster.transport import ChannelKey, LocalPipe, Transport, device_key, free_port, node_ip
+from cluster.workers import WorkerMap, group_workers
+from router.step import ExpertTrace, ShardLocation, StageResult
+from shards.checkpoint import CheckpointReader
+from shards.model import ExpertShard
+
+TRACE_LIMIT = 10_000  # stage results kept for `--profile` and benchmarks: bounded, a server runs for months
+
+
+def data_channels(plan, workers: WorkerMap) -> list[ChannelKey]:
+    """Every channel of the data plane, in one order all workers agree on: stage to next stage, then each stage to
+    each other worker holding experts of its layers."""
+    keys = []
+    for s in range(len(plan.stages) - 1):
+        a, b = workers.of_stage(s).index, workers.of_stage(s + 1).index
+        if a != b:
+            keys.append(ChannelKey("pipe", a, b, s))
+    for s, stage in enumerate(plan.stages):
+        a = workers.of_stage(s).index
+        holders = {workers.of_group(g.index).index for g in plan.expert_groups if set(g.layers) & set(stage.layers)}
+        keys += [ChannelKey("experts", a, b, s) for b in sorted(holders - {a})]
+    return keys
+
+
+class ShardWorker:
+    def __init__(self, checkpoint: str, plan, index: int, attention_backend: str = "auto") -> None:
+        self.plan, self.index = plan, index
+        self.workers = WorkerMap(group_workers(plan))
+        self.spec = self.workers.workers[index]
+        self.name = self.spec.name
+        gpu_ids = ray.get_gpu_ids()
+        self.device = torch.device("cuda", 0) if gpu_ids and torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        else:
+            torch.set_num_threads(max(1, int(os.environ.get("MISTRAL_CLUSTER_THREADS", "1"))))
+        dump_every = os.environ.get("MISTRAL_CLUSTER_STACK_DUMP_S")
+        if dump_every:  # diagnosing a stall: every thread's Python stack to this worker's stderr, periodically
+            faulthandler.dump_traceback_later(float(dump_every), repeat=True, file=sys.stderr)
+        reader = CheckpointReader(checkpoint)
+        self.config = config = reader.config
+        dtype = plan.torch_dtype
+        groups = {
+            g: ExpertShard.from_checkpoint(reader, plan.expert_selection(g, config), dtype, self.device)
+            for g in self.spec.expert_groups
+        }
+        self.stages = {
+            s: StageRunner(reader, plan, s, self.workers, groups, self.device, attention_backend)
+            for s in self.spec.stages
+        }
+        servers = [
+            ExpertServer(s, stage.layers, plan, groups, config, self.device)
+            for s, stage in enumerate(plan.stages)
+            if s not in self.stages
+        ]
+        self.servers = [s for s in servers if s.needed]
+        self.transport: Transport | None = None
+        self.link: WorkerLink | None = None
+        self._threads: list[threading.Thread] = []
+        self._queues: list[queue.Queue] = []
+        self.results: deque[StageResult] = deque(maxlen=TRACE_LIMIT)
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+
+    # --- control plane (Ray calls) ---------------------------------------------------------------------------
+
+    def location(self) -> ShardLocation:
+        """Where Ray put this worker, from Ray's own runtime context (what placement tests assert on)."""
+        ctx = ray.get_runtime_context()
+        return ShardLocation(
+            shard=self.name,
+            node_id=ctx.get_node_id(),
+            node_ip=node_ip(),
+            pid=os.getpid(),
+            gpu_ids=tuple(str(g) for g in ray.get_gpu_ids()),
+            device=str(self.device),
+            placement_group=ctx.get_placement_group_id(),
+            device_key=f"{ctx.get_node_id()}/{device_key(self.device)}",
+        )
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Worker 0 names the address every worker joins the process group at."""
+        return node_ip(), free_port()
+
+    def join(
+        self,
+        master_addr: str,
+        master_port: int,
+        timeout_s: float,
+        device_keys: list[str],
+        router_address: tuple[str, int],
+    ) -> str:
+        """Join a fresh data plane: the process group with the other workers, the step link to the router; then
+        start the loops."""
+        world = len(self.workers.workers)
+        self.transport = Transport(
+            self.index,
+            world,
+            master_addr,
+            master_port,
+            self.device,
+            timeout_s,
+            device_keys,
+            data_channels(self.plan, self.workers),
+        )
+        for runner in self.stages.values():
+            runner.attach(self.transport)
+            if runner.index + 1 in self.stages:  # the next stage lives here too
+                runner.pipe_out = self.stages[runner.index + 1].pipe_in = LocalPipe()
+        for server in self.servers:
+            server.channel = self.transport.channel(
+                "experts", self.workers.of_stage(server.stage).index, self.index, server.stage
+            )
+        self._warm_up()
+        self.errors = []
+        self.link = WorkerLink(tuple(router_address), self.index, timeout_s)
+        self._start_loops()
+        return self.transport.backend
+
+    def _warm_up(self) -> None:
+        """One message each way on every channel now, so NCCL's per-pair setup (~0.5 s) is not in the first step.
+        Channels in one global order, which no two workers can wait on in a cycle."""
+        probe = torch.zeros(1, device=self.device)
+        for key, ch in self.transport.channels.items():
+            if self.index == key.a:
+                ch.send(probe, "warm_up")
+                ch.recv((1,), probe.dtype, "warm_up")
+            else:
+                ch.recv((1,), probe.dtype, "warm_up")
+                ch.send(probe, "warm_up")
+            if self.device.type == "cuda":
+                torch.cuda.current_stream().synchronize()
+            ch.stats.take()
+
+    def reset_transport(self) -> None:
+        """Leave the data plane (a peer or the router is gone): close the link, which ends the control loop; the
+        loops end once their current step does. A loop still waiting on a peer after a few seconds means this
+        worker must be restarted: that raises."""
+        if self.link is not None:
+            self.link.close()
+        for q in self._queues:
+            q.put(None)
+        deadline = time.monotonic() + 5
+        for t in self._threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        blocked = [t.name for t in self._threads if t.is_alive()]
+        if blocked:
+            raise RuntimeError(f"{self.name}: loops {', '.join(blocked)} still blocked; restart this worker")
+        self._threads, self._queues = [], []
+        if self.transport is not None:
+            try:
+                self.transport.close()
+            finally:
+                self.transport = None
+
+    def ping(self) -> str:
+        return self.name
+
+    def stage_results(self) -> list[StageResult]:
+        """This worker's stages' results since the last call."""
+        with self._lock:
+            results, self.results = list(self.results), deque(maxlen=TRACE_LIMIT)
+        return results
+
+    def expert_traces(self) -> list[ExpertTrace]:
+        """What this worker's expert groups served since the last call, one trace per stage served, with any error."""
+        traces = []
+        for server in self.servers:
+            received, server.received = tuple(server.received), deque(maxlen=server.received.maxlen)
+            traces.append(ExpertTrace(self.name, received, server.take_computed(), tuple(self.errors)))
+        return traces
+
+    def expert_load(self) -> list[list[int]] | None:
+        """Tokens per expert per layer chosen by this worker's gates since it started (None: it holds no stage)."""
+        if not self.stages:
+            return None
+        return sum(r.load.cpu() for r in self.stages.values()).tolist()
+
+    def graph_replays(self) -> int:
+        """Decode steps this worker's stages ran as captured graphs."""
+        return sum(r.graphs.replays for r in self.stages.values() if r.graphs is not None)
+
+    def cache_bytes(self) -> int:
+        return sum(r.cache.nbytes for r in self.stages.values())
+
+    # --- the loops ---------------------------------------------------------------------------------------------
+
+    def _start_loops(self) -> None:
+        work = [(f"stage{s}", self._stage_loop, runner) for s, runner in self.stages.items()]
+        work += [(f"serve-stage{srv.stage}", self._serve_loop, srv) for srv in self.servers]
+        self._queues = [queue.Queue() for _ in work]
+        self._threads = [threading.Thread(target=self._control_loop, name="control", daemon=True)]
+        for (name, loop, target), q in zip(work, self._queues, strict=True):
+            self._threads.append(
+                threading.Thread(target=self._on_stream, args=(loop, target, q), name=name, daemon=True)
+            )
+        for t in self._threads:
+            t.start()
+
+    def _control_loop(self) -> None:
+        try:
+            while (message := self.link.recv_plan()) is not None:
+                wire = decode_plan(message)
+                for q in self._queues:
+                    q.put(wire)
+        except (LinkClosed, OSError):
+            pass  # the router is gone or this worker is being reset: the other loops end with the queues
+        except Exception as e:  # noqa: BLE001 - reported to the router, never silently lost
+            self._failed("control", e)
+        finally:
+            for q in self._queues:
+                q.put(None)
+
+    def _on_stream(self, loop, target, q: queue.Queue) -> None:
+        # Each loop on its own CUDA stream: a loop waiting for one peer's message must not hold up another loop's
+        # work on a shared stream (that deadlocked a two-stage pipeline with expert groups).
+        if self.device.type == "cuda":
+            with torch.cuda.stream(torch.cuda.Stream(self.device)):
+                loop(target, q)
+        else:
+            loop(target, q)
+
+    def _stage_loop(self, runner: StageRunner, q: queue.Queue) -> None:
+        while (wire := q.get()) is not None:
+            try:
+                result, picks = runner.run(wire.step, wire.plan, wire.micro_batch_size)
+                if picks is not None:
+                    self.link.send_result(picks.cpu().numpy())
+            except Exception as e:  # noqa: BLE001 - the step fails with this cause; recovery resets the worker
+                self._failed(f"stage{runner.index} step {wire.step}", e)
+                return
+            with self._lock:
+                self.results.append(result)
+
+    def _serve_loop(self, server: ExpertServer, q: queue.Queue) -> None:
+        wire: WirePlan
+        while (wire := q.get()) is not None:
+            try:
+                server.serve(wire.plan, wire.micro_batch_size)
+            except Exception as e:  # noqa: BLE001 - as in the stage loop
+                self._failed(f"experts for stage{server.stage} step {wire.step}", e)
+                return
+
+    def _failed(self, where: str, e: Exception) -> None:
+        message = f"{self.name} {where}: {type(e).__name__}: {e}"
+        self.errors.append(message)
+        print(message, file=sys.stderr, flush=True)  # in the worker's log too, whatever happens to the link
+        try:
+            self.link.send_error(message)
+        except OSError:
+            pass  # the router is gone: it learns nothing more from this worker, and recovery resets it
