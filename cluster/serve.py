@@ -26,20 +26,9 @@ from starlette.exceptions import HTTPException
 
 from cluster import openapi_schema
 from cluster.metrics import ServeMetrics
-from cluster.openai_api import (
-    APIError,
-    ChoiceState,
-    Limits,
-    ParsedRequest,
-    TextAssembler,
-    final_response,
-    parse_chat,
-    parse_completion,
-    parse_json,
-    sse,
-    stream_chunk,
-    usage_chunk,
-)
+from cluster.openai_errors import APIError, shutting_down
+from cluster.openai_request import Limits, ParsedRequest, parse_chat, parse_completion, parse_json
+from cluster.openai_response import ChoiceState, TextAssembler, final_response, sse, stream_chunk, usage_chunk
 from router.sampling import SamplingParams
 from router.step import Admission
 
@@ -215,13 +204,7 @@ class OpenAIIngress:
 
     def _ready(self) -> None:
         if self.draining:
-            raise APIError(
-                503,
-                "the server is shutting down; retry later",
-                code="server_shutting_down",
-                kind="server_error",
-                headers={"Retry-After": "5"},
-            )
+            raise shutting_down()
         if self.startup_error:
             raise APIError(
                 503, f"the model failed to start: {self.startup_error}", code="model_failed", kind="server_error"
