@@ -59,8 +59,6 @@ class ChoiceState:
     prompt_ids: list[int]
     assembler: TextAssembler
     params: SamplingParams | None = None
-    stream_index: int = 0  # where this choice's router stream sits in the request's list of streams
-    router: Any = None  # the router actor that stream runs on: if it dies, that one (and only it) is restarted
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)

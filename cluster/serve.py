@@ -29,8 +29,8 @@ from cluster.metrics import ServeMetrics
 from cluster.openai_errors import APIError, shutting_down
 from cluster.openai_request import Limits, ParsedRequest, parse_chat, parse_completion, parse_json
 from cluster.openai_response import ChoiceState, TextAssembler, final_response, sse, stream_chunk, usage_chunk
+from cluster.router_client import ChoiceStream, RouterClient
 from router.sampling import SamplingParams
-from router.step import Admission
 
 log = logging.getLogger("mistral_cluster.serve")
 # The document is served by a route of ours (`/openapi.json`), behind the API key like every route but health and
@@ -43,8 +43,6 @@ api = FastAPI(
     redoc_url=None,
 )
 PUBLIC_ROUTES = ("/health", "/metrics")
-ADMIT_TRIES = 3  # routers a request may find dead on arrival (each replaced) before it gets a 503
-ADMIT_PING_S = 10.0  # a router this slow to accept a request is pinged: hung or dead ones are replaced
 
 
 def error_response(e: APIError) -> JSONResponse:
@@ -102,8 +100,12 @@ class OpenAIIngress:
         self.metrics = ServeMetrics()
         self.draining = False
         self.in_flight = 0  # OpenAI requests between arrival and the end of their response or stream
-        self._admitted: dict[int, list] = {}  # id(streams) -> the router streams of each admitted request
-        self._router_restart: tuple | None = None  # (the dead router, the task starting its replacement)
+        self.routers = RouterClient(
+            router=lambda: self.cluster.router,
+            restart=lambda dead: self.cluster.restart_router(dead),
+            replace_timeout_s=request_timeout_s,
+            draining=lambda: self.draining,
+        )
         threading.Thread(target=self._start_cluster, name="start-cluster", daemon=True).start()
 
     # --- lifecycle -------------------------------------------------------------------------------------
@@ -138,49 +140,11 @@ class OpenAIIngress:
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         cut = self.in_flight
-        for streams in list(self._admitted.values()):
-            self._release(streams)
+        self.routers.release_all()
         while self.in_flight and time.monotonic() < deadline + 5:  # the cut ones write their last bytes
             await asyncio.sleep(0.05)
         log.info("drained: %d requests in flight, %d cut at the %g s deadline", in_flight, cut, timeout_s)
         return {"in_flight": in_flight, "cut": cut}
-
-    def _restart_router(self, dead) -> asyncio.Future:
-        """Start a router in place of `dead` in the background: one restart however many requests and health checks
-        saw it die; after a failed one, the next caller tries again."""
-        seen, task = self._router_restart or (None, None)
-        if seen is not dead or (task.done() and (task.cancelled() or task.exception() is not None)):
-            log.warning("router died; starting a new one")
-            task = asyncio.ensure_future(asyncio.to_thread(self.cluster.restart_router, dead))
-            task.add_done_callback(self._router_restarted)
-            self._router_restart = (dead, task)
-        return task
-
-    @staticmethod
-    def _router_restarted(task: asyncio.Future) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("router restart failed: %s: %s", type(task.exception()).__name__, task.exception())
-
-    async def _replace_router(self, dead) -> None:
-        """Wait for the router that replaces `dead` (at most the request timeout); a 503 naming why if none comes."""
-        try:
-            await asyncio.wait_for(asyncio.shield(self._restart_router(dead)), timeout=self.request_timeout_s)
-        except TimeoutError:
-            raise APIError(
-                503,
-                f"the router died and no new one was ready within {self.request_timeout_s:g} s",
-                code="router_unavailable",
-                kind="server_error",
-                headers={"Retry-After": "5"},
-            ) from None
-        except Exception as e:  # noqa: BLE001 - whatever stopped the restart is the reason the client gets
-            raise APIError(
-                503,
-                f"the router died and could not be restarted: {type(e).__name__}: {e}",
-                code="router_unavailable",
-                kind="server_error",
-                headers={"Retry-After": "5"},
-            ) from None
 
     def __del__(self) -> None:
         if self.cluster is not None:
@@ -256,7 +220,7 @@ class OpenAIIngress:
         try:
             stats = await asyncio.wait_for(router.stats.remote(), timeout=5)
         except ray.exceptions.RayActorError as e:  # dead: start its replacement, ready again once that one is
-            self._restart_router(router)
+            self.routers.restart(router)
             return JSONResponse(
                 {"status": "recovering", "reason": f"router restarting after {type(e).__name__}"}, status_code=503
             )
@@ -357,7 +321,7 @@ class OpenAIIngress:
             )
         try:
             await asyncio.wait_for(
-                asyncio.gather(*(self._collect(c, streams) for c in choices)),
+                asyncio.gather(*(self._collect(c, s) for c, s in zip(choices, streams, strict=True))),
                 timeout=self.request_timeout_s,
             )
         except APIError as e:
@@ -372,161 +336,27 @@ class OpenAIIngress:
                 )
             )
         finally:
-            self._release(streams)
+            self.routers.release(streams)
         return JSONResponse(final_response(req, self.model_name, choices, self.tokenizer))
 
-    async def _start_choices(self, req: ParsedRequest) -> tuple[list[ChoiceState], list]:
+    async def _start_choices(self, req: ParsedRequest) -> tuple[list[ChoiceState], list[ChoiceStream]]:
         """Submit every choice; all are admitted (or none: the admitted ones are cancelled) before replying."""
         choices = []
         for i, prompt_ids in enumerate(req.prompts):
             for j in range(req.n):
                 params = req.params_for(prompt_ids, j, self.limits.max_seq_len)
                 choices.append(
-                    ChoiceState(
-                        i * req.n + j,
-                        prompt_ids,
-                        TextAssembler(self.tokenizer, params.stop),
-                        params,
-                        stream_index=len(choices),
-                    )
+                    ChoiceState(i * req.n + j, prompt_ids, TextAssembler(self.tokenizer, params.stop), params)
                 )
-        streams = await self._admit(choices)
-        self._admitted[id(streams)] = streams
+        streams = await self.routers.admit([(c.prompt_ids, c.params) for c in choices])
         self.metrics.started(req)
         return choices, streams
 
-    async def _admit(self, choices: list[ChoiceState]) -> list:
-        """One router stream per choice, each past its admission item. A router found dead (it died while idle, so
-        nothing restarted it) is replaced and the choices are submitted again to the new one."""
-        for _ in range(ADMIT_TRIES):
-            router, streams = self.cluster.router, []
-            try:
-                for c in choices:
-                    streams.append(router.stream.options(num_returns="streaming").remote(c.prompt_ids, c.params))
-                for s in streams:
-                    admission = await self._first_item(router, s)
-                    if not admission.accepted:
-                        retry = admission.retry_after_s
-                        headers = {"Retry-After": str(retry)} if retry else None
-                        status = admission.status
-                        raise APIError(
-                            status,
-                            admission.message,
-                            code="queue_full" if status == 429 else None,
-                            kind="rate_limit_error" if status == 429 else "invalid_request_error",
-                            headers=headers,
-                        )
-            except (ray.exceptions.RayActorError, StopAsyncIteration):
-                self._release(streams)
-                self._ready()  # draining: no new router, the 503 says why
-                await self._replace_router(router)
-                continue
-            except BaseException:
-                self._release(streams)
-                raise
-            for c in choices:
-                c.router = router
-            return streams
-        raise APIError(
-            503,
-            f"the router died {ADMIT_TRIES} times while admitting the request",
-            code="router_unavailable",
-            kind="server_error",
-            headers={"Retry-After": "5"},
-        )
-
-    async def _first_item(self, router, stream) -> Admission:
-        """The router's admission answer. A live router always answers at once (a stream that ends here is a dead
-        router's); one that has not answered in ADMIT_PING_S is pinged, and if it does not answer that either it
-        is treated as dead (a hung router must not hang the request)."""
-        pending = asyncio.ensure_future(self._next(stream))
-        while True:
-            done, _ = await asyncio.wait({pending}, timeout=ADMIT_PING_S)
-            if done:
-                return pending.result()
-            if not await self._router_answers(router):  # dead, unreachable or hung: replaced by the caller
-                pending.cancel()
-                raise ray.exceptions.RayActorError()
-
-    @staticmethod
-    async def _router_answers(router) -> bool:
-        """Whether the router answers a ping within 5 s (what tells a dead or hung router from a busy one)."""
-        try:
-            await asyncio.wait_for(router.ping.remote(), timeout=5)
-            return True
-        except Exception:  # noqa: BLE001 - dead, unreachable or hung alike
-            return False
-
-    @staticmethod
-    async def _next(stream) -> Admission:
-        return await (await stream.__anext__())
-
-    def _release(self, streams: list) -> None:
-        """Stop generating (a no-op for finished streams), which frees the cache slots."""
-        self._admitted.pop(id(streams), None)
-        for s in streams:
-            ray.cancel(s)
-
-    async def _router_events(self, choice: ChoiceState, streams: list):
-        """The choice's token events. If the router dies, start a new one and resume the choice from the tokens
-        it already has: the stream sees a pause, then the tokens it would have got anyway."""
-        while True:
-            try:
-                async for ref in streams[choice.stream_index]:
-                    event = await ref
-                    yield event
-                    if event.last:
-                        return
-                # The stream ended with no finish event. If the router no longer answers, it went away (a lost node
-                # ends the generator without an error): treat it as a RayActorError. A live router means the
-                # stream was ended on purpose (cancelled), and there is nothing to resume.
-                if await self._router_answers(choice.router):
-                    return
-                raise ray.exceptions.RayActorError()  # dead, unreachable or hung: restarted below
-            except ray.exceptions.RayActorError:
-                if self.draining:
-                    raise
-                log.warning(
-                    "router died; restarting it and resuming choice %d after %d tokens",
-                    choice.index,
-                    len(choice.token_ids),
-                )
-                await self._replace_router(choice.router)
-                choice.router = self.cluster.router
-                stream = choice.router.stream.options(num_returns="streaming").remote(
-                    choice.prompt_ids, choice.params, resume_ids=list(choice.token_ids)
-                )
-                streams[choice.stream_index] = stream
-                admission = await (await stream.__anext__())
-                if not admission.accepted:
-                    raise APIError(
-                        503,
-                        f"could not resume after a router restart: {admission.message}",
-                        code="engine_failure",
-                        kind="server_error",
-                    ) from None
-
-    async def _next_events(self, choice: ChoiceState, streams: list):
-        """Events of one choice until it finishes; applies stop strings (ending the stream early)."""
+    async def _next_events(self, choice: ChoiceState, stream: ChoiceStream):
+        """Text of one choice until it finishes; applies stop strings (ending the stream early)."""
         started = time.monotonic()
         first_at = None
-        events = self._router_events(choice, streams)
-        while True:
-            try:
-                event = await events.__anext__()
-            except StopAsyncIteration:
-                return
-            except ray.exceptions.TaskCancelledError:
-                if not self.draining:
-                    raise
-                raise APIError(
-                    503,
-                    "the server shut down before the request finished",
-                    code="server_shutting_down",
-                    kind="server_error",
-                ) from None
-            if event.error:
-                raise APIError(503, f"generation failed: {event.error}", code="engine_failure", kind="server_error")
+        async for event in self.routers.events(stream):
             if first_at is None:
                 first_at = time.monotonic()
                 self.metrics.first_token(first_at - started)
@@ -543,18 +373,18 @@ class OpenAIIngress:
                 self.metrics.finished(len(choice.token_ids), time.monotonic() - first_at)
                 return
 
-    async def _collect(self, choice: ChoiceState, streams: list) -> None:
-        async for _ in self._next_events(choice, streams):
+    async def _collect(self, choice: ChoiceState, stream: ChoiceStream) -> None:
+        async for _ in self._next_events(choice, stream):
             pass
 
-    async def _sse(self, req: ParsedRequest, choices: list[ChoiceState], streams: list):
+    async def _sse(self, req: ParsedRequest, choices: list[ChoiceState], streams: list[ChoiceStream]):
         """Server-sent events as OpenAI clients expect: chunks, an optional usage chunk, then [DONE]."""
         queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(choice: ChoiceState) -> None:
+        async def pump(choice: ChoiceState, stream: ChoiceStream) -> None:
             try:
                 first = True
-                async for text, finish in self._next_events(choice, streams):
+                async for text, finish in self._next_events(choice, stream):
                     n_new = 1
                     ids = choice.token_ids[-n_new:]
                     await queue.put(
@@ -566,7 +396,7 @@ class OpenAIIngress:
             finally:
                 await queue.put(None)
 
-        tasks = [asyncio.create_task(pump(c)) for c in choices]
+        tasks = [asyncio.create_task(pump(c, s)) for c, s in zip(choices, streams, strict=True)]
         remaining = len(tasks)
         deadline = time.monotonic() + self.request_timeout_s
         try:
@@ -599,7 +429,7 @@ class OpenAIIngress:
         finally:  # also when the client went away: stop generating, free the cache slots
             for t in tasks:
                 t.cancel()
-            self._release(streams)
+            self.routers.release(streams)
             self.in_flight -= 1
 
     # --- gRPC (through Serve's gRPC proxy; methods named as in cluster/proto/generation.proto) ---------
@@ -630,7 +460,7 @@ class OpenAIIngress:
         try:
             ids, params = self._grpc_params(request)
             choice = ChoiceState(0, ids, TextAssembler(self.tokenizer, params.stop), params)
-            streams = await self._admit([choice])
+            [stream] = await self.routers.admit([(ids, params)])
         except APIError as e:
             code = {400: grpc.StatusCode.INVALID_ARGUMENT, 429: grpc.StatusCode.RESOURCE_EXHAUSTED}.get(
                 e.status, grpc.StatusCode.UNAVAILABLE
@@ -639,13 +469,13 @@ class OpenAIIngress:
             grpc_context.set_details(e.message)
             return
         try:
-            async for text, finish in self._next_events(choice, streams):
+            async for text, finish in self._next_events(choice, stream):
                 yield text, choice.token_ids[-1], finish
         except APIError as e:
             grpc_context.set_code(grpc.StatusCode.UNAVAILABLE)
             grpc_context.set_details(e.message)
         finally:
-            ray.cancel(streams[0])
+            self.routers.release([stream])
 
     async def Generate(self, request, grpc_context):
         from cluster.proto.generation_pb2 import GenerateResponse
