@@ -10,11 +10,11 @@ background so `/health` can say "loading" truthfully until every shard is up.
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import os
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +25,13 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from cluster import openapi_schema
+from cluster.grpc_service import GRPC_SERVICER, GenerationService
 from cluster.metrics import ServeMetrics
 from cluster.openai_errors import APIError, shutting_down
-from cluster.openai_request import Limits, ParsedRequest, parse_chat, parse_completion, parse_json
-from cluster.openai_response import ChoiceState, TextAssembler, final_response, sse, stream_chunk, usage_chunk
-from cluster.router_client import ChoiceStream, RouterClient
-from router.sampling import SamplingParams
+from cluster.openai_request import Limits, parse_chat, parse_completion, parse_json
+from cluster.openai_serving import OpenAIServing
+from cluster.router_client import RouterClient
+from shards.tokenizer import Tokenizer
 
 log = logging.getLogger("mistral_cluster.serve")
 # The document is served by a route of ours (`/openapi.json`), behind the API key like every route but health and
@@ -65,7 +66,7 @@ async def http_error(request: Request, e: HTTPException) -> JSONResponse:
     health_check_timeout_s=30,
 )
 @serve.ingress(api)
-class OpenAIIngress:
+class OpenAIIngress(GenerationService):
     def __init__(
         self,
         placement: str,
@@ -96,6 +97,7 @@ class OpenAIIngress:
         self.cluster = None
         self.tokenizer = None
         self.limits: Limits | None = None
+        self.serving: OpenAIServing | None = None
         self.startup_error: str | None = None
         self.metrics = ServeMetrics()
         self.draining = False
@@ -111,8 +113,9 @@ class OpenAIIngress:
     # --- lifecycle -------------------------------------------------------------------------------------
 
     def _start_cluster(self) -> None:
+        # Imported here, not at the top: the sharded model's modules take ~1.4 s to import, and every process that only
+        # builds the app (`serve run`, Serve's build task for a config, `mistral-cluster serve`) imports this module.
         from cluster.sharded import ShardedCluster
-        from shards.tokenizer import Tokenizer
 
         try:
             cluster = ShardedCluster.start(
@@ -121,7 +124,10 @@ class OpenAIIngress:
             self.tokenizer = Tokenizer(cluster.checkpoint_dir)
             self.model_name = self.model_name or Path(cluster.plan.checkpoint).name
             self.limits = Limits(max_seq_len=cluster.config.max_seq_len, **self._limits_args)
-            self.cluster = cluster
+            self.serving = OpenAIServing(
+                self.routers, self.tokenizer, self.model_name, self.limits, self.metrics, self.request_timeout_s
+            )
+            self.cluster = cluster  # last: the routes take a cluster for a model ready to serve
             log.info("sharded model ready: %s", self.model_name)
         except Exception as e:  # noqa: BLE001 - reported by /health and check_health, not lost in a thread
             self.startup_error = f"{type(e).__name__}: {e}"
@@ -299,7 +305,7 @@ class OpenAIIngress:
         try:
             response = await self._answer(request, kind)
         finally:
-            if not isinstance(response, StreamingResponse):  # a stream counts itself out when it ends (`_sse`)
+            if not isinstance(response, StreamingResponse):  # a stream counts itself out when it ends (`_counted`)
                 self.in_flight -= 1
         return response
 
@@ -311,188 +317,29 @@ class OpenAIIngress:
             self._check_model(data.get("model"))
             parse = parse_completion if kind == "completion" else parse_chat
             req = parse(data, self.tokenizer, self.limits)
-            choices, streams = await self._start_choices(req)
+            choices, streams = await self.serving.start(req)
         except APIError as e:
             self.metrics.rejected(e.status)
             return error_response(e)
         if req.stream:
             return StreamingResponse(
-                self._sse(req, choices, streams), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+                self._counted(self.serving.events(req, choices, streams)),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
             )
         try:
-            await asyncio.wait_for(
-                asyncio.gather(*(self._collect(c, s) for c, s in zip(choices, streams, strict=True))),
-                timeout=self.request_timeout_s,
-            )
+            return JSONResponse(await self.serving.response(req, choices, streams))
         except APIError as e:
             return error_response(e)
-        except TimeoutError:
-            return error_response(
-                APIError(
-                    503,
-                    f"the request did not finish within {self.request_timeout_s:g} s",
-                    code="timeout",
-                    kind="server_error",
-                )
-            )
-        finally:
-            self.routers.release(streams)
-        return JSONResponse(final_response(req, self.model_name, choices, self.tokenizer))
 
-    async def _start_choices(self, req: ParsedRequest) -> tuple[list[ChoiceState], list[ChoiceStream]]:
-        """Submit every choice; all are admitted (or none: the admitted ones are cancelled) before replying."""
-        choices = []
-        for i, prompt_ids in enumerate(req.prompts):
-            for j in range(req.n):
-                params = req.params_for(prompt_ids, j, self.limits.max_seq_len)
-                choices.append(
-                    ChoiceState(i * req.n + j, prompt_ids, TextAssembler(self.tokenizer, params.stop), params)
-                )
-        streams = await self.routers.admit([(c.prompt_ids, c.params) for c in choices])
-        self.metrics.started(req)
-        return choices, streams
-
-    async def _next_events(self, choice: ChoiceState, stream: ChoiceStream):
-        """Text of one choice until it finishes; applies stop strings (ending the stream early)."""
-        started = time.monotonic()
-        first_at = None
-        async for event in self.routers.events(stream):
-            if first_at is None:
-                first_at = time.monotonic()
-                self.metrics.first_token(first_at - started)
-            choice.token_ids.append(event.token_id)
-            choice.logprobs.append(event.logprob)
-            choice.top_logprobs.append(event.top_logprobs)
-            text = choice.assembler.add(event.token_id)
-            finish = "stop" if choice.assembler.stopped else event.finish_reason
-            if finish is not None and not choice.assembler.stopped:
-                text += choice.assembler.finish()
-            yield text, finish
-            if finish is not None:
-                choice.finish_reason = finish
-                self.metrics.finished(len(choice.token_ids), time.monotonic() - first_at)
-                return
-
-    async def _collect(self, choice: ChoiceState, stream: ChoiceStream) -> None:
-        async for _ in self._next_events(choice, stream):
-            pass
-
-    async def _sse(self, req: ParsedRequest, choices: list[ChoiceState], streams: list[ChoiceStream]):
-        """Server-sent events as OpenAI clients expect: chunks, an optional usage chunk, then [DONE]."""
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(choice: ChoiceState, stream: ChoiceStream) -> None:
-            try:
-                first = True
-                async for text, finish in self._next_events(choice, stream):
-                    n_new = 1
-                    ids = choice.token_ids[-n_new:]
-                    await queue.put(
-                        stream_chunk(req, self.model_name, choice, text, ids, finish, self.tokenizer, first)
-                    )
-                    first = False
-            except APIError as e:
-                await queue.put(e)
-            finally:
-                await queue.put(None)
-
-        tasks = [asyncio.create_task(pump(c, s)) for c, s in zip(choices, streams, strict=True)]
-        remaining = len(tasks)
-        deadline = time.monotonic() + self.request_timeout_s
+    async def _counted(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """A stream's bytes, counted in flight until the stream ends, however it ends (`drain` waits on the count)."""
         try:
-            while remaining:
-                try:
-                    item = await asyncio.wait_for(queue.get(), timeout=max(0.0, deadline - time.monotonic()))
-                except TimeoutError:
-                    yield sse(
-                        {
-                            "error": APIError(
-                                503,
-                                f"the request did not finish within {self.request_timeout_s:g} s",
-                                code="timeout",
-                                kind="server_error",
-                            ).body()["error"]
-                        }
-                    )
-                    break
-                if item is None:
-                    remaining -= 1
-                elif isinstance(item, APIError):
-                    yield sse(item.body())
-                    break
-                else:
-                    yield sse(item)
-            else:
-                if req.include_usage:
-                    yield sse(usage_chunk(req, self.model_name, choices))
-            yield sse("[DONE]")
-        finally:  # also when the client went away: stop generating, free the cache slots
-            for t in tasks:
-                t.cancel()
-            self.routers.release(streams)
+            async with contextlib.aclosing(chunks):  # a client gone away closes the stream: release its choices now
+                async for chunk in chunks:
+                    yield chunk
+        finally:
             self.in_flight -= 1
-
-    # --- gRPC (through Serve's gRPC proxy; methods named as in cluster/proto/generation.proto) ---------
-
-    def _grpc_params(self, request) -> tuple[list[int], SamplingParams]:
-        self._ready()
-        if request.prompt_token_ids:
-            ids = list(request.prompt_token_ids)
-        elif request.prompt:
-            ids = self.tokenizer.encode(request.prompt)
-        else:
-            raise APIError(400, "prompt: give prompt or prompt_token_ids", param="prompt")
-        data = {
-            "max_tokens": request.max_tokens or 16,
-            "temperature": request.temperature,
-            "top_p": request.top_p or 1.0,
-            "top_k": request.top_k,
-            "stop": list(request.stop) or None,
-        }
-        if request.HasField("seed"):
-            data["seed"] = request.seed
-        parsed = parse_completion({"prompt": ids, **data}, self.tokenizer, self.limits)
-        return ids, parsed.params_for(ids, 0, self.limits.max_seq_len)
-
-    async def _grpc_stream(self, request, grpc_context):
-        import grpc
-
-        try:
-            ids, params = self._grpc_params(request)
-            choice = ChoiceState(0, ids, TextAssembler(self.tokenizer, params.stop), params)
-            [stream] = await self.routers.admit([(ids, params)])
-        except APIError as e:
-            code = {400: grpc.StatusCode.INVALID_ARGUMENT, 429: grpc.StatusCode.RESOURCE_EXHAUSTED}.get(
-                e.status, grpc.StatusCode.UNAVAILABLE
-            )
-            grpc_context.set_code(code)
-            grpc_context.set_details(e.message)
-            return
-        try:
-            async for text, finish in self._next_events(choice, stream):
-                yield text, choice.token_ids[-1], finish
-        except APIError as e:
-            grpc_context.set_code(grpc.StatusCode.UNAVAILABLE)
-            grpc_context.set_details(e.message)
-        finally:
-            self.routers.release([stream])
-
-    async def Generate(self, request, grpc_context):
-        from cluster.proto.generation_pb2 import GenerateResponse
-
-        texts, ids, finish = [], [], ""
-        async for text, token, done in self._grpc_stream(request, grpc_context):
-            texts.append(text)
-            ids.append(token)
-            finish = done or finish
-        prompt = list(request.prompt_token_ids) or (self.tokenizer.encode(request.prompt) if self.tokenizer else [])
-        return GenerateResponse(text="".join(texts), token_ids=ids, prompt_token_ids=prompt, finish_reason=finish)
-
-    async def GenerateStream(self, request, grpc_context):
-        from cluster.proto.generation_pb2 import GenerateChunk
-
-        async for text, token, done in self._grpc_stream(request, grpc_context):
-            yield GenerateChunk(text=text, token_ids=[token], finish_reason=done or "")
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -519,6 +366,4 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     return OpenAIIngress.bind(**args)
 
 
-GRPC_SERVICER = "cluster.proto.generation_pb2_grpc.add_GenerationServicer_to_server"
-
-__all__ = ["GRPC_SERVICER", "OpenAIIngress", "build_app", "json"]
+__all__ = ["GRPC_SERVICER", "OpenAIIngress", "build_app"]  # GRPC_SERVICER: what `mistral-cluster serve` imports here
