@@ -2,7 +2,7 @@
 
 The POST routes read the raw body themselves (so a bad request is an OpenAI-shaped 400, never FastAPI's 422),
 which leaves FastAPI nothing to derive their schemas from; they are written out here, field by field as
-`cluster/openai_api.py` accepts them, and attached to the routes with `openapi_extra`. Limits that the server
+`cluster/openai_request.py` accepts them, and attached to the routes with `openapi_extra`. Limits that the server
 is configured with (`max_tokens_ceiling`, `max_n`, the context length) are in the descriptions, not the schema.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from cluster.openai_api import MAX_LOGPROBS, MAX_STOP_STRINGS
+from cluster.openai_request import MAX_LOGPROBS, MAX_STOP_STRINGS
 
 SECURITY_SCHEME = "apiKey"
 

@@ -10,11 +10,11 @@ background so `/health` can say "loading" truthfully until every shard is up.
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import os
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,23 +25,13 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from cluster import openapi_schema
+from cluster.grpc_service import GRPC_SERVICER, GenerationService
 from cluster.metrics import ServeMetrics
-from cluster.openai_api import (
-    APIError,
-    ChoiceState,
-    Limits,
-    ParsedRequest,
-    TextAssembler,
-    final_response,
-    parse_chat,
-    parse_completion,
-    parse_json,
-    sse,
-    stream_chunk,
-    usage_chunk,
-)
-from router.sampling import SamplingParams
-from router.step import Admission
+from cluster.openai_errors import APIError, shutting_down
+from cluster.openai_request import Limits, parse_chat, parse_completion, parse_json
+from cluster.openai_serving import OpenAIServing
+from cluster.router_client import RouterClient
+from shards.tokenizer import Tokenizer
 
 log = logging.getLogger("mistral_cluster.serve")
 # The document is served by a route of ours (`/openapi.json`), behind the API key like every route but health and
@@ -54,8 +44,6 @@ api = FastAPI(
     redoc_url=None,
 )
 PUBLIC_ROUTES = ("/health", "/metrics")
-ADMIT_TRIES = 3  # routers a request may find dead on arrival (each replaced) before it gets a 503
-ADMIT_PING_S = 10.0  # a router this slow to accept a request is pinged: hung or dead ones are replaced
 
 
 def error_response(e: APIError) -> JSONResponse:
@@ -78,7 +66,7 @@ async def http_error(request: Request, e: HTTPException) -> JSONResponse:
     health_check_timeout_s=30,
 )
 @serve.ingress(api)
-class OpenAIIngress:
+class OpenAIIngress(GenerationService):
     def __init__(
         self,
         placement: str,
@@ -109,19 +97,25 @@ class OpenAIIngress:
         self.cluster = None
         self.tokenizer = None
         self.limits: Limits | None = None
+        self.serving: OpenAIServing | None = None
         self.startup_error: str | None = None
         self.metrics = ServeMetrics()
         self.draining = False
         self.in_flight = 0  # OpenAI requests between arrival and the end of their response or stream
-        self._admitted: dict[int, list] = {}  # id(streams) -> the router streams of each admitted request
-        self._router_restart: tuple | None = None  # (the dead router, the task starting its replacement)
+        self.routers = RouterClient(
+            router=lambda: self.cluster.router,
+            restart=lambda dead: self.cluster.restart_router(dead),
+            replace_timeout_s=request_timeout_s,
+            draining=lambda: self.draining,
+        )
         threading.Thread(target=self._start_cluster, name="start-cluster", daemon=True).start()
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
     def _start_cluster(self) -> None:
+        # Imported here, not at the top: the sharded model's modules take ~1.4 s to import, and every process that only
+        # builds the app (`serve run`, Serve's build task for a config, `mistral-cluster serve`) imports this module.
         from cluster.sharded import ShardedCluster
-        from shards.tokenizer import Tokenizer
 
         try:
             cluster = ShardedCluster.start(
@@ -130,7 +124,10 @@ class OpenAIIngress:
             self.tokenizer = Tokenizer(cluster.checkpoint_dir)
             self.model_name = self.model_name or Path(cluster.plan.checkpoint).name
             self.limits = Limits(max_seq_len=cluster.config.max_seq_len, **self._limits_args)
-            self.cluster = cluster
+            self.serving = OpenAIServing(
+                self.routers, self.tokenizer, self.model_name, self.limits, self.metrics, self.request_timeout_s
+            )
+            self.cluster = cluster  # last: the routes take a cluster for a model ready to serve
             log.info("sharded model ready: %s", self.model_name)
         except Exception as e:  # noqa: BLE001 - reported by /health and check_health, not lost in a thread
             self.startup_error = f"{type(e).__name__}: {e}"
@@ -149,49 +146,11 @@ class OpenAIIngress:
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         cut = self.in_flight
-        for streams in list(self._admitted.values()):
-            self._release(streams)
+        self.routers.release_all()
         while self.in_flight and time.monotonic() < deadline + 5:  # the cut ones write their last bytes
             await asyncio.sleep(0.05)
         log.info("drained: %d requests in flight, %d cut at the %g s deadline", in_flight, cut, timeout_s)
         return {"in_flight": in_flight, "cut": cut}
-
-    def _restart_router(self, dead) -> asyncio.Future:
-        """Start a router in place of `dead` in the background: one restart however many requests and health checks
-        saw it die; after a failed one, the next caller tries again."""
-        seen, task = self._router_restart or (None, None)
-        if seen is not dead or (task.done() and (task.cancelled() or task.exception() is not None)):
-            log.warning("router died; starting a new one")
-            task = asyncio.ensure_future(asyncio.to_thread(self.cluster.restart_router, dead))
-            task.add_done_callback(self._router_restarted)
-            self._router_restart = (dead, task)
-        return task
-
-    @staticmethod
-    def _router_restarted(task: asyncio.Future) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("router restart failed: %s: %s", type(task.exception()).__name__, task.exception())
-
-    async def _replace_router(self, dead) -> None:
-        """Wait for the router that replaces `dead` (at most the request timeout); a 503 naming why if none comes."""
-        try:
-            await asyncio.wait_for(asyncio.shield(self._restart_router(dead)), timeout=self.request_timeout_s)
-        except TimeoutError:
-            raise APIError(
-                503,
-                f"the router died and no new one was ready within {self.request_timeout_s:g} s",
-                code="router_unavailable",
-                kind="server_error",
-                headers={"Retry-After": "5"},
-            ) from None
-        except Exception as e:  # noqa: BLE001 - whatever stopped the restart is the reason the client gets
-            raise APIError(
-                503,
-                f"the router died and could not be restarted: {type(e).__name__}: {e}",
-                code="router_unavailable",
-                kind="server_error",
-                headers={"Retry-After": "5"},
-            ) from None
 
     def __del__(self) -> None:
         if self.cluster is not None:
@@ -215,13 +174,7 @@ class OpenAIIngress:
 
     def _ready(self) -> None:
         if self.draining:
-            raise APIError(
-                503,
-                "the server is shutting down; retry later",
-                code="server_shutting_down",
-                kind="server_error",
-                headers={"Retry-After": "5"},
-            )
+            raise shutting_down()
         if self.startup_error:
             raise APIError(
                 503, f"the model failed to start: {self.startup_error}", code="model_failed", kind="server_error"
@@ -273,7 +226,7 @@ class OpenAIIngress:
         try:
             stats = await asyncio.wait_for(router.stats.remote(), timeout=5)
         except ray.exceptions.RayActorError as e:  # dead: start its replacement, ready again once that one is
-            self._restart_router(router)
+            self.routers.restart(router)
             return JSONResponse(
                 {"status": "recovering", "reason": f"router restarting after {type(e).__name__}"}, status_code=503
             )
@@ -352,7 +305,7 @@ class OpenAIIngress:
         try:
             response = await self._answer(request, kind)
         finally:
-            if not isinstance(response, StreamingResponse):  # a stream counts itself out when it ends (`_sse`)
+            if not isinstance(response, StreamingResponse):  # a stream counts itself out when it ends (`_counted`)
                 self.in_flight -= 1
         return response
 
@@ -364,322 +317,29 @@ class OpenAIIngress:
             self._check_model(data.get("model"))
             parse = parse_completion if kind == "completion" else parse_chat
             req = parse(data, self.tokenizer, self.limits)
-            choices, streams = await self._start_choices(req)
+            choices, streams = await self.serving.start(req)
         except APIError as e:
             self.metrics.rejected(e.status)
             return error_response(e)
         if req.stream:
             return StreamingResponse(
-                self._sse(req, choices, streams), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+                self._counted(self.serving.events(req, choices, streams)),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
             )
         try:
-            await asyncio.wait_for(
-                asyncio.gather(*(self._collect(c, streams) for c in choices)),
-                timeout=self.request_timeout_s,
-            )
+            return JSONResponse(await self.serving.response(req, choices, streams))
         except APIError as e:
             return error_response(e)
-        except TimeoutError:
-            return error_response(
-                APIError(
-                    503,
-                    f"the request did not finish within {self.request_timeout_s:g} s",
-                    code="timeout",
-                    kind="server_error",
-                )
-            )
+
+    async def _counted(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """A stream's bytes, counted in flight until the stream ends, however it ends (`drain` waits on the count)."""
+        try:
+            async with contextlib.aclosing(chunks):  # a client gone away closes the stream: release its choices now
+                async for chunk in chunks:
+                    yield chunk
         finally:
-            self._release(streams)
-        return JSONResponse(final_response(req, self.model_name, choices, self.tokenizer))
-
-    async def _start_choices(self, req: ParsedRequest) -> tuple[list[ChoiceState], list]:
-        """Submit every choice; all are admitted (or none: the admitted ones are cancelled) before replying."""
-        choices = []
-        for i, prompt_ids in enumerate(req.prompts):
-            for j in range(req.n):
-                params = req.params_for(prompt_ids, j, self.limits.max_seq_len)
-                choices.append(
-                    ChoiceState(
-                        i * req.n + j,
-                        prompt_ids,
-                        TextAssembler(self.tokenizer, params.stop),
-                        params,
-                        stream_index=len(choices),
-                    )
-                )
-        streams = await self._admit(choices)
-        self._admitted[id(streams)] = streams
-        self.metrics.started(req)
-        return choices, streams
-
-    async def _admit(self, choices: list[ChoiceState]) -> list:
-        """One router stream per choice, each past its admission item. A router found dead (it died while idle, so
-        nothing restarted it) is replaced and the choices are submitted again to the new one."""
-        for _ in range(ADMIT_TRIES):
-            router, streams = self.cluster.router, []
-            try:
-                for c in choices:
-                    streams.append(router.stream.options(num_returns="streaming").remote(c.prompt_ids, c.params))
-                for s in streams:
-                    admission = await self._first_item(router, s)
-                    if not admission.accepted:
-                        retry = admission.retry_after_s
-                        headers = {"Retry-After": str(retry)} if retry else None
-                        status = admission.status
-                        raise APIError(
-                            status,
-                            admission.message,
-                            code="queue_full" if status == 429 else None,
-                            kind="rate_limit_error" if status == 429 else "invalid_request_error",
-                            headers=headers,
-                        )
-            except (ray.exceptions.RayActorError, StopAsyncIteration):
-                self._release(streams)
-                self._ready()  # draining: no new router, the 503 says why
-                await self._replace_router(router)
-                continue
-            except BaseException:
-                self._release(streams)
-                raise
-            for c in choices:
-                c.router = router
-            return streams
-        raise APIError(
-            503,
-            f"the router died {ADMIT_TRIES} times while admitting the request",
-            code="router_unavailable",
-            kind="server_error",
-            headers={"Retry-After": "5"},
-        )
-
-    async def _first_item(self, router, stream) -> Admission:
-        """The router's admission answer. A live router always answers at once (a stream that ends here is a dead
-        router's); one that has not answered in ADMIT_PING_S is pinged, and if it does not answer that either it
-        is treated as dead (a hung router must not hang the request)."""
-        pending = asyncio.ensure_future(self._next(stream))
-        while True:
-            done, _ = await asyncio.wait({pending}, timeout=ADMIT_PING_S)
-            if done:
-                return pending.result()
-            if not await self._router_answers(router):  # dead, unreachable or hung: replaced by the caller
-                pending.cancel()
-                raise ray.exceptions.RayActorError()
-
-    @staticmethod
-    async def _router_answers(router) -> bool:
-        """Whether the router answers a ping within 5 s (what tells a dead or hung router from a busy one)."""
-        try:
-            await asyncio.wait_for(router.ping.remote(), timeout=5)
-            return True
-        except Exception:  # noqa: BLE001 - dead, unreachable or hung alike
-            return False
-
-    @staticmethod
-    async def _next(stream) -> Admission:
-        return await (await stream.__anext__())
-
-    def _release(self, streams: list) -> None:
-        """Stop generating (a no-op for finished streams), which frees the cache slots."""
-        self._admitted.pop(id(streams), None)
-        for s in streams:
-            ray.cancel(s)
-
-    async def _router_events(self, choice: ChoiceState, streams: list):
-        """The choice's token events. If the router dies, start a new one and resume the choice from the tokens
-        it already has: the stream sees a pause, then the tokens it would have got anyway."""
-        while True:
-            try:
-                async for ref in streams[choice.stream_index]:
-                    event = await ref
-                    yield event
-                    if event.last:
-                        return
-                # The stream ended with no finish event. If the router no longer answers, it went away (a lost node
-                # ends the generator without an error): treat it as a RayActorError. A live router means the
-                # stream was ended on purpose (cancelled), and there is nothing to resume.
-                if await self._router_answers(choice.router):
-                    return
-                raise ray.exceptions.RayActorError()  # dead, unreachable or hung: restarted below
-            except ray.exceptions.RayActorError:
-                if self.draining:
-                    raise
-                log.warning(
-                    "router died; restarting it and resuming choice %d after %d tokens",
-                    choice.index,
-                    len(choice.token_ids),
-                )
-                await self._replace_router(choice.router)
-                choice.router = self.cluster.router
-                stream = choice.router.stream.options(num_returns="streaming").remote(
-                    choice.prompt_ids, choice.params, resume_ids=list(choice.token_ids)
-                )
-                streams[choice.stream_index] = stream
-                admission = await (await stream.__anext__())
-                if not admission.accepted:
-                    raise APIError(
-                        503,
-                        f"could not resume after a router restart: {admission.message}",
-                        code="engine_failure",
-                        kind="server_error",
-                    ) from None
-
-    async def _next_events(self, choice: ChoiceState, streams: list):
-        """Events of one choice until it finishes; applies stop strings (ending the stream early)."""
-        started = time.monotonic()
-        first_at = None
-        events = self._router_events(choice, streams)
-        while True:
-            try:
-                event = await events.__anext__()
-            except StopAsyncIteration:
-                return
-            except ray.exceptions.TaskCancelledError:
-                if not self.draining:
-                    raise
-                raise APIError(
-                    503,
-                    "the server shut down before the request finished",
-                    code="server_shutting_down",
-                    kind="server_error",
-                ) from None
-            if event.error:
-                raise APIError(503, f"generation failed: {event.error}", code="engine_failure", kind="server_error")
-            if first_at is None:
-                first_at = time.monotonic()
-                self.metrics.first_token(first_at - started)
-            choice.token_ids.append(event.token_id)
-            choice.logprobs.append(event.logprob)
-            choice.top_logprobs.append(event.top_logprobs)
-            text = choice.assembler.add(event.token_id)
-            finish = "stop" if choice.assembler.stopped else event.finish_reason
-            if finish is not None and not choice.assembler.stopped:
-                text += choice.assembler.finish()
-            yield text, finish
-            if finish is not None:
-                choice.finish_reason = finish
-                self.metrics.finished(len(choice.token_ids), time.monotonic() - first_at)
-                return
-
-    async def _collect(self, choice: ChoiceState, streams: list) -> None:
-        async for _ in self._next_events(choice, streams):
-            pass
-
-    async def _sse(self, req: ParsedRequest, choices: list[ChoiceState], streams: list):
-        """Server-sent events as OpenAI clients expect: chunks, an optional usage chunk, then [DONE]."""
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(choice: ChoiceState) -> None:
-            try:
-                first = True
-                async for text, finish in self._next_events(choice, streams):
-                    n_new = 1
-                    ids = choice.token_ids[-n_new:]
-                    await queue.put(
-                        stream_chunk(req, self.model_name, choice, text, ids, finish, self.tokenizer, first)
-                    )
-                    first = False
-            except APIError as e:
-                await queue.put(e)
-            finally:
-                await queue.put(None)
-
-        tasks = [asyncio.create_task(pump(c)) for c in choices]
-        remaining = len(tasks)
-        deadline = time.monotonic() + self.request_timeout_s
-        try:
-            while remaining:
-                try:
-                    item = await asyncio.wait_for(queue.get(), timeout=max(0.0, deadline - time.monotonic()))
-                except TimeoutError:
-                    yield sse(
-                        {
-                            "error": APIError(
-                                503,
-                                f"the request did not finish within {self.request_timeout_s:g} s",
-                                code="timeout",
-                                kind="server_error",
-                            ).body()["error"]
-                        }
-                    )
-                    break
-                if item is None:
-                    remaining -= 1
-                elif isinstance(item, APIError):
-                    yield sse(item.body())
-                    break
-                else:
-                    yield sse(item)
-            else:
-                if req.include_usage:
-                    yield sse(usage_chunk(req, self.model_name, choices))
-            yield sse("[DONE]")
-        finally:  # also when the client went away: stop generating, free the cache slots
-            for t in tasks:
-                t.cancel()
-            self._release(streams)
             self.in_flight -= 1
-
-    # --- gRPC (through Serve's gRPC proxy; methods named as in cluster/proto/generation.proto) ---------
-
-    def _grpc_params(self, request) -> tuple[list[int], SamplingParams]:
-        self._ready()
-        if request.prompt_token_ids:
-            ids = list(request.prompt_token_ids)
-        elif request.prompt:
-            ids = self.tokenizer.encode(request.prompt)
-        else:
-            raise APIError(400, "prompt: give prompt or prompt_token_ids", param="prompt")
-        data = {
-            "max_tokens": request.max_tokens or 16,
-            "temperature": request.temperature,
-            "top_p": request.top_p or 1.0,
-            "top_k": request.top_k,
-            "stop": list(request.stop) or None,
-        }
-        if request.HasField("seed"):
-            data["seed"] = request.seed
-        parsed = parse_completion({"prompt": ids, **data}, self.tokenizer, self.limits)
-        return ids, parsed.params_for(ids, 0, self.limits.max_seq_len)
-
-    async def _grpc_stream(self, request, grpc_context):
-        import grpc
-
-        try:
-            ids, params = self._grpc_params(request)
-            choice = ChoiceState(0, ids, TextAssembler(self.tokenizer, params.stop), params)
-            streams = await self._admit([choice])
-        except APIError as e:
-            code = {400: grpc.StatusCode.INVALID_ARGUMENT, 429: grpc.StatusCode.RESOURCE_EXHAUSTED}.get(
-                e.status, grpc.StatusCode.UNAVAILABLE
-            )
-            grpc_context.set_code(code)
-            grpc_context.set_details(e.message)
-            return
-        try:
-            async for text, finish in self._next_events(choice, streams):
-                yield text, choice.token_ids[-1], finish
-        except APIError as e:
-            grpc_context.set_code(grpc.StatusCode.UNAVAILABLE)
-            grpc_context.set_details(e.message)
-        finally:
-            ray.cancel(streams[0])
-
-    async def Generate(self, request, grpc_context):
-        from cluster.proto.generation_pb2 import GenerateResponse
-
-        texts, ids, finish = [], [], ""
-        async for text, token, done in self._grpc_stream(request, grpc_context):
-            texts.append(text)
-            ids.append(token)
-            finish = done or finish
-        prompt = list(request.prompt_token_ids) or (self.tokenizer.encode(request.prompt) if self.tokenizer else [])
-        return GenerateResponse(text="".join(texts), token_ids=ids, prompt_token_ids=prompt, finish_reason=finish)
-
-    async def GenerateStream(self, request, grpc_context):
-        from cluster.proto.generation_pb2 import GenerateChunk
-
-        async for text, token, done in self._grpc_stream(request, grpc_context):
-            yield GenerateChunk(text=text, token_ids=[token], finish_reason=done or "")
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -706,6 +366,4 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     return OpenAIIngress.bind(**args)
 
 
-GRPC_SERVICER = "cluster.proto.generation_pb2_grpc.add_GenerationServicer_to_server"
-
-__all__ = ["GRPC_SERVICER", "OpenAIIngress", "build_app", "json"]
+__all__ = ["GRPC_SERVICER", "OpenAIIngress", "build_app"]  # GRPC_SERVICER: what `mistral-cluster serve` imports here

@@ -1,7 +1,7 @@
-"""The OpenAI wire format: request validation, response and stream-chunk shapes, errors, stop strings.
+"""OpenAI requests at the edge: strict JSON, then every field checked into a `ParsedRequest`.
 
-Pure functions and small classes, no Ray and no HTTP server, so every rule can be tested on its own. Every
-error names the offending field (`param`) and becomes a 4xx with an OpenAI error body, never a 500.
+Pure functions, no Ray and no HTTP server, so every rule can be tested on its own. Every error names the offending
+field (`param`) and becomes a 4xx with an OpenAI error body, never a 500.
 """
 
 from __future__ import annotations
@@ -15,30 +15,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from cluster.openai_errors import APIError
 from router.sampling import SamplingParams
+from shards.config import ConfigError
 
 MAX_STOP_STRINGS = 4
 MAX_LOGPROBS = 5
-
-
-class APIError(Exception):
-    """An error the client caused (or a state it must wait out), with its HTTP status and OpenAI error body."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        kind: str = "invalid_request_error",
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 def bad(param: str, message: str, code: str | None = None) -> APIError:
@@ -306,195 +288,8 @@ def parse_chat(data: dict, tokenizer, limits: Limits) -> ParsedRequest:
         if not isinstance(content, str):
             raise bad(f"messages[{i}].content", "must be a string or a list of text parts")
         flat.append({"role": m["role"], "content": content})
-    from shards.config import ConfigError
-
     try:
         ids = tokenizer.encode_chat(flat)
     except ConfigError as e:
         raise bad("messages", str(e)) from None
     return _common(data, "chat", [ids], limits, "max_tokens", None)
-
-
-# --- building responses --------------------------------------------------------------------------------
-
-
-class TextAssembler:
-    """Turns a choice's tokens into text as they come: holds back incomplete characters and any tail that may
-    still become a stop string, and cuts the text where a stop string appears."""
-
-    def __init__(self, tokenizer, stop: tuple[str, ...]) -> None:
-        self.tokenizer, self.stop = tokenizer, stop
-        self.ids: list[int] = []
-        self.emitted = ""  # text already handed out
-        self.stopped = False
-        self._hold = max((len(s) for s in stop), default=1) - 1
-
-    def add(self, token_id: int) -> str:
-        """The new text this token makes safe to send (may be empty)."""
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        for s in self.stop:
-            at = text.find(s, max(0, len(self.emitted) - len(s)))
-            if at != -1:
-                self.stopped = True
-                return self._emit(text[:at])
-        safe = text.rstrip("\ufffd")  # an unfinished multi-byte character decodes to U+FFFD for now
-        if self._hold:
-            safe = safe[: max(len(self.emitted), len(safe) - self._hold)]
-        return self._emit(safe)
-
-    def finish(self) -> str:
-        """At the end nothing can become a stop string any more: hand out what was held back."""
-        if self.stopped:
-            return ""
-        return self._emit(self.tokenizer.decode(self.ids))
-
-    def _emit(self, text: str) -> str:
-        if not text.startswith(self.emitted) or len(text) <= len(self.emitted):
-            return ""
-        new = text[len(self.emitted) :]
-        self.emitted = text
-        return new
-
-
-@dataclass
-class ChoiceState:
-    index: int
-    prompt_ids: list[int]
-    assembler: TextAssembler
-    params: SamplingParams | None = None
-    stream_index: int = 0  # where this choice's router stream sits in the request's list of streams
-    router: Any = None  # the router actor that stream runs on: if it dies, that one (and only it) is restarted
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
-    finish_reason: str | None = None
-
-
-def usage(choices: list[ChoiceState], n: int) -> dict[str, int]:
-    """Each prompt counts once however many choices (`n`) it has, as OpenAI counts it."""
-    prompt_tokens = sum({c.index // n: len(c.prompt_ids) for c in choices}.values())
-    completion_tokens = sum(len(c.token_ids) for c in choices)
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def completion_logprobs(tokenizer, ids: list[int], lps: list[float], tops: list, offset: int = 0) -> dict:
-    pieces = [tokenizer.decode([i]) for i in ids]
-    offsets, pos = [], offset
-    for p in pieces:
-        offsets.append(pos)
-        pos += len(p)
-    return {
-        "tokens": pieces,
-        "token_logprobs": lps,
-        "top_logprobs": [{tokenizer.decode([i]): lp for i, lp in top} if top else None for top in tops],
-        "text_offset": offsets,
-    }
-
-
-def chat_logprobs(tokenizer, ids: list[int], lps: list[float], tops: list) -> dict:
-    content = []
-    for i, lp, top in zip(ids, lps, tops):
-        piece = tokenizer.decode([i])
-        content.append(
-            {
-                "token": piece,
-                "logprob": lp,
-                "bytes": list(piece.encode()),
-                "top_logprobs": [
-                    {"token": tokenizer.decode([t]), "logprob": v, "bytes": list(tokenizer.decode([t]).encode())}
-                    for t, v in (top or [])
-                ],
-            }
-        )
-    return {"content": content}
-
-
-def final_response(req: ParsedRequest, model: str, choices: list[ChoiceState], tokenizer) -> dict:
-    out_choices = []
-    for c in choices:
-        text = c.assembler.emitted
-        if req.kind == "completion":
-            choice: dict[str, Any] = {
-                "index": c.index,
-                "text": text,
-                "finish_reason": c.finish_reason,
-                "logprobs": None,
-            }
-            if req.logprobs is not None:
-                choice["logprobs"] = completion_logprobs(tokenizer, c.token_ids, c.logprobs, c.top_logprobs)
-        else:
-            choice = {
-                "index": c.index,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": c.finish_reason,
-                "logprobs": None,
-            }
-            if req.logprobs is not None:
-                choice["logprobs"] = chat_logprobs(tokenizer, c.token_ids, c.logprobs, c.top_logprobs)
-        if req.return_token_ids:
-            choice["token_ids"] = c.token_ids
-            choice["prompt_token_ids"] = c.prompt_ids
-        out_choices.append(choice)
-    return {
-        "id": ("cmpl-" if req.kind == "completion" else "chatcmpl-") + req.request_id,
-        "object": "text_completion" if req.kind == "completion" else "chat.completion",
-        "created": req.created,
-        "model": model,
-        "choices": out_choices,
-        "usage": usage(choices, req.n),
-    }
-
-
-def stream_chunk(
-    req: ParsedRequest,
-    model: str,
-    choice: ChoiceState,
-    text: str,
-    token_ids: list[int],
-    finish_reason: str | None,
-    tokenizer,
-    first: bool = False,
-) -> dict:
-    if req.kind == "completion":
-        body: dict[str, Any] = {"index": choice.index, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        if req.logprobs is not None and token_ids:
-            n = len(token_ids)
-            body["logprobs"] = completion_logprobs(tokenizer, token_ids, choice.logprobs[-n:], choice.top_logprobs[-n:])
-    else:
-        delta: dict[str, Any] = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-        body = {"index": choice.index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        if req.logprobs is not None and token_ids:
-            n = len(token_ids)
-            body["logprobs"] = chat_logprobs(tokenizer, token_ids, choice.logprobs[-n:], choice.top_logprobs[-n:])
-    if req.return_token_ids:
-        body["token_ids"] = token_ids
-        if first or finish_reason is not None:
-            body["prompt_token_ids"] = choice.prompt_ids
-    return {
-        "id": ("cmpl-" if req.kind == "completion" else "chatcmpl-") + req.request_id,
-        "object": "text_completion" if req.kind == "completion" else "chat.completion.chunk",
-        "created": req.created,
-        "model": model,
-        "choices": [body],
-    }
-
-
-def usage_chunk(req: ParsedRequest, model: str, choices: list[ChoiceState]) -> dict:
-    return {
-        "id": ("cmpl-" if req.kind == "completion" else "chatcmpl-") + req.request_id,
-        "object": "text_completion" if req.kind == "completion" else "chat.completion.chunk",
-        "created": req.created,
-        "model": model,
-        "choices": [],
-        "usage": usage(choices, req.n),
-    }
-
-
-def sse(data: dict | str) -> bytes:
-    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
-    return f"data: {payload}\n\n".encode()

@@ -1,0 +1,93 @@
+"""The gRPC `Generation` service (cluster/proto/generation.proto), served through Ray Serve's gRPC proxy.
+
+The proxy calls a method of the ingress deployment by the RPC's name, so the service is a mixin the ingress inherits:
+`Generate` and `GenerateStream` must be attributes of the deployment class. The requests go through the same
+validation (`parse_completion`), router client and text assembly as the HTTP ones; an `APIError` becomes the gRPC
+status that says the same thing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from cluster.openai_errors import APIError
+from cluster.openai_request import Limits, parse_completion
+from cluster.openai_response import ChoiceState, TextAssembler
+from cluster.openai_serving import OpenAIServing
+from cluster.proto.generation_pb2 import GenerateChunk, GenerateRequest, GenerateResponse
+from cluster.router_client import RouterClient
+from router.sampling import SamplingParams
+from shards.tokenizer import Tokenizer
+
+# What `serve.start(grpc_options=...)` needs to register the service on the proxy.
+GRPC_SERVICER = "cluster.proto.generation_pb2_grpc.add_GenerationServicer_to_server"
+GRPC_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 429: grpc.StatusCode.RESOURCE_EXHAUSTED}  # else UNAVAILABLE
+
+
+class GenerationService:
+    """`Generate` and `GenerateStream`, as methods of the ingress.
+
+    The ingress provides what they use: `_ready()` (raises the 503 of a server that is loading, failed or draining),
+    and, once the model is up, `tokenizer`, `limits`, `routers` and `serving`.
+    """
+
+    tokenizer: Tokenizer | None
+    limits: Limits | None
+    routers: RouterClient
+    serving: OpenAIServing | None
+    _ready: Callable[[], None]
+
+    async def Generate(self, request: GenerateRequest, grpc_context) -> GenerateResponse:
+        texts, ids, finish = [], [], ""
+        async for text, token, done in self._grpc_stream(request, grpc_context):
+            texts.append(text)
+            ids.append(token)
+            finish = done or finish
+        prompt = list(request.prompt_token_ids) or (self.tokenizer.encode(request.prompt) if self.tokenizer else [])
+        return GenerateResponse(text="".join(texts), token_ids=ids, prompt_token_ids=prompt, finish_reason=finish)
+
+    async def GenerateStream(self, request: GenerateRequest, grpc_context) -> AsyncIterator[GenerateChunk]:
+        async for text, token, done in self._grpc_stream(request, grpc_context):
+            yield GenerateChunk(text=text, token_ids=[token], finish_reason=done or "")
+
+    def _grpc_params(self, request: GenerateRequest) -> tuple[list[int], SamplingParams]:
+        """The prompt's token ids and sampling parameters, checked by the same rules as an HTTP completion."""
+        self._ready()
+        if request.prompt_token_ids:
+            ids = list(request.prompt_token_ids)
+        elif request.prompt:
+            ids = self.tokenizer.encode(request.prompt)
+        else:
+            raise APIError(400, "prompt: give prompt or prompt_token_ids", param="prompt")
+        data = {
+            "max_tokens": request.max_tokens or 16,
+            "temperature": request.temperature,
+            "top_p": request.top_p or 1.0,
+            "top_k": request.top_k,
+            "stop": list(request.stop) or None,
+        }
+        if request.HasField("seed"):
+            data["seed"] = request.seed
+        parsed = parse_completion({"prompt": ids, **data}, self.tokenizer, self.limits)
+        return ids, parsed.params_for(ids, 0, self.limits.max_seq_len)
+
+    async def _grpc_stream(self, request: GenerateRequest, grpc_context) -> AsyncIterator[tuple[str, int, str | None]]:
+        """(new text, token id, finish reason) per token; an error sets the call's status and ends the stream."""
+        try:
+            ids, params = self._grpc_params(request)
+            choice = ChoiceState(0, ids, TextAssembler(self.tokenizer, params.stop), params)
+            [stream] = await self.routers.admit([(ids, params)])
+        except APIError as e:
+            grpc_context.set_code(GRPC_STATUS.get(e.status, grpc.StatusCode.UNAVAILABLE))
+            grpc_context.set_details(e.message)
+            return
+        try:
+            async for text, finish in self.serving.choice_text(choice, stream):
+                yield text, choice.token_ids[-1], finish
+        except APIError as e:
+            grpc_context.set_code(grpc.StatusCode.UNAVAILABLE)
+            grpc_context.set_details(e.message)
+        finally:
+            self.routers.release([stream])
