@@ -136,5 +136,5 @@ def test_a_lost_node_whose_resource_no_node_has_is_named_until_a_node_with_it_jo
     assert wait_until_healthy(base, 60), "readiness did not come back after a node with the resource joined"
     waiting.join(60)
     assert answered == [expected]
-    assert node_of("ExpertGroupActor", "-experts0") == joined.node_id
+    assert node_of("ShardWorker", "-experts0") == joined.node_id
     assert complete(base, prompt) == expected
