@@ -19,6 +19,7 @@ import ray
 import torch
 from ray import serve
 
+from cluster.placement_file import settle_placement
 from cluster.reservation import ray_session
 from cluster.serve_cli import start_serve, wait_until_healthy
 from cluster.transport import free_port
@@ -84,8 +85,6 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    from cluster.cli import settle_placement
-
     plan, _ = settle_placement(args.config)
     prompts = [f"Request {i}: " + "the quick brown fox " * (1 + i % 12) for i in range(args.requests)]
     max_tokens = [8 + (i % 4) * 8 for i in range(args.requests)]

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from bench.gpu_scale import decode_components
-from cluster.cli import ensure_default_checkpoint
+from cluster.placement_file import ensure_default_checkpoint
 from cluster.sharded import ShardedCluster
 from router.sampling import SamplingParams
 

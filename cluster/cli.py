@@ -8,35 +8,11 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_CHECKPOINT = Path(os.environ.get("MISTRAL_CLUSTER_HOME", "checkpoints")) / "small-mixtral"
+from cluster.placement_file import DEFAULT_CHECKPOINT, ensure_default_checkpoint
 
 
 class UsageError(Exception):
     """A command-line value is wrong; printed as one line, exit status 2."""
-
-
-def ensure_default_checkpoint(path: Path = DEFAULT_CHECKPOINT) -> Path:
-    """The embedded default: a small random Mixtral made on first use."""
-    if not (path / "config.json").is_file():
-        from shards.make_checkpoint import make_checkpoint, small_config
-
-        print(f"making the small default checkpoint in {path} (first run)", file=sys.stderr)
-        make_checkpoint(path, small_config("mixtral"), seed=0)
-    return path
-
-
-def settle_placement(placement, checkpoint: str | None = None):
-    """What every command does with a placement before Ray starts: read the file (or take a plan), make the
-    embedded default checkpoint if the plan names it, and check the plan against that checkpoint's config.
-    Returns (settled plan, model config)."""
-    from cluster.placement import PlacementPlan, load_placement, validate_against_model
-    from shards.config import load_config
-
-    plan = placement if isinstance(placement, PlacementPlan) else load_placement(placement, checkpoint)
-    if Path(plan.checkpoint) == DEFAULT_CHECKPOINT:
-        ensure_default_checkpoint()
-    config = load_config(plan.checkpoint)
-    return validate_against_model(plan, config), config
 
 
 def resolve_checkpoint(value: str | None) -> Path:

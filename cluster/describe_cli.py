@@ -10,6 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
+from cluster.placement import validate_against_model
+from cluster.placement_file import DEFAULT_CHECKPOINT, ensure_default_checkpoint, load_placement
 from shards.config import ConfigError, ModelConfig, load_config, preset
 
 
@@ -29,8 +31,6 @@ def _positive(flag: str, text: str) -> int:
 
 def placement_shards(plan, config: ModelConfig) -> list[tuple]:
     """(name, selection, KV layers) of every shard of a placement: stages keep their layers' cache, groups none."""
-    from cluster.placement import validate_against_model
-
     plan = validate_against_model(plan, config)
     return [(s.name, s.selection, s.selection.layers if s.kind == "stage" else ()) for s in plan.shards(config)]
 
@@ -41,8 +41,6 @@ def _model(args: argparse.Namespace, plan) -> tuple[ModelConfig, str]:
     if args.checkpoint is not None:
         return load_config(Path(args.checkpoint)), str(args.checkpoint)
     if plan is not None:
-        from cluster.cli import DEFAULT_CHECKPOINT, ensure_default_checkpoint
-
         if Path(plan.checkpoint) == DEFAULT_CHECKPOINT:
             ensure_default_checkpoint()  # as `plan` does: the embedded default is made on first use
         return load_config(Path(plan.checkpoint)), plan.checkpoint
@@ -55,8 +53,6 @@ def cmd_describe(args: argparse.Namespace) -> int:
 
     plan = None
     if args.config is not None:
-        from cluster.placement import load_placement
-
         plan = load_placement(args.config, checkpoint_override=args.checkpoint)
     config, name = _model(args, plan)
     context = None if args.context is None else _positive("--context", args.context)

@@ -77,7 +77,8 @@ def drain_and_shutdown(timeout_s: float) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from cluster.cli import UsageError, settle_placement
+    from cluster.cli import UsageError
+    from cluster.placement_file import settle_placement
     from cluster.reservation import ray_session
 
     if args.drain_timeout < 0:

@@ -26,7 +26,8 @@ import yaml
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
-from cluster.placement import PlacementPlan, load_placement, validate_against_model
+from cluster.placement import PlacementPlan, validate_against_model
+from cluster.placement_file import load_placement
 from cluster.serve import GRPC_SERVICER
 from shards.config import PRESETS
 from shards.make_checkpoint import small_config
