@@ -19,9 +19,9 @@ import ray
 import torch
 from ray import serve
 
+from cluster.cli.serve import start_serve, wait_until_healthy
 from cluster.placement_file import settle_placement
 from cluster.reservation import ray_session
-from cluster.serve_cli import start_serve, wait_until_healthy
 from cluster.transport import free_port
 
 

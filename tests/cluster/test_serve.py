@@ -15,9 +15,9 @@ import ray
 import yaml
 from ray import serve
 
+from cluster.cli.serve import start_serve, wait_until_healthy
 from cluster.proto import generation_pb2 as pb
 from cluster.proto import generation_pb2_grpc as pb_grpc
-from cluster.serve_cli import start_serve, wait_until_healthy
 from cluster.transport import free_port
 from router.generation import generate
 from router.sampling import SamplingParams

@@ -7,6 +7,7 @@ import argparse
 import json
 
 from cluster.placement_file import settle_placement
+from cluster.reservation import placement_table, ray_session, reserve
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,8 +23,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from cluster.reservation import placement_table, ray_session, reserve
-
     plan, config = settle_placement(args.config, args.checkpoint)
     with ray_session(plan, args.address):
         reservation = reserve(plan, config, timeout_s=args.timeout)

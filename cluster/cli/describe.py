@@ -10,32 +10,32 @@ import argparse
 import json
 from pathlib import Path
 
-from cluster.placement import validate_against_model
+from cluster.cli.usage import UsageError
+from cluster.placement import PlacementPlan, validate_against_model
 from cluster.placement_file import DEFAULT_CHECKPOINT, ensure_default_checkpoint, load_placement
+from shards.checkpoint import ShardSelection, parse_dtype
 from shards.config import ConfigError, ModelConfig, load_config, preset
+from shards.describe import describe, render, shard_table
 
 
 def _positive(flag: str, text: str) -> int:
-    """Parsed here, not by argparse, so a bad value is a one-line error naming it instead of a usage dump.
-
-    ConfigError rather than cli.UsageError: under `python -m cluster.cli` the latter is a second class object.
-    """
+    """Parsed here, not by argparse, so a bad value is a one-line error naming it instead of a usage dump."""
     try:
         value = int(text)
     except ValueError:
-        raise ConfigError(f"{flag} must be a positive integer, got {text!r}") from None
+        raise UsageError(f"{flag} must be a positive integer, got {text!r}") from None
     if value < 1:
-        raise ConfigError(f"{flag} must be a positive integer, got {value}")
+        raise UsageError(f"{flag} must be a positive integer, got {value}")
     return value
 
 
-def placement_shards(plan, config: ModelConfig) -> list[tuple]:
+def placement_shards(plan: PlacementPlan, config: ModelConfig) -> list[tuple[str, ShardSelection, tuple[int, ...]]]:
     """(name, selection, KV layers) of every shard of a placement: stages keep their layers' cache, groups none."""
     plan = validate_against_model(plan, config)
     return [(s.name, s.selection, s.selection.layers if s.kind == "stage" else ()) for s in plan.shards(config)]
 
 
-def _model(args: argparse.Namespace, plan) -> tuple[ModelConfig, str]:
+def _model(args: argparse.Namespace, plan: PlacementPlan | None) -> tuple[ModelConfig, str]:
     if args.preset is not None:
         return preset(args.preset), args.preset
     if args.checkpoint is not None:
@@ -48,9 +48,6 @@ def _model(args: argparse.Namespace, plan) -> tuple[ModelConfig, str]:
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
-    from shards.checkpoint import parse_dtype
-    from shards.describe import describe, render, shard_table
-
     plan = None
     if args.config is not None:
         plan = load_placement(args.config, checkpoint_override=args.checkpoint)
