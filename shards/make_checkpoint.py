@@ -53,6 +53,8 @@ def small_config(
 ) -> ModelConfig:
     if arch not in ("mistral", "mixtral"):
         raise ConfigError(f"--arch must be 'mistral' or 'mixtral', got {arch!r}")
+    if arch == "mistral" and experts is not None:
+        raise ConfigError(f"--experts {experts}: a mistral model has no experts; use --arch mixtral")
     n_heads = heads or SMALL.n_heads
     model_dim = dim or SMALL.dim
     if model_dim % n_heads:

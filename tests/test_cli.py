@@ -77,6 +77,24 @@ def test_unknown_model_type_is_a_clear_error(cli_checkpoint, tmp_path, capsys):
     assert "field 'model_type' is 'gpt2'" in capsys.readouterr().err
 
 
+def test_experts_for_a_dense_model_is_a_one_line_error_naming_the_flag(tmp_path, capsys):
+    assert main(["make-checkpoint", str(tmp_path / "ck"), "--arch", "mistral", "--experts", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--experts 4" in err and "Traceback" not in err
+    assert not (tmp_path / "ck").exists()
+
+
+def test_make_checkpoint_refuses_a_non_empty_directory_unless_forced(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["make-checkpoint", str(tmp_path), "--layers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(tmp_path) in err and "--force" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+    assert main(["make-checkpoint", str(tmp_path), "--layers", "1", "--force"]) == 0
+    assert (tmp_path / "config.json").is_file() and (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_a_usage_error_under_python_m_is_one_line_with_status_2(tmp_path):
     """`python -m cluster.cli` runs the same classes as the console script: a command's UsageError is caught."""
     root = Path(__file__).resolve().parents[1]
