@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import sys
 import threading
 
+import ray
 import torch
 
 from cluster.transport import Transport, device_key, free_port, node_ip
@@ -16,8 +19,6 @@ class ShardActor:
     name: str
 
     def __init__(self, name: str, rank: int) -> None:
-        import ray
-
         self.name = name
         self.rank = rank
         gpu_ids = ray.get_gpu_ids()
@@ -30,15 +31,10 @@ class ShardActor:
         self._lock = threading.Lock()
         dump_every = os.environ.get("MISTRAL_CLUSTER_STACK_DUMP_S")
         if dump_every:  # diagnosing a stall: every thread's Python stack to this worker's stderr, periodically
-            import faulthandler
-            import sys
-
             faulthandler.dump_traceback_later(float(dump_every), repeat=True, file=sys.stderr)
 
     def location(self) -> dict:
         """Where Ray put this actor, from Ray's own runtime context (what placement tests assert on)."""
-        import ray
-
         ctx = ray.get_runtime_context()
         return {
             "shard": self.name,

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+import ray
 import torch
 import torch.distributed as dist
 
@@ -27,8 +28,6 @@ def free_port() -> int:
 
 
 def node_ip() -> str:
-    import ray
-
     return ray.util.get_node_ip_address()
 
 

@@ -32,6 +32,7 @@ SMALL = ModelConfig(
 
 def mistral_tokenizer_file() -> Path:
     """The v1 sentencepiece model (32000 pieces) that mistral-common ships."""
+    # Here, not at the top: callers that write no tokenizer (benchmarks: with_tokenizer=False) need no mistral-common.
     import mistral_common
 
     path = Path(os.path.dirname(mistral_common.__file__)) / "data" / "tokenizer.model.v1"

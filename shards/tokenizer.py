@@ -51,6 +51,8 @@ class Tokenizer:
 
         Raises ConfigError naming the message index for a malformed conversation.
         """
+        # The instruct tokenizer and its pydantic models take ~0.3 s to import, and only chat needs them: plain
+        # encoding (the CLI, the benchmarks) does without.
         from mistral_common.exceptions import MistralCommonException
         from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
