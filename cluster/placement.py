@@ -163,7 +163,7 @@ def _settle_stages(source: str, stages: tuple[StageSpec, ...], config: ModelConf
             raise PlacementError.at(
                 source, "stages", f"{len(stages)} stages for a model of {n} layers; each stage needs a layer"
             )
-        return tuple(replace(s, layers=part) for s, part in zip(stages, _even_split(n, len(stages))))
+        return tuple(replace(s, layers=part) for s, part in zip(stages, _even_split(n, len(stages)), strict=True))
     for s in stages:
         out_of_range = [layer for layer in s.layers if layer >= n]
         if out_of_range:
@@ -198,7 +198,8 @@ def _settle_expert_groups(
                 source, "expert_groups", f"{len(groups)} groups for a model of {e} experts; each group needs one"
             )
         return tuple(
-            replace(g, experts=part, layers=tuple(range(n))) for g, part in zip(groups, _even_split(e, len(groups)))
+            replace(g, experts=part, layers=tuple(range(n)))
+            for g, part in zip(groups, _even_split(e, len(groups)), strict=True)
         )
     settled = []
     for g in groups:

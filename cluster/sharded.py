@@ -115,7 +115,7 @@ class ShardedCluster:
         return ray.get(self.router.generate.remote(prompts, params))
 
     def shard_handles(self) -> dict[str, object]:
-        return dict(zip(self.supervisor.names, self.supervisor.handles()))
+        return dict(zip(self.supervisor.names, self.supervisor.handles(), strict=True))
 
     def locations(self) -> dict[str, dict]:
         return {loc["shard"]: loc for loc in ray.get([a.location.remote() for a in self.supervisor.handles()])}

@@ -38,13 +38,13 @@ class ShardSupervisor:
         probe_timeout_s: float = 5.0,
         prefix: str | None = None,
     ) -> None:
-        self.plan, self.checkpoint, self.placement_group = plan, checkpoint, placement_group
+        self.plan = plan
+        self.checkpoint = checkpoint
+        self.placement_group = placement_group
         self.attention_backend = attention_backend
-        self.load_timeout_s, self.transport_timeout_s, self.probe_timeout_s = (
-            load_timeout_s,
-            transport_timeout_s,
-            probe_timeout_s,
-        )
+        self.load_timeout_s = load_timeout_s
+        self.transport_timeout_s = transport_timeout_s
+        self.probe_timeout_s = probe_timeout_s
         self.prefix = prefix or f"mistral-cluster-{uuid.uuid4().hex[:8]}"
         self.bundle_of = {name: i for i, name in enumerate(plan.shard_names())}
         self.bundles = plan.bundles()
@@ -157,18 +157,18 @@ class ShardSupervisor:
         and a report (which shards were restarted, how long it took)."""
         t0 = time.monotonic()
         alive = self.probe(handles)
-        dead = {n for n, ok in zip(self.names, alive) if not ok}
-        live = [(n, h) for n, h, ok in zip(self.names, handles, alive) if ok]
+        dead = {n for n, ok in zip(self.names, alive, strict=True) if not ok}
+        live = [(n, h) for n, h, ok in zip(self.names, handles, alive, strict=True) if ok]
         for n, h in live:  # stages first (rank order): they release the experts' serving threads
             if n.startswith("stage"):
                 self._best_effort(h.stop_experts.remote())
         for n, h in live:
             if not self._best_effort(h.reset_transport.remote(), timeout=self.probe_timeout_s * 2):
                 dead.add(n)
-        for n, h in zip(self.names, handles):
+        for n, h in zip(self.names, handles, strict=True):
             if n in dead:
                 ray.kill(h, no_restart=True)
-        new = [self.create(n) if n in dead else h for n, h in zip(self.names, handles)]
+        new = [self.create(n) if n in dead else h for n, h in zip(self.names, handles, strict=True)]
         self._wait_loaded(new, self.names)
         self.form_group(new)
         return new, {"restarted": sorted(dead), "seconds": time.monotonic() - t0}

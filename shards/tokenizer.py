@@ -1,4 +1,5 @@
-"""Sentencepiece tokenizer from the checkpoint's `tokenizer.model`, with BOS and the instruct chat format as Mistral does them."""
+"""Sentencepiece tokenizer from the checkpoint's `tokenizer.model`, with BOS and the instruct chat format as Mistral
+does them."""
 
 from __future__ import annotations
 
