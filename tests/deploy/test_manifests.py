@@ -165,7 +165,7 @@ def _list_type(validator, list_type, instance, schema):
                 key = tuple(item.get(k, defaults[k]) for k in keys)
                 if key in seen:
                     yield jsonschema.ValidationError(
-                        f"two entries with {dict(zip(keys, key))} in a list keyed by {keys}"
+                        f"two entries with {dict(zip(keys, key, strict=True))} in a list keyed by {keys}"
                     )
                 seen.add(key)
 
@@ -332,7 +332,7 @@ def placement_shortfalls(plan: PlacementPlan, rayservice: dict) -> list[str]:
             declared[name] += amount * g.get("replicas", 1)
     problems = []
     asked: dict[str, float] = defaultdict(float)
-    for shard, bundle in zip(plan.shard_names(), plan.bundles()):
+    for shard, bundle in zip(plan.shard_names(), plan.bundles(), strict=True):
         for name, amount in bundle.items():
             asked[name] += amount
             if name not in RAY_BUILTIN_RESOURCES and name not in declared:
