@@ -70,7 +70,7 @@ class Timer:
                 fn()
         times: list[list[float]] = [[] for _ in fns]
         for _ in range(self.repeat):
-            for fn, ts in zip(fns, times):
+            for fn, ts in zip(fns, times, strict=True):
                 self._sync()
                 t0 = time.perf_counter()
                 fn()
@@ -194,7 +194,7 @@ def bench_moe(moe_ckpt: Path, dense_ckpt: Path, batches: list[int], args, timer:
         t_steps = timer.median_s(*steps)
         with torch.inference_mode():
             t_ffns = timer.median_s(*ffns)
-        for label, t_step, t_ffn in zip(engines, t_steps, t_ffns):
+        for label, t_step, t_ffn in zip(engines, t_steps, t_ffns, strict=True):
             rows.append(
                 {
                     "model": label,
@@ -362,7 +362,7 @@ def plot(result: dict, prefix: Path) -> list[str]:
     c = result["gqa"]["rows"]
     models = list(dict.fromkeys(r["model"] for r in c))
     fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.5))
-    for ax, model in zip(axes, models):
+    for ax, model in zip(axes, models, strict=True):
         mine = [r for r in c if r["model"] == model]
         ax.bar(
             [f"{r['attention']}\n({r['kv_heads']} KV heads)" for r in mine],

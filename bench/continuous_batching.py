@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -19,8 +20,9 @@ import ray
 import torch
 from ray import serve
 
+from cluster.cli.serve import start_serve, wait_until_healthy
+from cluster.placement_file import settle_placement
 from cluster.reservation import ray_session
-from cluster.serve_cli import start_serve, wait_until_healthy
 from cluster.transport import free_port
 
 
@@ -52,27 +54,26 @@ async def run(base: str, prompts: list[str], max_tokens: list[int]) -> dict:
     async with httpx.AsyncClient(timeout=600) as client:
         await one(client, base, "warm up", 4)
         t0 = time.perf_counter()
-        sequential = [await one(client, base, p, n) for p, n in zip(prompts, max_tokens)]
+        sequential = [await one(client, base, p, n) for p, n in zip(prompts, max_tokens, strict=True)]
         seq_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
-        concurrent = await asyncio.gather(*(one(client, base, p, n) for p, n in zip(prompts, max_tokens)))
+        concurrent = await asyncio.gather(*(one(client, base, p, n) for p, n in zip(prompts, max_tokens, strict=True)))
         conc_seconds = time.perf_counter() - t0
     seq_tokens = sum(r[0] for r in sequential)
     conc_tokens = sum(r[0] for r in concurrent)
     assert seq_tokens == conc_tokens == sum(max_tokens), (seq_tokens, conc_tokens, sum(max_tokens))
-    median = lambda xs: sorted(xs)[len(xs) // 2]
     return {
         "requests": len(prompts),
         "output_tokens": conc_tokens,
         "one_at_a_time": {
             "seconds": seq_seconds,
             "tokens_per_s": seq_tokens / seq_seconds,
-            "median_ttft_s": median([r[1] for r in sequential]),
+            "median_ttft_s": statistics.median_high([r[1] for r in sequential]),
         },
         "concurrent": {
             "seconds": conc_seconds,
             "tokens_per_s": conc_tokens / conc_seconds,
-            "median_ttft_s": median([r[1] for r in concurrent]),
+            "median_ttft_s": statistics.median_high([r[1] for r in concurrent]),
         },
         "throughput_ratio": (conc_tokens / conc_seconds) / (seq_tokens / seq_seconds),
     }
@@ -84,8 +85,6 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    from cluster.cli import settle_placement
-
     plan, _ = settle_placement(args.config)
     prompts = [f"Request {i}: " + "the quick brown fox " * (1 + i % 12) for i in range(args.requests)]
     max_tokens = [8 + (i % 4) * 8 for i in range(args.requests)]

@@ -71,7 +71,7 @@ def main() -> None:
                     back = time.monotonic() - t_kill
                 time.sleep(0.1)
             worker.join(timeout=240)
-            identical = [r.token_ids == e for r, e in zip(out["r"], expected)]
+            identical = [r.token_ids == e for r, e in zip(out["r"], expected, strict=True)]
             health = cluster.health()
         ray.shutdown()
     result = {

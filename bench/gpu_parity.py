@@ -34,7 +34,9 @@ def hf_greedy(model, prompt: list[int], n: int, device: str) -> list[int]:
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+    """The first position where two token lists differ (a shorter list differs where it ends); None if equal."""
+    differs = (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+    return next(differs, None if len(a) == len(b) else min(len(a), len(b)))
 
 
 def main() -> None:
@@ -60,7 +62,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 ours = generate(engine, prompts, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
                 elapsed = time.perf_counter() - t0
-                for prompt, result in zip(prompts, ours):
+                for prompt, result in zip(prompts, ours, strict=True):
                     ref = hf_greedy(hf, prompt, new_tokens, device)
                     short = len(prompt) <= window
                     rows.append(

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from cluster.cli import ensure_default_checkpoint
+from cluster.placement_file import ensure_default_checkpoint
 from cluster.profile import decode_components
 from cluster.sharded import ShardedCluster
 from router.sampling import SamplingParams

@@ -27,8 +27,9 @@ import ray
 import torch
 from ray import serve
 
+from cluster.cli.serve import start_serve, wait_until_healthy
+from cluster.placement_file import settle_placement
 from cluster.reservation import ray_session
-from cluster.serve_cli import start_serve, wait_until_healthy
 from cluster.transport import free_port
 
 WORKER_ROLES = ("StageActor", "ExpertGroupActor", "RouterActor", "ServeReplica")
@@ -203,8 +204,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    from cluster.cli import settle_placement
-
     plan, _ = settle_placement(args.config)
     port = free_port()
     base = f"http://127.0.0.1:{port}"

@@ -71,7 +71,7 @@ def check_against_cluster(plan: PlacementPlan, nodes: list[dict[str, Any]]) -> N
         for key, amount in node.items():
             totals[key] = totals.get(key, 0.0) + amount
     asked: dict[str, dict[str, float]] = {}
-    for name, bundle in zip(names, bundles):
+    for name, bundle in zip(names, bundles, strict=True):
         for key, amount in bundle.items():
             asked.setdefault(key, {})[name] = amount
     for key, by_shard in asked.items():
@@ -88,7 +88,7 @@ def check_against_cluster(plan: PlacementPlan, nodes: list[dict[str, Any]]) -> N
                 f"{src}: the shards ask for {need:g} {key} in all ({each}), but the cluster has {have:g}"
             )
 
-    for name, bundle in zip(names, bundles):
+    for name, bundle in zip(names, bundles, strict=True):
         if not any(_fits(bundle, node) for node in alive):
             short = [k for k, a in bundle.items() if a > max(node.get(k, 0.0) for node in alive) + _EPS]
             if short:
@@ -256,7 +256,7 @@ def placement_table(placements: list[ShardPlacement]) -> str:
         for p in placements
     ]
     widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
 def _fits(bundle: dict[str, float], node: dict[str, float]) -> bool:

@@ -16,6 +16,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.placement import PlacementPlan
+from cluster.placement_file import settle_placement
 from cluster.reservation import Reservation, ray_session, reserve
 from cluster.router_actor import RouterActor
 from cluster.supervisor import ShardSupervisor
@@ -57,8 +58,6 @@ class ShardedCluster:
         on_shard_failure: str = "resume",
         monitor_interval_s: float = 2.0,
     ) -> ShardedCluster:
-        from cluster.cli import settle_placement
-
         plan, config = settle_placement(placement, checkpoint)
         stack = contextlib.ExitStack()
         try:

@@ -40,13 +40,13 @@ class ShardSupervisor:
         probe_timeout_s: float = 5.0,
         prefix: str | None = None,
     ) -> None:
-        self.plan, self.checkpoint, self.placement_group = plan, checkpoint, placement_group
+        self.plan = plan
+        self.checkpoint = checkpoint
+        self.placement_group = placement_group
         self.attention_backend = attention_backend
-        self.load_timeout_s, self.transport_timeout_s, self.probe_timeout_s = (
-            load_timeout_s,
-            transport_timeout_s,
-            probe_timeout_s,
-        )
+        self.load_timeout_s = load_timeout_s
+        self.transport_timeout_s = transport_timeout_s
+        self.probe_timeout_s = probe_timeout_s
         self.prefix = prefix or f"mistral-cluster-{uuid.uuid4().hex[:8]}"
         self.workers = group_workers(plan)
         self.names = [w.name for w in self.workers]  # in rank order, which is also bundle order

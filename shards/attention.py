@@ -20,7 +20,8 @@ import torch.nn.functional as F
 # xformers warns at import when its compiled kernels do not match this torch; we only need its mask classes
 # there, and `xformers_kernels_available` decides about the kernels, so keep that warning out of the user's way.
 logging.getLogger("xformers").setLevel(logging.ERROR)
-from xformers.ops.fmha import attn_bias as xbias
+from xformers.ops import fmha  # noqa: E402 - after the line above
+from xformers.ops.fmha import attn_bias as xbias  # noqa: E402
 
 AttnBias = xbias.AttentionBias
 
@@ -49,8 +50,6 @@ def xformers_kernels_available(device_type: str) -> bool:
     if device_type != "cuda":
         return False
     try:
-        from xformers.ops import fmha
-
         q = torch.randn(1, 4, 1, 64, device="cuda", dtype=torch.float16)
         fmha.memory_efficient_attention_forward(q, q, q)
         return True
@@ -87,8 +86,6 @@ def packed_attention(
 
 
 def _xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: AttnBias) -> torch.Tensor:
-    from xformers.ops import fmha
-
     group = q.shape[1] // k.shape[1]
     n_kv, head_dim = k.shape[1], k.shape[2]
     # xformers takes grouped-query attention as (B, M, G, H, K) with the KV heads broadcast over the group.

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
+from shards.attention import packed_attention
+
+if TYPE_CHECKING:  # for annotations only: shards.kv_cache imports rotary_cos_sin from here
     from shards.kv_cache import RollingKVCache, StepLayout
 
 
@@ -58,8 +60,6 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, layer: int, layout: StepLayout, cache: RollingKVCache) -> torch.Tensor:
-        from shards.attention import packed_attention
-
         tokens = x.shape[0]
         q = self.q_proj(x).view(tokens, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(tokens, self.n_kv_heads, self.head_dim)

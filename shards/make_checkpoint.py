@@ -32,6 +32,7 @@ SMALL = ModelConfig(
 
 def mistral_tokenizer_file() -> Path:
     """The v1 sentencepiece model (32000 pieces) that mistral-common ships."""
+    # Here, not at the top: callers that write no tokenizer (benchmarks: with_tokenizer=False) need no mistral-common.
     import mistral_common
 
     path = Path(os.path.dirname(mistral_common.__file__)) / "data" / "tokenizer.model.v1"
@@ -53,6 +54,8 @@ def small_config(
 ) -> ModelConfig:
     if arch not in ("mistral", "mixtral"):
         raise ConfigError(f"--arch must be 'mistral' or 'mixtral', got {arch!r}")
+    if arch == "mistral" and experts is not None:
+        raise ConfigError(f"--experts {experts}: a mistral model has no experts; use --arch mixtral")
     n_heads = heads or SMALL.n_heads
     model_dim = dim or SMALL.dim
     if model_dim % n_heads:

@@ -78,7 +78,7 @@ def gemv_supported(x: torch.Tensor) -> bool:
 @functools.cache
 def _triton_installed() -> bool:
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401 - Triton is optional (a test extra); this probe is how we find out
     except ImportError:
         return False
     return True
@@ -162,8 +162,8 @@ class ExpertGroup(nn.Module):
         return torch.bmm(act.transpose(0, 1), self.w2.transpose(1, 2)).sum(dim=0)  # (n, tokens, dim) -> (tokens, dim)
 
     def forward_gemv(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The Triton GEMV over the chosen experts (imported here: Triton is only needed where it runs)."""
-        from shards.expert_gemv import expert_gemv
+        """The Triton GEMV over the chosen experts."""
+        from shards.expert_gemv import expert_gemv  # imports Triton: optional, and only needed where this runs
 
         table, _ = self._local_index(x.device)
         return expert_gemv(x, table[ids], weights, self.w13, self.w2)

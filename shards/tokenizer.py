@@ -1,4 +1,5 @@
-"""Sentencepiece tokenizer from the checkpoint's `tokenizer.model`, with BOS and the instruct chat format as Mistral does them."""
+"""Sentencepiece tokenizer from the checkpoint's `tokenizer.model`, with BOS and the instruct chat format as Mistral
+does them."""
 
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ class Tokenizer:
 
         Raises ConfigError naming the message index for a malformed conversation.
         """
+        # The instruct tokenizer and its pydantic models take ~0.3 s to import, and only chat needs them: plain
+        # encoding (the CLI, the benchmarks) does without.
         from mistral_common.exceptions import MistralCommonException
         from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
         from mistral_common.protocol.instruct.request import ChatCompletionRequest

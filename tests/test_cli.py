@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -35,7 +40,7 @@ def test_generate_json_gives_transformers_greedy_tokens_for_a_packed_batch(cli_c
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     tok = Tokenizer(cli_checkpoint)
     assert len(lines) == 2
-    for prompt, line in zip(prompts, lines):
+    for prompt, line in zip(prompts, lines, strict=True):
         assert line["prompt_token_ids"] == tok.encode(prompt)
         assert line["token_ids"] == hf_greedy(hf_model(cli_checkpoint), line["prompt_token_ids"], 20)
         assert line["text"] == tok.decode(line["token_ids"])
@@ -63,8 +68,6 @@ def test_missing_checkpoint_is_named(capsys, tmp_path):
 
 
 def test_unknown_model_type_is_a_clear_error(cli_checkpoint, tmp_path, capsys):
-    import shutil
-
     copy = tmp_path / "ck"
     shutil.copytree(cli_checkpoint, copy)
     cfg = json.loads((copy / "config.json").read_text())
@@ -72,3 +75,31 @@ def test_unknown_model_type_is_a_clear_error(cli_checkpoint, tmp_path, capsys):
     (copy / "config.json").write_text(json.dumps(cfg))
     assert main(["generate", "--checkpoint", str(copy), "--prompt", "x"]) == 2
     assert "field 'model_type' is 'gpt2'" in capsys.readouterr().err
+
+
+def test_experts_for_a_dense_model_is_a_one_line_error_naming_the_flag(tmp_path, capsys):
+    assert main(["make-checkpoint", str(tmp_path / "ck"), "--arch", "mistral", "--experts", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--experts 4" in err and "Traceback" not in err
+    assert not (tmp_path / "ck").exists()
+
+
+def test_make_checkpoint_refuses_a_non_empty_directory_unless_forced(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["make-checkpoint", str(tmp_path), "--layers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(tmp_path) in err and "--force" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+    assert main(["make-checkpoint", str(tmp_path), "--layers", "1", "--force"]) == 0
+    assert (tmp_path / "config.json").is_file() and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_usage_error_under_python_m_is_one_line_with_status_2(tmp_path):
+    """`python -m cluster.cli` runs the same classes as the console script: a command's UsageError is caught."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    args = ["serve", "--config", str(tmp_path / "unused.yaml"), "--drain-timeout", "-1"]
+    done = subprocess.run([sys.executable, "-m", "cluster.cli", *args], env=env, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr == "mistral-cluster serve: error: --drain-timeout must be 0 or more seconds, got -1\n"

@@ -16,7 +16,7 @@ import ray
 import yaml
 from ray import serve
 
-from cluster.serve_cli import start_serve, wait_until_healthy
+from cluster.cli.serve import start_serve, wait_until_healthy
 from cluster.transport import free_port
 
 

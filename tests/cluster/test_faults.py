@@ -7,6 +7,7 @@ MISTRAL_CLUSTER_FAULTS_OUT names a file (bench/faults.py)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -22,8 +23,8 @@ import yaml
 from ray import serve
 from ray.cluster_utils import Cluster
 
+from cluster.cli.serve import wait_until_healthy
 from cluster.serve import OpenAIIngress
-from cluster.serve_cli import wait_until_healthy
 from cluster.transport import free_port
 from router.generation import generate
 from router.sampling import SamplingParams
@@ -180,7 +181,9 @@ def run_with_fault(base: str, prompts, inject) -> tuple[list[dict], float | None
     watch = HealthWatch(base)
     started = [threading.Event() for _ in prompts]
     with ThreadPoolExecutor(len(prompts)) as pool:
-        futures = [pool.submit(stream_tokens, base, p, e, i) for i, (p, e) in enumerate(zip(prompts, started))]
+        futures = [
+            pool.submit(stream_tokens, base, p, e, i) for i, (p, e) in enumerate(zip(prompts, started, strict=True))
+        ]
         for e in started:
             assert e.wait(120), "a stream produced no token before the fault"
         t_fault = time.monotonic()
@@ -248,16 +251,16 @@ def check_resumed(name: str, results, expected, recovery: float | None) -> None:
     RESULTS[name] = {
         "recovery_seconds": None if recovery is None else round(recovery, 2),
         "requests": len(results),
-        "identical": [r["tokens"] == e for r, e in zip(results, expected)],
+        "identical": [r["tokens"] == e for r, e in zip(results, expected, strict=True)],
     }
-    for r, e in zip(results, expected):
+    for r, e in zip(results, expected, strict=True):
         assert r["done"] and not r["errors"], r["errors"]
         assert r["tokens"] == e
     assert recovery is not None, "readiness never went false and back to true"
 
 
 def next_requests_are_exact(base: str, prompts, expected) -> None:
-    for i, (p, e) in list(enumerate(zip(prompts, expected)))[:2]:
+    for i, (p, e) in list(enumerate(zip(prompts, expected, strict=True)))[:2]:
         r = httpx.post(
             base + "/v1/completions",
             timeout=120,
@@ -273,10 +276,10 @@ def test_killing_a_shard_loses_no_request(resume_server, prompts_and_expected, s
     prompts, expected = prompts_and_expected
     if how == "ray.kill":
         actor, _ = shard_actor(shard)
-        inject = lambda: ray.kill(actor, no_restart=True)
+        inject = functools.partial(ray.kill, actor, no_restart=True)
     else:
         pid = shard_pid(shard)
-        inject = lambda: os.kill(pid, signal.SIGKILL)
+        inject = functools.partial(os.kill, pid, signal.SIGKILL)
     results, recovery = run_with_fault(resume_server, prompts, inject)
     check_resumed(f"{how} {shard}", results, expected, recovery)
     next_requests_are_exact(resume_server, prompts, expected)
@@ -356,7 +359,7 @@ def test_fail_mode_ends_in_flight_streams_with_an_error_then_done(
         "requests": len(results),
     }
     assert all(r["done"] for r in results)  # every stream ends with [DONE] ...
-    for r, e in zip(results, expected):  # ... either complete and exact, or with a clear error event
+    for r, e in zip(results, expected, strict=True):  # ... either complete and exact, or with a clear error event
         assert r["tokens"] == e or (r["errors"] and r["errors"][0]["code"] == "engine_failure")
     assert any(r["errors"] for r in results)
     assert time.monotonic() - t0 < 150

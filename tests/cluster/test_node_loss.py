@@ -15,8 +15,8 @@ import yaml
 from ray import serve
 from ray.cluster_utils import Cluster
 
+from cluster.cli.serve import wait_until_healthy
 from cluster.serve import OpenAIIngress
-from cluster.serve_cli import wait_until_healthy
 from cluster.transport import free_port
 from tests.conftest import hf_greedy, random_prompts
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.placement import PlacementError, load_placement, validate_against_model
+from cluster.placement import PlacementError, validate_against_model
+from cluster.placement_file import load_placement
 from shards.checkpoint import ShardSelection
 from shards.config import PRESETS, ConfigError
 from shards.make_checkpoint import small_config

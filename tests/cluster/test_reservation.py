@@ -15,7 +15,8 @@ from ray.cluster_utils import Cluster
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
 from cluster.cli import main
-from cluster.placement import PlacementError, load_placement, validate_against_model
+from cluster.placement import PlacementError, validate_against_model
+from cluster.placement_file import load_placement
 from cluster.reservation import check_against_cluster, lost_bundles, reserve
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"

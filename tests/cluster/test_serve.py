@@ -15,9 +15,9 @@ import ray
 import yaml
 from ray import serve
 
+from cluster.cli.serve import start_serve, wait_until_healthy
 from cluster.proto import generation_pb2 as pb
 from cluster.proto import generation_pb2_grpc as pb_grpc
-from cluster.serve_cli import start_serve, wait_until_healthy
 from cluster.transport import free_port
 from router.generation import generate
 from router.sampling import SamplingParams
@@ -184,7 +184,7 @@ def test_logprobs_report_the_chosen_token_and_alternatives(client):
     r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0, logprobs=3)
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
-    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+    for value, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
         assert value <= 0 and len(top) == 3 and max(top.values()) == pytest.approx(value, abs=1e-5)
 
 
@@ -209,14 +209,14 @@ def test_32_concurrent_streams_of_mixed_lengths_all_get_their_tokens(server, che
 
     async def main():
         aclient = openai.AsyncOpenAI(base_url=server["base"] + "/v1", api_key=KEY, max_retries=0, timeout=300)
-        return await asyncio.gather(*(one(aclient, p, n) for p, n in zip(prompts, max_tokens)))
+        return await asyncio.gather(*(one(aclient, p, n) for p, n in zip(prompts, max_tokens, strict=True)))
 
     got = asyncio.run(main())
     tok = Tokenizer(checkpoint)
     encoded = [tok.encode(p) for p in prompts]
     engine = LocalEngine(checkpoint, max_seqs=32)
     expected = generate(engine, encoded, [SamplingParams(max_tokens=n, ignore_eos=True) for n in max_tokens])
-    for ids, exp in zip(got, expected):
+    for ids, exp in zip(got, expected, strict=True):
         assert ids == exp.token_ids
 
 

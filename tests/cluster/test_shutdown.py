@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from cluster.cli import main
-from cluster.serve_cli import wait_until_healthy
+from cluster.cli.serve import wait_until_healthy
 from cluster.transport import free_port
 
 DRAIN_S = 5

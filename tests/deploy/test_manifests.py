@@ -26,7 +26,8 @@ import yaml
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
-from cluster.placement import PlacementPlan, load_placement, validate_against_model
+from cluster.placement import PlacementPlan, validate_against_model
+from cluster.placement_file import load_placement
 from cluster.serve import GRPC_SERVICER
 from shards.config import PRESETS
 from shards.make_checkpoint import small_config
@@ -164,7 +165,7 @@ def _list_type(validator, list_type, instance, schema):
                 key = tuple(item.get(k, defaults[k]) for k in keys)
                 if key in seen:
                     yield jsonschema.ValidationError(
-                        f"two entries with {dict(zip(keys, key))} in a list keyed by {keys}"
+                        f"two entries with {dict(zip(keys, key, strict=True))} in a list keyed by {keys}"
                     )
                 seen.add(key)
 
@@ -331,7 +332,7 @@ def placement_shortfalls(plan: PlacementPlan, rayservice: dict) -> list[str]:
             declared[name] += amount * g.get("replicas", 1)
     problems = []
     asked: dict[str, float] = defaultdict(float)
-    for shard, bundle in zip(plan.shard_names(), plan.bundles()):
+    for shard, bundle in zip(plan.shard_names(), plan.bundles(), strict=True):
         for name, amount in bundle.items():
             asked[name] += amount
             if name not in RAY_BUILTIN_RESOURCES and name not in declared:

@@ -13,7 +13,7 @@ from ray import serve
 from ray.serve._private.api import serve_start
 from ray.serve.schema import ServeDeploySchema
 
-from cluster.serve_cli import wait_until_healthy
+from cluster.cli.serve import wait_until_healthy
 from cluster.transport import free_port
 from tests.conftest import hf_greedy
 

@@ -153,7 +153,7 @@ print(rss() - before, sum(t.nbytes for t in tensors.values()))
 
 
 def test_shard_loader_peak_memory_is_its_own_size_not_the_checkpoints(checkpoint_factory):
-    """A shard of 1/32 of a ~170 MB checkpoint grows the process's resident memory by its own size, not the checkpoint's."""
+    """A 1/32 shard of a ~170 MB checkpoint grows the process's resident memory by its own size, not the whole's."""
     ckpt = checkpoint_factory("mixtral", seed=0, dim=256, hidden=1024, layers=4, experts=8)
     total = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
     peaks = {}

@@ -80,8 +80,9 @@ weights = torch.softmax(torch.randn(4, K, generator=gen), dim=-1)
 dispatch = {}
 for tokens in (1, 3, 4):
     out = g.forward(x[:tokens], ids[:tokens], weights[:tokens])
-    dispatch[tokens] = {"used_gemv": bool(calls) and calls[-1] == tokens,
-                        "max_abs_vs_loop": float((out - g.forward_loop(x[:tokens], ids[:tokens], weights[:tokens])).abs().max())}
+    used_gemv = bool(calls) and calls[-1] == tokens
+    loop = g.forward_loop(x[:tokens], ids[:tokens], weights[:tokens])
+    dispatch[tokens] = {"used_gemv": used_gemv, "max_abs_vs_loop": float((out - loop).abs().max())}
     calls.clear()
 os.environ["MISTRAL_CLUSTER_EXPERT_GEMV_MAX_TOKENS"] = "0"
 g.forward(x[:1], ids[:1], weights[:1])

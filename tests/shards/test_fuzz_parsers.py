@@ -16,14 +16,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.placement import (
-    EXPERT_GROUP_KEYS,
-    STAGE_KEYS,
-    TOP_KEYS,
-    PlacementError,
-    load_placement,
-    validate_against_model,
-)
+from cluster.placement import PlacementError, validate_against_model
+from cluster.placement_file import EXPERT_GROUP_KEYS, STAGE_KEYS, TOP_KEYS, load_placement
 from shards.config import ConfigError, load_config
 from shards.make_checkpoint import small_config
 

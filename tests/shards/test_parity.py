@@ -28,7 +28,7 @@ def test_greedy_tokens_equal_transformers_for_a_mixed_length_batch(checkpoint_fa
     ours = generate(
         LocalEngine(ckpt, max_seqs=len(prompts)), prompts, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
     )
-    for prompt, result in zip(prompts, ours):
+    for prompt, result in zip(prompts, ours, strict=True):
         assert result.token_ids == hf_greedy(hf_model(ckpt), prompt, NEW_TOKENS), f"prompt of {len(prompt)} tokens"
 
 
@@ -42,7 +42,7 @@ def test_chunked_prefill_gives_the_same_tokens_for_any_chunk_size(checkpoint_fac
         SamplingParams(max_tokens=20, ignore_eos=True),
         SchedulerConfig(max_seqs=2, token_budget=chunk_size + 1, chunk_size=chunk_size),
     )
-    for prompt, result in zip(prompts, ours):
+    for prompt, result in zip(prompts, ours, strict=True):
         assert result.token_ids == hf_greedy(hf_model(ckpt), prompt, 20)
 
 
@@ -70,7 +70,7 @@ def test_model_without_window_matches_transformers(checkpoint_factory, hf_model)
         SamplingParams(max_tokens=16, ignore_eos=True),
         SchedulerConfig(max_seqs=2, chunk_size=12),
     )
-    for prompt, result in zip(prompts, ours):
+    for prompt, result in zip(prompts, ours, strict=True):
         assert result.token_ids == hf_greedy(hf_model(ckpt), prompt, 16)
 
 
@@ -85,7 +85,7 @@ def test_reference_layout_gives_the_same_tokens(checkpoint_factory, hf_model, tm
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     from_ref = generate(LocalEngine(ref_dir, max_seqs=2), prompts, params)
     from_back = generate(LocalEngine(back, max_seqs=2), prompts, params)
-    for prompt, a, b in zip(prompts, from_ref, from_back):
+    for prompt, a, b in zip(prompts, from_ref, from_back, strict=True):
         expected = hf_greedy(hf_model(ckpt), prompt, 24)
         assert a.token_ids == expected
         assert b.token_ids == expected

@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from cluster.placement_file import settle_placement
+from cluster.reservation import placement_table, ray_session, reserve
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -20,9 +23,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from cluster.cli import settle_placement
-    from cluster.reservation import placement_table, ray_session, reserve
-
     plan, config = settle_placement(args.config, args.checkpoint)
     with ray_session(plan, args.address):
         reservation = reserve(plan, config, timeout_s=args.timeout)

@@ -10,7 +10,12 @@ import argparse
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
+
+from cluster.cli.usage import UsageError
+from cluster.placement_file import settle_placement
+from cluster.reservation import ray_session
 
 APP_NAME = "mistral-cluster"
 
@@ -38,8 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def wait_until_healthy(base_url: str, timeout_s: float) -> bool:
     """Poll `/health` until it answers 200 (every shard loaded) or the deadline passes."""
-    import time
-
+    # httpx is a test dependency, not the package's: only the tests and benchmarks call this, so it loads here.
     import httpx
 
     deadline = time.time() + timeout_s
@@ -54,6 +58,8 @@ def wait_until_healthy(base_url: str, timeout_s: float) -> bool:
 
 
 def start_serve(app_args: dict, host: str, port: int, grpc_port: int, blocking: bool) -> None:
+    """Start Serve's HTTP (and gRPC, unless `grpc_port` is 0) proxies and run the application on them."""
+    # Serve, FastAPI and gRPC (~0.7 s to import) load here, so the other commands do not pay for them at start-up.
     from ray import serve
 
     from cluster.serve import GRPC_SERVICER, build_app
@@ -65,7 +71,7 @@ def start_serve(app_args: dict, host: str, port: int, grpc_port: int, blocking: 
 
 def drain_and_shutdown(timeout_s: float) -> None:
     """Refuse new requests, let those in flight finish (up to `timeout_s`), then shut Serve down."""
-    from ray import serve
+    from ray import serve  # loaded by start_serve already; imported here for the reason given there
 
     print(f"draining: new requests get 503; up to {timeout_s:g} s for those in flight", file=sys.stderr)
     try:
@@ -77,9 +83,6 @@ def drain_and_shutdown(timeout_s: float) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from cluster.cli import UsageError, settle_placement
-    from cluster.reservation import ray_session
-
     if args.drain_timeout < 0:
         raise UsageError(f"--drain-timeout must be 0 or more seconds, got {args.drain_timeout:g}")
     plan, _ = settle_placement(args.config, args.checkpoint)  # fail here, before Ray starts, on a bad file

@@ -10,39 +10,37 @@ import argparse
 import json
 from pathlib import Path
 
+from cluster.cli.usage import UsageError
+from cluster.placement import PlacementPlan, validate_against_model
+from cluster.placement_file import DEFAULT_CHECKPOINT, ensure_default_checkpoint, load_placement
+from shards.checkpoint import ShardSelection, parse_dtype
 from shards.config import ConfigError, ModelConfig, load_config, preset
+from shards.describe import describe, render, shard_table
 
 
 def _positive(flag: str, text: str) -> int:
-    """Parsed here, not by argparse, so a bad value is a one-line error naming it instead of a usage dump.
-
-    ConfigError rather than cli.UsageError: under `python -m cluster.cli` the latter is a second class object.
-    """
+    """Parsed here, not by argparse, so a bad value is a one-line error naming it instead of a usage dump."""
     try:
         value = int(text)
     except ValueError:
-        raise ConfigError(f"{flag} must be a positive integer, got {text!r}") from None
+        raise UsageError(f"{flag} must be a positive integer, got {text!r}") from None
     if value < 1:
-        raise ConfigError(f"{flag} must be a positive integer, got {value}")
+        raise UsageError(f"{flag} must be a positive integer, got {value}")
     return value
 
 
-def placement_shards(plan, config: ModelConfig) -> list[tuple]:
+def placement_shards(plan: PlacementPlan, config: ModelConfig) -> list[tuple[str, ShardSelection, tuple[int, ...]]]:
     """(name, selection, KV layers) of every shard of a placement: stages keep their layers' cache, groups none."""
-    from cluster.placement import validate_against_model
-
     plan = validate_against_model(plan, config)
     return [(s.name, s.selection, s.selection.layers if s.kind == "stage" else ()) for s in plan.shards(config)]
 
 
-def _model(args: argparse.Namespace, plan) -> tuple[ModelConfig, str]:
+def _model(args: argparse.Namespace, plan: PlacementPlan | None) -> tuple[ModelConfig, str]:
     if args.preset is not None:
         return preset(args.preset), args.preset
     if args.checkpoint is not None:
         return load_config(Path(args.checkpoint)), str(args.checkpoint)
     if plan is not None:
-        from cluster.cli import DEFAULT_CHECKPOINT, ensure_default_checkpoint
-
         if Path(plan.checkpoint) == DEFAULT_CHECKPOINT:
             ensure_default_checkpoint()  # as `plan` does: the embedded default is made on first use
         return load_config(Path(plan.checkpoint)), plan.checkpoint
@@ -50,13 +48,8 @@ def _model(args: argparse.Namespace, plan) -> tuple[ModelConfig, str]:
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
-    from shards.checkpoint import parse_dtype
-    from shards.describe import describe, render, shard_table
-
     plan = None
     if args.config is not None:
-        from cluster.placement import load_placement
-
         plan = load_placement(args.config, checkpoint_override=args.checkpoint)
     config, name = _model(args, plan)
     context = None if args.context is None else _positive("--context", args.context)

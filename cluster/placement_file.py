@@ -1,0 +1,298 @@
+"""The placement YAML: reading and checking the file, and settling it against its checkpoint.
+
+`load_placement` reads and checks the file on its own; `settle_placement` also makes the embedded default checkpoint
+when the file names it and settles the plan against the checkpoint's config (`cluster.placement`). Every error names
+the file and the key path, e.g. `placement.yaml: stages[1].layers: ...`. The schema is documented key by key in
+deploy/examples/PLACEMENT.md.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cluster.placement import (
+    ExpertGroupSpec,
+    PlacementError,
+    PlacementPlan,
+    StageSpec,
+    format_ids,
+    validate_against_model,
+)
+from shards.checkpoint import DTYPES
+from shards.config import ModelConfig, load_config
+from shards.make_checkpoint import make_checkpoint, small_config
+
+# The embedded default checkpoint, which deploy/examples/local.yaml names: a small random Mixtral made on first use.
+DEFAULT_CHECKPOINT = Path(os.environ.get("MISTRAL_CLUSTER_HOME", "checkpoints")) / "small-mixtral"
+STRATEGIES = ("pack", "spread", "strict_spread", "strict_pack")
+TOP_KEYS = (
+    "checkpoint",
+    "dtype",
+    "strategy",
+    "stages",
+    "expert_groups",
+    "resources",
+    "micro_batch_size",
+    "token_budget",
+    "max_seqs",
+    "chunk_size",
+)
+STAGE_KEYS = ("layers", "resources")
+EXPERT_GROUP_KEYS = ("experts", "layers", "resources")
+DEFAULT_RESOURCES = {"CPU": 1.0}
+MAX_IDS = 1 << 16  # more layers, experts, stages or groups than any model has: a typo, refused before it fills memory
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys; a placement file with a repeated key is a mistake."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:  # a list or mapping as a key: SafeLoader's own check names it
+                break
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+class _Checker:
+    """Type checks that name the file and the key path."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, path: str, message: str) -> PlacementError:
+        return PlacementError.at(self.source, path, message)
+
+    def mapping(self, value: Any, path: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(path, f"expected a mapping with keys {', '.join(allowed)}; got {value!r}")
+        for key in value:
+            if key not in allowed:
+                where = f"{path}.{key}" if path else str(key)
+                raise self.fail(where, f"unknown key; expected one of {', '.join(allowed)}")
+        return value
+
+    def positive_int(self, value: Any, path: str) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise self.fail(path, f"expected a positive integer, got {value!r}")
+        return value
+
+    def count(self, value: int, path: str, what: str) -> int:
+        self.positive_int(value, path)
+        if value > MAX_IDS:
+            raise self.fail(path, f"{value} {what} is more than {MAX_IDS}")
+        return value
+
+    def choice(self, value: Any, path: str, choices: tuple[str, ...]) -> str:
+        if value not in choices:
+            raise self.fail(path, f"expected one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def ids(self, value: Any, path: str, what: str) -> tuple[int, ...]:
+        """A list of ids, one id, or a range "a-b" (inclusive), as a sorted tuple without repeats."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if isinstance(value, str):
+            m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", value)
+            if not m:
+                raise self.fail(path, f"expected a list of {what} ids or a range 'a-b', got {value!r}")
+            lo, hi = int(m[1]), int(m[2] if m[2] is not None else m[1])
+            if hi < lo:
+                raise self.fail(path, f"range {value!r} ends before it starts")
+            if hi >= MAX_IDS:
+                raise self.fail(path, f"range {value!r} goes past {what} {MAX_IDS - 1}")
+            return tuple(range(lo, hi + 1))
+        if not isinstance(value, list) or not value:
+            raise self.fail(path, f"expected a non-empty list of {what} ids or a range 'a-b', got {value!r}")
+        for v in value:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise self.fail(path, f"{what} ids are non-negative integers, got {v!r}")
+        dupes = sorted({v for v in value if value.count(v) > 1})
+        if dupes:
+            raise self.fail(path, f"{what} {dupes[0]} is listed twice")
+        return tuple(sorted(value))
+
+    def resources(self, value: Any, path: str) -> dict[str, float]:
+        if not isinstance(value, dict) or not value:
+            raise self.fail(
+                path, f"expected a mapping of Ray resource names to amounts, e.g. {{CPU: 1}}; got {value!r}"
+            )
+        out = {}
+        for name, amount in value.items():
+            if not isinstance(name, str) or not name:
+                raise self.fail(path, f"resource names are strings, got {name!r}")
+            if not isinstance(amount, (int, float)) or isinstance(amount, bool) or not 0 <= amount < math.inf:
+                raise self.fail(f"{path}.{name}", f"expected a non-negative number, got {amount!r}")
+            out[name] = float(amount)
+        if not any(out.values()):
+            raise self.fail(path, "a shard must reserve some resource; every amount is 0")
+        return out
+
+
+def load_placement(path: str | Path, checkpoint_override: str | Path | None = None) -> PlacementPlan:
+    """Parse and check a placement file on its own; `validate_against_model` then checks it against the checkpoint."""
+    source = str(path)
+    check = _Checker(source)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise PlacementError(f"{source}: cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise PlacementError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise PlacementError(f"{source}: not valid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise PlacementError(f"{source}: not valid YAML: nested too deeply") from None
+    except ValueError as e:  # a scalar PyYAML cannot convert, e.g. an integer of over 4300 digits
+        raise PlacementError(f"{source}: not valid YAML: {e}") from None
+    if data is None:
+        raise PlacementError(f"{source}: the file is empty; it needs at least 'checkpoint' and 'stages'")
+    data = check.mapping(data, "", TOP_KEYS)
+
+    if checkpoint_override is not None:
+        checkpoint = str(checkpoint_override)
+    elif "checkpoint" in data:
+        checkpoint = data["checkpoint"]
+        if not isinstance(checkpoint, str) or not checkpoint:
+            raise check.fail("checkpoint", f"expected a directory path, got {checkpoint!r}")
+    else:
+        raise check.fail("checkpoint", "missing; give the checkpoint directory here or with --checkpoint")
+
+    default_resources = check.resources(data["resources"], "resources") if "resources" in data else DEFAULT_RESOURCES
+    if "stages" not in data:
+        raise check.fail("stages", "missing; give a number of stages or a list of stages with their layers")
+    stages = _parse_stages(check, data["stages"], default_resources)
+    groups = _parse_expert_groups(check, data.get("expert_groups"), default_resources)
+
+    numbers = {}
+    for key, default in (("micro_batch_size", 4), ("token_budget", 2048), ("max_seqs", 32), ("chunk_size", None)):
+        numbers[key] = check.positive_int(data[key], key) if key in data else default
+    if numbers["chunk_size"] is not None and numbers["chunk_size"] > numbers["token_budget"]:
+        raise check.fail(
+            "chunk_size",
+            f"{numbers['chunk_size']} is larger than token_budget ({numbers['token_budget']}); "
+            "a prefill chunk must fit in one step",
+        )
+    return PlacementPlan(
+        source=source,
+        checkpoint=checkpoint,
+        dtype=check.choice(data.get("dtype", "float32"), "dtype", tuple(DTYPES)),
+        strategy=check.choice(data.get("strategy", "pack"), "strategy", STRATEGIES),
+        stages=stages,
+        expert_groups=groups,
+        **numbers,
+    )
+
+
+def _parse_stages(check: _Checker, value: Any, default_resources: dict[str, float]) -> tuple[StageSpec, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        check.count(value, "stages", "stages")
+        return tuple(StageSpec(i, None, default_resources) for i in range(value))
+    if not isinstance(value, list) or not value:
+        raise check.fail("stages", f"expected a positive number of stages or a non-empty list of stages, got {value!r}")
+    stages = []
+    for i, item in enumerate(value):
+        path = f"stages[{i}]"
+        item = check.mapping(item, path, STAGE_KEYS)
+        if "layers" not in item:
+            raise check.fail(f"{path}.layers", "missing; list the layers this stage runs")
+        layers = check.ids(item["layers"], f"{path}.layers", "layer")
+        if layers[-1] - layers[0] + 1 != len(layers):
+            raise check.fail(f"{path}.layers", f"must be a contiguous run of layers, got {format_ids(layers)}")
+        for prev in stages:
+            common = set(layers) & set(prev.layers)
+            if common:
+                raise check.fail(f"{path}.layers", f"layer {min(common)} is also in stages[{prev.index}]")
+        if stages and layers[0] < stages[-1].layers[0]:
+            raise check.fail(
+                f"{path}.layers",
+                f"starts at layer {layers[0]}, before stages[{i - 1}]; stages are listed in pipeline order",
+            )
+        resources = (
+            check.resources(item["resources"], f"{path}.resources") if "resources" in item else default_resources
+        )
+        stages.append(StageSpec(i, layers, resources))
+    return tuple(stages)
+
+
+def _parse_expert_groups(
+    check: _Checker, value: Any, default_resources: dict[str, float]
+) -> tuple[ExpertGroupSpec, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int) and not isinstance(value, bool):
+        check.count(value, "expert_groups", "groups")
+        return tuple(ExpertGroupSpec(g, None, None, default_resources) for g in range(value))
+    if not isinstance(value, list) or not value:
+        raise check.fail("expert_groups", f"expected a positive number of groups or a non-empty list, got {value!r}")
+    groups = []
+    for g, item in enumerate(value):
+        path = f"expert_groups[{g}]"
+        item = check.mapping(item, path, EXPERT_GROUP_KEYS)
+        if "experts" not in item:
+            raise check.fail(f"{path}.experts", "missing; list the experts this group holds")
+        experts = check.ids(item["experts"], f"{path}.experts", "expert")
+        layers_value = item.get("layers", "all")
+        layers = None if layers_value == "all" else check.ids(layers_value, f"{path}.layers", "layer")
+        for prev in groups:
+            common = set(experts) & set(prev.experts)
+            shared = _shared_layers(layers, prev.layers)
+            if common and shared:
+                where = "every layer" if shared == "all" else f"layer {min(shared)}"
+                raise check.fail(
+                    f"{path}.experts", f"expert {min(common)} of {where} is also in expert_groups[{prev.index}]"
+                )
+        resources = (
+            check.resources(item["resources"], f"{path}.resources") if "resources" in item else default_resources
+        )
+        groups.append(ExpertGroupSpec(g, experts, layers, resources))
+    return tuple(groups)
+
+
+def _shared_layers(a: tuple[int, ...] | None, b: tuple[int, ...] | None) -> set[int] | str:
+    """The layers two groups both cover; None stands for all layers."""
+    if a is None and b is None:
+        return "all"
+    return set(a if b is None else b if a is None else set(a) & set(b))
+
+
+# --- the default checkpoint and settling -------------------------------------------------------------------------
+
+
+def ensure_default_checkpoint(path: Path = DEFAULT_CHECKPOINT) -> Path:
+    """The embedded default: a small random Mixtral made on first use."""
+    if not (path / "config.json").is_file():
+        print(f"making the small default checkpoint in {path} (first run)", file=sys.stderr)
+        make_checkpoint(path, small_config("mixtral"), seed=0)
+    return path
+
+
+def settle_placement(
+    placement: str | Path | PlacementPlan, checkpoint: str | None = None
+) -> tuple[PlacementPlan, ModelConfig]:
+    """What every command does with a placement before Ray starts: read the file (or take a plan), make the
+    embedded default checkpoint if the plan names it, and check the plan against that checkpoint's config.
+    Returns (settled plan, model config)."""
+    plan = placement if isinstance(placement, PlacementPlan) else load_placement(placement, checkpoint)
+    if Path(plan.checkpoint) == DEFAULT_CHECKPOINT:
+        ensure_default_checkpoint()
+    config = load_config(plan.checkpoint)
+    return validate_against_model(plan, config), config
