@@ -89,7 +89,10 @@ class DecodeGraphs:
             torch.cuda.current_stream().synchronize()
             self.capturing = True
             try:
-                with torch.cuda.graph(graph, pool=self._pool):
+                # On this thread's own stream, thread_local: a worker's other loops (expert serving, another stage)
+                # keep running their streams while this one captures.
+                stream = torch.cuda.current_stream()
+                with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
                     captured.out = self.shard.run_layers(captured.h, captured.layout, self.cache, experts)
             except Exception:  # noqa: BLE001 - a kernel that cannot be captured: this shape stays eager
                 self._failed.add(key)
