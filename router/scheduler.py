@@ -89,8 +89,10 @@ class SchedulerConfig:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         chunk = self.chunk_size if self.chunk_size is not None else min(capacity, DEFAULT_MAX_CHUNK, self.token_budget)
-        if chunk > capacity:
-            raise ValueError(f"chunk_size {chunk} is larger than the KV cache's {capacity} rows per sequence")
+        # A chunk past the capacity could not be written to the rolling buffer. The placement refuses a chunk larger
+        # than the window; capped here is only the case of a context shorter than the window, where no sequence
+        # ever has more tokens than the capacity to prefill, so the cap changes no step.
+        chunk = min(chunk, capacity)
         if chunk > self.token_budget:
             raise ValueError(
                 f"chunk_size {chunk} is larger than token_budget {self.token_budget}; a prefill chunk must fit in "

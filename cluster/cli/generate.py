@@ -87,6 +87,11 @@ def _generate_locally(args: argparse.Namespace, params: SamplingParams) -> None:
     )
     tokenizer = Tokenizer(engine.reader.root)
     prompts = _encode_prompts(args.prompt, tokenizer, params, engine.max_seq_len, engine.config.vocab_size)
+    if args.chunk_size is not None and args.chunk_size > engine.cache_capacity:
+        raise UsageError(
+            f"--chunk-size {args.chunk_size} is larger than the model's KV cache of {engine.cache_capacity} rows per "
+            "sequence (its sliding window or context)"
+        )
     scheduling = SchedulerConfig(max_seqs=len(prompts), chunk_size=args.chunk_size)
     try:
         scheduling.settled(engine.cache_capacity)
