@@ -86,14 +86,18 @@ class DecodeGraphs:
             captured.run = lambda: self.shard.run_layers(captured.h, captured.layout, self.cache, experts)
         else:
             graph = torch.cuda.CUDAGraph()
+            # Captured on this loop's own stream, thread-local, and with no device-wide synchronisation (which
+            # `torch.cuda.graph` does on entry): a worker's other loops keep their streams running meanwhile, and one
+            # of them may be waiting on a message that only comes after this step (a two-stage pipeline whose
+            # expert groups serve each other's stage deadlocked on that synchronisation).
             torch.cuda.current_stream().synchronize()
             self.capturing = True
             try:
-                # On this thread's own stream, thread_local: a worker's other loops (expert serving, another stage)
-                # keep running their streams while this one captures.
-                stream = torch.cuda.current_stream()
-                with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
+                graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+                try:
                     captured.out = self.shard.run_layers(captured.h, captured.layout, self.cache, experts)
+                finally:
+                    graph.capture_end()
             except Exception:  # noqa: BLE001 - a kernel that cannot be captured: this shape stays eager
                 self._failed.add(key)
                 return
