@@ -33,6 +33,7 @@ import torch
 import yaml
 
 from shards.config import PRESETS, ModelConfig
+from shards.kv_cache import cache_capacity
 from shards.random_source import random_tensor, write_random_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -379,11 +380,12 @@ def run_ours(
     memory.take()
     cap = max(args.batches)
     budget = cap * (args.prompt_tokens + 1)  # every prompt prefills in the first step: later steps are pure decode
-    path = placement_yaml(name, throughput_ckpt, cap, args.chunk, cap, budget, args.cpu_dry_run, tmp)
+    chunk = min(args.chunk, cache_capacity(cfg.sliding_window, cfg.max_seq_len))  # the scheduler refuses more
+    path = placement_yaml(name, throughput_ckpt, cap, chunk, cap, budget, args.cpu_dry_run, tmp)
     row["overrides"] = {
         "micro_batch_size": cap,
         "max_seqs": cap,
-        "chunk_size": args.chunk,
+        "chunk_size": chunk,
         "token_budget": budget,
         "why": "one micro-batch per step: decode is bandwidth-bound and each micro-batch re-reads "
         "the weights; the step loop waits for all micro-batches, so more gain no overlap",
@@ -435,8 +437,9 @@ def run_ours(
                 cluster.generate(prompt, SamplingParams(max_tokens=1, ignore_eos=True))
                 times.append(time.perf_counter() - t)
             row["ttft_s"][str(n)] = min(times)
-        stages = [h for k, h in cluster.shard_handles().items() if k.startswith("stage")]
-        cache = sum(ray.get([h.cache_bytes.remote() for h in stages]))
+        # one worker per device: a worker holding two shards appears once
+        workers = {id(h): h for k, h in cluster.shard_handles().items() if k.startswith("stage")}
+        cache = sum(ray.get([h.cache_bytes.remote() for h in workers.values()]))
         row["kv_bytes_per_sequence"] = cache  # max_seqs is 1: the whole cache is one sequence's
         row["kv_bytes_if_unbounded_at_16k"] = (
             2 * cfg.n_layers * max(args.ttft_tokens) * cfg.n_kv_heads * cfg.head_dim * (4 if args.cpu_dry_run else 2)
