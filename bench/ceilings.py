@@ -16,6 +16,7 @@ measurement or in the ceiling, not a result.
 from __future__ import annotations
 
 import statistics
+import sys
 from dataclasses import dataclass
 
 from cluster.placement import PlacementPlan
@@ -219,3 +220,43 @@ def refused(figures: dict[str, float | None], ceiling_tokens_per_s: float) -> li
         for name, value in figures.items()
         if value is not None and value > ceiling_tokens_per_s
     ]
+
+
+def traces_from_clock(batch: int, times: list[float]) -> list[StepTrace]:
+    """Decode steps of `batch` sequences timed from outside (transformers: a clock read after each step's token),
+    as traces `decode_rate` reads: step i runs from times[i] to times[i + 1]."""
+    return [
+        StepTrace(i, batch, batch, 1, b - a, a, b, ()) for i, (a, b) in enumerate(zip(times, times[1:], strict=False))
+    ]
+
+
+def checked_decode_figures(
+    what: str, batch: int, runs: list[list[StepTrace]], walls: list[float], t1: float, n: int, limit: dict
+) -> dict:
+    """One batch's decode figures: from the traced steps of each run (`decode_rate`), the wall-clock cross-check
+    (b x (n - 1) / (median time of n tokens - time of 1)), and the ceiling. A figure above the ceiling becomes an
+    error, printed loudly: the traced figures are refused together (one method), the wall-clock one on its own."""
+    out = decode_rate(runs, batch)
+    errors = [out.pop("error")] if "error" in out else []
+    tn = statistics.median(walls)
+    out["wall_tokens_per_s"] = batch * (n - 1) / (tn - t1) if tn > t1 else None
+    top = limit["ceiling_tokens_per_s"]
+    out.update(wall_s=walls, prefill_s=t1, ceiling_tokens_per_s=top, ceiling=limit)
+    traced = {k: out.get(k) for k in ("tokens_per_s", "tokens_per_s_min", "tokens_per_s_max", "cadence_tokens_per_s")}
+    traced.update({f"run {i} tokens_per_s": r["tokens_per_s"] for i, r in enumerate(out["runs"])})
+    traced_errors = refused(traced, top)
+    if traced_errors:
+        out.update(tokens_per_s=None, tokens_per_s_min=None, tokens_per_s_max=None, cadence_tokens_per_s=None)
+        out["refused_runs"] = out.pop("runs")
+    wall_errors = refused({"wall_tokens_per_s": out["wall_tokens_per_s"]}, top)
+    if wall_errors:
+        out["wall_tokens_per_s"] = None
+    errors += traced_errors + wall_errors
+    if errors:
+        out["error"] = "; ".join(errors)
+        banner = f"!!! {what} decode: no figure recorded: {out['error']}"
+        print(banner, flush=True)
+        print(banner, file=sys.stderr, flush=True)
+    if out["tokens_per_s"] is not None:
+        out["ours_over_ceiling"] = out["tokens_per_s"] / top
+    return out

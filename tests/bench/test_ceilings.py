@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from bench.ceilings import ceiling, decode_rate, refused, step_reads, uniform_distinct_experts
+from bench.ceilings import (
+    ceiling,
+    checked_decode_figures,
+    decode_rate,
+    refused,
+    step_reads,
+    traces_from_clock,
+    uniform_distinct_experts,
+)
 from cluster.placement import load_placement, validate_against_model
 from router.step import StepTrace
 from shards.config import PRESETS
@@ -135,3 +143,28 @@ def test_a_figure_above_its_ceiling_is_refused_and_one_below_is_not():
     errors = refused({"traced": 99.0, "wall_clock": 165.0, "cadence": None}, 100.0)
     assert len(errors) == 1 and "wall_clock" in errors[0] and "1.65x" in errors[0]
     assert refused({"traced": 100.0}, 100.0) == []
+
+
+def test_one_run_above_the_ceiling_refuses_every_traced_figure_and_says_so(capsys):
+    runs = [_run(2, [0.02] * 5, 0.1, 0), _run(2, [0.001] * 5, 0.1, 10)]  # 100 and 2000 tokens/s
+    out = checked_decode_figures("two_stages b=2", 2, runs, [0.2, 0.2], 0.1, 6, {"ceiling_tokens_per_s": 500.0})
+    assert out["tokens_per_s"] is None and out["tokens_per_s_min"] is None
+    assert "run 1 tokens_per_s" in out["error"] and "ours_over_ceiling" not in out
+    assert out["wall_tokens_per_s"] == pytest.approx(100.0)  # 2 x 5 / (0.2 - 0.1): below, kept
+    assert "!!! two_stages b=2" in capsys.readouterr().out
+
+
+def test_a_wall_clock_figure_above_the_ceiling_is_refused_alone():
+    # A slow 1-token run makes t_n - t_1 small: the old formula reads 1000 tokens/s from 100 tokens/s steps.
+    out = checked_decode_figures(
+        "one_gpu b=2", 2, [_run(2, [0.02] * 5, 0.1)], [0.11], 0.1, 6, {"ceiling_tokens_per_s": 500.0}
+    )
+    assert out["wall_tokens_per_s"] is None and "wall_tokens_per_s = 1000.0" in out["error"]
+    assert out["tokens_per_s"] == pytest.approx(100.0)
+    assert out["ours_over_ceiling"] == pytest.approx(0.2)
+
+
+def test_clock_readings_after_each_token_become_decode_steps():
+    rate = decode_rate([traces_from_clock(4, [0.0, 0.1, 0.3])], 4)
+    assert rate["runs"][0]["steps"] == 2
+    assert rate["tokens_per_s"] == pytest.approx(4 * 2 / 0.3)
