@@ -3,9 +3,10 @@
 For each placement (one GPU; two pipeline stages; one stage + two expert groups; two stages + two expert
 groups, a stage and a group per GPU) it starts the cluster on Ray, generates greedily for a batch of
 mixed-length prompts in float32, and compares with the one-process engine on one GPU, token for token. It then
-times batch-1 decode per token in bfloat16 for each placement. Not a test: CI has no GPU.
+times batch-1 decode per token in bfloat16 for each placement, and counts the decode steps each worker (one
+process per GPU, `cluster.workers`) replayed as CUDA graphs. Not a test: CI has no GPU.
 
-    python bench/gpu_smoke.py --out bench/results/gpu_smoke.json
+    PYTHONPATH=. python bench/gpu_smoke.py --out bench/results/gpu_smoke.json   # --cpu-dry-run checks it on a CPU
 """
 
 from __future__ import annotations
@@ -139,10 +140,13 @@ def main() -> None:
                         except Exception as e:  # noqa: BLE001
                             row["error"] = f"generate: {type(e).__name__}: {e}"[:2000]
                             break
-                        row["identical"] = [a.token_ids == b.token_ids for a, b in zip(ours, reference)]
+                        row["identical"] = [a.token_ids == b.token_ids for a, b in zip(ours, reference, strict=True)]
                         row["first_difference"] = [
-                            next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None)
-                            for a, b in zip(ours, reference)
+                            next(
+                                (i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=False)) if x != y),
+                                None,
+                            )
+                            for a, b in zip(ours, reference, strict=True)
                         ]
                         row["start_seconds"] = round(started, 1)
                         row["shards"] = {
@@ -150,16 +154,14 @@ def main() -> None:
                         }
                     else:
                         ours_bf16 = cluster.generate(prompts, params)
-                        row["identical_bf16"] = [a.token_ids == b.token_ids for a, b in zip(ours_bf16, reference_bf16)]
-                        row["graph_replays"] = sum(
-                            ray.get(
-                                [
-                                    h.graph_replays.remote()
-                                    for k, h in cluster.shard_handles().items()
-                                    if k.startswith("stage")
-                                ]
-                            )
-                        )
+                        row["identical_bf16"] = [
+                            a.token_ids == b.token_ids for a, b in zip(ours_bf16, reference_bf16, strict=True)
+                        ]
+                        # one worker per device, holding its stages and expert groups: its stages' replays
+                        workers = cluster.supervisor
+                        replays = ray.get([h.graph_replays.remote() for h in workers.handles()])
+                        row["graph_replays_per_worker"] = dict(zip(workers.names, replays, strict=True))
+                        row["graph_replays"] = sum(replays)
                         row["decode_ms_per_token_bf16"] = round(
                             decode_ms_per_token(cluster.generate, prompts[1], 64), 3
                         )
