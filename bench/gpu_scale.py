@@ -287,19 +287,22 @@ def run_hf(ckpt: Path, cfg: ModelConfig, devices, args, prompts_for, deadline: D
     first, dry = devices[0], args.cpu_dry_run
     try:
         hf_generate(model, prompts_for(1, 16).to(first), 2)  # warm-up
+        last = None  # (batch, seconds) of the previous batch: predicts this one's time
         for b in args.batches:
-            if deadline.left() < 60:
-                out["decode"][str(b)] = {"skipped": "time budget"}
+            guess = 0.0 if last is None else last[1] * b / last[0]
+            if deadline.left() < 60 + guess:
+                out["decode"][str(b)] = {"skipped": f"time budget (expected {guess:.0f} s)"}
                 continue
             prompts = prompts_for(b, args.prompt_tokens).to(first)
             try:
                 t1 = _wall(lambda p=prompts: hf_generate(model, p, 1), first)
                 runs, walls = [], []
-                for _ in range(args.repeats):
+                for _ in range(args.hf_repeats):
                     sync(first)
                     t = time.perf_counter()
                     runs.append(traces_from_clock(b, hf_clocked(model, prompts, args.new_tokens, devices)))
                     walls.append(time.perf_counter() - t)
+                last = (b, t1 + sum(walls))
                 if cfg.is_moe:
                     out["routing"][str(b)] = hf_routing(model, cfg, prompts)
                 context = args.prompt_tokens + args.new_tokens / 2
@@ -683,6 +686,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--repeats", type=int, default=3, help="generate calls timed per batch: median and spread of their means"
+    )
+    parser.add_argument(
+        "--hf-repeats", type=int, default=1, help="the same for transformers (its batch-128 call takes ~2 minutes)"
     )
     parser.add_argument("--ttft-tokens", nargs="+", type=int, default=[4096, 16384])
     parser.add_argument("--chunk", type=int, default=4096, help="prefill chunk (at most the window)")
