@@ -278,12 +278,13 @@ def hf_routing(model, cfg: ModelConfig, prompts: torch.Tensor) -> dict:
 
 
 def run_hf(ckpt: Path, cfg: ModelConfig, devices, args, prompts_for, deadline: Deadline, hw: dict) -> dict:
-    from cluster.placement import load_placement, validate_against_model
+    from cluster.placement import PlacementPlan, StageSpec, validate_against_model
 
     out: dict = {"decode": {}, "ttft_s": {}, "routing": {}}
     model, out["setup"] = build_hf(ckpt, cfg, devices, torch.bfloat16 if not args.cpu_dry_run else torch.float32)
-    # Its layers run one after the other, on one GPU or split over several: the one-GPU placement's ceiling.
-    whole = validate_against_model(replace(load_placement(EXAMPLES / PLACEMENTS["one_gpu"][0]), chunk_size=None), cfg)
+    # Its layers run one after the other, on one GPU or split over several: the ceiling of one stage on one GPU.
+    whole = PlacementPlan("transformers", str(ckpt), "bfloat16", "pack", (StageSpec(0, None, {"GPU": 1.0}),))
+    whole = validate_against_model(whole, cfg)
     first, dry = devices[0], args.cpu_dry_run
     try:
         hf_generate(model, prompts_for(1, 16).to(first), 2)  # warm-up
@@ -394,7 +395,6 @@ def run_ours(
 ) -> dict:
     import ray
 
-    from cluster.cli import settle_placement
     from cluster.profile import decode_components
     from cluster.sharded import ShardedCluster
     from router.sampling import SamplingParams
@@ -413,9 +413,9 @@ def run_ours(
         "why": "one micro-batch per step: decode is bandwidth-bound and each micro-batch re-reads "
         "the weights; the step loop waits for all micro-batches, so more gain no overlap",
     }
-    plan, _ = settle_placement(path)
     t0 = time.perf_counter()
     with ShardedCluster.start(path, step_timeout_s=300.0) as cluster:
+        plan = cluster.plan  # settled against the checkpoint: what each worker holds
         row["start_s"] = round(time.perf_counter() - t0, 1)
         row["shards"] = {k: list(v.gpu_ids) for k, v in cluster.locations().items()}
 
