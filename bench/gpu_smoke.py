@@ -57,6 +57,11 @@ PLACEMENTS = {
 }
 
 
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """The first position where two token lists differ, within the shorter one; None if none does."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+
+
 def decode_ms_per_token(run, prompt: list[int], n: int) -> float:
     """Batch-1 decode time per token: (time for n tokens - time for 1 token) / (n - 1)."""
     run([prompt], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
@@ -142,11 +147,7 @@ def main() -> None:
                             break
                         row["identical"] = [a.token_ids == b.token_ids for a, b in zip(ours, reference, strict=True)]
                         row["first_difference"] = [
-                            next(
-                                (i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=False)) if x != y),
-                                None,
-                            )
-                            for a, b in zip(ours, reference, strict=True)
+                            first_difference(a.token_ids, b.token_ids) for a, b in zip(ours, reference, strict=True)
                         ]
                         row["start_seconds"] = round(started, 1)
                         row["shards"] = {

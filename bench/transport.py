@@ -16,7 +16,8 @@ trips, at batch 1, 32 and 128:
 - `compute`: rank 1's expert forward alone, eager and captured: round trip - compute = what dispatch costs.
 
 Graphs are captured with capture_error_mode="thread_local" (NCCL point-to-point inside a graph works so); the
-runtime's `DecodeGraphs` captures in the default "global" mode, which is probed last (`global_capture`).
+last probe (`global_capture`) says whether torch's default "global" mode captures the exchange too, the mode
+`shards/decode_graphs.py` captured in when this script was written.
 Target: a batch-1 round trip (dispatch + combine of one layer) of at most 50 us.
 
     PYTHONPATH=. python bench/transport.py --device cuda    # two actors with one GPU each (NCCL), ~1-2 minutes
@@ -258,7 +259,7 @@ class MoEProbe:
     # --- the runtime's capture mode, last ------------------------------------------------------------------------
 
     def try_global_capture(self, b: int) -> str | None:
-        """Rank 0: capture the stage's exchange in the default ("global") mode, as `DecodeGraphs` does."""
+        """Rank 0: capture the stage's exchange in torch's default ("global") capture mode."""
         packed = self._message(b)
 
         def exchange() -> torch.Tensor:
@@ -406,7 +407,7 @@ def print_table(result: dict) -> None:
                 if error:
                     print(f"!!! b={row['batch']} {far} {name}: {error}")
     if "global_capture" in result:
-        print(f"capture in the runtime's (global) mode: {result['global_capture']}")
+        print(f"capture in torch's default (global) mode: {result['global_capture']}")
 
 
 def main(argv: list[str] | None = None) -> int:
