@@ -1,8 +1,9 @@
-"""Kill the expert group on GPU 1 while 4 greedy requests decode on 2 GPUs; the tokens must not change.
+"""Kill the worker on GPU 1 (the process holding experts1, with stage1 beside it) while 4 greedy requests decode on
+2 GPUs; the tokens must not change.
 
 Records the recovery time (readiness false -> true) in bench/results/gpu_fault-<machine>.json. Not a test.
 
-    python bench/gpu_fault.py [--cpu-dry-run]
+    PYTHONPATH=. python bench/gpu_fault.py [--cpu-dry-run]
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def main() -> None:
         ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
         with ShardedCluster.start(path, step_timeout_s=30, monitor_interval_s=1.0) as cluster:
             where = cluster.locations()
-            victim = cluster.shard_handles()["experts1"]
+            victim = cluster.shard_handles()["experts1"]  # the worker holding it: one process per device
+            victim_name = next(w.name for w in cluster.supervisor.workers if "experts1" in w.shards)
             out: dict = {}
             worker = threading.Thread(target=lambda: out.update(r=cluster.generate(prompts, params)))
             worker.start()
@@ -76,7 +78,7 @@ def main() -> None:
         ray.shutdown()
     result = {
         "machine": {"gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] or ["cpu"]},
-        "killed": f"experts1 on GPU {where['experts1']['gpu_ids']}",
+        "killed": f"worker {victim_name} (holding experts1) on GPU {list(where['experts1'].gpu_ids)}",
         "recovery_seconds": back,
         "identical": identical,
         "restarted": [list(r) for r in health.health.restarted],

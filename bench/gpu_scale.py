@@ -2,18 +2,22 @@
 
 One script, one run (under 10 minutes on two H200s; on one GPU the two-GPU placements are skipped):
 
-1. The hardware's limits, measured here: HBM bandwidth (a large device-to-device copy, bytes read + written) and
-   the bf16 matmul rate (8192^3).
+1. The hardware's limits, measured here: HBM bandwidth of every GPU (a large device-to-device copy, bytes read +
+   written, and a sum, bytes read) and the bf16 matmul rate (8192^3).
 2. For each model, Hugging Face transformers (bf16, sdpa attention, its default grouped-GEMM experts, layers split
    over the GPUs with its own device map) on random weights drawn by tensor name (`shards/random_source.py`), so
    it holds exactly the weights our shards make on their own GPUs: decode throughput at batch 1/8/32/128 with
    512-token prompts, time to first token for 4k and 16k prompts, and which experts its gates pick.
 3. Ours, for each placement YAML in deploy/examples/ (checkpoint swapped for the random one): the same numbers,
-   peak memory per GPU, KV bytes per sequence at 16k tokens, expert load, time per component.
-4. The roofline: decode = weight bytes the step reads (attention + the distinct experts the batch selects + head)
-   / bandwidth; prefill = FLOPs / matmul rate.
+   peak memory per GPU, KV bytes per sequence at 16k tokens, expert load, time per component. Decode tokens/s is
+   read from the traced decode steps of `--repeats` generate calls (median and spread of the per-call means),
+   the wall-clock difference of a 64-token and a 1-token call kept beside it as a cross-check.
+4. Each placement's ceiling (`bench/ceilings.py`): the bytes each GPU must read per decode step under that
+   placement over the measured bandwidth; a figure above it is refused (an error in the row, not a result).
+   Ours is reported over the ceiling and over the one-GPU placement at the same batch. Prefill: FLOPs / matmul
+   rate.
 
-    python bench/gpu_scale.py --out bench/results/gpu_scale-2xh200.json   # --cpu-dry-run checks it on a CPU
+    PYTHONPATH=. python bench/gpu_scale.py --out bench/results/gpu_scale-2xh200.json   # --cpu-dry-run checks it
 """
 
 from __future__ import annotations
@@ -32,7 +36,17 @@ from pathlib import Path
 import torch
 import yaml
 
+from bench.ceilings import (
+    ceiling,
+    checked_decode_figures,
+    prefill_flops,
+    traces_from_clock,
+    uniform_distinct_experts,
+    weight_bytes,
+)
+from bench.shard_profile import profile_components, sync
 from shards.config import PRESETS, ModelConfig
+from shards.kv_cache import cache_capacity
 from shards.random_source import random_tensor, write_random_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,11 +74,6 @@ class Deadline:
 # --- the hardware's limits ---------------------------------------------------------------------------------------
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn, device: torch.device, repeat: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
@@ -76,57 +85,32 @@ def timed(fn, device: torch.device, repeat: int, warmup: int = 2) -> float:
     return (time.perf_counter() - t0) / repeat
 
 
-def measure_hardware(device: torch.device, dry: bool) -> dict:
+def measure_hardware(devices: list[torch.device], dry: bool) -> dict:
+    """Every device's bandwidth (a copy: read + written; a sum: read only) and the first one's bf16 matmul rate."""
     n = (64 << 20) if dry else (4 << 30)  # bytes copied
-    src = torch.empty(n // 2, dtype=torch.bfloat16, device=device).normal_()
-    dst = torch.empty_like(src)
-    copy_s = timed(lambda: dst.copy_(src), device, repeat=10)
-    src = dst = None  # free before the matmul
+    per_device = []
+    for device in devices:
+        src = torch.empty(n // 2, dtype=torch.bfloat16, device=device).normal_()
+        dst = torch.empty_like(src)
+        copy_s = timed(lambda s=src, d=dst: d.copy_(s), device, repeat=10)
+        read_s = timed(lambda s=src: s.sum(dtype=torch.float32), device, repeat=10)
+        per_device.append({"device": str(device), "copy_bytes_per_s": 2 * n / copy_s, "read_bytes_per_s": n / read_s})
+        src = dst = None  # free before the next device and the matmul
     size = 1024 if dry else 8192
-    a = torch.randn(size, size, dtype=torch.bfloat16, device=device)
-    b = torch.randn(size, size, dtype=torch.bfloat16, device=device)
-    mm_s = timed(lambda: a @ b, device, repeat=10, warmup=3)
+    a = torch.randn(size, size, dtype=torch.bfloat16, device=devices[0])
+    b = torch.randn(size, size, dtype=torch.bfloat16, device=devices[0])
+    mm_s = timed(lambda: a @ b, devices[0], repeat=10, warmup=3)
     a = b = None
     return {
         "copy_bytes": n,
-        "hbm_bytes_per_s": 2 * n / copy_s,
-        "hbm_note": "device-to-device copy, read + written",
+        "hbm_bytes_per_s": per_device[0]["copy_bytes_per_s"],
+        "hbm_note": "device-to-device copy, read + written, first device",
+        "bandwidth_per_device": per_device,
+        "ceiling_bytes_per_s": max(max(d["copy_bytes_per_s"], d["read_bytes_per_s"]) for d in per_device),
+        "ceiling_bandwidth_note": "the fastest of copy and sum on any device: what the placement ceilings divide by",
         "matmul_size": size,
         "bf16_flop_per_s": 2 * size**3 / mm_s,
     }
-
-
-# --- the roofline --------------------------------------------------------------------------------------------------
-
-
-def weight_bytes(cfg: ModelConfig, experts_per_layer: float, dtype_bytes: int = 2) -> dict:
-    """Bytes of weights one decode step must read: every layer's attention, norms and gate, the experts the batch
-    selects (`experts_per_layer` distinct ones on average, measured) or the dense FFN, the final norm and head."""
-    d, hd = cfg.dim, cfg.head_dim
-    attention = (cfg.n_heads * hd * d * 2 + cfg.n_kv_heads * hd * d * 2 + 2 * d) * dtype_bytes
-    ffn_one = 3 * d * cfg.hidden_dim * dtype_bytes
-    if cfg.is_moe:
-        ffn = experts_per_layer * ffn_one + cfg.num_experts * d * dtype_bytes
-    else:
-        ffn = ffn_one
-    head = (cfg.vocab_size * d + d) * dtype_bytes
-    return {
-        "attention_per_layer": attention,
-        "ffn_per_layer": ffn,
-        "head": head,
-        "total": cfg.n_layers * (attention + ffn) + head,
-    }
-
-
-def prefill_flops(cfg: ModelConfig, tokens: int) -> float:
-    """Matmul FLOPs of one prompt: 2 x active weights per token, plus attention over the window (causal)."""
-    d, hd = cfg.dim, cfg.head_dim
-    per_token = cfg.n_heads * hd * d * 2 + cfg.n_kv_heads * hd * d * 2
-    per_token += (cfg.num_experts_per_tok if cfg.is_moe else 1) * 3 * d * cfg.hidden_dim
-    window = cfg.sliding_window or tokens
-    pairs = sum(min(i + 1, window) for i in range(tokens))  # query-key pairs, causal within the window
-    attention = 4 * pairs * cfg.n_heads * hd  # QK^T and PV
-    return cfg.n_layers * (2 * per_token * tokens + attention) + 2 * cfg.vocab_size * d  # head: last token only
 
 
 # --- GPU memory, watched from outside the shards ---------------------------------------------------------------------
@@ -239,7 +223,7 @@ def build_hf(ckpt: Path, cfg: ModelConfig, devices: list[torch.device], dtype: t
     }
 
 
-def hf_generate(model, prompts: torch.Tensor, n: int) -> None:
+def hf_generate(model, prompts: torch.Tensor, n: int, stopping_criteria=None) -> None:
     with torch.inference_mode():
         model.generate(
             input_ids=prompts,
@@ -248,7 +232,26 @@ def hf_generate(model, prompts: torch.Tensor, n: int) -> None:
             min_new_tokens=n,
             do_sample=False,
             pad_token_id=0,
+            stopping_criteria=stopping_criteria,
         )
+
+
+def hf_clocked(model, prompts: torch.Tensor, n: int, devices: list[torch.device]) -> list[float]:
+    """Generate `n` tokens, reading the clock after each one (a stopping criterion that never stops): n - 1 decode
+    steps between n readings. It waits for the GPUs, as generate's own end-of-sequence check already does."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    times: list[float] = []
+
+    class Clock(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+            for d in devices:
+                sync(d)
+            times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    hf_generate(model, prompts, n, StoppingCriteriaList([Clock()]))
+    return times
 
 
 def hf_routing(model, cfg: ModelConfig, prompts: torch.Tensor) -> dict:
@@ -274,23 +277,42 @@ def hf_routing(model, cfg: ModelConfig, prompts: torch.Tensor) -> dict:
     return {"distinct_experts_per_layer": sum(distinct) / max(1, len(distinct)), "tokens_per_expert": counts.tolist()}
 
 
-def run_hf(ckpt: Path, cfg: ModelConfig, devices, args, prompts_for, deadline: Deadline) -> dict:
+def run_hf(ckpt: Path, cfg: ModelConfig, devices, args, prompts_for, deadline: Deadline, hw: dict) -> dict:
+    from cluster.placement import PlacementPlan, StageSpec, validate_against_model
+
     out: dict = {"decode": {}, "ttft_s": {}, "routing": {}}
     model, out["setup"] = build_hf(ckpt, cfg, devices, torch.bfloat16 if not args.cpu_dry_run else torch.float32)
-    first = devices[0]
+    # Its layers run one after the other, on one GPU or split over several: the ceiling of one stage on one GPU.
+    whole = PlacementPlan("transformers", str(ckpt), "bfloat16", "pack", (StageSpec(0, None, {"GPU": 1.0}),))
+    whole = validate_against_model(whole, cfg)
+    first, dry = devices[0], args.cpu_dry_run
     try:
         hf_generate(model, prompts_for(1, 16).to(first), 2)  # warm-up
+        last = None  # (batch, seconds) of the previous batch: predicts this one's time
         for b in args.batches:
-            if deadline.left() < 60:
-                out["decode"][str(b)] = {"skipped": "time budget"}
+            guess = 0.0 if last is None else last[1] * b / last[0]
+            if deadline.left() < 60 + guess:
+                out["decode"][str(b)] = {"skipped": f"time budget (expected {guess:.0f} s)"}
                 continue
             prompts = prompts_for(b, args.prompt_tokens).to(first)
             try:
                 t1 = _wall(lambda p=prompts: hf_generate(model, p, 1), first)
-                tn = _wall(lambda p=prompts: hf_generate(model, p, args.new_tokens), first)
-                out["decode"][str(b)] = {"tokens_per_s": b * (args.new_tokens - 1) / (tn - t1), "prefill_s": t1}
+                runs, walls = [], []
+                for _ in range(args.hf_repeats):
+                    sync(first)
+                    t = time.perf_counter()
+                    runs.append(traces_from_clock(b, hf_clocked(model, prompts, args.new_tokens, devices)))
+                    walls.append(time.perf_counter() - t)
+                last = (b, t1 + sum(walls))
                 if cfg.is_moe:
                     out["routing"][str(b)] = hf_routing(model, cfg, prompts)
+                context = args.prompt_tokens + args.new_tokens / 2
+                limit = ceiling(
+                    whole, cfg, b, context, distinct_experts(cfg, out, b), hw["ceiling_bytes_per_s"], 4 if dry else 2
+                )
+                out["decode"][str(b)] = checked_decode_figures(
+                    f"transformers b={b}", b, runs, walls, t1, args.new_tokens, limit
+                )
             except torch.OutOfMemoryError as e:  # Mixtral's batch-128 prefill beside its weights on one GPU
                 out["decode"][str(b)] = {"error": f"OutOfMemoryError: {str(e)[:300]}"}
             free_cuda_memory(devices)
@@ -368,6 +390,8 @@ def run_ours(
     memory,
     deadline: Deadline,
     tmp: Path,
+    hw: dict,
+    hf: dict,
 ) -> dict:
     import ray
 
@@ -379,20 +403,25 @@ def run_ours(
     memory.take()
     cap = max(args.batches)
     budget = cap * (args.prompt_tokens + 1)  # every prompt prefills in the first step: later steps are pure decode
-    path = placement_yaml(name, throughput_ckpt, cap, args.chunk, cap, budget, args.cpu_dry_run, tmp)
+    chunk = min(args.chunk, cache_capacity(cfg.sliding_window, cfg.max_seq_len))  # the scheduler refuses more
+    path = placement_yaml(name, throughput_ckpt, cap, chunk, cap, budget, args.cpu_dry_run, tmp)
     row["overrides"] = {
         "micro_batch_size": cap,
         "max_seqs": cap,
-        "chunk_size": args.chunk,
+        "chunk_size": chunk,
         "token_budget": budget,
         "why": "one micro-batch per step: decode is bandwidth-bound and each micro-batch re-reads "
         "the weights; the step loop waits for all micro-batches, so more gain no overlap",
     }
     t0 = time.perf_counter()
     with ShardedCluster.start(path, step_timeout_s=300.0) as cluster:
+        plan = cluster.plan  # settled against the checkpoint: what each worker holds
         row["start_s"] = round(time.perf_counter() - t0, 1)
         row["shards"] = {k: list(v.gpu_ids) for k, v in cluster.locations().items()}
-        params = lambda n: SamplingParams(max_tokens=n, ignore_eos=True)
+
+        def params(n: int) -> SamplingParams:
+            return SamplingParams(max_tokens=n, ignore_eos=True)
+
         cluster.generate(prompts_for(1, 16).tolist(), params(2))  # warm-up
         last = None  # (batch, seconds) of the previous batch: predicts this one's time
         for b in args.batches:
@@ -409,15 +438,26 @@ def run_ours(
             t = time.perf_counter()
             cluster.generate(prompts, params(1))
             t1 = time.perf_counter() - t
-            t = time.perf_counter()
-            cluster.generate(prompts, params(args.new_tokens))
-            tn = time.perf_counter() - t
-            last = (b, t1 + tn)
-            row["decode"][str(b)] = {
-                "tokens_per_s": b * (args.new_tokens - 1) / (tn - t1),
-                "prefill_s": t1,
-                "components": decode_components(cluster.take_traces(), b),
-            }
+            cluster.take_traces()
+            runs, walls = [], []
+            for _ in range(args.repeats):
+                t = time.perf_counter()
+                cluster.generate(prompts, params(args.new_tokens))
+                walls.append(time.perf_counter() - t)
+                runs.append(cluster.take_traces())
+            last = (b, t1 + sum(walls))
+            context = args.prompt_tokens + args.new_tokens / 2  # the decode steps' mean context
+            limit = ceiling(
+                plan,
+                cfg,
+                b,
+                context,
+                distinct_experts(cfg, hf, b),
+                hw["ceiling_bytes_per_s"],
+                plan.torch_dtype.itemsize,
+            )
+            row["decode"][str(b)] = checked_decode_figures(f"{name} b={b}", b, runs, walls, t1, args.new_tokens, limit)
+            row["decode"][str(b)]["components"] = decode_components([t for run in runs for t in run], b)
         row["expert_load"] = cluster.expert_load() if cfg.is_moe else None
     wait_until_gpus_free(memory)
     row["peak_gib_per_gpu_throughput"] = memory.take()  # the reset reads memory after the shards are gone
@@ -435,8 +475,9 @@ def run_ours(
                 cluster.generate(prompt, SamplingParams(max_tokens=1, ignore_eos=True))
                 times.append(time.perf_counter() - t)
             row["ttft_s"][str(n)] = min(times)
-        stages = [h for k, h in cluster.shard_handles().items() if k.startswith("stage")]
-        cache = sum(ray.get([h.cache_bytes.remote() for h in stages]))
+        # one worker per device: a worker holding two shards appears once
+        workers = {id(h): h for k, h in cluster.shard_handles().items() if k.startswith("stage")}
+        cache = sum(ray.get([h.cache_bytes.remote() for h in workers.values()]))
         row["kv_bytes_per_sequence"] = cache  # max_seqs is 1: the whole cache is one sequence's
         row["kv_bytes_if_unbounded_at_16k"] = (
             2 * cfg.n_layers * max(args.ttft_tokens) * cfg.n_kv_heads * cfg.head_dim * (4 if args.cpu_dry_run else 2)
@@ -445,142 +486,13 @@ def run_ours(
     return row
 
 
-# --- where a step's time goes, inside one shard ----------------------------------------------------------------------
-
-
-def profile_components(cfg: ModelConfig, device: torch.device, batches: list[int], layers: int, tmp: Path) -> dict:
-    """A few real-shaped layers in this process: GPU time of attention and of the feed-forward (CUDA events around
-    each module, idle gaps waiting for the host included, as in a real step), the whole step's wall time, and the
-    profiler's top kernels for one decode step."""
-    from router.step import StepPlan
-    from shards.checkpoint import CheckpointReader, ShardSelection
-    from shards.kv_cache import RollingKVCache, StepLayout, cache_capacity
-    from shards.model import TransformerShard
-
-    small = replace(cfg, n_layers=layers, max_seq_len=1024)
-    ckpt = write_random_checkpoint(tmp / f"profile-{layers}", small, SEED, STD)
-    selection = ShardSelection.whole(small)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    shard = TransformerShard.from_checkpoint(CheckpointReader(ckpt), selection, dtype, device)
-    capacity = cache_capacity(small.sliding_window, small.max_seq_len)
-    out = {"layers": layers}
-    events: dict[str, list] = {"attention": [], "ffn": []}
-    hooks = []
-    for layer in shard.layers.values():
-        ffn = layer.block_sparse_moe.experts if small.is_moe else layer.mlp  # the MoE block's experts: what runs
-        for kind, module in (("attention", layer.self_attn), ("ffn", ffn)):
-
-            def pre(_m, _a, kind=kind):
-                if device.type == "cuda":
-                    e = torch.cuda.Event(enable_timing=True)
-                    e.record()
-                    events[kind].append([e, None])
-
-            def post(_m, _a, _o, kind=kind):
-                if device.type == "cuda":
-                    e = torch.cuda.Event(enable_timing=True)
-                    e.record()
-                    events[kind][-1][1] = e
-
-            hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-    for b in batches:
-        cache = RollingKVCache(list(range(layers)), b, capacity, small.n_kv_heads, small.head_dim, dtype, device)
-        plen = min(512, capacity)
-        prefill = StepPlan(list(range(b)), [0] * b, [plen] * b, torch.randint(3, small.vocab_size, (b * plen,)))
-        decode = StepPlan(list(range(b)), [plen] * b, [1] * b, torch.randint(3, small.vocab_size, (b,)))
-
-        def step(batch, cache=cache):
-            layout = StepLayout.build(batch, capacity, small.sliding_window, small.head_dim, small.rope_theta, device)
-            h = shard.embed(torch.as_tensor(batch.token_ids).to(device))
-            h = shard.run_layers(h, layout, cache)
-            return shard.logits(h[-1:])
-
-        with torch.inference_mode():
-            step(prefill)
-            for _ in range(3):
-                step(decode)
-            sync(device)
-            for v in events.values():
-                v.clear()
-            t0 = time.perf_counter()
-            for _ in range(5):
-                step(decode)
-            sync(device)
-            wall = (time.perf_counter() - t0) / 5
-            row = {"step_ms": round(1000 * wall, 3), "step_ms_per_layer": round(1000 * wall / layers, 3)}
-            for kind, pairs in events.items():
-                if pairs:
-                    row[f"{kind}_ms_per_layer"] = round(sum(a.elapsed_time(z) for a, z in pairs) / len(pairs), 4)
-            for v in events.values():
-                v.clear()
-            row["top_ops"], prof = top_ops(lambda d=decode: step(d), device)
-            row["host_syncs"] = sum(
-                e.count
-                for e in prof.key_averages()
-                if e.key
-                in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item", "aten::_local_scalar_dense")
-            )
-        out[f"batch_{b}"] = row
-        cache = None
-    out["prefill_4096"] = profile_prefill(shard, small, device, dtype, 4096)
-    for h in hooks:
-        h.remove()
-    shard = None
-    return out
-
-
-def profile_prefill(shard, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, tokens: int) -> dict:
-    """One prompt's first chunk through the profile's layers: wall time against the FLOP floor, and the top kernels."""
-    from router.step import StepPlan
-    from shards.kv_cache import RollingKVCache, StepLayout
-
-    tokens = tokens if device.type == "cuda" else 64
-    layers = len(shard.layers)
-    cache = RollingKVCache([int(i) for i in shard.layers], 1, tokens, cfg.n_kv_heads, cfg.head_dim, dtype, device)
-    batch = StepPlan([0], [0], [tokens], torch.randint(3, cfg.vocab_size, (tokens,)))
-
-    def step():
-        layout = StepLayout.build(batch, tokens, cfg.sliding_window, cfg.head_dim, cfg.rope_theta, device)
-        return shard.run_layers(shard.embed(torch.as_tensor(batch.token_ids).to(device)), layout, cache)
-
-    with torch.inference_mode():
-        step()
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(3):
-            step()
-        sync(device)
-        wall = (time.perf_counter() - t0) / 3
-        ops, _ = top_ops(step, device)
-    per_layer = prefill_flops(replace(cfg, n_layers=1), tokens) - 2 * cfg.vocab_size * cfg.dim  # layers only
-    return {
-        "tokens": tokens,
-        "ms_per_layer": round(1000 * wall / layers, 3),
-        "layer_flops": per_layer,
-        "tflop_per_s": round(per_layer * layers / wall / 1e12, 1),
-        "top_ops": ops,
-    }
-
-
-def top_ops(run, device: torch.device, n: int = 12) -> tuple[list[dict], torch.profiler.profile]:
-    """The profiler over one call of `run`: its `n` costliest ops (device time on GPU, host time on CPU)."""
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU]
-        + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    ) as prof:
-        run()
-        sync(device)
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    averages = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
-    return [
-        {
-            "name": e.key[:80],
-            "calls": e.count,
-            "us": round(getattr(e, key, 0), 1),
-            "cpu_us": round(e.self_cpu_time_total, 1),
-        }
-        for e in averages[:n]
-    ], prof
+def distinct_experts(cfg: ModelConfig, hf: dict, b: int) -> float | None:
+    """Distinct experts per layer a decode step of `b` sequences reaches: measured from transformers' gates on the
+    same weights, else the uniform-routing expectation; None for a dense model."""
+    if not cfg.is_moe:
+        return None
+    measured = hf.get("routing", {}).get(str(b), {}).get("distinct_experts_per_layer")
+    return measured if measured is not None else uniform_distinct_experts(cfg, b)
 
 
 # --- the table, the plot -------------------------------------------------------------------------------------------
@@ -588,25 +500,31 @@ def top_ops(run, device: torch.device, n: int = 12) -> tuple[list[dict], torch.p
 
 def summarise(model: str, cfg: ModelConfig, hw: dict, hf: dict, ours: list[dict], args) -> dict:
     table = []
+    one_gpu = next((r for r in ours if r["placement"] == "one_gpu"), {})
     for b in args.batches:
-        distinct = hf.get("routing", {}).get(str(b), {}).get("distinct_experts_per_layer") if cfg.is_moe else None
-        if cfg.is_moe and distinct is None:  # no measurement: the expected count under uniform routing
-            k, e = cfg.num_experts_per_tok, cfg.num_experts
-            distinct = e * (1 - (1 - k / e) ** b)
+        distinct = distinct_experts(cfg, hf, b)
         wb = weight_bytes(cfg, distinct or 0)
         limit = b / (wb["total"] / hw["hbm_bytes_per_s"])
         theirs = hf.get("decode", {}).get(str(b), {}).get("tokens_per_s")
+        base = one_gpu.get("decode", {}).get(str(b), {}).get("tokens_per_s")
         for r in ours:
-            mine = r.get("decode", {}).get(str(b), {}).get("tokens_per_s")
+            d = r.get("decode", {}).get(str(b), {})
+            mine, ceil = d.get("tokens_per_s"), d.get("ceiling_tokens_per_s")
             table.append(
                 {
                     "what": f"decode b={b}",
                     "placement": r["placement"],
                     "ours": mine,
+                    "ours_min_max": [d.get("tokens_per_s_min"), d.get("tokens_per_s_max")],
+                    "wall_clock": d.get("wall_tokens_per_s"),
                     "transformers": theirs,
+                    "ceiling": ceil,
+                    "ours_over_ceiling": mine / ceil if mine and ceil else None,
+                    "ours_over_one_gpu": mine / base if mine and base else None,
                     "limit": limit,
                     "ours_vs_limit": mine / limit if mine else None,
                     "ours_vs_transformers": mine / theirs if mine and theirs else None,
+                    "error": d.get("error") or d.get("skipped"),
                     "unit": "tokens/s",
                     "bytes_per_step": wb["total"],
                     "distinct_experts": distinct,
@@ -633,14 +551,32 @@ def summarise(model: str, cfg: ModelConfig, hw: dict, hf: dict, ours: list[dict]
 
 
 def print_table(result: dict) -> None:
-    print(f"\n== {result['model']} ==")
-    print(f"{'what':<16}{'placement':<20}{'ours':>10}{'transf.':>10}{'limit':>10}{'ours/limit':>12}{'vs transf.':>12}")
+    def f(v: float | None, p: int = 1) -> str:
+        return "-" if v is None else f"{v:.{p}f}"
+
+    print(f"\n== {result['model']}: decode tokens/s: traced steps, median of runs and min-max; bytes/bandwidth ceiling")
+    print(
+        f"{'what':<14}{'placement':<19}{'ours':>9}{'min-max':>17}{'wall':>9}{'ceiling':>10}{'ours/ceil':>10}"
+        f"{'ours/1gpu':>10}{'transf.':>9}{'vs transf.':>11}"
+    )
     for t in result["table"]:
-        f = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"
+        if not t["what"].startswith("decode"):
+            continue
+        lo, hi = t["ours_min_max"]
         print(
-            f"{t['what']:<16}{t['placement']:<20}{f(t['ours']) + ' ':>10}{f(t['transformers']):>10}{f(t['limit']):>10}"
-            f"{f(t['ours_vs_limit'], 3):>12}{f(t['ours_vs_transformers'], 2):>12}"
+            f"{t['what']:<14}{t['placement']:<19}{f(t['ours']):>9}{f(lo) + '-' + f(hi):>17}{f(t['wall_clock']):>9}"
+            f"{f(t['ceiling']):>10}{f(t['ours_over_ceiling'], 3):>10}{f(t['ours_over_one_gpu'], 2):>10}"
+            f"{f(t['transformers']):>9}{f(t['ours_vs_transformers'], 2):>11}"
+            + (f"  !!! {t['error']}" if t["error"] else "")
         )
+    print(f"\n== {result['model']}: first token, seconds (floor: FLOPs / matmul rate) ==")
+    print(f"{'what':<14}{'placement':<19}{'ours':>9}{'transf.':>9}{'floor':>9}{'ours/floor':>11}")
+    for t in result["table"]:
+        if t["what"].startswith("ttft"):
+            print(
+                f"{t['what']:<14}{t['placement']:<19}{f(t['ours'], 3):>9}{f(t['transformers'], 3):>9}"
+                f"{f(t['limit'], 3):>9}{f(t['ours_vs_limit'], 2):>11}"
+            )
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -650,21 +586,27 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 4.5), squeeze=False)
-    for ax, res in zip(axes[0], results):
+    for ax, res in zip(axes[0], results, strict=True):
         rows = [t for t in res["table"] if t["what"].startswith("decode")]
         if not rows:  # every placement of this model failed or was skipped: its JSON says why
             ax.set_title(f"{res['model']}: no decode results")
             continue
         batches = sorted({int(t["what"].split("=")[1]) for t in rows})
-        for placement in dict.fromkeys(t["placement"] for t in rows):
+
+        def series(key: str, placement: str | None, rows=rows, batches=batches) -> list[float]:
             ys = [
-                next((t["ours"] for t in rows if t["placement"] == placement and t["what"] == f"decode b={b}"), None)
+                next(
+                    (t[key] for t in rows if placement in (None, t["placement"]) and t["what"] == f"decode b={b}"),
+                    None,
+                )
                 for b in batches
             ]
-            ax.plot(batches, [y or math.nan for y in ys], marker="o", label=f"ours: {placement}")
-        for key, style, label in (("transformers", "k--", "transformers"), ("limit", "r:", "bandwidth roofline")):
-            ys = [next((t[key] for t in rows if t["what"] == f"decode b={b}"), None) for b in batches]
-            ax.plot(batches, [y or math.nan for y in ys], style, marker="x", label=label)
+            return [y or math.nan for y in ys]
+
+        for placement in dict.fromkeys(t["placement"] for t in rows):
+            (line,) = ax.plot(batches, series("ours", placement), marker="o", label=f"ours: {placement}")
+            ax.plot(batches, series("ceiling", placement), ":", color=line.get_color(), label=f"ceiling: {placement}")
+        ax.plot(batches, series("transformers", None), "k--", marker="x", label="transformers")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("batch (sequences decoding together)")
@@ -742,6 +684,12 @@ def main() -> None:
         default=64,
         help="tokens per timed decode; 16 left batch-1 figures ±30 %% noisy (bench/NOTES.md)",
     )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="generate calls timed per batch: median and spread of their means"
+    )
+    parser.add_argument(
+        "--hf-repeats", type=int, default=1, help="the same for transformers (its batch-128 call takes ~2 minutes)"
+    )
     parser.add_argument("--ttft-tokens", nargs="+", type=int, default=[4096, 16384])
     parser.add_argument("--chunk", type=int, default=4096, help="prefill chunk (at most the window)")
     parser.add_argument("--no-transformers", action="store_true")
@@ -757,9 +705,10 @@ def main() -> None:
         args.prompt_tokens, args.new_tokens, args.ttft_tokens, args.chunk = 32, 4, [128, 256], 64
     n_gpus = 0 if dry else torch.cuda.device_count()
     devices = [torch.device("cpu")] if dry else [torch.device("cuda", i) for i in range(n_gpus)]
-    hw = measure_hardware(devices[0], dry)
+    hw = measure_hardware(devices, dry)
     print(
-        f"hardware: {hw['hbm_bytes_per_s'] / 1e12:.2f} TB/s copy, {hw['bf16_flop_per_s'] / 1e12:.0f} TFLOP/s bf16",
+        f"hardware: {hw['hbm_bytes_per_s'] / 1e12:.2f} TB/s copy, {hw['ceiling_bytes_per_s'] / 1e12:.2f} TB/s for "
+        f"the ceilings, {hw['bf16_flop_per_s'] / 1e12:.0f} TFLOP/s bf16",
         flush=True,
     )
     memory = MemoryWatch(n_gpus)
@@ -789,7 +738,7 @@ def main() -> None:
         for model, placements in phases:
             placements = [p for p in placements if model in PLACEMENTS[p][2]]
             if model not in state:
-                state[model] = first_visit(model, args, dry, tmp, devices, memory, prompts_for, deadline)
+                state[model] = first_visit(model, args, dry, tmp, devices, memory, prompts_for, deadline, hw)
             st = state[model]
             for name in placements:
                 if not dry and PLACEMENTS[name][1] > n_gpus:
@@ -802,7 +751,17 @@ def main() -> None:
                     continue
                 try:
                     row = run_ours(
-                        name, st["tput_ckpt"], st["long_ckpt"], st["tput_cfg"], args, prompts_for, memory, deadline, tmp
+                        name,
+                        st["tput_ckpt"],
+                        st["long_ckpt"],
+                        st["tput_cfg"],
+                        args,
+                        prompts_for,
+                        memory,
+                        deadline,
+                        tmp,
+                        hw,
+                        st["hf"],
                     )
                 except Exception as e:  # noqa: BLE001 - record it and go on with the next placement
                     row = {"placement": name, "error": f"{type(e).__name__}: {e}"[:2000]}
@@ -846,10 +805,15 @@ def write_result(args, hw: dict, n_gpus: int, load_path: dict | None, results: l
         },
         "hardware": hw,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "roofline_definition": "decode: batch / (weight bytes one step reads, each counted once: attention, norms, "
-        "gates, the distinct experts the batch selects (measured from transformers' gates on "
-        "the same weights), head) / measured copy bandwidth of one GPU. prefill: matmul FLOPs "
-        "/ measured bf16 matmul rate of one GPU.",
+        "roofline_definition": "limit (decode): batch / (weight bytes one step reads, each counted once: attention, "
+        "norms, gates, the distinct experts the batch selects (measured from transformers' gates on the same weights), "
+        "head) / measured copy bandwidth of one GPU. prefill: matmul FLOPs / measured bf16 matmul rate of one GPU.",
+        "ceiling_definition": "ceiling (decode, per placement, bench/ceilings.py): batch / the sum over stages of the "
+        "slowest GPU's bytes while that stage runs (its stages' attention, norms, gates, embedding rows and head, its "
+        "layers' KV cache at the mean decode context, the distinct experts the batch selects among those it holds) "
+        "/ ceiling_bytes_per_s; a figure above it is refused (an error in its row). tokens_per_s: median over "
+        "--repeats generate calls of batch x decode steps / their traced seconds; wall_tokens_per_s: the old "
+        "b x (n - 1) / (t_n - t_1), a cross-check.",
         "load_path": load_path,
         "models": results,
         "seconds": round(args.budget_s - deadline.left(), 1),
@@ -857,7 +821,7 @@ def write_result(args, hw: dict, n_gpus: int, load_path: dict | None, results: l
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 
-def first_visit(model, args, dry, tmp, devices, memory, prompts_for, deadline) -> dict:
+def first_visit(model, args, dry, tmp, devices, memory, prompts_for, deadline, hw: dict) -> dict:
     """A model's checkpoints, its one-process profile and the transformers run: once, before its first placement."""
     st: dict = {"ours": [], "profile": None, "hf": {}}
     st["tput_cfg"] = model_config(model, dry, args.prompt_tokens + args.new_tokens + 16)
@@ -867,7 +831,7 @@ def first_visit(model, args, dry, tmp, devices, memory, prompts_for, deadline) -
     if args.profile_layers and deadline.left() > 120:
         try:
             st["profile"] = profile_components(
-                st["long_cfg"], devices[0], [1, 32] if not dry else [1, 4], args.profile_layers, tmp
+                st["long_cfg"], devices[0], [1, 32] if not dry else [1, 4], args.profile_layers, tmp, SEED, STD
             )
         except Exception as e:  # noqa: BLE001
             st["profile"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
@@ -878,7 +842,7 @@ def first_visit(model, args, dry, tmp, devices, memory, prompts_for, deadline) -
         memory.take()  # the peak below is transformers' alone, not what the last placement left behind
         try:
             st["hf"] = run_hf(
-                st["long_ckpt"], st["long_cfg"], devices[: min(2, len(devices))], args, prompts_for, deadline
+                st["long_ckpt"], st["long_cfg"], devices[: min(2, len(devices))], args, prompts_for, deadline, hw
             )
             st["hf"]["peak_gib_per_gpu"] = memory.take()
         except Exception as e:  # noqa: BLE001 - record it and go on with ours

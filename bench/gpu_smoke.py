@@ -3,9 +3,10 @@
 For each placement (one GPU; two pipeline stages; one stage + two expert groups; two stages + two expert
 groups, a stage and a group per GPU) it starts the cluster on Ray, generates greedily for a batch of
 mixed-length prompts in float32, and compares with the one-process engine on one GPU, token for token. It then
-times batch-1 decode per token in bfloat16 for each placement. Not a test: CI has no GPU.
+times batch-1 decode per token in bfloat16 for each placement, and counts the decode steps each worker (one
+process per GPU, `cluster.workers`) replayed as CUDA graphs. Not a test: CI has no GPU.
 
-    python bench/gpu_smoke.py --out bench/results/gpu_smoke.json
+    PYTHONPATH=. python bench/gpu_smoke.py --out bench/results/gpu_smoke.json   # --cpu-dry-run checks it on a CPU
 """
 
 from __future__ import annotations
@@ -157,15 +158,11 @@ def main() -> None:
                         row["identical_bf16"] = [
                             a.token_ids == b.token_ids for a, b in zip(ours_bf16, reference_bf16, strict=True)
                         ]
-                        row["graph_replays"] = sum(
-                            ray.get(
-                                [
-                                    h.graph_replays.remote()
-                                    for k, h in cluster.shard_handles().items()
-                                    if k.startswith("stage")
-                                ]
-                            )
-                        )
+                        # one worker per device, holding its stages and expert groups: its stages' replays
+                        workers = cluster.supervisor
+                        replays = ray.get([h.graph_replays.remote() for h in workers.handles()])
+                        row["graph_replays_per_worker"] = dict(zip(workers.names, replays, strict=True))
+                        row["graph_replays"] = sum(replays)
                         row["decode_ms_per_token_bf16"] = round(
                             decode_ms_per_token(cluster.generate, prompts[1], 64), 3
                         )

@@ -1,12 +1,16 @@
-"""How much of a decode step is the router's (the Ray call, the logits, sampling), on the embedded default cluster.
+"""How much of a decode step is the router's (planning, the step link, the logits, sampling), on the embedded
+default cluster.
 
 Starts `deploy/examples/local.yaml` (2 stages x 2 expert groups, CPU) with one micro-batch, and for batches of 1,
 32 and 64 greedy sequences reports, per decode step, the router's share (`router_and_ray_ms`: the step's wall time
-less the stages' span) and the end-to-end decode throughput. `--label` names the code measured; runs append to
-the result file, so two versions of the code can be measured interleaved into one file:
+less the stages' span; no Ray call is left on a step's path, the key keeps its name for older runs in the file), and
+the decode throughput: `traced_tokens_per_s` from the traced decode steps (`bench/ceilings.decode_rate`) and
+`tokens_per_s` the wall-clock difference of an n-token and a 1-token run, as older runs have it. `--label` names the
+code measured; runs append to the result file, so two versions of the code can be measured interleaved into one
+file:
 
     PYTHONPATH=<worktree of the old commit> python bench/router_overhead.py --label before
-    python bench/router_overhead.py --label after
+    PYTHONPATH=. python bench/router_overhead.py --label after
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from bench.ceilings import decode_rate
 from cluster.placement_file import ensure_default_checkpoint
 from cluster.profile import decode_components
 from cluster.sharded import ShardedCluster
@@ -45,12 +50,16 @@ def measure(batches: list[int], new_tokens: int) -> dict:
             t = time.perf_counter()
             cluster.generate(prompts, SamplingParams(max_tokens=1, ignore_eos=True))
             t1 = time.perf_counter() - t
+            cluster.take_traces()
             t = time.perf_counter()
             cluster.generate(prompts, SamplingParams(max_tokens=new_tokens + 1, ignore_eos=True))
             tn = time.perf_counter() - t
-            parts = decode_components(cluster.take_traces(), b)
+            traces = cluster.take_traces()
+            parts = decode_components(traces, b)
+            traced = decode_rate([traces], b)["tokens_per_s"]
             out[str(b)] = {
                 "tokens_per_s": round(b * new_tokens / (tn - t1), 1),
+                "traced_tokens_per_s": round(traced, 1) if traced is not None else None,
                 **{k: parts[k] for k in ("step_ms", "stages_busy_ms", "router_and_ray_ms")},
             }
     return out

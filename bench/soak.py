@@ -32,7 +32,8 @@ from cluster.placement_file import settle_placement
 from cluster.reservation import ray_session
 from cluster.transport import free_port
 
-WORKER_ROLES = ("StageActor", "ExpertGroupActor", "RouterActor", "ServeReplica")
+# Ray's process titles: `ray::ShardWorker` is one process per device holding its stages and expert groups
+WORKER_ROLES = ("ShardWorker", "RouterActor", "ServeReplica")
 WORDS = (
     "the",
     "quick",
@@ -140,7 +141,7 @@ async def soak_client(
 
 
 def cluster_rss() -> dict[str, int]:
-    """Resident bytes of this process's Ray workers, summed per role (StageActor, ExpertGroupActor, ...)."""
+    """Resident bytes of this process's Ray workers, summed per role (ShardWorker, RouterActor, ...)."""
     import psutil  # Ray's own copy (ray/thirdparty_files, on sys.path once ray is imported): not a project dependency
 
     rss: dict[str, int] = dict.fromkeys(WORKER_ROLES, 0)

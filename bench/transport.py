@@ -1,23 +1,30 @@
-"""The data plane we chose against Ray's object store: two shard actors, the same tensors, both ways, one run.
+"""Dispatch + combine of one MoE layer between two GPUs, exactly as the runtime does it, eager and in CUDA graphs.
 
-Two Ray actors join one torch.distributed group through the product's own path (`ShardActor.rendezvous` and
-`join`, hence `cluster.transport.Transport`: gloo on CPU, NCCL on GPU) and, timed inside the actors:
+Two Ray actors with a device each join a `cluster.transport.Transport` of two ranks with one `experts` channel, as
+two workers do. Rank 0 plays a stage's `StageRunner._experts`: it sends one packed (b, dim + 2k) message
+(`pack_for_experts`: activations, expert ids and weights of every token) and receives the (b, dim) sum back.
+Rank 1 plays `ExpertServer.serve`: it receives, then sends back at once (`echo`), or first runs one Mixtral expert
+group's forward (4 of the 8 experts of one layer at real shape, `experts`). Timed on rank 0, median of many round
+trips, at batch 1, 32 and 128:
 
-(a) ping-pong with `Transport.send`/`recv` for 8 KiB .. 32 MiB: A sends, B receives and sends the same bytes
-    back; one-way = round trip / 2, median after warm-up;
-(b) bandwidth = bytes / one-way time;
-(c) the 4-int64 header (`send_header`/`recv_header`) round trip, the fixed cost each expert dispatch adds,
-    and the very first round trip on the group (NCCL creates its communicator there);
-(d) the same tensors as a Ray actor call argument returned by B (`ray.get(B.echo.remote(t))`), and as
-    `ray.put` -> B `ray.get` -> B `ray.put` -> A `ray.get`;
-(e) an empty Ray actor call round trip, actor to actor and driver to actor: the control-plane cost per step.
+- `eager`: both sides call send/recv from Python for every message (the server always works so today);
+- `stage_graph`: rank 0 replays a CUDA graph holding its send and receive, rank 1 eager: the runtime today, where
+  a stage replays its decode step as a graph and the expert server serves each message eagerly;
+- `both_graphs`: both sides replay captured graphs (where the design goes: a decode step as a graph on every GPU);
+- `host`: the round trip staged through host memory on gloo (a `Channel` with `via_host`; GPUs only);
+- `ray_call`: the packed tensor as a Ray actor call's argument, returned; and an empty Ray call;
+- `compute`: rank 1's expert forward alone, eager and captured: round trip - compute = what dispatch costs.
 
-    python bench/transport.py                  # CUDA if torch sees a GPU (needs 2), else CPU
-    python bench/transport.py --device cpu     # under a minute on 2 cores
-    python bench/transport.py --device cuda    # two actors with one GPU each (NCCL)
-    python bench/transport.py --quick          # 3 sizes, fewer iterations; writes ...-quick.json
+Graphs are captured with capture_error_mode="thread_local" (NCCL point-to-point inside a graph works so); the
+last probe (`global_capture`) says whether torch's default "global" mode captures the exchange too, the mode
+`shards/decode_graphs.py` captured in when this script was written.
+Target: a batch-1 round trip (dispatch + combine of one layer) of at most 50 us.
 
-Writes bench/results/transport-<machine>.json, machine = `cpu` or the GPU's name (`h100`, `h200`, ...).
+    PYTHONPATH=. python bench/transport.py --device cuda    # two actors with one GPU each (NCCL), ~1-2 minutes
+    PYTHONPATH=. python bench/transport.py --device cpu     # gloo, no graphs: a dry run (small experts)
+    PYTHONPATH=. python bench/transport.py --quick          # fewer round trips; writes ...-quick.json
+
+Writes bench/results/transport-moe-<machine>.json, machine = `cpu` or the GPU's name (`h200`, ...).
 """
 
 from __future__ import annotations
@@ -30,172 +37,331 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
 import torch
 
-from cluster.shard_actor import ShardActor
+from cluster.stage_runner import pack_for_experts, unpack_for_experts
+from cluster.transport import Channel, ChannelKey, Transport, device_key, free_port, node_ip
+from shards.moe import ExpertGroup
 
 RESULTS = Path(__file__).parent / "results"
-KiB, MiB = 1024, 1024 * 1024
-SIZES = [8 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 8 * MiB, 32 * MiB]
-QUICK_SIZES = [8 * KiB, 1 * MiB, 8 * MiB]
+BATCHES = (1, 32, 128)
+FAR_SIDES = ("echo", "experts")
+MODES = {"eager": ("eager", "eager"), "stage_graph": ("graph", "eager"), "both_graphs": ("graph", "graph")}
+KEY = ChannelKey("experts", 0, 1, 0)  # the channel a stage on rank 0 opens to a worker holding experts
 # Set by whoever launches on a GPU host (NVLink multicast off); Ray actors get them through runtime_env.
 PASSED_ENV = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
-HEADER = [3, 17, 42, 1]  # (layer, tokens, step, micro-batch), as `StageActor._dispatch` sends it
+TARGET_US = 50.0
 
 
-class TransportProbe(ShardActor):
-    """A shard actor that holds no weights: the product's device choice and group join, then timed loops."""
+class MoEProbe:
+    """One side of the exchange: the product's device choice and process group, the runtime's packing, timed loops.
+    Every measurement is prepared first (messages made, graphs captured), then run, so a capture that fails never
+    leaves the other side waiting for a message."""
 
-    def __init__(self, rank: int) -> None:
-        super().__init__(f"probe{rank}", rank)
-        self.peer = 1 - rank
+    def __init__(self, rank: int, dim: int, hidden: int, experts: int, top_k: int, held: int) -> None:
+        self.rank, self.dim, self.hidden, self.n_experts, self.k, self.held = rank, dim, hidden, experts, top_k, held
+        cuda = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+        self.device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        else:
+            torch.set_num_threads(1)
+        self.dtype = torch.bfloat16 if cuda else torch.float32  # the runtime's dtypes on each
+        self.group: ExpertGroup | None = None
+        self.transport: Transport | None = None
+        self.step: Callable[[], object] | None = None
+        self._keep: list = []  # what the prepared step reads: static buffers, graphs
+
+    # --- control ---------------------------------------------------------------------------------------------
 
     def describe(self) -> dict:
         info = {
             "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "ray": ray.__version__,
             "python": platform.python_version(),
             "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
             "backend": self.transport.backend if self.transport else None,
             "gpu": None,
             "env": {k: os.environ[k] for k in PASSED_ENV if k in os.environ},
         }
         if self.device.type == "cuda":
-            info["gpu"] = torch.cuda.get_device_name(self.device)
-            info["cuda"] = torch.version.cuda
+            info.update(gpu=torch.cuda.get_device_name(self.device), cuda=torch.version.cuda)
             info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
         return info
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def location_key(self) -> str:
+        """Node and device, as `ShardWorker.location().device_key`: equal keys share a device."""
+        return f"{ray.get_runtime_context().get_node_id()}/{device_key(self.device)}"
 
-    def _payload(self, nbytes: int) -> torch.Tensor:
-        return torch.randn(nbytes // 4, device=self.device)  # (nbytes / 4,) float32
+    def rendezvous(self) -> tuple[str, int]:
+        return node_ip(), free_port()
 
-    def _timed(self, step, warmup: int, iters: int) -> dict:
-        """Round trips of `step()`, host clock around a synchronised GPU; on GPU also CUDA events on this stream."""
+    def join(self, addr: str, port: int, timeout_s: float, keys: list[str]) -> str:
+        """The process group and its one channel, as `ShardWorker.join` forms them; one message each way to warm
+        it up (NCCL builds the pair's communicator on the first one)."""
+        self.transport = Transport(self.rank, 2, addr, port, self.device, timeout_s, keys, [KEY])
+        self.ch = self.transport.channel(KEY.kind, KEY.a, KEY.b, KEY.tag)
+        self.host_ch = None
+        if self.device.type == "cuda":  # the same group's gloo backend, through host memory
+            self.host_ch = Channel(KEY, self.ch.group, self.rank, self.device, via_host=True)
+        for ch in (self.ch, self.host_ch):
+            if ch is not None:
+                probe = torch.zeros(1, device=self.device)
+                if self.rank == 0:
+                    ch.send(probe, "warm_up")
+                    ch.recv((1,), probe.dtype, "warm_up")
+                else:
+                    ch.recv((1,), probe.dtype, "warm_up")
+                    ch.send(probe, "warm_up")
+                self._sync()
+        return self.transport.backend
+
+    def build_experts(self) -> None:
+        """Rank 1: one layer's group of `held` experts at the given shape, random weights made on the device."""
+        self.group = ExpertGroup(self.dim, self.hidden, list(range(self.held)), self.n_experts)
+        w13 = torch.randn(self.held, 2 * self.hidden, self.dim, dtype=self.dtype, device=self.device) * 0.02
+        w2 = torch.randn(self.held, self.dim, self.hidden, dtype=self.dtype, device=self.device) * 0.02
+        self.group.w13, self.group.w2 = torch.nn.Parameter(w13, False), torch.nn.Parameter(w2, False)
+        self.group._local_index(self.device)
+
+    def close(self) -> None:
+        self.step, self._keep = None, []
+        if self.transport is not None:
+            self.transport.close()
+
+    # --- the messages --------------------------------------------------------------------------------------------
+
+    def _message(self, b: int) -> torch.Tensor:
+        """(b, dim + 2k): what a stage packs for one MoE layer, top-k distinct experts per token drawn uniformly, the
+        same on both ranks for a given b (the compute-only figure runs the exchange's message). One token chooses
+        one held expert and one held elsewhere: what uniform routing gives the group of half the experts on average."""
+        gen = torch.Generator().manual_seed(b)
+        x = torch.randn(b, self.dim, generator=gen) * 0.1
+        ids = torch.rand(b, self.n_experts, generator=gen).topk(self.k, dim=-1).indices
+        if b == 1:
+            ids = torch.tensor([[0, self.n_experts - 1]])[:, : self.k]
+        weights = torch.softmax(torch.rand(b, self.k, generator=gen), dim=-1)
+        return pack_for_experts(x.to(self.dtype), ids, weights.to(self.dtype)).to(self.device)
+
+    def _answer(self, packed: torch.Tensor, far: str) -> torch.Tensor:
+        if far == "echo":
+            return packed[:, : self.dim]
+        x, ids, weights = unpack_for_experts(packed, self.dim, self.k)
+        return self.group(x, ids, weights)
+
+    # --- preparing a measurement -------------------------------------------------------------------------------
+
+    def prepare_stage(self, b: int, mode: str) -> str | None:
+        """Rank 0: the stage's side of one layer (send the packed message, receive the sum); None, or why not."""
+        packed = self._message(b)
+        ch = self.host_ch if mode == "host" else self.ch
+
+        def exchange(p=packed) -> torch.Tensor:
+            ch.send(p, "expert_in")
+            return ch.recv((b, self.dim), self.dtype, "expert_out")
+
+        return self._prepare(exchange, packed, graph=mode == "graph")
+
+    def prepare_server(self, b: int, far: str, mode: str) -> str | None:
+        """Rank 1: the expert server's side of one layer (receive, answer, send); None, or why not."""
+        static_in = self._message(b)  # valid ids: the warm-up before a capture runs the experts on it
+        if far == "experts":
+            self._answer(static_in, far)  # kernels chosen and compiled (Triton) before any capture
+            self._sync()
+
+        ch = self.host_ch if mode == "host" else self.ch
+
+        def serve_eager() -> None:  # as `ExpertServer.serve`: a fresh buffer per message
+            packed = ch.recv(tuple(static_in.shape), self.dtype, "expert_in")
+            ch.send(self._answer(packed, far), "expert_out")
+
+        def serve_captured(buf=static_in) -> None:  # a graph's input is a static buffer
+            self.ch.recv_into(buf, "expert_in")
+            self.ch.send(self._answer(buf, far), "expert_out")
+
+        graph = mode == "graph"
+        return self._prepare(serve_captured if graph else serve_eager, static_in, graph)
+
+    def prepare_compute(self, b: int, mode: str) -> str | None:
+        """Rank 1: the expert forward alone, no message."""
+        packed = self._message(b)
+        x, ids, weights = unpack_for_experts(packed, self.dim, self.k)
+        x, ids, weights = x.contiguous(), ids.contiguous(), weights.contiguous()
+        self.group(x, ids, weights)
+        self._sync()
+        return self._prepare(lambda: self.group(x, ids, weights), packed, graph=mode == "graph")
+
+    def _prepare(self, fn: Callable[[], object], static: torch.Tensor, graph: bool) -> str | None:
+        self.step, self._keep = fn, [static]
+        if not graph:
+            return None
+        g = torch.cuda.CUDAGraph()
+        self._sync()
+        try:
+            with torch.cuda.graph(g, capture_error_mode="thread_local"):
+                out = fn()
+        except Exception as e:  # noqa: BLE001 - reported in the result, this measurement skipped
+            self.step = None
+            return f"capture failed: {type(e).__name__}: {e}"[:500]
+        self.step, self._keep = g.replay, [static, g, out]
+        return None
+
+    # --- running it -------------------------------------------------------------------------------------------
+
+    def run_timed(self, warmup: int, iters: int) -> dict:
+        """The prepared step `warmup + iters` times; host clock around a synchronised device, and CUDA events."""
         cuda = self.device.type == "cuda"
-        wall, gpu = [], []
+        wall, events = [], []
         for i in range(warmup + iters):
             self._sync()
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
             t0 = time.perf_counter()
-            out = step()
+            self.step()
             if cuda:
                 end.record()
             self._sync()
             if i >= warmup:
                 wall.append(time.perf_counter() - t0)
                 if cuda:
-                    gpu.append(start.elapsed_time(end) / 1e3)
-        return {"round_trip_s": wall, "event_round_trip_s": gpu or None, "last": out}
+                    events.append(start.elapsed_time(end) / 1e3)
+        return {"seconds": wall, "event_seconds": events or None}
 
-    # (a, b) Transport ping-pong. A runs `transport_ping`, B `transport_pong`, at the same time.
-    def transport_ping(self, nbytes: int, warmup: int, iters: int) -> dict:
-        x, t = self._payload(nbytes), self.transport
-
-        def step() -> torch.Tensor:
-            t.send(x, self.peer)
-            return t.recv(x.shape, x.dtype, self.peer)
-
-        r = self._timed(step, warmup, iters)
-        r["echo_ok"] = bool(torch.equal(r.pop("last"), x))
-        return r
-
-    def transport_pong(self, nbytes: int, count: int) -> None:
+    def run_count(self, count: int) -> None:
+        """The far side: the prepared step `count` times, issued without waiting (as the server's loop does)."""
         for _ in range(count):
-            self.transport.send(self.transport.recv((nbytes // 4,), torch.float32, self.peer), self.peer)
+            self.step()
         self._sync()
 
-    # (c) The header every expert dispatch sends first.
-    def header_ping(self, warmup: int, iters: int) -> dict:
-        t = self.transport
+    def ray_call(self, peer, b: int, warmup: int, iters: int) -> dict:
+        packed = self._message(b)
+        self.step = lambda: ray.get(peer.echo.remote(packed))
+        return self.run_timed(warmup, iters)
 
-        def step() -> list[int]:
-            t.send_header(HEADER, self.peer)
-            return t.recv_header(self.peer)
-
-        r = self._timed(step, warmup, iters)
-        r["echo_ok"] = r.pop("last") == HEADER
-        return r
-
-    def header_pong(self, count: int) -> None:
-        for _ in range(count):
-            self.transport.send_header(self.transport.recv_header(self.peer), self.peer)
-
-    # (d) The same tensors through Ray: as a call argument and return value, and by ray.put / ray.get.
-    def ray_call_ping(self, peer, nbytes: int, warmup: int, iters: int) -> dict:
-        x = self._payload(nbytes)
-        r = self._timed(lambda: ray.get(peer.echo.remote(x)), warmup, iters)
-        r["echo_ok"] = bool(torch.equal(r.pop("last"), x))
-        return r
-
-    def ray_put_ping(self, peer, nbytes: int, warmup: int, iters: int) -> dict:
-        x = self._payload(nbytes)
-
-        def step() -> torch.Tensor:
-            [back] = ray.get(peer.bounce.remote([ray.put(x)]))  # in a list, so B gets the ref, not the value
-            return ray.get(back)
-
-        r = self._timed(step, warmup, iters)
-        r["echo_ok"] = bool(torch.equal(r.pop("last"), x))
-        return r
+    def ray_empty_call(self, peer, warmup: int, iters: int) -> dict:
+        self.step = lambda: ray.get(peer.noop.remote())
+        return self.run_timed(warmup, iters)
 
     def echo(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def bounce(self, refs: list) -> list:
-        return [ray.put(ray.get(refs[0]))]
-
-    # (e) The control plane alone.
-    def ray_empty_ping(self, peer, warmup: int, iters: int) -> dict:
-        r = self._timed(lambda: ray.get(peer.noop.remote()), warmup, iters)
-        r.pop("last")
-        return r
-
     def noop(self) -> None:
         return None
 
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+    # --- the runtime's capture mode, last ------------------------------------------------------------------------
+
+    def try_global_capture(self, b: int) -> str | None:
+        """Rank 0: capture the stage's exchange in torch's default ("global") capture mode."""
+        packed = self._message(b)
+
+        def exchange() -> torch.Tensor:
+            self.ch.send(packed, "expert_in")
+            return self.ch.recv((b, self.dim), self.dtype, "expert_out")
+
+        g = torch.cuda.CUDAGraph()
+        self._sync()
+        try:
+            with torch.cuda.graph(g):
+                out = exchange()
+        except Exception as e:  # noqa: BLE001 - the answer this probe is for
+            return f"{type(e).__name__}: {e}"[:500]
+        self.step, self._keep = g.replay, [packed, g, out]
+        return None
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
-def iterations(nbytes: int, quick: bool) -> tuple[int, int]:
-    """(warm-up, timed) round trips for one size: many for small messages, fewer once a round trip moves MiBs."""
-    budget, lo, hi = (128 * MiB, 10, 50) if quick else (1024 * MiB, 20, 200)
-    iters = max(lo, min(hi, budget // nbytes))
-    return max(3, iters // 10), iters
+# --- the driver ----------------------------------------------------------------------------------------------------
 
 
-def summary(r: dict, nbytes: int | None = None) -> dict:
-    """Median one-way time (round trip / 2) with the spread; bandwidth where there is a payload."""
-    rt = sorted(r["round_trip_s"])
-    q = statistics.quantiles(rt, n=10)
+def summary(r: dict) -> dict:
+    """Median round trip in us with p10/p90, and the CUDA-event median where there is one."""
+    s = sorted(r["seconds"])
+    q = statistics.quantiles(s, n=10) if len(s) >= 2 else [s[0]] * 9
     out = {
-        "iterations": len(rt),
-        "one_way_us": statistics.median(rt) / 2 * 1e6,
-        "p10_one_way_us": q[0] / 2 * 1e6,
-        "p90_one_way_us": q[-1] / 2 * 1e6,
-        "round_trip_us": statistics.median(rt) * 1e6,
+        "iterations": len(s),
+        "round_trip_us": round(statistics.median(s) * 1e6, 2),
+        "p10_us": round(q[0] * 1e6, 2),
+        "p90_us": round(q[-1] * 1e6, 2),
     }
-    if r.get("event_round_trip_s"):
-        out["event_one_way_us"] = statistics.median(r["event_round_trip_s"]) / 2 * 1e6
-    if nbytes:
-        out["gb_per_s"] = nbytes / (out["one_way_us"] * 1e-6) / 1e9
-    if "echo_ok" in r and not r["echo_ok"]:
-        raise RuntimeError(f"the bytes that came back differ from those sent ({nbytes} B)")
-    return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
+    if r.get("event_seconds"):
+        out["event_round_trip_us"] = round(statistics.median(r["event_seconds"]) * 1e6, 2)
+    return out
+
+
+def start_probes(cuda: bool, shape: dict, timeout_s: float) -> list:
+    env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+    options = {"num_cpus": 1, "num_gpus": 1 if cuda else 0, "max_restarts": 0}
+    if env:
+        options["runtime_env"] = {"env_vars": env}
+    probes = [ray.remote(MoEProbe).options(**options).remote(rank, **shape) for rank in (0, 1)]
+    keys = ray.get([p.location_key.remote() for p in probes], timeout=timeout_s)
+    addr, port = ray.get(probes[0].rendezvous.remote(), timeout=timeout_s)
+    ray.get([p.join.remote(addr, port, timeout_s, keys) for p in probes], timeout=timeout_s)
+    ray.get(probes[1].build_experts.remote(), timeout=timeout_s)
+    return probes
+
+
+def exchange(probes: list, b: int, far: str, stage_mode: str, server_mode: str, n: tuple[int, int], t: float) -> dict:
+    """One timed series of round trips: both sides prepared (captured), then run together; rank 0's times back."""
+    stage, server = probes
+    prepared = [stage.prepare_stage.remote(b, stage_mode), server.prepare_server.remote(b, far, server_mode)]
+    errors = ray.get(prepared, timeout=t)
+    if any(errors):
+        return {"error": "; ".join(e for e in errors if e)}
+    warmup, iters = n
+    timed, _ = ray.get([stage.run_timed.remote(warmup, iters), server.run_count.remote(warmup + iters)], timeout=t)
+    return summary(timed)
+
+
+def measure(probes: list, cuda: bool, quick: bool, timeout_s: float) -> dict:
+    stage, server = probes
+    n = (10, 100) if quick else (50, 1000)
+    n_ray = (5, 30) if quick else (20, 200)
+    layers: list[dict] = []
+    for b in BATCHES:
+        row: dict = {"batch": b}
+        for far in FAR_SIDES:
+            for name, (stage_mode, server_mode) in MODES.items():
+                if cuda or name == "eager":
+                    print(f"  b={b} {far} {name} ...", file=sys.stderr, flush=True)
+                    row[f"{far}_{name}"] = exchange(probes, b, far, stage_mode, server_mode, n, timeout_s)
+        if cuda:
+            row["echo_host"] = exchange(probes, b, "echo", "host", "host", n, timeout_s)
+        for mode in ("eager", "graph") if cuda else ("eager",):
+            error = ray.get(server.prepare_compute.remote(b, mode), timeout=timeout_s)
+            timed = None if error else ray.get(server.run_timed.remote(*n), timeout=timeout_s)
+            row[f"compute_{mode}"] = {"error": error} if error else summary(timed)
+        row["ray_call"] = summary(ray.get(stage.ray_call.remote(server, b, *n_ray), timeout=timeout_s))
+        layers.append(row)
+    out = {"layers": layers}
+    out["ray_empty_call"] = summary(ray.get(stage.ray_empty_call.remote(server, *n_ray), timeout=timeout_s))
+    if cuda:  # last: a failed capture in "global" mode may leave the process unusable
+        out["global_capture"] = global_capture(probes, n, timeout_s)
+    return out
+
+
+def global_capture(probes: list, n: tuple[int, int], timeout_s: float) -> dict:
+    stage, server = probes
+    try:
+        error = ray.get(stage.try_global_capture.remote(1), timeout=timeout_s)
+        if error:
+            return {"ok": False, "error": error}
+        ray.get(server.prepare_server.remote(1, "echo", "eager"), timeout=timeout_s)
+        timed, _ = ray.get([stage.run_timed.remote(*n), server.run_count.remote(sum(n))], timeout=timeout_s)
+        return {"ok": True, "echo_b1": summary(timed)}
+    except Exception as e:  # noqa: BLE001 - the actor died or hung: that is the answer
+        return {"ok": False, "error": f"{type(e).__name__}: {e}"[:500]}
 
 
 def machine_slug(info: dict) -> str:
@@ -205,149 +371,93 @@ def machine_slug(info: dict) -> str:
     return words[0] if words else "gpu"
 
 
-def label(nbytes: int) -> str:
-    return f"{nbytes // MiB} MiB" if nbytes >= MiB else f"{nbytes // KiB} KiB"
-
-
-def start_probes(device: str, timeout_s: float) -> list:
-    env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
-    options = {"num_cpus": 1, "num_gpus": 1 if device == "cuda" else 0, "max_restarts": 0}
-    if env:
-        options["runtime_env"] = {"env_vars": env}
-    probes = [ray.remote(TransportProbe).options(**options).remote(rank) for rank in (0, 1)]
-    ray.get([p.ping.remote() for p in probes], timeout=timeout_s)
-    addr, port = ray.get(probes[0].rendezvous.remote(), timeout=timeout_s)  # the product's order: rank 0 names it
-    ray.get([p.join.remote(addr, port, 2, timeout_s) for p in probes], timeout=timeout_s)
-    return probes
-
-
-def pair(a_call, b_call, timeout_s: float) -> dict:
-    """Run the two sides of a ping-pong together; A's timings come back."""
-    a, _ = ray.get([a_call, b_call], timeout=timeout_s)
-    return a
-
-
-def measure(probes: list, sizes: list[int], quick: bool, timeout_s: float) -> dict:
-    a, b = probes
-    h_warm, h_iters = (20, 200) if quick else (50, 1000)
-    first = pair(a.header_ping.remote(0, 1), b.header_pong.remote(1), timeout_s)
-    header = summary(pair(a.header_ping.remote(h_warm, h_iters), b.header_pong.remote(h_warm + h_iters), timeout_s))
-    header["first_round_trip_ms"] = round(first["round_trip_s"][0] * 1e3, 3)
-    header["bytes"] = 8 * len(HEADER)
-
-    empty = summary(ray.get(a.ray_empty_ping.remote(b, h_warm // 2, h_iters // 4), timeout=timeout_s))
-    driver = []
-    for i in range(h_warm // 2 + h_iters // 4):
-        t0 = time.perf_counter()
-        ray.get(b.noop.remote())
-        if i >= h_warm // 2:
-            driver.append(time.perf_counter() - t0)
-
-    rows = []
-    for nbytes in sizes:
-        warm, iters = iterations(nbytes, quick)
-        print(f"  {label(nbytes)}: {warm} + {iters} round trips each way ...", file=sys.stderr)
-        ours = summary(
-            pair(
-                a.transport_ping.remote(nbytes, warm, iters), b.transport_pong.remote(nbytes, warm + iters), timeout_s
-            ),
-            nbytes,
-        )
-        call = summary(ray.get(a.ray_call_ping.remote(b, nbytes, warm, iters), timeout=timeout_s), nbytes)
-        put = summary(ray.get(a.ray_put_ping.remote(b, nbytes, warm, iters), timeout=timeout_s), nbytes)
-        rows.append(
-            {
-                "bytes": nbytes,
-                "label": label(nbytes),
-                "warmup": warm,
-                "transport": ours,
-                "ray_call": call,
-                "ray_put_get": put,
-                "ray_call_over_transport": round(call["one_way_us"] / ours["one_way_us"], 2),
-                "ray_put_get_over_transport": round(put["one_way_us"] / ours["one_way_us"], 2),
-            }
-        )
-    return {
-        "sizes": rows,
-        "header": header,
-        "ray_empty_call": {
-            "actor_to_actor": empty,
-            "driver_to_actor": {"iterations": len(driver), "round_trip_us": round(statistics.median(driver) * 1e6, 3)},
-        },
-    }
-
-
 def print_table(result: dict) -> None:
     m = result["machine"]
     print(
-        f"\ntransport ({m['backend']}, {m['gpu'] or m['device']}) vs Ray object store; one-way = round trip / 2,"
-        " medians"
+        f"\nMoE dispatch + combine per layer, round trip us (median), {m['backend']} on {m['gpu'] or m['device']}, "
+        f"{m['dtype']}, dim {result['shape']['dim']}, expert hidden {result['shape']['hidden']}"
     )
-    head = ("size", "ours us", "ours GB/s", "ray call us", "call/ours", "put+get us", "put/ours")
-    print(f"{head[0]:>8} {head[1]:>10} {head[2]:>10} {head[3]:>12} {head[4]:>10} {head[5]:>11} {head[6]:>9}")
-    for r in result["sizes"]:
-        o, c, p = r["transport"], r["ray_call"], r["ray_put_get"]
-        print(
-            f"{r['label']:>8} {o['one_way_us']:>10.1f} {o['gb_per_s']:>10.3f} {c['one_way_us']:>12.1f} "
-            f"{r['ray_call_over_transport']:>9.1f}x {p['one_way_us']:>11.1f} {r['ray_put_get_over_transport']:>8.1f}x"
-        )
-    h, e = result["header"], result["ray_empty_call"]
-    print(
-        f"\nheader (4 x int64) round trip: {h['round_trip_us']:.1f} us (one-way {h['one_way_us']:.1f} us); "
-        f"first round trip on the group: {h['first_round_trip_ms']:.1f} ms"
-    )
-    print(
-        f"empty Ray actor call round trip: actor->actor {e['actor_to_actor']['round_trip_us']:.1f} us, "
-        f"driver->actor {e['driver_to_actor']['round_trip_us']:.1f} us"
-    )
+
+    def us(r: dict | None) -> str:
+        if r is None:
+            return "-"
+        return "err" if "error" in r else f"{r['round_trip_us']:.1f}"
+
+    head = ("batch", "far side", "eager", "stage graph", "both graphs", "host (gloo)", "compute e/g", "ray call")
+    print(f"{head[0]:>5} {head[1]:<9}" + "".join(f"{h:>14}" for h in head[2:]))
+    for row in result["layers"]:
+        for far in FAR_SIDES:
+            cells = [us(row.get(f"{far}_{name}")) for name in MODES]
+            if far == "echo":
+                cells += [us(row.get("echo_host")), "", us(row.get("ray_call"))]
+            else:
+                cells += ["", f"{us(row.get('compute_eager'))}/{us(row.get('compute_graph'))}", ""]
+            print(f"{row['batch']:>5} {far:<9}" + "".join(f"{c:>14}" for c in cells))
+    print(f"empty Ray call round trip: {result['ray_empty_call']['round_trip_us']:.1f} us")
+    b1 = result["layers"][0]
+    best = [b1[c].get("round_trip_us") for c in ("echo_both_graphs", "echo_stage_graph", "echo_eager") if c in b1]
+    best = [v for v in best if v is not None]
+    if best:
+        verdict = "met" if min(best) <= TARGET_US else "not met"
+        print(f"target <= {TARGET_US:.0f} us per layer at batch 1: best echo round trip {min(best):.1f} us ({verdict})")
+    for row in result["layers"]:
+        for name in MODES:
+            for far in FAR_SIDES:
+                error = row.get(f"{far}_{name}", {}).get("error")
+                if error:
+                    print(f"!!! b={row['batch']} {far} {name}: {error}")
+    if "global_capture" in result:
+        print(f"capture in torch's default (global) mode: {result['global_capture']}")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help=f"sizes {[label(s) for s in QUICK_SIZES]}, fewer iterations")
+    p.add_argument("--quick", action="store_true", help="fewer round trips; writes ...-quick.json")
+    p.add_argument("--hidden", type=int, default=None, help="expert hidden size (default 14336 on GPU, 512 on CPU)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds any one measurement may take")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no GPU here")
+    # Mixtral 8x7B: dim 4096, top-2 of 8 experts; a group of 4 as in deploy/examples/mixtral-2gpu-experts.yaml.
+    shape = {"dim": 4096, "hidden": args.hidden or (14336 if cuda else 512), "experts": 8, "top_k": 2, "held": 4}
     t_start = time.perf_counter()
-    ray.init(
-        address="local",
-        num_cpus=2 if args.device == "cpu" else 4,
-        include_dashboard=False,
-        object_store_memory=1024 * MiB,
-        logging_level="warning",
-    )
-    probes: list = []
+    ray.init(address="local", num_cpus=2 if not cuda else 4, include_dashboard=False, logging_level="warning")
     try:
-        if args.device == "cuda" and ray.cluster_resources().get("GPU", 0) < 2:
+        if cuda and ray.cluster_resources().get("GPU", 0) < 2:
             p.error(f"--device cuda needs 2 GPUs, Ray sees {ray.cluster_resources().get('GPU', 0)}")
         print(f"starting two probe actors on {args.device} ...", file=sys.stderr)
-        probes = start_probes(args.device, args.timeout)
+        probes = start_probes(cuda, shape, args.timeout)
         info = ray.get(probes[0].describe.remote(), timeout=args.timeout)
         if not info["device"].startswith(args.device):
             raise RuntimeError(f"asked for {args.device}, the actors run on {info['device']}")
-        measured = measure(probes, QUICK_SIZES if args.quick else SIZES, args.quick, args.timeout)
-        ray.get([p.close.remote() for p in probes], timeout=args.timeout)
+        measured = measure(probes, cuda, args.quick, args.timeout)
+        ray.get([q.close.remote() for q in probes], timeout=args.timeout)
     finally:
         ray.shutdown()
     result = {
         "machine": info,
         "quick": args.quick,
+        "shape": shape,
+        "target_round_trip_us_b1": TARGET_US,
         "method": {
-            "payload": "float32 tensor on the actor's device",
-            "statistic": "median round trip / 2, after warm-up",
-            "transport": "Transport.send then Transport.recv of the echo, timed in actor A",
-            "ray_call": "ray.get(B.echo.remote(tensor)), B returns the tensor, timed in actor A",
-            "ray_put_get": "A ray.put, B ray.get + ray.put, A ray.get (one actor call carries the refs)",
-            "clock": "perf_counter around torch.cuda.synchronize on GPU; event_one_way_us from CUDA events",
+            "round_trip": "rank 0 sends the packed (b, dim + 2k) message and receives (b, dim), as "
+            "StageRunner._experts; rank 1 receives, answers (echo: the activations; experts: the group's forward) "
+            "and sends",
+            "statistic": "median over the timed round trips after warm-up, host clock around torch.cuda.synchronize;"
+            " event_round_trip_us from CUDA events on rank 0's stream",
+            "modes": "eager: both eager; stage_graph: rank 0 replays a captured graph, rank 1 eager (the runtime "
+            "today); both_graphs: both replay captured graphs; host: through host memory on gloo",
+            "compute": "rank 1's expert forward alone, no message",
+            "ray_call": "ray.get(B.echo.remote(packed)): the tensor as an actor call's argument and result",
         },
         **measured,
     }
     result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"transport-{machine_slug(info)}{'-quick' if args.quick else ''}.json"
+    path = args.out / f"transport-moe-{machine_slug(info)}{'-quick' if args.quick else ''}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)
     print(f"\nwrote {path} in {result['elapsed_s']} s")

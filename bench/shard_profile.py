@@ -1,0 +1,157 @@
+"""Where a decode step's time goes inside one shard: a few real-shaped layers in this process, CUDA events around
+attention and the feed-forward, the profiler's top kernels, and one prompt's first chunk against the FLOP floor.
+`bench/gpu_scale.py` runs it once per model, before the placements."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from bench.ceilings import prefill_flops
+from shards.config import ModelConfig
+from shards.random_source import write_random_checkpoint
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def profile_components(
+    cfg: ModelConfig, device: torch.device, batches: list[int], layers: int, tmp: Path, seed: int, std: float
+) -> dict:
+    """A few real-shaped layers in this process: GPU time of attention and of the feed-forward (CUDA events around
+    each module, idle gaps waiting for the host included, as in a real step), the whole step's wall time, and the
+    profiler's top kernels for one decode step."""
+    from router.step import StepPlan
+    from shards.checkpoint import CheckpointReader, ShardSelection
+    from shards.kv_cache import RollingKVCache, StepLayout, cache_capacity
+    from shards.model import TransformerShard
+
+    small = replace(cfg, n_layers=layers, max_seq_len=1024)
+    ckpt = write_random_checkpoint(tmp / f"profile-{layers}", small, seed, std)
+    selection = ShardSelection.whole(small)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shard = TransformerShard.from_checkpoint(CheckpointReader(ckpt), selection, dtype, device)
+    capacity = cache_capacity(small.sliding_window, small.max_seq_len)
+    out = {"layers": layers}
+    events: dict[str, list] = {"attention": [], "ffn": []}
+    hooks = []
+    for layer in shard.layers.values():
+        ffn = layer.block_sparse_moe.experts if small.is_moe else layer.mlp  # the MoE block's experts: what runs
+        for kind, module in (("attention", layer.self_attn), ("ffn", ffn)):
+
+            def pre(_m, _a, kind=kind):
+                if device.type == "cuda":
+                    e = torch.cuda.Event(enable_timing=True)
+                    e.record()
+                    events[kind].append([e, None])
+
+            def post(_m, _a, _o, kind=kind):
+                if device.type == "cuda":
+                    e = torch.cuda.Event(enable_timing=True)
+                    e.record()
+                    events[kind][-1][1] = e
+
+            hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    for b in batches:
+        cache = RollingKVCache(list(range(layers)), b, capacity, small.n_kv_heads, small.head_dim, dtype, device)
+        plen = min(512, capacity)
+        prefill = StepPlan(list(range(b)), [0] * b, [plen] * b, torch.randint(3, small.vocab_size, (b * plen,)))
+        decode = StepPlan(list(range(b)), [plen] * b, [1] * b, torch.randint(3, small.vocab_size, (b,)))
+
+        def step(batch, cache=cache):
+            layout = StepLayout.build(batch, capacity, small.sliding_window, small.head_dim, small.rope_theta, device)
+            h = shard.embed(torch.as_tensor(batch.token_ids).to(device))
+            h = shard.run_layers(h, layout, cache)
+            return shard.logits(h[-1:])
+
+        with torch.inference_mode():
+            step(prefill)
+            for _ in range(3):
+                step(decode)
+            sync(device)
+            for v in events.values():
+                v.clear()
+            t0 = time.perf_counter()
+            for _ in range(5):
+                step(decode)
+            sync(device)
+            wall = (time.perf_counter() - t0) / 5
+            row = {"step_ms": round(1000 * wall, 3), "step_ms_per_layer": round(1000 * wall / layers, 3)}
+            for kind, pairs in events.items():
+                if pairs:
+                    row[f"{kind}_ms_per_layer"] = round(sum(a.elapsed_time(z) for a, z in pairs) / len(pairs), 4)
+            for v in events.values():
+                v.clear()
+            row["top_ops"], prof = top_ops(lambda d=decode: step(d), device)
+            row["host_syncs"] = sum(
+                e.count
+                for e in prof.key_averages()
+                if e.key
+                in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item", "aten::_local_scalar_dense")
+            )
+        out[f"batch_{b}"] = row
+        cache = None
+    out["prefill_4096"] = profile_prefill(shard, small, device, dtype, 4096)
+    for h in hooks:
+        h.remove()
+    shard = None
+    return out
+
+
+def profile_prefill(shard, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, tokens: int) -> dict:
+    """One prompt's first chunk through the profile's layers: wall time against the FLOP floor, and the top kernels."""
+    from router.step import StepPlan
+    from shards.kv_cache import RollingKVCache, StepLayout
+
+    tokens = tokens if device.type == "cuda" else 64
+    layers = len(shard.layers)
+    cache = RollingKVCache([int(i) for i in shard.layers], 1, tokens, cfg.n_kv_heads, cfg.head_dim, dtype, device)
+    batch = StepPlan([0], [0], [tokens], torch.randint(3, cfg.vocab_size, (tokens,)))
+
+    def step():
+        layout = StepLayout.build(batch, tokens, cfg.sliding_window, cfg.head_dim, cfg.rope_theta, device)
+        return shard.run_layers(shard.embed(torch.as_tensor(batch.token_ids).to(device)), layout, cache)
+
+    with torch.inference_mode():
+        step()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            step()
+        sync(device)
+        wall = (time.perf_counter() - t0) / 3
+        ops, _ = top_ops(step, device)
+    per_layer = prefill_flops(replace(cfg, n_layers=1), tokens) - 2 * cfg.vocab_size * cfg.dim  # layers only
+    return {
+        "tokens": tokens,
+        "ms_per_layer": round(1000 * wall / layers, 3),
+        "layer_flops": per_layer,
+        "tflop_per_s": round(per_layer * layers / wall / 1e12, 1),
+        "top_ops": ops,
+    }
+
+
+def top_ops(run, device: torch.device, n: int = 12) -> tuple[list[dict], torch.profiler.profile]:
+    """The profiler over one call of `run`: its `n` costliest ops (device time on GPU, host time on CPU)."""
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU]
+        + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    ) as prof:
+        run()
+        sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    averages = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
+    return [
+        {
+            "name": e.key[:80],
+            "calls": e.count,
+            "us": round(getattr(e, key, 0), 1),
+            "cpu_us": round(e.self_cpu_time_total, 1),
+        }
+        for e in averages[:n]
+    ], prof
