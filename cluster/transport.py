@@ -161,7 +161,9 @@ class Transport:
         timeout_s: float,
         device_keys: list[str],
         channels: list[ChannelKey],
+        all_via_host: bool = False,
     ) -> None:
+        """`all_via_host`: every message through host memory (gloo), as for peers that share a GPU."""
         self.rank, self.world_size, self.device = rank, world_size, device
         self.backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(
@@ -177,7 +179,8 @@ class Transport:
             if rank in (key.a, key.b):
                 peer = key.b if rank == key.a else key.a
                 shared = device_keys[rank] == device_keys[peer] and device_keys[rank] != "cpu"
-                self.channels[key] = Channel(key, group, rank, device, via_host=device.type == "cuda" and shared)
+                via_host = device.type == "cuda" and (shared or all_via_host)
+                self.channels[key] = Channel(key, group, rank, device, via_host=via_host)
 
     def channel(self, kind: str, a: int, b: int, tag: int) -> Channel:
         return self.channels[ChannelKey(kind, a, b, tag)]

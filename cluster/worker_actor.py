@@ -50,6 +50,27 @@ def data_channels(plan, workers: WorkerMap) -> list[ChannelKey]:
     return keys
 
 
+def concurrent_loops(plan, workers: WorkerMap) -> bool:
+    """Whether some worker runs more than one loop that exchanges messages (a stage and an expert service, or
+    services for several stages), each on its own communicator.
+
+    NCCL does not promise progress for operations of several communicators in flight on one GPU at once: a
+    receive spinning in one blocks the device synchronisation another may need (its lazy connection setup, a
+    memory allocation). Measured on 2 x H200: two stages whose workers also serve each other's expert groups hung
+    in the first step. Such a data plane goes through host memory (gloo) until a schedule that orders every
+    worker's messages on one communicator exists; MISTRAL_CLUSTER_CONCURRENT_NCCL=1 tries NCCL anyway (with
+    NCCL_RUNTIME_CONNECT=0, every connection made when the group forms)."""
+    for w in workers.workers:
+        served = [
+            s
+            for s, stage in enumerate(plan.stages)
+            if s not in w.stages and any(set(plan.expert_groups[g].layers) & set(stage.layers) for g in w.expert_groups)
+        ]
+        if len(w.stages) + len(served) > 1:
+            return True
+    return False
+
+
 class ShardWorker:
     def __init__(self, checkpoint: str, plan, index: int, attention_backend: str = "auto") -> None:
         self.plan, self.index = plan, index
@@ -121,6 +142,10 @@ class ShardWorker:
         """Join a fresh data plane: the process group with the other workers, the step link to the router; then
         start the loops."""
         world = len(self.workers.workers)
+        via_host = concurrent_loops(self.plan, self.workers)
+        if via_host and os.environ.get("MISTRAL_CLUSTER_CONCURRENT_NCCL") == "1":
+            via_host = False
+            os.environ.setdefault("NCCL_RUNTIME_CONNECT", "0")
         self.transport = Transport(
             self.index,
             world,
@@ -130,6 +155,7 @@ class ShardWorker:
             timeout_s,
             device_keys,
             data_channels(self.plan, self.workers),
+            all_via_host=via_host,
         )
         for runner in self.stages.values():
             runner.attach(self.transport)

@@ -1,0 +1,83 @@
+"""Which shards share a process: one worker per GPU, the channels between workers, and when messages must go through
+host memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cluster.placement import validate_against_model
+from cluster.placement_file import load_placement
+from cluster.transport import ChannelKey
+from cluster.worker_actor import concurrent_loops, data_channels
+from cluster.workers import WorkerMap, group_workers
+from shards.config import preset
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"
+MIXTRAL = preset("mixtral-8x7b")
+
+
+def plan_of(text: str, tmp_path: Path):
+    path = tmp_path / "placement.yaml"
+    path.write_text("checkpoint: c\n" + text)
+    return validate_against_model(load_placement(path), MIXTRAL)
+
+
+def example(name: str):
+    return validate_against_model(load_placement(EXAMPLES / name), MIXTRAL)
+
+
+def test_a_stage_and_an_expert_group_sharing_a_gpu_are_one_worker_with_one_whole_gpu():
+    plan = example("mixtral-2gpu-mixed.yaml")  # every shard asks for half a GPU
+    workers = group_workers(plan)
+    assert [(w.name, w.bundle) for w in workers] == [
+        ("stage0+experts0", {"CPU": 2.0, "GPU": 1.0}),
+        ("stage1+experts1", {"CPU": 2.0, "GPU": 1.0}),
+    ]
+    assert data_channels(plan, WorkerMap(workers)) == [
+        ChannelKey("pipe", 0, 1, 0),
+        ChannelKey("experts", 0, 1, 0),  # stage0 to the worker holding experts1
+        ChannelKey("experts", 1, 0, 1),  # stage1 to the worker holding experts0
+    ]
+
+
+def test_fractions_are_packed_first_fit_in_bundle_order_and_rounded_as_ray_keeps_them():
+    plan = example("mixtral-2gpu-experts.yaml")  # stage 0.2, experts 0.8 and 0.8
+    workers = group_workers(plan)
+    assert [(w.name, w.bundle) for w in workers] == [
+        ("stage0+experts0", {"CPU": 2.0, "GPU": 1.0}),  # 0.2 + 0.8, not 1.0000000000000002
+        ("experts1", {"CPU": 1.0, "GPU": 0.8}),
+    ]
+    assert WorkerMap(workers).of_group(1).index == 1 and WorkerMap(workers).of_stage(0).index == 0
+    assert data_channels(plan, WorkerMap(workers)) == [ChannelKey("experts", 0, 1, 0)]
+
+
+def test_whole_gpu_and_cpu_shards_keep_a_process_each(tmp_path):
+    stages = example("mixtral-2gpu-stages.yaml")
+    assert [w.name for w in group_workers(stages)] == ["stage0", "stage1"]
+    local = plan_of("stages: 2\nexpert_groups: 2\nresources: {CPU: 1}\n", tmp_path)
+    assert [w.name for w in group_workers(local)] == ["stage0", "experts0", "stage1", "experts1"]
+
+
+def test_shards_pinned_to_different_nodes_never_share_a_worker(tmp_path):
+    plan = plan_of(
+        "stages:\n  - layers: 0-31\n    resources: {GPU: 0.5, stage_node: 1}\n"
+        "expert_groups:\n  - experts: 0-7\n    resources: {GPU: 0.5, expert_node: 1}\n",
+        tmp_path,
+    )
+    assert [w.name for w in group_workers(plan)] == ["stage0", "experts0"]
+
+
+@pytest.mark.parametrize(
+    "name, concurrent",
+    [
+        ("mixtral-2gpu-experts.yaml", False),  # each worker runs one loop: NCCL
+        ("mixtral-2gpu-stages.yaml", False),
+        ("mixtral-2gpu-mixed.yaml", True),  # each worker runs its stage and serves the other: host memory
+        ("mixtral-8gpu-2nodes.yaml", True),  # each expert worker serves four stages
+    ],
+)
+def test_workers_running_several_message_loops_are_found(name, concurrent):
+    plan = example(name)
+    assert concurrent_loops(plan, WorkerMap(group_workers(plan))) is concurrent
