@@ -12,10 +12,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from router.scheduler import DEFAULT_MAX_SEQS, DEFAULT_TOKEN_BUDGET, SchedulerConfig
 from shards.checkpoint import DTYPES, ShardSelection
 from shards.config import ConfigError, ModelConfig
 
-DEFAULT_CHUNK = 512  # the prefill chunk when the file gives none, capped by the model's window
+DEFAULT_MICRO_BATCH_SIZE = 4  # sequences per micro-batch moving through the stages
 
 
 class PlacementError(ConfigError):
@@ -75,10 +76,11 @@ class PlacementPlan:
     strategy: str
     stages: tuple[StageSpec, ...]
     expert_groups: tuple[ExpertGroupSpec, ...] = ()
-    micro_batch_size: int = 4
-    token_budget: int = 2048
-    max_seqs: int = 32
-    chunk_size: int | None = None  # None until settled against the model: min(window, 512)
+    micro_batch_size: int = DEFAULT_MICRO_BATCH_SIZE
+    # The scheduler's numbers; their defaults are `router.scheduler.SchedulerConfig`'s, the only place they are set.
+    token_budget: int = DEFAULT_TOKEN_BUDGET
+    max_seqs: int = DEFAULT_MAX_SEQS
+    chunk_size: int | None = None  # None until settled against the model: min(window, 512, token_budget)
 
     @property
     def settled(self) -> bool:
@@ -88,6 +90,11 @@ class PlacementPlan:
             and all(s.layers is not None for s in self.stages)
             and all(g.experts is not None and g.layers is not None for g in self.expert_groups)
         )
+
+    @property
+    def scheduling(self) -> SchedulerConfig:
+        """The scheduler's part of the plan (the router builds its `Scheduler` from it)."""
+        return SchedulerConfig(self.max_seqs, self.token_budget, self.chunk_size)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -150,7 +157,7 @@ def validate_against_model(plan: PlacementPlan, config: ModelConfig) -> Placemen
 
     window = config.sliding_window or config.max_seq_len
     what = "sliding window" if config.sliding_window else "maximum sequence length"
-    chunk = plan.chunk_size if plan.chunk_size is not None else min(window, DEFAULT_CHUNK, plan.token_budget)
+    chunk = plan.scheduling.settled(window).chunk_size if plan.chunk_size is None else plan.chunk_size
     if chunk > window:
         raise PlacementError.at(plan.source, "chunk_size", f"{chunk} is larger than the model's {what} ({window})")
     return replace(plan, stages=stages, expert_groups=groups, chunk_size=chunk)

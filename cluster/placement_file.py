@@ -12,6 +12,7 @@ import math
 import os
 import re
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -183,8 +184,9 @@ def load_placement(path: str | Path, checkpoint_override: str | Path | None = No
     groups = _parse_expert_groups(check, data.get("expert_groups"), default_resources)
 
     numbers = {}
-    for key, default in (("micro_batch_size", 4), ("token_budget", 2048), ("max_seqs", 32), ("chunk_size", None)):
-        numbers[key] = check.positive_int(data[key], key) if key in data else default
+    defaults = {f.name: f.default for f in fields(PlacementPlan)}  # the plan's, which are the scheduler's
+    for key in ("micro_batch_size", "token_budget", "max_seqs", "chunk_size"):
+        numbers[key] = check.positive_int(data[key], key) if key in data else defaults[key]
     if numbers["chunk_size"] is not None and numbers["chunk_size"] > numbers["token_budget"]:
         raise check.fail(
             "chunk_size",

@@ -21,7 +21,7 @@ from cluster.transport import node_ip
 from router.engine_loop import EngineLoop, QueueFullError
 from router.generation import Completion, RequestError
 from router.sampling import SamplingParams
-from router.scheduler import Scheduler, SchedulerConfig
+from router.scheduler import Scheduler
 from router.step import (
     Admission,
     ExpertTrace,
@@ -69,8 +69,7 @@ class RouterActor:
         self.traces: deque[StepTrace] = deque(maxlen=TRACE_LIMIT)  # the router's side; stages joined when taken
         self.link: RouterLink | None = None
         self._expert_load: tuple[tuple[int, ...], ...] = ()
-        scheduling = SchedulerConfig(plan.max_seqs, plan.token_budget, plan.chunk_size).settled(self.cache_capacity)
-        scheduler = Scheduler(scheduling, config.max_seq_len, config.eos_token_id)
+        scheduler = Scheduler(plan.scheduling.settled(self.cache_capacity), config.max_seq_len, config.eos_token_id)
         self.loop = EngineLoop(
             self.step,
             scheduler,
