@@ -37,7 +37,7 @@ class ShardSupervisor:
         attention_backend: str = "auto",
         load_timeout_s: float = 300.0,
         transport_timeout_s: float = 60.0,
-        probe_timeout_s: float = 5.0,
+        probe_timeout_s: float = 2.0,
         prefix: str | None = None,
     ) -> None:
         self.plan = plan
@@ -86,8 +86,15 @@ class ShardSupervisor:
                 time.sleep(0.2)
 
     def handles(self) -> list:
-        """Current handles in rank order, found by name (works from any process, e.g. a restarted router)."""
-        return [ray.get_actor(self.actor_name(n)) for n in self.names]
+        """Current handles in rank order, found by name (from any process, e.g. a restarted router); None for a
+        worker that is not there (dead, or not restarted yet): `recover` starts it."""
+        out = []
+        for n in self.names:
+            try:
+                out.append(ray.get_actor(self.actor_name(n)))
+            except ValueError:  # no live actor of that name
+                out.append(None)
+        return out
 
     def start_all(self) -> list:
         """Start every worker and wait until each has loaded its tensors (the data plane is formed by the router)."""
@@ -141,11 +148,12 @@ class ShardSupervisor:
 
     def probe(self, handles: list) -> list[bool]:
         """Which shards answer a ping within the probe timeout (a dead or hung actor does not)."""
-        refs = [h.ping.remote() for h in handles]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.probe_timeout_s)
+        refs = [None if h is None else h.ping.remote() for h in handles]
+        sent = [r for r in refs if r is not None]
+        ready, _ = ray.wait(sent, num_returns=len(sent), timeout=self.probe_timeout_s)
         alive = []
         for ref in refs:
-            if ref not in ready:
+            if ref is None or ref not in ready:
                 alive.append(False)
                 continue
             try:
@@ -164,11 +172,12 @@ class ShardSupervisor:
         live = [(n, h) for n, h, ok in zip(self.names, handles, alive, strict=True) if ok]
         resets = {n: h.reset_transport.remote() for n, h in live}  # all at once: each may wait on the others
         for n, ref in resets.items():
-            if not self._best_effort(ref, timeout=self.probe_timeout_s * 2):
+            if not self._best_effort(ref, timeout=self.probe_timeout_s * 3):
                 dead.add(n)
         for n, h in zip(self.names, handles, strict=True):
-            if n in dead:
-                ray.kill(h, no_restart=True)
+            if n in dead and h is not None:
+                with contextlib.suppress(Exception):  # gone already
+                    ray.kill(h, no_restart=True)
         new = [self.create(n) if n in dead else h for n, h in zip(self.names, handles, strict=True)]
         self._wait_loaded(new, self.names)
         self.form_group(new, router_link)

@@ -88,9 +88,12 @@ class FakeRouter:
         end_after: int | None = None,
         error_after: tuple[int, str] | None = None,
         admission_delay_s: float = 0.0,
+        hang_after: int | None = None,
+        token_delay_s: float = 0.0,
     ) -> None:
         self.admission, self.die_after, self.alive, self.hung, self.vanish = admission, die_after, alive, hung, vanish
         self.end_after, self.error_after, self.admission_delay_s = end_after, error_after, admission_delay_s
+        self.hang_after, self.token_delay_s = hang_after, token_delay_s
         self.calls: list[tuple[list[int], list[int] | None]] = []  # (prompt_ids, resume_ids) of each stream
         self.generators: list[FakeGenerator] = []
         self.stream = FakeMethod(self._stream)
@@ -118,6 +121,11 @@ class FakeRouter:
         if gen.cancelled:
             return ray.exceptions.TaskCancelledError()
         delivered = gen.sent - 1  # tokens this stream has handed out
+        if self.hang_after is not None and delivered >= self.hang_after:
+            self.hung = True  # stopped (SIGSTOP): neither this stream nor a ping is ever answered again
+            await asyncio.Event().wait()
+        if delivered >= 0:
+            await asyncio.sleep(self.token_delay_s)
         if self.alive and self.die_after is not None and delivered >= self.die_after:
             self.kill()
         if not self.alive:
@@ -416,3 +424,20 @@ def test_the_drain_cuts_every_admitted_stream_with_a_503():
 
     assert run(scenario()) == [(503, "the server shut down before the request finished")] * 2
     assert [g.cancelled for g in router.generators] == [True, True]
+
+
+def test_a_router_that_hangs_mid_stream_is_replaced_within_the_silence_and_a_ping_and_the_stream_resumes():
+    hung, new = FakeRouter(hang_after=2), FakeRouter()
+    cluster = FakeCluster(hung, new)
+    t0 = time.monotonic()
+    assert run(admit_and_stream(client_of(cluster, silence_s=0.1), [4])) == [[40, 41, 42, 43, 44]]
+    assert time.monotonic() - t0 < 2  # silence 0.1 s + ping 0.05 s, not the request's deadline
+    assert cluster.restarted == [hung]
+    assert new.calls == [([4], [40, 41])]
+
+
+def test_a_slow_router_that_still_answers_pings_is_not_replaced_mid_stream():
+    slow = FakeRouter(token_delay_s=0.3)
+    cluster = FakeCluster(slow)
+    assert run(admit_and_stream(client_of(cluster, silence_s=0.05), [5])) == [[50, 51, 52, 53, 54]]
+    assert cluster.restarted == []
