@@ -27,6 +27,7 @@ log = logging.getLogger("mistral_cluster.serve")
 ADMIT_TRIES = 3  # routers a request may find dead on arrival (each replaced) before it gets a 503
 ADMIT_PING_S = 10.0  # a router this slow to accept a request is pinged: hung or dead ones are replaced
 PING_TIMEOUT_S = 3.0  # a router that does not answer a ping this fast is taken for dead
+RETRY_RESTART_S = 0.5  # between attempts to restart a router, while a request waits for one
 SILENCE_S = 2.0  # a stream this long without an event pings its router: a hung one is replaced within ~5 s
 
 
@@ -244,15 +245,25 @@ class RouterClient:
         return task
 
     async def replace(self, dead: ActorHandle) -> None:
-        """Wait for the router that replaces `dead` (at most `replace_timeout_s`); a 503 naming why if none comes."""
-        try:
-            await asyncio.wait_for(asyncio.shield(self.restart(dead)), timeout=self.replace_timeout_s)
-        except TimeoutError:
-            raise router_unavailable(
-                f"the router died and no new one was ready within {self.replace_timeout_s:g} s"
-            ) from None
-        except Exception as e:  # noqa: BLE001 - whatever stopped the restart is the reason the client gets
-            raise router_unavailable(f"the router died and could not be restarted: {type(e).__name__}: {e}") from None
+        """Wait for the router that replaces `dead` (at most `replace_timeout_s`). A restart that fails (its new
+        router died too, say, in a run of overlapping kills) is tried again until then; past it, a 503 naming the
+        last reason."""
+        deadline = asyncio.get_running_loop().time() + self.replace_timeout_s
+        while True:
+            left = deadline - asyncio.get_running_loop().time()
+            try:
+                await asyncio.wait_for(asyncio.shield(self.restart(dead)), timeout=max(left, 0.0))
+                return
+            except TimeoutError:
+                raise router_unavailable(
+                    f"the router died and no new one was ready within {self.replace_timeout_s:g} s"
+                ) from None
+            except Exception as e:  # noqa: BLE001 - tried again while time is left; then the client hears why
+                if deadline - asyncio.get_running_loop().time() <= RETRY_RESTART_S:
+                    raise router_unavailable(
+                        f"the router died and could not be restarted: {type(e).__name__}: {e}"
+                    ) from None
+                await asyncio.sleep(RETRY_RESTART_S)  # `restart` starts a new attempt: this one failed
 
 
 async def _first_item(generator: Any) -> Any:

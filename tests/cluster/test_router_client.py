@@ -331,10 +331,10 @@ def test_a_router_that_dies_again_after_its_replacement_is_replaced_again():
     assert (second.calls, third.calls) == ([([5], [50])], [([5], [50, 51, 52])])
 
 
-def test_a_failed_restart_is_a_503_naming_why_and_the_next_caller_tries_again():
+def test_a_restart_that_keeps_failing_is_a_503_naming_why_and_the_next_caller_tries_again():
     dead, new = FakeRouter(alive=False), FakeRouter()
     cluster = FakeCluster(dead, new, restart_error=RuntimeError("no node has the resource router_node"))
-    client = client_of(cluster)
+    client = client_of(cluster, replace_timeout_s=1.2)
 
     async def twice():
         with pytest.raises(APIError) as caught:
@@ -350,7 +350,27 @@ def test_a_failed_restart_is_a_503_naming_why_and_the_next_caller_tries_again():
         {"Retry-After": "5"},
     )
     assert tokens == [[10, 11, 12, 13, 14]]
-    assert cluster.restarted == [dead, dead]
+    assert len(cluster.restarted) >= 3 and set(cluster.restarted) == {dead}  # tried again until the timeout
+
+
+def test_a_restart_that_fails_once_is_tried_again_and_the_request_is_served():
+    """Overlapping kills: the first replacement dies while it starts; the request waits for the next one."""
+    dead, new = FakeRouter(die_after=2), FakeRouter()
+    cluster = FakeCluster(dead, new, restart_error=RuntimeError("the new router died while it started"))
+
+    async def heal_after_first_failure():
+        while not cluster.restarted:
+            await asyncio.sleep(0.01)
+        cluster.restart_error = None
+
+    async def main():
+        healer = asyncio.ensure_future(heal_after_first_failure())
+        tokens = await admit_and_stream(client_of(cluster), [6])
+        await healer
+        return tokens
+
+    assert run(main()) == [[60, 61, 62, 63, 64]]
+    assert cluster.restarted == [dead, dead] and new.calls == [([6], [60, 61])]
 
 
 def test_a_restart_slower_than_the_timeout_is_a_503():
