@@ -47,7 +47,7 @@ class RouterActor:
         step_timeout_s: float = 120.0,
         max_queued_requests: int = 256,
         on_shard_failure: str = "resume",
-        monitor_interval_s: float = 2.0,
+        monitor_interval_s: float = 1.0,
         recover_on_start: bool = False,
     ) -> None:
         if on_shard_failure not in ("resume", "fail"):
@@ -80,7 +80,7 @@ class RouterActor:
         )
 
     def _set_handles(self, handles: list) -> None:
-        self.workers = handles  # in rank order
+        self.workers = handles  # in rank order; None for a worker not (re)started yet, which recovery starts
 
     # --- health and recovery ---------------------------------------------------------------------------
 
@@ -209,7 +209,7 @@ class RouterActor:
     async def _gather_expert_load(self) -> tuple[tuple[int, ...], ...]:
         """Tokens per expert per layer, summed over the workers' gates (the last figures if a worker is slow)."""
         try:
-            loads = await asyncio.wait_for(asyncio.gather(*(w.expert_load.remote() for w in self.workers)), 2.0)
+            loads = await asyncio.wait_for(asyncio.gather(*(w.expert_load.remote() for w in self.workers if w)), 2.0)
         except Exception:  # noqa: BLE001 - a dead or busy worker: recovery deals with it, statistics wait
             return self._expert_load
         rows = [load for load in loads if load is not None]
@@ -220,14 +220,14 @@ class RouterActor:
     async def take_traces(self) -> list[StepTrace]:
         """The steps since the last call, each with every stage's result (gathered from the workers now)."""
         traces, self.traces = list(self.traces), deque(maxlen=TRACE_LIMIT)
-        results: list[list[StageResult]] = await asyncio.gather(*(w.stage_results.remote() for w in self.workers))
+        results: list[list[StageResult]] = await asyncio.gather(*(w.stage_results.remote() for w in self.workers if w))
         by_step: dict[int, list[StageResult]] = {}
         for r in (r for rs in results for r in rs):
             by_step.setdefault(r.step, []).append(r)
         return [replace(t, stages=tuple(sorted(by_step.get(t.step, []), key=lambda r: r.stage))) for t in traces]
 
     async def expert_traces(self) -> list[ExpertTrace]:
-        traces = await asyncio.gather(*(w.expert_traces.remote() for w in self.workers))
+        traces = await asyncio.gather(*(w.expert_traces.remote() for w in self.workers if w))
         return [t for ts in traces for t in ts]
 
     async def get_expert_load(self) -> list[list[int]]:

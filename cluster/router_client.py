@@ -26,7 +26,9 @@ from router.step import Admission, TokenEvent
 log = logging.getLogger("mistral_cluster.serve")
 ADMIT_TRIES = 3  # routers a request may find dead on arrival (each replaced) before it gets a 503
 ADMIT_PING_S = 10.0  # a router this slow to accept a request is pinged: hung or dead ones are replaced
-PING_TIMEOUT_S = 5.0  # a router that does not answer a ping this fast is taken for dead
+PING_TIMEOUT_S = 3.0  # a router that does not answer a ping this fast is taken for dead
+RETRY_RESTART_S = 0.5  # between attempts to restart a router, while a request waits for one
+SILENCE_S = 2.0  # a stream this long without an event pings its router: a hung one is replaced within ~5 s
 
 
 @dataclass(eq=False)
@@ -74,10 +76,11 @@ class RouterClient:
         ping_after_s: float = ADMIT_PING_S,
         ping_timeout_s: float = PING_TIMEOUT_S,
         cancel: Callable[[Any], None] = ray.cancel,
+        silence_s: float = SILENCE_S,
     ) -> None:
         self.router, self._restart, self.draining = router, restart, draining
         self.replace_timeout_s, self.admit_tries = replace_timeout_s, admit_tries
-        self.ping_after_s, self.ping_timeout_s = ping_after_s, ping_timeout_s
+        self.ping_after_s, self.ping_timeout_s, self.silence_s = ping_after_s, ping_timeout_s, silence_s
         self._cancel = cancel  # ray.cancel; a test's fake generators bring their own
         self._live: set[ChoiceStream] = set()  # admitted and not yet released: what `release_all` cuts
         self._restarting: tuple[ActorHandle, asyncio.Future] | None = None  # (the dead router, its replacement)
@@ -145,7 +148,7 @@ class RouterClient:
         try:
             while True:
                 try:
-                    async for ref in stream.generator:
+                    async for ref in self._watched(stream):
                         event = await ref
                         if event.error:
                             raise APIError(
@@ -174,6 +177,30 @@ class RouterClient:
                 code="server_shutting_down",
                 kind="server_error",
             ) from None
+
+    async def _watched(self, stream: ChoiceStream) -> AsyncIterator[Any]:
+        """The stream's object refs, as they come. A stream silent for `silence_s` pings its router: a live one (a
+        request waiting for a slot, a long prefill) is waited for, a hung one raises RayActorError (replaced by the
+        caller) instead of stalling the client until the request's deadline."""
+        pending = None
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(stream.generator.__anext__())
+                done, _ = await asyncio.wait({pending}, timeout=self.silence_s)
+                if not done:
+                    if await self.answers(stream.router):
+                        continue
+                    raise ray.exceptions.RayActorError()
+                try:
+                    ref = pending.result()
+                except StopAsyncIteration:
+                    return
+                pending = None
+                yield ref
+        finally:
+            if pending is not None:
+                pending.cancel()
 
     async def _resume(self, stream: ChoiceStream) -> None:
         """Start the choice again on the router that replaces its dead one, from the tokens it already delivered."""
@@ -218,15 +245,25 @@ class RouterClient:
         return task
 
     async def replace(self, dead: ActorHandle) -> None:
-        """Wait for the router that replaces `dead` (at most `replace_timeout_s`); a 503 naming why if none comes."""
-        try:
-            await asyncio.wait_for(asyncio.shield(self.restart(dead)), timeout=self.replace_timeout_s)
-        except TimeoutError:
-            raise router_unavailable(
-                f"the router died and no new one was ready within {self.replace_timeout_s:g} s"
-            ) from None
-        except Exception as e:  # noqa: BLE001 - whatever stopped the restart is the reason the client gets
-            raise router_unavailable(f"the router died and could not be restarted: {type(e).__name__}: {e}") from None
+        """Wait for the router that replaces `dead` (at most `replace_timeout_s`). A restart that fails (its new
+        router died too, say, in a run of overlapping kills) is tried again until then; past it, a 503 naming the
+        last reason."""
+        deadline = asyncio.get_running_loop().time() + self.replace_timeout_s
+        while True:
+            left = deadline - asyncio.get_running_loop().time()
+            try:
+                await asyncio.wait_for(asyncio.shield(self.restart(dead)), timeout=max(left, 0.0))
+                return
+            except TimeoutError:
+                raise router_unavailable(
+                    f"the router died and no new one was ready within {self.replace_timeout_s:g} s"
+                ) from None
+            except Exception as e:  # noqa: BLE001 - tried again while time is left; then the client hears why
+                if deadline - asyncio.get_running_loop().time() <= RETRY_RESTART_S:
+                    raise router_unavailable(
+                        f"the router died and could not be restarted: {type(e).__name__}: {e}"
+                    ) from None
+                await asyncio.sleep(RETRY_RESTART_S)  # `restart` starts a new attempt: this one failed
 
 
 async def _first_item(generator: Any) -> Any:

@@ -56,7 +56,7 @@ class ShardedCluster:
         max_queued_requests: int = 256,
         step_timeout_s: float = 120.0,
         on_shard_failure: str = "resume",
-        monitor_interval_s: float = 2.0,
+        monitor_interval_s: float = 1.0,
     ) -> ShardedCluster:
         plan, config = settle_placement(placement, checkpoint)
         stack = contextlib.ExitStack()

@@ -108,6 +108,11 @@ class StageRunner:
         self.expert_channels = {r: transport.channel("experts", self.rank, r, self.index) for r in peers}
         self.graphs = self._decode_graphs()
 
+    def detach(self) -> None:
+        """Drop this stage's channels (the process group is being released)."""
+        self.pipe_in = self.pipe_out = None
+        self.expert_channels = {}
+
     def _decode_graphs(self) -> DecodeGraphs | None:
         """CUDA graphs for decode steps: the layers' kernels, and the expert dispatch's NCCL messages with them, as one
         launch. Not where a message goes through host memory (that is host work in the middle of a layer).

@@ -11,12 +11,14 @@ the new data plane.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import time
 import uuid
 
 import ray
 from ray.util.placement_group import placement_group_table
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from cluster.reservation import BUILTIN_RESOURCES, lost_bundles
 from cluster.worker_actor import ShardWorker
@@ -37,7 +39,7 @@ class ShardSupervisor:
         attention_backend: str = "auto",
         load_timeout_s: float = 300.0,
         transport_timeout_s: float = 60.0,
-        probe_timeout_s: float = 5.0,
+        probe_timeout_s: float = 2.0,
         prefix: str | None = None,
     ) -> None:
         self.plan = plan
@@ -53,6 +55,7 @@ class ShardSupervisor:
         self.bundle_of = {w.name: w.index for w in self.workers}
         self.bundles = [w.bundle for w in self.workers]
         # the worker holding the last stage: it sends each step's picked tokens to the router
+        self.locations: dict = {}  # worker name -> its ShardLocation when the data plane last formed
         self.last_stage_worker = next(w.index for w in self.workers if len(plan.stages) - 1 in w.stages)
 
     # --- actors ----------------------------------------------------------------------------------------
@@ -86,8 +89,15 @@ class ShardSupervisor:
                 time.sleep(0.2)
 
     def handles(self) -> list:
-        """Current handles in rank order, found by name (works from any process, e.g. a restarted router)."""
-        return [ray.get_actor(self.actor_name(n)) for n in self.names]
+        """Current handles in rank order, found by name (from any process, e.g. a restarted router); None for a
+        worker that is not there (dead, or not restarted yet): `recover` starts it."""
+        out = []
+        for n in self.names:
+            try:
+                out.append(ray.get_actor(self.actor_name(n)))
+            except ValueError:  # no live actor of that name
+                out.append(None)
+        return out
 
     def start_all(self) -> list:
         """Start every worker and wait until each has loaded its tensors (the data plane is formed by the router)."""
@@ -129,6 +139,7 @@ class ShardSupervisor:
         """Every worker joins a fresh process group at a new rendezvous address and connects to `router_link`
         (a `cluster.step_link.RouterLink`), which accepts them meanwhile."""
         locations = ray.get([h.location.remote() for h in handles], timeout=self.load_timeout_s)
+        self.locations = dict(zip(self.names, locations, strict=True))
         keys = [loc.device_key for loc in locations]
         addr, port = ray.get(handles[0].rendezvous.remote(), timeout=self.probe_timeout_s * 4)
         refs = [h.join.remote(addr, port, self.transport_timeout_s, keys, router_link.address) for h in handles]
@@ -141,11 +152,12 @@ class ShardSupervisor:
 
     def probe(self, handles: list) -> list[bool]:
         """Which shards answer a ping within the probe timeout (a dead or hung actor does not)."""
-        refs = [h.ping.remote() for h in handles]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.probe_timeout_s)
+        refs = [None if h is None else h.ping.remote() for h in handles]
+        sent = [r for r in refs if r is not None]
+        ready, _ = ray.wait(sent, num_returns=len(sent), timeout=self.probe_timeout_s)
         alive = []
         for ref in refs:
-            if ref not in ready:
+            if ref is None or ref not in ready:
                 alive.append(False)
                 continue
             try:
@@ -162,17 +174,53 @@ class ShardSupervisor:
         alive = self.probe(handles)
         dead = {n for n, ok in zip(self.names, alive, strict=True) if not ok}
         live = [(n, h) for n, h, ok in zip(self.names, handles, alive, strict=True) if ok]
+        # The dead and the hung first: once a hung worker's process is gone its sockets close, and the live
+        # workers' loops waiting on it end at once, so their resets succeed instead of restarting them too.
+        self._kill(set(dead), handles)
         resets = {n: h.reset_transport.remote() for n, h in live}  # all at once: each may wait on the others
         for n, ref in resets.items():
-            if not self._best_effort(ref, timeout=self.probe_timeout_s * 2):
+            if not self._best_effort(ref, timeout=self.probe_timeout_s * 3):
                 dead.add(n)
-        for n, h in zip(self.names, handles, strict=True):
-            if n in dead:
-                ray.kill(h, no_restart=True)
+        self._kill({n for n in dead if n in resets}, handles)
         new = [self.create(n) if n in dead else h for n, h in zip(self.names, handles, strict=True)]
         self._wait_loaded(new, self.names)
         self.form_group(new, router_link)
         return new, {"restarted": sorted(dead), "seconds": time.monotonic() - t0}
+
+    def _kill(self, names: set[str], handles: list) -> None:
+        """Kill these workers and wait (a little) until their processes are gone. One still not known dead after
+        Ray's kill (a stopped process cannot take the request) is SIGKILLed on its own node: its pid is still its
+        own, since the process is alive."""
+        doomed = {n: h for n, h in zip(self.names, handles, strict=True) if n in names and h is not None}
+        for h in doomed.values():
+            with contextlib.suppress(Exception):  # gone already
+                ray.kill(h, no_restart=True)
+        deadline = time.monotonic() + self.probe_timeout_s
+        signalled = False
+        while doomed and time.monotonic() < deadline:
+            doomed = {n: h for n, h in doomed.items() if self._answers(h)}
+            if not signalled:
+                for n in doomed:
+                    self._sigkill_on_its_node(n)
+                signalled = True
+            time.sleep(0.05)
+
+    def _sigkill_on_its_node(self, name: str) -> None:
+        where = self.locations.get(name)
+        if where is not None:
+            on_node = NodeAffinitySchedulingStrategy(node_id=where.node_id, soft=False)
+            _sigkill.options(scheduling_strategy=on_node).remote(where.pid)
+
+    @staticmethod
+    def _answers(handle) -> bool:
+        """False once the actor is dead (its ping fails at once); True while it still answers."""
+        try:
+            ray.get(handle.ping.remote(), timeout=0.5)
+            return True
+        except ray.exceptions.RayActorError:
+            return False
+        except Exception:  # noqa: BLE001 - slow to answer: not known dead yet
+            return True
 
     def _best_effort(self, ref, timeout: float | None = None) -> bool:
         try:
@@ -185,3 +233,10 @@ class ShardSupervisor:
         for n in self.names:
             with contextlib.suppress(Exception):  # already gone
                 ray.kill(ray.get_actor(self.actor_name(n)), no_restart=True)
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _sigkill(pid: int) -> None:
+    """Kill a worker's process on its own node, whatever state it is in (stopped, hung in a kernel)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)

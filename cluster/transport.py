@@ -189,7 +189,17 @@ class Transport:
     def any_via_host(self) -> bool:
         return any(ch.via_host for ch in self.channels.values())
 
+    def abort(self) -> None:
+        """Abort every communicator (NCCL): operations waiting on a peer that is gone end with an error, so the
+        loops waiting on them can stop. A no-op for gloo, whose waits end when the peer releases its group."""
+        for ch in self.channels.values():
+            try:
+                dist.distributed_c10d._abort_process_group(ch.group)
+            except Exception:  # noqa: BLE001 - not supported by this backend, or already gone
+                pass
+
     def close(self) -> None:
+        self.channels = {}
         if dist.is_initialized():
             dist.destroy_process_group()
 

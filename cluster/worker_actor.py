@@ -12,6 +12,7 @@ cause named, and stops; recovery resets or restarts the worker.
 from __future__ import annotations
 
 import faulthandler
+import gc
 import os
 import queue
 import sys
@@ -110,6 +111,8 @@ class ShardWorker:
         self.results: deque[StageResult] = deque(maxlen=TRACE_LIMIT)
         self.errors: list[str] = []
         self._lock = threading.Lock()
+        self._joining = threading.Lock()  # a reset never runs beside a join (a router may die during one)
+        self._data_loops = 0  # loops using the process group that have not ended: the last one to end releases it
 
     # --- control plane (Ray calls) ---------------------------------------------------------------------------
 
@@ -141,6 +144,10 @@ class ShardWorker:
     ) -> str:
         """Join a fresh data plane: the process group with the other workers, the step link to the router; then
         start the loops."""
+        with self._joining:
+            return self._join(master_addr, master_port, timeout_s, device_keys, router_address)
+
+    def _join(self, master_addr, master_port, timeout_s, device_keys, router_address) -> str:
         world = len(self.workers.workers)
         via_host = concurrent_loops(self.plan, self.workers)
         if via_host and os.environ.get("MISTRAL_CLUSTER_CONCURRENT_NCCL") == "1":
@@ -188,24 +195,39 @@ class ShardWorker:
 
     def reset_transport(self) -> None:
         """Leave the data plane (a peer or the router is gone): close the link, which ends the control loop; the
-        loops end once their current step does. A loop still waiting on a peer after a few seconds means this
-        worker must be restarted: that raises."""
-        if self.link is not None:
-            self.link.close()
-        for q in self._queues:
-            q.put(None)
-        deadline = time.monotonic() + 5
-        for t in self._threads:
-            t.join(timeout=max(0.0, deadline - time.monotonic()))
-        blocked = [t.name for t in self._threads if t.is_alive()]
-        if blocked:
-            raise RuntimeError(f"{self.name}: loops {', '.join(blocked)} still blocked; restart this worker")
-        self._threads, self._queues = [], []
-        if self.transport is not None:
-            try:
-                self.transport.close()
-            finally:
-                self.transport = None
+        loops end once their current step does, or at once where a peer that is gone was to send (NCCL's waits are
+        aborted; a gloo wait ends when its peer's process group is released). A loop still waiting on a peer after
+        a few seconds means this worker must be restarted: that raises."""
+        with self._joining:
+            if self.link is not None:
+                self.link.close()
+            for q in self._queues:
+                q.put(None)
+            if self.device.type == "cuda" and self.transport is not None:
+                self.transport.abort()
+            deadline = time.monotonic() + 3
+            for t in self._threads:
+                t.join(timeout=max(0.0, deadline - time.monotonic()))
+            blocked = [t.name for t in self._threads if t.is_alive()]
+            if blocked:
+                raise RuntimeError(f"{self.name}: loops {', '.join(blocked)} still blocked; restart this worker")
+            self._threads, self._queues = [], []
+            self._release_transport()
+
+    def _release_transport(self) -> None:
+        """Destroy the process group and drop every reference to it: its sockets close, so a peer still waiting on
+        this worker for a message (its loop blocked in a gloo receive) fails at once instead of at the timeout."""
+        with self._lock:
+            transport, self.transport = self.transport, None
+        if transport is None:
+            return
+        for runner in self.stages.values():
+            runner.detach()
+        for server in self.servers:
+            server.channel = None
+        transport.close()
+        del transport
+        gc.collect()
 
     def ping(self) -> str:
         return self.name
@@ -243,6 +265,7 @@ class ShardWorker:
         work = [(f"stage{s}", self._stage_loop, runner) for s, runner in self.stages.items()]
         work += [(f"serve-stage{srv.stage}", self._serve_loop, srv) for srv in self.servers]
         self._queues = [queue.Queue() for _ in work]
+        self._data_loops = len(work)
         self._threads = [threading.Thread(target=self._control_loop, name="control", daemon=True)]
         for (name, loop, target), q in zip(work, self._queues, strict=True):
             self._threads.append(
@@ -268,11 +291,20 @@ class ShardWorker:
     def _on_stream(self, loop, target, q: queue.Queue) -> None:
         # Each loop on its own CUDA stream: a loop waiting for one peer's message must not hold up another loop's
         # work on a shared stream (that deadlocked a two-stage pipeline with expert groups).
-        if self.device.type == "cuda":
-            with torch.cuda.stream(torch.cuda.Stream(self.device)):
+        try:
+            if self.device.type == "cuda":
+                with torch.cuda.stream(torch.cuda.Stream(self.device)):
+                    loop(target, q)
+            else:
                 loop(target, q)
-        else:
-            loop(target, q)
+        finally:
+            with self._lock:
+                self._data_loops -= 1
+                last = self._data_loops == 0
+            if last and self.device.type != "cuda":
+                # Every loop that used the group has ended (failed, or told to stop): release it now, so peers
+                # waiting on this worker hear of it before recovery even starts. (On a GPU the reset aborts.)
+                self._release_transport()
 
     def _stage_loop(self, runner: StageRunner, q: queue.Queue) -> None:
         while (wire := q.get()) is not None:

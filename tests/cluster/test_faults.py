@@ -7,9 +7,11 @@ MISTRAL_CLUSTER_FAULTS_OUT names a file (bench/faults.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import random
 import signal
 import threading
 import time
@@ -120,11 +122,13 @@ def start_server(nodes, checkpoint, tmp_path: Path, on_shard_failure: str, name:
     return base
 
 
-def stream_tokens(base: str, prompt: list[int], first_token: threading.Event, i: int) -> dict:
+def stream_tokens(
+    base: str, prompt: list[int], first_token: threading.Event, i: int, max_tokens: int = NEW_TOKENS
+) -> dict:
     """One streaming request; returns its token ids, error events and whether [DONE] came."""
     body = {
         "prompt": prompt,
-        "max_tokens": NEW_TOKENS,
+        "max_tokens": max_tokens,
         "stream": True,
         "ignore_eos": True,
         "return_token_ids": True,
@@ -177,12 +181,13 @@ class HealthWatch:
         return None if back is None else back - since
 
 
-def run_with_fault(base: str, prompts, inject) -> tuple[list[dict], float | None]:
+def run_with_fault(base: str, prompts, inject, max_tokens: int = NEW_TOKENS) -> tuple[list[dict], float | None]:
     watch = HealthWatch(base)
     started = [threading.Event() for _ in prompts]
     with ThreadPoolExecutor(len(prompts)) as pool:
         futures = [
-            pool.submit(stream_tokens, base, p, e, i) for i, (p, e) in enumerate(zip(prompts, started, strict=True))
+            pool.submit(stream_tokens, base, p, e, i, max_tokens)
+            for i, (p, e) in enumerate(zip(prompts, started, strict=True))
         ]
         for e in started:
             assert e.wait(120), "a stream produced no token before the fault"
@@ -325,6 +330,88 @@ def test_requests_after_the_router_died_while_idle_restart_it_and_get_transforme
     assert whole.json()["choices"][0]["token_ids"] == expected
     assert streamed["done"] and not streamed["errors"] and streamed["tokens"] == expected
     assert len(live_routers()) == 1 and live_routers()[0] != dead
+
+
+def kill_process(name: str) -> None:
+    """SIGKILL the process of a worker (`stage0`, `experts1`, ...) or of the router (`router`), if it is alive."""
+    try:
+        pid = router_actor()["Pid"] if name == "router" else shard_pid(name)
+    except StopIteration:
+        return  # not there right now (being restarted): nothing to kill
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_overlapping_kills_of_a_stage_an_expert_group_and_the_router_converge(resume_server, prompts_and_expected):
+    """The cascade that once left the service down for good: a stage, 1.5 s later an expert group (while the first
+    recovery runs), 1.5 s later the router (whose replacement finds a worker missing and must start it)."""
+    prompts, expected = prompts_and_expected
+
+    def cascade() -> None:
+        kill_process("stage0")
+        time.sleep(1.5)
+        kill_process("experts1")
+        time.sleep(1.5)
+        kill_process("router")
+
+    results, recovery = run_with_fault(resume_server, prompts, cascade)
+    check_resumed("cascade: stage0, experts1, router", results, expected, recovery)
+    next_requests_are_exact(resume_server, prompts, expected)
+
+
+@pytest.mark.parametrize("name", ["experts0", "stage1", "router"])
+def test_a_hung_process_is_found_and_replaced_within_seconds(resume_server, prompts_and_expected, name):
+    """SIGSTOP: alive, not answering. The monitor's ping (workers) or the ingress's silence watchdog (router) finds
+    it; it is killed and replaced like a dead one, and the streams go on with exactly their tokens."""
+    prompts, expected = prompts_and_expected
+    pid = router_actor()["Pid"] if name == "router" else shard_pid(name)
+    stalls: list[float] = []
+
+    def hang() -> None:
+        os.kill(pid, signal.SIGSTOP)
+        stalls.append(time.monotonic())
+
+    try:
+        results, recovery = run_with_fault(resume_server, prompts, hang)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)  # recovery killed it; if not, let it go so the cluster can shut down
+    RESULTS[f"SIGSTOP {name}"] = {"recovery_seconds": None if recovery is None else round(recovery, 2)}
+    for r, e in zip(results, expected, strict=True):
+        assert r["done"] and not r["errors"], r["errors"]
+        assert r["tokens"] == e
+    if name != "router":  # a hung router is replaced by the ingress; the workers' health is not touched
+        assert recovery is not None and recovery < 30, recovery
+    next_requests_are_exact(resume_server, prompts, expected)
+
+
+def test_a_seeded_random_sequence_of_kills_loses_no_token(resume_server, checkpoint):
+    """Six kills of every role at seeded random moments, some during a recovery, while 8 long streams run."""
+    rng = random.Random(2026)
+    prompts = random_prompts([5, 9, WINDOW, 20, 3 * WINDOW, 7, 2 * WINDOW + 3, 12], seed=94)
+    long = 4 * NEW_TOKENS
+    params = [SamplingParams(max_tokens=long, ignore_eos=True, **sampling(i)) for i in range(len(prompts))]
+    expected = [e.token_ids for e in generate(LocalEngine(checkpoint, max_seqs=8), prompts, params)]
+    kills = [
+        (rng.choice(["stage0", "stage1", "experts0", "experts1", "router"]), rng.uniform(0.3, 3.0)) for _ in range(6)
+    ]
+
+    def sequence() -> None:
+        for name, pause in kills:
+            kill_process(name)
+            time.sleep(pause)
+
+    results, recovery = run_with_fault(resume_server, prompts, sequence, max_tokens=long)
+    RESULTS["six seeded kills"] = {
+        "kills": [[n, round(p, 2)] for n, p in kills],
+        "recovery_seconds": None if recovery is None else round(recovery, 2),
+        "identical": [r["tokens"] == e for r, e in zip(results, expected, strict=True)],
+    }
+    for r, e in zip(results, expected, strict=True):
+        assert r["done"] and not r["errors"], r["errors"]
+        assert r["tokens"] == e
+    # seeded per (request, token index): a shorter request is the longer one's first tokens
+    next_requests_are_exact(resume_server, prompts, [e[:NEW_TOKENS] for e in expected])
 
 
 def test_losing_the_expert_node_moves_its_shards_to_a_node_with_the_resource(

@@ -88,9 +88,12 @@ class FakeRouter:
         end_after: int | None = None,
         error_after: tuple[int, str] | None = None,
         admission_delay_s: float = 0.0,
+        hang_after: int | None = None,
+        token_delay_s: float = 0.0,
     ) -> None:
         self.admission, self.die_after, self.alive, self.hung, self.vanish = admission, die_after, alive, hung, vanish
         self.end_after, self.error_after, self.admission_delay_s = end_after, error_after, admission_delay_s
+        self.hang_after, self.token_delay_s = hang_after, token_delay_s
         self.calls: list[tuple[list[int], list[int] | None]] = []  # (prompt_ids, resume_ids) of each stream
         self.generators: list[FakeGenerator] = []
         self.stream = FakeMethod(self._stream)
@@ -118,6 +121,11 @@ class FakeRouter:
         if gen.cancelled:
             return ray.exceptions.TaskCancelledError()
         delivered = gen.sent - 1  # tokens this stream has handed out
+        if self.hang_after is not None and delivered >= self.hang_after:
+            self.hung = True  # stopped (SIGSTOP): neither this stream nor a ping is ever answered again
+            await asyncio.Event().wait()
+        if delivered >= 0:
+            await asyncio.sleep(self.token_delay_s)
         if self.alive and self.die_after is not None and delivered >= self.die_after:
             self.kill()
         if not self.alive:
@@ -323,10 +331,10 @@ def test_a_router_that_dies_again_after_its_replacement_is_replaced_again():
     assert (second.calls, third.calls) == ([([5], [50])], [([5], [50, 51, 52])])
 
 
-def test_a_failed_restart_is_a_503_naming_why_and_the_next_caller_tries_again():
+def test_a_restart_that_keeps_failing_is_a_503_naming_why_and_the_next_caller_tries_again():
     dead, new = FakeRouter(alive=False), FakeRouter()
     cluster = FakeCluster(dead, new, restart_error=RuntimeError("no node has the resource router_node"))
-    client = client_of(cluster)
+    client = client_of(cluster, replace_timeout_s=1.2)
 
     async def twice():
         with pytest.raises(APIError) as caught:
@@ -342,7 +350,27 @@ def test_a_failed_restart_is_a_503_naming_why_and_the_next_caller_tries_again():
         {"Retry-After": "5"},
     )
     assert tokens == [[10, 11, 12, 13, 14]]
-    assert cluster.restarted == [dead, dead]
+    assert len(cluster.restarted) >= 3 and set(cluster.restarted) == {dead}  # tried again until the timeout
+
+
+def test_a_restart_that_fails_once_is_tried_again_and_the_request_is_served():
+    """Overlapping kills: the first replacement dies while it starts; the request waits for the next one."""
+    dead, new = FakeRouter(die_after=2), FakeRouter()
+    cluster = FakeCluster(dead, new, restart_error=RuntimeError("the new router died while it started"))
+
+    async def heal_after_first_failure():
+        while not cluster.restarted:
+            await asyncio.sleep(0.01)
+        cluster.restart_error = None
+
+    async def main():
+        healer = asyncio.ensure_future(heal_after_first_failure())
+        tokens = await admit_and_stream(client_of(cluster), [6])
+        await healer
+        return tokens
+
+    assert run(main()) == [[60, 61, 62, 63, 64]]
+    assert cluster.restarted == [dead, dead] and new.calls == [([6], [60, 61])]
 
 
 def test_a_restart_slower_than_the_timeout_is_a_503():
@@ -416,3 +444,20 @@ def test_the_drain_cuts_every_admitted_stream_with_a_503():
 
     assert run(scenario()) == [(503, "the server shut down before the request finished")] * 2
     assert [g.cancelled for g in router.generators] == [True, True]
+
+
+def test_a_router_that_hangs_mid_stream_is_replaced_within_the_silence_and_a_ping_and_the_stream_resumes():
+    hung, new = FakeRouter(hang_after=2), FakeRouter()
+    cluster = FakeCluster(hung, new)
+    t0 = time.monotonic()
+    assert run(admit_and_stream(client_of(cluster, silence_s=0.1), [4])) == [[40, 41, 42, 43, 44]]
+    assert time.monotonic() - t0 < 2  # silence 0.1 s + ping 0.05 s, not the request's deadline
+    assert cluster.restarted == [hung]
+    assert new.calls == [([4], [40, 41])]
+
+
+def test_a_slow_router_that_still_answers_pings_is_not_replaced_mid_stream():
+    slow = FakeRouter(token_delay_s=0.3)
+    cluster = FakeCluster(slow)
+    assert run(admit_and_stream(client_of(cluster, silence_s=0.05), [5])) == [[50, 51, 52, 53, 54]]
+    assert cluster.restarted == []
