@@ -11,6 +11,7 @@ join and streams flow while a step is in flight.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from dataclasses import replace
@@ -35,6 +36,7 @@ from router.step import (
 from shards.config import ModelConfig
 from shards.kv_cache import cache_capacity
 
+log = logging.getLogger("mistral_cluster.router")
 TRACE_LIMIT = 10_000  # steps remembered for `--profile` and benchmarks
 
 
@@ -108,7 +110,11 @@ class RouterActor:
             if self._recovering.locked():
                 continue
             generation = self.generation
-            alive = await asyncio.to_thread(self.supervisor.probe, self.workers)
+            try:
+                alive = await asyncio.to_thread(self.supervisor.probe, self.workers)
+            except Exception as e:  # noqa: BLE001 - the monitor must outlive any one probe: it is how hangs are found
+                log.warning("probing the workers failed: %s: %s", type(e).__name__, e)
+                continue
             if not all(alive):
                 down = [n for n, ok in zip(self.supervisor.names, alive, strict=True) if not ok]
                 await self.recover(f"worker(s) {', '.join(down)} not answering", generation)

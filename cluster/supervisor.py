@@ -143,84 +143,80 @@ class ShardSupervisor:
         keys = [loc.device_key for loc in locations]
         addr, port = ray.get(handles[0].rendezvous.remote(), timeout=self.probe_timeout_s * 4)
         refs = [h.join.remote(addr, port, self.transport_timeout_s, keys, router_link.address) for h in handles]
-        try:
-            router_link.accept(len(handles), self.load_timeout_s)
-        finally:  # a join that failed says why, which beats the accept's timeout
-            ray.get(refs, timeout=self.load_timeout_s)
+        deadline = time.monotonic() + self.load_timeout_s
+        while not router_link.accept(len(handles), timeout_s=0.5):
+            # A join that failed (its worker died meanwhile, a peer never came) fails the formation now, naming
+            # why: the recovery that called this tries again, instead of waiting out the accept's deadline.
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            for ref in done:
+                ray.get(ref)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"workers did not join the data plane in {self.load_timeout_s:g} s")
+        ray.get(refs, timeout=self.load_timeout_s)
 
     # --- health and recovery ---------------------------------------------------------------------------
 
     def probe(self, handles: list) -> list[bool]:
-        """Which shards answer a ping within the probe timeout (a dead or hung actor does not)."""
+        """Which workers answer a ping within the probe timeout (a dead or hung actor does not)."""
+        return [state == "alive" for state in self.states(handles)]
+
+    def states(self, handles: list) -> list[str]:
+        """Each worker's state: `alive`, `dead` (gone: its ping fails, or there is no actor) or `hung` (alive, but
+        no answer to a ping within the probe timeout: stopped, or stuck holding the GIL)."""
         refs = [None if h is None else h.ping.remote() for h in handles]
         sent = [r for r in refs if r is not None]
         ready, _ = ray.wait(sent, num_returns=len(sent), timeout=self.probe_timeout_s)
-        alive = []
+        states = []
         for ref in refs:
-            if ref is None or ref not in ready:
-                alive.append(False)
-                continue
-            try:
-                ray.get(ref)
-                alive.append(True)
-            except Exception:  # noqa: BLE001 - RayActorError and friends: that shard is gone
-                alive.append(False)
-        return alive
+            if ref is None:
+                states.append("dead")
+            elif ref not in ready:
+                states.append("hung")
+            else:
+                try:
+                    ray.get(ref)
+                    states.append("alive")
+                except Exception:  # noqa: BLE001 - RayActorError and friends: that worker is gone
+                    states.append("dead")
+        return states
 
     def recover(self, handles: list, router_link) -> tuple[list, dict]:
         """Restart dead workers in their bundles, reset the live ones, re-form the data plane with `router_link`.
         Returns the new handles and a report (which workers were restarted, how long it took)."""
         t0 = time.monotonic()
-        alive = self.probe(handles)
-        dead = {n for n, ok in zip(self.names, alive, strict=True) if not ok}
-        live = [(n, h) for n, h, ok in zip(self.names, handles, alive, strict=True) if ok]
+        states = dict(zip(self.names, self.states(handles), strict=True))
+        dead = {n for n, state in states.items() if state != "alive"}
+        live = [(n, h) for n, h in zip(self.names, handles, strict=True) if states[n] == "alive"]
         # The dead and the hung first: once a hung worker's process is gone its sockets close, and the live
         # workers' loops waiting on it end at once, so their resets succeed instead of restarting them too.
-        self._kill(set(dead), handles)
+        self._kill(dead, {n for n in dead if states[n] == "hung"}, handles)
         resets = {n: h.reset_transport.remote() for n, h in live}  # all at once: each may wait on the others
         for n, ref in resets.items():
             if not self._best_effort(ref, timeout=self.probe_timeout_s * 3):
                 dead.add(n)
-        self._kill({n for n in dead if n in resets}, handles)
+        blocked = {n for n in dead if n in resets}
+        self._kill(blocked, blocked, handles)
         new = [self.create(n) if n in dead else h for n, h in zip(self.names, handles, strict=True)]
         self._wait_loaded(new, self.names)
         self.form_group(new, router_link)
         return new, {"restarted": sorted(dead), "seconds": time.monotonic() - t0}
 
-    def _kill(self, names: set[str], handles: list) -> None:
-        """Kill these workers and wait (a little) until their processes are gone. One still not known dead after
-        Ray's kill (a stopped process cannot take the request) is SIGKILLed on its own node: its pid is still its
-        own, since the process is alive."""
-        doomed = {n: h for n, h in zip(self.names, handles, strict=True) if n in names and h is not None}
-        for h in doomed.values():
-            with contextlib.suppress(Exception):  # gone already
-                ray.kill(h, no_restart=True)
-        deadline = time.monotonic() + self.probe_timeout_s
-        signalled = False
-        while doomed and time.monotonic() < deadline:
-            doomed = {n: h for n, h in doomed.items() if self._answers(h)}
-            if not signalled:
-                for n in doomed:
-                    self._sigkill_on_its_node(n)
-                signalled = True
-            time.sleep(0.05)
-
-    def _sigkill_on_its_node(self, name: str) -> None:
-        where = self.locations.get(name)
-        if where is not None:
-            on_node = NodeAffinitySchedulingStrategy(node_id=where.node_id, soft=False)
-            _sigkill.options(scheduling_strategy=on_node).remote(where.pid)
-
-    @staticmethod
-    def _answers(handle) -> bool:
-        """False once the actor is dead (its ping fails at once); True while it still answers."""
-        try:
-            ray.get(handle.ping.remote(), timeout=0.5)
-            return True
-        except ray.exceptions.RayActorError:
-            return False
-        except Exception:  # noqa: BLE001 - slow to answer: not known dead yet
-            return True
+    def _kill(self, names: set[str], hung: set[str], handles: list) -> None:
+        """Kill these workers. Ray's kill cannot reach a process that does not answer (stopped, stuck), though Ray
+        counts the actor dead at once: the `hung` ones, alive a moment ago so their pids are still their own, are
+        also SIGKILLed on their own node, and waited for, since only their death closes the sockets peers wait on."""
+        for n, h in zip(self.names, handles, strict=True):
+            if n in names and h is not None:
+                with contextlib.suppress(Exception):  # gone already
+                    ray.kill(h, no_restart=True)
+        refs = []
+        for n in hung:
+            where = self.locations.get(n)
+            if where is not None:
+                on_node = NodeAffinitySchedulingStrategy(node_id=where.node_id, soft=False)
+                refs.append(_sigkill.options(scheduling_strategy=on_node).remote(where.pid))
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=3 * self.probe_timeout_s)
 
     def _best_effort(self, ref, timeout: float | None = None) -> bool:
         try:

@@ -25,6 +25,8 @@ import torch.distributed as dist
 
 from router.step import TransportTally
 
+RENDEZVOUS_TIMEOUT_S = 10.0
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -166,12 +168,17 @@ class Transport:
         """`all_via_host`: every message through host memory (gloo), as for peers that share a GPU."""
         self.rank, self.world_size, self.device = rank, world_size, device
         self.backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        # The rendezvous has a deadline of its own, shorter than the operations': a worker that died while the group
+        # formed fails the others' joins in seconds, and recovery tries again.
+        store = dist.TCPStore(
+            master_addr,
+            master_port,
+            world_size,
+            is_master=rank == 0,
+            timeout=timedelta(seconds=min(timeout_s, RENDEZVOUS_TIMEOUT_S)),
+        )
         dist.init_process_group(
-            backend=self.backend,
-            init_method=f"tcp://{master_addr}:{master_port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=timedelta(seconds=timeout_s),
+            backend=self.backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
         )
         self.channels: dict[ChannelKey, Channel] = {}
         for key in channels:  # every rank creates every channel, in one order: new_group is collective

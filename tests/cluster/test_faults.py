@@ -376,7 +376,12 @@ def test_a_hung_process_is_found_and_replaced_within_seconds(resume_server, prom
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)  # recovery killed it; if not, let it go so the cluster can shut down
-    RESULTS[f"SIGSTOP {name}"] = {"recovery_seconds": None if recovery is None else round(recovery, 2)}
+    health = ray.get(ray.get_actor(router_actor()["Name"]).stats.remote()).health
+    RESULTS[f"SIGSTOP {name}"] = {
+        "recovery_seconds": None if recovery is None else round(recovery, 2),
+        "restarted": list(health.restarted[-1]) if health.restarted else [],
+        "last_recovery_seconds": health.last_recovery_seconds,
+    }
     for r, e in zip(results, expected, strict=True):
         assert r["done"] and not r["errors"], r["errors"]
         assert r["tokens"] == e
