@@ -54,6 +54,10 @@ def test_generate_json_gives_transformers_greedy_tokens_for_a_packed_batch(cli_c
         (["--prompt", "hi", "--max-tokens", "-3"], "--max-tokens must be at least 1, got -3"),
         (["--prompt", "hi", "--temperature", "7"], "temperature must be between 0 and 2, got 7.0"),
         (["--prompt", "word " * 3000], "over the model's maximum context of 2048 tokens"),
+        (
+            ["--prompt", "hi", "--chunk-size", "9"],
+            "--chunk-size 9 is larger than the model's KV cache of 8 rows per sequence",
+        ),
     ],
 )
 def test_bad_generate_input_is_one_line_error_with_status_2(cli_checkpoint, capsys, extra, message):
