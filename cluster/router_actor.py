@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import replace
@@ -79,7 +80,10 @@ class RouterActor:
             max_queued_requests,
             recover=self._recover_after_step,
             resume=on_shard_failure == "resume",
+            steps_in_flight=steps_in_flight(plan),
         )
+        self._send_order = asyncio.Lock()  # plans go out in step order...
+        self._read_done: asyncio.Future | None = None  # ...and results are read in the same order
 
     def _set_handles(self, handles: list) -> None:
         self.workers = handles  # in rank order; None for a worker not (re)started yet, which recovery starts
@@ -158,13 +162,25 @@ class RouterActor:
             self._ready.set()
 
     async def step(self, plan: StepPlan) -> StepOutput:
-        """Execute one step: the plan to every worker on the step link, the last stage's picks back."""
+        """Execute one step: the plan to every worker on the step link, the last stage's picks back. Several steps
+        may be in flight (one per stage): each sends in turn, then reads its result after the one sent before."""
         await self._ready.wait()
         self._step_generation = self.generation
-        step, link = self.steps, self.link
-        self.steps += 1
+        link = self.link
         t0, called = time.perf_counter(), time.time()
-        message = await asyncio.to_thread(self._exchange, link, step, plan)
+        async with self._send_order:
+            step = self.steps
+            self.steps += 1
+            await asyncio.to_thread(link.send_plan, encode_plan(step, plan, self.plan.micro_batch_size))
+            before, done = self._read_done, asyncio.get_running_loop().create_future()
+            self._read_done = done
+        try:
+            if before is not None:
+                await asyncio.wait({before})  # its outcome is its own step's: only the order matters here
+            last = self.supervisor.last_stage_worker
+            message = await asyncio.to_thread(link.recv_result, last, self.step_timeout_s)
+        finally:
+            done.set_result(None)
         returned = time.time()
         output = decode_result(message, plan, self.config.vocab_size)
         n_microbatches = -(-len(plan.slots) // self.plan.micro_batch_size)
@@ -173,10 +189,6 @@ class RouterActor:
             StepTrace(step, plan.n_tokens, len(plan.slots), n_microbatches, seconds, called, returned, ())
         )
         return output
-
-    def _exchange(self, link: RouterLink, step: int, plan: StepPlan):
-        link.send_plan(encode_plan(step, plan, self.plan.micro_batch_size))
-        return link.recv_result(self.supervisor.last_stage_worker, self.step_timeout_s)
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams, resume_ids: list[int] | None = None):
         """Ray streaming generator. First item: an `Admission`, so the caller can answer 400/429 before it starts a
@@ -238,3 +250,9 @@ class RouterActor:
 
     async def get_expert_load(self) -> list[list[int]]:
         return [list(row) for row in await self._gather_expert_load()]
+
+
+def steps_in_flight(plan) -> int:
+    """Steps kept in flight: one per pipeline stage, so every stage has a step to work on (vLLM's batch queue does
+    the same). MISTRAL_CLUSTER_STEPS_IN_FLIGHT overrides it (1: one step at a time)."""
+    return int(os.environ.get("MISTRAL_CLUSTER_STEPS_IN_FLIGHT", len(plan.stages)))

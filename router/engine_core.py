@@ -7,11 +7,14 @@ The core knows nothing of where the model runs: `execute` is given a `StepPlan` 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from router.scheduler import Scheduler, Sequence
+from router.scheduler import ScheduledStep, Scheduler, Sequence
 from router.step import StepOutput, StepPlan
 
 ExecuteFn = Callable[[StepPlan], Awaitable[StepOutput]]
@@ -28,28 +31,50 @@ class CoreCounters:
 
 
 class EngineCore:
-    def __init__(self, scheduler: Scheduler, execute: ExecuteFn) -> None:
+    def __init__(self, scheduler: Scheduler, execute: ExecuteFn, steps_in_flight: int = 1) -> None:
+        """`steps_in_flight`: steps executing at once (vLLM keeps one per pipeline stage in flight): step N+1 is sent
+        before step N's tokens are back, so with two stages both work at once. Each step's output is processed in
+        the order the steps were scheduled."""
+        if steps_in_flight < 1:
+            raise ValueError(f"steps_in_flight must be at least 1, got {steps_in_flight}")
         self.scheduler = scheduler
         self.execute = execute
+        self.steps_in_flight = steps_in_flight
         self.counters = CoreCounters()
+        self._in_flight: deque[tuple[ScheduledStep, asyncio.Future, float]] = deque()
 
     async def step(self) -> list[Sequence] | None:
         """Run one step; returns the sequences that got a token or ended, or None when there was nothing to run.
 
-        Raises `StepFailed` when the execution failed: the step's sequences have been marked cached up to the
-        tokens it carried, so the caller either recovers (`Scheduler.forget_caches` re-prefills them) or ends them.
+        With several steps in flight this schedules up to `steps_in_flight` of them, then waits for the oldest.
+        Raises `StepFailed` when an execution failed; every other step in flight is then dropped too. The steps'
+        sequences were marked cached up to the tokens they carried, so the caller either recovers
+        (`Scheduler.forget_caches` re-prefills them) or ends them.
         """
-        scheduled = self.scheduler.schedule()
-        if scheduled is None:
+        while len(self._in_flight) < self.steps_in_flight:
+            scheduled = self.scheduler.schedule(self.steps_in_flight)
+            if scheduled is None:
+                break
+            future = asyncio.ensure_future(self.execute(scheduled.plan))
+            self._in_flight.append((scheduled, future, time.perf_counter()))
+        if not self._in_flight:
             return None
-        t0 = time.perf_counter()
+        scheduled, future, t0 = self._in_flight.popleft()
         try:
-            out = await self.execute(scheduled.plan)
+            out = await future
         except Exception as e:  # noqa: BLE001 - whatever the executor raised is the step's failure
+            await self._drop_in_flight()
             raise StepFailed(f"{type(e).__name__}: {e}") from e
         self.counters.steps += 1
         self.counters.step_seconds += time.perf_counter() - t0
         return self.scheduler.process(scheduled, out)
+
+    async def _drop_in_flight(self) -> None:
+        """Wait for the other steps in flight to end (they fail with the data plane they ran on) and forget them."""
+        while self._in_flight:
+            _, future, _ = self._in_flight.popleft()
+            with contextlib.suppress(Exception):
+                await future
 
     async def run_until_done(self) -> None:
         """Step until no request is left (the offline path: every request was added before)."""

@@ -52,11 +52,12 @@ class EngineLoop:
         max_queued_requests: int = 256,
         recover: Callable[[str], Awaitable[None]] | None = None,
         resume: bool = True,
+        steps_in_flight: int = 1,
     ) -> None:
         """`recover(reason)` brings the shards back after a failed step (None: every request of the step fails).
         With `resume`, requests in flight continue after recovery, their caches rebuilt; otherwise they end with
         an error and only queued requests go on."""
-        self.core = EngineCore(scheduler, execute)
+        self.core = EngineCore(scheduler, execute, steps_in_flight)
         self._recover = recover
         self.resume = resume
         self.scheduler = scheduler

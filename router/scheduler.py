@@ -144,19 +144,24 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledStep | None:
+    def schedule(self, groups: int = 1) -> ScheduledStep | None:
+        """The next step. `groups`: how many steps are kept in flight at once (one per pipeline stage); a step then
+        takes at most its share of the running sequences, so the others form the next step and every stage has
+        work. A sequence in a step in flight has nothing pending (its token is not back), unless it is prefilling:
+        its next chunk may go in the next step, which every stage runs after this one."""
         while self.waiting and self.slots.free:
             seq = self.waiting.popleft()
             seq.slot = self.slots.take()
             self.running.append(seq)
         budget = self.token_budget
+        room = -(-len(self.running) // groups)  # ceil: the sequences one step may take
         chosen: list[tuple[Sequence, int]] = []
         for seq in self.running:  # decode tokens first
-            if seq.pending == 1 and budget:
+            if seq.pending == 1 and budget and len(chosen) < room:
                 chosen.append((seq, 1))
                 budget -= 1
         for seq in self.running:
-            if seq.pending > 1 and budget:
+            if seq.pending > 1 and budget and len(chosen) < room:
                 n = min(seq.pending, self.chunk_size, budget)
                 chosen.append((seq, n))
                 budget -= n

@@ -86,18 +86,24 @@ def test_greedy_tokens_equal_one_process_and_transformers(sharded, checkpoint, h
 
 
 def test_stages_work_on_different_microbatches_at_the_same_time(sharded):
+    """Micro-batches flow through the stages, and so do steps: with two stages, two steps are in flight, each with
+    half the running sequences, so stage0 works on the next micro-batch or step while stage1 works on this one."""
     sharded.take_traces()
     prompts = random_prompts([WINDOW] * 4, seed=41)
-    sharded.generate(prompts, SamplingParams(max_tokens=2, ignore_eos=True))
-    overlapped = False
-    for step in sharded.take_traces():
-        first, second = (s.spans for s in sorted(step.stages, key=lambda s: s.stage))
-        assert len(first) == 4  # micro_batch_size 1: one micro-batch per sequence
-        for m in range(len(first) - 1):
-            nxt, cur = first[m + 1], second[m]
-            if nxt.start < cur.end and cur.start < nxt.end:
-                overlapped = True
-    assert overlapped, "stage0 never worked on micro-batch m+1 while stage1 worked on m"
+    sharded.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))
+    traces = sharded.take_traces()
+    decode = [t for t in traces if t.tokens == t.sequences]
+    assert decode and all(t.sequences <= 2 for t in traces)  # 4 sequences, 2 steps in flight: at most 2 a step
+    spans = {0: [], 1: []}  # per stage, every micro-batch it ran, in the order it ran them
+    for t in sorted(traces, key=lambda t: t.step):
+        for stage in t.stages:
+            spans[stage.stage] += list(stage.spans)
+    first, second = spans[0], spans[1]
+    assert len(first) == len(second) == sum(t.microbatches for t in traces)
+    overlapped = any(
+        nxt.start < cur.end and cur.start < nxt.end for nxt, cur in zip(first[1:], second[:-1], strict=True)
+    )
+    assert overlapped, "stage0 never worked on the next micro-batch or step while stage1 worked on this one"
 
 
 def test_expert_groups_compute_exactly_the_gates_choices_from_fixed_size_messages(sharded):

@@ -197,3 +197,66 @@ def test_temperature_one_draws_from_the_softmax():
     counts = torch.bincount(draws, minlength=8).double()
     expected = torch.softmax(logits.double(), -1) * 4000
     assert ((counts - expected).abs() <= 3 * (expected * (1 - expected / 4000)).sqrt()).all(), (counts, expected)
+
+
+def test_two_steps_in_flight_split_the_running_sequences_and_give_the_same_tokens(engine):
+    """A pipeline keeps one step per stage in flight: each takes half the running sequences, the next is sent
+    before the last one's tokens are back, and every request gets exactly the tokens of one step at a time."""
+    prompts = random_prompts([30, 5, 12, 9], seed=5)
+    params = [SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.8 * (i % 2), seed=i) for i in range(4)]
+    alone = generate(engine, prompts, params)
+    concurrent, peak, sizes = 0, 0, []
+
+    async def execute(plan):
+        nonlocal concurrent, peak
+        concurrent += 1
+        peak = max(peak, concurrent)
+        sizes.append(len(plan.slots))
+        await asyncio.sleep(0.01)  # both steps are in flight here
+        out = StepOutput.from_logits(engine.step(plan))
+        concurrent -= 1
+        return out
+
+    async def main():
+        config = SchedulerConfig(engine.max_seqs, 64, 8).settled(engine.cache_capacity)
+        scheduler = Scheduler(config, engine.max_seq_len, engine.config.eos_token_id)
+        loop = EngineLoop(execute, scheduler, engine.config.vocab_size, steps_in_flight=2)
+        return await loop.complete(prompts, params)
+
+    together = asyncio.run(main())
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    assert peak == 2 and max(sizes) <= 2  # 4 running sequences: two steps of (at most) two
+
+
+def test_a_failed_step_drops_the_others_in_flight_and_recovery_resumes_every_request(engine):
+    prompts = random_prompts([7, 11, 4, 9], seed=6)
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    alone = generate(engine, prompts, params)
+    calls, recovered = 0, []
+
+    async def execute(plan):
+        nonlocal calls
+        calls += 1
+        this = calls  # the next step starts while this one sleeps
+        await asyncio.sleep(0.01)
+        if this == 3:
+            raise ConnectionError("stage1 died")
+        return StepOutput.from_logits(engine.step(plan))
+
+    async def recover(reason):
+        recovered.append(reason)
+        loop.shards_lost(reason)
+        engine.cache.k.zero_()  # the shards came back empty: every request re-prefills
+        engine.cache.v.zero_()
+
+    async def main():
+        nonlocal loop
+        config = SchedulerConfig(engine.max_seqs, 64, 8).settled(engine.cache_capacity)
+        scheduler = Scheduler(config, engine.max_seq_len, engine.config.eos_token_id)
+        loop = EngineLoop(execute, scheduler, engine.config.vocab_size, recover=recover, steps_in_flight=2)
+        return await loop.complete(prompts, [params] * 4)
+
+    loop = None
+    together = asyncio.run(main())
+    assert recovered == ["ConnectionError: stage1 died"]  # one recovery, though two steps were in flight
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
