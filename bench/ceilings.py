@@ -114,33 +114,46 @@ def ceiling(
     distinct: float | None,
     bandwidth: float,
     dtype_bytes: int,
+    groups: int = 1,
 ) -> dict:
-    """The best decode step `plan` allows: its time and tokens/s, and each worker's bytes.
+    """The best decode rate `plan` allows for `batch` sequences: the time of one cycle (every sequence one token),
+    tokens/s, and each worker's bytes.
 
-    With one micro-batch per step (how gpu_scale runs) a stage waits for the previous one, and the next step for
-    the last one: the stages run one after the other, so the step takes the SUM over stages. While a stage runs,
-    every worker holding experts of its layers reads them in parallel with it, so each stage takes the time of its
-    SLOWEST worker (the largest bytes / bandwidth). One placement on one GPU is the one-stage, one-worker case.
+    The sequences go as `groups` steps in flight (the router keeps one per stage), each of batch / groups
+    sequences, one micro-batch each (how gpu_scale runs). A group's step crosses the stages one after the other,
+    each stage taking the time of its SLOWEST worker (the largest bytes / bandwidth: workers holding experts of
+    its layers read them in parallel with it); so a cycle is at least the SUM over stages. And each worker reads
+    what it holds once per group, so a cycle is at least the busiest worker's bytes x groups / bandwidth. One
+    group is the first bound alone; one placement on one GPU is the one-stage, one-worker case.
     """
     if cfg.is_moe and distinct is None:
         raise ValueError("a mixture-of-experts model needs the distinct experts per layer")
-    reads = step_reads(plan, cfg, batch, context, distinct, dtype_bytes)
+    group_batch = max(1, -(-batch // groups))
+    if groups > 1 and cfg.is_moe:  # a group's step chooses among fewer tokens: the expectation for its size
+        distinct = uniform_distinct_experts(cfg, group_batch)
+    reads = step_reads(plan, cfg, group_batch, context, distinct, dtype_bytes)
     stage_s = [max(r.total for r in row) / bandwidth for row in reads]
-    step_s = sum(stage_s)
+    busiest: dict[str, float] = {}
+    for row in reads:
+        for r in row:
+            busiest[r.worker] = busiest.get(r.worker, 0.0) + r.total
+    step_s = max(sum(stage_s), groups * max(busiest.values()) / bandwidth)
     per_worker: dict[str, float] = {}
     for row in reads:
         for r in row:
             per_worker[r.worker] = per_worker.get(r.worker, 0.0) + r.total
     return {
         "ceiling_tokens_per_s": batch / step_s,
-        "step_ms": 1000 * step_s,
+        "step_ms": 1000 * step_s,  # one cycle: every sequence one token
         "stage_ms": [round(1000 * t, 4) for t in stage_s],
         "bytes_per_worker": {k: round(v) for k, v in per_worker.items()},
         "slowest_worker_per_stage": [max(row, key=lambda r: r.total).worker for row in reads],
         "context": context,
         "distinct_experts_per_layer": distinct,
         "bandwidth_bytes_per_s": bandwidth,
-        "rule": "sum over stages of the slowest worker's bytes / bandwidth (one micro-batch per step)",
+        "groups": groups,
+        "rule": "max(sum over stages of the slowest worker's bytes, groups x the busiest worker's bytes) / bandwidth"
+        " per cycle of `groups` steps in flight, one micro-batch each",
     }
 
 
@@ -175,33 +188,46 @@ def prefill_flops(cfg: ModelConfig, tokens: int) -> float:
 # --- decode figures from the steps themselves ----------------------------------------------------------------------
 
 
-def decode_steps(traces: list[StepTrace], batch: int) -> list[StepTrace]:
-    """The pure decode steps of exactly `batch` sequences: one new token each, nothing prefilling beside them."""
-    return [t for t in traces if t.tokens == t.sequences == batch]
+def decode_steps(traces: list[StepTrace], batch: int, groups: int = 1) -> list[StepTrace]:
+    """The pure decode steps of `batch` sequences sent as `groups` steps in flight: one new token each, nothing
+    prefilling beside them, batch / groups sequences a step."""
+    size = -(-batch // groups)
+    return [t for t in traces if t.tokens == t.sequences == size]
 
 
-def decode_rate(runs: list[list[StepTrace]], batch: int) -> dict:
+def decode_rate(runs: list[list[StepTrace]], batch: int, groups: int = 1) -> dict:
     """Decode tokens/s of repeated runs (each run: the traces of one generate call), from their decode steps.
 
     Per run: batch x steps / the steps' summed seconds (the router's wall time of each step), and the cadence
     (batch / mean time from one decode step's start to the next's, the router's work between steps included).
-    Over runs: the median of the per-run means and their spread."""
+    With several steps in flight their seconds overlap: tokens / the span from the first decode step's start to
+    the last one's end. Over runs: the median of the per-run means and their spread."""
     per_run = []
     for traces in runs:
-        steps = decode_steps(traces, batch)
+        steps = decode_steps(traces, batch, groups)
         if not steps:
             continue
+        tokens = sum(t.tokens for t in steps)
+        if groups > 1:
+            span = max(t.returned for t in steps) - min(t.called for t in steps)
+            rate = tokens / span if span > 0 else None
+        else:
+            rate = tokens / sum(t.seconds for t in steps)
         row = {
             "steps": len(steps),
             "step_ms": 1000 * sum(t.seconds for t in steps) / len(steps),
-            "tokens_per_s": batch * len(steps) / sum(t.seconds for t in steps),
+            "tokens_per_s": rate,
         }
         gaps = [b.called - a.called for a, b in zip(steps, steps[1:], strict=False) if b.step == a.step + 1]
-        row["cadence_tokens_per_s"] = batch * len(gaps) / sum(gaps) if gaps and sum(gaps) > 0 else None
+        size = steps[0].sequences
+        row["cadence_tokens_per_s"] = size * len(gaps) / sum(gaps) if gaps and sum(gaps) > 0 else None
         per_run.append(row)
     if not per_run:
-        return {"tokens_per_s": None, "runs": [], "error": f"no pure decode step of {batch} sequences was traced"}
-    means = [r["tokens_per_s"] for r in per_run]
+        size = -(-batch // groups)
+        return {"tokens_per_s": None, "runs": [], "error": f"no pure decode step of {size} sequences was traced"}
+    means = [r["tokens_per_s"] for r in per_run if r["tokens_per_s"] is not None]
+    if not means:
+        return {"tokens_per_s": None, "runs": per_run, "error": "the decode steps took no measurable time"}
     cadence = [r["cadence_tokens_per_s"] for r in per_run if r["cadence_tokens_per_s"] is not None]
     return {
         "tokens_per_s": statistics.median(means),
@@ -231,12 +257,19 @@ def traces_from_clock(batch: int, times: list[float]) -> list[StepTrace]:
 
 
 def checked_decode_figures(
-    what: str, batch: int, runs: list[list[StepTrace]], walls: list[float], t1: float, n: int, limit: dict
+    what: str,
+    batch: int,
+    runs: list[list[StepTrace]],
+    walls: list[float],
+    t1: float,
+    n: int,
+    limit: dict,
+    groups: int = 1,
 ) -> dict:
     """One batch's decode figures: from the traced steps of each run (`decode_rate`), the wall-clock cross-check
     (b x (n - 1) / (median time of n tokens - time of 1)), and the ceiling. A figure above the ceiling becomes an
     error, printed loudly: the traced figures are refused together (one method), the wall-clock one on its own."""
-    out = decode_rate(runs, batch)
+    out = decode_rate(runs, batch, groups)
     errors = [out.pop("error")] if "error" in out else []
     tn = statistics.median(walls)
     out["wall_tokens_per_s"] = batch * (n - 1) / (tn - t1) if tn > t1 else None

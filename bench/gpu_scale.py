@@ -396,6 +396,7 @@ def run_ours(
     import ray
 
     from cluster.profile import decode_components
+    from cluster.router_actor import steps_in_flight
     from cluster.sharded import ShardedCluster
     from router.sampling import SamplingParams
 
@@ -447,6 +448,7 @@ def run_ours(
                 runs.append(cluster.take_traces())
             last = (b, t1 + sum(walls))
             context = args.prompt_tokens + args.new_tokens / 2  # the decode steps' mean context
+            groups = steps_in_flight(plan)  # the router sends the batch as this many steps in flight
             limit = ceiling(
                 plan,
                 cfg,
@@ -455,8 +457,11 @@ def run_ours(
                 distinct_experts(cfg, hf, b),
                 hw["ceiling_bytes_per_s"],
                 plan.torch_dtype.itemsize,
+                groups,
             )
-            row["decode"][str(b)] = checked_decode_figures(f"{name} b={b}", b, runs, walls, t1, args.new_tokens, limit)
+            row["decode"][str(b)] = checked_decode_figures(
+                f"{name} b={b}", b, runs, walls, t1, args.new_tokens, limit, groups
+            )
             row["decode"][str(b)]["components"] = decode_components([t for run in runs for t in run], b)
         row["expert_load"] = cluster.expert_load() if cfg.is_moe else None
     wait_until_gpus_free(memory)

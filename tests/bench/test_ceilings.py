@@ -168,3 +168,31 @@ def test_clock_readings_after_each_token_become_decode_steps():
     rate = decode_rate([traces_from_clock(4, [0.0, 0.1, 0.3])], 4)
     assert rate["runs"][0]["steps"] == 2
     assert rate["tokens_per_s"] == pytest.approx(4 * 2 / 0.3)
+
+
+def test_two_stages_with_two_steps_in_flight_can_double_one_gpu():
+    """Two groups in flight keep both stages busy: two stages at batch 256 against one GPU at batch 128 read the
+    same bytes per group step, and both GPUs work at once, so the ceiling is twice one GPU's (KV and head aside)."""
+    stages = ceiling(settled("mixtral-2gpu-stages.yaml"), MIXTRAL, 256, CONTEXT, 8.0, BW, 2, groups=2)
+    one_gpu = ceiling(
+        settled("mistral-7b-1gpu.yaml"), MIXTRAL, 128, CONTEXT, uniform_distinct_experts(MIXTRAL, 128), BW, 2
+    )
+    assert stages["ceiling_tokens_per_s"] / one_gpu["ceiling_tokens_per_s"] == pytest.approx(2.0, rel=0.01)
+    one_group = ceiling(settled("mixtral-2gpu-stages.yaml"), MIXTRAL, 256, CONTEXT, 8.0, BW, 2)
+    assert one_group["ceiling_tokens_per_s"] < stages["ceiling_tokens_per_s"]  # one step at a time: stages take turns
+
+
+def test_one_gpu_gains_nothing_from_steps_in_flight():
+    plan = settled("mistral-7b-1gpu.yaml")
+    d = uniform_distinct_experts(MIXTRAL, 64)
+    two = ceiling(plan, MIXTRAL, 128, CONTEXT, 8.0, BW, 2, groups=2)["ceiling_tokens_per_s"]
+    one = ceiling(plan, MIXTRAL, 64, CONTEXT, d, BW, 2)["ceiling_tokens_per_s"]
+    assert two == pytest.approx(one, rel=1e-12)  # the one GPU reads everything twice per cycle
+
+
+def test_with_steps_in_flight_the_rate_is_tokens_over_the_span_of_the_decode_steps():
+    # two groups of 2 sequences, overlapping: each step 20 ms, a new one every 10 ms
+    traces = [StepTrace(i, 2, 2, 1, 0.02, 0.01 * i, 0.01 * i + 0.02, ()) for i in range(10)]
+    rate = decode_rate([traces], 4, groups=2)
+    assert rate["tokens_per_s"] == pytest.approx(20 / 0.11)  # 20 tokens from 0 to 110 ms
+    assert decode_rate([traces], 4)["tokens_per_s"] is None  # taken as one group: no step of 4 sequences
