@@ -9,8 +9,9 @@ No header, no host sync: the same exchanges the stage makes, in the same order, 
 
 from __future__ import annotations
 
+import os
 import time
-from collections import deque
+from collections import OrderedDict, deque
 
 import torch
 
@@ -43,6 +44,7 @@ class ExpertServer:
             if any(layer in g.layers for g in groups)
         ]
         self.channel: Channel | None = None
+        self.graphs: ServerGraphs | None = None  # set when the channel is (see `attach`)
         self.received: deque[ExpertMessage] = deque(maxlen=TRACE_LIMIT)
         # Tokens each held expert computed for, counted on the device (no host sync per message).
         self.computed = torch.zeros(config.n_layers, max(config.num_experts, 1), dtype=torch.long, device=device)
@@ -56,21 +58,44 @@ class ExpertServer:
     def needed(self) -> bool:
         return bool(self.layers)
 
+    def attach(self, channel: Channel | None) -> None:
+        """Serve on `channel` (None: the process group is being released). Decode micro-batches replay as CUDA
+        graphs where MISTRAL_CLUSTER_SERVER_GRAPHS=1 and the channel is NCCL (the far side of the stage's captured
+        dispatch); =eager replays without CUDA (what CPU tests use). Off by default until measured on GPUs."""
+        self.channel = channel
+        mode = os.environ.get("MISTRAL_CLUSTER_SERVER_GRAPHS", "0")
+        self.graphs = None
+        if channel is None or mode == "0":
+            return
+        if mode == "eager":
+            self.graphs = ServerGraphs(self._serve_microbatch, replay="eager")
+        elif channel.device.type == "cuda" and not channel.via_host:
+            self.graphs = ServerGraphs(self._serve_microbatch)
+
     @torch.inference_mode()
     def serve(self, plan: StepPlan, micro_batch_size: int) -> None:
-        dim, k = self.config.dim, self.config.num_experts_per_tok
         for mb in split_microbatches(plan.without_tokens(), micro_batch_size):
-            for layer, groups in self.layers:
-                packed = self.channel.recv((mb.n_tokens, dim + 2 * k), self.dtype, "expert_in")
-                t0 = time.perf_counter()
-                x, ids, weights = unpack_for_experts(packed, dim, k)
-                out = local_experts_sum(groups, layer, x, ids, weights)
-                self.channel.send(out, "expert_out")
-                for g in groups:
-                    group = g.groups[str(layer)]
-                    held = self._held[id(group)]
-                    self.computed[layer].index_add_(0, held, group.tokens_per_expert(ids))
-                self.received.append(ExpertMessage(self.stage, layer, mb.n_tokens, time.perf_counter() - t0))
+            if self.graphs is not None and mb.is_decode:
+                if self.graphs.run(mb.n_tokens):  # a CUDA graph ran: what it did, for the trace (no host timing)
+                    self.received.extend(ExpertMessage(self.stage, layer, mb.n_tokens, 0.0) for layer, _ in self.layers)
+            else:
+                self._serve_microbatch(mb.n_tokens)
+
+    def _serve_microbatch(self, n: int) -> None:
+        """Every exchange of one micro-batch of `n` tokens: per layer, the stage's packed tokens in, the sum out."""
+        dim, k = self.config.dim, self.config.num_experts_per_tok
+        for layer, groups in self.layers:
+            packed = self.channel.recv((n, dim + 2 * k), self.dtype, "expert_in")
+            t0 = time.perf_counter()
+            x, ids, weights = unpack_for_experts(packed, dim, k)
+            out = local_experts_sum(groups, layer, x, ids, weights)
+            self.channel.send(out, "expert_out")
+            for g in groups:
+                group = g.groups[str(layer)]
+                held = self._held[id(group)]
+                self.computed[layer].index_add_(0, held, group.tokens_per_expert(ids))
+            if self.graphs is None or not self.graphs.capturing:
+                self.received.append(ExpertMessage(self.stage, layer, n, time.perf_counter() - t0))
 
     def take_computed(self) -> dict[int, dict[int, int]]:
         """Tokens each held expert computed for, per layer, since the last call (read on the host: a sync)."""
@@ -79,3 +104,57 @@ class ExpertServer:
         return {
             layer: {e: int(n) for e, n in enumerate(row.tolist()) if n} for layer, row in enumerate(counts) if row.any()
         }
+
+
+class ServerGraphs:
+    """A serving loop's decode micro-batches as CUDA graphs, one per token count: all its layers' receive,
+    experts and send in one launch. A decode micro-batch of n tokens is the same work every step, its inputs all
+    arriving in the messages, so there is nothing to copy in or out: a replay is the whole step. The first of each
+    size runs eagerly (its messages are real), then is captured (capturing moves no message, on either side)."""
+
+    def __init__(self, serve_microbatch, replay: str = "cuda", max_graphs: int = 16) -> None:
+        self.serve_microbatch, self.replay, self.max_graphs = serve_microbatch, replay, max_graphs
+        self._graphs: OrderedDict[int, torch.cuda.CUDAGraph | None] = OrderedDict()
+        self._failed: set[int] = set()
+        self._pool = torch.cuda.graph_pool_handle() if replay == "cuda" else None
+        self.capturing = False
+        self.replays = 0
+
+    def run(self, n: int) -> bool:
+        """Serve one decode micro-batch of `n` tokens; True when a captured CUDA graph did it (the host code that
+        records each message did not run)."""
+        if n not in self._graphs:
+            self.serve_microbatch(n)
+            if n not in self._failed:
+                self._capture(n)
+            return False
+        self._graphs.move_to_end(n)
+        self.replays += 1
+        graph = self._graphs[n]
+        if graph is None:  # replay="eager": the same work, on the host's say-so
+            self.serve_microbatch(n)
+            return False
+        graph.replay()
+        return True
+
+    def _capture(self, n: int) -> None:
+        if self.replay == "eager":
+            self._graphs[n] = None
+        else:
+            graph = torch.cuda.CUDAGraph()
+            torch.cuda.current_stream().synchronize()
+            self.capturing = True
+            try:  # on this loop's stream, thread-local, no device-wide sync (see shards/decode_graphs.py)
+                graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+                try:
+                    self.serve_microbatch(n)
+                finally:
+                    graph.capture_end()
+            except Exception:  # noqa: BLE001 - this size stays eager
+                self._failed.add(n)
+                return
+            finally:
+                self.capturing = False
+            self._graphs[n] = graph
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)

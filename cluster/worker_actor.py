@@ -169,8 +169,8 @@ class ShardWorker:
             if runner.index + 1 in self.stages:  # the next stage lives here too
                 runner.pipe_out = self.stages[runner.index + 1].pipe_in = LocalPipe()
         for server in self.servers:
-            server.channel = self.transport.channel(
-                "experts", self.workers.of_stage(server.stage).index, self.index, server.stage
+            server.attach(
+                self.transport.channel("experts", self.workers.of_stage(server.stage).index, self.index, server.stage)
             )
         self._warm_up()
         self.errors = []
@@ -224,7 +224,7 @@ class ShardWorker:
         for runner in self.stages.values():
             runner.detach()
         for server in self.servers:
-            server.channel = None
+            server.attach(None)
         transport.close()
         del transport
         gc.collect()
@@ -253,8 +253,9 @@ class ShardWorker:
         return sum(r.load.cpu() for r in self.stages.values()).tolist()
 
     def graph_replays(self) -> int:
-        """Decode steps this worker's stages ran as captured graphs."""
-        return sum(r.graphs.replays for r in self.stages.values() if r.graphs is not None)
+        """Decode micro-batches this worker's stages and expert services ran as captured graphs."""
+        stages = sum(r.graphs.replays for r in self.stages.values() if r.graphs is not None)
+        return stages + sum(s.graphs.replays for s in self.servers if s.graphs is not None)
 
     def cache_bytes(self) -> int:
         return sum(r.cache.nbytes for r in self.stages.values())

@@ -22,9 +22,11 @@ WINDOW = 16
 
 @pytest.fixture(scope="module")
 def ray_nodes():
-    # Stages that hold their experts capture decode steps; on CPU they replay them on the graphs' static buffers
-    # (shards/decode_graphs.py), so these tests check those buffers too. The nodes' workers inherit this.
+    # Stages capture decode steps, and so do expert services; on CPU they replay them on the graphs' static buffers
+    # (shards/decode_graphs.py, cluster/expert_server.py), so these tests check that bookkeeping too. The nodes'
+    # workers inherit this.
     os.environ["MISTRAL_CLUSTER_CUDA_GRAPHS"] = "eager"
+    os.environ["MISTRAL_CLUSTER_SERVER_GRAPHS"] = "eager"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     stage_node = cluster.add_node(num_cpus=2, resources={"stage_node": 2})
     expert_node = cluster.add_node(num_cpus=2, resources={"expert_node": 2})
@@ -79,6 +81,8 @@ def test_greedy_tokens_equal_one_process_and_transformers(sharded, checkpoint, h
     prompts = random_prompts([3, WINDOW, 3 * WINDOW + 5, 2 * WINDOW + 1], seed=31)
     params = SamplingParams(max_tokens=2 * WINDOW, ignore_eos=True)
     ours = sharded.generate(prompts, params)
+    experts = [h for name, h in sharded.shard_handles().items() if name.startswith("experts")]
+    assert all(n > 0 for n in ray.get([h.graph_replays.remote() for h in experts]))  # decode served by replays
     local = generate(LocalEngine(checkpoint, max_seqs=4), prompts, params)
     for prompt, a, b in zip(prompts, ours, local, strict=True):
         assert a.token_ids == b.token_ids, f"prompt of {len(prompt)} tokens"
