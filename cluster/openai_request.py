@@ -197,6 +197,13 @@ def _common(
         where = "messages" if kind == "chat" else ("prompt" if len(prompts) == 1 else f"prompt[{i}]")
         if limits.max_prompt_tokens and len(ids) > limits.max_prompt_tokens:
             raise bad(where, f"has {len(ids)} tokens, more than the limit of {limits.max_prompt_tokens}")
+        if len(ids) >= limits.max_seq_len:  # the prompt alone leaves no room: its own fault, whatever max_tokens is
+            raise bad(
+                where,
+                f"has {len(ids)} tokens: with one token to generate that is over the model's context limit of "
+                f"{limits.max_seq_len} tokens",
+                code="context_length_exceeded",
+            )
         needed = len(ids) + (max_tokens or 1)
         if needed > limits.max_seq_len:
             raise bad(
