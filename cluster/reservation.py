@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -221,7 +222,7 @@ def ray_session(plan: PlacementPlan, address: str | None = None) -> Iterator[Non
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False)
+        join(address)
     else:
         need: dict[str, float] = {}
         for bundle in plan.bundles():
@@ -238,6 +239,28 @@ def ray_session(plan: PlacementPlan, address: str | None = None) -> Iterator[Non
         yield
     finally:
         ray.shutdown()
+
+
+def join(address: str, connect_timeout_s: float = 5.0) -> None:
+    """Join the Ray cluster at `address`; a mistake is one line naming the address (ray.init would hang for minutes on
+    a wrong one, or print a long traceback when the cluster wants an auth token this machine lacks)."""
+    if address not in ("auto", "local") and not address.startswith("ray://"):
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=connect_timeout_s).close()
+        except (OSError, ValueError) as e:
+            raise PlacementError(f"--address {address}: no Ray cluster answers there ({e})") from None
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except Exception as e:  # noqa: BLE001 - whatever ray.init says, as one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = ""
+        if "auth" in str(e).lower() or "token" in str(e).lower():
+            hint = (
+                "; this cluster uses Ray's token authentication: give this machine the head's token "
+                "(RAY_AUTH_TOKEN, or ~/.ray/auth_token), see deploy/README.md"
+            )
+        raise PlacementError(f"--address {address}: could not join the Ray cluster: {first}{hint}") from None
 
 
 def placement_table(placements: list[ShardPlacement]) -> str:

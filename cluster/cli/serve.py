@@ -104,8 +104,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             while not terminated.wait(1):
                 pass
             drain_and_shutdown(args.drain_timeout)
-        except KeyboardInterrupt:
-            pass
+        except KeyboardInterrupt:  # Ctrl-C stops: on a cluster we joined, nothing of ours may stay behind
+            print("stopping: the app, its shards and its placement group go now", file=sys.stderr)
+            drain_and_shutdown(0.0)
         finally:
             signal.signal(signal.SIGTERM, previous)
     return 0

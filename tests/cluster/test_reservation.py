@@ -242,3 +242,17 @@ def test_plan_command_turns_a_cluster_mismatch_into_one_line_and_status_2(ray_cl
     err = capsys.readouterr().err
     assert status == 2
     assert err.count("\n") == 1 and "mistral-cluster plan: error:" in err and "2 GPU in all" in err
+
+
+def test_a_wrong_address_is_one_line_naming_it_within_seconds(capsys):
+    """`plan --address` with nothing listening there: one line and status 2, not minutes of ray.init retries."""
+    import time
+
+    from cluster.transport import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    assert main(["plan", "--config", str(EXAMPLES / "local.yaml"), "--address", address]) == 2
+    err = capsys.readouterr().err.strip()
+    assert time.monotonic() - t0 < 30
+    assert err.count("\n") == 0 and f"--address {address}: no Ray cluster answers there" in err

@@ -125,3 +125,42 @@ def test_sigterm_drains_the_stream_in_flight_refuses_new_requests_and_exits_0(se
     cut = last.get("error", {}).get("code") == "server_shutting_down"
     assert finished or cut, last
     assert proc.wait(timeout=max(1.0, DRAIN_S + 30 - (time.monotonic() - sent))) == 0, log.read_text()[-3000:]
+
+
+def test_ctrl_c_on_a_joined_cluster_leaves_nothing_of_ours_behind(placement, tmp_path):
+    """`serve --address` on a cluster that outlives the command: Ctrl-C removes the app, the router, every worker
+    and the placement group (it once left them all serving)."""
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.placement_group import placement_group_table
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False})
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    try:
+        with open(tmp_path / "serve.log", "w") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "cluster.cli", "serve", "--config", str(placement), "--address",
+                 cluster.address, "--port", str(port), "--grpc-port", "0"],
+                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            )  # fmt: skip
+        base = f"http://127.0.0.1:{port}"
+        assert wait_until_healthy(base, 120), (tmp_path / "serve.log").read_text()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+        ray.init(address=cluster.address)
+        deadline = time.monotonic() + 30
+        while True:
+            alive = [
+                a["ActorClassName"]
+                for a in ray._private.state.actors().values()
+                if a["State"] == "ALIVE" and a["ActorClassName"].endswith(("ShardWorker", "RouterActor", "Ingress"))
+            ]
+            groups = [g for g in placement_group_table().values() if g["state"] != "REMOVED"]
+            if (not alive and not groups) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert alive == [] and groups == [], (alive, groups)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
