@@ -24,6 +24,8 @@ from cluster.reservation import BUILTIN_RESOURCES, lost_bundles
 from cluster.worker_actor import ShardWorker
 from cluster.workers import group_workers
 
+NAMESPACE = "mistral-cluster"  # where the workers' names live
+
 
 class ShardsUnavailable(RuntimeError):
     """A shard could not be (re)started: no alive node can take its bundle (the message names the resource missing),
@@ -69,6 +71,7 @@ class ShardSupervisor:
         options = {
             "name": self.actor_name(worker),
             "lifetime": "detached",
+            "namespace": NAMESPACE,  # a detached actor's own: found by name from any process, with no warning
             "max_concurrency": 4,
             "max_restarts": 0,
             "num_cpus": bundle.get("CPU", 0),
@@ -94,7 +97,7 @@ class ShardSupervisor:
         out = []
         for n in self.names:
             try:
-                out.append(ray.get_actor(self.actor_name(n)))
+                out.append(ray.get_actor(self.actor_name(n), namespace=NAMESPACE))
             except ValueError:  # no live actor of that name
                 out.append(None)
         return out
@@ -228,7 +231,7 @@ class ShardSupervisor:
     def kill_all(self) -> None:
         for n in self.names:
             with contextlib.suppress(Exception):  # already gone
-                ray.kill(ray.get_actor(self.actor_name(n)), no_restart=True)
+                ray.kill(ray.get_actor(self.actor_name(n), namespace=NAMESPACE), no_restart=True)
 
 
 @ray.remote(num_cpus=0, max_retries=0)

@@ -27,6 +27,7 @@ from ray.cluster_utils import Cluster
 
 from cluster.cli.serve import wait_until_healthy
 from cluster.serve import OpenAIIngress
+from cluster.supervisor import NAMESPACE
 from cluster.transport import free_port
 from router.generation import generate
 from router.sampling import SamplingParams
@@ -214,7 +215,7 @@ def shard_actor(name: str):
         for a in ray._private.state.actors().values()
         if a["State"] == "ALIVE" and a.get("Name", "").endswith("-" + name)
     )
-    return ray.get_actor(prefix), prefix
+    return ray.get_actor(prefix, namespace=NAMESPACE), prefix
 
 
 def shard_pid(name: str) -> int:
