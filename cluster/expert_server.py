@@ -21,7 +21,7 @@ from router.pipeline import split_microbatches
 from router.step import ExpertMessage, StepPlan
 from shards.model import ExpertShard
 
-TRACE_LIMIT = 100_000  # expert messages remembered for `--profile`: bounded, so a long-running server does not grow
+TRACE_LIMIT = 10_000  # expert messages remembered for `--profile`: bounded (100 000 held ~35 MiB per worker)
 
 
 class ExpertServer:
