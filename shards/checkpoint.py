@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from shards.config import ConfigError, ModelConfig, load_config
+from shards.hf_tokenizer_files import write_hf_tokenizer_files
 from shards.random_source import is_random_checkpoint, random_tensor, read_marker
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -252,7 +253,8 @@ def save_checkpoint(
     max_shard_bytes: int | None = None,
     tokenizer_file: str | Path | None = None,
 ) -> Path:
-    """Write `tensors` (Hugging Face names) as a safetensors checkpoint in either layout, sharded if asked."""
+    """Write `tensors` (Hugging Face names) as a safetensors checkpoint in either layout, sharded if asked; a
+    `tokenizer_file` goes in as `tokenizer.model`, with the Hugging Face tokenizer files derived from it."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if layout == "hf":
@@ -290,6 +292,7 @@ def save_checkpoint(
         (out / f"{base}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, out / "tokenizer.model")
+        write_hf_tokenizer_files(out, model_max_length=config.max_seq_len)
     return out
 
 

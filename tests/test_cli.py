@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from cluster.cli import main
+from shards.hf_tokenizer_files import HF_TOKENIZER_FILES
 from shards.tokenizer import Tokenizer
 from tests.conftest import hf_greedy
 
@@ -29,6 +30,7 @@ def test_make_checkpoint_writes_a_loadable_hf_checkpoint_with_the_mistral_tokeni
     cfg = json.loads((cli_checkpoint / "config.json").read_text())
     assert cfg["model_type"] == "mixtral" and cfg["num_hidden_layers"] == 2 and cfg["sliding_window"] == 8
     assert Tokenizer(cli_checkpoint).vocab_size == 32000
+    assert all((cli_checkpoint / name).is_file() for name in HF_TOKENIZER_FILES)
 
 
 def test_generate_json_gives_transformers_greedy_tokens_for_a_packed_batch(cli_checkpoint, hf_model, capsys):
