@@ -28,6 +28,7 @@ from cluster.placement import (
 )
 from shards.checkpoint import DTYPES
 from shards.config import ModelConfig, load_config
+from shards.hf_tokenizer_files import write_hf_tokenizer_files
 from shards.make_checkpoint import make_checkpoint, small_config
 
 # The embedded default checkpoint, which deploy/examples/local.yaml names: a small random Mixtral made on first use.
@@ -280,10 +281,14 @@ def _shared_layers(a: tuple[int, ...] | None, b: tuple[int, ...] | None) -> set[
 
 
 def ensure_default_checkpoint(path: Path = DEFAULT_CHECKPOINT) -> Path:
-    """The embedded default: a small random Mixtral made on first use."""
+    """The embedded default: a small random Mixtral made on first use. One made before checkpoints carried the
+    Hugging Face tokenizer files gets them, so tools that read the tokenizer can be pointed at it."""
     if not (path / "config.json").is_file():
         print(f"making the small default checkpoint in {path} (first run)", file=sys.stderr)
         make_checkpoint(path, small_config("mixtral"), seed=0)
+    elif (path / "tokenizer.model").is_file() and not (path / "tokenizer.json").is_file():
+        print(f"adding the Hugging Face tokenizer files to {path}", file=sys.stderr)
+        write_hf_tokenizer_files(path, model_max_length=load_config(path).max_seq_len)
     return path
 
 

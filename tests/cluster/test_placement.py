@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from cluster.placement import PlacementError, validate_against_model
-from cluster.placement_file import load_placement
+from cluster.placement_file import ensure_default_checkpoint, load_placement
 from shards.checkpoint import ShardSelection
 from shards.config import PRESETS, ConfigError
+from shards.hf_tokenizer_files import HF_TOKENIZER_FILES
 from shards.make_checkpoint import small_config
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"
@@ -281,3 +282,18 @@ def test_a_list_at_the_top_level_is_refused(write):
 def test_a_missing_file_is_refused(tmp_path):
     with pytest.raises(PlacementError, match="cannot be read"):
         load_placement(tmp_path / "nowhere.yaml")
+
+
+def test_the_default_checkpoint_is_made_once_and_an_older_one_gets_the_tokenizer_files(tmp_path):
+    default = tmp_path / "small-mixtral"
+    ensure_default_checkpoint(default)
+    made = {p.name: p.stat().st_mtime_ns for p in default.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer.json"} <= made.keys()
+    ensure_default_checkpoint(default)
+    assert {p.name: p.stat().st_mtime_ns for p in default.iterdir()} == made
+
+    for name in HF_TOKENIZER_FILES:
+        (default / name).unlink()
+    ensure_default_checkpoint(default)
+    assert {p.name for p in default.iterdir()} == made.keys()
+    assert (default / "model.safetensors").stat().st_mtime_ns == made["model.safetensors"]
