@@ -16,6 +16,7 @@ import os
 import time
 from collections import deque
 from dataclasses import replace
+from pathlib import Path
 
 from cluster.step_link import RouterLink
 from cluster.step_wire import decode_result, encode_plan
@@ -34,6 +35,7 @@ from router.step import (
     StepPlan,
     StepTrace,
 )
+from router.structured_output import grammars_for
 from shards.config import ModelConfig
 from shards.kv_cache import cache_capacity
 
@@ -72,7 +74,12 @@ class RouterActor:
         self.traces: deque[StepTrace] = deque(maxlen=TRACE_LIMIT)  # the router's side; stages joined when taken
         self.link: RouterLink | None = None
         self._expert_load: tuple[tuple[int, ...], ...] = ()
-        scheduler = Scheduler(plan.scheduling.settled(self.cache_capacity), config.max_seq_len, config.eos_token_id)
+        scheduler = Scheduler(
+            plan.scheduling.settled(self.cache_capacity),
+            config.max_seq_len,
+            config.eos_token_id,
+            grammars=lambda: grammars_for(str(Path(plan.checkpoint) / "tokenizer.model")),
+        )
         self.loop = EngineLoop(
             self.step,
             scheduler,
