@@ -62,6 +62,7 @@ class GenerationService:
         else:
             raise APIError(400, "prompt: give prompt or prompt_token_ids", param="prompt")
         data = {
+            "model": self.model_name,  # gRPC has one method per model server: the model is implied
             "max_tokens": request.max_tokens or 16,
             "temperature": request.temperature,
             "top_p": request.top_p or 1.0,

@@ -12,15 +12,53 @@ import os
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cluster.openai_errors import APIError
 from router.sampling import SamplingParams
+from router.structured_output import StructuredOutput, StructuredOutputError, check_schema
 from shards.config import ConfigError
 
 MAX_STOP_STRINGS = 4
 MAX_LOGPROBS = 5
+MAX_LOGIT_BIAS = 300  # OpenAI's own limit on logit_bias entries
+
+# Every field a route reads. Anything else is a 400 naming it, except the fields OpenAI documents as informational
+# (they change no token of the answer). No field is accepted and silently ignored.
+SAMPLING_FIELDS = frozenset(
+    {
+        "model",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "stop",
+        "n",
+        "stream",
+        "stream_options",
+        "return_token_ids",
+        "ignore_eos",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "logit_bias",
+        "response_format",
+        "best_of",
+    }
+)
+COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt", "logprobs", "echo"}
+CHAT_FIELDS = SAMPLING_FIELDS | {
+    "messages",
+    "max_completion_tokens",
+    "logprobs",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+}
+INFORMATIONAL_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
 
 
 def bad(param: str, message: str, code: str | None = None) -> APIError:
@@ -141,25 +179,60 @@ class ParsedRequest:
         p = self.params
         max_tokens = self.max_tokens if self.max_tokens is not None else max_seq_len - len(prompt_ids)
         seed = (self.base_seed if p.seed is None else p.seed) + choice
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=p.temperature,
-            top_p=p.top_p,
-            top_k=p.top_k,
-            seed=seed,
-            stop=p.stop,
-            ignore_eos=p.ignore_eos,
-            logprobs=self.logprobs,
-        )
+        return replace(p, max_tokens=max_tokens, seed=seed, logprobs=self.logprobs)
 
 
-def _sampling(data: dict, max_tokens: int | None) -> SamplingParams:
+def _logit_bias(data: dict, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    value = data.get("logit_bias")
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise bad("logit_bias", "must be an object mapping token ids (as strings) to a bias in [-100, 100]")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise bad("logit_bias", f"has {len(value)} entries, more than the limit of {MAX_LOGIT_BIAS}")
+    entries = []
+    for key, bias in value.items():
+        if not re.fullmatch(r"\d{1,9}", key) or int(key) >= vocab_size:
+            raise bad("logit_bias", f"key {key!r} is not a token id in [0, {vocab_size})")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise bad("logit_bias", f"the bias of token {key} must be a number in [-100, 100], got {json.dumps(bias)}")
+        entries.append((int(key), float(bias)))
+    return tuple(sorted(entries))
+
+
+def _response_format(data: dict) -> StructuredOutput | None:
+    value = data.get("response_format")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise bad("response_format", "must be an object with a type: text, json_object or json_schema")
+    kind = value["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutput("json_object")
+    if kind != "json_schema":
+        raise bad("response_format.type", f"must be text, json_object or json_schema, got {json.dumps(kind)}")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+        raise bad("response_format.json_schema", "must be an object with a name and a schema (a JSON Schema object)")
+    schema = spec.get("schema", {"type": "object"})
+    structured = StructuredOutput.json_schema(schema)
+    try:
+        check_schema(structured)
+    except StructuredOutputError as e:
+        raise bad("response_format.json_schema.schema", f"cannot be enforced: {e}") from None
+    return structured
+
+
+def _sampling(data: dict, max_tokens: int | None, vocab_size: int) -> SamplingParams:
     seed = data.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise bad("seed", f"must be an integer, got {json.dumps(seed)}")
-    for key in ("presence_penalty", "frequency_penalty"):
-        if _number(data, key, 0.0, -2.0, 2.0) != 0.0:
-            raise bad(key, "is not supported (only 0)")
+    structured = _response_format(data)
+    ignore_eos = _bool(data, "ignore_eos", False)
+    if structured is not None and ignore_eos:
+        raise bad("ignore_eos", "cannot be true with a response_format: the output ends where the format ends")
     return SamplingParams(
         max_tokens=max_tokens or 1,
         temperature=_number(data, "temperature", 1.0, 0.0, 2.0),
@@ -167,13 +240,40 @@ def _sampling(data: dict, max_tokens: int | None) -> SamplingParams:
         top_k=_int(data, "top_k", 0, low=-1) if data.get("top_k") != -1 else 0,
         seed=seed,
         stop=_stop(data),
-        ignore_eos=_bool(data, "ignore_eos", False),
+        ignore_eos=ignore_eos,
+        presence_penalty=_number(data, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(data, "frequency_penalty", 0.0, -2.0, 2.0),
+        repetition_penalty=_number(data, "repetition_penalty", 1.0, 0.0, 2.0, low_open=True),
+        min_p=_number(data, "min_p", 0.0, 0.0, 1.0),
+        logit_bias=_logit_bias(data, vocab_size),
+        structured=structured,
     )
 
 
+def _known_fields(data: dict, kind: str) -> None:
+    """A field the route does not read is a 400 naming it, so nothing that would change the answer is dropped."""
+    known = COMPLETION_FIELDS if kind == "completion" else CHAT_FIELDS
+    for key in data:
+        if key not in known and key not in INFORMATIONAL_FIELDS:
+            raise bad(key, f"is not supported by /v1/{'completions' if kind == 'completion' else 'chat/completions'}")
+    if kind == "chat":
+        tools, choice = data.get("tools"), data.get("tool_choice")
+        if tools:  # function calling in Mistral's format is not implemented: refuse rather than answer without
+            raise bad("tools", "function calling is not supported yet; leave tools out")
+        if choice not in (None, "none", "auto"):
+            raise bad("tool_choice", f"must be none or auto without tools, got {json.dumps(choice)}")
+
+
 def _common(
-    data: dict, kind: str, prompts: list[list[int]], limits: Limits, max_tokens_key: str, default_max_tokens: int | None
+    data: dict,
+    kind: str,
+    prompts: list[list[int]],
+    limits: Limits,
+    max_tokens_key: str,
+    default_max_tokens: int | None,
+    vocab_size: int,
 ) -> ParsedRequest:
+    _known_fields(data, kind)
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise bad("model", f"must be a string, got {json.dumps(model)}")
@@ -212,7 +312,7 @@ def _common(
                 f"model's context limit of {limits.max_seq_len} tokens",
                 code="context_length_exceeded",
             )
-    params = _sampling(data, max_tokens)
+    params = _sampling(data, max_tokens, vocab_size)
     logprobs = None
     if kind == "completion":
         logprobs = _int(data, "logprobs", None, low=0, high=MAX_LOGPROBS)
@@ -271,7 +371,7 @@ def parse_completion(data: dict, tokenizer, limits: Limits) -> ParsedRequest:
             prompts.append(list(p))
     if len(prompts) > limits.max_prompts:
         raise bad("prompt", f"{len(prompts)} prompts is more than the limit of {limits.max_prompts}")
-    return _common(data, "completion", prompts, limits, "max_tokens", 16)
+    return _common(data, "completion", prompts, limits, "max_tokens", 16, tokenizer.vocab_size)
 
 
 def parse_chat(data: dict, tokenizer, limits: Limits) -> ParsedRequest:
@@ -290,6 +390,9 @@ def parse_chat(data: dict, tokenizer, limits: Limits) -> ParsedRequest:
                     raise bad(f"messages[{i}].content[{j}]", "only parts of type 'text' are supported")
                 parts.append(part["text"])
             content = "".join(parts)
+        for key, value in m.items():  # a reply echoed back by a client may carry empty fields: those change nothing
+            if key not in ("role", "content") and value not in (None, "", [], {}):
+                raise bad(f"messages[{i}].{key}", "is not supported (tool calls and participant names are not)")
         if m.get("role") not in ("system", "user", "assistant"):
             raise bad(f"messages[{i}].role", f"must be system, user or assistant, got {json.dumps(m.get('role'))}")
         if not isinstance(content, str):
@@ -299,4 +402,4 @@ def parse_chat(data: dict, tokenizer, limits: Limits) -> ParsedRequest:
         ids = tokenizer.encode_chat(flat)
     except ConfigError as e:
         raise bad("messages", str(e)) from None
-    return _common(data, "chat", [ids], limits, "max_tokens", None)
+    return _common(data, "chat", [ids], limits, "max_tokens", None, tokenizer.vocab_size)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from cluster.openai_request import MAX_LOGPROBS, MAX_STOP_STRINGS
+from cluster.openai_request import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_STRINGS
 
 SECURITY_SCHEME = "apiKey"
 
@@ -59,13 +59,56 @@ COMMON_FIELDS: dict[str, Any] = {
     ),
     "return_token_ids": _nullable({"type": "boolean"}, "each choice carries token_ids and prompt_token_ids"),
     "ignore_eos": _nullable({"type": "boolean"}, "keep generating past the end-of-sequence token"),
-    "presence_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}, "only 0 is supported"),
-    "frequency_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}, "only 0 is supported"),
+    "presence_penalty": _nullable(
+        {"type": "number", "minimum": -2, "maximum": 2}, "subtracted from every token already in the output"
+    ),
+    "frequency_penalty": _nullable(
+        {"type": "number", "minimum": -2, "maximum": 2}, "subtracted per occurrence of a token in the output"
+    ),
+    "repetition_penalty": _nullable(
+        {"type": "number", "exclusiveMinimum": 0, "maximum": 2},
+        "tokens of the prompt or output: logit / r when positive, logit * r otherwise; default 1",
+    ),
+    "min_p": _nullable(
+        {"type": "number", "minimum": 0, "maximum": 1}, "drop tokens less likely than min_p times the most likely"
+    ),
+    "logit_bias": _nullable(
+        {
+            "type": "object",
+            "maxProperties": MAX_LOGIT_BIAS,
+            "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+        },
+        "token id (as a string) -> bias added to its logit",
+    ),
+    "response_format": _nullable(
+        {
+            "type": "object",
+            "required": ["type"],
+            "properties": {
+                "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
+                "json_schema": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "schema": {"type": "object"},
+                        "strict": {"anyOf": [{"type": "boolean"}, {"type": "null"}]},
+                    },
+                },
+            },
+        },
+        "json_object or json_schema: the output is enforced token by token to parse (and match the schema)",
+    ),
+    **{
+        name: {"description": "informational: accepted and not used"}
+        for name in ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
+    },
     "best_of": _nullable({"type": "integer", "minimum": 1}, "only equal to n is supported"),
 }
 
 COMPLETION_REQUEST: dict[str, Any] = {
     "type": "object",
+    "additionalProperties": False,  # any other field is a 400 naming it
     "required": ["prompt"],
     "properties": {
         "prompt": {
@@ -109,6 +152,7 @@ MESSAGE = {
 
 CHAT_REQUEST: dict[str, Any] = {
     "type": "object",
+    "additionalProperties": False,  # any other field is a 400 naming it
     "required": ["messages"],
     "properties": {
         "messages": {
@@ -123,6 +167,8 @@ CHAT_REQUEST: dict[str, Any] = {
         "top_logprobs": _nullable(
             {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS}, "alternatives per token; needs logprobs: true"
         ),
+        "tools": _nullable({"type": "array", "maxItems": 0}, "function calling is not supported: empty or left out"),
+        "tool_choice": _nullable({"type": "string", "enum": ["none", "auto"]}, "none or auto (there are no tools)"),
     },
 }
 

@@ -16,6 +16,7 @@ import os
 import time
 from collections import deque
 from dataclasses import replace
+from pathlib import Path
 
 from cluster.step_link import RouterLink
 from cluster.step_wire import decode_result, encode_plan
@@ -34,6 +35,8 @@ from router.step import (
     StepPlan,
     StepTrace,
 )
+from router.step_deadline import StepDeadline
+from router.structured_output import grammars_for
 from shards.config import ModelConfig
 from shards.kv_cache import cache_capacity
 
@@ -52,6 +55,7 @@ class RouterActor:
         on_shard_failure: str = "resume",
         monitor_interval_s: float = 1.0,
         recover_on_start: bool = False,
+        hang_floor_s: float = 5.0,
     ) -> None:
         if on_shard_failure not in ("resume", "fail"):
             raise ValueError(f"on_shard_failure must be 'resume' or 'fail', got {on_shard_failure!r}")
@@ -68,11 +72,17 @@ class RouterActor:
         self.max_seq_len = config.max_seq_len
         self.cache_capacity = cache_capacity(config.sliding_window, config.max_seq_len)
         self.step_timeout_s = step_timeout_s
+        self.deadline = StepDeadline(step_timeout_s, floor_s=hang_floor_s)
         self.steps = 0
         self.traces: deque[StepTrace] = deque(maxlen=TRACE_LIMIT)  # the router's side; stages joined when taken
         self.link: RouterLink | None = None
         self._expert_load: tuple[tuple[int, ...], ...] = ()
-        scheduler = Scheduler(plan.scheduling.settled(self.cache_capacity), config.max_seq_len, config.eos_token_id)
+        scheduler = Scheduler(
+            plan.scheduling.settled(self.cache_capacity),
+            config.max_seq_len,
+            config.eos_token_id,
+            grammars=lambda: grammars_for(str(Path(plan.checkpoint) / "tokenizer.model")),
+        )
         self.loop = EngineLoop(
             self.step,
             scheduler,
@@ -115,19 +125,22 @@ class RouterActor:
                 continue
             generation = self.generation
             try:
-                alive = await asyncio.to_thread(self.supervisor.probe, self.workers)
+                states = await asyncio.to_thread(self.supervisor.states, self.workers)
             except Exception as e:  # noqa: BLE001 - the monitor must outlive any one probe: it is how hangs are found
                 log.warning("probing the workers failed: %s: %s", type(e).__name__, e)
                 continue
-            if not all(alive):
-                down = [n for n, ok in zip(self.supervisor.names, alive, strict=True) if not ok]
-                await self.recover(f"worker(s) {', '.join(down)} not answering", generation)
+            down = [
+                f"{n} ({state})" for n, state in zip(self.supervisor.names, states, strict=True) if state != "alive"
+            ]
+            if down:
+                await self.recover(f"worker(s) {', '.join(down)} not answering", generation, states)
 
     async def _recover_after_step(self, reason: str) -> None:
         await self.recover(f"step failed: {reason}", self._step_generation)
 
-    async def recover(self, reason: str, seen_generation: int) -> None:
-        """Bring every shard back (restart the dead in their bundles, re-form the group); retries until it works."""
+    async def recover(self, reason: str, seen_generation: int, states: list[str] | None = None) -> None:
+        """Bring every shard back (restart the dead in their bundles, re-form the group); retries until it works.
+        `states`: the workers' states as the monitor just probed them (first attempt only)."""
         async with self._recovering:
             if self.generation != seen_generation:
                 return  # someone already recovered from this failure
@@ -143,13 +156,15 @@ class RouterActor:
                     self.link.close()  # a step waiting on the old data plane fails now, not at its timeout
                 self.link = RouterLink(node_ip())
                 try:
-                    handles, report = await asyncio.to_thread(self.supervisor.recover, self.workers, self.link)
+                    handles, report = await asyncio.to_thread(self.supervisor.recover, self.workers, self.link, states)
                     break
                 except Exception as e:  # noqa: BLE001 - stay unready, say why, try again
+                    states = None  # probe afresh: what the monitor saw is stale now
                     self.health = replace(self.health, reason=f"{reason}; recovering: {type(e).__name__}: {e}")
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 10.0)
             self._set_handles(handles)
+            self.deadline.reset()
             self.generation += 1
             self.health = replace(
                 self.health,
@@ -178,7 +193,16 @@ class RouterActor:
             if before is not None:
                 await asyncio.wait({before})  # its outcome is its own step's: only the order matters here
             last = self.supervisor.last_stage_worker
-            message = await asyncio.to_thread(link.recv_result, last, self.step_timeout_s)
+            waited = time.perf_counter()
+            deadline = self.deadline.for_step(plan.n_tokens)
+            try:
+                message = await asyncio.to_thread(link.recv_result, last, deadline)
+            except TimeoutError as e:
+                raise TimeoutError(
+                    f"step {step} ({plan.n_tokens} tokens) returned nothing within its deadline of {deadline:.1f} s "
+                    f"(recent steps: {self.deadline.expected_s(plan.n_tokens) or 0:.3f} s expected): {e}"
+                ) from None
+            self.deadline.record(plan.n_tokens, time.perf_counter() - waited)
         finally:
             done.set_result(None)
         returned = time.time()

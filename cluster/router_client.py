@@ -26,9 +26,9 @@ from router.step import Admission, TokenEvent
 log = logging.getLogger("mistral_cluster.serve")
 ADMIT_TRIES = 3  # routers a request may find dead on arrival (each replaced) before it gets a 503
 ADMIT_PING_S = 10.0  # a router this slow to accept a request is pinged: hung or dead ones are replaced
-PING_TIMEOUT_S = 3.0  # a router that does not answer a ping this fast is taken for dead
+PING_TIMEOUT_S = 1.5  # a router that does not answer a ping this fast is taken for dead (its loop only awaits)
 RETRY_RESTART_S = 0.5  # between attempts to restart a router, while a request waits for one
-SILENCE_S = 2.0  # a stream this long without an event pings its router: a hung one is replaced within ~5 s
+SILENCE_S = 1.5  # a stream this long without an event pings its router: a hung one is replaced within ~3 s
 
 
 @dataclass(eq=False)

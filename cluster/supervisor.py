@@ -183,11 +183,13 @@ class ShardSupervisor:
                     states.append("dead")
         return states
 
-    def recover(self, handles: list, router_link) -> tuple[list, dict]:
+    def recover(self, handles: list, router_link, known: list[str] | None = None) -> tuple[list, dict]:
         """Restart dead workers in their bundles, reset the live ones, re-form the data plane with `router_link`.
-        Returns the new handles and a report (which workers were restarted, how long it took)."""
+        `known`: each worker's state from a probe just made (the monitor's), which spares probing again: a hung
+        worker would cost the whole probe timeout a second time. Returns the new handles and a report (which
+        workers were restarted, how long it took)."""
         t0 = time.monotonic()
-        states = dict(zip(self.names, self.states(handles), strict=True))
+        states = dict(zip(self.names, known or self.states(handles), strict=True))
         dead = {n for n, state in states.items() if state != "alive"}
         live = [(n, h) for n, h in zip(self.names, handles, strict=True) if states[n] == "alive"]
         # The dead and the hung first: once a hung worker's process is gone its sockets close, and the live
@@ -213,9 +215,14 @@ class ShardSupervisor:
                 with contextlib.suppress(Exception):  # gone already
                     ray.kill(h, no_restart=True)
         refs = []
+        here = ray.get_runtime_context().get_node_id()
         for n in hung:
             where = self.locations.get(n)
-            if where is not None:
+            if where is None:
+                continue
+            if where.node_id == here:  # on this node: no task to schedule (a new Ray worker process costs ~1 s)
+                _sigkill_here(where.pid)
+            else:
                 on_node = NodeAffinitySchedulingStrategy(node_id=where.node_id, soft=False)
                 refs.append(_sigkill.options(scheduling_strategy=on_node).remote(where.pid))
         if refs:
@@ -234,8 +241,21 @@ class ShardSupervisor:
                 ray.kill(ray.get_actor(self.actor_name(n), namespace=NAMESPACE), no_restart=True)
 
 
-@ray.remote(num_cpus=0, max_retries=0)
-def _sigkill(pid: int) -> None:
-    """Kill a worker's process on its own node, whatever state it is in (stopped, hung in a kernel)."""
+def _sigkill_here(pid: int) -> None:
+    """Kill a worker's process on this node, whatever state it is in (stopped, hung in a kernel), and wait until it
+    is gone: only then are its sockets closed, which is what its peers wait on."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.02)
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _sigkill(pid: int) -> None:
+    """`_sigkill_here` on the worker's own node."""
+    _sigkill_here(pid)

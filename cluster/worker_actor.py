@@ -307,8 +307,17 @@ class ShardWorker:
                 # waiting on this worker hear of it before recovery even starts. (On a GPU the reset aborts.)
                 self._release_transport()
 
+    def inject_stall(self, seconds: float) -> None:
+        """Fault injection (tests, chaos drills): the next step of this worker's stages sleeps `seconds` first, as
+        a kernel or a collective that never returns would. The worker still answers pings: only the step deadline
+        (`router.step_deadline`) can find it."""
+        self._stall_s = seconds
+
     def _stage_loop(self, runner: StageRunner, q: queue.Queue) -> None:
         while (wire := q.get()) is not None:
+            stall, self._stall_s = getattr(self, "_stall_s", 0.0), 0.0
+            if stall:
+                time.sleep(stall)
             try:
                 result, picks = runner.run(wire.step, wire.plan, wire.micro_batch_size)
                 if picks is not None:

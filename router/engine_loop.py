@@ -85,7 +85,10 @@ class EngineLoop:
                 "retry later"
             )
         self.start()
-        seq = self.scheduler.add(prompt_ids, params, resume_ids)
+        try:
+            seq = self.scheduler.add(prompt_ids, params, resume_ids)
+        except (ValueError, OSError) as e:  # a structured output the engine cannot compile, or no tokenizer file
+            raise RequestError(str(e)) from None
         request = _Request(seq)
         self.requests[seq.seq_id] = request
         self.stats.tokens_in += len(prompt_ids)

@@ -12,6 +12,7 @@ from router.engine_core import EngineCore
 from router.sampling import SamplingParams
 from router.scheduler import Scheduler, SchedulerConfig, Sequence
 from router.step import StepOutput, StepPlan
+from router.structured_output import grammars_for
 from shards.config import ModelConfig
 
 
@@ -70,14 +71,17 @@ def generate(
     prompts: list[list[int]],
     params: SamplingParams | list[SamplingParams],
     scheduling: SchedulerConfig | None = None,
+    tokenizer_path: str | None = None,
 ) -> list[Completion]:
     """Complete every prompt; all of them run together as one continuously batched workload, through the same
-    `EngineCore` step the served loop runs. `scheduling` defaults to `SchedulerConfig` with the executor's slots."""
+    `EngineCore` step the served loop runs. `scheduling` defaults to `SchedulerConfig` with the executor's slots;
+    `tokenizer_path` (the checkpoint's `tokenizer.model`) is needed only by requests with structured output."""
     per_prompt = params if isinstance(params, list) else [params] * len(prompts)
     for i, (ids, p) in enumerate(zip(prompts, per_prompt, strict=True)):
         check_prompt(ids, p, executor.max_seq_len, executor.config.vocab_size, i)
     config = (scheduling or SchedulerConfig(max_seqs=executor.max_seqs)).settled(executor.cache_capacity)
-    scheduler = Scheduler(config, executor.max_seq_len, executor.config.eos_token_id)
+    grammars = (lambda: grammars_for(tokenizer_path)) if tokenizer_path else None
+    scheduler = Scheduler(config, executor.max_seq_len, executor.config.eos_token_id, grammars)
 
     async def execute(plan: StepPlan) -> StepOutput:
         return StepOutput.from_logits(executor.step(plan))

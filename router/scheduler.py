@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 
 from router.sampling import Sampler, SamplingParams
 from router.step import StepOutput, StepPlan
+from router.structured_output import GrammarConstraint, Grammars
 
 DEFAULT_MAX_SEQS = 32
 DEFAULT_TOKEN_BUDGET = 2048
@@ -36,6 +38,7 @@ class Sequence:
     cached: int = 0  # tokens whose keys/values are in the cache
     finish_reason: str | None = None  # "stop" or "length" once finished
     error: str | None = None  # why it ended with finish_reason "error" (its sampler failed)
+    constraint: GrammarConstraint | None = None  # the structured output's matcher, if the request has one
 
     def __post_init__(self) -> None:
         self.sampler = Sampler(self.params)
@@ -108,8 +111,11 @@ class ScheduledStep:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, max_seq_len: int, eos_id: int) -> None:
-        """`config` settled (its chunk size fixed): `SchedulerConfig.settled`."""
+    def __init__(
+        self, config: SchedulerConfig, max_seq_len: int, eos_id: int, grammars: Callable[[], Grammars] | None = None
+    ) -> None:
+        """`config` settled (its chunk size fixed): `SchedulerConfig.settled`. `grammars` gives the compiled
+        grammars of the model's vocabulary, called the first time a request asks for structured output."""
         if config.chunk_size is None:
             raise ValueError("the scheduler needs a settled SchedulerConfig (chunk_size fixed)")
         self.config = config
@@ -118,6 +124,7 @@ class Scheduler:
         self.chunk_size = config.chunk_size
         self.max_seq_len = max_seq_len
         self.eos_id = eos_id
+        self.grammars = grammars
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._ids = itertools.count()
@@ -129,6 +136,10 @@ class Scheduler:
         seq.output_ids = list(output_ids or [])
         seq.output_logprobs = [0.0] * len(seq.output_ids)
         seq.output_top_logprobs = [None] * len(seq.output_ids)
+        if params.structured is not None:
+            if self.grammars is None:
+                raise ValueError("structured output needs the checkpoint's tokenizer, which this engine was not given")
+            seq.constraint = self.grammars().constraint(params.structured)
         self.waiting.append(seq)
         return seq
 
@@ -175,7 +186,7 @@ class Scheduler:
             lengths=tuple(n for _, n in chosen),
             token_ids=token_ids,
             want_logits=tuple(seq.cached + n == len(seq.tokens) for seq, n in chosen),
-            greedy=tuple(seq.params.temperature == 0 and not seq.params.logprobs for seq, _ in chosen),
+            greedy=tuple(seq.params.picked_on_stage for seq, _ in chosen),
         )
         for seq, n in chosen:
             seq.cached += n
@@ -195,7 +206,9 @@ class Scheduler:
                 if isinstance(pick, tuple):
                     token, logprob, top = pick[0], pick[1], None
                 else:
-                    token, logprob, top = seq.sampler.sample(pick, index=len(seq.output_ids))
+                    token, logprob, top = seq.sampler.sample(
+                        pick, len(seq.output_ids), seq.prompt_ids, seq.output_ids, seq.constraint
+                    )
             except Exception as e:  # noqa: BLE001 - one request's bad sampling must end it, not the loop serving all
                 seq.error = f"sampling failed: {type(e).__name__}: {e}"
                 self.finish(seq, "error")

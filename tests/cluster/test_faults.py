@@ -391,6 +391,27 @@ def test_a_hung_process_is_found_and_replaced_within_seconds(resume_server, prom
     next_requests_are_exact(resume_server, prompts, expected)
 
 
+def test_a_wedged_stage_that_still_answers_pings_is_found_by_the_step_deadline(resume_server, prompts_and_expected):
+    """A stage whose loop is stuck (as in a collective that never returns) while its worker answers every ping:
+    the monitor sees nothing; the step deadline, derived from recent step times, fails the step; recovery finds
+    the worker unable to leave the data plane, kills and restarts it; the streams go on with exactly their tokens."""
+    prompts, expected = prompts_and_expected
+    worker, _ = shard_actor("stage1")
+    results, recovery = run_with_fault(resume_server, prompts, lambda: ray.get(worker.inject_stall.remote(600)))
+    health = ray.get(ray.get_actor(router_actor()["Name"]).stats.remote()).health
+    RESULTS["wedged stage1 (answers pings)"] = {
+        "recovery_seconds": None if recovery is None else round(recovery, 2),
+        "restarted": list(health.restarted[-1]) if health.restarted else [],
+        "last_recovery_seconds": health.last_recovery_seconds,
+    }
+    for r, e in zip(results, expected, strict=True):
+        assert r["done"] and not r["errors"], r["errors"]
+        assert r["tokens"] == e
+    assert recovery is not None and recovery < 20, recovery  # not the 20 s step timeout, nor 120 s
+    assert health.restarted and "stage1" in health.restarted[-1], health  # the wedged one, found and replaced
+    next_requests_are_exact(resume_server, prompts, expected)
+
+
 def test_a_seeded_random_sequence_of_kills_loses_no_token(resume_server, checkpoint):
     """Six kills of every role at seeded random moments, some during a recovery, while 8 long streams run."""
     rng = random.Random(2026)

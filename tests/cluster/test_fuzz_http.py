@@ -63,13 +63,22 @@ COMMON_FIELDS = {
     "ignore_eos",
     "presence_penalty",
     "frequency_penalty",
+    "repetition_penalty",
+    "min_p",
+    "logit_bias",
+    "response_format",
     "best_of",
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "parallel_tool_calls",
 }
 REQUEST_FIELDS = {
     "POST /v1/completions": ("prompt", COMMON_FIELDS | {"prompt", "logprobs", "echo"}),
     "POST /v1/chat/completions": (
         "messages",
-        COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"},
+        COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice"},
     ),
 }
 

@@ -147,7 +147,11 @@ def test_ctrl_c_on_a_joined_cluster_leaves_nothing_of_ours_behind(placement, tmp
         base = f"http://127.0.0.1:{port}"
         assert wait_until_healthy(base, 120), (tmp_path / "serve.log").read_text()[-3000:]
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+        try:
+            status = proc.wait(timeout=120)  # a shutdown on a loaded 2-core host took over 60 s once
+        except subprocess.TimeoutExpired:
+            pytest.fail("Ctrl-C did not end serve in 120 s: " + (tmp_path / "serve.log").read_text()[-3000:])
+        assert status == 0, (tmp_path / "serve.log").read_text()[-3000:]
         ray.init(address=cluster.address)
         deadline = time.monotonic() + 30
         while True:
