@@ -20,6 +20,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # how many alternatives to report per token; None: none
+    prompt_logprobs: int | None = None  # score the prompt too (an echo), with this many alternatives; None: don't
 
     def validate(self) -> SamplingParams:
         """Raises ValueError naming the field; the edges (CLI, HTTP) turn it into their own error."""
@@ -39,6 +40,10 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20):
             raise ValueError(f"logprobs must be an integer between 0 and 20, got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and not (
+            isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= 20
+        ):
+            raise ValueError(f"prompt_logprobs must be an integer between 0 and 20, got {self.prompt_logprobs!r}")
         return self
 
 
