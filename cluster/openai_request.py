@@ -161,7 +161,7 @@ class ParsedRequest:
     kind: str  # "completion" or "chat"
     model: str | None
     prompts: list[list[int]]  # token ids, one per prompt
-    max_tokens: int | None  # None: until the context is full
+    max_tokens: int | None  # None: until the context is full; 0 (only with echo): the prompt alone
     params: SamplingParams
     n: int
     stream: bool
@@ -280,7 +280,10 @@ def _common(
     ceiling = limits.max_tokens_ceiling
     if ceiling is not None:  # a request that leaves max_tokens out gets no more than the ceiling either
         default_max_tokens = min(default_max_tokens or ceiling, ceiling)
-    max_tokens = _int(data, max_tokens_key, default_max_tokens, low=1, high=ceiling)
+    # echo: the prompt's text (and with logprobs, its log-probabilities) before the completion; max_tokens may then be
+    # 0, the prompt alone (lm-eval's loglikelihood reads the prompt's scores this way)
+    echo = _bool(data, "echo", False) if kind == "completion" else False
+    max_tokens = _int(data, max_tokens_key, default_max_tokens, low=0 if echo else 1, high=ceiling)
     if kind == "chat" and "max_completion_tokens" in data and "max_tokens" not in data:
         max_tokens = _int(data, "max_completion_tokens", default_max_tokens, low=1, high=ceiling)
     n = _int(data, "n", 1, low=1, high=limits.max_n)
@@ -321,9 +324,6 @@ def _common(
             logprobs = _int(data, "top_logprobs", 0, low=0, high=MAX_LOGPROBS)
         elif data.get("top_logprobs") is not None:
             raise bad("top_logprobs", "requires logprobs to be true")
-    echo = _bool(data, "echo", False) if kind == "completion" else False
-    if echo:
-        raise bad("echo", "is not supported")
     best_of = data.get("best_of")
     if best_of is not None and best_of != n:
         raise bad("best_of", "is not supported (leave it out or equal to n)")

@@ -63,6 +63,11 @@ class ChoiceState:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
     finish_reason: str | None = None
+    echo: bool = False  # the prompt's text (and log-probabilities) go before the completion's
+    prompt_only: bool = False  # echo with max_tokens 0: the token the router makes is not reported
+    # With echo and logprobs, from the first token's event: per prompt token (the first has none: None).
+    prompt_logprobs: list[float | None] = field(default_factory=list)
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
 
 
 def usage(choices: list[ChoiceState], n: int) -> dict[str, int]:
@@ -76,18 +81,38 @@ def usage(choices: list[ChoiceState], n: int) -> dict[str, int]:
     }
 
 
-def completion_logprobs(tokenizer, ids: list[int], lps: list[float], tops: list, offset: int = 0) -> dict:
+def completion_logprobs(tokenizer, ids: list[int], lps: list, tops: list, offset: int = 0) -> dict:
+    """Legacy completions' logprobs. Each position's `top_logprobs` holds the most likely tokens and the chosen one
+    (OpenAI: "up to logprobs + 1 elements"); None where there is no log-probability (an echoed prompt's first)."""
     pieces = [tokenizer.decode([i]) for i in ids]
     offsets, pos = [], offset
     for p in pieces:
         offsets.append(pos)
         pos += len(p)
-    return {
-        "tokens": pieces,
-        "token_logprobs": lps,
-        "top_logprobs": [{tokenizer.decode([i]): lp for i, lp in top} if top else None for top in tops],
-        "text_offset": offsets,
-    }
+    alternatives = []
+    for piece, lp, top in zip(pieces, lps, tops, strict=True):
+        if lp is None:
+            alternatives.append(None)
+            continue
+        at = {tokenizer.decode([i]): v for i, v in top or ()}
+        at.setdefault(piece, lp)
+        alternatives.append(at)
+    return {"tokens": pieces, "token_logprobs": lps, "top_logprobs": alternatives, "text_offset": offsets}
+
+
+def choice_logprobs(tokenizer, choice: ChoiceState, n: int, echo: bool) -> dict:
+    """The logprobs of a completion choice's last `n` tokens; with `echo`, the prompt's before them (offsets from
+    the prompt's start, the completion's after the prompt's text)."""
+    at = len(choice.token_ids) - n
+    ids, lps, tops = choice.token_ids[at:], choice.logprobs[at:], choice.top_logprobs[at:]
+    if not echo:
+        return completion_logprobs(tokenizer, ids, lps, tops)
+    unscored = [None] * len(choice.prompt_ids)
+    prompt = completion_logprobs(
+        tokenizer, choice.prompt_ids, choice.prompt_logprobs or unscored, choice.prompt_top_logprobs or unscored
+    )
+    rest = completion_logprobs(tokenizer, ids, lps, tops, offset=len(tokenizer.decode(choice.prompt_ids)))
+    return {key: prompt[key] + rest[key] for key in prompt}
 
 
 def chat_logprobs(tokenizer, ids: list[int], lps: list[float], tops: list) -> dict:
@@ -115,12 +140,12 @@ def final_response(req: ParsedRequest, model: str, choices: list[ChoiceState], t
         if req.kind == "completion":
             choice: dict[str, Any] = {
                 "index": c.index,
-                "text": text,
+                "text": tokenizer.decode(c.prompt_ids) + text if c.echo else text,
                 "finish_reason": c.finish_reason,
                 "logprobs": None,
             }
             if req.logprobs is not None:
-                choice["logprobs"] = completion_logprobs(tokenizer, c.token_ids, c.logprobs, c.top_logprobs)
+                choice["logprobs"] = choice_logprobs(tokenizer, c, len(c.token_ids), c.echo)
         else:
             choice = {
                 "index": c.index,
@@ -155,10 +180,12 @@ def stream_chunk(
     first: bool = False,
 ) -> dict:
     if req.kind == "completion":
+        echo = choice.echo and first  # the prompt goes in a choice's first chunk
+        if echo:
+            text = tokenizer.decode(choice.prompt_ids) + text
         body: dict[str, Any] = {"index": choice.index, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        if req.logprobs is not None and token_ids:
-            n = len(token_ids)
-            body["logprobs"] = completion_logprobs(tokenizer, token_ids, choice.logprobs[-n:], choice.top_logprobs[-n:])
+        if req.logprobs is not None and (token_ids or echo):
+            body["logprobs"] = choice_logprobs(tokenizer, choice, len(token_ids), echo)
     else:
         delta: dict[str, Any] = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
         body = {"index": choice.index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from cluster.metrics import ServeMetrics
@@ -17,7 +18,16 @@ from cluster.openai_errors import APIError
 from cluster.openai_request import Limits, ParsedRequest
 from cluster.openai_response import ChoiceState, TextAssembler, final_response, sse, stream_chunk, usage_chunk
 from cluster.router_client import ChoiceStream, RouterClient
+from router.sampling import SamplingParams
 from shards.tokenizer import Tokenizer
+
+
+def echo_params(req: ParsedRequest, params: SamplingParams) -> SamplingParams:
+    """What the router runs for a choice: with echo and logprobs, the prompt is scored too. Echo with max_tokens 0
+    still makes one token (the prefill computes its logits anyway), which the response leaves out, as vLLM does."""
+    if not req.echo:
+        return params
+    return replace(params, max_tokens=max(params.max_tokens, 1), prompt_logprobs=req.logprobs)
 
 
 class OpenAIServing:
@@ -40,9 +50,12 @@ class OpenAIServing:
         choices = []
         for i, prompt_ids in enumerate(req.prompts):
             for j in range(req.n):
-                params = req.params_for(prompt_ids, j, self.limits.max_seq_len)
+                params = echo_params(req, req.params_for(prompt_ids, j, self.limits.max_seq_len))
+                assembler = TextAssembler(self.tokenizer, params.stop)
                 choices.append(
-                    ChoiceState(i * req.n + j, prompt_ids, TextAssembler(self.tokenizer, params.stop), params)
+                    ChoiceState(
+                        i * req.n + j, prompt_ids, assembler, params, echo=req.echo, prompt_only=req.max_tokens == 0
+                    )
                 )
         streams = await self.routers.admit([(c.prompt_ids, c.params) for c in choices])
         self.metrics.started(req)
@@ -57,6 +70,13 @@ class OpenAIServing:
             if first_at is None:
                 first_at = time.monotonic()
                 self.metrics.first_token(first_at - started)
+            if event.prompt_logprobs is not None:  # with the first token: the prompt's own, the first has none
+                choice.prompt_logprobs = [None, *event.prompt_logprobs]
+                choice.prompt_top_logprobs = [None, *(list(top) for top in event.prompt_top_logprobs)]
+            if choice.prompt_only:  # the token the router made to get the prompt's scores is not reported
+                yield "", "length"
+                choice.finish_reason = "length"
+                return
             choice.token_ids.append(event.token_id)
             choice.logprobs.append(event.logprob)
             choice.top_logprobs.append(event.top_logprobs)

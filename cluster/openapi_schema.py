@@ -121,11 +121,19 @@ COMPLETION_REQUEST: dict[str, Any] = {
             ],
         },
         **COMMON_FIELDS,
+        "max_tokens": _nullable(
+            {"type": "integer", "minimum": 0},
+            COMMON_FIELDS["max_tokens"]["description"] + "; 0 only with echo (the prompt alone)",
+        ),
         "logprobs": _nullable(
             {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS},
             "log-probability of each chosen token and of this many alternatives",
         ),
-        "echo": _nullable({"type": "boolean"}, "only false is supported"),
+        "echo": _nullable(
+            {"type": "boolean"},
+            "the prompt's text before the completion's, and with logprobs the prompt tokens' log-probabilities "
+            "(the first token's null); streamed, they come in the first chunk",
+        ),
     },
 }
 

@@ -4,7 +4,8 @@ calls `run` once per step plan.
 
 Stage k takes micro-batch m from stage k-1 (or embeds it), runs its layers, and hands it on with a non-blocking
 send, so it is already on micro-batch m+1 while stage k+1 works on m. The last stage picks the greedy rows' tokens
-on the device and returns them with the logits of the rows the router samples.
+on the device and returns them with the logits of the rows the router samples, and the scores of the rows the
+plan scores (an echoed prompt's own log-probabilities: per row a target's and the top few, never a full row).
 
 MoE dispatch, per layer: the expert groups held by this worker are computed in place; every other worker holding
 experts of the layer gets one message (activations, expert ids and weights packed, every token of the micro-batch:
@@ -135,7 +136,8 @@ class StageRunner:
     @torch.inference_mode()
     def run(self, step: int, plan: StepPlan, micro_batch_size: int) -> tuple[StageResult, torch.Tensor | None]:
         """Every micro-batch of one step through this stage. The last stage also returns its picks as one tensor
-        (greedy ids, their log-probabilities, the sampled rows' logits: `cluster.step_wire.encode_result`)."""
+        (greedy ids, their log-probabilities, the sampled rows' logits, the scored rows' scores:
+        `cluster.step_wire.encode_result`)."""
         entered = time.time()
         self._expert_seconds = 0.0
         microbatches = split_microbatches(plan if self.first else plan.without_tokens(), micro_batch_size)
@@ -201,16 +203,20 @@ class StageRunner:
         self._expert_seconds += time.perf_counter() - t0
         return out
 
-    def _pick(self, h: torch.Tensor, mb: StepPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _pick(self, h: torch.Tensor, mb: StepPlan) -> tuple[torch.Tensor, ...]:
         rows = torch.tensor(mb.logit_rows(), dtype=torch.long, device=self.device)
-        return pick_tokens(self.model.logits(h[rows], float32=False), mb.greedy_logit_rows())
+        picks = pick_tokens(self.model.logits(h[rows], float32=False), mb.greedy_logit_rows())
+        scored = mb.score_rows()
+        if not scored:
+            none = torch.empty(0, device=self.device)
+            return (*picks, none, none.view(0, mb.score_k).long(), none.view(0, mb.score_k))
+        targets = torch.as_tensor(mb.score_targets).to(self.device)
+        return (*picks, *self.model.scores(h[torch.tensor(scored, device=self.device)], targets, mb.score_k))
 
     @staticmethod
-    def _join_picks(picks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def _join_picks(picks: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
         """The micro-batches' picks as one result message (`cluster.step_wire`), still on the device."""
-        return encode_result(
-            torch.cat([p[0] for p in picks]), torch.cat([p[1] for p in picks]), torch.cat([p[2] for p in picks])
-        )
+        return encode_result(*(torch.cat(parts) for parts in zip(*picks, strict=True)))
 
 
 def pick_tokens(logits: torch.Tensor, greedy: tuple[bool, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

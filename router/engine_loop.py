@@ -162,8 +162,14 @@ class EngineLoop:
         if seq.finished:
             self.stats.finished += 1
         top = seq.output_top_logprobs[-1]
+        with_prompt = len(seq.output_ids) == 1 and seq.params.prompt_logprobs is not None
         return TokenEvent(
-            seq.output_ids[-1], seq.output_logprobs[-1], None if top is None else tuple(top), seq.finish_reason
+            seq.output_ids[-1],
+            seq.output_logprobs[-1],
+            None if top is None else tuple(top),
+            seq.finish_reason,
+            prompt_logprobs=tuple(seq.prompt_logprobs) if with_prompt else None,
+            prompt_top_logprobs=tuple(tuple(t) for t in seq.prompt_top_logprobs) if with_prompt else None,
         )
 
     async def _after_failure(self, message: str) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -11,7 +11,7 @@ import torch
 from router.engine_core import EngineCore
 from router.sampling import SamplingParams
 from router.scheduler import Scheduler, SchedulerConfig, Sequence
-from router.step import StepOutput, StepPlan
+from router.step import PromptScores, StepOutput, StepPlan
 from router.structured_output import grammars_for
 from shards.config import ModelConfig
 
@@ -21,14 +21,15 @@ class RequestError(ValueError):
 
 
 class Executor(Protocol):
-    """A model in one process (`shards.engine.LocalEngine`): every wanting row's logits, in plan order."""
+    """A model in one process (`shards.engine.LocalEngine`): every wanting row's logits, in plan order, and the
+    scored rows' scores (target log-probabilities, top ids, top log-probabilities) when the plan has any."""
 
     config: ModelConfig
     max_seqs: int
     max_seq_len: int
     cache_capacity: int
 
-    def step(self, plan: StepPlan) -> torch.Tensor: ...
+    def run(self, plan: StepPlan) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]: ...
 
 
 @dataclass(frozen=True)
@@ -37,13 +38,23 @@ class Completion:
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str
+    # With `SamplingParams.prompt_logprobs`: prompt tokens 1.. (the first has none), and the top alternatives at each.
+    prompt_logprobs: list[float] = field(default_factory=list)
+    prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
     @staticmethod
     def of(seq: Sequence) -> Completion:
         """A finished sequence's result (one that ended with an error raises it: there is no completion)."""
         if seq.error is not None:
             raise RuntimeError(seq.error)
-        return Completion(seq.prompt_ids, seq.output_ids, seq.output_logprobs, seq.finish_reason or "length")
+        return Completion(
+            seq.prompt_ids,
+            seq.output_ids,
+            seq.output_logprobs,
+            seq.finish_reason or "length",
+            seq.prompt_logprobs,
+            seq.prompt_top_logprobs,
+        )
 
 
 def check_prompt(
@@ -84,7 +95,8 @@ def generate(
     scheduler = Scheduler(config, executor.max_seq_len, executor.config.eos_token_id, grammars)
 
     async def execute(plan: StepPlan) -> StepOutput:
-        return StepOutput.from_logits(executor.step(plan))
+        logits, scores = executor.run(plan)
+        return StepOutput.from_logits(logits, None if scores is None else PromptScores(*scores))
 
     core = EngineCore(scheduler, execute)
     seqs = [scheduler.add(ids, p) for ids, p in zip(prompts, per_prompt, strict=True)]

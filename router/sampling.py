@@ -51,6 +51,8 @@ class SamplingParams:
         """Whether the last stage may pick this request's tokens itself (plain greedy, no log-probabilities)."""
         return self.temperature == 0 and not self.logprobs and not self.adjusts_logits
 
+    prompt_logprobs: int | None = None  # score the prompt too (an echo), with this many alternatives; None: don't
+
     def validate(self) -> SamplingParams:
         """Raises ValueError naming the field; the edges (CLI, HTTP) turn it into their own error."""
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -83,6 +85,10 @@ class SamplingParams:
                 raise ValueError(f"logit_bias entry {token!r}: {bias!r} must map a token id to a bias in [-100, 100]")
         if self.structured is not None and self.ignore_eos:
             raise ValueError("ignore_eos cannot be combined with a structured output format: it ends at its end")
+        if self.prompt_logprobs is not None and not (
+            isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= 20
+        ):
+            raise ValueError(f"prompt_logprobs must be an integer between 0 and 20, got {self.prompt_logprobs!r}")
         return self
 
 

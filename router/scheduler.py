@@ -4,6 +4,10 @@ Every sequence keeps all its tokens (prompt + generated) and how many of them th
 feeds each running sequence the next run of tokens the cache lacks: one token once it is decoding, a chunk of at
 most `chunk_size` while its prompt is still being prefilled. Decode tokens go first so a long prompt cannot stall
 the others; the rest of the budget goes to prefill chunks.
+
+A request that asks for its prompt's log-probabilities (`SamplingParams.prompt_logprobs`, an echo with logprobs)
+has its prefill chunks scored on the last stage: each prompt row gets the log-probability of the token after it,
+a chunk's last row that of the next chunk's first token. They are complete when its first token comes.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
+    # With `params.prompt_logprobs`: prompt tokens 1.. (the first has no context), filled as prefill chunks finish.
+    prompt_logprobs: list[float] = field(default_factory=list)
+    prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     slot: int | None = None
     cached: int = 0  # tokens whose keys/values are in the cache
     finish_reason: str | None = None  # "stop" or "length" once finished
@@ -55,6 +62,12 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Its next prefill chunk is scored: it asked for its prompt's log-probabilities and has no token yet (they
+        went out with the first; a request resumed with `output_ids` had them delivered before)."""
+        return self.params.prompt_logprobs is not None and not self.output_ids
 
 
 class SlotPool:
@@ -144,9 +157,13 @@ class Scheduler:
         return seq
 
     def forget_caches(self) -> None:
-        """The shards lost their KV caches: every running sequence prefills prompt + output again, keeping its slot."""
+        """The shards lost their KV caches: every running sequence prefills prompt + output again, keeping its slot.
+        A prompt being scored is scored again from its start, with the chunks that now carry it."""
         for seq in self.running:
             seq.cached = 0
+            if seq.scores_prompt:
+                seq.prompt_logprobs.clear()
+                seq.prompt_top_logprobs.clear()
 
     @property
     def slots_in_use(self) -> int:
@@ -180,13 +197,15 @@ class Scheduler:
             return None
         chosen.sort(key=lambda sn: self.running.index(sn[0]))
         token_ids = np.array([t for seq, n in chosen for t in seq.tokens[seq.cached : seq.cached + n]], np.int64)
+        want_logits = tuple(seq.cached + n == len(seq.tokens) for seq, n in chosen)
         plan = StepPlan(
             slots=tuple(seq.slot for seq, _ in chosen),
             starts=tuple(seq.cached for seq, _ in chosen),
             lengths=tuple(n for _, n in chosen),
             token_ids=token_ids,
-            want_logits=tuple(seq.cached + n == len(seq.tokens) for seq, n in chosen),
+            want_logits=want_logits,
             greedy=tuple(seq.params.picked_on_stage for seq, _ in chosen),
+            **_scoring(chosen, want_logits),
         )
         for seq, n in chosen:
             seq.cached += n
@@ -197,6 +216,7 @@ class Scheduler:
 
         Greedy rows of `out` come already picked on the last stage; the others are sampled here from their logits.
         """
+        _take_scores(step, out)
         changed: list[Sequence] = []
         wanting = [seq for seq, want in zip(step.sequences, step.plan.wants(), strict=True) if want]
         for seq, pick in zip(wanting, _row_picks(out, len(wanting)), strict=True):
@@ -244,6 +264,45 @@ class Scheduler:
         if seq.slot is not None:
             self.slots.give(seq.slot)
             seq.slot = None
+
+
+def _scoring(chosen: list[tuple[Sequence, int]], want_logits: tuple[bool, ...]) -> dict:
+    """The plan's scoring fields: which sequences' chunks are scored, each scored row's next token, and the most
+    alternatives any of them asks for (none of it when no sequence is scored)."""
+    scored = tuple(seq.scores_prompt for seq, _ in chosen)
+    if not any(scored):
+        return {}
+    targets = [
+        t
+        for (seq, n), s, w in zip(chosen, scored, want_logits, strict=True)
+        if s
+        for t in seq.prompt_ids[seq.cached + 1 : seq.cached + n + 1 - w]
+    ]
+    k = max(seq.params.prompt_logprobs for (seq, _), s in zip(chosen, scored, strict=True) if s)
+    return {"scored": scored, "score_targets": np.array(targets, np.int64), "score_k": k}
+
+
+def _take_scores(step: ScheduledStep, out: StepOutput) -> None:
+    """Each scored sequence's rows of `out.scores`, in order, onto its prompt's log-probabilities. Rows that do not
+    start where its scores end (a step planned before its cache was lost) are left out: the prompt is scored again."""
+    lengths = step.plan.scored_lengths()
+    if not any(lengths):
+        return
+    scores = out.scores
+    if scores is None or len(scores) != sum(lengths):
+        raise ValueError(
+            f"the step output has {0 if scores is None else len(scores)} scored rows; the step scored {sum(lengths)}"
+        )
+    logprobs, top_ids, top_logprobs = scores.logprobs.tolist(), scores.top_ids.tolist(), scores.top_logprobs.tolist()
+    row = 0
+    for seq, start, n in zip(step.sequences, step.plan.starts, lengths, strict=True):
+        if n and not seq.finished and len(seq.prompt_logprobs) == start:
+            k = seq.params.prompt_logprobs
+            seq.prompt_logprobs.extend(logprobs[row : row + n])
+            seq.prompt_top_logprobs.extend(
+                list(zip(top_ids[r][:k], top_logprobs[r][:k], strict=True)) for r in range(row, row + n)
+            )
+        row += n
 
 
 def _row_picks(out: StepOutput, rows: int) -> list[tuple[int, float] | torch.Tensor]:

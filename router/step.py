@@ -5,7 +5,8 @@ A decode step, as data (README, "The path of a token"):
   `TokenEvent` per sampled token;
 - router -> every worker: a `StepPlan` (on the step link, `cluster.step_wire`; the stages cut it into micro-batches,
   each itself a `StepPlan`);
-- last stage -> router: the step's `StepOutput` (greedy rows' tokens picked on the device, logits of the others);
+- last stage -> router: the step's `StepOutput` (greedy rows' tokens picked on the device, logits of the others,
+  and the `PromptScores` of the rows the plan scores: an echoed prompt's own log-probabilities);
 - every stage: a `StageResult` per step, gathered when traces are asked for;
 - router -> ingress, metrics, operators: `RouterStats` (engine counters and `RouterHealth`), `StepTrace` and
   `ExpertTrace` for `--profile`, and each shard's `ShardLocation`.
@@ -15,7 +16,7 @@ Nothing here imports Ray or a transport: these types are what the pieces promise
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -47,6 +48,11 @@ class StepPlan:
     token_ids: np.ndarray | None = None
     want_logits: tuple[bool, ...] | None = None  # per sequence: return logits of its last new token (None: all)
     greedy: tuple[bool, ...] | None = None  # per sequence: its token is the argmax, picked on the last stage
+    # Per sequence: its new tokens are scored (an echoed prompt's own log-probabilities): each row but a last one
+    # that wants logits gets the log-probability of the token after it, and the `score_k` most likely tokens.
+    scored: tuple[bool, ...] | None = None
+    score_targets: np.ndarray | None = None  # (scored rows,) int64: the token each scored row is followed by
+    score_k: int = 0  # alternatives per scored row: the most any scored sequence of the plan asks for
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "slots", _ints(self.slots))
@@ -54,6 +60,8 @@ class StepPlan:
         object.__setattr__(self, "lengths", _ints(self.lengths))
         object.__setattr__(self, "want_logits", _flags(self.want_logits))
         object.__setattr__(self, "greedy", _flags(self.greedy))
+        object.__setattr__(self, "scored", _flags(self.scored))
+        object.__setattr__(self, "score_k", int(self.score_k))
         if self.token_ids is not None:
             object.__setattr__(self, "token_ids", np.asarray(self.token_ids, dtype=np.int64))
         if not len(self.slots) == len(self.starts) == len(self.lengths):
@@ -61,6 +69,13 @@ class StepPlan:
                 f"a step plan needs one slot, start and length per sequence; got {len(self.slots)} slots, "
                 f"{len(self.starts)} starts, {len(self.lengths)} lengths"
             )
+        if self.scored is not None:
+            targets = np.asarray(() if self.score_targets is None else self.score_targets, dtype=np.int64)
+            object.__setattr__(self, "score_targets", targets)
+            if targets.size != sum(self.scored_lengths()):
+                raise ValueError(f"a step plan scoring {sum(self.scored_lengths())} rows has {targets.size} targets")
+        elif self.score_targets is not None:
+            raise ValueError("a step plan with score targets must say which sequences are scored")
 
     @property
     def n_tokens(self) -> int:
@@ -88,9 +103,24 @@ class StepPlan:
                 rows.append(end - 1)
         return rows
 
+    def scored_lengths(self) -> tuple[int, ...]:
+        """Per sequence: how many of its new tokens are scored (the rows before its last, when that one wants
+        logits: the last prompt token is followed by the first generated one, which has its own log-probability)."""
+        if self.scored is None:
+            return (0,) * len(self.lengths)
+        return tuple(n - w if s else 0 for n, w, s in zip(self.lengths, self.wants(), self.scored, strict=True))
+
+    def score_rows(self) -> list[int]:
+        """Indexes, in the packed token batch, of the scored rows (in the order of `score_targets`)."""
+        rows, start = [], 0
+        for n, k in zip(self.lengths, self.scored_lengths(), strict=True):
+            rows.extend(range(start, start + k))
+            start += n
+        return rows
+
     def without_tokens(self) -> StepPlan:
         """The plan as stages after the first get it: they receive hidden states, not token ids."""
-        return StepPlan(self.slots, self.starts, self.lengths, None, self.want_logits, self.greedy)
+        return replace(self, token_ids=None)
 
 
 # --- stages -> router ---------------------------------------------------------------------------------------------
@@ -130,19 +160,33 @@ class StageResult:
 
 
 @dataclass(frozen=True)
+class PromptScores:
+    """The plan's scored rows, in order (`StepPlan.score_rows`): each row's next token's log-probability and the
+    most likely tokens there, computed on the last stage so no full-vocabulary row leaves it."""
+
+    logprobs: torch.Tensor  # (scored rows,) float32
+    top_ids: torch.Tensor  # (scored rows, score_k) int64, most likely first
+    top_logprobs: torch.Tensor  # (scored rows, score_k) float32
+
+    def __len__(self) -> int:
+        return self.logprobs.shape[0]
+
+
+@dataclass(frozen=True)
 class StepOutput:
     """What a step gives the scheduler for the sequences that want a token, in order: the greedy ones' tokens,
-    already picked, and logits for the others, which the router samples."""
+    already picked, and logits for the others, which the router samples; and the scores of the scored rows."""
 
     logits: torch.Tensor  # (rows the router samples, vocab) float32
     greedy: tuple[bool, ...] | None  # per wanting row: picked on the stage; None: every row is in `logits`
     greedy_ids: tuple[int, ...] = ()
     greedy_logprobs: tuple[float, ...] = ()
+    scores: PromptScores | None = None  # None: the plan scored no row
 
     @staticmethod
-    def from_logits(logits: torch.Tensor) -> StepOutput:
+    def from_logits(logits: torch.Tensor, scores: PromptScores | None = None) -> StepOutput:
         """An executor that returns every wanting row's logits (the one-process engine)."""
-        return StepOutput(logits.float(), None)
+        return StepOutput(logits.float(), None, scores=scores)
 
 
 # --- router -> ingress --------------------------------------------------------------------------------------------
@@ -175,6 +219,10 @@ class TokenEvent:
     top_logprobs: tuple[tuple[int, float], ...] | None
     finish_reason: str | None  # "stop", "length", or None while generating
     error: str | None = None
+    # On a request's first token, when it asked for its prompt's log-probabilities: one per prompt token but the
+    # first, and the most likely tokens at each.
+    prompt_logprobs: tuple[float, ...] | None = None
+    prompt_top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
 
     @staticmethod
     def failure(message: str) -> TokenEvent:

@@ -15,11 +15,20 @@ from shards.model import TransformerShard
 
 
 class TokenStep(PackedStep, Protocol):
-    """A step plan with its token ids (`router.step.StepPlan`): what the shard holding the embedding reads."""
+    """A step plan with its token ids (`router.step.StepPlan`): what the shard holding the embedding reads, and what
+    the head returns: logits of some rows, scores of others."""
 
     token_ids: np.ndarray | torch.Tensor | None
+    score_targets: np.ndarray | None
+    score_k: int
 
     def logit_rows(self) -> Sequence[int]: ...
+
+    def score_rows(self) -> Sequence[int]: ...
+
+
+# Per scored row: the target's log-probability (rows,), the most likely tokens' ids and log-probabilities (rows, k).
+RowScores = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class LocalEngine:
@@ -56,9 +65,13 @@ class LocalEngine:
     def cache_capacity(self) -> int:
         return cache_capacity(self.config.sliding_window, self.max_seq_len)
 
-    @torch.inference_mode()
     def step(self, plan: TokenStep) -> torch.Tensor:
         """(rows wanting logits, vocab) float32 logits, in plan order."""
+        return self.run(plan)[0]
+
+    @torch.inference_mode()
+    def run(self, plan: TokenStep) -> tuple[torch.Tensor, RowScores | None]:
+        """The step's logits (as `step`) and, when the plan scores rows, their scores (None when it does not)."""
         layout = StepLayout.build(
             plan,
             self.cache_capacity,
@@ -70,4 +83,9 @@ class LocalEngine:
         h = self.model.embed(torch.as_tensor(plan.token_ids).to(self.device))
         h = self.model.run_layers(h, layout, self.cache)
         rows = torch.tensor(plan.logit_rows(), dtype=torch.long, device=self.device)
-        return self.model.logits(h[rows]).cpu()
+        logits = self.model.logits(h[rows]).cpu()
+        if plan.score_targets is None:
+            return logits, None
+        scored = torch.tensor(plan.score_rows(), dtype=torch.long, device=self.device)
+        targets = torch.as_tensor(plan.score_targets).to(self.device)
+        return logits, tuple(t.cpu() for t in self.model.scores(h[scored], targets, plan.score_k))

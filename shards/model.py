@@ -20,6 +20,7 @@ from shards.moe import ExpertGroup, Gate
 
 # (layer, normed hidden (tokens, dim), expert ids (tokens, k), weights (tokens, k)) -> (tokens, dim)
 ExpertsFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+SCORE_BLOCK = 256  # rows scored at once: (256, vocab) float32 log-probabilities at a time
 
 
 class MoEBlock(nn.Module):
@@ -113,6 +114,24 @@ class TransformerShard(nn.Module):
         dtype), half the bytes for a shard to send back."""
         out = self.lm_head(self.norm(h))
         return out.float() if float32 else out
+
+    def scores(self, h: torch.Tensor, targets: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per row of `h`: the log-probability of its target token under the head, and the `k` most likely tokens
+        (ids, log-probabilities; best first). A prompt's own log-probabilities, without a full-vocabulary row
+        leaving the device; a block of rows at a time bounds the float32 log-softmax's memory."""
+        blocks = range(0, h.shape[0], SCORE_BLOCK) or range(1)  # no rows: one empty block, for the shapes
+        parts = [score_logits(self.logits(h[i : i + SCORE_BLOCK]), targets[i : i + SCORE_BLOCK], k) for i in blocks]
+        return tuple(torch.cat(p) for p in zip(*parts, strict=True))
+
+
+def score_logits(
+    logits: torch.Tensor, targets: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, vocab) logits -> each row's target log-probability (rows,), and its `k` most likely tokens' ids and
+    log-probabilities (rows, k), computed in float32."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    top = logprobs.topk(k, dim=-1)
+    return logprobs.gather(1, targets[:, None])[:, 0], top.indices, top.values
 
 
 class ExpertShard(nn.Module):

@@ -38,3 +38,10 @@ def test_a_prompt_that_fits_with_too_many_new_tokens_names_max_tokens():
 def test_a_prompt_that_fits_with_its_new_tokens_parses():
     req = parse_completion({"prompt": list(range(1, 11)), "max_tokens": 6}, tokenizer=TOKENIZER, limits=LIMITS)
     assert req.prompts == [list(range(1, 11))]
+
+
+def test_max_tokens_0_is_the_prompt_alone_with_echo_and_refused_without():
+    req = parse_completion({"prompt": [1, 2, 3], "max_tokens": 0, "echo": True}, tokenizer=TOKENIZER, limits=LIMITS)
+    assert req.echo and req.max_tokens == 0
+    e = error_of({"prompt": [1, 2, 3], "max_tokens": 0})
+    assert (e.status, e.param) == (400, "max_tokens") and "must be at least 1" in e.message

@@ -13,6 +13,7 @@ import jsonschema
 import openai
 import pytest
 import ray
+import torch
 import yaml
 from ray import serve
 
@@ -24,7 +25,7 @@ from router.generation import generate
 from router.sampling import SamplingParams
 from shards.engine import LocalEngine
 from shards.tokenizer import Tokenizer
-from tests.conftest import hf_greedy
+from tests.conftest import hf_greedy, random_prompts
 
 KEY = "test-key-0123456789"
 WINDOW = 16
@@ -187,6 +188,97 @@ def test_logprobs_report_the_chosen_token_and_alternatives(client):
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
     for value, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
         assert value <= 0 and len(top) == 3 and max(top.values()) == pytest.approx(value, abs=1e-5)
+
+
+def hf_logprobs(checkpoint, hf_model, prompt: list[int]) -> torch.Tensor:
+    """transformers' log-softmax at every position of `prompt` (float64 from its float32 logits)."""
+    with torch.no_grad():
+        return torch.log_softmax(hf_model(checkpoint)(torch.tensor([prompt])).logits[0].double(), -1)
+
+
+def test_echo_logprobs_equal_transformers_for_a_batch_of_prompts(server, checkpoint, hf_model, tokenizer):
+    """Each prompt token's log-probability is transformers' at the position before it, across the prefill chunks of
+    a prompt longer than the window (chunks of 16 here); the first token has none."""
+    long = "The quick brown fox jumps over the lazy dog, and then it keeps running far away from home. "
+    prompts = [2 * long, "Hi", "ab c"]
+    body = {"model": MODEL, "prompt": prompts, "max_tokens": 2, "temperature": 0, "logprobs": 2, "echo": True}
+    r = httpx.post(server["base"] + "/v1/completions", json=body, headers=auth(), timeout=120)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert len(tokenizer.encode(prompts[0])) > 2 * WINDOW
+    for prompt, choice in zip(prompts, choices, strict=True):
+        ids = tokenizer.encode(prompt)
+        lp = choice["logprobs"]
+        assert choice["text"].startswith(tokenizer.decode(ids)) and len(choice["text"]) > len(tokenizer.decode(ids))
+        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"])
+        assert len(lp["tokens"]) == len(ids) + 2  # the prompt's tokens, then the two generated
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        ref = hf_logprobs(checkpoint, hf_model, ids)
+        expected = ref[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        assert lp["token_logprobs"][1 : len(ids)] == pytest.approx(expected.tolist(), abs=1e-4)
+        for top, best in zip(lp["top_logprobs"][1 : len(ids)], ref[:-1].max(-1).values.tolist(), strict=True):
+            assert 2 <= len(top) <= 3 and max(top.values()) == pytest.approx(best, abs=1e-4)  # top 2 and the token
+    assert r.json()["usage"]["completion_tokens"] == 2 * len(prompts)
+
+
+def test_the_lm_eval_loglikelihood_request_gives_what_lm_eval_reads(server, checkpoint, hf_model):
+    """lm-eval's local-completions multiple-choice request, as it sends it (token ids, echo, max_tokens 1), read as
+    lm-eval reads it: the continuation's log-likelihood is the sum of token_logprobs[ctxlen:-1], and it is greedy
+    when each of those equals the best of its top_logprobs."""
+    context = random_prompts([23], seed=91)[0]
+    greedy = hf_greedy(hf_model(checkpoint), context, 4)
+    continuations = [greedy, [7, 8, 9, 10]]
+    payload = {
+        "model": MODEL,
+        "prompt": [context + c for c in continuations],
+        "temperature": 0,
+        "max_tokens": 1,
+        "logprobs": 1,
+        "seed": 1234,
+        "echo": True,
+    }
+    r = httpx.post(server["base"] + "/v1/completions", json=payload, headers=auth(), timeout=120)
+    assert r.status_code == 200, r.text
+    ctxlen = len(context)
+    for choice, continuation in zip(sorted(r.json()["choices"], key=lambda c: c["index"]), continuations, strict=True):
+        token_logprobs = choice["logprobs"]["token_logprobs"][ctxlen:-1]
+        top_logprobs = choice["logprobs"]["top_logprobs"][ctxlen:-1]
+        assert len(token_logprobs) == len(top_logprobs) == len(continuation)
+        is_greedy = all(lp == max(top.values()) for lp, top in zip(token_logprobs, top_logprobs, strict=True))
+        assert is_greedy == (continuation == greedy)
+        ref = hf_logprobs(checkpoint, hf_model, context + continuation)
+        expected = sum(ref[ctxlen - 1 + i, t].item() for i, t in enumerate(continuation))
+        assert sum(token_logprobs) == pytest.approx(expected, abs=1e-3)
+
+
+def test_echo_alone_and_echo_streamed(server, tokenizer):
+    """max_tokens 0 with echo is the prompt alone, with its log-probabilities; streamed, the prompt comes in the first
+    chunk; without logprobs, echo only puts the prompt's text first."""
+    ids = tokenizer.encode("Once upon a time, in a land far away")
+    base = {"model": MODEL, "prompt": ids, "temperature": 0, "echo": True}
+    url = server["base"] + "/v1/completions"
+    alone = httpx.post(url, json={**base, "max_tokens": 0, "logprobs": 0}, headers=auth(), timeout=60).json()
+    choice = alone["choices"][0]
+    assert choice["text"] == tokenizer.decode(ids) and choice["finish_reason"] == "length"
+    assert len(choice["logprobs"]["token_logprobs"]) == len(ids) and alone["usage"]["completion_tokens"] == 0
+    assert all(len(top) == 1 for top in choice["logprobs"]["top_logprobs"][1:])  # logprobs 0: the token's own
+    assert httpx.post(url, json={**base, "echo": False, "max_tokens": 0}, headers=auth(), timeout=60).status_code == 400
+
+    whole = httpx.post(url, json={**base, "max_tokens": 3, "logprobs": 1}, headers=auth(), timeout=60).json()
+    body = {**base, "max_tokens": 3, "logprobs": 1, "stream": True}
+    with httpx.stream("POST", url, json=body, headers=auth(), timeout=60) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    streamed = [c["choices"][0] for c in chunks]
+    assert "".join(c["text"] for c in streamed) == whole["choices"][0]["text"]
+    assert [t for c in streamed for t in c["logprobs"]["token_logprobs"]] == whole["choices"][0]["logprobs"][
+        "token_logprobs"
+    ]
+    assert len(streamed[0]["logprobs"]["tokens"]) == len(ids) + 1  # the prompt, then the first token
+    with httpx.stream("POST", url, json={**body, "max_tokens": 0}, headers=auth(), timeout=60) as r:
+        [only] = [json.loads(line[6:])["choices"][0] for line in r.iter_lines() if line.startswith("data: {")]
+    assert (only["text"], only["finish_reason"]) == (choice["text"], "length")
+    plain = httpx.post(url, json={**base, "max_tokens": 3}, headers=auth(), timeout=60).json()["choices"][0]
+    assert plain["text"] == whole["choices"][0]["text"] and plain["logprobs"] is None
 
 
 def test_32_concurrent_streams_of_mixed_lengths_all_get_their_tokens(server, checkpoint):

@@ -39,3 +39,18 @@ def test_a_plan_is_normalised_to_tuples_and_numpy_token_ids():
 def test_a_plan_with_mismatched_fields_is_refused():
     with pytest.raises(ValueError, match="got 2 slots, 1 starts, 2 lengths"):
         StepPlan([0, 1], [0], [1, 1])
+
+
+def test_a_scored_plan_scores_every_row_but_a_last_that_wants_a_token():
+    plan = StepPlan(
+        [0, 1, 2],
+        [0, 4, 0],
+        [4, 3, 2],
+        want_logits=[False, True, True],
+        scored=[1, 1, 0],
+        score_targets=[5, 6, 7, 8, 9, 1],
+    )
+    assert plan.scored_lengths() == (4, 2, 0) and plan.score_rows() == [0, 1, 2, 3, 4, 5]
+    assert plan.without_tokens().score_targets.tolist() == [5, 6, 7, 8, 9, 1]  # the last stage needs them
+    with pytest.raises(ValueError, match="scoring 6 rows has 5 targets"):
+        StepPlan([0, 1], [0, 4], [4, 3], want_logits=[False, True], scored=[1, 1], score_targets=[5, 6, 7, 8, 9])
