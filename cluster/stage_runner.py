@@ -21,7 +21,7 @@ import time
 import torch
 
 from cluster.step_wire import encode_result
-from cluster.transport import Channel, LocalPipe, Transport, tally
+from cluster.transport import Channel, LocalPipe, Transport, tally, waiting_on_peer
 from cluster.workers import WorkerMap
 from router.pipeline import split_microbatches
 from router.step import MicrobatchSpan, StageResult, StepPlan
@@ -164,11 +164,13 @@ class StageRunner:
             else:
                 pending.append((self.pipe_out.isend(h, "activations"), h))
             if self.device.type == "cuda":
-                torch.cuda.current_stream().synchronize()  # this thread's stream: NCCL work may wait on peers
+                with waiting_on_peer():  # this thread's stream: NCCL work may wait on peers
+                    torch.cuda.current_stream().synchronize()
             spans.append(MicrobatchSpan(m, start, time.time(), wait))
         t0 = time.perf_counter()
-        for work, _ in pending:
-            work.wait()
+        with waiting_on_peer():
+            for work, _ in pending:
+                work.wait()
         send_wait = time.perf_counter() - t0
         result = StageResult(
             stage=self.index,

@@ -11,6 +11,7 @@ the new data plane.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import time
@@ -24,6 +25,7 @@ from cluster.reservation import BUILTIN_RESOURCES, lost_bundles
 from cluster.worker_actor import ShardWorker
 from cluster.workers import group_workers
 
+log = logging.getLogger("mistral_cluster.supervisor")
 NAMESPACE = "mistral-cluster"  # where the workers' names live
 
 
@@ -43,6 +45,7 @@ class ShardSupervisor:
         transport_timeout_s: float = 60.0,
         probe_timeout_s: float = 2.0,
         prefix: str | None = None,
+        wedge_after_s: float = 4.0,
     ) -> None:
         self.plan = plan
         self.checkpoint = checkpoint
@@ -51,6 +54,7 @@ class ShardSupervisor:
         self.load_timeout_s = load_timeout_s
         self.transport_timeout_s = transport_timeout_s
         self.probe_timeout_s = probe_timeout_s
+        self.wedge_after_s = wedge_after_s  # a loop this long in one step, not waiting on a peer, is stuck
         self.prefix = prefix or f"mistral-cluster-{uuid.uuid4().hex[:8]}"
         self.workers = group_workers(plan)
         self.names = [w.name for w in self.workers]  # in rank order, which is also bundle order
@@ -191,6 +195,11 @@ class ShardSupervisor:
         t0 = time.monotonic()
         states = dict(zip(self.names, known or self.states(handles), strict=True))
         dead = {n for n, state in states.items() if state != "alive"}
+        # A live worker whose own loop is stuck (not waiting on a peer) counts as hung: killed first, its peers'
+        # waits on it end, and their resets succeed instead of failing after their own deadline.
+        for n in self._wedged({n: h for n, h in zip(self.names, handles, strict=True) if states[n] == "alive"}):
+            states[n] = "hung"
+            dead.add(n)
         live = [(n, h) for n, h in zip(self.names, handles, strict=True) if states[n] == "alive"]
         # The dead and the hung first: once a hung worker's process is gone its sockets close, and the live
         # workers' loops waiting on it end at once, so their resets succeed instead of restarting them too.
@@ -205,6 +214,21 @@ class ShardSupervisor:
         self._wait_loaded(new, self.names)
         self.form_group(new, router_link)
         return new, {"restarted": sorted(dead), "seconds": time.monotonic() - t0}
+
+    def _wedged(self, live: dict) -> list[str]:
+        """The live workers with a loop stuck by itself for over `wedge_after_s` (`ShardWorker.wedged`)."""
+        refs = {n: h.wedged.remote(self.wedge_after_s) for n, h in live.items()}
+        ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.probe_timeout_s)
+        out = []
+        for n, ref in refs.items():
+            try:
+                stuck = ray.get(ref, timeout=0)
+            except Exception:  # noqa: BLE001 - no answer in time: the reset that follows finds out
+                continue
+            if stuck:
+                log.warning("worker %s is stuck by itself: %s", n, "; ".join(stuck))
+                out.append(n)
+        return out
 
     def _kill(self, names: set[str], hung: set[str], handles: list) -> None:
         """Kill these workers. Ray's kill cannot reach a process that does not answer (stopped, stuck), though Ray

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import queue
 import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -26,6 +29,24 @@ import torch.distributed as dist
 from router.step import TransportTally
 
 RENDEZVOUS_TIMEOUT_S = 10.0
+
+_WAITING: dict[int, float] = {}  # thread id -> since when it has been blocked on a peer (or the device)
+
+
+@contextmanager
+def waiting_on_peer() -> Iterator[None]:
+    """Mark this thread as blocked on another worker (a message, or a device sync that may wait for one), so a
+    recovery can tell a loop stuck waiting on a peer from a loop that is itself stuck (`threads_waiting`)."""
+    tid = threading.get_ident()
+    _WAITING[tid] = time.monotonic()
+    try:
+        yield
+    finally:
+        _WAITING.pop(tid, None)
+
+
+def threads_waiting() -> set[int]:
+    return set(_WAITING)
 
 
 def free_port() -> int:
@@ -93,13 +114,15 @@ class Channel:
     def send(self, tensor: torch.Tensor, kind: str) -> None:
         t0 = time.perf_counter()
         out = tensor.contiguous()
-        dist.send(out.cpu() if self.via_host else out, dst=self.peer, group=self.group)
+        with waiting_on_peer():
+            dist.send(out.cpu() if self.via_host else out, dst=self.peer, group=self.group)
         self.stats.add(kind, time.perf_counter() - t0, tensor.nbytes)
 
     def recv(self, shape: tuple[int, ...], dtype: torch.dtype, kind: str) -> torch.Tensor:
         t0 = time.perf_counter()
         out = torch.empty(shape, dtype=dtype, device="cpu" if self.via_host else self.device)
-        dist.recv(out, src=self.peer, group=self.group)
+        with waiting_on_peer():
+            dist.recv(out, src=self.peer, group=self.group)
         if self.via_host and self.device.type != "cpu":
             out = out.to(self.device)
         self.stats.add(kind, time.perf_counter() - t0, out.nbytes)
@@ -111,7 +134,8 @@ class Channel:
             out.copy_(self.recv(tuple(out.shape), out.dtype, kind))
             return out
         t0 = time.perf_counter()
-        dist.recv(out, src=self.peer, group=self.group)
+        with waiting_on_peer():
+            dist.recv(out, src=self.peer, group=self.group)
         self.stats.add(kind, time.perf_counter() - t0, out.nbytes)
         return out
 
@@ -142,7 +166,8 @@ class LocalPipe:
         return _Done()
 
     def recv(self, shape: tuple[int, ...], dtype: torch.dtype, kind: str) -> torch.Tensor:
-        tensor, ready = self._queue.get()
+        with waiting_on_peer():
+            tensor, ready = self._queue.get()
         if ready is not None:
             torch.cuda.current_stream().wait_event(ready)
         return tensor

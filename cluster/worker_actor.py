@@ -27,7 +27,15 @@ from cluster.expert_server import ExpertServer
 from cluster.stage_runner import StageRunner
 from cluster.step_link import LinkClosed, WorkerLink
 from cluster.step_wire import WirePlan, decode_plan
-from cluster.transport import ChannelKey, LocalPipe, Transport, device_key, free_port, node_ip
+from cluster.transport import (
+    ChannelKey,
+    LocalPipe,
+    Transport,
+    device_key,
+    free_port,
+    node_ip,
+    threads_waiting,
+)
 from cluster.workers import WorkerMap, group_workers
 from router.step import ExpertTrace, ShardLocation, StageResult
 from shards.checkpoint import CheckpointReader
@@ -108,6 +116,8 @@ class ShardWorker:
         self.link: WorkerLink | None = None
         self._threads: list[threading.Thread] = []
         self._queues: list[queue.Queue] = []
+        self._activity: dict[str, tuple[int, float, int]] = {}  # loop -> (step, since, thread) while in a step
+        self._stall_s = 0.0
         self.results: deque[StageResult] = deque(maxlen=TRACE_LIMIT)
         self.errors: list[str] = []
         self._lock = threading.Lock()
@@ -313,9 +323,28 @@ class ShardWorker:
         (`router.step_deadline`) can find it."""
         self._stall_s = seconds
 
+    def wedged(self, after_s: float) -> list[str]:
+        """This worker's loops that have been in one step for over `after_s` without waiting on a peer: stuck in
+        themselves, not behind someone else. A recovery kills such a worker first (its peers' waits then end); on
+        a GPU a device sync counts as waiting, so a wedged kernel shows as waiting and is found by the reset."""
+        now, waiting = time.monotonic(), threads_waiting()
+        return [
+            f"{loop} in step {step} for {now - since:.1f} s"
+            for loop, (step, since, thread) in list(self._activity.items())
+            if now - since > after_s and thread not in waiting
+        ]
+
+    def _stepping(self, loop: str, step: int | None) -> None:
+        if step is None:
+            self._activity.pop(loop, None)
+        else:
+            self._activity[loop] = (step, time.monotonic(), threading.get_ident())
+
     def _stage_loop(self, runner: StageRunner, q: queue.Queue) -> None:
+        loop = f"stage{runner.index}"
         while (wire := q.get()) is not None:
-            stall, self._stall_s = getattr(self, "_stall_s", 0.0), 0.0
+            self._stepping(loop, wire.step)
+            stall, self._stall_s = self._stall_s, 0.0
             if stall:
                 time.sleep(stall)
             try:
@@ -325,17 +354,23 @@ class ShardWorker:
             except Exception as e:  # noqa: BLE001 - the step fails with this cause; recovery resets the worker
                 self._failed(f"stage{runner.index} step {wire.step}", e)
                 return
+            finally:
+                self._stepping(loop, None)
             with self._lock:
                 self.results.append(result)
 
     def _serve_loop(self, server: ExpertServer, q: queue.Queue) -> None:
         wire: WirePlan
+        loop = f"experts for stage{server.stage}"
         while (wire := q.get()) is not None:
+            self._stepping(loop, wire.step)
             try:
                 server.serve(wire.plan, wire.micro_batch_size)
             except Exception as e:  # noqa: BLE001 - as in the stage loop
                 self._failed(f"experts for stage{server.stage} step {wire.step}", e)
                 return
+            finally:
+                self._stepping(loop, None)
 
     def _failed(self, where: str, e: Exception) -> None:
         message = f"{self.name} {where}: {type(e).__name__}: {e}"

@@ -4,7 +4,7 @@ long recent steps took, not a fixed timeout.
 A worker that answers pings but whose loop is stuck (a collective waiting on a peer that is alive but wedged, a
 kernel that never returns) is invisible to the monitor; only the step it holds up shows it. With a fixed 120 s
 timeout such a hang stalled every stream for two minutes. Here the deadline is a multiple of what a step of that
-many tokens has been taking (a fixed part plus a part per token, each the largest seen lately), never under a
+many tokens has been taking (the cheapest recent step plus the largest recent cost per token), never under a
 floor, and the full timeout while there is no history yet (the first steps compile, capture graphs, warm caches).
 """
 
@@ -26,16 +26,13 @@ class StepDeadline:
     _recent: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
 
     def expected_s(self, n_tokens: int) -> float | None:
-        """A generous estimate of a step of `n_tokens`: the slowest recent one-token-per-sequence cost plus the
-        slowest recent per-token cost times `n_tokens`; None before `WARM_STEPS` steps."""
+        """A generous estimate of a step of `n_tokens`: the cheapest recent step (the fixed cost) plus the largest
+        recent cost per token times `n_tokens`; None before `WARM_STEPS` steps."""
         if len(self._recent) < WARM_STEPS:
             return None
-        fixed = max(seconds for tokens, seconds in self._recent if tokens <= 64) if self._has_small() else 0.0
+        fixed = min(seconds for _, seconds in self._recent)
         per_token = max(seconds / tokens for tokens, seconds in self._recent)
         return fixed + per_token * n_tokens
-
-    def _has_small(self) -> bool:
-        return any(tokens <= 64 for tokens, _ in self._recent)
 
     def for_step(self, n_tokens: int) -> float:
         expected = self.expected_s(n_tokens)

@@ -14,9 +14,10 @@ def test_the_full_timeout_until_enough_steps_are_timed():
 
 def test_then_a_multiple_of_recent_steps_scaled_by_tokens_within_floor_and_ceiling():
     d = StepDeadline(timeout_s=120.0, floor_s=2.0, factor=10.0)
-    for _ in range(WARM_STEPS):
-        d.record(8, 0.4)  # decode steps of 8 sequences: 0.4 s fixed, 0.05 s per token at most
-    assert d.for_step(8) == 10 * (0.4 + 0.05 * 8)
+    for _ in range(WARM_STEPS - 1):
+        d.record(8, 0.4)  # decode steps of 8 sequences: 0.05 s per token
+    d.record(1, 0.02)  # the cheapest step: the fixed cost
+    assert d.for_step(8) == 10 * (0.02 + 0.05 * 8)
     assert d.for_step(2048) == 120.0  # a long prefill: capped by the timeout
     fast = StepDeadline(timeout_s=120.0, floor_s=2.0, factor=10.0)
     for _ in range(WARM_STEPS):
