@@ -248,7 +248,8 @@ def bench_gqa(config: ModelConfig, args) -> dict:
                     "attention": label,
                     "kv_heads": kv_heads,
                     "kv_bytes_per_token": per_token,
-                    "kv_bytes_per_sequence_at_window": per_token * preset.sliding_window,
+                    # Without a window (Mixtral 8x22B) a sequence keeps every token: its whole context.
+                    "kv_bytes_per_sequence_at_window": per_token * (preset.sliding_window or preset.max_seq_len),
                 }
             )
     return {"rows": rows, "dtype_bench": args.dtype, "dtype_presets": "bfloat16"}

@@ -1,13 +1,16 @@
-"""Real scale on GPUs: Mixtral 8x7B and Mistral 7B shapes, ours against transformers and against the hardware.
+"""Real scale on GPUs: Mixtral 8x7B, Mistral 7B and Mixtral 8x22B shapes, ours against transformers and against
+the hardware.
 
-One script, one run (under 10 minutes on two H200s; on one GPU the two-GPU placements are skipped):
+One script, one run (under 10 minutes on two H200s; placements needing more GPUs than the host has are skipped;
+Mixtral 8x22B, 262 GiB of weights, runs only its four-GPU placements):
 
 1. The hardware's limits, measured here: HBM bandwidth of every GPU (a large device-to-device copy, bytes read +
    written, and a sum, bytes read) and the bf16 matmul rate (8192^3).
-2. For each model, Hugging Face transformers (bf16, sdpa attention, its default grouped-GEMM experts, layers split
-   over the GPUs with its own device map) on random weights drawn by tensor name (`shards/random_source.py`), so
-   it holds exactly the weights our shards make on their own GPUs: decode throughput at batch 1/8/32/128 with
-   512-token prompts, time to first token for 4k and 16k prompts, and which experts its gates pick.
+2. For each model, Hugging Face transformers (bf16, sdpa attention, its default experts, layers split evenly in
+   order over `--hf-gpus` GPUs by its own device map; 4 for Mixtral 8x22B) on random weights drawn by tensor name
+   (`shards/random_source.py`), so it holds exactly the weights our shards make on their own GPUs: decode
+   throughput at batch 1/8/32/128 with 512-token prompts, time to first token for 4k and 16k prompts, and which
+   experts its gates pick.
 3. Ours, for each placement YAML in deploy/examples/ (checkpoint swapped for the random one): the same numbers,
    peak memory per GPU, KV bytes per sequence at 16k tokens, expert load, time per component. Decode tokens/s is
    read from the traced decode steps of `--repeats` generate calls (median and spread of the per-call means),
@@ -18,6 +21,9 @@ One script, one run (under 10 minutes on two H200s; on one GPU the two-GPU place
    rate.
 
     PYTHONPATH=. python bench/gpu_scale.py --out bench/results/gpu_scale-2xh200.json   # --cpu-dry-run checks it
+
+`--cpu-dry-run` runs the same placements at tiny shapes of the same structure on CPU, on a local Ray that claims
+four GPUs: the workers are grouped exactly as on the GPU host, and each computes on the CPU.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from bench.ceilings import (
     weight_bytes,
 )
 from bench.shard_profile import profile_components, sync
-from shards.config import PRESETS, ModelConfig
+from shards.config import PRESETS, ModelConfig, load_config
 from shards.kv_cache import cache_capacity
 from shards.random_source import random_tensor, write_random_checkpoint
 
@@ -56,8 +62,16 @@ PLACEMENTS = {  # name -> (example YAML, GPUs it needs, models it applies to)
     "two_stages": ("mixtral-2gpu-stages.yaml", 2, ("mistral", "mixtral")),
     "two_expert_groups": ("mixtral-2gpu-experts.yaml", 2, ("mixtral",)),
     "mixed": ("mixtral-2gpu-mixed.yaml", 2, ("mixtral",)),
+    # Mixtral 8x22B does not fit one or two H200s: its placements are for four, their layer ranges its 56 layers.
+    "four_stages": ("mixtral-8x22b-4gpu-stages.yaml", 4, ("mixtral-8x22b",)),
+    "four_expert_groups": ("mixtral-8x22b-4gpu-experts.yaml", 4, ("mixtral-8x22b",)),
+    "two_by_two": ("mixtral-8x22b-4gpu-mixed.yaml", 4, ("mixtral-8x22b",)),
 }
-MODELS = {"mixtral": "mixtral-8x7b", "mistral": "mistral-7b"}
+MODELS = {"mixtral": "mixtral-8x7b", "mistral": "mistral-7b", "mixtral-8x22b": "mixtral-8x22b"}
+# Each model's figures are also reported over one placement's at the same batch: one GPU where the model fits one.
+BASELINE = {"mixtral": "one_gpu", "mistral": "one_gpu", "mixtral-8x22b": "four_stages"}
+LAST = ("two_expert_groups", "mixed")  # run after every model's other placements (the slowest, on the host path)
+DRY_GPUS = 4  # the logical GPUs of the dry run's Ray: enough for every placement
 SEED, STD = 0, 0.02
 
 
@@ -219,7 +233,7 @@ def build_hf(ckpt: Path, cfg: ModelConfig, devices: list[torch.device], dtype: t
     return model.eval(), {
         "attn_implementation": model.config._attn_implementation,
         "experts_implementation": getattr(model.config, "_experts_implementation", None),
-        "device_map": "layers split evenly in order" if n > 1 else "one device",
+        "device_map": f"layers split evenly in order over {n} devices" if n > 1 else "one device",
     }
 
 
@@ -367,17 +381,41 @@ def placement_yaml(
         token_budget=max(chunk, token_budget),
         dtype="float32" if dry else "bfloat16",
     )
-    if dry:  # no GPUs: the same shards as CPU fractions, the layer ranges cut to the tiny model's layers
-        spec["resources"] = {"CPU": 0.5}
-        if isinstance(spec["stages"], list):
-            n = len(spec["stages"])
-            for i, stage in enumerate(spec["stages"]):
-                stage["layers"] = f"{i * 4 // n}-{(i + 1) * 4 // n - 1}"
-        for shard in (spec["stages"] if isinstance(spec["stages"], list) else []) + spec.get("expert_groups", []):
-            shard.pop("resources", None)
+    if dry:
+        dry_placement(spec, load_config(ckpt).n_layers)
     path = tmp / f"{name}-{ckpt.name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+def dry_placement(spec: dict, n_layers: int) -> None:
+    """The example for the dry run's tiny model, in place: the same shards and GPU fractions (so the same workers),
+    a quarter CPU each (every shard fits two cores), layer ranges scaled from the example's layers to `n_layers`."""
+    stages = spec["stages"] if isinstance(spec["stages"], list) else []
+    groups = spec["expert_groups"] if isinstance(spec.get("expert_groups"), list) else []
+    for mapping in [spec, *stages, *groups]:
+        if mapping is spec or "resources" in mapping:
+            mapping["resources"] = {**mapping.get("resources", {"CPU": 1}), "CPU": 0.25}
+    if not stages:
+        return
+    real = 1 + max(_layer_range(s["layers"])[1] for s in stages)  # stages cover every layer of the example's model
+
+    def scaled(layers) -> str:
+        a, b = _layer_range(layers)
+        return f"{a * n_layers // real}-{(b + 1) * n_layers // real - 1}"
+
+    for shard in stages + [g for g in groups if g.get("layers", "all") != "all"]:
+        shard["layers"] = scaled(shard["layers"])
+
+
+def _layer_range(layers) -> tuple[int, int]:
+    """First and last layer of a contiguous run written as in a placement file: "a-b", one int, or a list."""
+    if isinstance(layers, int):
+        return layers, layers
+    if isinstance(layers, list):
+        return min(layers), max(layers)
+    a, _, b = str(layers).partition("-")
+    return int(a), int(b or a)
 
 
 def run_ours(
@@ -505,13 +543,13 @@ def distinct_experts(cfg: ModelConfig, hf: dict, b: int) -> float | None:
 
 def summarise(model: str, cfg: ModelConfig, hw: dict, hf: dict, ours: list[dict], args) -> dict:
     table = []
-    one_gpu = next((r for r in ours if r["placement"] == "one_gpu"), {})
+    baseline = next((r for r in ours if r["placement"] == BASELINE[model]), {})
     for b in args.batches:
         distinct = distinct_experts(cfg, hf, b)
         wb = weight_bytes(cfg, distinct or 0)
         limit = b / (wb["total"] / hw["hbm_bytes_per_s"])
         theirs = hf.get("decode", {}).get(str(b), {}).get("tokens_per_s")
-        base = one_gpu.get("decode", {}).get(str(b), {}).get("tokens_per_s")
+        base = baseline.get("decode", {}).get(str(b), {}).get("tokens_per_s")
         for r in ours:
             d = r.get("decode", {}).get(str(b), {})
             mine, ceil = d.get("tokens_per_s"), d.get("ceiling_tokens_per_s")
@@ -525,7 +563,7 @@ def summarise(model: str, cfg: ModelConfig, hw: dict, hf: dict, ours: list[dict]
                     "transformers": theirs,
                     "ceiling": ceil,
                     "ours_over_ceiling": mine / ceil if mine and ceil else None,
-                    "ours_over_one_gpu": mine / base if mine and base else None,
+                    "ours_over_baseline": mine / base if mine and base else None,
                     "limit": limit,
                     "ours_vs_limit": mine / limit if mine else None,
                     "ours_vs_transformers": mine / theirs if mine and theirs else None,
@@ -552,17 +590,27 @@ def summarise(model: str, cfg: ModelConfig, hw: dict, hf: dict, ours: list[dict]
                     "unit": "s",
                 }
             )
-    return {"model": model, "config": cfg.to_hf_dict(), "transformers": hf, "ours": ours, "table": table}
+    return {
+        "model": model,
+        "config": cfg.to_hf_dict(),
+        "baseline": BASELINE[model],
+        "transformers": hf,
+        "ours": ours,
+        "table": table,
+    }
 
 
 def print_table(result: dict) -> None:
     def f(v: float | None, p: int = 1) -> str:
         return "-" if v is None else f"{v:.{p}f}"
 
-    print(f"\n== {result['model']}: decode tokens/s: traced steps, median of runs and min-max; bytes/bandwidth ceiling")
+    print(
+        f"\n== {result['model']}: decode tokens/s: traced steps, median of runs and min-max; bytes/bandwidth ceiling; "
+        f"base: {result['baseline']}"
+    )
     print(
         f"{'what':<14}{'placement':<19}{'ours':>9}{'min-max':>17}{'wall':>9}{'ceiling':>10}{'ours/ceil':>10}"
-        f"{'ours/1gpu':>10}{'transf.':>9}{'vs transf.':>11}"
+        f"{'ours/base':>10}{'transf.':>9}{'vs transf.':>11}"
     )
     for t in result["table"]:
         if not t["what"].startswith("decode"):
@@ -570,7 +618,7 @@ def print_table(result: dict) -> None:
         lo, hi = t["ours_min_max"]
         print(
             f"{t['what']:<14}{t['placement']:<19}{f(t['ours']):>9}{f(lo) + '-' + f(hi):>17}{f(t['wall_clock']):>9}"
-            f"{f(t['ceiling']):>10}{f(t['ours_over_ceiling'], 3):>10}{f(t['ours_over_one_gpu'], 2):>10}"
+            f"{f(t['ceiling']):>10}{f(t['ours_over_ceiling'], 3):>10}{f(t['ours_over_baseline'], 2):>10}"
             f"{f(t['transformers']):>9}{f(t['ours_vs_transformers'], 2):>11}"
             + (f"  !!! {t['error']}" if t["error"] else "")
         )
@@ -660,20 +708,24 @@ def time_load_path(device: torch.device, tmp: Path, dry: bool) -> dict:
 
 
 def model_config(model: str, dry: bool, max_seq_len: int) -> ModelConfig:
-    cfg = PRESETS[MODELS[model]]
-    if dry:
-        cfg = replace(
-            cfg,
-            dim=128,
-            n_layers=4,
-            n_heads=8,
-            n_kv_heads=2,
-            head_dim=16,
-            hidden_dim=256,
-            vocab_size=512,
-            sliding_window=64,
-        )
-    return replace(cfg, max_seq_len=max_seq_len)
+    return replace(dry_config(PRESETS[MODELS[model]]) if dry else PRESETS[MODELS[model]], max_seq_len=max_seq_len)
+
+
+def dry_config(cfg: ModelConfig) -> ModelConfig:
+    """The same structure at tiny sizes: its experts and top-k, its query heads per KV head (8x22B's 48/8 as 6/1),
+    a window only if it has one, its vocabulary; 4 layers of head_dim 16, 256 hidden."""
+    group = cfg.n_heads // cfg.n_kv_heads
+    kv_heads = max(1, 8 // group)
+    return replace(
+        cfg,
+        dim=kv_heads * group * 16,
+        n_layers=4,
+        n_heads=kv_heads * group,
+        n_kv_heads=kv_heads,
+        head_dim=16,
+        hidden_dim=256,
+        sliding_window=64 if cfg.sliding_window else None,
+    )
 
 
 def main() -> None:
@@ -698,6 +750,9 @@ def main() -> None:
     parser.add_argument("--ttft-tokens", nargs="+", type=int, default=[4096, 16384])
     parser.add_argument("--chunk", type=int, default=4096, help="prefill chunk (at most the window)")
     parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument(
+        "--hf-gpus", type=int, default=2, help="GPUs transformers splits its layers over (Mixtral 8x22B needs 3+)"
+    )
     parser.add_argument("--profile-layers", type=int, default=4, help="layers in the one-process profile (0: none)")
     parser.add_argument("--load-path", action="store_true", help="also write and load a real safetensors checkpoint")
     parser.add_argument("--budget-s", type=float, default=560.0)
@@ -720,7 +775,8 @@ def main() -> None:
     import ray
 
     # One Ray for every placement (each cluster reuses it): a fresh local Ray per placement cost seconds each.
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    # The dry run's Ray claims GPUs it has not: the placements' workers are grouped as on the GPU host.
+    ray.init(address="local", num_gpus=DRY_GPUS if dry else None, include_dashboard=False, log_to_driver=False)
     results: list[dict] = []
     gen = torch.Generator().manual_seed(1)
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -736,9 +792,9 @@ def main() -> None:
                 dim=1,
             )
 
-        # Host-path placements (a GPU shared by two shards) are slowest: they go last, after both models' others.
-        phases = [(m, [p for p in args.placements if PLACEMENTS[p][1] == 1 or p == "two_stages"]) for m in args.models]
-        phases += [(m, [p for p in args.placements if p in ("two_expert_groups", "mixed")]) for m in args.models]
+        # The two-GPU expert placements are slowest: they go last, after every model's others (LAST).
+        phases = [(m, [p for p in args.placements if p not in LAST]) for m in args.models]
+        phases += [(m, [p for p in args.placements if p in LAST]) for m in args.models]
         state: dict[str, dict] = {}
         for model, placements in phases:
             placements = [p for p in placements if model in PLACEMENTS[p][2]]
@@ -846,9 +902,7 @@ def first_visit(model, args, dry, tmp, devices, memory, prompts_for, deadline, h
         wait_until_gpus_free(memory)
         memory.take()  # the peak below is transformers' alone, not what the last placement left behind
         try:
-            st["hf"] = run_hf(
-                st["long_ckpt"], st["long_cfg"], devices[: min(2, len(devices))], args, prompts_for, deadline, hw
-            )
+            st["hf"] = run_hf(st["long_ckpt"], st["long_cfg"], devices[: args.hf_gpus], args, prompts_for, deadline, hw)
             st["hf"]["peak_gib_per_gpu"] = memory.take()
         except Exception as e:  # noqa: BLE001 - record it and go on with ours
             st["hf"] = {"error": f"{type(e).__name__}: {e}"[:2000]}

@@ -21,6 +21,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, placement_
 from cluster.placement import PlacementError, PlacementPlan, format_ids
 from cluster.workers import group_workers
 from shards.config import ModelConfig
+from shards.describe import kv_bytes_per_token, kv_rows
 
 RAY_STRATEGIES = {"pack": "PACK", "spread": "SPREAD", "strict_spread": "STRICT_SPREAD", "strict_pack": "STRICT_PACK"}
 BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
@@ -40,6 +41,7 @@ class ShardPlacement:
     node_ip: str
     gpus: float
     weight_bytes: int
+    kv_bytes: int  # the KV cache a stage allocates when it starts (0 for an expert group)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -115,6 +117,35 @@ def check_against_cluster(plan: PlacementPlan, nodes: list[dict[str, Any]]) -> N
         )
 
 
+def kv_cache_bytes(plan: PlacementPlan, config: ModelConfig, layers: int) -> int:
+    """What a stage of `layers` layers allocates for its cache: `max_seqs` slots of the rows a sequence can keep
+    (the window, or the whole context without one), in the plan's dtype."""
+    rows = kv_rows(config, config.max_seq_len)
+    return plan.max_seqs * rows * kv_bytes_per_token(config, plan.torch_dtype, layers)
+
+
+def check_gpu_memory(plan: PlacementPlan, config: ModelConfig, gpu_bytes: float) -> None:
+    """Fail when a worker's weights and KV cache exceed its GPUs' memory (`gpu_bytes` per GPU; a worker asking for a
+    fraction of a GPU gets that fraction of it). Ray does not know GPU memory, so the caller gives it."""
+    for w in group_workers(plan):
+        gpus = w.resources.get("GPU", 0.0)
+        if not gpus:
+            continue
+        weights = kv = 0
+        for s in w.stages:
+            weights += plan.stage_selection(s, config).nbytes(config, plan.torch_dtype)
+            kv += kv_cache_bytes(plan, config, len(plan.stages[s].layers))
+        for g in w.expert_groups:
+            weights += plan.expert_selection(g, config).nbytes(config, plan.torch_dtype)
+        room = gpus * gpu_bytes
+        if weights + kv > room + _EPS:
+            cache = f" + {_bytes(kv)} of KV cache (max_seqs {plan.max_seqs})" if kv else ""
+            raise PlacementError(
+                f"{plan.source}: {w.name} holds {_bytes(weights)} of {plan.dtype} weights{cache}, more than the "
+                f"{_bytes(room)} of its {gpus:g} GPU at {_bytes(gpu_bytes)} a GPU; spread the model over more GPUs"
+            )
+
+
 def reserve(plan: PlacementPlan, config: ModelConfig, timeout_s: float = 60.0) -> Reservation:
     """Create the plan's placement group and wait for it; on timeout remove it and name the shards left over."""
     shards = plan.shards(config)  # an unsettled plan fails here, before anything is reserved
@@ -149,6 +180,7 @@ def reserve(plan: PlacementPlan, config: ModelConfig, timeout_s: float = 60.0) -
                 node_ip=ip_of.get(node, "?"),
                 gpus=shard.resources.get("GPU", 0.0),
                 weight_bytes=sel.nbytes(config, plan.torch_dtype),
+                kv_bytes=kv_cache_bytes(plan, config, len(sel.layers)) if shard.kind == "stage" else 0,
             )
         )
     return Reservation(plan, pg, placements)
@@ -265,7 +297,7 @@ def join(address: str, connect_timeout_s: float = 5.0) -> None:
 
 def placement_table(placements: list[ShardPlacement]) -> str:
     """The rows as an aligned text table, one line per shard."""
-    header = ("shard", "layers", "experts", "node", "ip", "GPU", "weights")
+    header = ("shard", "layers", "experts", "node", "ip", "GPU", "weights", "KV")
     rows = [header] + [
         (
             p.shard,
@@ -275,6 +307,7 @@ def placement_table(placements: list[ShardPlacement]) -> str:
             p.node_ip,
             f"{p.gpus:g}",
             _bytes(p.weight_bytes),
+            _bytes(p.kv_bytes) if p.kind == "stage" else "-",
         )
         for p in placements
     ]

@@ -155,6 +155,22 @@ PRESETS: dict[str, ModelConfig] = {
         num_experts=8,
         num_experts_per_tok=2,
     ),
+    # Mixtral 8x22B (mistralai/Mixtral-8x22B-v0.1 config.json): full attention over 64k tokens, no window.
+    "mixtral-8x22b": ModelConfig(
+        dim=6144,
+        n_layers=56,
+        n_heads=48,
+        n_kv_heads=8,
+        head_dim=128,
+        hidden_dim=16384,
+        vocab_size=32768,
+        norm_eps=1e-5,
+        rope_theta=1e6,
+        sliding_window=None,
+        max_seq_len=65536,
+        num_experts=8,
+        num_experts_per_tok=2,
+    ),
 }
 
 

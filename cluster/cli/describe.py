@@ -71,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     which = p.add_mutually_exclusive_group()
     which.add_argument("--checkpoint", help="checkpoint directory (config.json or params.json)")
-    which.add_argument("--preset", help="mistral-7b or mixtral-8x7b")
+    which.add_argument("--preset", help="mistral-7b, mixtral-8x7b or mixtral-8x22b")
     p.add_argument("--config", help="placement YAML: bytes per shard (model: its checkpoint unless given above)")
     p.add_argument("--context", help="tokens per sequence (default: the model's max_seq_len)")
     p.add_argument("--batch", help="sequences held in the KV cache at once (default 1, or the placement's max_seqs)")

@@ -1,13 +1,15 @@
-"""`mistral-cluster plan`: check a placement file against the checkpoint and the cluster, reserve it, show where
-each shard lands, and give the resources back. No weights are loaded."""
+"""`mistral-cluster plan`: check a placement file against the checkpoint and the cluster (and, with --gpu-memory,
+each GPU's weights and KV cache against its memory), reserve it, show where each shard lands, and give the resources
+back. No weights are loaded."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+from cluster.cli.usage import UsageError
 from cluster.placement_file import settle_placement
-from cluster.reservation import placement_table, ray_session, reserve
+from cluster.reservation import check_gpu_memory, placement_table, ray_session, reserve
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,12 +20,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", help="checkpoint directory (default: the file's 'checkpoint')")
     p.add_argument("--address", default=None, help="join this Ray cluster (default: RAY_ADDRESS or a local one)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the placement group")
+    p.add_argument(
+        "--gpu-memory",
+        metavar="GIB",
+        help="memory of each GPU in GiB (e.g. 139 for an H200): refuse a worker whose weights and KV cache exceed it",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     plan, config = settle_placement(args.config, args.checkpoint)
+    if args.gpu_memory is not None:
+        check_gpu_memory(plan, config, _gib("--gpu-memory", args.gpu_memory) * 2**30)
     with ray_session(plan, args.address):
         reservation = reserve(plan, config, timeout_s=args.timeout)
         reservation.release()  # the plan command only shows where shards would land
@@ -49,3 +58,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         )
         print(placement_table(placements))
     return 0
+
+
+def _gib(flag: str, text: str) -> float:
+    """Parsed here, not by argparse, so a bad value is a one-line error naming it instead of a usage dump."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"{flag} must be a positive number of GiB, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise UsageError(f"{flag} must be a positive number of GiB, got {text}")
+    return value

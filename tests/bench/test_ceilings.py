@@ -196,3 +196,57 @@ def test_with_steps_in_flight_the_rate_is_tokens_over_the_span_of_the_decode_ste
     rate = decode_rate([traces], 4, groups=2)
     assert rate["tokens_per_s"] == pytest.approx(20 / 0.11)  # 20 tokens from 0 to 110 ms
     assert decode_rate([traces], 4)["tokens_per_s"] is None  # taken as one group: no step of 4 sequences
+
+
+# Mixtral 8x22B in bf16: dim 6144, 48 query and 8 KV heads of 128, 16384 hidden, 8 experts, vocabulary 32768, 56 layers.
+X22 = PRESETS["mixtral-8x22b"]
+X22_ATTENTION = (6144 * 6144 * 2 + 8 * 128 * 6144 * 2 + 2 * 6144 + 8 * 6144) * 2
+X22_EXPERT = 3 * 6144 * 16384 * 2
+X22_HEAD = (32768 * 6144 + 6144) * 2
+X22_EMBEDDING_ROW = 6144 * 2
+X22_KV_LAYER = 2 * 8 * 128 * CONTEXT * 2  # no window: every cached token is read at any context
+
+
+def settled_8x22b(name: str):
+    return validate_against_model(load_placement(EXAMPLES / name), X22)
+
+
+def test_four_stages_of_8x22b_read_the_whole_model_one_stage_after_the_other():
+    c = ceiling(settled_8x22b("mixtral-8x22b-4gpu-stages.yaml"), X22, 1, CONTEXT, 2.0, BW, 2)
+    whole = 56 * (X22_ATTENTION + 2 * X22_EXPERT + X22_KV_LAYER) + X22_EMBEDDING_ROW + X22_HEAD
+    assert c["step_ms"] == pytest.approx(1000 * whole / BW, rel=1e-12)
+    assert c["groups"] == 1 and len(c["stage_ms"]) == 4
+
+
+def test_four_expert_groups_of_8x22b_read_in_parallel_and_gpu_0_sets_the_step():
+    plan = settled_8x22b("mixtral-8x22b-4gpu-experts.yaml")
+    reads = step_reads(plan, X22, 1, CONTEXT, 2.0, 2)
+    # Two distinct experts of 8 per layer: each group of 2 reads half an expert a layer in expectation.
+    gpu0 = 56 * (X22_ATTENTION + X22_KV_LAYER + X22_EXPERT / 2) + X22_EMBEDDING_ROW + X22_HEAD
+    others = 56 * X22_EXPERT / 2
+    assert [(r.worker, r.total) for r in reads[0]] == [
+        ("stage0+experts0", pytest.approx(gpu0, rel=1e-12)),
+        ("experts1", pytest.approx(others, rel=1e-12)),
+        ("experts2", pytest.approx(others, rel=1e-12)),
+        ("experts3", pytest.approx(others, rel=1e-12)),
+    ]
+    assert ceiling(plan, X22, 1, CONTEXT, 2.0, BW, 2)["step_ms"] == pytest.approx(1000 * gpu0 / BW, rel=1e-12)
+
+
+def test_two_by_two_of_8x22b_sums_each_stages_slowest_gpu_with_two_steps_in_flight():
+    plan = settled_8x22b("mixtral-8x22b-4gpu-mixed.yaml")
+    # 32 sequences as 2 steps of 16: a step's 16 tokens reach 8 x (1 - (6/8)^16) distinct experts a layer.
+    distinct = 8 * (1 - 0.75**16)
+    kv16 = 16 * X22_KV_LAYER
+    half = 28 * 4 * X22_EXPERT * distinct / 8  # 28 layers, 4 of their 8 experts
+    stage0 = 28 * (X22_ATTENTION + kv16) + 16 * X22_EMBEDDING_ROW + half  # GPU 0; GPU 2 reads `half` meanwhile
+    stage1 = 28 * (X22_ATTENTION + kv16) + X22_HEAD + half
+    c = ceiling(plan, X22, 32, CONTEXT, 8.0, BW, 2, groups=2)
+    assert c["bytes_per_worker"] == {
+        "stage0+experts0": round(stage0),
+        "stage1+experts1": round(stage1),
+        "experts2": round(half),
+        "experts3": round(half),
+    }
+    # A cycle: each step crosses both stages (stage0 + stage1), and GPU 1 reads its share once per step (2 x stage1).
+    assert c["step_ms"] == pytest.approx(1000 * max(stage0 + stage1, 2 * stage1) / BW, rel=1e-12)

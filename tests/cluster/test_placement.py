@@ -55,6 +55,9 @@ def test_local_example_is_two_stages_and_two_expert_groups_on_one_cpu_each():
         ("mixtral-2gpu-experts.yaml", PRESETS["mixtral-8x7b"]),
         ("mixtral-2gpu-mixed.yaml", PRESETS["mixtral-8x7b"]),
         ("mixtral-8gpu-2nodes.yaml", PRESETS["mixtral-8x7b"]),
+        ("mixtral-8x22b-4gpu-experts.yaml", PRESETS["mixtral-8x22b"]),
+        ("mixtral-8x22b-4gpu-mixed.yaml", PRESETS["mixtral-8x22b"]),
+        ("mixtral-8x22b-4gpu-stages.yaml", PRESETS["mixtral-8x22b"]),
     ],
 )
 def test_every_example_holds_each_tensor_of_its_model_exactly_once(name, model):

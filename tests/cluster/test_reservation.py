@@ -18,6 +18,7 @@ from cluster.cli import main
 from cluster.placement import PlacementError, validate_against_model
 from cluster.placement_file import load_placement
 from cluster.reservation import check_against_cluster, lost_bundles, reserve
+from shards.kv_cache import RollingKVCache, cache_capacity
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"
 
@@ -183,6 +184,9 @@ def test_reserve_reports_each_shard_with_its_node_layers_experts_and_weight_byte
     assert rows["experts1"].layers == (0, 1, 2, 3) and rows["experts1"].experts == {i: (2, 3) for i in range(4)}
     assert rows["experts0"].node_id == ray_cluster["expert_node"]
     assert rows["stage0"].weight_bytes == plan.stage_selection(0, config).nbytes(config, plan.torch_dtype)
+    capacity = cache_capacity(config.sliding_window, config.max_seq_len)
+    cache = RollingKVCache([2, 3], plan.max_seqs, capacity, config.n_kv_heads, config.head_dim, plan.torch_dtype, "cpu")
+    assert rows["stage1"].kv_bytes == cache.nbytes and rows["experts1"].kv_bytes == 0  # what the stage allocates
 
 
 def test_more_gpus_than_the_cluster_has_fails_before_reserving(ray_cluster, small_mixtral, tmp_path):
@@ -227,7 +231,7 @@ def test_plan_command_prints_the_placement_table_for_the_local_example(ray_clust
     )
     out = capsys.readouterr().out.splitlines()
     assert status == 0
-    assert out[1].split() == ["shard", "layers", "experts", "node", "ip", "GPU", "weights"]
+    assert out[1].split() == ["shard", "layers", "experts", "node", "ip", "GPU", "weights", "KV"]
     rows = {line.split()[0]: line.split() for line in out[2:]}
     assert rows["stage0"][1:3] == ["0-1", "-"] and rows["experts1"][1:3] == ["0-3", "2-3"]
     assert set(rows) == {"stage0", "stage1", "experts0", "experts1"}

@@ -16,6 +16,7 @@ from shards.config import preset
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"
 MIXTRAL = preset("mixtral-8x7b")
+MIXTRAL_8X22B = preset("mixtral-8x22b")
 
 
 def plan_of(text: str, tmp_path: Path):
@@ -25,7 +26,8 @@ def plan_of(text: str, tmp_path: Path):
 
 
 def example(name: str):
-    return validate_against_model(load_placement(EXAMPLES / name), MIXTRAL)
+    model = MIXTRAL_8X22B if name.startswith("mixtral-8x22b") else MIXTRAL
+    return validate_against_model(load_placement(EXAMPLES / name), model)
 
 
 def test_a_stage_and_an_expert_group_sharing_a_gpu_are_one_worker_with_one_whole_gpu():
@@ -76,8 +78,24 @@ def test_shards_pinned_to_different_nodes_never_share_a_worker(tmp_path):
         ("mixtral-2gpu-stages.yaml", False),
         ("mixtral-2gpu-mixed.yaml", True),  # each worker runs its stage and serves the other: host memory
         ("mixtral-8gpu-2nodes.yaml", True),  # each expert worker serves four stages
+        ("mixtral-8x22b-4gpu-experts.yaml", False),
+        ("mixtral-8x22b-4gpu-mixed.yaml", False),  # each expert group holds the layers of one stage only
+        ("mixtral-8x22b-4gpu-stages.yaml", False),
     ],
 )
 def test_workers_running_several_message_loops_are_found(name, concurrent):
     plan = example(name)
     assert concurrent_loops(plan, WorkerMap(group_workers(plan))) is concurrent
+
+
+@pytest.mark.parametrize(
+    "name, workers",
+    [
+        ("mixtral-8x22b-4gpu-experts.yaml", ["stage0+experts0", "experts1", "experts2", "experts3"]),
+        ("mixtral-8x22b-4gpu-mixed.yaml", ["stage0+experts0", "stage1+experts1", "experts2", "experts3"]),
+        ("mixtral-8x22b-4gpu-stages.yaml", ["stage0", "stage1", "stage2", "stage3"]),
+    ],
+)
+def test_each_four_gpu_example_is_four_workers_of_one_whole_gpu(name, workers):
+    plan = example(name)
+    assert [(w.name, w.bundle["GPU"]) for w in group_workers(plan)] == [(w, 1.0) for w in workers]

@@ -15,8 +15,9 @@ from shards.describe import describe, shard_table
 from shards.engine import LocalEngine
 from shards.make_checkpoint import small_config
 
-# Published sizes: Mistral 7B (HF model card, 7.24 B); Mixtral 8x7B paper (46.7 B total, 12.9 B active per token).
-PUBLISHED = {"mistral-7b": (7.24e9, 7.24e9), "mixtral-8x7b": (46.7e9, 12.9e9)}
+# Published sizes: Mistral 7B (HF model card, 7.24 B); Mixtral 8x7B paper (46.7 B total, 12.9 B active per token);
+# Mixtral 8x22B (Mistral AI's announcement: 141 B total, 39 B active).
+PUBLISHED = {"mistral-7b": (7.24e9, 7.24e9), "mixtral-8x7b": (46.7e9, 12.9e9), "mixtral-8x22b": (141e9, 39e9)}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -25,6 +26,26 @@ def test_preset_parameter_counts_match_the_published_totals_within_one_percent(n
     params = describe(PRESETS[name], name=name)["parameters"]
     assert params["total"]["total"] == pytest.approx(total, rel=0.01)
     assert params["active"]["total"] == pytest.approx(active, rel=0.01)
+
+
+def test_mixtral_8x22b_counts_equal_the_shape_formula():
+    """dim 6144, 56 layers, 48 query and 8 KV heads of 128, 16384 hidden, 8 experts (top-2), vocabulary 32768."""
+    d, layers, hidden, vocab = 6144, 56, 16384, 32768
+    attention = 48 * 128 * d * 2 + 8 * 128 * d * 2  # q and o; k and v: 88 080 384
+    norms = 2 * d  # before attention and before the experts
+    gate = 8 * d  # the router's linear layer
+    expert = 3 * d * hidden  # w1, w3, w2: 301 989 888
+    embedding = head = vocab * d  # 201 326 592 each
+    total = layers * (attention + norms + gate + 8 * expert) + embedding + head + d  # + the final norm
+    active = layers * (attention + norms + gate + 2 * expert) + embedding + head + d
+    assert (total, active) == (140_630_071_296, 39_161_468_928)
+
+    d8x22 = describe(PRESETS["mixtral-8x22b"], name="mixtral-8x22b")
+    assert d8x22["parameters"]["total"]["total"] == total
+    assert d8x22["parameters"]["active"]["total"] == active
+    assert d8x22["weight_bytes"] == 2 * total  # bf16: 261.94 GiB, more than one H200 holds
+    assert d8x22["kv_cache"]["bytes_per_token"] == 2 * layers * 8 * 128 * 2  # 224 KiB, no window to bound it
+    assert d8x22["kv_cache"]["bytes_per_sequence_full"] == 65536 * 2 * layers * 8 * 128 * 2  # 14 GiB at 64k
 
 
 def test_parameter_counts_equal_the_parameters_the_engine_loads(checkpoint_factory):
@@ -89,6 +110,9 @@ def test_text_output_names_the_totals(capsys):
     assert main(["describe", "--preset", "mixtral-8x7b", "--context", "8192"]) == 0
     out = capsys.readouterr().out
     assert "46.70 B" in out and "12.88 B" in out
+    assert main(["describe", "--preset", "mixtral-8x22b"]) == 0
+    out = capsys.readouterr().out
+    assert "140.63 B" in out and "39.16 B" in out and "261.94 GiB" in out and "224.00 KiB" in out
 
 
 @pytest.mark.parametrize(
