@@ -1,9 +1,15 @@
-"""Kill the worker on GPU 1 (the process holding experts1, with stage1 beside it) while 4 greedy requests decode on
-2 GPUs; the tokens must not change.
+"""Kill the worker on GPU 1 (the process holding experts1) while 4 greedy requests decode on 2 GPUs; the tokens
+must not change.
 
-Records the recovery time (readiness false -> true) in bench/results/gpu_fault-<machine>.json. Not a test.
+Records the recovery time (readiness false -> true) and the restarted worker's start, phase by phase (process
+started, `__init__` entered, weights on the device, data plane joined; seconds after the restart was asked for),
+in bench/results/gpu_fault-<machine>[-<preset>].json. Not a test.
 
-    PYTHONPATH=. python bench/gpu_fault.py [--cpu-dry-run]
+    PYTHONPATH=. python bench/gpu_fault.py [--cpu-dry-run] [--preset mixtral-8x7b]
+
+With `--preset`, the model is the preset's real shape with random bf16 weights drawn on each GPU (no file), placed
+as gpu_scale's two_expert_groups (every layer and experts 0-3 on GPU 0, experts 4-7 on GPU 1); the expected tokens
+are those of the same requests on the same cluster before the kill.
 """
 
 from __future__ import annotations
@@ -23,14 +29,19 @@ from cluster.sharded import ShardedCluster
 from router.generation import generate
 from router.sampling import SamplingParams
 from shards.checkpoint import save_checkpoint
+from shards.config import PRESETS
 from shards.engine import LocalEngine
 from shards.make_checkpoint import random_weights, small_config
+from shards.random_source import write_random_checkpoint
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "examples"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cpu-dry-run", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="real shape, random bf16 weights")
     args = parser.parse_args()
     gpu = not args.cpu_dry_run
     res = (lambda g: {"CPU": 1, "GPU": g}) if gpu else (lambda g: {"CPU": 0.5})
@@ -39,23 +50,38 @@ def main() -> None:
     prompts = [[1] + torch.randint(3, 32000, (n,), generator=gen).tolist() for n in (10, 70, 150, 33)]
     params = SamplingParams(max_tokens=96, ignore_eos=True)
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = save_checkpoint(Path(tmp) / "ck", cfg, random_weights(cfg, 0))
-        expected = [
-            r.token_ids
-            for r in generate(LocalEngine(ckpt, device="cuda" if gpu else "cpu", max_seqs=4), prompts, params)
-        ]
-        placement = {
-            "checkpoint": str(ckpt),
-            "dtype": "float32",
-            "micro_batch_size": 2,
-            "max_seqs": 4,
-            "stages": [{"layers": "0-3", "resources": res(0.5)}, {"layers": "4-7", "resources": res(0.5)}],
-            "expert_groups": [{"experts": "0-3", "resources": res(0.5)}, {"experts": "4-7", "resources": res(0.5)}],
-        }
+        if args.preset:
+            cfg = PRESETS[args.preset]
+            ckpt = write_random_checkpoint(Path(tmp) / "ck", cfg, seed=0)
+            # deploy/examples/mixtral-2gpu-experts.yaml, as gpu_scale runs it: the stage and experts 0-3 on GPU 0
+            placement = yaml.safe_load((EXAMPLES / "mixtral-2gpu-experts.yaml").read_text())
+            placement.update(checkpoint=str(ckpt), max_seqs=4)
+            expected = None  # the same requests on the same cluster, before the kill
+        else:
+            ckpt = save_checkpoint(Path(tmp) / "ck", cfg, random_weights(cfg, 0))
+            expected = [
+                r.token_ids
+                for r in generate(LocalEngine(ckpt, device="cuda" if gpu else "cpu", max_seqs=4), prompts, params)
+            ]
+        placement = (
+            placement
+            if args.preset
+            else {
+                "checkpoint": str(ckpt),
+                "dtype": "float32",
+                "micro_batch_size": 2,
+                "max_seqs": 4,
+                "stages": [{"layers": "0-3", "resources": res(0.5)}, {"layers": "4-7", "resources": res(0.5)}],
+                "expert_groups": [{"experts": "0-3", "resources": res(0.5)}, {"experts": "4-7", "resources": res(0.5)}],
+            }
+        )
         path = Path(tmp) / "p.yaml"
         path.write_text(yaml.safe_dump(placement))
         ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
-        with ShardedCluster.start(path, step_timeout_s=30, monitor_interval_s=1.0) as cluster:
+        timeout = 300 if args.preset else 30  # the first steps at real shape capture graphs and tune kernels
+        with ShardedCluster.start(path, step_timeout_s=timeout, monitor_interval_s=1.0) as cluster:
+            if expected is None:
+                expected = [r.token_ids for r in cluster.generate(prompts, params)]
             where = cluster.locations()
             victim = cluster.shard_handles()["experts1"]  # the worker holding it: one process per device
             victim_name = next(w.name for w in cluster.supervisor.workers if "experts1" in w.shards)
@@ -82,9 +108,12 @@ def main() -> None:
         "recovery_seconds": back,
         "identical": identical,
         "restarted": [list(r) for r in health.health.restarted],
+        "restart_phases_s": {w: dict(p) for w, p in health.health.last_restart_phases},
+        "preset": args.preset,
         "shard_failures": health.health.shard_failures,
     }
-    out_path = Path(args.out or f"bench/results/gpu_fault-{'2xh200' if gpu else 'cpu-dry-run'}.json")
+    suffix = f"-{args.preset}" if args.preset else ""
+    out_path = Path(args.out or f"bench/results/gpu_fault-{'2xh200' if gpu else 'cpu-dry-run'}{suffix}.json")
     out_path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
     print("TOKENS UNCHANGED" if all(identical) and back is not None else "FAILED")

@@ -173,6 +173,9 @@ class RouterActor:
                 last_recovery_seconds=round(time.monotonic() - t0, 3),
                 recoveries=self.health.recoveries + 1,
                 restarted=(*self.health.restarted, tuple(report["restarted"])),
+                last_restart_phases=tuple(
+                    (worker, tuple(phases.items())) for worker, phases in report.get("phases", {}).items()
+                ),
             )
             self._ready.set()
 

@@ -210,10 +210,24 @@ class ShardSupervisor:
                 dead.add(n)
         blocked = {n for n in dead if n in resets}
         self._kill(blocked, blocked, handles)
+        began = time.time()
         new = [self.create(n) if n in dead else h for n, h in zip(self.names, handles, strict=True)]
         self._wait_loaded(new, self.names)
         self.form_group(new, router_link)
-        return new, {"restarted": sorted(dead), "seconds": time.monotonic() - t0}
+        return new, {
+            "restarted": sorted(dead),
+            "seconds": time.monotonic() - t0,
+            "phases": self._phases({n: h for n, h in zip(self.names, new, strict=True) if n in dead}, began),
+        }
+
+    def _phases(self, restarted: dict, since: float) -> dict[str, dict[str, float]]:
+        """Each restarted worker's start, phase by phase, in seconds after its restart was asked for."""
+        out = {}
+        for n, h in restarted.items():
+            with contextlib.suppress(Exception):  # statistics only
+                phases = ray.get(h.start_phases.remote(), timeout=self.probe_timeout_s)
+                out[n] = {k: round(v - since, 3) for k, v in phases.items()}
+        return out
 
     def _wedged(self, live: dict) -> list[str]:
         """The live workers with a loop stuck by itself for over `wedge_after_s` (`ShardWorker.wedged`)."""

@@ -80,8 +80,21 @@ def concurrent_loops(plan, workers: WorkerMap) -> bool:
     return False
 
 
+def _process_start_time() -> float:
+    """This process's start (host clock), from /proc; the time of this call where /proc is missing."""
+    try:
+        ticks = int(open(f"/proc/{os.getpid()}/stat").read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
 class ShardWorker:
     def __init__(self, checkpoint: str, plan, index: int, attention_backend: str = "auto") -> None:
+        # When each phase of this worker's start ended (host clock): what a restart costs, and where.
+        self.started = {"process": _process_start_time(), "init": time.time()}
         self.plan, self.index = plan, index
         self.workers = WorkerMap(group_workers(plan))
         self.spec = self.workers.workers[index]
@@ -112,6 +125,7 @@ class ShardWorker:
             if s not in self.stages
         ]
         self.servers = [s for s in servers if s.needed]
+        self.started["loaded"] = time.time()
         self.transport: Transport | None = None
         self.link: WorkerLink | None = None
         self._threads: list[threading.Thread] = []
@@ -186,7 +200,13 @@ class ShardWorker:
         self.errors = []
         self.link = WorkerLink(tuple(router_address), self.index, timeout_s)
         self._start_loops()
+        self.started.setdefault("joined", time.time())  # the first data plane this process joined
         return self.transport.backend
+
+    def start_phases(self) -> dict[str, float]:
+        """When this process started, entered `__init__`, had its weights on the device, first joined the data
+        plane (host clock, seconds since the epoch)."""
+        return dict(self.started)
 
     def _warm_up(self) -> None:
         """One message each way on every channel now, so NCCL's per-pair setup (~0.5 s) is not in the first step.

@@ -261,6 +261,9 @@ class RouterHealth:
     recoveries: int = 0
     last_recovery_seconds: float | None = None
     restarted: tuple[tuple[str, ...], ...] = ()  # the shards each recovery restarted
+    # The last recovery's restarted workers: (worker, ((phase, seconds after the restart was asked for), ...)),
+    # phases process (started), init (entered __init__), loaded (weights on the device), joined (data plane).
+    last_restart_phases: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = ()
 
 
 @dataclass(frozen=True)
