@@ -270,6 +270,16 @@ class ShardWorker:
     def cache_bytes(self) -> int:
         return sum(r.cache.nbytes for r in self.stages.values())
 
+    def decode_paths(self) -> dict[str, dict]:
+        """Per stage: whether its decode steps replay CUDA graphs, and the batch sizes it runs compiled."""
+        return {
+            f"stage{s}": {
+                "graphs": r.graphs is not None,
+                "compiled_batches": list(r.compiled.compiled) if r.compiled is not None else [],
+            }
+            for s, r in self.stages.items()
+        }
+
     # --- the loops ---------------------------------------------------------------------------------------------
 
     def _start_loops(self) -> None:
