@@ -5,6 +5,9 @@ the window. bfloat16: greedy tokens are compared for the short cases (rounding d
 of operations, so long generations may part ways; the table reports where).
 
     python bench/gpu_parity.py --out bench/results/gpu_parity.json
+
+`--compile-decode 3` runs our decode steps of 3 sequences (every case's batch) through the compiled layers
+(`shards/compiled_decode.py`): the same comparison for that path.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench/results/gpu_parity.json")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--compile-decode", nargs="*", type=int, default=[], help="decode batch sizes compiled")
     args = parser.parse_args()
     device = args.device
     rows = []
@@ -58,7 +62,10 @@ def main() -> None:
             prompts = [[1] + torch.randint(3, 32000, (n - 1,), generator=gen).tolist() for n in lengths]
             for dtype_name, dtype, new_tokens in (("float32", torch.float32, 48), ("bfloat16", torch.bfloat16, 16)):
                 hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device).eval()
-                engine = LocalEngine(ckpt, dtype=dtype, device=device, max_seqs=len(prompts))
+                torch._dynamo.reset()  # each case its own compilation (not counted against dynamo's recompile limit)
+                engine = LocalEngine(
+                    ckpt, dtype=dtype, device=device, max_seqs=len(prompts), compile_decode=tuple(args.compile_decode)
+                )
                 t0 = time.perf_counter()
                 ours = generate(engine, prompts, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
                 elapsed = time.perf_counter() - t0
@@ -76,6 +83,7 @@ def main() -> None:
                             "first_difference": first_difference(result.token_ids, ref),
                             "required": dtype_name == "float32" or short,
                             "batch_seconds": round(elapsed, 3),
+                            "compiled_decode": list(engine.compiled.compiled) if engine.compiled else [],
                         }
                     )
                 del hf, engine
