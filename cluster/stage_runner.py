@@ -118,11 +118,13 @@ class StageRunner:
 
     def _compiled_decode(self) -> CompiledDecode | None:
         """MISTRAL_CLUSTER_COMPILE=1: the decode layers compiled by inductor, now, while the worker loads (a compile
-        during serving would outlast the step's deadline); None when off or when compiling failed (logged)."""
+        during serving would outlast the step's deadline). Where compiling failed it runs every step eagerly and
+        keeps the error, which `ShardWorker.decode_paths` reports."""
         if not compile_requested():
             return None
         compiled = CompiledDecode(self.model, self.cache, compile_batches())
-        return compiled if compiled.warm_up() else None
+        compiled.warm_up()
+        return compiled
 
     def _decode_graphs(self) -> DecodeGraphs | None:
         """CUDA graphs for decode steps: the layers' kernels, and the expert dispatch's NCCL messages with them, as one

@@ -271,14 +271,18 @@ class ShardWorker:
         return sum(r.cache.nbytes for r in self.stages.values())
 
     def decode_paths(self) -> dict[str, dict]:
-        """Per stage: whether its decode steps replay CUDA graphs, and the batch sizes it runs compiled."""
-        return {
-            f"stage{s}": {
+        """Per stage: whether its decode steps replay CUDA graphs, the batch sizes it runs compiled, how long
+        compiling took while loading and, where it failed, why."""
+        out = {}
+        for s, r in self.stages.items():
+            c = r.compiled
+            out[f"stage{s}"] = {
                 "graphs": r.graphs is not None,
-                "compiled_batches": list(r.compiled.compiled) if r.compiled is not None else [],
+                "compiled_batches": list(c.compiled) if c is not None else [],
+                "compile_s": round(c.warm_up_s, 1) if c is not None else None,
+                "compile_error": c.error if c is not None else None,
             }
-            for s, r in self.stages.items()
-        }
+        return out
 
     # --- the loops ---------------------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -117,6 +118,8 @@ class CompiledDecode:
         self.shard, self.cache, self.moe = shard, cache, cfg.is_moe
         self.batches = tuple(b for b in batches if b <= cache.max_seqs)
         self.compiled: tuple[int, ...] = ()  # the batch sizes `warm_up` compiled
+        self.error: str | None = None  # why compiling failed
+        self.warm_up_s = 0.0
         self.weights: dict[int, tuple[torch.Tensor, ...]] = {}
         for layer in shard.layers.values():
             common = (
@@ -149,6 +152,7 @@ class CompiledDecode:
         writes before it reads them). False, logged, when compiling failed: every step then runs eagerly."""
         cfg = self.shard.config
         device = self.cache.k.device
+        t0 = time.perf_counter()
         for b in self.batches:
             with torch.inference_mode():  # as a step runs: dynamo's guards tell inference tensors from others
                 layout = StepLayout.build(
@@ -158,10 +162,12 @@ class CompiledDecode:
                 try:
                     self._run(h, layout, self.cache, None)
                 except Exception as e:  # noqa: BLE001 - any failure to compile: the eager layers, as before
-                    log.warning("compiling the decode layers failed, they run eagerly: %s: %s", type(e).__name__, e)
+                    self.error = f"{type(e).__name__}: {e}"[:2000]
+                    log.warning("compiling the decode layers failed, they run eagerly: %s", self.error)
                     self.compiled = ()
                     return False
             self.compiled += (b,)
+        self.warm_up_s = time.perf_counter() - t0
         return True
 
     def run_layers(
