@@ -5,6 +5,9 @@ the window. bfloat16: greedy tokens are compared for the short cases (rounding d
 of operations, so long generations may part ways; the table reports where).
 
     python bench/gpu_parity.py --out bench/results/gpu_parity.json
+
+`--compiled-decode` generates for each prompt alone, its decode steps through the compiled layers
+(`shards/compiled_decode.py`, batch 1): the same comparison for that path.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench/results/gpu_parity.json")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--compiled-decode", action="store_true", help="each prompt alone, decode steps compiled")
     args = parser.parse_args()
     device = args.device
     rows = []
@@ -58,9 +62,17 @@ def main() -> None:
             prompts = [[1] + torch.randint(3, 32000, (n - 1,), generator=gen).tolist() for n in lengths]
             for dtype_name, dtype, new_tokens in (("float32", torch.float32, 48), ("bfloat16", torch.bfloat16, 16)):
                 hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device).eval()
-                engine = LocalEngine(ckpt, dtype=dtype, device=device, max_seqs=len(prompts))
+                params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+                if args.compiled_decode:
+                    torch._dynamo.reset()  # each case its own compilation, not counted against dynamo's limit
+                    engine = LocalEngine(ckpt, dtype=dtype, device=device, max_seqs=1, compile_decode=(1,))
+                else:
+                    engine = LocalEngine(ckpt, dtype=dtype, device=device, max_seqs=len(prompts))
                 t0 = time.perf_counter()
-                ours = generate(engine, prompts, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
+                if args.compiled_decode:
+                    ours = [generate(engine, [p], params)[0] for p in prompts]
+                else:
+                    ours = generate(engine, prompts, params)
                 elapsed = time.perf_counter() - t0
                 for prompt, result in zip(prompts, ours, strict=True):
                     ref = hf_greedy(hf, prompt, new_tokens, device)
@@ -76,6 +88,7 @@ def main() -> None:
                             "first_difference": first_difference(result.token_ids, ref),
                             "required": dtype_name == "float32" or short,
                             "batch_seconds": round(elapsed, 3),
+                            "compiled_decode": list(engine.compiled.compiled) if engine.compiled else [],
                         }
                     )
                 del hf, engine

@@ -291,14 +291,20 @@ def hf_routing(model, cfg: ModelConfig, prompts: torch.Tensor) -> dict:
     return {"distinct_experts_per_layer": sum(distinct) / max(1, len(distinct)), "tokens_per_expert": counts.tolist()}
 
 
-def run_hf(ckpt: Path, cfg: ModelConfig, devices, args, prompts_for, deadline: Deadline, hw: dict) -> dict:
+def one_stage(name: str, ckpt: Path, cfg: ModelConfig):
+    """A placement of every layer in one stage on one GPU: the ceiling of a model whose layers run in order."""
     from cluster.placement import PlacementPlan, StageSpec, validate_against_model
 
+    return validate_against_model(
+        PlacementPlan(name, str(ckpt), "bfloat16", "pack", (StageSpec(0, None, {"GPU": 1.0}),)), cfg
+    )
+
+
+def run_hf(ckpt: Path, cfg: ModelConfig, devices, args, prompts_for, deadline: Deadline, hw: dict) -> dict:
     out: dict = {"decode": {}, "ttft_s": {}, "routing": {}}
     model, out["setup"] = build_hf(ckpt, cfg, devices, torch.bfloat16 if not args.cpu_dry_run else torch.float32)
     # Its layers run one after the other, on one GPU or split over several: the ceiling of one stage on one GPU.
-    whole = PlacementPlan("transformers", str(ckpt), "bfloat16", "pack", (StageSpec(0, None, {"GPU": 1.0}),))
-    whole = validate_against_model(whole, cfg)
+    whole = one_stage("transformers", ckpt, cfg)
     first, dry = devices[0], args.cpu_dry_run
     try:
         hf_generate(model, prompts_for(1, 16).to(first), 2)  # warm-up
@@ -345,6 +351,35 @@ def run_hf(ckpt: Path, cfg: ModelConfig, devices, args, prompts_for, deadline: D
         model = None  # free its memory before ours start, also after a failure (the traceback holds the frames)
         free_cuda_memory(devices)
     return out
+
+
+def run_gpt_fast(ckpt: Path, cfg: ModelConfig, device: torch.device, args, prompts_for, hw: dict, hf: dict) -> dict:
+    """gpt-fast's model on the same weights, batch-1 decode timed as ours (`bench/peer_gpt_fast.py`)."""
+    from bench.peer_gpt_fast import GptFast, measure
+
+    dtype = torch.float32 if args.cpu_dry_run else torch.bfloat16
+    limit = ceiling(
+        one_stage("gpt-fast", ckpt, cfg),
+        cfg,
+        1,
+        args.prompt_tokens + args.new_tokens / 2,
+        distinct_experts(cfg, hf, 1),
+        hw["ceiling_bytes_per_s"],
+        dtype.itemsize,
+    )
+    peer = None
+    try:
+        t0 = time.perf_counter()
+        context = args.prompt_tokens + args.new_tokens
+        peer = GptFast.build(Path(args.gpt_fast), ckpt, dtype, device, context, args.gpt_fast_compile == "on")
+        load_s = time.perf_counter() - t0
+        out = measure(peer, prompts_for, args.prompt_tokens, args.new_tokens, args.repeats, limit)
+        out["load_s"] = round(load_s, 1)
+        return out
+    finally:
+        peer = None  # its weights and its CUDA graphs' pool go before ours load
+        torch._dynamo.reset()
+        free_cuda_memory([device])
 
 
 def free_cuda_memory(devices) -> None:
@@ -457,6 +492,8 @@ def run_ours(
         plan = cluster.plan  # settled against the checkpoint: what each worker holds
         row["start_s"] = round(time.perf_counter() - t0, 1)
         row["shards"] = {k: list(v.gpu_ids) for k, v in cluster.locations().items()}
+        workers = {id(h): h for k, h in cluster.shard_handles().items() if k.startswith("stage")}
+        row["decode_paths"] = {k: v for h in workers.values() for k, v in ray.get(h.decode_paths.remote()).items()}
 
         def params(n: int) -> SamplingParams:
             return SamplingParams(max_tokens=n, ignore_eos=True)
@@ -504,6 +541,8 @@ def run_ours(
         row["expert_load"] = cluster.expert_load() if cfg.is_moe else None
     wait_until_gpus_free(memory)
     row["peak_gib_per_gpu_throughput"] = memory.take()  # the reset reads memory after the shards are gone
+    if not args.ttft_tokens:
+        return row
     if deadline.left() < 60:
         row["ttft_s"] = {"skipped": "time budget"}
         return row
@@ -541,14 +580,18 @@ def distinct_experts(cfg: ModelConfig, hf: dict, b: int) -> float | None:
 # --- the table, the plot -------------------------------------------------------------------------------------------
 
 
-def summarise(model: str, cfg: ModelConfig, hw: dict, hf: dict, ours: list[dict], args) -> dict:
+def summarise(
+    model: str, cfg: ModelConfig, hw: dict, hf: dict, ours: list[dict], args, peers: dict | None = None
+) -> dict:
     table = []
+    peers = peers or {}
     baseline = next((r for r in ours if r["placement"] == BASELINE[model]), {})
     for b in args.batches:
         distinct = distinct_experts(cfg, hf, b)
         wb = weight_bytes(cfg, distinct or 0)
         limit = b / (wb["total"] / hw["hbm_bytes_per_s"])
         theirs = hf.get("decode", {}).get(str(b), {}).get("tokens_per_s")
+        gpt_fast = peers.get("gpt_fast", {}).get("decode", {}).get(str(b), {}).get("tokens_per_s")
         base = baseline.get("decode", {}).get(str(b), {}).get("tokens_per_s")
         for r in ours:
             d = r.get("decode", {}).get(str(b), {})
@@ -567,6 +610,8 @@ def summarise(model: str, cfg: ModelConfig, hw: dict, hf: dict, ours: list[dict]
                     "limit": limit,
                     "ours_vs_limit": mine / limit if mine else None,
                     "ours_vs_transformers": mine / theirs if mine and theirs else None,
+                    "gpt_fast": gpt_fast,
+                    "ours_vs_gpt_fast": mine / gpt_fast if mine and gpt_fast else None,
                     "error": d.get("error") or d.get("skipped"),
                     "unit": "tokens/s",
                     "bytes_per_step": wb["total"],
@@ -595,6 +640,7 @@ def summarise(model: str, cfg: ModelConfig, hw: dict, hf: dict, ours: list[dict]
         "config": cfg.to_hf_dict(),
         "baseline": BASELINE[model],
         "transformers": hf,
+        "peers": peers,
         "ours": ours,
         "table": table,
     }
@@ -622,6 +668,17 @@ def print_table(result: dict) -> None:
             f"{f(t['transformers']):>9}{f(t['ours_vs_transformers'], 2):>11}"
             + (f"  !!! {t['error']}" if t["error"] else "")
         )
+    peer = result.get("peers", {}).get("gpt_fast")
+    if peer:
+        theirs = peer.get("decode", {}).get("1", {})
+        print(
+            f"gpt-fast ({peer.get('setup', {}).get('config')}), batch 1: {f(theirs.get('tokens_per_s'))} tok/s traced, "
+            f"{f(theirs.get('loop_tokens_per_s'))} in its own loop"
+            + (f"  !!! {peer.get('error') or theirs.get('error')}" if peer.get("error") or theirs.get("error") else "")
+        )
+        for t in result["table"]:
+            if t.get("ours_vs_gpt_fast"):
+                print(f"  ours / gpt-fast, {t['placement']} {t['what']}: {t['ours_vs_gpt_fast']:.2f}")
     print(f"\n== {result['model']}: first token, seconds (floor: FLOPs / matmul rate) ==")
     print(f"{'what':<14}{'placement':<19}{'ours':>9}{'transf.':>9}{'floor':>9}{'ours/floor':>11}")
     for t in result["table"]:
@@ -747,9 +804,19 @@ def main() -> None:
     parser.add_argument(
         "--hf-repeats", type=int, default=1, help="the same for transformers (its batch-128 call takes ~2 minutes)"
     )
-    parser.add_argument("--ttft-tokens", nargs="+", type=int, default=[4096, 16384])
+    parser.add_argument(
+        "--ttft-tokens", nargs="*", type=int, default=[4096, 16384], help="none: no first-token phase (no restart)"
+    )
     parser.add_argument("--chunk", type=int, default=4096, help="prefill chunk (at most the window)")
     parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument(
+        "--gpt-fast",
+        metavar="DIR",
+        help="a pytorch-labs/gpt-fast checkout (never committed; e.g. .peers/gpt-fast): its batch-1 decode beside ours",
+    )
+    parser.add_argument(
+        "--gpt-fast-compile", choices=["on", "off"], default="on", help="off: its decode step eager (CPU dry runs)"
+    )
     parser.add_argument(
         "--hf-gpus", type=int, default=2, help="GPUs transformers splits its layers over (Mixtral 8x22B needs 3+)"
     )
@@ -762,7 +829,8 @@ def main() -> None:
     dry = args.cpu_dry_run
     if dry:
         args.batches = sorted({min(b, 8) for b in args.batches})
-        args.prompt_tokens, args.new_tokens, args.ttft_tokens, args.chunk = 32, 4, [128, 256], 64
+        args.prompt_tokens, args.new_tokens, args.chunk = 32, 4, 64
+        args.ttft_tokens = [128, 256] if args.ttft_tokens else []
     n_gpus = 0 if dry else torch.cuda.device_count()
     devices = [torch.device("cpu")] if dry else [torch.device("cuda", i) for i in range(n_gpus)]
     hw = measure_hardware(devices, dry)
@@ -845,7 +913,14 @@ def main() -> None:
 def summarise_all(state: dict[str, dict], hw: dict, args) -> list[dict]:
     results = []
     for m, st in state.items():
-        res = summarise(m, st["long_cfg"], hw, st["hf"], [r for r in st["ours"] if "decode" in r], args)
+        res = summarise(m, st["long_cfg"], hw, st["hf"], [r for r in st["ours"] if "decode" in r], args, st["peers"])
+        gpt_fast = res["peers"].get("gpt_fast")
+        if gpt_fast and "decode" in gpt_fast:  # ours / gpt-fast per placement at each batch it ran, in its entry too
+            gpt_fast["ours_over_gpt_fast"] = {
+                f"{t['placement']} b={t['what'].split('=')[1]}": t["ours_vs_gpt_fast"]
+                for t in res["table"]
+                if t.get("ours_vs_gpt_fast")
+            }
         res["skipped_or_failed"] = [r for r in st["ours"] if "decode" not in r]
         res["component_profile"] = st["profile"]
         results.append(res)
@@ -866,6 +941,7 @@ def write_result(args, hw: dict, n_gpus: int, load_path: dict | None, results: l
         },
         "hardware": hw,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("MISTRAL_CLUSTER_", "TORCH"))},
         "roofline_definition": "limit (decode): batch / (weight bytes one step reads, each counted once: attention, "
         "norms, gates, the distinct experts the batch selects (measured from transformers' gates on the same weights), "
         "head) / measured copy bandwidth of one GPU. prefill: matmul FLOPs / measured bf16 matmul rate of one GPU.",
@@ -884,9 +960,9 @@ def write_result(args, hw: dict, n_gpus: int, load_path: dict | None, results: l
 
 def first_visit(model, args, dry, tmp, devices, memory, prompts_for, deadline, hw: dict) -> dict:
     """A model's checkpoints, its one-process profile and the transformers run: once, before its first placement."""
-    st: dict = {"ours": [], "profile": None, "hf": {}}
+    st: dict = {"ours": [], "profile": None, "hf": {}, "peers": {}}
     st["tput_cfg"] = model_config(model, dry, args.prompt_tokens + args.new_tokens + 16)
-    st["long_cfg"] = model_config(model, dry, max(args.ttft_tokens) + 16)
+    st["long_cfg"] = model_config(model, dry, max(args.ttft_tokens or [args.prompt_tokens]) + 16)
     st["tput_ckpt"] = write_random_checkpoint(tmp / f"{model}-throughput", st["tput_cfg"], SEED, STD)
     st["long_ckpt"] = write_random_checkpoint(tmp / f"{model}-long", st["long_cfg"], SEED, STD)
     if args.profile_layers and deadline.left() > 120:
@@ -908,6 +984,17 @@ def first_visit(model, args, dry, tmp, devices, memory, prompts_for, deadline, h
             st["hf"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
         free_cuda_memory(devices)
         print("transformers:", json.dumps(st["hf"])[:1500], flush=True)
+    if args.gpt_fast and deadline.left() > 120:
+        wait_until_gpus_free(memory)
+        memory.take()
+        try:
+            st["peers"]["gpt_fast"] = run_gpt_fast(
+                st["tput_ckpt"], st["tput_cfg"], devices[0], args, prompts_for, hw, st["hf"]
+            )
+            st["peers"]["gpt_fast"]["peak_gib_per_gpu"] = memory.take()
+        except Exception as e:  # noqa: BLE001 - record it and go on with ours
+            st["peers"]["gpt_fast"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        print("gpt-fast:", json.dumps(st["peers"]["gpt_fast"])[:1500], flush=True)
     return st
 
 

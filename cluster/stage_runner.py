@@ -26,6 +26,7 @@ from cluster.workers import WorkerMap
 from router.pipeline import split_microbatches
 from router.step import MicrobatchSpan, StageResult, StepPlan
 from shards.checkpoint import CheckpointReader
+from shards.compiled_decode import CompiledDecode, compile_batches, compile_requested
 from shards.decode_graphs import DecodeGraphs
 from shards.kv_cache import RollingKVCache, StepLayout, cache_capacity
 from shards.model import ExpertShard, TransformerShard
@@ -95,6 +96,7 @@ class StageRunner:
         self.pipe_out: Channel | LocalPipe | None = None
         self.expert_channels: dict[int, Channel] = {}
         self.graphs: DecodeGraphs | None = None
+        self.compiled = self._compiled_decode()
         self._expert_seconds = 0.0
 
     def attach(self, transport: Transport) -> None:
@@ -114,6 +116,16 @@ class StageRunner:
         self.pipe_in = self.pipe_out = None
         self.expert_channels = {}
 
+    def _compiled_decode(self) -> CompiledDecode | None:
+        """MISTRAL_CLUSTER_COMPILE=1: the decode layers compiled by inductor, now, while the worker loads (a compile
+        during serving would outlast the step's deadline). Where compiling failed it runs every step eagerly and
+        keeps the error, which `ShardWorker.decode_paths` reports."""
+        if not compile_requested():
+            return None
+        compiled = CompiledDecode(self.model, self.cache, compile_batches())
+        compiled.warm_up()
+        return compiled
+
     def _decode_graphs(self) -> DecodeGraphs | None:
         """CUDA graphs for decode steps: the layers' kernels, and the expert dispatch's NCCL messages with them, as one
         launch. Not where a message goes through host memory (that is host work in the middle of a layer).
@@ -122,13 +134,13 @@ class StageRunner:
         if mode == "0":
             return None
         if mode == "eager":
-            return DecodeGraphs(self.model, self.cache, replay="eager")
+            return DecodeGraphs(self.model, self.cache, replay="eager", compiled=self.compiled)
         if self.device.type != "cuda" or any(ch.via_host for ch in self.expert_channels.values()):
             return None
         probe = torch.empty(0, self.config.dim, dtype=self.plan.torch_dtype, device=self.device)
         if self.config.is_moe and not grouped_mm_supported(probe, self.config.hidden_dim):
             return None  # the per-expert loop reads counts back to the host: nothing to capture
-        return DecodeGraphs(self.model, self.cache)
+        return DecodeGraphs(self.model, self.cache, compiled=self.compiled)
 
     def channels(self) -> list[Channel | LocalPipe]:
         return [ch for ch in (self.pipe_in, self.pipe_out, *self.expert_channels.values()) if ch is not None]
@@ -157,6 +169,8 @@ class StageRunner:
             )
             if self.graphs is not None and layout.decode_slots is not None:
                 h = self.graphs.run(h, layout, experts)
+            elif self.compiled is not None:  # decode steps compiled (without graphs), the rest eager
+                h = self.compiled.run_layers(h, layout, self.cache, experts)
             else:
                 h = self.model.run_layers(h, layout, self.cache, experts)
             if self.last:

@@ -290,6 +290,20 @@ class ShardWorker:
     def cache_bytes(self) -> int:
         return sum(r.cache.nbytes for r in self.stages.values())
 
+    def decode_paths(self) -> dict[str, dict]:
+        """Per stage: whether its decode steps replay CUDA graphs, the batch sizes it runs compiled, how long
+        compiling took while loading and, where it failed, why."""
+        out = {}
+        for s, r in self.stages.items():
+            c = r.compiled
+            out[f"stage{s}"] = {
+                "graphs": r.graphs is not None,
+                "compiled_batches": list(c.compiled) if c is not None else [],
+                "compile_s": round(c.warm_up_s, 1) if c is not None else None,
+                "compile_error": c.error if c is not None else None,
+            }
+        return out
+
     # --- the loops ---------------------------------------------------------------------------------------------
 
     def _start_loops(self) -> None:

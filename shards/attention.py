@@ -284,3 +284,21 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: A
     mask = plan.additive(plan.decode_mask, q.dtype)  # (seqs, 1, 1, capacity)
     o = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return o.reshape(q.shape)
+
+
+def decode_attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`_decode_attention` written out as products, sums and a softmax in float32, for a compiler to generate.
+
+    q: (seqs, n_heads, head_dim); k, v: (seqs, capacity, n_kv_heads, head_dim), each sequence's rolling buffer;
+    mask: (seqs, 1, 1, capacity) bool, the filled rows. Inductor turns this into a few reductions that read the
+    buffers once, gathered by slot in place; SDPA's fused kernels are built for many queries and, at one query a
+    sequence, cost ~24 us a layer to read ~2 MB on an H200 (bench/NOTES.md). gpt-fast decodes through SDPA's math
+    path under inductor for the same reason.
+    """
+    seqs, capacity, n_kv, head_dim = k.shape
+    qg = q.view(seqs, 1, n_kv, q.shape[1] // n_kv, head_dim).float() * head_dim**-0.5
+    scores = (qg * k.float()[:, :, :, None, :]).sum(-1)  # (seqs, capacity, n_kv, group)
+    scores = scores.masked_fill(~mask.view(seqs, capacity, 1, 1), float("-inf"))
+    p = torch.softmax(scores, dim=1)
+    out = (p[..., None] * v.float()[:, :, :, None, :]).sum(1)  # (seqs, n_kv, group, head_dim)
+    return out.view(q.shape).to(q.dtype)

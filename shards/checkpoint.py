@@ -125,13 +125,13 @@ def reference_name(hf_name: str) -> str:
     raise KeyError(hf_name)
 
 
-def _rotary_rows_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+def rotary_rows_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Reference wq/wk rows pair (2i, 2i+1) per head; the HF layout pairs (i, i + head_dim/2)."""
     out_dim, in_dim = w.shape
     return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
-def _rotary_rows_to_reference(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+def rotary_rows_to_reference(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     out_dim, in_dim = w.shape
     return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
@@ -236,7 +236,7 @@ class CheckpointReader:
                     )
                 heads = _rotary_heads(name, self.config)
                 if heads is not None and self.layout == "reference":
-                    t = _rotary_rows_to_hf(t, heads)
+                    t = rotary_rows_to_hf(t, heads)
                 out[name] = t.to(device=device, dtype=dtype or t.dtype)
                 del t
         return out
@@ -265,7 +265,7 @@ def save_checkpoint(
         named = {}
         for k, v in tensors.items():
             heads = _rotary_heads(k, config)
-            named[reference_name(k)] = (_rotary_rows_to_reference(v, heads) if heads else v).contiguous()
+            named[reference_name(k)] = (rotary_rows_to_reference(v, heads) if heads else v).contiguous()
         (out / "params.json").write_text(json.dumps(config.to_params_dict(), indent=2) + "\n")
         base = "consolidated"
     else:

@@ -7,7 +7,8 @@ builds the step's few index tensors as usual, copies them into the graph's own (
 one graph. The first step of a new shape runs eagerly (its result is used) and is then captured.
 
 `DecodeGraphs(..., replay="eager")` keeps the same static-buffer bookkeeping but replays by running the layers
-on those buffers: what CPU tests use to check that every per-step input reaches the graph.
+on those buffers: what CPU tests use to check that every per-step input reaches the graph. With `compiled` (a
+`CompiledDecode`), the layers run, and are captured, as inductor's fused kernels instead of the eager ones.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from shards.attention import AttentionPlan
+from shards.compiled_decode import CompiledDecode
 from shards.kv_cache import RollingKVCache, StepLayout
 from shards.model import ExpertsFn, TransformerShard
 
@@ -39,11 +41,17 @@ class DecodeGraphs:
     """Captured decode steps of one shard, keyed by (batch size, first slot when the slots are one run)."""
 
     def __init__(
-        self, shard: TransformerShard, cache: RollingKVCache, replay: str = "cuda", max_graphs: int = 16
+        self,
+        shard: TransformerShard,
+        cache: RollingKVCache,
+        replay: str = "cuda",
+        max_graphs: int = 16,
+        compiled: CompiledDecode | None = None,
     ) -> None:
         if replay not in ("cuda", "eager"):
             raise ValueError(f"replay must be 'cuda' or 'eager', got {replay!r}")
         self.shard, self.cache, self.replay, self.max_graphs = shard, cache, replay, max_graphs
+        self.run_layers = compiled.run_layers if compiled is not None else shard.run_layers
         self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
         self._failed: set[tuple] = set()  # shapes whose capture failed: they stay eager
         self._pool = torch.cuda.graph_pool_handle() if replay == "cuda" else None
@@ -59,7 +67,7 @@ class DecodeGraphs:
         key = (h.shape[0], layout.decode_range.start if layout.decode_range is not None else None)
         graph = self._graphs.get(key)
         if graph is None:
-            out = self.shard.run_layers(h, layout, self.cache, experts)
+            out = self.run_layers(h, layout, self.cache, experts)
             if key not in self._failed:
                 self._capture(key, h, layout, experts)
             return out
@@ -83,7 +91,7 @@ class DecodeGraphs:
         )
         captured = _Captured(h=h.clone(), layout=static_layout)
         if self.replay == "eager":
-            captured.run = lambda: self.shard.run_layers(captured.h, captured.layout, self.cache, experts)
+            captured.run = lambda: self.run_layers(captured.h, captured.layout, self.cache, experts)
         else:
             graph = torch.cuda.CUDAGraph()
             # Captured on this loop's own stream, thread-local, and with no device-wide synchronisation (which
@@ -95,7 +103,7 @@ class DecodeGraphs:
             try:
                 graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
                 try:
-                    captured.out = self.shard.run_layers(captured.h, captured.layout, self.cache, experts)
+                    captured.out = self.run_layers(captured.h, captured.layout, self.cache, experts)
                 finally:
                     graph.capture_end()
             except Exception:  # noqa: BLE001 - a kernel that cannot be captured: this shape stays eager

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from shards.checkpoint import CheckpointReader, ShardSelection
+from shards.compiled_decode import CompiledDecode
 from shards.kv_cache import PackedStep, RollingKVCache, StepLayout, cache_capacity
 from shards.model import TransformerShard
 
@@ -42,7 +43,9 @@ class LocalEngine:
         max_seqs: int = 16,
         max_seq_len: int | None = None,
         attention_backend: str = "auto",
+        compile_decode: tuple[int, ...] = (),
     ) -> None:
+        """`compile_decode`: decode batch sizes whose layers run compiled (`shards/compiled_decode.py`); () none."""
         self.reader = CheckpointReader(checkpoint)
         self.config = self.reader.config
         self.device = torch.device(device)
@@ -60,6 +63,9 @@ class LocalEngine:
             dtype,
             self.device,
         )
+        self.compiled = CompiledDecode(self.model, self.cache, compile_decode) if compile_decode else None
+        if self.compiled is not None:
+            self.compiled.warm_up()  # False, logged, if it failed: the layers then run eagerly
 
     @property
     def cache_capacity(self) -> int:
@@ -81,7 +87,7 @@ class LocalEngine:
             self.device,
         )
         h = self.model.embed(torch.as_tensor(plan.token_ids).to(self.device))
-        h = self.model.run_layers(h, layout, self.cache)
+        h = (self.compiled or self.model).run_layers(h, layout, self.cache)
         rows = torch.tensor(plan.logit_rows(), dtype=torch.long, device=self.device)
         logits = self.model.logits(h[rows]).cpu()
         if plan.score_targets is None:

@@ -150,6 +150,11 @@ class RollingKVCache:
     def bytes_per_slot(self) -> int:
         return self.nbytes // self.max_seqs
 
+    def layer_rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's keys and values, (max_seqs * capacity, n_kv_heads, head_dim) each, slot-major rows."""
+        i = self._index[layer]
+        return self.k[i], self.v[i]
+
     def update_and_read(
         self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, layout: StepLayout
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,8 +163,7 @@ class RollingKVCache:
         Decode: each sequence's whole rolling buffer, (seqs, capacity, n_kv_heads, head_dim). Prefill: the packed
         keys, (n_keys, n_kv_heads, head_dim), each sequence's cached window in position order then its new tokens.
         """
-        i = self._index[layer]
-        k_rows, v_rows = self.k[i], self.v[i]
+        k_rows, v_rows = self.layer_rows(layer)
         if layout.decode_slots is not None:
             k_rows.index_copy_(0, layout.write_rows, k_new)
             v_rows.index_copy_(0, layout.write_rows, v_new)

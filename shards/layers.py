@@ -25,10 +25,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 whatever the weights' dtype, as the reference does.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalised in float32 whatever the weights' dtype, as the reference does."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
 
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,6 +74,14 @@ class Attention(nn.Module):
         out = packed_attention(q, keys, values, layout.bias, self.backend, layout.attention)
         return self.o_proj(out.reshape(tokens, self.n_heads * self.head_dim))
 
+    def fuse_qkv(self) -> torch.Tensor:
+        """q, k and v as row blocks of one (q + k + v rows, dim) tensor, for one GEMM (the compiled decode step).
+        The three parameters become views of it: the same values and names, no extra memory once loaded."""
+        if not hasattr(self, "wqkv"):
+            projections = (self.q_proj, self.k_proj, self.v_proj)
+            self.register_buffer("wqkv", _fuse_rows(projections), persistent=False)
+        return self.wqkv
+
 
 class FeedForward(nn.Module):
     """Dense SwiGLU feed-forward of Mistral: down(silu(gate(x)) * up(x))."""
@@ -82,3 +94,20 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def fuse_gate_up(self) -> torch.Tensor:
+        """gate and up as one (2 * hidden, dim) tensor (the experts' w13 layout), their parameters views of it."""
+        if not hasattr(self, "w13"):
+            self.register_buffer("w13", _fuse_rows((self.gate_proj, self.up_proj)), persistent=False)
+        return self.w13
+
+
+def _fuse_rows(projections: tuple[nn.Linear, ...]) -> torch.Tensor:
+    """The projections' weights concatenated by rows; each projection's weight becomes a view of its rows."""
+    fused = torch.cat([p.weight.detach() for p in projections])
+    start = 0
+    for p in projections:
+        rows = p.weight.shape[0]
+        p.weight = nn.Parameter(fused[start : start + rows], requires_grad=False)  # frees the old tensor
+        start += rows
+    return fused

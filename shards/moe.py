@@ -33,12 +33,16 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (tokens, dim) -> expert ids (tokens, k) int64 and weights (tokens, k) in x's dtype."""
-        logits = torch.nn.functional.linear(x, self.weight)
-        # softmax over all experts then renormalise over the chosen k == softmax over the chosen k logits
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-        return ids, weights.to(x.dtype)
+        return route(torch.nn.functional.linear(x, self.weight), self.top_k, x.dtype)
+
+
+def route(logits: torch.Tensor, top_k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, experts) gate logits -> the top k expert ids (tokens, k) and their weights (tokens, k) in `dtype`."""
+    # softmax over all experts then renormalise over the chosen k == softmax over the chosen k logits
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return ids, weights.to(dtype)
 
 
 def grouped_mm_supported(x: torch.Tensor, hidden_dim: int) -> bool:
