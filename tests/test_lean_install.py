@@ -19,6 +19,7 @@ TEST_ONLY = (
     "grpc_tools",
     "triton",
     "pytest",
+    "guidellm",
 )
 
 # None in sys.modules is how Python marks a module absent: `import` raises ModuleNotFoundError, find_spec says None.
