@@ -366,4 +366,4 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     return OpenAIIngress.bind(**args)
 
 
-__all__ = ["GRPC_SERVICER", "OpenAIIngress", "build_app"]  # GRPC_SERVICER: what `mistral-cluster serve` imports here
+__all__ = ["GRPC_SERVICER", "OpenAIIngress", "build_app"]  # GRPC_SERVICER: what a Serve config's grpc_options names

@@ -57,7 +57,7 @@ def test_the_commands_run_without_the_test_extra(tmp_path):
 def test_the_serve_app_and_its_command_import_without_the_test_extra():
     result = run_without_test_extra(
         """
-        import cluster.cli.serve, cluster.grpc_service, cluster.router_actor, cluster.sharded, cluster.worker_actor
+        import cluster.cli.serve, cluster.grpc_front, cluster.router_actor, cluster.sharded, cluster.worker_actor
         from cluster.serve import build_app
         from cluster.cli.plan import cmd_plan
         """
