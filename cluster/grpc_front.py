@@ -37,7 +37,7 @@ class GenerationFront(generation_pb2_grpc.GenerationServicer):
 
     async def Generate(self, request: GenerateRequest, context: grpc.aio.ServicerContext) -> GenerateResponse:
         try:
-            return await self.handle().Generate.remote(request)
+            return await self.handle().Generate.remote(request, authorization=_authorization(context))
         except Exception as e:  # noqa: BLE001 - a GrpcError is the call's status; anything else its failure
             await _abort(context, e)
 
@@ -46,7 +46,9 @@ class GenerationFront(generation_pb2_grpc.GenerationServicer):
     ) -> AsyncIterator[GenerateChunk]:
         stream = None
         try:
-            stream = self.handle().options(stream=True).GenerateStream.remote(request)
+            stream = (
+                self.handle().options(stream=True).GenerateStream.remote(request, authorization=_authorization(context))
+            )
             async for chunk in stream:
                 yield chunk
         except Exception as e:  # noqa: BLE001 - as in Generate
@@ -54,6 +56,11 @@ class GenerationFront(generation_pb2_grpc.GenerationServicer):
         finally:
             if stream is not None:
                 stream.cancel()  # a client that left frees its request's cache slot; a no-op once the stream ended
+
+
+def _authorization(context: grpc.aio.ServicerContext) -> str:
+    """The API key's metadata, for the ingress to check as it checks HTTP's header."""
+    return dict(context.invocation_metadata() or ()).get("authorization", "")
 
 
 async def _abort(context: grpc.aio.ServicerContext, e: Exception) -> None:

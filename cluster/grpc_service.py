@@ -25,7 +25,11 @@ from shards.tokenizer import Tokenizer
 
 # What a Serve config's `grpc_options` names to register the service on Serve's proxy.
 GRPC_SERVICER = "cluster.proto.generation_pb2_grpc.add_GenerationServicer_to_server"
-GRPC_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 429: grpc.StatusCode.RESOURCE_EXHAUSTED}  # else UNAVAILABLE
+GRPC_STATUS = {  # else UNAVAILABLE
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
 
 
 class GrpcError(Exception):
@@ -39,9 +43,10 @@ class GrpcError(Exception):
 class GenerationService:
     """`Generate` and `GenerateStream`, as methods of the ingress.
 
-    The ingress provides what they use: `_ready()` (raises the 503 of a server that is loading, failed or draining),
-    `in_flight` (the calls a drain waits for), and, once the model is up, `tokenizer`, `limits`, `routers` and
-    `serving`.
+    The ingress provides what they use: `_check_key(header)` (raises the 401 of a missing or wrong API key; the key
+    travels as the metadata `authorization: Bearer KEY`), `_ready()` (raises the 503 of a server that is loading,
+    failed or draining), `in_flight` (the calls a drain waits for), and, once the model is up, `tokenizer`, `limits`,
+    `routers` and `serving`. Called through a handle, `authorization` is that metadata's value.
     """
 
     tokenizer: Tokenizer | None
@@ -49,19 +54,22 @@ class GenerationService:
     routers: RouterClient
     serving: OpenAIServing | None
     in_flight: int
+    _check_key: Callable[[str], None]
     _ready: Callable[[], None]
 
-    async def Generate(self, request: GenerateRequest, grpc_context=None) -> GenerateResponse:
+    async def Generate(self, request: GenerateRequest, grpc_context=None, authorization: str = "") -> GenerateResponse:
         texts, ids, finish = [], [], ""
-        async for text, token, done in self._grpc_stream(request, grpc_context):
+        async for text, token, done in self._grpc_stream(request, grpc_context, authorization):
             texts.append(text)
             ids.append(token)
             finish = done or finish
         prompt = list(request.prompt_token_ids) or (self.tokenizer.encode(request.prompt) if self.tokenizer else [])
         return GenerateResponse(text="".join(texts), token_ids=ids, prompt_token_ids=prompt, finish_reason=finish)
 
-    async def GenerateStream(self, request: GenerateRequest, grpc_context=None) -> AsyncIterator[GenerateChunk]:
-        async for text, token, done in self._grpc_stream(request, grpc_context):
+    async def GenerateStream(
+        self, request: GenerateRequest, grpc_context=None, authorization: str = ""
+    ) -> AsyncIterator[GenerateChunk]:
+        async for text, token, done in self._grpc_stream(request, grpc_context, authorization):
             yield GenerateChunk(text=text, token_ids=[token], finish_reason=done or "")
 
     def _grpc_params(self, request: GenerateRequest) -> tuple[list[int], SamplingParams]:
@@ -85,10 +93,15 @@ class GenerationService:
         parsed = parse_completion({"prompt": ids, **data}, self.tokenizer, self.limits)
         return ids, parsed.params_for(ids, 0, self.limits.max_seq_len)
 
-    async def _grpc_stream(self, request: GenerateRequest, grpc_context) -> AsyncIterator[tuple[str, int, str | None]]:
+    async def _grpc_stream(
+        self, request: GenerateRequest, grpc_context, authorization: str
+    ) -> AsyncIterator[tuple[str, int, str | None]]:
         """(new text, token id, finish reason) per token; an error sets the call's status (or raises it, without a
         context) and ends the stream."""
+        if grpc_context is not None:
+            authorization = dict(grpc_context.invocation_metadata()).get("authorization", "")
         try:
+            self._check_key(authorization)
             ids, params = self._grpc_params(request)
             choice = ChoiceState(0, ids, TextAssembler(self.tokenizer, params.stop), params)
             [stream] = await self.routers.admit([(ids, params)])

@@ -35,7 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=9000, help="0 turns gRPC off")
     p.add_argument(
-        "--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health and /metrics"
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every route but /health and /metrics, and on gRPC calls",
     )
     p.add_argument("--max-queued-requests", type=int, default=256)
     p.add_argument(

@@ -1,6 +1,6 @@
-"""What the server trusts and what it exposes: the API key on every route but health and metrics, HTTP and gRPC on
-the loopback interface by default, checkpoints only as safetensors (never unpickled), tensors checked by dtype and
-shape, and request bodies kept out of the logs."""
+"""What the server trusts and what it exposes: the API key on every route but health and metrics and on gRPC, HTTP
+and gRPC on the loopback interface by default, checkpoints only as safetensors (never unpickled), tensors checked by
+dtype and shape, and request bodies kept out of the logs."""
 
 from __future__ import annotations
 
@@ -161,8 +161,24 @@ def test_grpc_listens_on_the_same_loopback_interface_as_http_by_default(server):
         with pytest.raises(OSError):  # refused: nothing listens there
             socket.create_connection((address, server.grpc_port), timeout=5).close()
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-        reply = GenerationStub(channel).Generate(GenerateRequest(prompt="hi", max_tokens=2), timeout=60)
+        reply = GenerationStub(channel).Generate(
+            GenerateRequest(prompt="hi", max_tokens=2),
+            timeout=60,
+            metadata=(("authorization", f"Bearer {server.key}"),),
+        )
     assert len(reply.token_ids) == 2
+
+
+def test_grpc_calls_without_the_right_key_are_refused(server):
+    same_length_wrong = "Bearer " + "x" * len(server.key)
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = GenerationStub(channel)
+        for metadata in ((), (("authorization", same_length_wrong),), (("authorization", server.key),)):
+            for call in (stub.Generate, lambda r, **kw: list(stub.GenerateStream(r, **kw))):
+                with pytest.raises(grpc.RpcError) as refused:
+                    call(GenerateRequest(prompt="hi", max_tokens=2), timeout=60, metadata=metadata)
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, metadata
+                assert "API key" in refused.value.details()
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------

@@ -258,6 +258,10 @@ def test_malformed_json_is_400_and_good_requests_still_work_after_a_burst(server
     assert len(ok.choices) == 1 and ok.usage.completion_tokens >= 1
 
 
+def grpc_auth() -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {KEY}"),)
+
+
 def metric(server, name: str) -> float:
     for line in httpx.get(server["base"] + "/metrics", timeout=30).text.splitlines():
         if line.startswith(name + " "):
@@ -290,7 +294,7 @@ def test_a_grpc_client_that_cancels_mid_stream_frees_its_cache_slot(server):
     aborted = metric(server, "mistral_cluster_aborted_requests_total")
     with grpc.insecure_channel(server["grpc"]) as channel:
         stream = pb_grpc.GenerationStub(channel).GenerateStream(
-            pb.GenerateRequest(prompt="A very long story", max_tokens=1500), timeout=120
+            pb.GenerateRequest(prompt="A very long story", max_tokens=1500), timeout=120, metadata=grpc_auth()
         )
         assert [next(stream) for _ in range(3)]
         assert metric(server, "mistral_cluster_kv_cache_slots_in_use") >= 1
@@ -327,7 +331,7 @@ def test_grpc_stream_returns_the_same_tokens_as_http(server, client):
     )
     with grpc.insecure_channel(server["grpc"]) as channel:
         stub = pb_grpc.GenerationStub(channel)
-        md = (("application", "mistral-cluster"),)
+        md = grpc_auth()
         chunks = list(stub.GenerateStream(pb.GenerateRequest(prompt="Hello from gRPC", max_tokens=8), metadata=md))
         whole = stub.Generate(pb.GenerateRequest(prompt="Hello from gRPC", max_tokens=8), metadata=md)
     assert [t for c in chunks for t in c.token_ids] == http.choices[0].token_ids == list(whole.token_ids)
@@ -339,7 +343,7 @@ def test_a_bad_grpc_request_ends_with_the_status_naming_the_field(server):
         stub = pb_grpc.GenerationStub(channel)
         for call in (stub.Generate, lambda r, **kw: list(stub.GenerateStream(r, **kw))):
             with pytest.raises(grpc.RpcError) as refused:
-                call(pb.GenerateRequest(prompt="hi", max_tokens=4, temperature=7), timeout=60)
+                call(pb.GenerateRequest(prompt="hi", max_tokens=4, temperature=7), timeout=60, metadata=grpc_auth())
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "temperature" in refused.value.details()
 
