@@ -95,7 +95,6 @@ def main() -> None:
             "127.0.0.1",
             port,
             0,
-            blocking=False,
         )
         base = f"http://127.0.0.1:{port}"
         if not wait_until_healthy(base, 300):

@@ -320,7 +320,6 @@ def main() -> None:
             "127.0.0.1",
             port,
             0,
-            blocking=False,
         )
         try:
             if not wait_until_healthy(base, 300):

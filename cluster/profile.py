@@ -25,13 +25,14 @@ def summarize(traces: list[StepTrace], expert_traces: list[ExpertTrace]) -> dict
             row["experts"] += s.expert_seconds
             row["transport_bytes"] += sum(s.transport.bytes.values())
     out["stages"] = stage_rows
-    out["expert_groups"] = {
-        e.group: {
+    out["expert_workers"] = {  # by worker name: the expert groups a worker holds serve other stages together
+        e.worker: {
             "compute": sum(r.seconds for r in e.received),
             "messages": len(e.received),
             "tokens": sum(r.tokens for r in e.received),
         }
         for e in expert_traces
+        if e.received
     }
     busiest = max((r["busy"] + r["recv_wait"] for r in stage_rows.values()), default=0.0)
     out["router_and_control"] = max(0.0, out["step_seconds"] - busiest)
@@ -43,19 +44,19 @@ def profile_table(traces: list[StepTrace], expert_traces: list[ExpertTrace]) -> 
     n = max(s["steps"], 1)
     lines = [
         f"{s['steps']} steps, {s['tokens']} tokens, {1000 * s['step_seconds'] / n:.2f} ms per step",
-        f"{'component':<24} {'ms/step':>9} {'share':>7}",
+        f"{'component':<32} {'ms/step':>9} {'share':>7}",
     ]
 
     def row(name: str, seconds: float) -> None:
         share = seconds / s["step_seconds"] if s["step_seconds"] else 0.0
-        lines.append(f"{name:<24} {1000 * seconds / n:>9.2f} {100 * share:>6.1f}%")
+        lines.append(f"{name:<32} {1000 * seconds / n:>9.2f} {100 * share:>6.1f}%")
 
     for stage, r in sorted(s["stages"].items()):
         row(f"stage{stage} layers", r["busy"] - r["experts"])
         row(f"stage{stage} expert dispatch", r["experts"])
         row(f"stage{stage} transport wait", r["recv_wait"] + r["send_wait"])
-    for group, r in sorted(s["expert_groups"].items()):
-        row(f"experts{group} compute", r["compute"])
+    for worker, r in sorted(s["expert_workers"].items()):
+        row(f"{worker} expert compute", r["compute"])
     row("router + control", s["router_and_control"])
     return "\n".join(lines)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from cluster.step_link import RouterLink
 from cluster.step_wire import decode_result, encode_plan
 from cluster.transport import node_ip
+from router.engine_core import StepFailed
 from router.engine_loop import EngineLoop, QueueFullError
 from router.generation import Completion, RequestError
 from router.sampling import SamplingParams
@@ -189,7 +190,10 @@ class RouterActor:
         async with self._send_order:
             step = self.steps
             self.steps += 1
-            await asyncio.to_thread(link.send_plan, encode_plan(step, plan, self.plan.micro_batch_size))
+            try:
+                await asyncio.to_thread(link.send_plan, encode_plan(step, plan, self.plan.micro_batch_size))
+            except Exception as e:  # noqa: BLE001 - named below
+                raise self._step_failed(step, e) from e
             before, done = self._read_done, asyncio.get_running_loop().create_future()
             self._read_done = done
         try:
@@ -206,16 +210,25 @@ class RouterActor:
                     f"(recent steps: {self.deadline.expected_s(plan.n_tokens) or 0:.3f} s expected): {e}"
                 ) from None
             self.deadline.record(plan.n_tokens, time.perf_counter() - waited)
+            returned = time.time()
+            output = decode_result(message, plan, self.config.vocab_size)
+        except Exception as e:  # noqa: BLE001 - named below
+            raise self._step_failed(step, e) from e
         finally:
             done.set_result(None)
-        returned = time.time()
-        output = decode_result(message, plan, self.config.vocab_size)
         n_microbatches = -(-len(plan.slots) // self.plan.micro_batch_size)
         seconds = time.perf_counter() - t0
         self.traces.append(
             StepTrace(step, plan.n_tokens, len(plan.slots), n_microbatches, seconds, called, returned, ())
         )
         return output
+
+    def _step_failed(self, step: int, e: Exception) -> StepFailed:
+        """The failure as the engine loop logs and counts it: the step's number (the workers' logs use the same),
+        the worker whose link reported it (the step link sets `worker`), and the cause."""
+        worker = getattr(e, "worker", None)
+        where = "the router" if worker is None else f"worker {worker} ({self.supervisor.names[worker]})"
+        return StepFailed(f"step {step}, reported by {where}: {type(e).__name__}: {e}")
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams, resume_ids: list[int] | None = None):
         """Ray streaming generator. First item: an `Admission`, so the caller can answer 400/429 before it starts a

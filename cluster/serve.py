@@ -160,9 +160,13 @@ class OpenAIIngress(GenerationService):
     # --- request plumbing ------------------------------------------------------------------------------
 
     def _authorize(self, request: Request) -> None:
-        if self.api_key is None or request.url.path in PUBLIC_ROUTES:
+        if request.url.path not in PUBLIC_ROUTES:
+            self._check_key(request.headers.get("authorization", ""))
+
+    def _check_key(self, header: str) -> None:
+        """`header`: the HTTP `Authorization` header, or gRPC's `authorization` metadata."""
+        if self.api_key is None:
             return
-        header = request.headers.get("authorization", "")
         given = header[7:] if header.lower().startswith("bearer ") else ""
         if not hmac.compare_digest(given.encode(), self.api_key.encode()):
             raise APIError(
@@ -366,4 +370,4 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     return OpenAIIngress.bind(**args)
 
 
-__all__ = ["GRPC_SERVICER", "OpenAIIngress", "build_app"]  # GRPC_SERVICER: what `mistral-cluster serve` imports here
+__all__ = ["GRPC_SERVICER", "OpenAIIngress", "build_app"]  # GRPC_SERVICER: what a Serve config's grpc_options names

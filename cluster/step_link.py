@@ -26,9 +26,25 @@ _FRAME = struct.Struct("<qq")
 class LinkClosed(ConnectionError):
     """The other end closed the connection (its process died, or it was told to stop)."""
 
+    def __init__(self, message: str, worker: int | None = None) -> None:
+        super().__init__(message)
+        self.worker = worker  # on the router's end: the worker whose connection it was
+
 
 class WorkerFailed(RuntimeError):
     """A worker's loop failed; the message is the worker's own account of why."""
+
+    def __init__(self, message: str, worker: int) -> None:
+        super().__init__(message)
+        self.worker = worker
+
+
+class ResultTimeout(TimeoutError):
+    """No result came from a worker in time."""
+
+    def __init__(self, message: str, worker: int) -> None:
+        super().__init__(message)
+        self.worker = worker
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytearray:
@@ -88,29 +104,29 @@ class RouterLink:
             try:
                 sock.sendall(frame)
             except OSError as e:
-                raise LinkClosed(f"worker {index}: {e}") from None
+                raise LinkClosed(f"worker {index}: {e}", index) from None
 
     def recv_result(self, worker: int, timeout_s: float) -> np.ndarray:
         """The next result frame from `worker`; an error frame or a closed connection from any worker fails at once,
-        naming it, and so does silence past `timeout_s`."""
+        and so does silence past `timeout_s`; the exception's `worker` says which."""
         deadline = time.monotonic() + timeout_s
         socks = {sock: index for index, sock in self.workers.items()}
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"no result from worker {worker} within {timeout_s:g} s")
+                raise ResultTimeout(f"no result from worker {worker} within {timeout_s:g} s", worker)
             readable, _, _ = select.select(list(socks), [], [], left)
             for sock in readable:
                 index = socks[sock]
                 try:
                     kind, payload = _recv_frame(sock)
                 except (LinkClosed, OSError) as e:
-                    raise LinkClosed(f"worker {index} closed its step link ({e})") from None
+                    raise LinkClosed(f"worker {index} closed its step link ({e})", index) from None
                 if kind == ERROR:
-                    raise WorkerFailed(f"worker {index}: {payload.decode(errors='replace')}")
+                    raise WorkerFailed(payload.decode(errors="replace"), index)
                 if kind == RESULT and index == worker:
                     return np.frombuffer(payload, dtype=np.float32)
-                raise WorkerFailed(f"worker {index} sent an unexpected frame of kind {kind}")
+                raise WorkerFailed(f"worker {index} sent an unexpected frame of kind {kind}", index)
 
     def close(self) -> None:
         for sock in [*self.workers.values(), self._server]:

@@ -21,7 +21,8 @@ ExecuteFn = Callable[[StepPlan], Awaitable[StepOutput]]
 
 
 class StepFailed(RuntimeError):
-    """Executing a step failed (a shard died, timed out, or raised); the message says why."""
+    """Executing a step failed (a shard died, timed out, or raised); the message says why. An executor may raise
+    it itself to say which step and which worker; anything else it raises is wrapped in one."""
 
 
 @dataclass
@@ -62,6 +63,9 @@ class EngineCore:
         scheduled, future, t0 = self._in_flight.popleft()
         try:
             out = await future
+        except StepFailed:  # the executor named the step and the cause itself
+            await self._drop_in_flight()
+            raise
         except Exception as e:  # noqa: BLE001 - whatever the executor raised is the step's failure
             await self._drop_in_flight()
             raise StepFailed(f"{type(e).__name__}: {e}") from e

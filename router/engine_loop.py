@@ -8,6 +8,7 @@ each request's tokens as they come.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -16,6 +17,8 @@ from router.generation import Completion, RequestError, check_prompt
 from router.sampling import SamplingParams
 from router.scheduler import Scheduler, Sequence
 from router.step import EngineStats, TokenEvent
+
+log = logging.getLogger("mistral_cluster.router")
 
 
 class QueueFullError(RequestError):
@@ -140,9 +143,11 @@ class EngineLoop:
                 changed = await self.core.step()
             except StepFailed as e:  # every request of the step must hear about it, none may hang
                 self.stats.failed_steps += 1
+                log.warning("step failed: %s (%d failed so far)", e, self.stats.failed_steps)
                 await self._after_failure(str(e))
                 continue
             except Exception as e:  # noqa: BLE001 - processing the output failed: the running requests end with it
+                log.warning("processing a step's output failed, its running requests end: %s: %s", type(e).__name__, e)
                 self._fail(f"{type(e).__name__}: {e}", running_only=True)
                 continue
             if changed is None:

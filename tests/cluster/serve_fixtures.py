@@ -26,6 +26,7 @@ class Server:
     port: int
     key: str
     model: str
+    grpc_port: int = 0
 
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key}"}
@@ -38,9 +39,11 @@ def running_server(
     host: str = "127.0.0.1",
     key: str = "test-key-0123456789",
     model: str = "small-test",
+    grpc_port: int = 0,
     **app_args,
 ) -> Iterator[Server]:
-    """Two stages x two expert groups on half a CPU each, HTTP only; Serve and Ray are shut down on the way out."""
+    """Two stages x two expert groups on half a CPU each, HTTP (and gRPC on `grpc_port` unless it is 0); gRPC, Serve
+    and Ray are shut down on the way out."""
     placement = {
         "checkpoint": str(checkpoint),
         "dtype": "float32",
@@ -55,15 +58,18 @@ def running_server(
     path.write_text(yaml.safe_dump(placement))
     port = free_port()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    grpc = None
     try:
-        start_serve(
-            {"placement": str(path), "api_key": key, "model_name": model, **app_args}, host, port, 0, blocking=False
+        grpc = start_serve(
+            {"placement": str(path), "api_key": key, "model_name": model, **app_args}, host, port, grpc_port
         )
         base = f"http://127.0.0.1:{port}"
         if not wait_until_healthy(base, 180):
             pytest.fail("the server did not become ready in 180 s")
-        yield Server(base, port, key, model)
+        yield Server(base, port, key, model, grpc_port)
     finally:
         with contextlib.suppress(Exception):  # Ray goes down next either way
+            if grpc is not None:
+                grpc.stop()
             serve.shutdown()
         ray.shutdown()

@@ -1,9 +1,10 @@
-"""What the server trusts and what it exposes: the API key on every route but health and metrics, HTTP on the
-loopback interface by default, checkpoints only as safetensors (never unpickled), tensors checked by dtype and
-shape, and request bodies kept out of the logs."""
+"""What the server trusts and what it exposes: the API key on every route but health and metrics and on gRPC, HTTP
+and gRPC on the loopback interface by default, checkpoints only as safetensors (never unpickled), tensors checked by
+dtype and shape, and request bodies kept out of the logs."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import pickle
 import shutil
@@ -13,6 +14,7 @@ import time
 import uuid
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 import ray
@@ -21,7 +23,10 @@ from fastapi.routing import APIRoute
 from safetensors.torch import load_file, save_file
 
 from cluster.cli import build_parser
+from cluster.proto.generation_pb2 import GenerateRequest
+from cluster.proto.generation_pb2_grpc import GenerationStub
 from cluster.serve import PUBLIC_ROUTES, api
+from cluster.transport import free_port
 from shards.checkpoint import CheckpointError, CheckpointReader, ShardSelection
 from shards.config import load_config
 from tests.cluster.serve_fixtures import running_server
@@ -39,7 +44,11 @@ def checkpoint(checkpoint_factory):
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
     with running_server(
-        checkpoint, tmp_path_factory.mktemp("security"), host=cli_default_host(), max_tokens_ceiling=4
+        checkpoint,
+        tmp_path_factory.mktemp("security"),
+        host=cli_default_host(),
+        grpc_port=free_port(),
+        max_tokens_ceiling=4,
     ) as s:
         yield s
 
@@ -116,6 +125,12 @@ def listening_addresses(port: int) -> set[str]:
     return found
 
 
+def loopback(address: str) -> bool:
+    """127.0.0.0/8 or ::1, also as an IPv4-mapped IPv6 address (gRPC listens on ::ffff:127.0.0.1)."""
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
+
+
 def own_non_loopback_addresses() -> set[str]:
     """This machine's own IPv4 addresses other than 127.0.0.0/8."""
     addresses = set(socket.gethostbyname_ex(socket.gethostname())[2])
@@ -136,6 +151,34 @@ def test_http_listens_on_the_loopback_interface_only_by_default(server):
         with pytest.raises(OSError):  # refused: nothing listens there
             socket.create_connection((address, server.port), timeout=5).close()
     assert httpx.get(server.base + "/health", timeout=30).status_code == 200
+
+
+def test_grpc_listens_on_the_same_loopback_interface_as_http_by_default(server):
+    if Path("/proc/net/tcp").is_file():
+        bound = listening_addresses(server.grpc_port)
+        assert bound and all(loopback(a) for a in bound), bound
+    for address in own_non_loopback_addresses():
+        with pytest.raises(OSError):  # refused: nothing listens there
+            socket.create_connection((address, server.grpc_port), timeout=5).close()
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        reply = GenerationStub(channel).Generate(
+            GenerateRequest(prompt="hi", max_tokens=2),
+            timeout=60,
+            metadata=(("authorization", f"Bearer {server.key}"),),
+        )
+    assert len(reply.token_ids) == 2
+
+
+def test_grpc_calls_without_the_right_key_are_refused(server):
+    same_length_wrong = "Bearer " + "x" * len(server.key)
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = GenerationStub(channel)
+        for metadata in ((), (("authorization", same_length_wrong),), (("authorization", server.key),)):
+            for call in (stub.Generate, lambda r, **kw: list(stub.GenerateStream(r, **kw))):
+                with pytest.raises(grpc.RpcError) as refused:
+                    call(GenerateRequest(prompt="hi", max_tokens=2), timeout=60, metadata=metadata)
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, metadata
+                assert "API key" in refused.value.details()
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------

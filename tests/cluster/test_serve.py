@@ -53,17 +53,17 @@ def server(checkpoint, tmp_path_factory):
     path.write_text(yaml.safe_dump(placement))
     http_port, grpc_port = free_port(), free_port()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    start_serve(
+    grpc_server = start_serve(
         {"placement": str(path), "api_key": KEY, "model_name": MODEL, "max_queued_requests": 40},
         "127.0.0.1",
         http_port,
         grpc_port,
-        blocking=False,
     )
     base = f"http://127.0.0.1:{http_port}"
     if not wait_until_healthy(base, 180):
         pytest.fail("the server did not become ready in 180 s")
     yield {"base": base, "grpc": f"127.0.0.1:{grpc_port}"}
+    grpc_server.stop()
     serve.shutdown()
     ray.shutdown()
 
@@ -380,6 +380,10 @@ def test_malformed_json_is_400_and_good_requests_still_work_after_a_burst(server
     assert len(ok.choices) == 1 and ok.usage.completion_tokens >= 1
 
 
+def grpc_auth() -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {KEY}"),)
+
+
 def metric(server, name: str) -> float:
     for line in httpx.get(server["base"] + "/metrics", timeout=30).text.splitlines():
         if line.startswith(name + " "):
@@ -408,6 +412,22 @@ def test_a_client_that_disconnects_mid_stream_frees_its_cache_slot(server):
     assert metric(server, "mistral_cluster_aborted_requests_total") >= 1
 
 
+def test_a_grpc_client_that_cancels_mid_stream_frees_its_cache_slot(server):
+    aborted = metric(server, "mistral_cluster_aborted_requests_total")
+    with grpc.insecure_channel(server["grpc"]) as channel:
+        stream = pb_grpc.GenerationStub(channel).GenerateStream(
+            pb.GenerateRequest(prompt="A very long story", max_tokens=1500), timeout=120, metadata=grpc_auth()
+        )
+        assert [next(stream) for _ in range(3)]
+        assert metric(server, "mistral_cluster_kv_cache_slots_in_use") >= 1
+        stream.cancel()
+    deadline = time.time() + 30
+    while metric(server, "mistral_cluster_kv_cache_slots_in_use") != 0:
+        assert time.time() < deadline, "the slot of a cancelled gRPC stream was never freed"
+        time.sleep(0.5)
+    assert metric(server, "mistral_cluster_aborted_requests_total") > aborted
+
+
 def test_queue_full_gets_429_with_retry_after(server):
     async def burst():
         async with httpx.AsyncClient(timeout=300) as c:
@@ -433,11 +453,21 @@ def test_grpc_stream_returns_the_same_tokens_as_http(server, client):
     )
     with grpc.insecure_channel(server["grpc"]) as channel:
         stub = pb_grpc.GenerationStub(channel)
-        md = (("application", "mistral-cluster"),)
+        md = grpc_auth()
         chunks = list(stub.GenerateStream(pb.GenerateRequest(prompt="Hello from gRPC", max_tokens=8), metadata=md))
         whole = stub.Generate(pb.GenerateRequest(prompt="Hello from gRPC", max_tokens=8), metadata=md)
     assert [t for c in chunks for t in c.token_ids] == http.choices[0].token_ids == list(whole.token_ids)
     assert chunks[-1].finish_reason == http.choices[0].finish_reason
+
+
+def test_a_bad_grpc_request_ends_with_the_status_naming_the_field(server):
+    with grpc.insecure_channel(server["grpc"]) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        for call in (stub.Generate, lambda r, **kw: list(stub.GenerateStream(r, **kw))):
+            with pytest.raises(grpc.RpcError) as refused:
+                call(pb.GenerateRequest(prompt="hi", max_tokens=4, temperature=7), timeout=60, metadata=grpc_auth())
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "temperature" in refused.value.details()
 
 
 def test_every_route_but_health_and_metrics_needs_the_key(server):

@@ -1,5 +1,6 @@
-"""`mistral-cluster serve` on SIGTERM: new requests get 503, the stream in flight ends with [DONE] (finished, or an
-error event at the drain deadline), then Serve and Ray shut down and the command exits 0 in time."""
+"""`mistral-cluster serve` on SIGTERM: new requests get 503 (gRPC: UNAVAILABLE), the stream in flight ends with [DONE]
+(finished, or an error event at the drain deadline; gRPC: finished, or UNAVAILABLE), then gRPC, Serve and Ray shut
+down and the command exits 0 in time."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ import sys
 import threading
 import time
 
+import grpc
 import httpx
 import pytest
 import yaml
 
 from cluster.cli import main
 from cluster.cli.serve import wait_until_healthy
+from cluster.proto.generation_pb2 import GenerateRequest
+from cluster.proto.generation_pb2_grpc import GenerationStub
 from cluster.transport import free_port
 
 DRAIN_S = 5
@@ -45,7 +49,7 @@ def placement(tmp_path):
 @pytest.fixture
 def server(placement, tmp_path):
     """A `mistral-cluster serve` subprocess on free ports; killed (with its Ray) if the test leaves it running."""
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with open(tmp_path / "serve.log", "w") as log:
         proc = subprocess.Popen(
@@ -59,7 +63,7 @@ def server(placement, tmp_path):
                 "--port",
                 str(port),
                 "--grpc-port",
-                "0",
+                str(grpc_port),
                 "--drain-timeout",
                 str(DRAIN_S),
             ],
@@ -69,7 +73,7 @@ def server(placement, tmp_path):
             start_new_session=True,
         )
     try:
-        yield proc, f"http://127.0.0.1:{port}", tmp_path / "serve.log"
+        yield proc, f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", tmp_path / "serve.log"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -77,7 +81,7 @@ def server(placement, tmp_path):
 
 
 def test_sigterm_drains_the_stream_in_flight_refuses_new_requests_and_exits_0(server):
-    proc, base, log = server
+    proc, base, _, log = server
     assert wait_until_healthy(base, 120), log.read_text()[-3000:]
 
     lines: list[str] = []
@@ -124,6 +128,31 @@ def test_sigterm_drains_the_stream_in_flight_refuses_new_requests_and_exits_0(se
     finished = "choices" in last and last["choices"][0]["finish_reason"] == "length"
     cut = last.get("error", {}).get("code") == "server_shutting_down"
     assert finished or cut, last
+    assert proc.wait(timeout=max(1.0, DRAIN_S + 30 - (time.monotonic() - sent))) == 0, log.read_text()[-3000:]
+
+
+def test_sigterm_drains_a_grpc_stream_in_flight_and_refuses_new_calls(server):
+    proc, base, grpc_address, log = server
+    assert wait_until_healthy(base, 120), log.read_text()[-3000:]
+    with grpc.insecure_channel(grpc_address) as channel:
+        stub = GenerationStub(channel)
+        stream = stub.GenerateStream(GenerateRequest(prompt="A long story", max_tokens=100), timeout=DRAIN_S + 60)
+        chunks = [next(stream)]
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        refusal = None
+        while refusal is None and time.monotonic() - sent < DRAIN_S + 30:
+            try:
+                stub.Generate(GenerateRequest(prompt="hi", max_tokens=2), timeout=10)
+                time.sleep(0.2)  # admitted before the signal was handled
+            except grpc.RpcError as e:
+                refusal = e
+        assert refusal is not None and refusal.code() == grpc.StatusCode.UNAVAILABLE, refusal
+        try:
+            chunks += list(stream)
+            assert len(chunks) == 100 and chunks[-1].finish_reason == "length"
+        except grpc.RpcError as e:  # cut at the drain's deadline, not by the server going away first
+            assert e.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in e.details(), e
     assert proc.wait(timeout=max(1.0, DRAIN_S + 30 - (time.monotonic() - sent))) == 0, log.read_text()[-3000:]
 
 

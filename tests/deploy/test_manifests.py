@@ -659,18 +659,26 @@ def test_the_ingress_is_pinned_to_the_head_and_only_there(name, doc):
         assert not pins & set(ray_start_resources(group)), group["groupName"]
 
 
-@pytest.mark.parametrize("name, config", SERVE_CONFIGS, ids=[name for name, _ in SERVE_CONFIGS])
-def test_every_serve_config_registers_our_grpc_servicer(name, config):
-    (servicer,) = config["grpc_options"]["grpc_servicer_functions"]
-    assert servicer == GRPC_SERVICER and callable(imported(servicer))
-
-
 LISTENS_ON = {
     "rayservice.yaml:serveConfigV2": "0.0.0.0",  # the pod's interfaces, reached only through the ClusterIP Service
     "rayservice-mistral-7b-1gpu.yaml:serveConfigV2": "0.0.0.0",
     "serve-config.yaml": "0.0.0.0",  # VMs: clients on other hosts; the file says which ports to keep closed
     "local.yaml": "127.0.0.1",
 }
+FOR_OTHER_HOSTS = [(name, config) for name, config in SERVE_CONFIGS if LISTENS_ON.get(name) != "127.0.0.1"]
+FOR_THIS_MACHINE = [(name, config) for name, config in SERVE_CONFIGS if LISTENS_ON.get(name) == "127.0.0.1"]
+
+
+@pytest.mark.parametrize("name, config", FOR_OTHER_HOSTS, ids=[name for name, _ in FOR_OTHER_HOSTS])
+def test_every_serve_config_for_other_hosts_registers_our_grpc_servicer(name, config):
+    (servicer,) = config["grpc_options"]["grpc_servicer_functions"]
+    assert servicer == GRPC_SERVICER and callable(imported(servicer))
+
+
+@pytest.mark.parametrize("name, config", FOR_THIS_MACHINE, ids=[name for name, _ in FOR_THIS_MACHINE])
+def test_a_serve_config_for_this_machine_only_starts_no_grpc_proxy(name, config):
+    """Serve's gRPC proxy has no host option: it would listen on every interface whatever http_options.host says."""
+    assert not config.get("grpc_options", {}).get("grpc_servicer_functions"), name
 
 
 @pytest.mark.parametrize("name, config", SERVE_CONFIGS, ids=[name for name, _ in SERVE_CONFIGS])

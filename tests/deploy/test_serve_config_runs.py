@@ -1,10 +1,12 @@
 """The RayService's own `serveConfigV2`, deployed the way KubeRay deploys it (Serve's config API), on a local Ray
-with the project's small checkpoint and a CPU placement substituted for the paths: it starts and completes."""
+with the project's small checkpoint and a CPU placement substituted for the paths: it starts and completes, over
+HTTP and through Serve's gRPC proxy, with the API key the Secret gives it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 import ray
@@ -14,10 +16,13 @@ from ray.serve._private.api import serve_start
 from ray.serve.schema import ServeDeploySchema
 
 from cluster.cli.serve import wait_until_healthy
+from cluster.proto.generation_pb2 import GenerateRequest
+from cluster.proto.generation_pb2_grpc import GenerationStub
 from cluster.transport import free_port
 from tests.conftest import hf_greedy
 
 ROOT = Path(__file__).resolve().parents[2]
+KEY = "rayservice-test-key"
 
 
 def rayservice_serve_config(name: str) -> dict:
@@ -38,6 +43,8 @@ def deployed(checkpoint_factory, tmp_path_factory):
     # Only what points outside this machine changes: the mounted paths and the ports.
     app["args"]["placement"] = str(path)
     app["args"]["checkpoint"] = str(checkpoint)
+    env = app.setdefault("runtime_env", {}).setdefault("env_vars", {})
+    env["MISTRAL_CLUSTER_API_KEY"] = KEY  # what the pod's Secret sets
     http_port, grpc_port = free_port(), free_port()
     config["http_options"].update({"host": "127.0.0.1", "port": http_port})
     config["grpc_options"]["port"] = grpc_port
@@ -48,7 +55,13 @@ def deployed(checkpoint_factory, tmp_path_factory):
     base = f"http://127.0.0.1:{http_port}"
     if not wait_until_healthy(base, 240):
         pytest.fail("the RayService's Serve config did not become healthy in 240 s")
-    yield {"base": base, "model": app["args"]["model_name"], "checkpoint": checkpoint}
+    yield {
+        "base": base,
+        "model": app["args"]["model_name"],
+        "checkpoint": checkpoint,
+        "grpc": f"127.0.0.1:{grpc_port}",
+        "app": app["name"],
+    }
     serve.shutdown()
     ray.shutdown()
 
@@ -57,6 +70,7 @@ def test_the_rayservice_serve_config_starts_and_answers_a_completion(deployed, h
     r = httpx.post(
         deployed["base"] + "/v1/completions",
         timeout=120,
+        headers={"Authorization": f"Bearer {KEY}"},
         json={
             "model": deployed["model"],
             "prompt": [1, 415, 5565, 302, 4843, 349],
@@ -76,3 +90,16 @@ def test_the_ingress_runs_where_the_config_pins_it(deployed):
     app = next(iter(status.values()))
     assert app.status == "RUNNING"
     assert ray.available_resources().get("ingress_node", 0) < 1  # the override's ingress_node: 0.01 is held
+
+
+def test_grpc_through_serves_proxy_needs_the_key_and_answers_with_it(deployed):
+    app = ("application", deployed["app"])
+    with grpc.insecure_channel(deployed["grpc"]) as channel:
+        stub = GenerationStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Generate(GenerateRequest(prompt="hi", max_tokens=2), metadata=(app,), timeout=60)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        reply = stub.Generate(
+            GenerateRequest(prompt="hi", max_tokens=2), metadata=(app, ("authorization", f"Bearer {KEY}")), timeout=60
+        )
+    assert len(reply.token_ids) == 2
