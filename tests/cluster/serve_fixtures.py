@@ -25,7 +25,7 @@ class Server:
     base: str  # http://host:port
     port: int
     key: str
-    model: str
+    model: str | None
 
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key}"}
@@ -37,10 +37,13 @@ def running_server(
     workdir: Path,
     host: str = "127.0.0.1",
     key: str = "test-key-0123456789",
-    model: str = "small-test",
+    model: str | None = "small-test",
+    deployment_options: dict | None = None,
     **app_args,
 ) -> Iterator[Server]:
-    """Two stages x two expert groups on half a CPU each, HTTP only; Serve and Ray are shut down on the way out."""
+    """Two stages x two expert groups on half a CPU each, HTTP only; Serve and Ray are shut down on the way out.
+    `model=None` leaves the name to the app (random weights name it); `deployment_options` go to the ingress
+    deployment (`num_replicas`: each replica is a copy of those 4 shards, 2 CPUs of the 4 Ray is told of)."""
     placement = {
         "checkpoint": str(checkpoint),
         "dtype": "float32",
@@ -56,9 +59,9 @@ def running_server(
     port = free_port()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        start_serve(
-            {"placement": str(path), "api_key": key, "model_name": model, **app_args}, host, port, 0, blocking=False
-        )
+        named = {"model_name": model} if model is not None else {}
+        args = {"placement": str(path), "api_key": key, **named, **app_args}
+        start_serve(args, host, port, 0, blocking=False, deployment_options=deployment_options)
         base = f"http://127.0.0.1:{port}"
         if not wait_until_healthy(base, 180):
             pytest.fail("the server did not become ready in 180 s")
