@@ -1,7 +1,7 @@
 """Load on the served endpoint: an OpenAI-API streaming client of its own, swept over concurrency.
 
 Each level keeps C requests in flight (a closed loop: a finished request is replaced at once) until it has sent
-`--requests` of them (default 4 × C, at least 8). Every request is a streamed `/v1/completions` of a random
+`--waves` × C of them (default 4 waves, at least 8 requests). Every request is a streamed `/v1/completions` of a random
 token-id prompt of `--prompt-tokens`, `ignore_eos: true` and `max_tokens: --output-tokens`, so each one costs the
 same. Reported per level: output tokens/s (all output tokens over the level's wall time), time to first token and
 inter-token latency (the gap between successive chunks) at p50 and p99, and errors (an HTTP error, a broken stream,
@@ -333,7 +333,7 @@ def main() -> None:
     p.add_argument("--api-key", default=os.environ.get("MISTRAL_CLUSTER_API_KEY"))
     p.add_argument("--model", help="default: the first model /v1/models lists")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--requests", type=int, help="per level (default: 4 x concurrency, at least 8)")
+    p.add_argument("--waves", type=int, default=4, help="requests per level: this many x concurrency (at least 8)")
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--output-tokens", type=int, default=32)
     p.add_argument("--vocab", type=int, default=32000, help="prompt ids are drawn from [3, vocab)")
@@ -350,6 +350,8 @@ def main() -> None:
     if not (args.url or args.config):
         p.error("give --url, --config or --compare")
 
+    # SIGTERM (a `timeout` around this script) ends it through the `finally` below, which stops the server it started
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     run = {"label": args.label or f"{args.replicas or 1} replica{'s' if (args.replicas or 1) > 1 else ''}"}
     run["machine"] = machine()
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "compare", "api_key")}
@@ -370,9 +372,10 @@ def main() -> None:
             run["levels"] = []
             print_header()
             for i, c in enumerate(args.concurrency):
-                n = args.requests or max(8, 4 * c)
+                n = max(8, args.waves * c)
                 run["levels"].append(asyncio.run(run_level(url, model, c, n, args, seed=i)))
                 print_table(run["levels"][-1:])
+                out.write_text(json.dumps(run, indent=2) + "\n")  # each level as it ends: a cut-off run keeps them
         finally:
             if server:
                 server.stop()
