@@ -4,7 +4,9 @@ SIGTERM (what Kubernetes and systemd send) drains: new requests get 503, those i
 cleanly at `--drain-timeout`, then Serve and Ray shut down and the command exits 0. Ctrl-C stops at once.
 
 `--replicas N` runs N independent copies of the sharded model behind the one endpoint (each its own placement group);
-`--autoscale MIN:MAX` lets Serve choose between MIN and MAX copies from the requests each one has in flight.
+`--autoscale MIN:MAX` lets Serve choose between MIN and MAX copies from the requests each one has in flight. The drain
+call reaches one replica; Serve stops the others gracefully, giving their streams up to `--drain-timeout` (after
+Ctrl-C too).
 `--random-weights SHAPE` serves random weights of a preset's shape, for benchmarks without the download.
 """
 
