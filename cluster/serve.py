@@ -479,4 +479,5 @@ def check_random_weights(args: dict[str, Any]) -> None:
             )
 
 
-__all__ = ["GRPC_SERVICER", "OpenAIIngress", "build_app"]  # GRPC_SERVICER: what `mistral-cluster serve` imports here
+# GRPC_SERVICER and ingress_app: what `mistral-cluster serve` imports here
+__all__ = ["GRPC_SERVICER", "OpenAIIngress", "build_app", "ingress_app"]

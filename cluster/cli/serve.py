@@ -151,8 +151,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_model_len is not None and not args.random_weights:
         raise UsageError("--max-model-len goes with --random-weights: a checkpoint's context is its own")
     # fail here, before Ray starts, on a bad file (the random checkpoint is a few small files, made on first use)
-    random = args.random_weights and random_checkpoint(args.random_weights, args.max_model_len)
-    checkpoint = str(random) if random else args.checkpoint
+    made = args.random_weights and random_checkpoint(args.random_weights, args.max_model_len)
+    checkpoint = str(made) if made else args.checkpoint
     plan, _ = settle_placement(args.config, checkpoint)
     options, copies = replica_options(args, plan.max_seqs)
     # Serve's graceful stop of a replica (on SIGTERM, the replicas the drain call below does not reach) waits as long
