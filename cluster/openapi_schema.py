@@ -339,6 +339,11 @@ MODELS_OPERATION = copy.deepcopy(
                                         "properties": {
                                             "id": {"type": "string"},
                                             "object": {"type": "string"},
+                                            "owned_by": {"type": "string"},
+                                            "description": {
+                                                "type": "string",
+                                                "description": "present when the weights are random (a benchmark)",
+                                            },
                                             "max_model_len": {"type": "integer"},
                                         },
                                     },

@@ -29,10 +29,11 @@ from cluster.placement import (
 from shards.checkpoint import DTYPES
 from shards.config import ModelConfig, load_config
 from shards.hf_tokenizer_files import write_hf_tokenizer_files
-from shards.make_checkpoint import make_checkpoint, small_config
+from shards.make_checkpoint import make_checkpoint, make_random_checkpoint, small_config
 
 # The embedded default checkpoint, which deploy/examples/local.yaml names: a small random Mixtral made on first use.
-DEFAULT_CHECKPOINT = Path(os.environ.get("MISTRAL_CLUSTER_HOME", "checkpoints")) / "small-mixtral"
+HOME = Path(os.environ.get("MISTRAL_CLUSTER_HOME", "checkpoints"))
+DEFAULT_CHECKPOINT = HOME / "small-mixtral"
 STRATEGIES = ("pack", "spread", "strict_spread", "strict_pack")
 TOP_KEYS = (
     "checkpoint",
@@ -290,6 +291,14 @@ def ensure_default_checkpoint(path: Path = DEFAULT_CHECKPOINT) -> Path:
         print(f"adding the Hugging Face tokenizer files to {path}", file=sys.stderr)
         write_hf_tokenizer_files(path, model_max_length=load_config(path).max_seq_len)
     return path
+
+
+def random_checkpoint(shape: str, max_model_len: int | None = None) -> Path:
+    """`--random-weights SHAPE`: a checkpoint of that shape with no tensor files (a config, a seed, the tokenizer),
+    made on first use under MISTRAL_CLUSTER_HOME; each shard draws its own weights when it loads. `max_model_len`
+    shortens the shape's context."""
+    name = f"random-{shape}" + (f"-{max_model_len}" if max_model_len is not None else "")
+    return make_random_checkpoint((HOME / name).resolve(), shape, max_seq_len=max_model_len)
 
 
 def settle_placement(

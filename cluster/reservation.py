@@ -243,8 +243,9 @@ def lost_bundles(table: dict[str, Any], bundles: list[dict[str, float]], nodes: 
 
 
 @contextmanager
-def ray_session(plan: PlacementPlan, address: str | None = None) -> Iterator[None]:
-    """Join `address` (or RAY_ADDRESS), or start a local Ray with the CPUs and custom resources the plan asks for.
+def ray_session(plan: PlacementPlan, address: str | None = None, copies: int = 1) -> Iterator[None]:
+    """Join `address` (or RAY_ADDRESS), or start a local Ray with the CPUs and custom resources the plan asks for,
+    `copies` times over (Serve replicas, each a whole copy of the model).
 
     A local Ray gets only the GPUs it finds, so a GPU plan on a machine without GPUs fails in
     `check_against_cluster`. A connection made by the caller before is reused and left open.
@@ -259,7 +260,7 @@ def ray_session(plan: PlacementPlan, address: str | None = None) -> Iterator[Non
         need: dict[str, float] = {}
         for bundle in plan.bundles():
             for key, amount in bundle.items():
-                need[key] = need.get(key, 0.0) + amount
+                need[key] = need.get(key, 0.0) + amount * copies
         custom = {
             k: v
             for k, v in need.items()

@@ -4,6 +4,10 @@
 KubeRay's `serveConfigV2` and `mistral-cluster serve` all start the same thing. The ingress owns the tokenizer
 and the request rules; the router actor owns the schedule. The ingress starts the sharded model in the
 background so `/health` can say "loading" truthfully until every shard is up.
+
+Each replica of the ingress is one copy of the model: its own placement group, shards and router, named by a prefix
+of its own, so `num_replicas: N` (or Serve's autoscaling) gives N independent copies behind one endpoint. Every
+response names the replica that answered it in `x-mistral-cluster-replica`.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime.
@@ -12,6 +16,7 @@ import contextlib
 import hmac
 import logging
 import os
+import random
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +27,8 @@ import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
+from ray.serve.config import RequestRouterConfig
+from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 from starlette.exceptions import HTTPException
 
 from cluster import openapi_schema
@@ -44,6 +51,59 @@ api = FastAPI(
     redoc_url=None,
 )
 PUBLIC_ROUTES = ("/health", "/metrics")
+REPLICA_HEADER = "x-mistral-cluster-replica"
+
+
+# Functions the ingress calls are defined above it: Serve pickles the class when it is decorated, with the module's
+# names as they are at that moment.
+def replica_name() -> str:
+    """This Serve replica's id ("" outside a replica): which copy of the model answered."""
+    try:
+        return serve.get_replica_context().replica_tag
+    except Exception:  # noqa: BLE001 - not in a replica (a unit test building the app)
+        return ""
+
+
+def random_model_name(shape: str) -> str:
+    """The model id a random-weight server answers to: it never looks like a trained checkpoint's."""
+    return f"random-{shape}"
+
+
+class ReadyReplicasFirst(FIFOMixin, RequestRouter):
+    """Serve's request router for the ingress: a replica whose copy of the model is still loading (just started by
+    scaling up, or restarted after a loss) or is draining gets requests only when no replica is ready. Between two
+    random ready replicas, the one with fewer requests in flight (Serve's power of two choices)."""
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        ready = [r for r in candidate_replicas if r.routing_stats.get("ready")]
+        others = [r for r in candidate_replicas if not r.routing_stats.get("ready")]
+        return [random.sample(rank, min(2, len(rank))) for rank in (ready, others) if rank]
+
+
+class ReplicaHeader:
+    """Adds `x-mistral-cluster-replica` to every HTTP response. Plain ASGI, not Starlette's BaseHTTPMiddleware, so a
+    stream and a client's disconnect pass through untouched."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        header = (REPLICA_HEADER.encode(), replica_name().encode())
+
+        async def send_named(message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), header]}
+            await send(message)
+
+        await self.app(scope, receive, send_named)
+
+
+api.add_middleware(ReplicaHeader)
 
 
 def error_response(e: APIError) -> JSONResponse:
@@ -59,11 +119,17 @@ async def http_error(request: Request, e: HTTPException) -> JSONResponse:
 
 
 @serve.deployment(
-    num_replicas=1,
     max_ongoing_requests=1024,
     ray_actor_options={"num_cpus": 0},
     health_check_period_s=5,
     health_check_timeout_s=30,
+    # A replica that Serve stops (scaling down, a new version) is sent no new requests and given this long for those
+    # in flight, then killed with its copy of the model: long enough for a long stream, not Serve's default 20 s.
+    graceful_shutdown_timeout_s=120,
+    # Each replica says every second whether its model is ready (`record_routing_stats`); the router prefers those.
+    request_router_config=RequestRouterConfig(
+        request_router_class=ReadyReplicasFirst, request_routing_stats_period_s=1.0, request_routing_stats_timeout_s=5.0
+    ),
 )
 @serve.ingress(api)
 class OpenAIIngress(GenerationService):
@@ -81,9 +147,13 @@ class OpenAIIngress(GenerationService):
         request_timeout_s: float = 600.0,
         on_shard_failure: str = "resume",
         step_timeout_s: float = 60.0,
+        random_weights: str | None = None,
+        max_model_len: int | None = None,
     ) -> None:
         self.cluster_options = {"on_shard_failure": on_shard_failure, "step_timeout_s": step_timeout_s}
         self.placement, self.checkpoint = placement, checkpoint
+        self.random_weights = random_weights  # a shape name: weights drawn by each shard, for benchmarks
+        self.max_model_len = max_model_len  # with random weights: a shorter context than the shape's
         self.api_key = api_key or os.environ.get("MISTRAL_CLUSTER_API_KEY") or None
         self.max_body_bytes = max_body_bytes
         self.request_timeout_s = request_timeout_s
@@ -118,6 +188,11 @@ class OpenAIIngress(GenerationService):
         from cluster.sharded import ShardedCluster
 
         try:
+            if self.random_weights is not None:
+                from cluster.placement_file import random_checkpoint
+
+                self.checkpoint = str(random_checkpoint(self.random_weights, self.max_model_len))
+                self.model_name = random_model_name(self.random_weights)
             cluster = ShardedCluster.start(
                 self.placement, self.checkpoint, max_queued_requests=self.max_queued_requests, **self.cluster_options
             )
@@ -137,6 +212,10 @@ class OpenAIIngress(GenerationService):
         """Serve's replica health check: a failed start is unhealthy (loading is not)."""
         if self.startup_error:
             raise RuntimeError(self.startup_error)
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """What Serve's router (`ReadyReplicasFirst`) reads about this replica, every second."""
+        return {"ready": self.cluster is not None and not self.draining and not self.startup_error}
 
     async def drain(self, timeout_s: float = 30.0) -> dict[str, int]:
         """Stop admitting requests and wait for those in flight; at `timeout_s` end the rest with a 503 (a stream
@@ -245,6 +324,7 @@ class OpenAIIngress(GenerationService):
             {
                 "status": "ready",
                 "model": self.model_name,
+                "replica": replica_name(),
                 "shards": len(self.cluster.plan.shard_names()),
                 "running": stats.engine.running,
                 "waiting": stats.engine.waiting,
@@ -279,20 +359,20 @@ class OpenAIIngress(GenerationService):
             self._ready()
         except APIError as e:
             return error_response(e)
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": [
-                    {
-                        "id": self.model_name,
-                        "object": "model",
-                        "created": 0,
-                        "owned_by": "mistral-cluster",
-                        "max_model_len": self.limits.max_seq_len,
-                    }
-                ],
-            }
-        )
+        model = {
+            "id": self.model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "mistral-cluster",
+            "max_model_len": self.limits.max_seq_len,
+        }
+        if self.random_weights is not None:  # never mistaken for a trained model, by a person or a client
+            model["owned_by"] = "mistral-cluster (random weights)"
+            model["description"] = (
+                f"random weights in the shape of {self.random_weights}, drawn by each shard from a fixed seed: "
+                "a benchmark aid whose text means nothing"
+            )
+        return JSONResponse({"object": "list", "data": [model]})
 
     @api.post("/v1/completions", openapi_extra=openapi_schema.COMPLETIONS_OPERATION)
     async def completions(self, request: Request) -> Response:
@@ -347,7 +427,15 @@ class OpenAIIngress(GenerationService):
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """Serve's application builder: `args` are the Serve config's `args` (placement, checkpoint, api_key, ...)."""
+    """Serve's application builder: `args` are the Serve config's `args` (placement, checkpoint, api_key, ...).
+    How many copies of the model run is the deployment's `num_replicas` or `autoscaling_config`, set in the config's
+    `deployments:` (or by `ingress_app` for the CLI)."""
+    return ingress_app(args)
+
+
+def ingress_app(args: dict[str, Any], **deployment_options: Any) -> serve.Application:
+    """The application from `args`, with Serve options of the ingress deployment (`num_replicas`,
+    `autoscaling_config`) set in code rather than in a config file."""
     known = {
         "placement",
         "checkpoint",
@@ -361,13 +449,39 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         "request_timeout_s",
         "on_shard_failure",
         "step_timeout_s",
+        "random_weights",
+        "max_model_len",
     }
     unknown = set(args) - known
     if unknown:
         raise ValueError(f"unknown application args {sorted(unknown)}; known: {sorted(known)}")
     if "placement" not in args:
         raise ValueError("application args need 'placement': the path of a placement YAML")
-    return OpenAIIngress.bind(**args)
+    if args.get("random_weights") is not None or args.get("max_model_len") is not None:
+        check_random_weights(args)
+    deployment = OpenAIIngress.options(**deployment_options) if deployment_options else OpenAIIngress
+    return deployment.bind(**args)
 
 
-__all__ = ["GRPC_SERVICER", "OpenAIIngress", "build_app"]  # GRPC_SERVICER: what a Serve config's grpc_options names
+def check_random_weights(args: dict[str, Any]) -> None:
+    """`random_weights` names a shape; the checkpoint and the model's name follow from it and cannot be given.
+    `max_model_len` goes with it (a real checkpoint's context is its own)."""
+    from shards.make_checkpoint import random_shapes
+
+    shape, length = args.get("random_weights"), args.get("max_model_len")
+    if shape is None:
+        raise ValueError("max_model_len goes with random_weights: a checkpoint's context is the one it was trained for")
+    if length is not None and (not isinstance(length, int) or isinstance(length, bool) or length < 2):
+        raise ValueError(f"max_model_len: expected an integer of 2 or more, got {length!r}")
+    if shape not in random_shapes():
+        raise ValueError(f"random_weights: unknown shape {shape!r}; choose one of {', '.join(random_shapes())}")
+    for key in ("checkpoint", "model_name"):
+        if args.get(key) is not None:
+            raise ValueError(
+                f"{key} cannot be given with random_weights: the weights are drawn from a seed and the model is "
+                f"served as {random_model_name(shape)!r}"
+            )
+
+
+# GRPC_SERVICER: what a Serve config's grpc_options names; ingress_app: what `mistral-cluster serve` runs
+__all__ = ["GRPC_SERVICER", "OpenAIIngress", "build_app", "ingress_app"]

@@ -8,12 +8,13 @@ transport group among them, then start the router actor that drives the steps an
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from pathlib import Path
 from typing import Self
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from cluster.placement import PlacementPlan
 from cluster.placement_file import settle_placement
@@ -23,6 +24,7 @@ from cluster.supervisor import ShardSupervisor
 from router.generation import Completion
 from router.sampling import SamplingParams
 from router.step import ExpertTrace, RouterStats, ShardLocation, StepTrace
+from shards.random_source import is_random_checkpoint
 
 
 class ShardedCluster:
@@ -64,6 +66,8 @@ class ShardedCluster:
             stack.enter_context(ray_session(plan, address))
             reservation = reserve(plan, config, timeout_s=timeout_s)
             stack.callback(reservation.release)
+            if is_random_checkpoint(plan.checkpoint):
+                copy_to_bundle_nodes(Path(plan.checkpoint), reservation)
             supervisor = ShardSupervisor(
                 plan,
                 plan.checkpoint,
@@ -146,3 +150,31 @@ class ShardedCluster:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def copy_to_bundle_nodes(root: Path, reservation: Reservation) -> None:
+    """A random checkpoint is a few small files (config, seed, tokenizer) made where the model is started: every
+    other node that holds a bundle gets a copy at the same path, so no shared file system is needed."""
+    here = ray.get_runtime_context().get_node_id()
+    bundle_on = {p.node_id: p.bundle_index for p in reservation.placements if p.node_id != here}
+    if not bundle_on:
+        return
+    files = {f.name: f.read_bytes() for f in root.iterdir() if f.is_file() and not f.name.endswith(".part")}
+    writes = [
+        _write_files.options(
+            num_cpus=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(reservation.placement_group, bundle),
+        ).remote(str(root), files)
+        for bundle in bundle_on.values()
+    ]
+    ray.get(writes)
+
+
+@ray.remote
+def _write_files(root: str, files: dict[str, bytes]) -> None:
+    os.makedirs(root, exist_ok=True)
+    for name, data in files.items():
+        part = os.path.join(root, f"{name}.{os.getpid()}.part")
+        with open(part, "wb") as f:
+            f.write(data)
+        os.replace(part, os.path.join(root, name))

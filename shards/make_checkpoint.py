@@ -1,19 +1,23 @@
 """A small random-weight checkpoint in the Hugging Face layout, with the real Mistral tokenizer.
 
 It is the project's embedded default: big enough to exercise every path (GQA, window, experts, chunked
-prefill), small enough that a test suite on two CPU cores stays fast.
+prefill), small enough that a test suite on two CPU cores stays fast. `make_random_checkpoint` writes a checkpoint
+of a preset's real shape with no tensor files (each shard draws its own, `shards/random_source.py`): what
+`serve --random-weights` serves, for benchmarks without the download.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from shards.checkpoint import ShardSelection, save_checkpoint
-from shards.config import ConfigError, ModelConfig
+from shards.config import PRESETS, ConfigError, ModelConfig
+from shards.random_source import write_random_checkpoint
 
 SMALL = ModelConfig(
     dim=64,
@@ -30,12 +34,19 @@ SMALL = ModelConfig(
 )
 
 
-def mistral_tokenizer_file() -> Path:
-    """The v1 sentencepiece model (32000 pieces) that mistral-common ships."""
+# The sentencepiece models mistral-common ships, by vocabulary size: v1 (Mistral 7B v0.1, Mixtral 8x7B) and v3
+# (32768 pieces: Mixtral 8x22B, Mistral 7B v0.3).
+TOKENIZER_OF_VOCAB = {32000: "tokenizer.model.v1", 32768: "mistral_instruct_tokenizer_240323.model.v3"}
+
+
+def mistral_tokenizer_file(vocab_size: int = 32000) -> Path:
+    """The sentencepiece model that mistral-common ships for this vocabulary size (the v1 model by default)."""
+    if vocab_size not in TOKENIZER_OF_VOCAB:
+        raise ConfigError(f"no Mistral tokenizer has {vocab_size} pieces; known: {sorted(TOKENIZER_OF_VOCAB)}")
     # Here, not at the top: callers that write no tokenizer (benchmarks: with_tokenizer=False) need no mistral-common.
     import mistral_common
 
-    path = Path(os.path.dirname(mistral_common.__file__)) / "data" / "tokenizer.model.v1"
+    path = Path(os.path.dirname(mistral_common.__file__)) / "data" / TOKENIZER_OF_VOCAB[vocab_size]
     if not path.is_file():
         raise ConfigError(f"mistral-common does not ship {path}; reinstall mistral-common")
     return path
@@ -109,3 +120,38 @@ def make_checkpoint(
         max_shard_bytes=max_shard_bytes,
         tokenizer_file=mistral_tokenizer_file() if with_tokenizer else None,
     )
+
+
+# --- random weights at a named shape ----------------------------------------------------------------------------
+
+SMALL_SHAPE = "small-mixtral"  # the embedded default's shape: what a CPU test serves in place of a preset
+
+
+def random_shapes() -> list[str]:
+    """What `--random-weights` accepts: every preset, and the small default shape for CPU runs."""
+    return [*sorted(PRESETS), SMALL_SHAPE]
+
+
+def random_shape(name: str) -> ModelConfig:
+    if name == SMALL_SHAPE:
+        return small_config("mixtral")
+    if name not in PRESETS:
+        raise ConfigError(f"random weights: unknown shape {name!r}; choose one of {', '.join(random_shapes())}")
+    return PRESETS[name]
+
+
+def make_random_checkpoint(
+    out_dir: str | Path, name: str, seed: int = 0, std: float = 0.02, max_seq_len: int | None = None
+) -> Path:
+    """A checkpoint of `name`'s shape whose weights each shard draws on its own device, with the real tokenizer.
+    `max_seq_len` shortens the context (and so each sequence's KV cache when it is under the sliding window)."""
+    config = random_shape(name)
+    if max_seq_len is not None:
+        config = replace(config, max_seq_len=max_seq_len).validate(f"random weights of {name}")
+    out = write_random_checkpoint(out_dir, config, seed, std)
+    tokenizer = out / "tokenizer.model"
+    if not tokenizer.is_file():  # written under another name and moved: a reader never sees half a file
+        part = out / f"tokenizer.model.{os.getpid()}.part"
+        shutil.copyfile(mistral_tokenizer_file(config.vocab_size), part)
+        os.replace(part, tokenizer)
+    return out

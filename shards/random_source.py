@@ -10,6 +10,7 @@ same values: the Hugging Face model built beside ours for comparison holds ident
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from pathlib import Path
 
@@ -40,9 +41,17 @@ def write_random_checkpoint(out_dir: str | Path, config: ModelConfig, seed: int 
     """A directory every loader in the project accepts as a checkpoint; its weights are made when loaded."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
-    (out / MARKER).write_text(json.dumps({"seed": seed, "std": std}) + "\n")
+    _write_whole(out / "config.json", json.dumps(config.to_hf_dict(), indent=2) + "\n")
+    _write_whole(out / MARKER, json.dumps({"seed": seed, "std": std}) + "\n")
     return out
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Written beside and moved into place: processes making the same checkpoint at once (two Serve replicas)
+    never read half a file."""
+    part = path.with_name(f"{path.name}.{os.getpid()}.part")
+    part.write_text(text)
+    os.replace(part, path)
 
 
 def random_tensor(

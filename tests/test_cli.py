@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.cli import main
+from cluster.cli import build_parser, main
 from shards.hf_tokenizer_files import HF_TOKENIZER_FILES
 from shards.tokenizer import Tokenizer
 from tests.conftest import hf_greedy
@@ -109,3 +109,47 @@ def test_a_usage_error_under_python_m_is_one_line_with_status_2(tmp_path):
     done = subprocess.run([sys.executable, "-m", "cluster.cli", *args], env=env, capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr == "mistral-cluster serve: error: --drain-timeout must be 0 or more seconds, got -1\n"
+
+
+# --- serve: random weights and replicas, checked before Ray starts ------------------------------------------------
+
+
+def test_serve_help_names_random_weights_a_benchmark_aid_and_the_replica_flags(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps at hyphens otherwise
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--random-weights SHAPE benchmark aid: serve random weights" in out
+    assert "served as random-SHAPE" in out and "mixtral-8x7b" in out and "small-mixtral" in out
+    assert "--replicas" in out and "--autoscale MIN:MAX" in out
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--checkpoint", "ck", "--random-weights", "small-mixtral"], "give --checkpoint DIR or --random-weights"),
+        (["--max-model-len", "512"], "--max-model-len goes with --random-weights"),
+        (["--random-weights", "small-mixtral", "--replicas", "2", "--autoscale", "1:3"], "not both"),
+        (["--random-weights", "small-mixtral", "--autoscale", "3:1"], "--autoscale expects MIN:MAX"),
+        (["--random-weights", "small-mixtral", "--autoscale", "two"], "got 'two'"),
+        (["--random-weights", "small-mixtral", "--target-ongoing-requests", "8"], "goes with --autoscale"),
+    ],
+)
+def test_bad_serve_scaling_input_is_one_line_error_before_ray_starts(extra, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("cluster.placement_file.HOME", tmp_path)  # where the random checkpoint is made
+    root = Path(__file__).resolve().parents[1]
+    assert main(["serve", "--config", str(root / "deploy/examples/local.yaml"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def test_autoscale_asks_serve_for_the_placements_batch_in_flight_per_copy():
+    from cluster.cli.serve import replica_options
+
+    args = build_parser().parse_args(["serve", "--config", "p.yaml", "--autoscale", "1:3"])
+    assert replica_options(args, max_seqs=64) == (
+        {"autoscaling_config": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 64.0}},
+        3,
+    )
+    args = build_parser().parse_args(["serve", "--config", "p.yaml", "--replicas", "2"])
+    assert replica_options(args, max_seqs=64) == ({"num_replicas": 2}, 2)

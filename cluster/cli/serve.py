@@ -2,6 +2,12 @@
 
 SIGTERM (what Kubernetes and systemd send) drains: new requests get 503, those in flight finish or are ended
 cleanly at `--drain-timeout`, then Serve and Ray shut down and the command exits 0. Ctrl-C stops at once.
+
+`--replicas N` runs N independent copies of the sharded model behind the one endpoint (each its own placement group);
+`--autoscale MIN:MAX` lets Serve choose between MIN and MAX copies from the requests each one has in flight. The drain
+call reaches one replica; Serve stops the others gracefully, giving their streams up to `--drain-timeout` (after
+Ctrl-C too).
+`--random-weights SHAPE` serves random weights of a preset's shape, for benchmarks without the download.
 """
 
 from __future__ import annotations
@@ -14,9 +20,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cluster.cli.usage import UsageError
-from cluster.placement_file import settle_placement
+from cluster.cli.usage import UsageError, positive_int
+from cluster.placement_file import random_checkpoint, settle_placement
 from cluster.reservation import ray_session
+from shards.make_checkpoint import random_shapes
 
 if TYPE_CHECKING:
     from cluster.grpc_front import GrpcFront
@@ -40,6 +47,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="require 'Authorization: Bearer KEY' on every route but /health and /metrics, and on gRPC calls",
     )
     p.add_argument("--max-queued-requests", type=int, default=256)
+    p.add_argument(
+        "--random-weights",
+        metavar="SHAPE",
+        choices=random_shapes(),
+        help="benchmark aid: serve random weights of this shape (" + ", ".join(random_shapes()) + "; small-mixtral "
+        "is the small default, for CPUs), drawn by each shard on its own device from a fixed seed, with the real "
+        "Mistral tokenizer; the model is served as random-SHAPE and its text means nothing (instead of --checkpoint)",
+    )
+    p.add_argument(
+        "--max-model-len",
+        type=positive_int,
+        default=None,
+        help="with --random-weights: a shorter context than the shape's (a smaller KV cache per sequence)",
+    )
+    p.add_argument(
+        "--replicas",
+        type=positive_int,
+        default=None,
+        help="independent copies of the sharded model behind the endpoint, each reserving the whole placement "
+        "(default 1)",
+    )
+    p.add_argument(
+        "--autoscale",
+        metavar="MIN:MAX",
+        default=None,
+        help="let Serve run between MIN and MAX copies, from the requests each has in flight (instead of --replicas)",
+    )
+    p.add_argument(
+        "--target-ongoing-requests",
+        type=float,
+        default=None,
+        help="with --autoscale: requests in flight per copy that Serve aims at (default: the placement's max_seqs)",
+    )
     p.add_argument(
         "--drain-timeout",
         type=float,
@@ -65,14 +105,17 @@ def wait_until_healthy(base_url: str, timeout_s: float) -> bool:
     return False
 
 
-def start_serve(app_args: dict, host: str, port: int, grpc_port: int) -> GrpcFront | None:
+def start_serve(
+    app_args: dict, host: str, port: int, grpc_port: int, deployment_options: dict | None = None
+) -> GrpcFront | None:
     """Start Serve's HTTP proxy on `host:port`, run the application on it, and serve gRPC on `host:grpc_port`
-    (unless it is 0; `cluster/grpc_front.py` says why not through Serve's proxy). Returns the gRPC server."""
+    (unless it is 0; `cluster/grpc_front.py` says why not through Serve's proxy). `deployment_options`
+    (`num_replicas`, `autoscaling_config`) go to the ingress deployment. Returns the gRPC server."""
     # Serve, FastAPI and gRPC (~0.7 s to import) load here, so the other commands do not pay for them at start-up.
     from ray import serve
 
     from cluster.grpc_front import GrpcFront
-    from cluster.serve import build_app
+    from cluster.serve import ingress_app
 
     serve.start(http_options={"host": host, "port": port})
     front = None
@@ -83,8 +126,27 @@ def start_serve(app_args: dict, host: str, port: int, grpc_port: int) -> GrpcFro
         except OSError as e:
             front.stop()
             raise UsageError(f"--grpc-port {grpc_port}: {e}") from None
-    serve.run(build_app(app_args), name=APP_NAME, route_prefix="/", blocking=False)
+    app = ingress_app(app_args, **(deployment_options or {}))
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     return front
+
+
+def replica_options(args: argparse.Namespace, max_seqs: int) -> tuple[dict, int]:
+    """The ingress deployment's options for `--replicas` / `--autoscale`, and the most copies they can run at once."""
+    if args.autoscale is None:
+        if args.target_ongoing_requests is not None:
+            raise UsageError("--target-ongoing-requests goes with --autoscale")
+        return ({"num_replicas": args.replicas} if args.replicas else {}), args.replicas or 1
+    if args.replicas is not None:
+        raise UsageError("give --replicas N or --autoscale MIN:MAX, not both")
+    low, sep, high = args.autoscale.partition(":")
+    if not (sep and low.isdigit() and high.isdigit()) or int(high) < 1 or int(low) > int(high):
+        raise UsageError(f"--autoscale expects MIN:MAX with 0 <= MIN <= MAX and MAX >= 1, got {args.autoscale!r}")
+    target = args.target_ongoing_requests if args.target_ongoing_requests is not None else float(max_seqs)
+    if target <= 0:
+        raise UsageError(f"--target-ongoing-requests must be more than 0, got {target:g}")
+    autoscaling = {"min_replicas": int(low), "max_replicas": int(high), "target_ongoing_requests": target}
+    return {"autoscaling_config": autoscaling}, int(high)
 
 
 def drain_and_shutdown(timeout_s: float, grpc: GrpcFront | None = None) -> None:
@@ -105,26 +167,43 @@ def drain_and_shutdown(timeout_s: float, grpc: GrpcFront | None = None) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.drain_timeout < 0:
         raise UsageError(f"--drain-timeout must be 0 or more seconds, got {args.drain_timeout:g}")
-    plan, _ = settle_placement(args.config, args.checkpoint)  # fail here, before Ray starts, on a bad file
+    if args.random_weights and args.checkpoint:
+        raise UsageError("give --checkpoint DIR or --random-weights SHAPE, not both")
+    if args.max_model_len is not None and not args.random_weights:
+        raise UsageError("--max-model-len goes with --random-weights: a checkpoint's context is its own")
+    # fail here, before Ray starts, on a bad file (the random checkpoint is a few small files, made on first use)
+    made = args.random_weights and random_checkpoint(args.random_weights, args.max_model_len)
+    checkpoint = str(made) if made else args.checkpoint
+    plan, _ = settle_placement(args.config, checkpoint)
+    options, copies = replica_options(args, plan.max_seqs)
+    # Serve's graceful stop of a replica (on SIGTERM, the replicas the drain call below does not reach) waits as long
+    options["graceful_shutdown_timeout_s"] = max(args.drain_timeout, 1.0)
     app_args = {"placement": str(Path(args.config).resolve()), "max_queued_requests": args.max_queued_requests}
-    app_args["checkpoint"] = str(Path(plan.checkpoint).resolve())
+    if args.random_weights:
+        app_args["random_weights"] = args.random_weights
+        if args.max_model_len is not None:
+            app_args["max_model_len"] = args.max_model_len
+    else:
+        app_args["checkpoint"] = str(Path(plan.checkpoint).resolve())
     if args.api_key:
         app_args["api_key"] = args.api_key
     from cluster.grpc_front import bind_address  # loads gRPC: here, not at the top, for the reason start_serve gives
 
     terminated = threading.Event()
-    with ray_session(plan, args.address):
+    with ray_session(plan, args.address, copies=copies):
         # after ray.init, which installs a SIGTERM handler of its own that dumps the stack and exits
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: terminated.set())
+        what = f"random weights of {args.random_weights}" if args.random_weights else plan.checkpoint
+        scale = f"{copies} copies at most" if args.autoscale else f"{copies} cop{'y' if copies == 1 else 'ies'}"
         grpc_where = f"gRPC on {bind_address(args.host, args.grpc_port)}" if args.grpc_port else "no gRPC"
         print(
-            f"serving {plan.checkpoint} on http://{args.host}:{args.port}/v1 ({grpc_where}); "
+            f"serving {what} ({scale}) on http://{args.host}:{args.port}/v1 ({grpc_where}); "
             f"health: /health, metrics: /metrics; Ctrl-C stops, SIGTERM drains",
             file=sys.stderr,
         )
         grpc = None
         try:
-            grpc = start_serve(app_args, args.host, args.port, args.grpc_port)
+            grpc = start_serve(app_args, args.host, args.port, args.grpc_port, deployment_options=options)
             while not terminated.wait(1):
                 pass
             drain_and_shutdown(args.drain_timeout, grpc)

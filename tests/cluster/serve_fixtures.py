@@ -25,7 +25,7 @@ class Server:
     base: str  # http://host:port
     port: int
     key: str
-    model: str
+    model: str | None
     grpc_port: int = 0
 
     def auth(self) -> dict[str, str]:
@@ -38,12 +38,15 @@ def running_server(
     workdir: Path,
     host: str = "127.0.0.1",
     key: str = "test-key-0123456789",
-    model: str = "small-test",
+    model: str | None = "small-test",
     grpc_port: int = 0,
+    deployment_options: dict | None = None,
     **app_args,
 ) -> Iterator[Server]:
     """Two stages x two expert groups on half a CPU each, HTTP (and gRPC on `grpc_port` unless it is 0); gRPC, Serve
-    and Ray are shut down on the way out."""
+    and Ray are shut down on the way out. `model=None` leaves the name to the app (random weights name it);
+    `deployment_options` go to the ingress deployment (`num_replicas`: each replica is a copy of those 4 shards, 2
+    CPUs of the 4 Ray is told of)."""
     placement = {
         "checkpoint": str(checkpoint),
         "dtype": "float32",
@@ -60,9 +63,9 @@ def running_server(
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     grpc = None
     try:
-        grpc = start_serve(
-            {"placement": str(path), "api_key": key, "model_name": model, **app_args}, host, port, grpc_port
-        )
+        named = {"model_name": model} if model is not None else {}
+        args = {"placement": str(path), "api_key": key, **named, **app_args}
+        grpc = start_serve(args, host, port, grpc_port, deployment_options=deployment_options)
         base = f"http://127.0.0.1:{port}"
         if not wait_until_healthy(base, 180):
             pytest.fail("the server did not become ready in 180 s")

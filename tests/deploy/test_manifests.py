@@ -320,9 +320,21 @@ def placement_of(rayservice: dict, tmp_path: Path) -> PlacementPlan:
     return validate_against_model(load_placement(path), MODEL_OF_PLACEMENT[key])
 
 
+def ingress_copies(config: dict) -> int:
+    """How many copies of the model the app can run at once: each ingress replica reserves a whole placement."""
+    (app,) = config["applications"]
+    for deployment in app.get("deployments", []):
+        if deployment["name"] == "OpenAIIngress":
+            if "autoscaling_config" in deployment:
+                return deployment["autoscaling_config"]["max_replicas"]
+            return deployment.get("num_replicas", 1)
+    return 1
+
+
 def placement_shortfalls(plan: PlacementPlan, rayservice: dict) -> list[str]:
-    """What the plan asks for that the worker groups do not declare: custom resources, and GPUs where the shards
-    pinned to a group need more than its pods have."""
+    """What the plan asks for, once per copy the app runs, that the worker groups do not declare: custom resources,
+    and GPUs where the shards pinned to a group need more than its pods have."""
+    copies = ingress_copies(serve_config(rayservice))
     cluster = rayservice["spec"]["rayClusterConfig"]
     groups = cluster.get("workerGroupSpecs", [])
     head = cluster["headGroupSpec"]
@@ -334,7 +346,7 @@ def placement_shortfalls(plan: PlacementPlan, rayservice: dict) -> list[str]:
     asked: dict[str, float] = defaultdict(float)
     for shard, bundle in zip(plan.shard_names(), plan.bundles(), strict=True):
         for name, amount in bundle.items():
-            asked[name] += amount
+            asked[name] += amount * copies
             if name not in RAY_BUILTIN_RESOURCES and name not in declared:
                 problems.append(f"{shard} asks for {name!r}, which no group declares in rayStartParams.resources")
     for name, amount in asked.items():
@@ -346,7 +358,7 @@ def placement_shortfalls(plan: PlacementPlan, rayservice: dict) -> list[str]:
     for g in groups:
         own = set(ray_start_resources(g))
         custom = [(b, set(b) - set(RAY_BUILTIN_RESOURCES)) for b in plan.bundles()]
-        need = sum(b.get("GPU", 0) for b, names in custom if names and names <= own)  # bundles only g can hold
+        need = copies * sum(b.get("GPU", 0) for b, names in custom if names and names <= own)  # only g holds these
         if need > group_gpus(g) * g.get("replicas", 1):
             problems.append(
                 f"workerGroupSpecs[{g['groupName']}]: its shards ask for {need:g} GPUs, "
@@ -598,6 +610,15 @@ def test_a_worker_group_with_too_few_gpus_for_its_shards_is_caught(tmp_path):
     assert "workerGroupSpecs[experts]: its shards ask for 4 GPUs, its pods have 2" in problems
 
 
+def test_the_worker_groups_hold_every_copy_of_the_model_the_app_runs(tmp_path):
+    doc = next(doc for _, doc in RAYSERVICES if doc["metadata"]["name"] == "mistral-7b")
+    assert ingress_copies(serve_config(doc)) == 2
+    (gpu,) = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    gpu["replicas"] = gpu["minReplicas"] = 1
+    problems = placement_shortfalls(placement_of(doc, tmp_path), doc)
+    assert problems == ["the shards ask for 2 GPUs, the pods have 1"]
+
+
 @pytest.mark.parametrize("name, doc", RAYSERVICES, ids=ids(RAYSERVICES))
 def test_custom_resources_reach_ray_start_and_the_operator_alike(name, doc):
     cluster = doc["spec"]["rayClusterConfig"]
@@ -648,6 +669,18 @@ def test_every_deployment_a_serve_config_overrides_exists_in_the_app(name, confi
             assert override["name"] in deployments, "Serve refuses an override of a deployment the app lacks"
 
 
+@pytest.mark.parametrize("name, config", SERVE_CONFIGS, ids=[name for name, _ in SERVE_CONFIGS])
+def test_the_replica_count_or_autoscaling_of_every_serve_config_applies_to_our_ingress(name, config):
+    from cluster.serve import OpenAIIngress
+
+    for app in config["applications"]:
+        for override in app.get("deployments", []):
+            options = {k: v for k, v in override.items() if k not in ("name", "ray_actor_options")}
+            deployment = OpenAIIngress.options(**options)  # what Serve checks: num_replicas xor autoscaling_config
+            scaling = deployment._deployment_config.autoscaling_config
+            assert (scaling.max_replicas if scaling else deployment.num_replicas) == ingress_copies(config)
+
+
 @pytest.mark.parametrize("name, doc", RAYSERVICES, ids=ids(RAYSERVICES))
 def test_the_ingress_is_pinned_to_the_head_and_only_there(name, doc):
     cluster = doc["spec"]["rayClusterConfig"]
@@ -663,6 +696,7 @@ LISTENS_ON = {
     "rayservice.yaml:serveConfigV2": "0.0.0.0",  # the pod's interfaces, reached only through the ClusterIP Service
     "rayservice-mistral-7b-1gpu.yaml:serveConfigV2": "0.0.0.0",
     "serve-config.yaml": "0.0.0.0",  # VMs: clients on other hosts; the file says which ports to keep closed
+    "mistral-7b-autoscale.yaml": "0.0.0.0",  # the same, for Mistral 7B copies that Serve adds and removes
     "local.yaml": "127.0.0.1",
 }
 FOR_OTHER_HOSTS = [(name, config) for name, config in SERVE_CONFIGS if LISTENS_ON.get(name) != "127.0.0.1"]

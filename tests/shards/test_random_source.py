@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from shards.checkpoint import CheckpointReader, ShardSelection
-from shards.config import ConfigError
-from shards.make_checkpoint import small_config
-from shards.random_source import random_tensor, write_random_checkpoint
+from shards.config import PRESETS, ConfigError, load_config
+from shards.make_checkpoint import make_random_checkpoint, small_config
+from shards.random_source import is_random_checkpoint, random_tensor, write_random_checkpoint
+from shards.tokenizer import Tokenizer
 
 
 def test_a_shard_gets_the_same_tensors_as_the_whole_model(tmp_path):
@@ -48,3 +49,18 @@ def test_a_bad_marker_is_refused_naming_the_file(tmp_path):
     (root / "random_weights.json").write_text(json.dumps({"seed": "x", "std": 0.02}))
     with pytest.raises(ConfigError, match="random_weights.json.*seed must be an integer"):
         CheckpointReader(root)
+
+
+def test_a_preset_shape_is_made_with_its_config_the_tokenizer_of_its_vocabulary_and_no_tensors(tmp_path):
+    root = make_random_checkpoint(tmp_path / "r", "mixtral-8x7b")
+    assert is_random_checkpoint(root) and load_config(root) == PRESETS["mixtral-8x7b"]
+    assert Tokenizer(root).vocab_size == PRESETS["mixtral-8x7b"].vocab_size
+    assert sorted(p.name for p in root.iterdir()) == ["config.json", "random_weights.json", "tokenizer.model"]
+    short = make_random_checkpoint(tmp_path / "s", "mixtral-8x7b", max_seq_len=1024)
+    assert load_config(short).max_seq_len == 1024
+
+
+def test_an_unknown_shape_is_refused_naming_the_choices(tmp_path):
+    with pytest.raises(ConfigError, match="unknown shape 'mixtral-9x9b'; choose one of .*mixtral-8x7b.*small-mixtral"):
+        make_random_checkpoint(tmp_path / "r", "mixtral-9x9b")
+    assert not (tmp_path / "r").exists()

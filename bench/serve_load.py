@@ -1,0 +1,388 @@
+"""Load on the served endpoint: an OpenAI-API streaming client of its own, swept over concurrency.
+
+Each level keeps C requests in flight (a closed loop: a finished request is replaced at once) until it has sent
+`--waves` × C of them (default 4 waves, at least 8 requests). Every request is a streamed `/v1/completions` of a random
+token-id prompt of `--prompt-tokens`, `ignore_eos: true` and `max_tokens: --output-tokens`, so each one costs the
+same. Reported per level: output tokens/s (all output tokens over the level's wall time), time to first token and
+inter-token latency (the gap between successive chunks) at p50 and p99, and errors (an HTTP error, a broken stream,
+a stream without `[DONE]`, fewer tokens than asked). The client is httpx and asyncio only: no project code, so the
+same figures can be read against any OpenAI-compatible server.
+
+It either targets a running server (`--url`) or starts `mistral-cluster serve` itself (`--config`, with
+`--replicas`, `--random-weights`, `--max-model-len`, `--set key=value` to change the placement's batch knobs) and
+stops it with SIGTERM afterwards. It writes JSON (naming the machine: CPUs, platform, GPUs, commit) and a plot;
+`--compare A.json B.json ...` plots several runs together.
+
+    python bench/serve_load.py --config deploy/examples/local.yaml --random-weights small-mixtral \\
+        --concurrency 1 4 16 --out bench/results/serve_load-cpu-1replica.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+REPLICA_HEADER = "x-mistral-cluster-replica"  # read when the server sends it; nothing depends on it
+
+
+# --- one request ---------------------------------------------------------------------------------------------------
+
+
+async def one_request(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -> dict:
+    """Send one streamed completion; return its timings (seconds from sending), tokens and how it ended."""
+    t0 = time.perf_counter()
+    out = {"ttft": None, "gaps": [], "end": None, "tokens": 0, "error": None, "replica": None}
+    last = None
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
+            out["replica"] = r.headers.get(REPLICA_HEADER)
+            if r.status_code != 200:
+                out["error"] = f"HTTP {r.status_code}"
+                await r.aread()
+                return out
+            done, chunks, usage = False, 0, None
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    done = True
+                    continue
+                data = json.loads(line[6:])
+                if "error" in data:
+                    out["error"] = f"error event: {data['error'].get('code') or data['error'].get('message')}"
+                if data.get("usage"):
+                    usage = data["usage"]
+                if data.get("choices"):
+                    now = time.perf_counter() - t0
+                    if last is None:
+                        out["ttft"] = now
+                    else:
+                        out["gaps"].append(now - last)
+                    last, chunks = now, chunks + 1
+            out["end"] = time.perf_counter() - t0
+            out["tokens"] = usage["completion_tokens"] if usage else chunks
+            if out["error"] is None and not done:
+                out["error"] = "no [DONE]"
+            elif out["error"] is None and out["tokens"] < body["max_tokens"]:
+                out["error"] = f"{out['tokens']} of {body['max_tokens']} tokens"
+    except httpx.HTTPError as e:
+        out["error"] = type(e).__name__
+    return out
+
+
+def random_prompt(rng: random.Random, n: int, vocab: int) -> list[int]:
+    return [rng.randrange(3, vocab) for _ in range(n)]  # ids 0-2 are <unk>, <s>, </s> in Mistral's vocabularies
+
+
+# --- a level of concurrency ------------------------------------------------------------------------------------------
+
+
+async def run_level(url: str, model: str, concurrency: int, n_requests: int, args, seed: int) -> dict:
+    rng = random.Random(seed)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    bodies = [
+        {
+            "model": model,
+            "prompt": random_prompt(rng, args.prompt_tokens, args.vocab),
+            "max_tokens": args.output_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        for _ in range(n_requests)
+    ]
+    queue: asyncio.Queue = asyncio.Queue()
+    for b in bodies:
+        queue.put_nowait(b)
+    results: list[dict] = []
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            results.append(await one_request(client, url, queue.get_nowait(), headers))
+
+    async with httpx.AsyncClient(timeout=args.request_timeout_s, limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        seconds = time.perf_counter() - t0
+    ok = [r for r in results if r["error"] is None]
+    tokens = sum(r["tokens"] for r in results)
+    level = {
+        "concurrency": concurrency,
+        "requests": len(results),
+        "completed": len(ok),
+        "errors": len(results) - len(ok),
+        "error_kinds": dict(Counter(r["error"] for r in results if r["error"])),
+        "seconds": round(seconds, 3),
+        "output_tokens": tokens,
+        "output_tokens_per_s": tokens / seconds,
+        "requests_per_s": len(ok) / seconds,
+        "ttft_s": summary([r["ttft"] for r in ok if r["ttft"] is not None]),
+        "itl_s": summary([g for r in ok for g in r["gaps"]]),
+        "tpot_s": summary([(r["end"] - r["ttft"]) / (r["tokens"] - 1) for r in ok if r["tokens"] > 1]),
+        "e2e_s": summary([r["end"] for r in ok]),
+    }
+    replicas = Counter(r["replica"] for r in results if r["replica"])
+    if replicas:
+        level["requests_per_replica"] = dict(sorted(replicas.items()))
+    return level
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between the closest ranks (numpy's default)."""
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summary(values: list[float]) -> dict | None:
+    if not values:
+        return None
+    return {
+        "p50": percentile(values, 0.5),
+        "p99": percentile(values, 0.99),
+        "mean": sum(values) / len(values),
+        "n": len(values),
+    }
+
+
+# --- the server, when this script starts it --------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def placement_copy(config: str, settings: list[str], tmp: Path) -> str:
+    """The placement file with `key=value` settings applied (batch knobs: max_seqs, micro_batch_size, ...)."""
+    if not settings:
+        return str(Path(config).resolve())
+    spec = yaml.safe_load(Path(config).read_text())
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        spec[key] = yaml.safe_load(value)
+    path = tmp / Path(config).name
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+class ServerProcess:
+    """`mistral-cluster serve` in a process group of its own, on a free port; SIGTERM (drain) when done."""
+
+    def __init__(self, args, tmp: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "cluster.cli", "serve", "--config", placement_copy(args.config, args.set, tmp)]
+        cmd += ["--port", str(self.port), "--grpc-port", "0"]
+        for flag, value in (
+            ("--checkpoint", args.checkpoint),
+            ("--random-weights", args.random_weights),
+            ("--max-model-len", args.max_model_len),
+            ("--replicas", args.replicas),
+            ("--api-key", args.api_key),
+        ):
+            if value is not None:
+                cmd += [flag, str(value)]
+        self.command = cmd
+        self.log_path = tmp / "serve.log"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def wait_ready(self, replicas: int, timeout_s: float) -> float:
+        """Seconds until /health is 200 from `replicas` distinct replicas (one, when the server names none)."""
+        t0, seen = time.monotonic(), set()
+        while time.monotonic() - t0 < timeout_s:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"the server exited ({self.proc.returncode}):\n{self.log_tail()}")
+            try:
+                r = httpx.get(self.url + "/health", timeout=5)
+                if r.status_code == 200:
+                    seen.add(r.headers.get(REPLICA_HEADER, "one"))
+                    if len(seen) >= replicas or REPLICA_HEADER not in r.headers:
+                        return time.monotonic() - t0
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise SystemExit(f"the server was not ready in {timeout_s:g} s:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log_path.read_text()[-n:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+# --- the machine, the run, the plot ----------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    def run(cmd: list[str]) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=ROOT).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = run(["git", "rev-parse", "--short", "HEAD"])
+    dirty = bool(run(["git", "status", "--porcelain", "--untracked-files=no"]))
+    gpus = [g for g in run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]).splitlines() if g]
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "gpus": gpus,
+        "commit": commit + ("-dirty" if dirty else ""),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def print_header() -> None:
+    print(f"{'conc':>5} {'reqs':>5} {'err':>4} {'out tok/s':>10} {'TTFT p50':>9} {'p99':>8} {'ITL p50':>8} {'p99':>8}")
+
+
+def print_table(levels: list[dict]) -> None:
+    for lv in levels:
+        ttft, itl = lv["ttft_s"] or {}, lv["itl_s"] or {}
+        print(
+            f"{lv['concurrency']:>5} {lv['requests']:>5} {lv['errors']:>4} {lv['output_tokens_per_s']:>10.1f} "
+            f"{ttft.get('p50', math.nan):>9.3f} {ttft.get('p99', math.nan):>8.3f} "
+            f"{itl.get('p50', math.nan):>8.4f} {itl.get('p99', math.nan):>8.4f}",
+            flush=True,
+        )
+
+
+def plot(runs: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for run in runs:
+        label = run["label"]
+        xs = [lv["concurrency"] for lv in run["levels"]]
+        axes[0].plot(xs, [lv["output_tokens_per_s"] for lv in run["levels"]], "o-", label=label)
+        for ax, key in ((axes[1], "ttft_s"), (axes[2], "itl_s")):
+            for q, style in (("p50", "o-"), ("p99", "x--")):
+                ys = [(lv[key] or {}).get(q, math.nan) for lv in run["levels"]]
+                ax.plot(xs, ys, style, label=f"{label} {q}")
+    titles = ("output tokens/s", "time to first token (s)", "inter-token latency (s)")
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent requests")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[1:]:
+        ax.set_yscale("log")
+    m, s = runs[0]["machine"], runs[0]["settings"]
+    where = ", ".join(m["gpus"]) if m["gpus"] else f"{m['cpus']} CPUs"
+    fig.suptitle(
+        f"serve_load: prompt {s['prompt_tokens']} / output {s['output_tokens']} tokens; {where}; "
+        f"{m['platform']}; commit {m['commit']}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
+    target.add_argument("--config", help="start `mistral-cluster serve` on this placement")
+    target.add_argument("--compare", nargs="+", metavar="JSON", help="only plot these runs together (into --out)")
+    p.add_argument("--checkpoint")
+    p.add_argument("--random-weights", metavar="SHAPE")
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--replicas", type=int)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="change the placement's knobs")
+    p.add_argument("--api-key", default=os.environ.get("MISTRAL_CLUSTER_API_KEY"))
+    p.add_argument("--model", help="default: the first model /v1/models lists")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--waves", type=int, default=4, help="requests per level: this many x concurrency (at least 8)")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--output-tokens", type=int, default=32)
+    p.add_argument("--vocab", type=int, default=32000, help="prompt ids are drawn from [3, vocab)")
+    p.add_argument("--request-timeout-s", type=float, default=600.0)
+    p.add_argument("--ready-timeout-s", type=float, default=900.0)
+    p.add_argument("--label", help="this run's name in plots (default: from --replicas)")
+    p.add_argument("--out", required=True, help="JSON path (the plot goes beside it as .png); with --compare the .png")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.compare:
+        plot([json.loads(Path(f).read_text()) for f in args.compare], out)
+        return
+    if not (args.url or args.config):
+        p.error("give --url, --config or --compare")
+
+    # SIGTERM (a `timeout` around this script) ends it through the `finally` below, which stops the server it started
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    run = {"label": args.label or f"{args.replicas or 1} replica{'s' if (args.replicas or 1) > 1 else ''}"}
+    run["machine"] = machine()
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "compare", "api_key")}
+    run["settings"] = settings
+    with tempfile.TemporaryDirectory() as tmp:
+        server = ServerProcess(args, Path(tmp)) if args.config else None
+        try:
+            url = args.url or server.url
+            if server:
+                ready_s = server.wait_ready(args.replicas or 1, args.ready_timeout_s)
+                run["server"] = {"command": server.command[1:], "ready_s": round(ready_s, 1)}
+                print(f"server ready in {run['server']['ready_s']:.0f} s", flush=True)
+            headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+            models = httpx.get(url + "/v1/models", headers=headers, timeout=30).json()["data"]
+            model = args.model or models[0]["id"]
+            run["model"] = next((m for m in models if m["id"] == model), {"id": model})
+            asyncio.run(run_level(url, model, 2, 2, args, seed=12345))  # warm-up, not reported
+            run["levels"] = []
+            print_header()
+            for i, c in enumerate(args.concurrency):
+                n = max(8, args.waves * c)
+                run["levels"].append(asyncio.run(run_level(url, model, c, n, args, seed=i)))
+                print_table(run["levels"][-1:])
+                out.write_text(json.dumps(run, indent=2) + "\n")  # each level as it ends: a cut-off run keeps them
+        finally:
+            if server:
+                server.stop()
+    out.write_text(json.dumps(run, indent=2) + "\n")
+    print(f"wrote {out}")
+    plot([run], out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
