@@ -26,7 +26,7 @@ def test_the_random_checkpoint_reaches_a_node_of_the_placement_that_is_not_this_
         ray.get(pg.ready(), timeout=60)
         nodes = placement_group_table(pg)["bundles_to_node_id"]
         assert nodes[1] == far.node_id and nodes[0] != far.node_id
-        placements = [ShardPlacement(f"s{i}", "stage", (), {}, i, nodes[i], "", 0.0, 0) for i in (0, 1)]
+        placements = [ShardPlacement(f"s{i}", "stage", (), {}, i, nodes[i], "", 0.0, 0, 0) for i in (0, 1)]
         copy_to_bundle_nodes(root, Reservation(plan=None, placement_group=pg, placements=placements))
         after = {f.name: os.stat(f).st_ino for f in root.iterdir()}
         assert after.keys() == before.keys() == {"config.json", "random_weights.json", "tokenizer.model"}
