@@ -189,10 +189,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app_args["api_key"] = args.api_key
     from cluster.grpc_front import bind_address  # loads gRPC: here, not at the top, for the reason start_serve gives
 
-    terminated = threading.Event()
+    terminated, interrupted = threading.Event(), threading.Event()
+
+    def on_ctrl_c(signum, frame) -> None:
+        # A flag, not an exception: a KeyboardInterrupt raised inside Ray's or Serve's code (a start still under
+        # way) can be lost there, and then nothing stopped. A second Ctrl-C raises, for a user who will not wait.
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        interrupted.set()
+
     with ray_session(plan, args.address, copies=copies):
         # after ray.init, which installs a SIGTERM handler of its own that dumps the stack and exits
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: terminated.set())
+        ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # started under nohup: Ctrl-C is not ours
+        previous_int = signal.getsignal(signal.SIGINT) if ignored else signal.signal(signal.SIGINT, on_ctrl_c)
         what = f"random weights of {args.random_weights}" if args.random_weights else plan.checkpoint
         scale = f"{copies} copies at most" if args.autoscale else f"{copies} cop{'y' if copies == 1 else 'ies'}"
         grpc_where = f"gRPC on {bind_address(args.host, args.grpc_port)}" if args.grpc_port else "no gRPC"
@@ -204,12 +214,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         grpc = None
         try:
             grpc = start_serve(app_args, args.host, args.port, args.grpc_port, deployment_options=options)
-            while not terminated.wait(1):
+            while not (terminated.wait(0.5) or interrupted.is_set()):
                 pass
+            if interrupted.is_set():
+                raise KeyboardInterrupt
             drain_and_shutdown(args.drain_timeout, grpc)
         except KeyboardInterrupt:  # Ctrl-C stops: on a cluster we joined, nothing of ours may stay behind
             print("stopping: the app, its shards and its placement group go now", file=sys.stderr)
             drain_and_shutdown(0.0, grpc)
         finally:
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
     return 0
