@@ -283,17 +283,47 @@ def join(address: str, connect_timeout_s: float = 5.0) -> None:
             socket.create_connection((host or "127.0.0.1", int(port)), timeout=connect_timeout_s).close()
         except (OSError, ValueError) as e:
             raise PlacementError(f"--address {address}: no Ray cluster answers there ({e})") from None
+        _check_token(address, connect_timeout_s)
     try:
         ray.init(address=address, log_to_driver=False)
     except Exception as e:  # noqa: BLE001 - whatever ray.init says, as one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = ""
         if "auth" in str(e).lower() or "token" in str(e).lower():
-            hint = (
-                "; this cluster uses Ray's token authentication: give this machine the head's token "
-                "(RAY_AUTH_TOKEN, or ~/.ray/auth_token), see deploy/README.md"
-            )
+            hint = f"; {AUTH_HINT}"
         raise PlacementError(f"--address {address}: could not join the Ray cluster: {first}{hint}") from None
+
+
+AUTH_HINT = (
+    "this cluster uses Ray's token authentication: give this machine the head's token (RAY_AUTH_TOKEN, or "
+    "~/.ray/auth_token), see deploy/README.md"
+)
+
+
+def _check_token(address: str, timeout_s: float) -> None:
+    """Ask the cluster's GCS for its id once, with this machine's Ray token if it has one: a cluster that refuses
+    the token is one line now. (ray.init would retry for 20 s, print a warning a second, and end with a message
+    that does not say why.) Any other outcome is left to ray.init."""
+    try:
+        import grpc
+        from ray._private.authentication.grpc_authentication_client_interceptor import (
+            SyncAuthenticationMetadataClientInterceptor,
+        )
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    except ImportError:  # another Ray: its private modules moved; ray.init says what it says
+        return
+    channel = grpc.intercept_channel(grpc.insecure_channel(address), SyncAuthenticationMetadataClientInterceptor())
+    try:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=timeout_s)
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+            refused = f"--address {address}: the cluster refused this machine's token"
+            raise PlacementError(f"{refused}; {AUTH_HINT}") from None
+    except Exception:  # noqa: BLE001 - the probe is a shortcut only
+        return
+    finally:
+        channel.close()
 
 
 def placement_table(placements: list[ShardPlacement]) -> str:

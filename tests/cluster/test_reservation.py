@@ -270,3 +270,55 @@ def test_a_wrong_address_is_one_line_naming_it_within_seconds(small_mixtral):
     assert time.monotonic() - t0 < 60
     err = done.stderr.strip()
     assert err.count("\n") == 0 and f"--address {address}: no Ray cluster answers there" in err, err
+
+
+HEAD_WITH_TOKEN = """
+import sys
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+print(cluster.address, flush=True)
+sys.stdin.read()  # until the test closes it
+cluster.shutdown()
+"""
+
+
+def test_a_cluster_that_refuses_this_machines_token_is_one_line_within_seconds(small_mixtral, tmp_path):
+    """Ray 2.60's token authentication: a head started with a token, `plan --address` from a machine without it
+    (or with another): one line naming the address and what to do, status 2, in seconds (ray.init retried for 20 s,
+    printing a warning a second, and ended with a message that did not say why)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    checkpoint, _ = small_mixtral
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    head_env = {**clean, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0123456789abcdef" * 4}
+    head = subprocess.Popen(
+        [sys.executable, "-c", HEAD_WITH_TOKEN], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=head_env
+    )
+    try:
+        address = head.stdout.readline().strip()
+        assert address, "the head with a token did not start"
+        command = ["plan", "--config", str(EXAMPLES / "local.yaml"), "--checkpoint", str(checkpoint)]
+        for given in (None, "f" * 64):
+            env = {**clean, "HOME": str(tmp_path)}  # no ~/.ray/auth_token either
+            if given:
+                env["RAY_AUTH_TOKEN"] = given
+            t0 = time.monotonic()
+            done = subprocess.run(
+                [sys.executable, "-m", "cluster.cli", *command, "--address", address],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env=env,
+                check=False,
+            )
+            err = done.stderr.strip()
+            assert done.returncode == 2, err
+            assert time.monotonic() - t0 < 15
+            assert err.count("\n") == 0 and f"--address {address}: the cluster refused" in err, err
+            assert "RAY_AUTH_TOKEN" in err
+    finally:
+        head.stdin.close()
+        head.wait(timeout=60)
