@@ -1,0 +1,80 @@
+"""The ingress's replicas: each is one copy of the model. Which replica answered (a response header), which one
+Serve sends a request to (ready copies first), and the arguments of a copy on random weights.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from ray import serve
+from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+
+REPLICA_HEADER = "x-mistral-cluster-replica"
+
+
+def replica_name() -> str:
+    """This Serve replica's id ("" outside a replica): which copy of the model answered."""
+    try:
+        return serve.get_replica_context().replica_tag
+    except Exception:  # noqa: BLE001 - not in a replica (a unit test building the app)
+        return ""
+
+
+def random_model_name(shape: str) -> str:
+    """The model id a random-weight server answers to: it never looks like a trained checkpoint's."""
+    return f"random-{shape}"
+
+
+class ReadyReplicasFirst(FIFOMixin, RequestRouter):
+    """Serve's request router for the ingress: a replica whose copy of the model is still loading (just started by
+    scaling up, or restarted after a loss) or is draining gets requests only when no replica is ready. Between two
+    random ready replicas, the one with fewer requests in flight (Serve's power of two choices)."""
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        ready = [r for r in candidate_replicas if r.routing_stats.get("ready")]
+        others = [r for r in candidate_replicas if not r.routing_stats.get("ready")]
+        return [random.sample(rank, min(2, len(rank))) for rank in (ready, others) if rank]
+
+
+class ReplicaHeader:
+    """Adds `x-mistral-cluster-replica` to every HTTP response. Plain ASGI, not Starlette's BaseHTTPMiddleware, so a
+    stream and a client's disconnect pass through untouched."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        header = (REPLICA_HEADER.encode(), replica_name().encode())
+
+        async def send_named(message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), header]}
+            await send(message)
+
+        await self.app(scope, receive, send_named)
+
+
+def check_random_weights(args: dict[str, Any]) -> None:
+    """`random_weights` names a shape; the checkpoint and the model's name follow from it and cannot be given.
+    `max_model_len` goes with it (a real checkpoint's context is its own)."""
+    from shards.make_checkpoint import random_shapes
+
+    shape, length = args.get("random_weights"), args.get("max_model_len")
+    if shape is None:
+        raise ValueError("max_model_len goes with random_weights: a checkpoint's context is the one it was trained for")
+    if length is not None and (not isinstance(length, int) or isinstance(length, bool) or length < 2):
+        raise ValueError(f"max_model_len: expected an integer of 2 or more, got {length!r}")
+    if shape not in random_shapes():
+        raise ValueError(f"random_weights: unknown shape {shape!r}; choose one of {', '.join(random_shapes())}")
+    for key in ("checkpoint", "model_name"):
+        if args.get(key) is not None:
+            raise ValueError(
+                f"{key} cannot be given with random_weights: the weights are drawn from a seed and the model is "
+                f"served as {random_model_name(shape)!r}"
+            )
