@@ -156,6 +156,12 @@ def test_sigterm_drains_a_grpc_stream_in_flight_and_refuses_new_calls(server):
     assert proc.wait(timeout=max(1.0, DRAIN_S + 30 - (time.monotonic() - sent))) == 0, log.read_text()[-3000:]
 
 
+def as_in_a_terminal() -> None:
+    """SIGINT as a terminal's Ctrl-C finds it: a test run started in the background (`cmd &` in a script) has SIGINT
+    ignored, its children inherit that, and `serve` then rightly leaves it ignored (as under nohup)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_on_a_joined_cluster_leaves_nothing_of_ours_behind(placement, tmp_path):
     """`serve --address` on a cluster that outlives the command: Ctrl-C removes the app, the router, every worker
     and the placement group (it once left them all serving)."""
@@ -171,7 +177,7 @@ def test_ctrl_c_on_a_joined_cluster_leaves_nothing_of_ours_behind(placement, tmp
             proc = subprocess.Popen(
                 [sys.executable, "-m", "cluster.cli", "serve", "--config", str(placement), "--address",
                  cluster.address, "--port", str(port), "--grpc-port", "0"],
-                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=as_in_a_terminal,
             )  # fmt: skip
         base = f"http://127.0.0.1:{port}"
         assert wait_until_healthy(base, 120), (tmp_path / "serve.log").read_text()[-3000:]
