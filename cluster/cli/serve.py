@@ -192,8 +192,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     terminated, interrupted = threading.Event(), threading.Event()
 
     def on_ctrl_c(signum, frame) -> None:
-        # A flag, not an exception: a KeyboardInterrupt raised inside Ray's or Serve's code (a start still under
-        # way) can be lost there, and then nothing stopped. A second Ctrl-C raises, for a user who will not wait.
+        # A flag, not an exception: a KeyboardInterrupt raised wherever the main thread is (inside Ray's or Serve's
+        # code while the app starts) is theirs to handle; the flag is read here. A second Ctrl-C raises at once.
         if interrupted.is_set():
             raise KeyboardInterrupt
         interrupted.set()
