@@ -390,6 +390,7 @@ def test_a_hung_process_is_found_and_replaced_within_seconds(resume_server, prom
         "recovery_seconds": None if recovery is None else round(recovery, 2),
         "restarted": list(health.restarted[-1]) if health.restarted else [],
         "last_recovery_seconds": health.last_recovery_seconds,
+        "restart_phases_s": {w: dict(p) for w, p in health.last_restart_phases},
     }
     for r, e in zip(results, expected, strict=True):
         assert r["done"] and not r["errors"], r["errors"]
@@ -411,6 +412,7 @@ def test_a_wedged_stage_that_still_answers_pings_is_found_by_the_step_deadline(r
         "recovery_seconds": None if recovery is None else round(recovery, 2),
         "restarted": list(health.restarted[-1]) if health.restarted else [],
         "last_recovery_seconds": health.last_recovery_seconds,
+        "restart_phases_s": {w: dict(p) for w, p in health.last_restart_phases},
     }
     for r, e in zip(results, expected, strict=True):
         assert r["done"] and not r["errors"], r["errors"]
