@@ -22,6 +22,7 @@ from ray.util.placement_group import placement_group_table
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from cluster.reservation import BUILTIN_RESOURCES, lost_bundles
+from cluster.transport import node_ip
 from cluster.worker_actor import ShardWorker
 from cluster.workers import group_workers
 
@@ -253,12 +254,12 @@ class ShardSupervisor:
                 with contextlib.suppress(Exception):  # gone already
                     ray.kill(h, no_restart=True)
         refs = []
-        here = ray.get_runtime_context().get_node_id()
+        here = node_ip()
         for n in hung:
             where = self.locations.get(n)
             if where is None:
                 continue
-            if where.node_id == here:  # on this node: no task to schedule (a new Ray worker process costs ~1 s)
+            if where.node_ip == here:  # on this host: no task to schedule (a new Ray worker process costs ~1 s)
                 _sigkill_here(where.pid)
             else:
                 on_node = NodeAffinitySchedulingStrategy(node_id=where.node_id, soft=False)
@@ -285,12 +286,18 @@ def _sigkill_here(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 2.0
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
+    while time.monotonic() < deadline and _alive(pid):
         time.sleep(0.02)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` still runs: a killed process stays a zombie until its parent (the raylet) reaps it, and a
+    zombie holds no socket any more."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 @ray.remote(num_cpus=0, max_retries=0)

@@ -57,11 +57,20 @@ def nodes():
     out = os.environ.get("MISTRAL_CLUSTER_FAULTS_OUT")
     if out and RESULTS:
         import platform
+        import subprocess
 
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], capture_output=True, text=True, check=False).stdout.strip()
+
+        commit = git("rev-parse", "--short", "HEAD") + (
+            "-dirty" if git("status", "--porcelain", "--untracked-files=no") else ""
+        )
         Path(out).write_text(
             json.dumps(
                 {
                     "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "ray": ray.__version__},
+                    "commit": commit,
+                    "load_average_at_end": list(os.getloadavg()),
                     "faults": RESULTS,
                 },
                 indent=2,
