@@ -405,7 +405,7 @@ def test_a_hung_process_is_found_and_replaced_within_seconds(resume_server, prom
         assert r["done"] and not r["errors"], r["errors"]
         assert r["tokens"] == e
     if name != "router":  # a hung router is replaced by the ingress; the workers' health is not touched
-        assert recovery is not None and recovery < 30, recovery
+        assert recovery is not None and recovery < 12, recovery  # measured 5.7-5.8 s on 2 cores (target 8 s)
     next_requests_are_exact(resume_server, prompts, expected)
 
 
