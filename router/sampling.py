@@ -112,6 +112,9 @@ def adjusted_logits(
         values = out[seen]
         r = params.repetition_penalty
         out[seen] = torch.where(values > 0, values / r, values * r)
+        # A penalty near 0 (fuzzing sent 5e-324) sends positive logits to inf: keep them the largest finite value,
+        # so the choice among them stays a choice and no softmax meets inf - inf.
+        out = torch.nan_to_num(out, nan=-math.inf, posinf=torch.finfo(out.dtype).max)
     if (params.frequency_penalty or params.presence_penalty) and output_ids:
         counts = torch.bincount(
             torch.tensor([t for t in output_ids if 0 <= t < vocab], dtype=torch.long), minlength=vocab

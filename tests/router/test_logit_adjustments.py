@@ -122,3 +122,15 @@ def test_penalised_greedy_generation_matches_a_loop_over_transformers(checkpoint
             logits = logits - 0.8 * counts - 0.3 * (counts > 0).double()
             tokens.append(int(logits.argmax()))
         assert completion.token_ids == tokens[len(prompt) :]
+
+
+def test_a_repetition_penalty_near_zero_still_samples_a_token():
+    """Fuzzing found it: repetition_penalty 5e-324 turned the seen tokens' positive logits into inf, and sampling
+    into inf - inf. The seen tokens with positive logits must win, among themselves, by chance."""
+    logits = random_logits(5)
+    seen = [int(i) for i in torch.topk(logits, 3).indices]  # positive logits, all three
+    params = SamplingParams(temperature=1.0, repetition_penalty=5e-324, seed=1)
+    adjusted = adjusted_logits(logits, params, seen, [])
+    assert torch.isfinite(adjusted[seen]).all()
+    draws = {Sampler(params).sample(logits, i, seen, [])[0] for i in range(40)}
+    assert draws <= set(seen) and len(draws) > 1
