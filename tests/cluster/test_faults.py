@@ -377,6 +377,18 @@ def test_overlapping_kills_of_a_stage_an_expert_group_and_the_router_converge(re
     next_requests_are_exact(resume_server, prompts, expected)
 
 
+def record_recovery(name: str, recovery: float | None):
+    """Keep a recovery's figures (and the restarted workers' start phases) for the results file; the router's health."""
+    health = ray.get(ray.get_actor(router_actor()["Name"]).stats.remote()).health
+    RESULTS[name] = {
+        "recovery_seconds": None if recovery is None else round(recovery, 2),
+        "restarted": list(health.restarted[-1]) if health.restarted else [],
+        "last_recovery_seconds": health.last_recovery_seconds,
+        "restart_phases_s": {w: dict(p) for w, p in health.last_restart_phases},
+    }
+    return health
+
+
 @pytest.mark.parametrize("name", ["experts0", "stage1", "router"])
 def test_a_hung_process_is_found_and_replaced_within_seconds(resume_server, prompts_and_expected, name):
     """SIGSTOP: alive, not answering. The monitor's ping (workers) or the ingress's silence watchdog (router) finds
@@ -394,13 +406,7 @@ def test_a_hung_process_is_found_and_replaced_within_seconds(resume_server, prom
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)  # recovery killed it; if not, let it go so the cluster can shut down
-    health = ray.get(ray.get_actor(router_actor()["Name"]).stats.remote()).health
-    RESULTS[f"SIGSTOP {name}"] = {
-        "recovery_seconds": None if recovery is None else round(recovery, 2),
-        "restarted": list(health.restarted[-1]) if health.restarted else [],
-        "last_recovery_seconds": health.last_recovery_seconds,
-        "restart_phases_s": {w: dict(p) for w, p in health.last_restart_phases},
-    }
+    record_recovery(f"SIGSTOP {name}", recovery)
     for r, e in zip(results, expected, strict=True):
         assert r["done"] and not r["errors"], r["errors"]
         assert r["tokens"] == e
@@ -416,13 +422,7 @@ def test_a_wedged_stage_that_still_answers_pings_is_found_by_the_step_deadline(r
     prompts, expected = prompts_and_expected
     worker, _ = shard_actor("stage1")
     results, recovery = run_with_fault(resume_server, prompts, lambda: ray.get(worker.inject_stall.remote(600)))
-    health = ray.get(ray.get_actor(router_actor()["Name"]).stats.remote()).health
-    RESULTS["wedged stage1 (answers pings)"] = {
-        "recovery_seconds": None if recovery is None else round(recovery, 2),
-        "restarted": list(health.restarted[-1]) if health.restarted else [],
-        "last_recovery_seconds": health.last_recovery_seconds,
-        "restart_phases_s": {w: dict(p) for w, p in health.last_restart_phases},
-    }
+    health = record_recovery("wedged stage1 (answers pings)", recovery)
     for r, e in zip(results, expected, strict=True):
         assert r["done"] and not r["errors"], r["errors"]
         assert r["tokens"] == e
