@@ -70,7 +70,6 @@ PLACEMENTS = {  # name -> (example YAML, GPUs it needs, models it applies to)
 MODELS = {"mixtral": "mixtral-8x7b", "mistral": "mistral-7b", "mixtral-8x22b": "mixtral-8x22b"}
 # Each model's figures are also reported over one placement's at the same batch: one GPU where the model fits one.
 BASELINE = {"mixtral": "one_gpu", "mistral": "one_gpu", "mixtral-8x22b": "four_stages"}
-LAST = ("two_expert_groups", "mixed")  # run after every model's other placements (the slowest, on the host path)
 DRY_GPUS = 4  # the logical GPUs of the dry run's Ray: enough for every placement
 SEED, STD = 0, 0.02
 
@@ -310,7 +309,7 @@ def run_hf(ckpt: Path, cfg: ModelConfig, devices, args, prompts_for, deadline: D
         hf_generate(model, prompts_for(1, 16).to(first), 2)  # warm-up
         last = None  # (batch, seconds) of the previous batch: predicts this one's time
         for b in args.batches:
-            guess = 0.0 if last is None else last[1] * b / last[0]
+            guess = 0.0 if last is None else last[1] * b / last[0]  # eager: it does scale
             if deadline.left() < 60 + guess:
                 out["decode"][str(b)] = {"skipped": f"time budget (expected {guess:.0f} s)"}
                 continue
@@ -475,7 +474,8 @@ def run_ours(
 
     row: dict = {"placement": name, "yaml": f"deploy/examples/{PLACEMENTS[name][0]}", "decode": {}, "ttft_s": {}}
     memory.take()
-    cap = max(args.batches)
+    batches = batches_of(name, args)
+    cap = max(batches)
     budget = cap * (args.prompt_tokens + 1)  # every prompt prefills in the first step: later steps are pure decode
     chunk = min(args.chunk, cache_capacity(cfg.sliding_window, cfg.max_seq_len))  # the scheduler refuses more
     path = placement_yaml(name, throughput_ckpt, cap, chunk, cap, budget, args.cpu_dry_run, tmp)
@@ -500,8 +500,10 @@ def run_ours(
 
         cluster.generate(prompts_for(1, 16).tolist(), params(2))  # warm-up
         last = None  # (batch, seconds) of the previous batch: predicts this one's time
-        for b in args.batches:
-            guess = 0.0 if last is None else last[1] * b / last[0]
+        for b in batches:
+            # A decode step's time grows far slower than its batch (bandwidth-bound): measured 3.0 / 8.6 / 18.6 s for
+            # batches 1 / 32 / 128 on one H200; linear scaling guessed 97 s for 32 and skipped it.
+            guess = 0.0 if last is None else last[1] * math.sqrt(b / last[0])
             if deadline.left() < 45 + guess:
                 row["decode"][str(b)] = {
                     "skipped": f"time budget (expected {guess:.0f} s, {deadline.left():.0f} s left)"
@@ -568,6 +570,21 @@ def run_ours(
     return row
 
 
+def batches_of(name: str, args) -> list[int]:
+    """The batches a placement runs: --batches and its own --placement-batches (e.g. two stages at 256, which one
+    GPU cannot hold: two step groups of 128 in flight)."""
+    extra = [
+        int(b)
+        for spec in args.placement_batches
+        for p, _, bs in [spec.partition("=")]
+        if p == name
+        for b in bs.split(",")
+    ]
+    if args.cpu_dry_run:
+        extra = [min(b, 8) for b in extra]
+    return sorted(set(args.batches) | set(extra))
+
+
 def distinct_experts(cfg: ModelConfig, hf: dict, b: int) -> float | None:
     """Distinct experts per layer a decode step of `b` sequences reaches: measured from transformers' gates on the
     same weights, else the uniform-routing expectation; None for a dense model."""
@@ -586,16 +603,24 @@ def summarise(
     table = []
     peers = peers or {}
     baseline = next((r for r in ours if r["placement"] == BASELINE[model]), {})
-    for b in args.batches:
+    base_batches = sorted(int(k) for k, v in baseline.get("decode", {}).items() if v.get("tokens_per_s"))
+    for b in sorted({b for r in ours for b in batches_of(r["placement"], args)}):
+        # Beyond the baseline's largest batch (one GPU cannot hold 256), compare with that largest batch: issue 17's
+        # two stages at 256 (two groups of 128) against one GPU at 128.
+        base_b = b if b in base_batches else max([x for x in base_batches if x < b], default=None)
         distinct = distinct_experts(cfg, hf, b)
         wb = weight_bytes(cfg, distinct or 0)
         limit = b / (wb["total"] / hw["hbm_bytes_per_s"])
         theirs = hf.get("decode", {}).get(str(b), {}).get("tokens_per_s")
         gpt_fast = peers.get("gpt_fast", {}).get("decode", {}).get(str(b), {}).get("tokens_per_s")
-        base = baseline.get("decode", {}).get(str(b), {}).get("tokens_per_s")
+        base = baseline.get("decode", {}).get(str(base_b), {}).get("tokens_per_s")
         for r in ours:
             d = r.get("decode", {}).get(str(b), {})
+            if not d:
+                continue
             mine, ceil = d.get("tokens_per_s"), d.get("ceiling_tokens_per_s")
+            # time per output token of one sequence: every sequence gets one token per cycle of b / throughput
+            tpot, base_tpot = (1e3 * b / mine if mine else None), (1e3 * base_b / base if base else None)
             table.append(
                 {
                     "what": f"decode b={b}",
@@ -607,6 +632,9 @@ def summarise(
                     "ceiling": ceil,
                     "ours_over_ceiling": mine / ceil if mine and ceil else None,
                     "ours_over_baseline": mine / base if mine and base else None,
+                    "baseline_batch": base_b,
+                    "tpot_ms": tpot,
+                    "tpot_over_baseline": tpot / base_tpot if tpot and base_tpot else None,
                     "limit": limit,
                     "ours_vs_limit": mine / limit if mine else None,
                     "ours_vs_transformers": mine / theirs if mine and theirs else None,
@@ -666,6 +694,11 @@ def print_table(result: dict) -> None:
             f"{t['what']:<14}{t['placement']:<19}{f(t['ours']):>9}{f(lo) + '-' + f(hi):>17}{f(t['wall_clock']):>9}"
             f"{f(t['ceiling']):>10}{f(t['ours_over_ceiling'], 3):>10}{f(t['ours_over_baseline'], 2):>10}"
             f"{f(t['transformers']):>9}{f(t['ours_vs_transformers'], 2):>11}"
+            + (
+                f"  (base at b={t['baseline_batch']}, tpot/base {f(t['tpot_over_baseline'], 2)})"
+                if t.get("baseline_batch") not in (None, int(t["what"].split("=")[1]))
+                else ""
+            )
             + (f"  !!! {t['error']}" if t["error"] else "")
         )
     peer = result.get("peers", {}).get("gpt_fast")
@@ -822,6 +855,13 @@ def main() -> None:
     )
     parser.add_argument("--profile-layers", type=int, default=4, help="layers in the one-process profile (0: none)")
     parser.add_argument("--load-path", action="store_true", help="also write and load a real safetensors checkpoint")
+    parser.add_argument(
+        "--placement-batches",
+        nargs="*",
+        default=[],
+        metavar="NAME=B[,B]",
+        help="extra batches for one placement, e.g. two_stages=256 (one GPU cannot hold 256: its 128 is the base)",
+    )
     parser.add_argument("--budget-s", type=float, default=560.0)
     parser.add_argument("--cpu-dry-run", action="store_true", help="tiny shapes on CPU: checks the script runs")
     args = parser.parse_args()
@@ -860,9 +900,10 @@ def main() -> None:
                 dim=1,
             )
 
-        # The two-GPU expert placements are slowest: they go last, after every model's others (LAST).
-        phases = [(m, [p for p in args.placements if p not in LAST]) for m in args.models]
-        phases += [(m, [p for p in args.placements if p in LAST]) for m in args.models]
+        # Each model's placements in the order given, its baseline first (every other figure is read against it): a
+        # run the budget cuts short keeps what came first. (The expert placements used to go last, when they ran on
+        # the host path and were slowest; the last two-GPU run then never reached them.)
+        phases = [(m, sorted(args.placements, key=lambda p, m=m: p != BASELINE[m])) for m in args.models]
         state: dict[str, dict] = {}
         for model, placements in phases:
             placements = [p for p in placements if model in PLACEMENTS[p][2]]
