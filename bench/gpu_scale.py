@@ -135,9 +135,11 @@ class MemoryWatch:
     def __init__(self, n_gpus: int) -> None:
         self.n = n_gpus
         self.peak = [0] * n_gpus
+        self.idle = [0] * n_gpus  # memory in use when the watch started: the level `wait_until_gpus_free` waits for
         self._stop = threading.Event()
         self.read = self._reader()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self.idle = [self.read(i) for i in range(n_gpus)]
         if n_gpus:
             self._thread.start()
 
@@ -487,6 +489,7 @@ def run_ours(
         "why": "one micro-batch per step: decode is bandwidth-bound and each micro-batch re-reads "
         "the weights; the step loop waits for all micro-batches, so more gain no overlap",
     }
+    print(f"[{stamp()}] {name}: starting, batches {batches}", flush=True)
     t0 = time.perf_counter()
     with ShardedCluster.start(path, step_timeout_s=300.0) as cluster:
         plan = cluster.plan  # settled against the checkpoint: what each worker holds
@@ -509,9 +512,12 @@ def run_ours(
                     "skipped": f"time budget (expected {guess:.0f} s, {deadline.left():.0f} s left)"
                 }
                 continue
+            print(f"[{stamp()}] {name}: batch {b}", flush=True)
             prompts = prompts_for(b, args.prompt_tokens).tolist()
             # Same batch size and slots as the timed runs: the decode step's CUDA graph is captured here, not there.
-            cluster.generate(prompts_for(b, 16).tolist(), params(3))
+            # Full-length prompts: the first 512-token prefill of a batch was slow once (0.92 s against 0.13), and the
+            # one-token run below is the wall-clock cross-check's t_1.
+            cluster.generate(prompts_for(b, args.prompt_tokens).tolist(), params(3))
             cluster.take_traces()
             t = time.perf_counter()
             cluster.generate(prompts, params(1))
@@ -548,7 +554,10 @@ def run_ours(
     if deadline.left() < 60:
         row["ttft_s"] = {"skipped": "time budget"}
         return row
-    path = placement_yaml(name, long_ckpt, 1, args.chunk, 1, args.chunk, args.cpu_dry_run, tmp)
+    chunk = ttft_chunk(name, args)
+    row["ttft_chunk"] = chunk
+    print(f"[{stamp()}] {name}: first token, chunks of {chunk}", flush=True)
+    path = placement_yaml(name, long_ckpt, 1, chunk, 1, chunk, args.cpu_dry_run, tmp)
     with ShardedCluster.start(path, step_timeout_s=300.0) as cluster:
         cluster.generate(prompts_for(1, 16).tolist(), SamplingParams(max_tokens=2, ignore_eos=True))
         for n in args.ttft_tokens:
@@ -568,6 +577,17 @@ def run_ours(
         )
     row["peak_gib_per_gpu_long"] = memory.take()
     return row
+
+
+def ttft_chunk(name: str, args) -> int:
+    """The prefill chunk of a placement's first-token phase: --chunk for one stage (one step is fastest), the smaller
+    --pipeline-chunk where several stages keep steps in flight, so a long prompt's chunks flow through them (stage 0
+    on chunk k + 1 while stage 1 runs chunk k)."""
+    spec = yaml.safe_load((EXAMPLES / PLACEMENTS[name][0]).read_text())
+    stages = len(spec["stages"]) if isinstance(spec.get("stages"), list) else 1
+    if stages == 1 or not args.pipeline_chunk:
+        return args.chunk
+    return min(args.chunk, args.pipeline_chunk // (8 if args.cpu_dry_run else 1))
 
 
 def batches_of(name: str, args) -> list[int]:
@@ -649,6 +669,7 @@ def summarise(
     for n in args.ttft_tokens:
         floor = prefill_flops(cfg, n) / hw["bf16_flop_per_s"]
         theirs = hf.get("ttft_s", {}).get(str(n))
+        base_ttft = baseline.get("ttft_s", {}).get(str(n)) if isinstance(baseline.get("ttft_s"), dict) else None
         for r in ours:
             mine = r.get("ttft_s", {}).get(str(n)) if isinstance(r.get("ttft_s"), dict) else None
             table.append(
@@ -660,6 +681,8 @@ def summarise(
                     "limit": floor,
                     "ours_vs_limit": mine / floor if mine else None,
                     "ours_vs_transformers": theirs / mine if mine and theirs else None,
+                    "ours_over_baseline": mine / base_ttft if mine and base_ttft else None,
+                    "chunk": r.get("ttft_chunk"),
                     "unit": "s",
                 }
             )
@@ -713,12 +736,14 @@ def print_table(result: dict) -> None:
             if t.get("ours_vs_gpt_fast"):
                 print(f"  ours / gpt-fast, {t['placement']} {t['what']}: {t['ours_vs_gpt_fast']:.2f}")
     print(f"\n== {result['model']}: first token, seconds (floor: FLOPs / matmul rate) ==")
-    print(f"{'what':<14}{'placement':<19}{'ours':>9}{'transf.':>9}{'floor':>9}{'ours/floor':>11}")
+    print(
+        f"{'what':<14}{'placement':<19}{'ours':>9}{'transf.':>9}{'floor':>9}{'ours/floor':>11}{'ours/base':>10}  chunk"
+    )
     for t in result["table"]:
         if t["what"].startswith("ttft"):
             print(
                 f"{t['what']:<14}{t['placement']:<19}{f(t['ours'], 3):>9}{f(t['transformers'], 3):>9}"
-                f"{f(t['limit'], 3):>9}{f(t['ours_vs_limit'], 2):>11}"
+                f"{f(t['limit'], 3):>9}{f(t['ours_vs_limit'], 2):>11}{f(t['ours_over_baseline'], 2):>10}  {t['chunk']}"
             )
 
 
@@ -841,6 +866,12 @@ def main() -> None:
         "--ttft-tokens", nargs="*", type=int, default=[4096, 16384], help="none: no first-token phase (no restart)"
     )
     parser.add_argument("--chunk", type=int, default=4096, help="prefill chunk (at most the window)")
+    parser.add_argument(
+        "--pipeline-chunk",
+        type=int,
+        default=1024,
+        help="prefill chunk of the first-token phase on placements of several stages (0: --chunk)",
+    )
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument(
         "--gpt-fast",
@@ -874,6 +905,9 @@ def main() -> None:
     n_gpus = 0 if dry else torch.cuda.device_count()
     devices = [torch.device("cpu")] if dry else [torch.device("cuda", i) for i in range(n_gpus)]
     hw = measure_hardware(devices, dry)
+    # Its 8 GiB of copy buffers per GPU stayed in the driver's cache and every wait for free GPUs below ran out its
+    # 60 s (2 minutes a placement in the 2026-11-30 run): give them back, then take what is left as the idle level.
+    free_cuda_memory(devices)
     print(
         f"hardware: {hw['hbm_bytes_per_s'] / 1e12:.2f} TB/s copy, {hw['ceiling_bytes_per_s'] / 1e12:.2f} TB/s for "
         f"the ceilings, {hw['bf16_flop_per_s'] / 1e12:.0f} TFLOP/s bf16",
@@ -916,7 +950,7 @@ def main() -> None:
                         {"placement": name, "skipped": f"needs {PLACEMENTS[name][1]} GPUs, host has {n_gpus}"}
                     )
                     continue
-                if deadline.left() < 90:
+                if deadline.left() < 120:  # a placement: ~20 s to start, a minute or two of batches
                     st["ours"].append({"placement": name, "skipped": "time budget"})
                     continue
                 try:
@@ -1040,12 +1074,25 @@ def first_visit(model, args, dry, tmp, devices, memory, prompts_for, deadline, h
 
 
 def wait_until_gpus_free(memory: MemoryWatch, timeout_s: float = 60.0) -> None:
-    """Killed shard processes free their GPU memory a moment after the call returns; the next placement needs it."""
+    """Killed shard processes free their GPU memory a moment after the call returns; the next placement needs it.
+    Free: within 2 GiB of what the GPU held when the watch started (the driver's own context and cache)."""
     end = time.monotonic() + timeout_s
     while memory.n and time.monotonic() < end:
-        if all(memory.read(i) < 8 * 2**30 for i in range(memory.n)):
+        if all(memory.read(i) < memory.idle[i] + 2 * 2**30 for i in range(memory.n)):
             return
         time.sleep(0.5)
+    if memory.n:
+        print(
+            f"[{stamp()}] GPUs still hold {[round(memory.read(i) / 2**30, 1) for i in range(memory.n)]} GiB", flush=True
+        )
+
+
+_T0 = time.monotonic()
+
+
+def stamp() -> str:
+    """Seconds since the script started: the log says where a device call's minutes went."""
+    return f"{time.monotonic() - _T0:6.1f} s"
 
 
 if __name__ == "__main__":

@@ -60,10 +60,11 @@ class ExpertServer:
 
     def attach(self, channel: Channel | None) -> None:
         """Serve on `channel` (None: the process group is being released). Decode micro-batches replay as CUDA
-        graphs where MISTRAL_CLUSTER_SERVER_GRAPHS=1 and the channel is NCCL (the far side of the stage's captured
-        dispatch); =eager replays without CUDA (what CPU tests use). Off by default until measured on GPUs."""
+        graphs where the channel is NCCL (the far side of the stage's captured dispatch): eagerly, each layer's
+        ~15 launches sat on the stage's critical path (two expert groups ran 0.64x one GPU at batch 1, 2026-11-30).
+        MISTRAL_CLUSTER_SERVER_GRAPHS=0 turns them off; =eager replays without CUDA (what CPU tests use)."""
         self.channel = channel
-        mode = os.environ.get("MISTRAL_CLUSTER_SERVER_GRAPHS", "0")
+        mode = os.environ.get("MISTRAL_CLUSTER_SERVER_GRAPHS", "1")
         self.graphs = None
         if channel is None or mode == "0":
             return
