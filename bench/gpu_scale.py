@@ -469,7 +469,7 @@ def run_ours(
 ) -> dict:
     import ray
 
-    from cluster.profile import decode_components
+    from cluster.profile import decode_components, step_timeline
     from cluster.router_actor import steps_in_flight
     from cluster.sharded import ShardedCluster
     from router.sampling import SamplingParams
@@ -545,7 +545,10 @@ def run_ours(
             row["decode"][str(b)] = checked_decode_figures(
                 f"{name} b={b}", b, runs, walls, t1, args.new_tokens, limit, groups
             )
-            row["decode"][str(b)]["components"] = decode_components([t for run in runs for t in run], b)
+            size = -(-b // groups)  # sequences a step carries: with steps in flight, one group's
+            row["decode"][str(b)]["components"] = decode_components([t for run in runs for t in run], size)
+            if groups > 1:  # do the stages overlap? (the components' router share means little then)
+                row["decode"][str(b)]["timeline"] = step_timeline(runs[-1], size)
         row["expert_load"] = cluster.expert_load() if cfg.is_moe else None
     wait_until_gpus_free(memory)
     row["peak_gib_per_gpu_throughput"] = memory.take()  # the reset reads memory after the shards are gone

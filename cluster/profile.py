@@ -106,3 +106,35 @@ def decode_components(traces: list[StepTrace], batch: int) -> dict:
 
 def _rounded(d: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 3) for k, v in d.items()}
+
+
+def step_timeline(traces: list[StepTrace], size: int, steps: int = 8) -> list[dict]:
+    """`steps` decode steps of `size` sequences from the middle of a run, in ms from the first one's sending: when
+    the router sent and got back each, and when each stage entered, ran and left it. With steps in flight this shows
+    whether the stages overlap (stage 0 on step n + 1 while stage 1 runs step n) or take turns."""
+    decode = sorted((t for t in traces if t.tokens == t.sequences == size), key=lambda t: t.step)
+    middle = decode[len(decode) // 2 : len(decode) // 2 + steps]
+    if not middle:
+        return []
+    t0 = middle[0].called
+
+    def ms(t: float) -> float:
+        return round(1000 * (t - t0), 3)
+
+    return [
+        {
+            "step": t.step,
+            "sent": ms(t.called),
+            "returned": ms(t.returned),
+            "stages": [
+                {
+                    "stage": s.stage,
+                    "entered": ms(s.entered),
+                    "ran": [[ms(sp.start), ms(sp.end)] for sp in s.spans],
+                    "left": ms(s.left),
+                }
+                for s in t.stages
+            ],
+        }
+        for t in middle
+    ]

@@ -190,12 +190,21 @@ def test_one_gpu_gains_nothing_from_steps_in_flight():
     assert two == pytest.approx(one, rel=1e-12)  # the one GPU reads everything twice per cycle
 
 
-def test_with_steps_in_flight_the_rate_is_tokens_over_the_span_of_the_decode_steps():
-    # two groups of 2 sequences, overlapping: each step 20 ms, a new one every 10 ms
+def test_with_steps_in_flight_the_rate_is_the_steady_rate_of_returns():
+    # two groups of 2 sequences, overlapping: each step 20 ms, one returning every 10 ms
     traces = [StepTrace(i, 2, 2, 1, 0.02, 0.01 * i, 0.01 * i + 0.02, ()) for i in range(10)]
     rate = decode_rate([traces], 4, groups=2)
-    assert rate["tokens_per_s"] == pytest.approx(20 / 0.11)  # 20 tokens from 0 to 110 ms
+    assert rate["tokens_per_s"] == pytest.approx(16 / 0.08)  # steps 2-9: 16 tokens, returned 30 to 110 ms
     assert decode_rate([traces], 4)["tokens_per_s"] is None  # taken as one group: no step of 4 sequences
+
+
+def test_with_steps_in_flight_the_other_groups_prefill_does_not_count():
+    # Group A's first decode step is sent at 0 but waits behind group B's 1 s prefill on the stages; after it the
+    # groups return every 10 ms. Counting from its sending would read 2 x 20 / 1.2 s = 33 tokens/s.
+    first = StepTrace(0, 2, 2, 1, 1.02, 0.0, 1.02, ())
+    rest = [StepTrace(i, 2, 2, 1, 0.02, 1.0 + 0.01 * i, 1.02 + 0.01 * i, ()) for i in range(1, 20)]
+    rate = decode_rate([[first, *rest]], 4, groups=2)
+    assert rate["tokens_per_s"] == pytest.approx(36 / 0.18)  # steps 2-19 returned from 1.03 to 1.21 s
 
 
 # Mixtral 8x22B in bf16: dim 6144, 48 query and 8 KV heads of 128, 16384 hidden, 8 experts, vocabulary 32768, 56 layers.

@@ -20,3 +20,26 @@ def test_expert_compute_is_summed_per_worker_and_idle_workers_are_left_out():
     table = profile_table([], traces)
     assert "experts0 expert compute" in table and "stage1+experts1 expert compute" in table
     assert "stage0 expert" not in table
+
+
+def test_the_step_timeline_says_whether_two_stages_overlap():
+    """Two stages, two steps in flight, 10 ms a stage: stage 0 runs step n + 1 while stage 1 runs step n."""
+    from cluster.profile import step_timeline
+    from router.step import MicrobatchSpan, StageResult, StepTrace, TransportTally
+
+    def stage(k: int, start: float) -> StageResult:
+        return StageResult(
+            k, 0, (MicrobatchSpan(0, start, start + 0.01, 0.0),), 0.0, TransportTally(), 0.0, start, start + 0.01
+        )
+
+    traces = [
+        StepTrace(n, 4, 4, 1, 0.02, 0.01 * n, 0.01 * n + 0.02, (stage(0, 0.01 * n), stage(1, 0.01 * n + 0.01)))
+        for n in range(10)
+    ]
+    traces.append(StepTrace(10, 8, 8, 1, 0.02, 0.2, 0.22, ()))  # another size: left out
+    timeline = step_timeline(traces, 4, steps=3)
+    assert [t["step"] for t in timeline] == [5, 6, 7]
+    first, second = timeline[0], timeline[1]
+    assert first["sent"] == 0 and first["returned"] == 20
+    stage1_of_first, stage0_of_second = first["stages"][1]["ran"][0], second["stages"][0]["ran"][0]
+    assert stage0_of_second == [10, 20] and stage1_of_first == [10, 20]  # the same 10 ms on the two GPUs
