@@ -29,8 +29,8 @@ DEFAULT_TOKEN_BUDGET = 2048
 DEFAULT_MAX_CHUNK = 512  # the prefill chunk when none is given, capped by the cache capacity and the token budget
 
 
-@dataclass
-class Sequence:
+@dataclass(eq=False)  # one request's state: equal only to itself (a field-by-field __eq__ made `list.index`, `in`
+class Sequence:  # and `remove` cost O(fields) per element: 2.4 ms a schedule at 128 sequences, 9 ms at 256)
     seq_id: int
     prompt_ids: list[int]
     params: SamplingParams
@@ -53,6 +53,19 @@ class Sequence:
     @property
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_run(self, start: int, n: int) -> list[int]:
+        """tokens[start : start + n] without building `tokens` (a 512-token prompt copied per sequence per step)."""
+        lp = len(self.prompt_ids)
+        if start >= lp:
+            return self.output_ids[start - lp : start - lp + n]
+        if start + n <= lp:
+            return self.prompt_ids[start : start + n]
+        return self.prompt_ids[start:] + self.output_ids[: start + n - lp]
 
     @property
     def pending(self) -> int:
@@ -195,9 +208,13 @@ class Scheduler:
                 budget -= n
         if not chosen:
             return None
-        chosen.sort(key=lambda sn: self.running.index(sn[0]))
-        token_ids = np.array([t for seq, n in chosen for t in seq.tokens[seq.cached : seq.cached + n]], np.int64)
-        want_logits = tuple(seq.cached + n == len(seq.tokens) for seq, n in chosen)
+        position = {id(seq): i for i, seq in enumerate(self.running)}
+        chosen.sort(key=lambda sn: position[id(sn[0])])
+        if all(n == 1 for _, n in chosen):  # a decode step: each sequence's last token
+            token_ids = np.fromiter((seq.token_run(seq.cached, 1)[0] for seq, _ in chosen), np.int64, len(chosen))
+        else:
+            token_ids = np.array([t for seq, n in chosen for t in seq.token_run(seq.cached, n)], np.int64)
+        want_logits = tuple(seq.cached + n == seq.n_tokens for seq, n in chosen)
         plan = StepPlan(
             slots=tuple(seq.slot for seq, _ in chosen),
             starts=tuple(seq.cached for seq, _ in chosen),
@@ -247,7 +264,7 @@ class Scheduler:
         p = seq.params
         if (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
             seq.finish_reason = "stop"
-        elif len(seq.output_ids) >= p.max_tokens or len(seq.tokens) >= self.max_seq_len:
+        elif len(seq.output_ids) >= p.max_tokens or seq.n_tokens >= self.max_seq_len:
             seq.finish_reason = "length"
 
     def finish(self, seq: Sequence, reason: str) -> None:
