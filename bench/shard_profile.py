@@ -114,10 +114,15 @@ def profile_graphed_decode(shard, cache, decode, cfg: ModelConfig, capacity: int
     kernel ran. The eager figures above time the launches too; inside a graph what is left is kernels and the gaps
     between them, which is where a captured stage's time must be looked for (issue 18: the compiled layers cut 0.3
     ms of a 12 ms stage)."""
+    from shards.compiled_decode import CompiledDecode, compile_requested
     from shards.decode_graphs import DecodeGraphs
     from shards.kv_cache import StepLayout
 
-    graphs = DecodeGraphs(shard, cache, replay="cuda" if device.type == "cuda" else "eager")
+    compiled = None
+    if compile_requested():  # MISTRAL_CLUSTER_COMPILE=1: the layers as the cluster then runs them
+        compiled = CompiledDecode(shard, cache, (len(decode.slots),))
+        compiled.warm_up()
+    graphs = DecodeGraphs(shard, cache, replay="cuda" if device.type == "cuda" else "eager", compiled=compiled)
     layers = len(shard.layers)
 
     def step():
@@ -135,7 +140,12 @@ def profile_graphed_decode(shard, cache, decode, cfg: ModelConfig, capacity: int
         sync(device)
         wall = (time.perf_counter() - t0) / 10
         ops, prof = top_ops(step, device, n=16)
-    out = {"replays": graphs.replays, "step_ms_per_layer": round(1000 * wall / layers, 4), "top_ops": ops}
+    out = {
+        "compiled": compiled is not None,
+        "replays": graphs.replays,
+        "step_ms_per_layer": round(1000 * wall / layers, 4),
+        "top_ops": ops,
+    }
     if device.type == "cuda":
         kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
         busy_us = sum(e.self_device_time_total for e in kernels)
