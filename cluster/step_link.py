@@ -78,6 +78,7 @@ class RouterLink:
         self._server = socket.create_server((host, 0))
         self.address = (host, self._server.getsockname()[1])
         self.workers: dict[int, socket.socket] = {}
+        self.closed = False
 
     def accept(self, n_workers: int, timeout_s: float) -> bool:
         """Take the connections of workers that come within `timeout_s`; True once all `n_workers` have (each says
@@ -99,6 +100,8 @@ class RouterLink:
         return True
 
     def send_plan(self, payload: np.ndarray) -> None:
+        if self.closed:
+            raise LinkClosed("the step link is closed (the data plane is being replaced)")
         frame = _frame(PLAN, payload.astype(np.int64, copy=False).tobytes())
         for index, sock in self.workers.items():
             try:
@@ -111,6 +114,8 @@ class RouterLink:
         and so does silence past `timeout_s`; the exception's `worker` says which."""
         deadline = time.monotonic() + timeout_s
         socks = {sock: index for index, sock in self.workers.items()}
+        if self.closed or not socks:  # select over no socket would only sleep out the deadline
+            raise LinkClosed("the step link is closed (the data plane is being replaced)")
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -129,6 +134,7 @@ class RouterLink:
                 raise WorkerFailed(f"worker {index} sent an unexpected frame of kind {kind}", index)
 
     def close(self) -> None:
+        self.closed = True
         for sock in [*self.workers.values(), self._server]:
             _close(sock)
         self.workers = {}

@@ -420,6 +420,9 @@ def test_a_wedged_stage_that_still_answers_pings_is_found_by_the_step_deadline(r
     the monitor sees nothing; the step deadline, derived from recent step times, fails the step; recovery finds
     the worker unable to leave the data plane, kills and restarts it; the streams go on with exactly their tokens."""
     prompts, expected = prompts_and_expected
+    # The deadline tightens only after steps have been timed since the last (re)start: run some first, or the wedge
+    # may land in the warm-up, where the deadline is the whole 20 s step timeout (it did, run alone).
+    next_requests_are_exact(resume_server, prompts, expected)
     worker, _ = shard_actor("stage1")
     results, recovery = run_with_fault(resume_server, prompts, lambda: ray.get(worker.inject_stall.remote(600)))
     health = record_recovery("wedged stage1 (answers pings)", recovery)
@@ -432,6 +435,9 @@ def test_a_wedged_stage_that_still_answers_pings_is_found_by_the_step_deadline(r
     deadline = float(re.search(r"deadline of ([0-9.]+) s", found[0][1]).group(1))
     RESULTS["wedged stage1 (answers pings)"]["deadline_s"] = deadline
     assert deadline < 20, found  # derived from the steps' times, not the 20 s step timeout (nor 120 s)
+    # Unready as soon as the wedged step's deadline ran out: not after the step in flight behind it waited out its
+    # own deadline too (it did, at deadline + 5.2 s, until a closed step link failed waits at once).
+    assert found[0][0] < deadline + 3, found
     assert health.restarted and health.restarted[-1] == ("stage1",), health  # only the wedged one was replaced
     next_requests_are_exact(resume_server, prompts, expected)
 

@@ -7,14 +7,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 
+import numpy as np
 import pytest
 import yaml
 
 from cluster import router_actor
 from cluster.placement_file import settle_placement
 from cluster.router_actor import RouterActor
-from cluster.step_link import RouterLink, WorkerFailed, WorkerLink
+from cluster.step_link import LinkClosed, RouterLink, WorkerFailed, WorkerLink
 from cluster.step_wire import decode_plan
 from cluster.workers import group_workers
 from router.sampling import SamplingParams
@@ -100,4 +102,36 @@ def test_the_step_link_says_which_worker_sent_an_error():
         router.recv_result(0, timeout_s=10)
     assert failed.value.worker == 2
     for link in [*workers, router]:
+        link.close()
+
+
+def test_a_closed_step_link_fails_a_wait_at_once_not_at_its_deadline():
+    """Recovery closes the link while steps are still in flight: their waits must end now (a select over no socket
+    used to sleep out the whole deadline, 5 s a step, in every wedged-stage recovery)."""
+    router = RouterLink("127.0.0.1")
+    workers = [WorkerLink(router.address, i, timeout_s=10) for i in range(2)]
+    assert router.accept(2, timeout_s=10)
+    waited: dict = {}
+
+    def wait() -> None:
+        t0 = time.monotonic()
+        try:
+            router.recv_result(1, timeout_s=30)
+        except LinkClosed as e:
+            waited["error"] = e
+        waited["seconds"] = time.monotonic() - t0
+
+    blocked = threading.Thread(target=wait)
+    blocked.start()
+    time.sleep(0.2)
+    router.close()  # from another thread, as recovery does
+    blocked.join(10)
+    assert isinstance(waited.get("error"), LinkClosed) and waited["seconds"] < 5, waited
+    t0 = time.monotonic()  # and a wait that begins after the close
+    with pytest.raises(LinkClosed, match="closed"):
+        router.recv_result(1, timeout_s=30)
+    with pytest.raises(LinkClosed, match="closed"):
+        router.send_plan(np.zeros(4, np.int64))
+    assert time.monotonic() - t0 < 1
+    for link in workers:
         link.close()
