@@ -36,7 +36,7 @@ from cluster.transport import (
     node_ip,
     threads_waiting,
 )
-from cluster.workers import WorkerMap, group_workers
+from cluster.workers import WorkerMap, busy_workers, group_workers
 from router.step import ExpertTrace, ShardLocation, StageResult
 from shards.checkpoint import CheckpointReader
 from shards.model import ExpertShard
@@ -57,27 +57,6 @@ def data_channels(plan, workers: WorkerMap) -> list[ChannelKey]:
         holders = {workers.of_group(g.index).index for g in plan.expert_groups if set(g.layers) & set(stage.layers)}
         keys += [ChannelKey("experts", a, b, s) for b in sorted(holders - {a})]
     return keys
-
-
-def concurrent_loops(plan, workers: WorkerMap) -> bool:
-    """Whether some worker runs more than one loop that exchanges messages (a stage and an expert service, or
-    services for several stages), each on its own communicator.
-
-    NCCL does not promise progress for operations of several communicators in flight on one GPU at once: a
-    receive spinning in one blocks the device synchronisation another may need (its lazy connection setup, a
-    memory allocation). Measured on 2 x H200: two stages whose workers also serve each other's expert groups hung
-    in the first step. Such a data plane goes through host memory (gloo) until a schedule that orders every
-    worker's messages on one communicator exists; MISTRAL_CLUSTER_CONCURRENT_NCCL=1 tries NCCL anyway (with
-    NCCL_RUNTIME_CONNECT=0, every connection made when the group forms)."""
-    for w in workers.workers:
-        served = [
-            s
-            for s, stage in enumerate(plan.stages)
-            if s not in w.stages and any(set(plan.expert_groups[g].layers) & set(stage.layers) for g in w.expert_groups)
-        ]
-        if len(w.stages) + len(served) > 1:
-            return True
-    return False
 
 
 def _process_start_time() -> float:
@@ -173,7 +152,7 @@ class ShardWorker:
 
     def _join(self, master_addr, master_port, timeout_s, device_keys, router_address) -> str:
         world = len(self.workers.workers)
-        via_host = concurrent_loops(self.plan, self.workers)
+        via_host = bool(busy_workers(self.plan, self.workers.workers))
         if via_host and os.environ.get("MISTRAL_CLUSTER_CONCURRENT_NCCL") == "1":
             via_host = False
             os.environ.setdefault("NCCL_RUNTIME_CONNECT", "0")

@@ -68,6 +68,47 @@ def group_workers(plan: PlacementPlan) -> tuple[WorkerSpec, ...]:
     return tuple(workers)
 
 
+def busy_workers(plan: PlacementPlan, workers: tuple[WorkerSpec, ...]) -> list[str]:
+    """The workers that run more than one loop exchanging messages (a stage and an expert service, or services for
+    several stages), each on its own communicator, named with what they run. Empty: every worker runs one loop.
+
+    NCCL does not promise progress for operations of several communicators in flight on one GPU at once: a
+    receive spinning in one blocks the device synchronisation another may need (its lazy connection setup, a
+    memory allocation). Measured on 2 x H200: two stages whose workers also serve each other's expert groups hung
+    in the first step. Such a data plane goes through host memory (gloo) until a schedule that orders every
+    worker's messages on one communicator exists; MISTRAL_CLUSTER_CONCURRENT_NCCL=1 tries NCCL anyway (with
+    NCCL_RUNTIME_CONNECT=0, every connection made when the group forms). `mistral-cluster plan` says so."""
+    busy = []
+    for w in workers:
+        served = [
+            s
+            for s, stage in enumerate(plan.stages)
+            if s not in w.stages and any(set(plan.expert_groups[g].layers) & set(stage.layers) for g in w.expert_groups)
+        ]
+        if len(w.stages) + len(served) > 1:
+            loops = [f"stage{s}" for s in w.stages] + [f"experts for stage{s}" for s in served]
+            busy.append(f"{w.name} ({', '.join(loops)})")
+    return busy
+
+
+def data_plane(plan: PlacementPlan) -> dict:
+    """How this placement's workers will exchange activations, and why: what `mistral-cluster plan` prints."""
+    on_gpus = any(spec.resources.get("GPU", 0) > 0 for spec in plan._in_bundle_order())
+    busy = busy_workers(plan, group_workers(plan))
+    if not on_gpus:
+        return {"transport": "gloo", "busy_workers": busy, "note": "CPU workers: gloo"}
+    if not busy:
+        return {"transport": "nccl", "busy_workers": [], "note": "NCCL between GPUs, decode steps as CUDA graphs"}
+    return {
+        "transport": "host",
+        "busy_workers": busy,
+        "note": f"through host memory (gloo), no CUDA graphs: {'; '.join(busy)} run several message loops on one GPU, "
+        "and NCCL with several communicators in flight on one GPU hung on 2 H200s. Measured: the two-GPU mixed "
+        "example decodes at 0.2x one GPU (bench/NOTES.md). Faster: a stage's experts beside it or on their own GPU "
+        "(mixtral-2gpu-experts.yaml); MISTRAL_CLUSTER_CONCURRENT_NCCL=1 tries NCCL anyway.",
+    }
+
+
 def _custom(spec: StageSpec | ExpertGroupSpec) -> frozenset[str]:
     """The custom resources a shard asks for (what pins it to nodes): only shards pinned alike share a worker."""
     return frozenset(k for k in spec.resources if k not in _BUILTIN)

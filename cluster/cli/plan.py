@@ -10,6 +10,7 @@ import json
 from cluster.cli.usage import UsageError
 from cluster.placement_file import settle_placement
 from cluster.reservation import check_gpu_memory, placement_table, ray_session, reserve
+from cluster.workers import data_plane
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,6 +48,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                     "strategy": plan.strategy,
                     "placement_group": group_id,
                     "shards": [p.to_dict() for p in placements],
+                    "data_plane": data_plane(plan),
                 },
                 indent=2,
             )
@@ -57,6 +59,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"{plan.dtype}, strategy {plan.strategy}, checkpoint {plan.checkpoint}"
         )
         print(placement_table(placements))
+        print(f"data plane: {data_plane(plan)['note']}")
     return 0
 
 

@@ -10,8 +10,8 @@ import pytest
 from cluster.placement import validate_against_model
 from cluster.placement_file import load_placement
 from cluster.transport import ChannelKey
-from cluster.worker_actor import concurrent_loops, data_channels
-from cluster.workers import WorkerMap, group_workers
+from cluster.worker_actor import data_channels
+from cluster.workers import WorkerMap, busy_workers, data_plane, group_workers
 from shards.config import preset
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"
@@ -85,7 +85,16 @@ def test_shards_pinned_to_different_nodes_never_share_a_worker(tmp_path):
 )
 def test_workers_running_several_message_loops_are_found(name, concurrent):
     plan = example(name)
-    assert concurrent_loops(plan, WorkerMap(group_workers(plan))) is concurrent
+    busy = busy_workers(plan, group_workers(plan))
+    assert bool(busy) is concurrent, busy
+
+
+def test_a_busy_worker_is_named_with_the_loops_it_runs():
+    plan = example("mixtral-2gpu-mixed.yaml")
+    assert busy_workers(plan, group_workers(plan)) == [
+        "stage0+experts0 (stage0, experts for stage1)",
+        "stage1+experts1 (stage1, experts for stage0)",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -99,3 +108,11 @@ def test_workers_running_several_message_loops_are_found(name, concurrent):
 def test_each_four_gpu_example_is_four_workers_of_one_whole_gpu(name, workers):
     plan = example(name)
     assert [(w.name, w.bundle["GPU"]) for w in group_workers(plan)] == [(w, 1.0) for w in workers]
+
+
+def test_plan_says_which_placements_go_through_host_memory_and_why():
+    mixed = data_plane(example("mixtral-2gpu-mixed.yaml"))
+    assert mixed["transport"] == "host"
+    assert "stage0+experts0 (stage0, experts for stage1)" in mixed["note"] and "0.2x one GPU" in mixed["note"]
+    assert data_plane(example("mixtral-2gpu-experts.yaml"))["transport"] == "nccl"
+    assert data_plane(example("local.yaml"))["transport"] == "gloo"
