@@ -204,24 +204,27 @@ def decode_rate(runs: list[list[StepTrace]], batch: int, groups: int = 1) -> dic
     other groups' prompts still prefill ahead of it on the stages (2026-11-30: counting from its sending put a
     prefill of 32k tokens into the span and read two stages at 2310 tokens/s where the wall clock said 3107): the
     steady rate instead, the tokens of the steps after the first `groups` over the time from the return of the
-    `groups`-th to the return of the last. Over runs: the median of the per-run means and their spread."""
+    `groups`-th to the return of the last. Over runs: the median of the per-run means and their spread.
+    `steady_tokens_per_s` is that steady rate for every placement (with one step at a time it counts the router's
+    work between steps, which the summed step seconds leave out): compare placements with and without steps in
+    flight by it."""
     per_run = []
     for traces in runs:
         steps = sorted(decode_steps(traces, batch, groups), key=lambda t: t.step)
         if not steps:
             continue
         tokens = sum(t.tokens for t in steps)
-        if groups > 1:
-            if len(steps) <= groups:
-                continue
-            span = steps[-1].returned - steps[groups - 1].returned
-            rate = sum(t.tokens for t in steps[groups:]) / span if span > 0 else None
-        else:
-            rate = tokens / sum(t.seconds for t in steps)
+        if groups > 1 and len(steps) <= groups:
+            continue
+        # tokens returned per second once every group has a step out: the router's work between steps counted
+        span = steps[-1].returned - steps[groups - 1].returned if len(steps) > groups else 0.0
+        steady = sum(t.tokens for t in steps[groups:]) / span if span > 0 else None
+        rate = steady if groups > 1 else tokens / sum(t.seconds for t in steps)
         row = {
             "steps": len(steps),
             "step_ms": 1000 * sum(t.seconds for t in steps) / len(steps),
             "tokens_per_s": rate,
+            "steady_tokens_per_s": steady,
         }
         gaps = [b.called - a.called for a, b in zip(steps, steps[1:], strict=False) if b.step == a.step + 1]
         size = steps[0].sequences
@@ -234,8 +237,11 @@ def decode_rate(runs: list[list[StepTrace]], batch: int, groups: int = 1) -> dic
     if not means:
         return {"tokens_per_s": None, "runs": per_run, "error": "the decode steps took no measurable time"}
     cadence = [r["cadence_tokens_per_s"] for r in per_run if r["cadence_tokens_per_s"] is not None]
+    steady = [r["steady_tokens_per_s"] for r in per_run if r["steady_tokens_per_s"] is not None]
     return {
         "tokens_per_s": statistics.median(means),
+        # One method for every placement (one step at a time or several in flight): compare placements with it.
+        "steady_tokens_per_s": statistics.median(steady) if steady else None,
         "tokens_per_s_min": min(means),
         "tokens_per_s_max": max(means),
         "cadence_tokens_per_s": statistics.median(cadence) if cadence else None,
@@ -280,11 +286,20 @@ def checked_decode_figures(
     out["wall_tokens_per_s"] = batch * (n - 1) / (tn - t1) if tn > t1 else None
     top = limit["ceiling_tokens_per_s"]
     out.update(wall_s=walls, prefill_s=t1, ceiling_tokens_per_s=top, ceiling=limit)
-    traced = {k: out.get(k) for k in ("tokens_per_s", "tokens_per_s_min", "tokens_per_s_max", "cadence_tokens_per_s")}
+    traced = {
+        k: out.get(k)
+        for k in ("tokens_per_s", "tokens_per_s_min", "tokens_per_s_max", "cadence_tokens_per_s", "steady_tokens_per_s")
+    }
     traced.update({f"run {i} tokens_per_s": r["tokens_per_s"] for i, r in enumerate(out["runs"])})
     traced_errors = refused(traced, top)
     if traced_errors:
-        out.update(tokens_per_s=None, tokens_per_s_min=None, tokens_per_s_max=None, cadence_tokens_per_s=None)
+        out.update(
+            tokens_per_s=None,
+            tokens_per_s_min=None,
+            tokens_per_s_max=None,
+            cadence_tokens_per_s=None,
+            steady_tokens_per_s=None,
+        )
         out["refused_runs"] = out.pop("runs")
     wall_errors = refused({"wall_tokens_per_s": out["wall_tokens_per_s"]}, top)
     if wall_errors:

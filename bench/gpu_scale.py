@@ -637,6 +637,7 @@ def summarise(
         theirs = hf.get("decode", {}).get(str(b), {}).get("tokens_per_s")
         gpt_fast = peers.get("gpt_fast", {}).get("decode", {}).get(str(b), {}).get("tokens_per_s")
         base = baseline.get("decode", {}).get(str(base_b), {}).get("tokens_per_s")
+        base_steady = baseline.get("decode", {}).get(str(base_b), {}).get("steady_tokens_per_s")
         for r in ours:
             d = r.get("decode", {}).get(str(b), {})
             if not d:
@@ -656,6 +657,10 @@ def summarise(
                     "ours_over_ceiling": mine / ceil if mine and ceil else None,
                     "ours_over_baseline": mine / base if mine and base else None,
                     "baseline_batch": base_b,
+                    "steady": d.get("steady_tokens_per_s"),
+                    "steady_over_baseline": d["steady_tokens_per_s"] / base_steady
+                    if d.get("steady_tokens_per_s") and base_steady
+                    else None,
                     "tpot_ms": tpot,
                     "tpot_over_baseline": tpot / base_tpot if tpot and base_tpot else None,
                     "limit": limit,
@@ -710,7 +715,7 @@ def print_table(result: dict) -> None:
     )
     print(
         f"{'what':<14}{'placement':<19}{'ours':>9}{'min-max':>17}{'wall':>9}{'ceiling':>10}{'ours/ceil':>10}"
-        f"{'ours/base':>10}{'transf.':>9}{'vs transf.':>11}"
+        f"{'ours/base':>10}{'transf.':>9}{'vs transf.':>11}{'steady':>9}{'/base':>8}"
     )
     for t in result["table"]:
         if not t["what"].startswith("decode"):
@@ -720,6 +725,7 @@ def print_table(result: dict) -> None:
             f"{t['what']:<14}{t['placement']:<19}{f(t['ours']):>9}{f(lo) + '-' + f(hi):>17}{f(t['wall_clock']):>9}"
             f"{f(t['ceiling']):>10}{f(t['ours_over_ceiling'], 3):>10}{f(t['ours_over_baseline'], 2):>10}"
             f"{f(t['transformers']):>9}{f(t['ours_vs_transformers'], 2):>11}"
+            f"{f(t.get('steady')):>9}{f(t.get('steady_over_baseline'), 2):>8}"
             + (
                 f"  (base at b={t['baseline_batch']}, tpot/base {f(t['tpot_over_baseline'], 2)})"
                 if t.get("baseline_batch") not in (None, int(t["what"].split("=")[1]))

@@ -259,3 +259,11 @@ def test_two_by_two_of_8x22b_sums_each_stages_slowest_gpu_with_two_steps_in_flig
     }
     # A cycle: each step crosses both stages (stage0 + stage1), and GPU 1 reads its share once per step (2 x stage1).
     assert c["step_ms"] == pytest.approx(1000 * max(stage0 + stage1, 2 * stage1) / BW, rel=1e-12)
+
+
+def test_the_steady_rate_counts_the_routers_work_between_steps_for_one_step_at_a_time():
+    # one step in flight: each step 10 ms, 5 ms of router work before the next is sent
+    traces = [StepTrace(i, 4, 4, 1, 0.01, 0.015 * i, 0.015 * i + 0.01, ()) for i in range(11)]
+    rate = decode_rate([traces], 4)
+    assert rate["tokens_per_s"] == pytest.approx(4 / 0.01)  # the steps' own seconds
+    assert rate["steady_tokens_per_s"] == pytest.approx(40 / 0.15)  # 10 steps returned over 150 ms
