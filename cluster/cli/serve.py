@@ -160,7 +160,9 @@ def drain_and_shutdown(timeout_s: float, grpc: GrpcFront | None = None) -> None:
     except Exception as e:  # noqa: BLE001 - a failed drain must not stop the shutdown
         print(f"drain failed ({type(e).__name__}: {e}); shutting down anyway", file=sys.stderr)
     if grpc is not None:
-        grpc.stop()
+        # A little grace when draining: a call the drain just ended may still be sending its last status ("shutting
+        # down"), which a stop without grace replaces by "Cancelling all calls" (seen once in CI). Ctrl-C: none.
+        grpc.stop(grace_s=2.0 if timeout_s > 0 else 0.0)
     serve.shutdown()
 
 
