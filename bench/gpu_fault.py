@@ -153,9 +153,7 @@ def fault_round(cluster, prompts, params, expected, inject) -> dict:
     health = cluster.health().health
     return {
         "recovery_seconds": back,
-        "identical": [r.token_ids == e for r, e in zip(out.get("r", []), expected, strict=False)]
-        if "r" in out
-        else [False],
+        "identical": [r.token_ids == e for r, e in zip(out["r"], expected, strict=True)] if "r" in out else [False],
         "restarted": list(health.restarted[-1]) if health.restarted else [],
         "restart_phases_s": {w: dict(p) for w, p in health.last_restart_phases},
         "shard_failures": health.shard_failures,

@@ -50,7 +50,7 @@ from bench.ceilings import (
     uniform_distinct_experts,
     weight_bytes,
 )
-from bench.shard_profile import profile_components, sync
+from bench.shard_profile import profile_components, sync, timed
 from shards.config import PRESETS, ModelConfig, load_config
 from shards.kv_cache import cache_capacity
 from shards.random_source import random_tensor, write_random_checkpoint
@@ -85,17 +85,6 @@ class Deadline:
 
 
 # --- the hardware's limits ---------------------------------------------------------------------------------------
-
-
-def timed(fn, device: torch.device, repeat: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t0) / repeat
 
 
 def measure_hardware(devices: list[torch.device], dry: bool) -> dict:
@@ -135,10 +124,10 @@ class MemoryWatch:
     def __init__(self, n_gpus: int) -> None:
         self.n = n_gpus
         self.peak = [0] * n_gpus
-        self.idle = [0] * n_gpus  # memory in use when the watch started: the level `wait_until_gpus_free` waits for
         self._stop = threading.Event()
         self.read = self._reader()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        # memory in use when the watch started: the level `wait_until_gpus_free` waits for
         self.idle = [self.read(i) for i in range(n_gpus)]
         if n_gpus:
             self._thread.start()
@@ -950,9 +939,7 @@ def main() -> None:
         state: dict[str, dict] = {}
         for model, placements in phases:
             placements = [p for p in placements if model in PLACEMENTS[p][2]]
-            if model not in state:
-                state[model] = first_visit(model, args, dry, tmp, devices, memory, prompts_for, deadline, hw)
-            st = state[model]
+            st = state[model] = first_visit(model, args, dry, tmp, devices, memory, prompts_for, deadline, hw)
             for name in placements:
                 if not dry and PLACEMENTS[name][1] > n_gpus:
                     st["ours"].append(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
 import time
@@ -59,9 +60,7 @@ def main() -> None:
         ms = asyncio.run(per_step_ms(batch, args.tokens, groups))
         rows.append({"batch": batch, "steps_in_flight": groups, "host_ms_per_cycle": round(ms, 3)})
         print(f"batch {batch:4d}, {groups} in flight: {ms:.2f} ms of router host work per cycle", flush=True)
-    args.out.write_text(
-        json.dumps({"machine": platform.node(), "cpus": __import__("os").cpu_count(), "rows": rows}, indent=2) + "\n"
-    )
+    args.out.write_text(json.dumps({"machine": platform.node(), "cpus": os.cpu_count(), "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -20,6 +20,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(fn, device: torch.device, repeat: int, warmup: int = 2) -> float:
+    """Seconds per call of `fn`, the device synchronised around `repeat` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / repeat
+
+
 def profile_components(
     cfg: ModelConfig, device: torch.device, batches: list[int], layers: int, tmp: Path, seed: int, std: float
 ) -> dict:
@@ -131,14 +143,7 @@ def profile_graphed_decode(shard, cache, decode, cfg: ModelConfig, capacity: int
         return graphs.run(h, layout, None)
 
     with torch.inference_mode():
-        for _ in range(3):  # the first runs eagerly and is captured
-            step()
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(10):
-            step()
-        sync(device)
-        wall = (time.perf_counter() - t0) / 10
+        wall = timed(step, device, repeat=10, warmup=3)  # the first warm-up runs eagerly and is captured
         ops, prof = top_ops(step, device, n=16)
     out = {
         "compiled": compiled is not None,
@@ -170,13 +175,7 @@ def profile_prefill(shard, cfg: ModelConfig, device: torch.device, dtype: torch.
         return shard.run_layers(shard.embed(torch.as_tensor(batch.token_ids).to(device)), layout, cache)
 
     with torch.inference_mode():
-        step()
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(3):
-            step()
-        sync(device)
-        wall = (time.perf_counter() - t0) / 3
+        wall = timed(step, device, repeat=3, warmup=1)
         ops, _ = top_ops(step, device)
     per_layer = prefill_flops(replace(cfg, n_layers=1), tokens) - 2 * cfg.vocab_size * cfg.dim  # layers only
     return {
