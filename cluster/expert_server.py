@@ -20,7 +20,7 @@ from cluster.transport import Channel
 from router.pipeline import split_microbatches
 from router.step import ExpertMessage, StepPlan
 from shards.model import ExpertShard
-from shards.moe import grouped_mm_supported
+from shards.moe import experts_capturable
 
 TRACE_LIMIT = 10_000  # expert messages remembered for `--profile`: bounded (100 000 held ~35 MiB per worker)
 
@@ -71,14 +71,13 @@ class ExpertServer:
             return
         if mode == "eager":
             self.graphs = ServerGraphs(self._serve_microbatch, replay="eager")
-        elif channel.device.type == "cuda" and not channel.via_host and self._capturable(channel.device):
+        elif (
+            channel.device.type == "cuda"
+            and not channel.via_host
+            # as the stage side decides: a capture that failed would hold NCCL operations
+            and experts_capturable(self.config.dim, self.config.hidden_dim, self.dtype, channel.device)
+        ):
             self.graphs = ServerGraphs(self._serve_microbatch)
-
-    def _capturable(self, device: torch.device) -> bool:
-        """The stage side's rule (`StageRunner._decode_graphs`): without a grouped kernel for this dtype (float32 on
-        CUDA) an expert group syncs with the host, so no capture is tried: a failed one would hold NCCL operations."""
-        probe = torch.empty(0, self.config.dim, dtype=self.dtype, device=device)
-        return grouped_mm_supported(probe, self.config.hidden_dim)
 
     @torch.inference_mode()
     def serve(self, plan: StepPlan, micro_batch_size: int) -> None:

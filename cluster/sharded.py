@@ -24,7 +24,7 @@ from cluster.supervisor import ShardSupervisor
 from router.generation import Completion
 from router.sampling import SamplingParams
 from router.step import ExpertTrace, RouterStats, ShardLocation, StepTrace
-from shards.random_source import is_random_checkpoint
+from shards.random_source import is_random_checkpoint, write_whole
 
 
 class ShardedCluster:
@@ -174,7 +174,4 @@ def copy_to_bundle_nodes(root: Path, reservation: Reservation) -> None:
 def _write_files(root: str, files: dict[str, bytes]) -> None:
     os.makedirs(root, exist_ok=True)
     for name, data in files.items():
-        part = os.path.join(root, f"{name}.{os.getpid()}.part")
-        with open(part, "wb") as f:
-            f.write(data)
-        os.replace(part, os.path.join(root, name))
+        write_whole(Path(root) / name, data)

@@ -30,7 +30,7 @@ from shards.compiled_decode import CompiledDecode, compile_batches, compile_requ
 from shards.decode_graphs import DecodeGraphs
 from shards.kv_cache import RollingKVCache, StepLayout, cache_capacity
 from shards.model import ExpertShard, TransformerShard
-from shards.moe import grouped_mm_supported
+from shards.moe import experts_capturable
 
 
 def pack_for_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -137,8 +137,8 @@ class StageRunner:
             return DecodeGraphs(self.model, self.cache, replay="eager", compiled=self.compiled)
         if self.device.type != "cuda" or any(ch.via_host for ch in self.expert_channels.values()):
             return None
-        probe = torch.empty(0, self.config.dim, dtype=self.plan.torch_dtype, device=self.device)
-        if self.config.is_moe and not grouped_mm_supported(probe, self.config.hidden_dim):
+        capturable = experts_capturable(self.config.dim, self.config.hidden_dim, self.plan.torch_dtype, self.device)
+        if self.config.is_moe and not capturable:
             return None  # the per-expert loop reads counts back to the host: nothing to capture
         return DecodeGraphs(self.model, self.cache, compiled=self.compiled)
 

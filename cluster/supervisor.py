@@ -23,7 +23,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 
 from cluster.reservation import BUILTIN_RESOURCES, lost_bundles
 from cluster.transport import node_ip
-from cluster.worker_actor import ShardWorker
+from cluster.worker_actor import ShardWorker, proc_stat
 from cluster.workers import group_workers
 
 log = logging.getLogger("mistral_cluster.supervisor")
@@ -294,8 +294,7 @@ def _alive(pid: int) -> bool:
     """Whether `pid` still runs: a killed process stays a zombie until its parent (the raylet) reaps it, and a
     zombie holds no socket any more."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        return proc_stat(pid)[0] != "Z"
     except (OSError, IndexError):
         return False
 

@@ -59,10 +59,17 @@ def data_channels(plan, workers: WorkerMap) -> list[ChannelKey]:
     return keys
 
 
+def proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (which may hold spaces and parentheses): field 0 is the
+    state ("Z" for a zombie), field 19 the start time in clock ticks after boot. Raises OSError without /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
 def _process_start_time() -> float:
     """This process's start (host clock), from /proc; the time of this call where /proc is missing."""
     try:
-        ticks = int(open(f"/proc/{os.getpid()}/stat").read().rsplit(")", 1)[1].split()[19])
+        ticks = int(proc_stat(os.getpid())[19])
         with open("/proc/stat") as f:
             boot = next(float(line.split()[1]) for line in f if line.startswith("btime"))
         return boot + ticks / os.sysconf("SC_CLK_TCK")

@@ -93,7 +93,7 @@ def busy_workers(plan: PlacementPlan, workers: tuple[WorkerSpec, ...]) -> list[s
 
 def data_plane(plan: PlacementPlan) -> dict:
     """How this placement's workers will exchange activations, and why: what `mistral-cluster plan` prints."""
-    on_gpus = any(spec.resources.get("GPU", 0) > 0 for spec in plan._in_bundle_order())
+    on_gpus = any(spec.resources.get("GPU", 0) > 0 for spec in (*plan.stages, *plan.expert_groups))
     busy = busy_workers(plan, group_workers(plan))
     if not on_gpus:
         return {"transport": "gloo", "busy_workers": busy, "note": "CPU workers: gloo"}

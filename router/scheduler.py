@@ -70,7 +70,7 @@ class Sequence:  # and `remove` cost O(fields) per element: 2.4 ms a schedule at
     @property
     def pending(self) -> int:
         """Tokens not yet in the cache: the prompt's remainder, or the one just sampled."""
-        return len(self.prompt_ids) + len(self.output_ids) - self.cached
+        return self.n_tokens - self.cached
 
     @property
     def finished(self) -> bool:
@@ -210,10 +210,7 @@ class Scheduler:
             return None
         position = {id(seq): i for i, seq in enumerate(self.running)}
         chosen.sort(key=lambda sn: position[id(sn[0])])
-        if all(n == 1 for _, n in chosen):  # a decode step: each sequence's last token
-            token_ids = np.fromiter((seq.token_run(seq.cached, 1)[0] for seq, _ in chosen), np.int64, len(chosen))
-        else:
-            token_ids = np.array([t for seq, n in chosen for t in seq.token_run(seq.cached, n)], np.int64)
+        token_ids = np.array([t for seq, n in chosen for t in seq.token_run(seq.cached, n)], np.int64)
         want_logits = tuple(seq.cached + n == seq.n_tokens for seq, n in chosen)
         plan = StepPlan(
             slots=tuple(seq.slot for seq, _ in chosen),

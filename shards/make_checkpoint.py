@@ -9,7 +9,6 @@ of a preset's real shape with no tensor files (each shard draws its own, `shards
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 
 from shards.checkpoint import ShardSelection, save_checkpoint
 from shards.config import PRESETS, ConfigError, ModelConfig
-from shards.random_source import write_random_checkpoint
+from shards.random_source import write_random_checkpoint, write_whole
 
 SMALL = ModelConfig(
     dim=64,
@@ -150,8 +149,6 @@ def make_random_checkpoint(
         config = replace(config, max_seq_len=max_seq_len).validate(f"random weights of {name}")
     out = write_random_checkpoint(out_dir, config, seed, std)
     tokenizer = out / "tokenizer.model"
-    if not tokenizer.is_file():  # written under another name and moved: a reader never sees half a file
-        part = out / f"tokenizer.model.{os.getpid()}.part"
-        shutil.copyfile(mistral_tokenizer_file(config.vocab_size), part)
-        os.replace(part, tokenizer)
+    if not tokenizer.is_file():
+        write_whole(tokenizer, mistral_tokenizer_file(config.vocab_size).read_bytes())
     return out

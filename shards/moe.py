@@ -60,6 +60,13 @@ def grouped_mm_supported(x: torch.Tensor, hidden_dim: int) -> bool:
     return (x.shape[-1] * x.element_size()) % 16 == 0 and (hidden_dim * x.element_size()) % 16 == 0
 
 
+def experts_capturable(dim: int, hidden_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a decode step's experts can go into a CUDA graph here: only where the grouped kernel needs no host
+    sync (`grouped_mm_supported`); float32 on CUDA copies offsets to the host. Both sides of an expert dispatch
+    (the stage's graphs and the expert server's) ask this, so they capture alike."""
+    return grouped_mm_supported(torch.empty(0, dim, dtype=dtype, device=device), hidden_dim)
+
+
 def dense_max_tokens() -> int:
     """Most tokens a step may have for the dense path: it multiplies the FLOPs by experts / top-k, which a decode
     batch hides behind reading the weights and a prefill chunk does not. MISTRAL_CLUSTER_DENSE_EXPERTS_MAX_TOKENS

@@ -41,16 +41,19 @@ def write_random_checkpoint(out_dir: str | Path, config: ModelConfig, seed: int 
     """A directory every loader in the project accepts as a checkpoint; its weights are made when loaded."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_whole(out / "config.json", json.dumps(config.to_hf_dict(), indent=2) + "\n")
-    _write_whole(out / MARKER, json.dumps({"seed": seed, "std": std}) + "\n")
+    write_whole(out / "config.json", json.dumps(config.to_hf_dict(), indent=2) + "\n")
+    write_whole(out / MARKER, json.dumps({"seed": seed, "std": std}) + "\n")
     return out
 
 
-def _write_whole(path: Path, text: str) -> None:
-    """Written beside and moved into place: processes making the same checkpoint at once (two Serve replicas)
-    never read half a file."""
+def write_whole(path: Path, data: str | bytes) -> None:
+    """Written beside and moved into place: processes making the same checkpoint at once (two Serve replicas, a
+    copy to another node) never read half a file."""
     part = path.with_name(f"{path.name}.{os.getpid()}.part")
-    part.write_text(text)
+    if isinstance(data, bytes):
+        part.write_bytes(data)
+    else:
+        part.write_text(data)
     os.replace(part, path)
 
 
