@@ -155,6 +155,8 @@ def main() -> None:
                         }
                     else:
                         ours_bf16 = cluster.generate(prompts, params)
+                        # kept so that two runs of one layout (e.g. MISTRAL_CLUSTER_SERVER_GRAPHS=1 and =0) compare
+                        row["token_ids_bf16"] = [a.token_ids for a in ours_bf16]
                         row["identical_bf16"] = [
                             a.token_ids == b.token_ids for a, b in zip(ours_bf16, reference_bf16, strict=True)
                         ]
@@ -193,6 +195,7 @@ def main() -> None:
         "model": cfg.to_hf_dict(),
         "prompt_tokens": [len(p) for p in prompts],
         "new_tokens": args.new_tokens,
+        "env": {k: v for k, v in os.environ.items() if k.startswith("MISTRAL_CLUSTER_")},
         "one_process_decode_ms_per_token_bf16": round(local_ms, 3),
         "placements": rows,
         "all_identical": bool(required) and all("identical" in r and all(r["identical"]) for r in required),
