@@ -69,13 +69,17 @@ def main() -> None:
             expected = None  # the same requests on the same cluster, before the kill
         else:
             ckpt = save_checkpoint(Path(tmp) / "ck", cfg, random_weights(cfg, 0))
+            if gpu:  # the preset's layout at a small shape, in float32: the tokens must not change at all
+                placement = yaml.safe_load((EXAMPLES / "mixtral-2gpu-experts.yaml").read_text())
+                placement.update(checkpoint=str(ckpt), max_seqs=4, dtype="float32")
+                placement["stages"][0]["layers"] = f"0-{cfg.n_layers - 1}"
             expected = [
                 r.token_ids
                 for r in generate(LocalEngine(ckpt, device="cuda" if gpu else "cpu", max_seqs=4), prompts, params)
             ]
         placement = (
             placement
-            if args.preset
+            if gpu
             else {
                 "checkpoint": str(ckpt),
                 "dtype": "float32",
@@ -154,6 +158,12 @@ def fault_round(cluster, prompts, params, expected, inject) -> dict:
     return {
         "recovery_seconds": back,
         "identical": [r.token_ids == e for r, e in zip(out["r"], expected, strict=True)] if "r" in out else [False],
+        # where each request's tokens first differ (None: nowhere): past the fault point, in bf16, a resumed request
+        # is its context prefilled again, with other kernels and rounding than the decode steps it replaces
+        "first_difference": [
+            next((i for i, (a, b) in enumerate(zip(r.token_ids, e)) if a != b), None)
+            for r, e in zip(out.get("r", []), expected, strict=False)
+        ],
         "restarted": list(health.restarted[-1]) if health.restarted else [],
         "restart_phases_s": {w: dict(p) for w, p in health.last_restart_phases},
         "shard_failures": health.shard_failures,

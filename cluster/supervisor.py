@@ -28,6 +28,9 @@ from cluster.workers import group_workers
 
 log = logging.getLogger("mistral_cluster.supervisor")
 NAMESPACE = "mistral-cluster"  # where the workers' names live
+# How long a live worker gets to leave the data plane: its reset waits at most 3 s for its loops (the NCCL abort
+# inside it at most 2 s of that), so a worker that has not answered by then is blocked and is restarted.
+RESET_WAIT_S = 4.0
 
 
 class ShardsUnavailable(RuntimeError):
@@ -205,10 +208,12 @@ class ShardSupervisor:
         # The dead and the hung first: once a hung worker's process is gone its sockets close, and the live
         # workers' loops waiting on it end at once, so their resets succeed instead of restarting them too.
         self._kill(dead, {n for n in dead if states[n] == "hung"}, handles)
+        killed = time.time()
         resets = {n: h.reset_transport.remote() for n, h in live}  # all at once: each may wait on the others
         for n, ref in resets.items():
-            if not self._best_effort(ref, timeout=self.probe_timeout_s * 3):
+            if not self._best_effort(ref, timeout=RESET_WAIT_S):
                 dead.add(n)
+        reset = time.time()
         blocked = {n for n in dead if n in resets}
         self._kill(blocked, blocked, handles)
         began = time.time()
@@ -218,7 +223,11 @@ class ShardSupervisor:
         return new, {
             "restarted": sorted(dead),
             "seconds": time.monotonic() - t0,
-            "phases": self._phases({n: h for n, h in zip(self.names, new, strict=True) if n in dead}, began),
+            "phases": {
+                # the recovery's own steps, in seconds before the restarts were asked for (negative)
+                "(recovery)": {"dead_killed": round(killed - began, 3), "live_reset": round(reset - began, 3)},
+                **self._phases({n: h for n, h in zip(self.names, new, strict=True) if n in dead}, began),
+            },
         }
 
     def _phases(self, restarted: dict, since: float) -> dict[str, dict[str, float]]:

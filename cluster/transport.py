@@ -221,14 +221,30 @@ class Transport:
     def any_via_host(self) -> bool:
         return any(ch.via_host for ch in self.channels.values())
 
-    def abort(self) -> None:
+    def abort(self, timeout_s: float = 2.0) -> str:
         """Abort every communicator (NCCL): operations waiting on a peer that is gone end with an error, so the
-        loops waiting on them can stop. A no-op for gloo, whose waits end when the peer releases its group."""
-        for ch in self.channels.values():
-            try:
-                dist.distributed_c10d._abort_process_group(ch.group)
-            except Exception:  # noqa: BLE001 - not supported by this backend, or already gone
-                pass
+        loops waiting on them can stop. A no-op for gloo, whose waits end when the peer releases its group.
+
+        The aborts run on a thread of their own, waited for at most `timeout_s`: an abort that never returns (NCCL
+        can block in one while a kernel waits on a dead peer) must not hold up the reset that called it. Returns
+        what happened, for the reset's message and the worker's log."""
+        outcome: list[str] = []
+
+        def run() -> None:
+            for key, ch in self.channels.items():
+                t0 = time.perf_counter()
+                try:
+                    dist.distributed_c10d._abort_process_group(ch.group)
+                    outcome.append(f"{key.kind}{key.a}-{key.b} aborted in {time.perf_counter() - t0:.2f} s")
+                except Exception as e:  # noqa: BLE001 - not supported by this backend, or already gone
+                    outcome.append(f"{key.kind}{key.a}-{key.b}: {type(e).__name__}: {e}")
+
+        t = threading.Thread(target=run, name="abort", daemon=True)
+        t.start()
+        t.join(timeout_s)
+        if t.is_alive():
+            outcome.append(f"an abort did not return within {timeout_s:g} s")
+        return "; ".join(outcome) or "no channel"
 
     def close(self) -> None:
         self.channels = {}

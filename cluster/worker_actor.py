@@ -23,6 +23,7 @@ from collections import deque
 import ray
 import torch
 
+import cluster
 from cluster.expert_server import ExpertServer
 from cluster.stage_runner import StageRunner
 from cluster.step_link import LinkClosed, WorkerLink
@@ -42,6 +43,7 @@ from shards.checkpoint import CheckpointReader
 from shards.model import ExpertShard
 
 TRACE_LIMIT = 10_000  # stage results kept for `--profile` and benchmarks: bounded, a server runs for months
+_IMPORTED = time.time()  # this module and its imports (torch, xformers) done: see `ShardWorker.started`
 
 
 def data_channels(plan, workers: WorkerMap) -> list[ChannelKey]:
@@ -80,7 +82,12 @@ def _process_start_time() -> float:
 class ShardWorker:
     def __init__(self, checkpoint: str, plan, index: int, attention_backend: str = "auto") -> None:
         # When each phase of this worker's start ended (host clock): what a restart costs, and where.
-        self.started = {"process": _process_start_time(), "init": time.time()}
+        self.started = {
+            "process": _process_start_time(),
+            "imports": cluster.IMPORTED_AT,  # when this process began importing the package (Ray unpickling us)
+            "imported": _IMPORTED,
+            "init": time.time(),
+        }
         self.plan, self.index = plan, index
         self.workers = WorkerMap(group_workers(plan))
         self.spec = self.workers.workers[index]
@@ -89,6 +96,8 @@ class ShardWorker:
         self.device = torch.device("cuda", 0) if gpu_ids and torch.cuda.is_available() else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            torch.empty(1, device=self.device)  # the CUDA context, made now so that its cost shows as a phase
+            self.started["cuda"] = time.time()
         else:
             torch.set_num_threads(max(1, int(os.environ.get("MISTRAL_CLUSTER_THREADS", "1"))))
         dump_every = os.environ.get("MISTRAL_CLUSTER_STACK_DUMP_S")
@@ -219,14 +228,22 @@ class ShardWorker:
                 self.link.close()
             for q in self._queues:
                 q.put(None)
-            if self.device.type == "cuda" and self.transport is not None:
-                self.transport.abort()
             deadline = time.monotonic() + 3
+            aborted = ""
+            if self.device.type == "cuda" and self.transport is not None:
+                aborted = self.transport.abort(timeout_s=2.0)
+                print(f"{self.name} reset: {aborted}", file=sys.stderr, flush=True)
             for t in self._threads:
                 t.join(timeout=max(0.0, deadline - time.monotonic()))
             blocked = [t.name for t in self._threads if t.is_alive()]
             if blocked:
-                raise RuntimeError(f"{self.name}: loops {', '.join(blocked)} still blocked; restart this worker")
+                # Where each blocked loop waits, in this worker's log: what tells a stuck kernel from a stuck abort.
+                print(f"{self.name}: loops {', '.join(blocked)} still blocked; stacks:", file=sys.stderr, flush=True)
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+                raise RuntimeError(
+                    f"{self.name}: loops {', '.join(blocked)} still blocked; restart this worker"
+                    + (f" (abort: {aborted})" if aborted else "")
+                )
             self._threads, self._queues = [], []
             self._release_transport()
 
