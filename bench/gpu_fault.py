@@ -71,7 +71,7 @@ def main() -> None:
             ckpt = save_checkpoint(Path(tmp) / "ck", cfg, random_weights(cfg, 0))
             if gpu:  # the preset's layout at a small shape, in float32: the tokens must not change at all
                 placement = yaml.safe_load((EXAMPLES / "mixtral-2gpu-experts.yaml").read_text())
-                placement.update(checkpoint=str(ckpt), max_seqs=4, dtype="float32")
+                placement.update(checkpoint=str(ckpt), max_seqs=4, dtype="float32", chunk_size=cfg.sliding_window)
                 placement["stages"][0]["layers"] = f"0-{cfg.n_layers - 1}"
             expected = [
                 r.token_ids
