@@ -81,6 +81,13 @@ class PlacementPlan:
     token_budget: int = DEFAULT_TOKEN_BUDGET
     max_seqs: int = DEFAULT_MAX_SEQS
     chunk_size: int | None = None  # None until settled against the model: min(window, 512, token_budget)
+    # A warm standby process per worker (imports done, CUDA context made), promoted when its worker dies: True,
+    # False, or None (the default): one for every worker whose bundle holds a GPU.
+    standby: bool | None = None
+
+    def wants_standby(self, bundle: dict[str, float]) -> bool:
+        """Whether the worker reserving `bundle` gets a standby."""
+        return self.standby if self.standby is not None else bundle.get("GPU", 0) > 0
 
     @property
     def settled(self) -> bool:

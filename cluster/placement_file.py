@@ -46,6 +46,7 @@ TOP_KEYS = (
     "token_budget",
     "max_seqs",
     "chunk_size",
+    "standby",
 )
 STAGE_KEYS = ("layers", "resources")
 EXPERT_GROUP_KEYS = ("experts", "layers", "resources")
@@ -202,8 +203,18 @@ def load_placement(path: str | Path, checkpoint_override: str | Path | None = No
         strategy=check.choice(data.get("strategy", "pack"), "strategy", STRATEGIES),
         stages=stages,
         expert_groups=groups,
+        standby=_standby(check, data.get("standby", "auto")),
         **numbers,
     )
+
+
+def _standby(check: _Checker, value: Any) -> bool | None:
+    """`standby`: true, false, or auto (a standby for every worker whose bundle holds a GPU)."""
+    if isinstance(value, bool):
+        return value
+    if value == "auto":
+        return None
+    raise check.fail("standby", f"expected true, false or auto, got {value!r}")
 
 
 def _parse_stages(check: _Checker, value: Any, default_resources: dict[str, float]) -> tuple[StageSpec, ...]:

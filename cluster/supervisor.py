@@ -18,6 +18,7 @@ import time
 import uuid
 
 import ray
+from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get, _internal_kv_put
 from ray.util.placement_group import placement_group_table
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
@@ -31,6 +32,8 @@ NAMESPACE = "mistral-cluster"  # where the workers' names live
 # How long a live worker gets to leave the data plane: its reset waits at most 3 s for its loops (the NCCL abort
 # inside it at most 2 s of that), so a worker that has not answered by then is blocked and is restarted.
 RESET_WAIT_S = 4.0
+STANDBY_SHARE = 0.01  # of its bundle's CPUs and GPUs, a standby's; its worker takes the rest
+STANDBY_PING_S = 1.0  # a standby that does not answer this fast is not used (still importing, or hung)
 
 
 class ShardsUnavailable(RuntimeError):
@@ -73,18 +76,24 @@ class ShardSupervisor:
     def actor_name(self, worker: str) -> str:
         return f"{self.prefix}-{worker}"
 
-    def create(self, worker: str):
+    def create(self, worker: str, standby: bool = False, name: str | None = None):
+        """Start `worker` in its bundle (or a standby for it: `standby`, under `name`). Where the worker has a
+        standby, the two share the bundle: the worker takes all but a sliver of its CPUs and GPUs, the standby the
+        sliver and none of its custom resources (it computes nothing until promoted)."""
         index = self.bundle_of[worker]
         bundle = self.bundles[index]
+        share = 1.0
+        if self.plan.wants_standby(bundle):
+            share = STANDBY_SHARE if standby else 1.0 - STANDBY_SHARE
         options = {
-            "name": self.actor_name(worker),
+            "name": name or self.actor_name(worker),
             "lifetime": "detached",
             "namespace": NAMESPACE,  # a detached actor's own: found by name from any process, with no warning
             "max_concurrency": 4,
             "max_restarts": 0,
-            "num_cpus": bundle.get("CPU", 0),
-            "num_gpus": bundle.get("GPU", 0),
-            "resources": {k: v for k, v in bundle.items() if k not in BUILTIN_RESOURCES},
+            "num_cpus": round(bundle.get("CPU", 0) * share, 4),
+            "num_gpus": round(bundle.get("GPU", 0) * share, 4),
+            "resources": {} if standby else {k: v for k, v in bundle.items() if k not in BUILTIN_RESOURCES},
             "scheduling_strategy": PlacementGroupSchedulingStrategy(
                 placement_group=self.placement_group, placement_group_bundle_index=index
             ),
@@ -92,34 +101,92 @@ class ShardSupervisor:
         deadline = time.monotonic() + 30
         while True:
             try:
-                args = (self.checkpoint, self.plan, index, self.attention_backend)
+                args = (self.checkpoint, self.plan, index, self.attention_backend, standby)
                 return ray.remote(ShardWorker).options(**options).remote(*args)
             except ValueError as e:  # the name of a just-killed actor is freed a moment after its death
                 if "already taken" not in str(e) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
 
+    # Which actor is each worker, and which its standby: names in Ray's key-value store (GCS), so that a restarted
+    # router, which gets this object as it was when the model started, finds a promoted standby too.
+
+    def _key(self, worker: str, role: str) -> str:
+        return f"{self.prefix}/{worker}/{role}"
+
+    def _name_of(self, worker: str, role: str) -> str | None:
+        value = _internal_kv_get(self._key(worker, role), namespace=NAMESPACE)
+        return value.decode() if value else None
+
+    def _set_name(self, worker: str, role: str, name: str | None) -> None:
+        if name is None:
+            _internal_kv_del(self._key(worker, role), namespace=NAMESPACE)
+        else:
+            _internal_kv_put(self._key(worker, role), name, namespace=NAMESPACE)
+
+    def _actor(self, name: str | None):
+        if name is None:
+            return None
+        try:
+            return ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:  # no live actor of that name
+            return None
+
     def handles(self) -> list:
         """Current handles in rank order, found by name (from any process, e.g. a restarted router); None for a
         worker that is not there (dead, or not restarted yet): `recover` starts it."""
-        out = []
-        for n in self.names:
-            try:
-                out.append(ray.get_actor(self.actor_name(n), namespace=NAMESPACE))
-            except ValueError:  # no live actor of that name
-                out.append(None)
-        return out
+        return [self._actor(self._name_of(n, "worker") or self.actor_name(n)) for n in self.names]
 
     def start_all(self) -> list:
-        """Start every worker and wait until each has loaded its tensors (the data plane is formed by the router)."""
+        """Start every worker and wait until each has loaded its tensors (the data plane is formed by the router);
+        then start the standbys, which need not be up yet."""
         handles = [self.create(n) for n in self.names]
         self._wait_loaded(handles, self.names)
+        self.refill_standbys()
         return handles
 
-    def _wait_loaded(self, handles: list, names: list[str]) -> list[dict]:
-        """Every shard's location once it has loaded. A shard whose bundle lost its node, and that no alive node can
-        take, fails at once; others get the load timeout. Shards not up are killed, so a retry can reuse the names."""
-        refs = [h.location.remote() for h in handles]
+    def refill_standbys(self) -> list[str]:
+        """Start a standby for every worker that should have one and has none (at the start, after a promotion).
+        Not waited for: a standby that is not up when its worker dies is simply not used."""
+        started = []
+        for n in self.names:
+            wanted = self.plan.wants_standby(self.bundles[self.bundle_of[n]])
+            if wanted and self._actor(self._name_of(n, "standby")) is None:
+                name = f"{self.actor_name(n)}-standby-{uuid.uuid4().hex[:6]}"
+                try:
+                    self.create(n, standby=True, name=name)
+                except Exception as e:  # noqa: BLE001 - a standby is an optimisation: the restart path remains
+                    log.warning("could not start a standby for %s: %s: %s", n, type(e).__name__, e)
+                    continue
+                self._set_name(n, "standby", name)
+                started.append(n)
+        return started
+
+    def standbys(self) -> dict[str, object]:
+        """Each worker's standby actor, None where it has none (or it is gone)."""
+        return {n: self._actor(self._name_of(n, "standby")) for n in self.names}
+
+    def _take_standby(self, worker: str):
+        """The worker's standby, if it is up (answers a ping at once), now no longer a standby: None otherwise."""
+        name = self._name_of(worker, "standby")
+        handle = self._actor(name)
+        if handle is None:
+            return None
+        self._set_name(worker, "standby", None)
+        try:
+            ray.get(handle.ping.remote(), timeout=STANDBY_PING_S)
+        except Exception:  # noqa: BLE001 - still starting, or gone: restart the worker the slow way
+            with contextlib.suppress(Exception):
+                ray.kill(handle, no_restart=True)
+            return None
+        self._set_name(worker, "worker", name)
+        return handle
+
+    def _wait_loaded(self, handles: list, names: list[str], refs: list | None = None) -> list[dict]:
+        """Every shard's location once it has loaded (`refs`: what says so for each, by default its `location`).
+        A shard whose bundle lost its node, and that no alive node can take, fails at once; others get the load
+        timeout. Shards not up are killed, so a retry can reuse the names."""
+        refs = refs or [h.location.remote() for h in handles]
         deadline = time.monotonic() + self.load_timeout_s
         while True:
             step = min(1.0, max(0.0, deadline - time.monotonic()))
@@ -217,11 +284,25 @@ class ShardSupervisor:
         blocked = {n for n in dead if n in resets}
         self._kill(blocked, blocked, handles)
         began = time.time()
-        new = [self.create(n) if n in dead else h for n, h in zip(self.names, handles, strict=True)]
-        self._wait_loaded(new, self.names)
+        new, loaded, promoted = [], [], []
+        for n, h in zip(self.names, handles, strict=True):
+            standby = self._take_standby(n) if n in dead else None
+            if standby is not None:  # warm: it loads the shards and joins, no process to start
+                new.append(standby)
+                loaded.append(standby.promote.remote())
+                promoted.append(n)
+            else:
+                if n in dead:  # a fresh actor under the worker's own name: whatever was promoted before is gone
+                    self._set_name(n, "worker", None)
+                new.append(self.create(n) if n in dead else h)
+                loaded.append(new[-1].location.remote())
+        self._wait_loaded(new, self.names, loaded)
         self.form_group(new, router_link)
+        if promoted:
+            self.refill_standbys()
         return new, {
             "restarted": sorted(dead),
+            "promoted": sorted(promoted),
             "seconds": time.monotonic() - t0,
             "phases": {
                 # the recovery's own steps, in seconds before the restarts were asked for (negative)
@@ -285,8 +366,11 @@ class ShardSupervisor:
 
     def kill_all(self) -> None:
         for n in self.names:
-            with contextlib.suppress(Exception):  # already gone
-                ray.kill(ray.get_actor(self.actor_name(n), namespace=NAMESPACE), no_restart=True)
+            for name in {self.actor_name(n), self._name_of(n, "worker"), self._name_of(n, "standby")} - {None}:
+                with contextlib.suppress(Exception):  # already gone
+                    ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+        with contextlib.suppress(Exception):  # Ray already shut down
+            _internal_kv_del(f"{self.prefix}/", del_by_prefix=True, namespace=NAMESPACE)
 
 
 def _sigkill_here(pid: int) -> None:

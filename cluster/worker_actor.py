@@ -80,7 +80,12 @@ def _process_start_time() -> float:
 
 
 class ShardWorker:
-    def __init__(self, checkpoint: str, plan, index: int, attention_backend: str = "auto") -> None:
+    def __init__(
+        self, checkpoint: str, plan, index: int, attention_backend: str = "auto", standby: bool = False
+    ) -> None:
+        """Load this worker's shards. A `standby` loads nothing yet: it has its imports done and its CUDA context
+        made, and `promote` loads the shards when the worker it stands in for dies (a restart then costs the load
+        and the join, not ~10 s of a new process's imports)."""
         # When each phase of this worker's start ended (host clock): what a restart costs, and where.
         self.started = {
             "process": _process_start_time(),
@@ -88,7 +93,7 @@ class ShardWorker:
             "imported": _IMPORTED,
             "init": time.time(),
         }
-        self.plan, self.index = plan, index
+        self.plan, self.index, self.checkpoint, self.attention_backend = plan, index, checkpoint, attention_backend
         self.workers = WorkerMap(group_workers(plan))
         self.spec = self.workers.workers[index]
         self.name = self.spec.name
@@ -103,24 +108,8 @@ class ShardWorker:
         dump_every = os.environ.get("MISTRAL_CLUSTER_STACK_DUMP_S")
         if dump_every:  # diagnosing a stall: every thread's Python stack to this worker's stderr, periodically
             faulthandler.dump_traceback_later(float(dump_every), repeat=True, file=sys.stderr)
-        reader = CheckpointReader(checkpoint)
-        self.config = config = reader.config
-        dtype = plan.torch_dtype
-        groups = {
-            g: ExpertShard.from_checkpoint(reader, plan.expert_selection(g, config), dtype, self.device)
-            for g in self.spec.expert_groups
-        }
-        self.stages = {
-            s: StageRunner(reader, plan, s, self.workers, groups, self.device, attention_backend)
-            for s in self.spec.stages
-        }
-        servers = [
-            ExpertServer(s, stage.layers, plan, groups, config, self.device)
-            for s, stage in enumerate(plan.stages)
-            if s not in self.stages
-        ]
-        self.servers = [s for s in servers if s.needed]
-        self.started["loaded"] = time.time()
+        self.stages: dict[int, StageRunner] = {}
+        self.servers: list[ExpertServer] = []
         self.transport: Transport | None = None
         self.link: WorkerLink | None = None
         self._threads: list[threading.Thread] = []
@@ -132,6 +121,40 @@ class ShardWorker:
         self._lock = threading.Lock()
         self._joining = threading.Lock()  # a reset never runs beside a join (a router may die during one)
         self._data_loops = 0  # loops using the process group that have not ended: the last one to end releases it
+        self.standby = standby
+        if not standby:
+            self._load()
+
+    def _load(self) -> None:
+        """This worker's expert groups, stages and expert services, from the checkpoint."""
+        reader = CheckpointReader(self.checkpoint)
+        self.config = config = reader.config
+        plan, dtype = self.plan, self.plan.torch_dtype
+        groups = {
+            g: ExpertShard.from_checkpoint(reader, plan.expert_selection(g, config), dtype, self.device)
+            for g in self.spec.expert_groups
+        }
+        self.stages = {
+            s: StageRunner(reader, plan, s, self.workers, groups, self.device, self.attention_backend)
+            for s in self.spec.stages
+        }
+        servers = [
+            ExpertServer(s, stage.layers, plan, groups, config, self.device)
+            for s, stage in enumerate(plan.stages)
+            if s not in self.stages
+        ]
+        self.servers = [s for s in servers if s.needed]
+        self.started["loaded"] = time.time()
+
+    def promote(self) -> ShardLocation:
+        """A standby takes the place of the worker it stands in for: it loads that worker's shards (the
+        supervisor joins it to the data plane next). Returns its location, as `location` does once loaded."""
+        with self._joining:
+            if self.standby:
+                self.started["promoted"] = time.time()
+                self._load()
+                self.standby = False
+        return self.location()
 
     # --- control plane (Ray calls) ---------------------------------------------------------------------------
 

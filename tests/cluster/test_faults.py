@@ -28,6 +28,7 @@ from ray.cluster_utils import Cluster
 
 from cluster.cli.serve import wait_until_healthy
 from cluster.serve import OpenAIIngress
+from cluster.sharded import ShardedCluster
 from cluster.supervisor import NAMESPACE
 from cluster.transport import free_port
 from router.generation import generate
@@ -509,3 +510,62 @@ def test_fail_mode_ends_in_flight_streams_with_an_error_then_done(
     assert time.monotonic() - t0 < 150
     next_requests_are_exact(base, prompts, expected)
     serve.delete("faults-fail")
+
+
+def test_a_killed_worker_is_replaced_by_its_warm_standby_and_a_new_standby_follows(nodes, checkpoint, tmp_path):
+    """`standby: true`: every worker has a standby process in its bundle, its imports done. A killed worker's
+    standby loads the worker's shards and joins in its place (no process to start); a new standby is started behind
+    it, and the next kill of the same worker is served by that one. The tokens are exact both times."""
+    prompts = random_prompts([5, 9, WINDOW, 20, 3 * WINDOW, 7, 2 * WINDOW + 3, 12], seed=95)
+    params = [SamplingParams(max_tokens=4 * NEW_TOKENS, ignore_eos=True, **sampling(i)) for i in range(len(prompts))]
+    expected = [e.token_ids for e in generate(LocalEngine(checkpoint, max_seqs=8), prompts, params)]
+    placement = {
+        "checkpoint": str(checkpoint),
+        "dtype": "float32",
+        "strategy": "spread",
+        "stages": [
+            {"layers": [0, 1], "resources": {"CPU": 0.25, "stage_node": 0.5}},
+            {"layers": [2, 3], "resources": {"CPU": 0.25, "stage_node": 0.5}},
+        ],
+        "expert_groups": [
+            {"experts": [0, 1], "resources": {"CPU": 0.25, "expert_node": 1}},
+            {"experts": [2, 3], "resources": {"CPU": 0.25, "expert_node": 1}},
+        ],
+        "micro_batch_size": 4,
+        "token_budget": 256,
+        "max_seqs": 8,
+        "standby": True,
+    }
+    path = tmp_path / "standby.yaml"
+    path.write_text(yaml.safe_dump(placement))
+    with ShardedCluster.start(path, step_timeout_s=20.0) as cluster:
+        seen_standbys = set()
+        for round_ in range(2):
+            deadline = time.monotonic() + 120
+            while True:  # standbys start in the background: wait until experts1's answers
+                standby = cluster.supervisor.standbys()["experts1"]
+                with contextlib.suppress(Exception):
+                    if standby is not None and ray.get(standby.ping.remote(), timeout=1):
+                        break
+                assert time.monotonic() < deadline, "no standby for experts1 after 120 s"
+                time.sleep(0.5)
+            standby_pid = ray.get(standby.location.remote()).pid
+            assert standby_pid not in seen_standbys  # a new one each round
+            seen_standbys.add(standby_pid)
+            victim = cluster.locations()["experts1"].pid
+            out: dict = {}
+            worker = threading.Thread(target=lambda out=out: out.update(r=cluster.generate(prompts, params)))
+            worker.start()
+            time.sleep(1.0)
+            os.kill(victim, signal.SIGKILL)
+            worker.join(timeout=240)
+            assert [r.token_ids for r in out["r"]] == expected, f"round {round_}"
+            health = cluster.health().health
+            phases = {w: dict(p) for w, p in health.last_restart_phases}
+            assert health.restarted[-1] == ("experts1",), health
+            assert "promoted" in phases["experts1"], phases  # loaded by the standby, not by a new process
+            assert cluster.locations()["experts1"].pid == standby_pid  # the standby is the worker now
+            RESULTS[f"standby promoted, round {round_ + 1}"] = {
+                "last_recovery_seconds": health.last_recovery_seconds,
+                "restart_phases_s": phases,
+            }

@@ -228,7 +228,23 @@ BAD_FILES = [
         "strategy: expected one of pack, spread, strict_spread, strict_pack",
     ),
     ("checkpoint: c\nstages: 1\ndtype: int8\n", "dtype: expected one of float32, bfloat16, float16, got 'int8'"),
+    ("checkpoint: c\nstages: 1\nstandby: sometimes\n", "standby: expected true, false or auto, got 'sometimes'"),
 ]
+
+
+@pytest.mark.parametrize(
+    "text, cpu_worker, gpu_worker",
+    [
+        ("", False, True),
+        ("standby: auto\n", False, True),
+        ("standby: true\n", True, True),
+        ("standby: false\n", False, False),
+    ],
+)
+def test_standby_defaults_to_one_per_gpu_worker(write, text, cpu_worker, gpu_worker):
+    plan = settle(write("checkpoint: c\nstages: 1\n" + text))
+    assert plan.wants_standby({"CPU": 1}) is cpu_worker
+    assert plan.wants_standby({"CPU": 1, "GPU": 1}) is gpu_worker
 
 
 @pytest.mark.parametrize("text, message", BAD_FILES, ids=[message for _, message in BAD_FILES])
