@@ -98,6 +98,7 @@ def main() -> None:
                 expected = [r.token_ids for r in cluster.generate(prompts, params)]
             rounds = []
             for fault in args.faults:
+                standbys_up = wait_for_standbys(cluster, 90)
                 where = cluster.locations()  # after a round: the restarted worker's new process
                 victim = cluster.shard_handles()["experts1"]  # the worker holding it: one process per device
                 victim_name = next(w.name for w in cluster.supervisor.workers if "experts1" in w.shards)
@@ -114,6 +115,7 @@ def main() -> None:
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(pid, signal.SIGCONT)
                 r.update(
+                    standbys_up=standbys_up,
                     fault=fault,
                     victim=f"worker {victim_name} (holding experts1) on GPU {list(where['experts1'].gpu_ids)}",
                 )
@@ -135,6 +137,22 @@ def main() -> None:
     print(json.dumps(result))
     ok = all(all(r["identical"]) and r["recovery_seconds"] is not None for r in rounds)
     print("TOKENS UNCHANGED" if ok else "FAILED")
+
+
+def wait_for_standbys(cluster, timeout_s: float) -> list[str]:
+    """Wait (at most `timeout_s`) until every worker that should have a standby has one answering; the workers that
+    have one. Standbys start in the background after the model, and after each promotion."""
+    wanted = [w.name for w in cluster.supervisor.workers if cluster.plan.wants_standby(w.bundle)]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        up = []
+        for name, handle in cluster.supervisor.standbys().items():
+            with contextlib.suppress(Exception):
+                if handle is not None and ray.get(handle.ping.remote(), timeout=1):
+                    up.append(name)
+        if set(wanted) <= set(up) or time.monotonic() > deadline:
+            return up
+        time.sleep(0.5)
 
 
 def fault_round(cluster, prompts, params, expected, inject) -> dict:
@@ -161,7 +179,7 @@ def fault_round(cluster, prompts, params, expected, inject) -> dict:
         # where each request's tokens first differ (None: nowhere): past the fault point, in bf16, a resumed request
         # is its context prefilled again, with other kernels and rounding than the decode steps it replaces
         "first_difference": [
-            next((i for i, (a, b) in enumerate(zip(r.token_ids, e)) if a != b), None)
+            next((i for i, (a, b) in enumerate(zip(r.token_ids, e, strict=False)) if a != b), None)
             for r, e in zip(out.get("r", []), expected, strict=False)
         ],
         "restarted": list(health.restarted[-1]) if health.restarted else [],
