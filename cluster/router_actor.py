@@ -20,6 +20,7 @@ from pathlib import Path
 
 from cluster.step_link import RouterLink
 from cluster.step_wire import decode_result, encode_plan
+from cluster.token_feed import FeedHub
 from cluster.transport import node_ip
 from router.engine_core import StepFailed
 from router.engine_loop import EngineLoop, QueueFullError
@@ -93,6 +94,7 @@ class RouterActor:
             resume=on_shard_failure == "resume",
             steps_in_flight=steps_in_flight(plan),
         )
+        self.feeds = FeedHub()  # the ingresses' token feeds
         self._send_order = asyncio.Lock()  # plans go out in step order...
         self._read_done: asyncio.Future | None = None  # ...and results are read in the same order
 
@@ -235,24 +237,30 @@ class RouterActor:
         where = "the router" if worker is None else f"worker {worker} ({self.supervisor.names[worker]})"
         return StepFailed(f"step {step}, reported by {where}: {type(e).__name__}: {e}")
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams, resume_ids: list[int] | None = None):
-        """Ray streaming generator. First item: an `Admission`, so the caller can answer 400/429 before it starts a
-        response; then one `TokenEvent` per sampled token. Cancelling the generator frees the request's cache slot."""
+    async def submit(
+        self, feed: str, key: int, prompt_ids: list[int], params: SamplingParams, resume_ids: list[int] | None = None
+    ) -> Admission:
+        """Admit a request (or refuse it: 400, 429) and send its token events on the caller's feed under `key`
+        (`cluster.token_feed`: one Ray item per step for all of a caller's requests, not one per token)."""
         await self.start()
         try:
             request = self.loop.submit(prompt_ids, params, resume_ids)
         except QueueFullError as e:
-            yield Admission.reject(429, str(e), e.retry_after_s)
-            return
+            return Admission.reject(429, str(e), e.retry_after_s)
         except RequestError as e:
-            yield Admission.reject(400, str(e))
-            return
-        try:
-            yield Admission.accept()
-            async for event in self.loop.follow(request):
-                yield event
-        finally:  # cancelled or closed by the caller: the slot must come back either way
-            self.loop.abort(request.seq)
+            return Admission.reject(400, str(e))
+        self.feeds.forward(feed, key, self.loop.follow(request))  # `follow` frees the slot when it ends
+        return Admission.accept()
+
+    async def cancel(self, feed: str, key: int) -> None:
+        """Stop a request submitted on `feed` (the client went away): its cache slot comes back."""
+        self.feeds.cancel(feed, key)
+
+    async def feed(self, feed: str):
+        """Ray streaming generator: the token events of every request submitted on `feed`, as `FeedBatch`es (all
+        that is new since the last, so one a step under load). Ending the call stops the feed's requests."""
+        async for batch in self.feeds.batches(feed):
+            yield batch
 
     async def generate(
         self, prompts: list[list[int]], params: list[SamplingParams] | SamplingParams

@@ -1,10 +1,12 @@
 """The ingress's side of the router actor: admit a request's choices, stream their token events, and outlive the
 router.
 
-The router (cluster/router_actor.py) answers each `stream` call with an `Admission`, then `TokenEvent`s. When it dies,
-or hangs, this client starts one replacement however many requests saw the death, and resumes each choice on the new
-router from the tokens it already delivered (`resume_ids`): sampling is seeded per (request, token index), so the
-client gets the tokens it would have got anyway, after a pause. No FastAPI and no Serve here: the ingress hands in
+The router (cluster/router_actor.py) answers each request's `submit` with an `Admission`, then sends its
+`TokenEvent`s on this client's token feed (`cluster.token_feed`: one Ray item per step for all requests, where one
+per token capped the served rate). When it dies, or hangs, this client starts one replacement however many
+requests saw the death, and resumes each choice on the new router from the tokens it already delivered
+(`resume_ids`): sampling is seeded per (request, token index), so the client gets the tokens it would have got
+anyway, after a pause. No FastAPI and no Serve here: the ingress hands in
 how to find the current router, how to restart one, and its timeouts, so tests drive this with plain fakes.
 """
 
@@ -20,6 +22,7 @@ import ray
 from ray.actor import ActorHandle
 
 from cluster.openai_errors import APIError, shutting_down
+from cluster.token_feed import FeedMux, FeedStream
 from router.sampling import SamplingParams
 from router.step import Admission, TokenEvent
 
@@ -39,7 +42,7 @@ class ChoiceStream:
     prompt_ids: list[int]
     params: SamplingParams
     router: ActorHandle  # the router actor the stream runs on: if it dies, that one (and only it) is restarted
-    generator: Any  # Ray's ObjectRefGenerator of the router's `stream` call, past its Admission item
+    generator: Any  # its `FeedStream` on the router's feed (or a test's fake), past its Admission item
     token_ids: list[int] = field(default_factory=list)  # delivered to the caller: the `resume_ids` of a resume
 
 
@@ -75,13 +78,17 @@ class RouterClient:
         admit_tries: int = ADMIT_TRIES,
         ping_after_s: float = ADMIT_PING_S,
         ping_timeout_s: float = PING_TIMEOUT_S,
-        cancel: Callable[[Any], None] = ray.cancel,
+        cancel: Callable[[Any], None] = lambda stream: stream.cancel(),
         silence_s: float = SILENCE_S,
+        open_stream: Callable[[ActorHandle, list[int], SamplingParams, list[int] | None], Any] | None = None,
     ) -> None:
         self.router, self._restart, self.draining = router, restart, draining
         self.replace_timeout_s, self.admit_tries = replace_timeout_s, admit_tries
         self.ping_after_s, self.ping_timeout_s, self.silence_s = ping_after_s, ping_timeout_s, silence_s
-        self._cancel = cancel  # ray.cancel; a test's fake generators bring their own
+        self._cancel = cancel  # `FeedStream.cancel`; a test's fake generators bring their own
+        # A request's stream on a router: on its feed (cluster.token_feed) unless a test brings fakes
+        self._open = open_stream or self._open_on_feed
+        self._feeds: dict[ActorHandle, FeedMux] = {}
         self._live: set[ChoiceStream] = set()  # admitted and not yet released: what `release_all` cuts
         self._restarting: tuple[ActorHandle, asyncio.Future] | None = None  # (the dead router, its replacement)
 
@@ -95,7 +102,7 @@ class RouterClient:
             router, streams = self.router(), []
             try:
                 for index, (ids, params) in enumerate(choices):
-                    generator = router.stream.options(num_returns="streaming").remote(ids, params)
+                    generator = self._open(router, ids, params, None)
                     streams.append(ChoiceStream(index, ids, params, router, generator))
                 for s in streams:
                     admission = await self._admission(router, s.generator)
@@ -209,9 +216,7 @@ class RouterClient:
         )
         await self.replace(stream.router)
         stream.router = self.router()
-        stream.generator = stream.router.stream.options(num_returns="streaming").remote(
-            stream.prompt_ids, stream.params, resume_ids=list(stream.token_ids)
-        )
+        stream.generator = self._open(stream.router, stream.prompt_ids, stream.params, list(stream.token_ids))
         admission = await self._admission(stream.router, stream.generator)
         if not admission.accepted:
             raise APIError(
@@ -220,6 +225,17 @@ class RouterClient:
                 code="engine_failure",
                 kind="server_error",
             )
+
+    def _open_on_feed(
+        self, router: ActorHandle, ids: list[int], params: SamplingParams, resume_ids: list[int] | None
+    ) -> FeedStream:
+        """The request on this router's feed, subscribing to it first if this client has not yet (or its last
+        subscription there ended: the router died)."""
+        mux = self._feeds.get(router)
+        if mux is None or mux.ended:
+            self._feeds = {r: m for r, m in self._feeds.items() if not m.ended}  # dead routers' feeds
+            mux = self._feeds[router] = FeedMux(router)
+        return mux.open(ids, params, resume_ids)
 
     def release(self, streams: list[ChoiceStream]) -> None:
         """Stop generating (a no-op for finished streams), which frees the cache slots."""

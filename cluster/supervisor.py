@@ -30,8 +30,11 @@ from cluster.workers import group_workers
 log = logging.getLogger("mistral_cluster.supervisor")
 NAMESPACE = "mistral-cluster"  # where the workers' names live
 # How long a live worker gets to leave the data plane: its reset waits at most 3 s for its loops (the NCCL abort
-# inside it at most 2 s of that), so a worker that has not answered by then is blocked and is restarted.
-RESET_WAIT_S = 4.0
+# inside it at most 2 s of that), plus a margin for the Ray call itself: 1 s on GPU hosts (measured: 4 s in all
+# lost 1.2 s against a blocked worker's restart by its standby), 3 s for CPU workers (on the 2-core test machine
+# under load, 4 s in all restarted live workers that were leaving normally, and a stopped worker took 15 s
+# instead of 6). A worker that has not answered by then is blocked, and is restarted.
+RESET_WAIT_S = {"GPU": 4.0, "CPU": 6.0}
 STANDBY_SHARE = 0.01  # of its bundle's CPUs and GPUs, a standby's; its worker takes the rest
 STANDBY_PING_S = 1.0  # a standby that does not answer this fast is not used (still importing, or hung)
 
@@ -278,7 +281,8 @@ class ShardSupervisor:
         killed = time.time()
         resets = {n: h.reset_transport.remote() for n, h in live}  # all at once: each may wait on the others
         for n, ref in resets.items():
-            if not self._best_effort(ref, timeout=RESET_WAIT_S):
+            on_gpu = self.bundles[self.bundle_of[n]].get("GPU", 0) > 0
+            if not self._best_effort(ref, timeout=RESET_WAIT_S["GPU" if on_gpu else "CPU"]):
                 dead.add(n)
         reset = time.time()
         blocked = {n for n in dead if n in resets}

@@ -164,6 +164,11 @@ class FakeCluster:
         self.router = self.replacements.pop(0)
 
 
+def open_fake_stream(router: FakeRouter, ids: list[int], params: SamplingParams, resume_ids: list[int] | None):
+    """A request on a fake router: one per-request stream (the client's feed is tested in test_token_feed.py)."""
+    return router.stream.options(num_returns="streaming").remote(ids, params, resume_ids=resume_ids)
+
+
 def client_of(cluster: FakeCluster, draining: bool = False, replace_timeout_s: float = 5.0, **options) -> RouterClient:
     return RouterClient(
         router=lambda: cluster.router,
@@ -173,6 +178,7 @@ def client_of(cluster: FakeCluster, draining: bool = False, replace_timeout_s: f
         ping_after_s=0.05,
         ping_timeout_s=0.05,
         cancel=FakeGenerator.cancel,
+        open_stream=open_fake_stream,
         **options,
     )
 
@@ -425,6 +431,7 @@ def test_the_drain_cuts_every_admitted_stream_with_a_503():
         replace_timeout_s=1.0,
         draining=lambda: draining,
         cancel=FakeGenerator.cancel,
+        open_stream=open_fake_stream,
     )
 
     async def scenario():
