@@ -34,7 +34,6 @@ class FakeRouter:
     def __init__(self) -> None:
         self.hub = FeedHub()
         self.open: dict[tuple[str, int], tuple[asyncio.Queue, int]] = {}
-        self.steps = 0
         self._engine: asyncio.Task | None = None
         self._wake = asyncio.Event()
 
@@ -52,7 +51,6 @@ class FakeRouter:
                 self._wake.clear()
                 await self._wake.wait()
             if self.open:
-                self.steps += 1
                 for name, (queue, left) in list(self.open.items()):
                     queue.put_nowait(TokenEvent(7, -0.5, None, "length" if left == 1 else None))
                     if left == 1:
@@ -86,10 +84,6 @@ class FakeRouter:
     async def feed(self, feed: str):
         async for batch in self.hub.batches(feed):
             yield batch
-
-    def take_steps(self) -> int:
-        steps, self.steps = self.steps, 0
-        return steps
 
 
 @ray.remote(num_cpus=0)
@@ -141,20 +135,16 @@ def main() -> None:
     ray.get(ingress.run.remote("feed", 2, 5))  # warm both paths up
     ray.get(ingress.run.remote("per_token", 2, 5))
     rows = []
-    print(f"{'streams':>7} {'per token tok/s':>16} {'feed tok/s':>11} {'feed/per token':>15} {'tokens/step':>12}")
+    print(f"{'streams':>7} {'per token tok/s':>16} {'feed tok/s':>11} {'feed/per token':>15}")
     for n in args.streams:
         rates: dict[str, list[float]] = {"per_token": [], "feed": []}
-        per_step = {}
         for _ in range(args.repeats):
             for mode in ("per_token", "feed"):
-                ray.get(router.take_steps.remote())
                 rates[mode].append(ray.get(ingress.run.remote(mode, n, args.tokens)))
-                per_step[mode] = n * args.tokens / max(1, ray.get(router.take_steps.remote()))
         best = {m: max(r) for m, r in rates.items()}
-        rows.append({"streams": n, "tokens_per_s": rates, "best": best, "tokens_per_step": per_step})
+        rows.append({"streams": n, "tokens_per_s": rates, "best": best})
         print(
-            f"{n:7d} {best['per_token']:16.0f} {best['feed']:11.0f} {best['feed'] / best['per_token']:15.2f} "
-            f"{per_step['feed']:12.1f}",
+            f"{n:7d} {best['per_token']:16.0f} {best['feed']:11.0f} {best['feed'] / best['per_token']:15.2f}",
             flush=True,
         )
     ray.shutdown()
