@@ -13,6 +13,11 @@ It either targets a running server (`--url`) or starts `mistral-cluster serve` i
 stops it with SIGTERM afterwards. It writes JSON (naming the machine: CPUs, platform, GPUs, commit) and a plot;
 `--compare A.json B.json ...` plots several runs together.
 
+`--kill-after-s S` (with `--kill-gpu N` on a GPU host) runs each level twice, the second time SIGKILLing a shard
+worker S seconds in (on GPU N the process holding most of its memory, else the largest `ray::ShardWorker`): that
+level reports its errors, the pause (the longest wait for a next token across the kill) and how many requests got
+exactly the tokens of the undisturbed run (asked for with this server's `return_token_ids`).
+
     python bench/serve_load.py --config deploy/examples/local.yaml --random-weights small-mixtral \\
         --concurrency 1 4 16 --out bench/results/serve_load-cpu-1replica.json
 """
@@ -48,7 +53,8 @@ REPLICA_HEADER = "x-mistral-cluster-replica"  # read when the server sends it; n
 async def one_request(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -> dict:
     """Send one streamed completion; return its timings (seconds from sending), tokens and how it ended."""
     t0 = time.perf_counter()
-    out = {"ttft": None, "gaps": [], "end": None, "tokens": 0, "error": None, "replica": None}
+    out = {"ttft": None, "gaps": [], "end": None, "tokens": 0, "error": None, "replica": None, "token_ids": []}
+    out["sent_at"] = t0
     last = None
     try:
         async with client.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
@@ -70,6 +76,7 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, headers: 
                 if data.get("usage"):
                     usage = data["usage"]
                 if data.get("choices"):
+                    out["token_ids"] += data["choices"][0].get("token_ids") or []  # a server that sends them
                     now = time.perf_counter() - t0
                     if last is None:
                         out["ttft"] = now
@@ -94,7 +101,41 @@ def random_prompt(rng: random.Random, n: int, vocab: int) -> list[int]:
 # --- a level of concurrency ------------------------------------------------------------------------------------------
 
 
-async def run_level(url: str, model: str, concurrency: int, n_requests: int, args, seed: int) -> dict:
+def worker_victim(gpu: int | None) -> int | None:
+    """The process to kill: on `gpu`, the one holding the most of its memory (the worker, not its standby, which
+    holds only a CUDA context); without a GPU, the `ray::ShardWorker` process with the most resident memory."""
+    if gpu is not None:
+        rows = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits", "-i", str(gpu)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split("\n")
+        apps = [tuple(int(x) for x in row.split(",")) for row in rows if row.strip()]
+        return max(apps, key=lambda a: a[1])[0] if apps else None
+    best = None
+    for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+        except OSError:
+            continue
+        if cmdline.startswith(b"ray::ShardWorker") and (best is None or rss > best[1]):
+            best = (pid, rss)
+    return best[0] if best else None
+
+
+async def kill_later(after_s: float, gpu: int | None, record: dict) -> None:
+    await asyncio.sleep(after_s)
+    pid = worker_victim(gpu)
+    record.update(victim_pid=pid, killed_at=time.perf_counter())
+    if pid is not None:
+        os.kill(pid, signal.SIGKILL)
+
+
+async def run_level(
+    url: str, model: str, concurrency: int, n_requests: int, args, seed: int, kill_after_s: float | None = None
+) -> dict:
     rng = random.Random(seed)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     bodies = [
@@ -109,20 +150,30 @@ async def run_level(url: str, model: str, concurrency: int, n_requests: int, arg
         }
         for _ in range(n_requests)
     ]
+    if args.kill_after_s is not None:  # this server's extension, so that a fault run can compare tokens
+        for body in bodies:
+            body["return_token_ids"] = True
     queue: asyncio.Queue = asyncio.Queue()
-    for b in bodies:
-        queue.put_nowait(b)
+    for i, b in enumerate(bodies):
+        queue.put_nowait((i, b))
     results: list[dict] = []
+    fault: dict = {}
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
 
     async def worker(client: httpx.AsyncClient) -> None:
         while not queue.empty():
-            results.append(await one_request(client, url, queue.get_nowait(), headers))
+            i, body = queue.get_nowait()
+            results.append({"index": i, **await one_request(client, url, body, headers)})
 
     async with httpx.AsyncClient(timeout=args.request_timeout_s, limits=limits) as client:
         t0 = time.perf_counter()
+        killer = None
+        if kill_after_s is not None:
+            killer = asyncio.ensure_future(kill_later(kill_after_s, args.kill_gpu, fault))
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         seconds = time.perf_counter() - t0
+        if killer is not None:
+            killer.cancel()
     ok = [r for r in results if r["error"] is None]
     tokens = sum(r["tokens"] for r in results)
     level = {
@@ -143,7 +194,35 @@ async def run_level(url: str, model: str, concurrency: int, n_requests: int, arg
     replicas = Counter(r["replica"] for r in results if r["replica"])
     if replicas:
         level["requests_per_replica"] = dict(sorted(replicas.items()))
+    if "killed_at" in fault:
+        level["fault"] = {
+            "victim_pid": fault["victim_pid"],
+            "killed_after_s": round(fault["killed_at"] - t0, 3),
+            # the longest wait for a next token among the requests streaming when the kill came
+            "pause_s": round(max((g for r in results for g in gaps_across(r, fault["killed_at"])), default=0), 3),
+        }
+    level["token_ids"] = {r["index"]: r["token_ids"] for r in results if r["error"] is None}
     return level
+
+
+def gaps_across(result: dict, moment: float) -> list[float]:
+    """The request's gaps between chunks (or before its first) that contain `moment` (host clock)."""
+    times = [result["sent_at"]]
+    if result["ttft"] is not None:
+        times.append(result["sent_at"] + result["ttft"])
+        for g in result["gaps"]:
+            times.append(times[-1] + g)
+    return [b - a for a, b in zip(times, times[1:], strict=False) if a <= moment <= b]
+
+
+def compare_tokens(calm: dict[int, list[int]], faulted: dict) -> None:
+    """How many requests of the faulted level got the tokens the undisturbed one gave the same request (greedy: in
+    float32 they must be identical; in bf16 a resumed request's context is recomputed with other rounding)."""
+    ids = faulted.pop("token_ids")
+    same = [ids[i] == tokens for i, tokens in calm.items() if i in ids and tokens]
+    faulted.setdefault("fault", {})
+    faulted["fault"]["tokens_compared"] = len(same)
+    faulted["fault"]["tokens_identical"] = sum(same)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -340,6 +419,13 @@ def main() -> None:
     p.add_argument("--request-timeout-s", type=float, default=600.0)
     p.add_argument("--ready-timeout-s", type=float, default=900.0)
     p.add_argument("--label", help="this run's name in plots (default: from --replicas)")
+    p.add_argument(
+        "--kill-after-s",
+        type=float,
+        help="after each level, run its requests again and SIGKILL a worker this many seconds in: errors, the "
+        "pause and whether every request's tokens are the undisturbed run's",
+    )
+    p.add_argument("--kill-gpu", type=int, help="with --kill-after-s: kill the worker on this GPU (default: no GPU)")
     p.add_argument("--out", required=True, help="JSON path (the plot goes beside it as .png); with --compare the .png")
     args = p.parse_args()
     out = Path(args.out)
@@ -374,7 +460,14 @@ def main() -> None:
             for i, c in enumerate(args.concurrency):
                 n = max(8, args.waves * c)
                 run["levels"].append(asyncio.run(run_level(url, model, c, n, args, seed=i)))
+                calm = run["levels"][-1].pop("token_ids")
                 print_table(run["levels"][-1:])
+                if args.kill_after_s is not None:  # the same requests again, a worker killed during them
+                    level = asyncio.run(run_level(url, model, c, n, args, seed=i, kill_after_s=args.kill_after_s))
+                    compare_tokens(calm, level)
+                    run["levels"].append(level)
+                    print_table(run["levels"][-1:])
+                    print(f"fault: {json.dumps(level.get('fault'))}", flush=True)
                 out.write_text(json.dumps(run, indent=2) + "\n")  # each level as it ends: a cut-off run keeps them
         finally:
             if server:
