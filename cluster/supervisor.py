@@ -29,11 +29,11 @@ from cluster.workers import group_workers
 
 log = logging.getLogger("mistral_cluster.supervisor")
 NAMESPACE = "mistral-cluster"  # where the workers' names live
-# How long a live worker gets to leave the data plane: its reset waits at most 3 s for its loops (the NCCL abort
-# inside it at most 2 s of that), plus a margin for the Ray call itself: 1 s on GPU hosts (measured: 4 s in all
-# lost 1.2 s against a blocked worker's restart by its standby), 3 s for CPU workers (on the 2-core test machine
-# under load, 4 s in all restarted live workers that were leaving normally, and a stopped worker took 15 s
-# instead of 6). A worker that has not answered by then is blocked, and is restarted.
+# How long a live worker gets to leave the data plane before it counts as blocked and is restarted: its reset waits
+# at most 3 s for its loops (the NCCL abort inside it at most 2 s of that), plus a margin for the Ray call itself.
+# 1 s on GPU hosts, whose CPUs are not the bottleneck (at Mixtral's real shape a blocked worker then costs 4 s, and
+# its standby 1.2 s more). 3 s for CPU workers: on the loaded 2-core test machine a 1 s margin restarted workers
+# that were leaving normally, and a stopped worker's recovery took 15 s instead of 6.
 RESET_WAIT_S = {"GPU": 4.0, "CPU": 6.0}
 STANDBY_SHARE = 0.01  # of its bundle's CPUs and GPUs, a standby's; its worker takes the rest
 STANDBY_PING_S = 1.0  # a standby that does not answer this fast is not used (still importing, or hung)
@@ -370,10 +370,13 @@ class ShardSupervisor:
 
     def kill_all(self) -> None:
         for n in self.names:
-            for name in {self.actor_name(n), self._name_of(n, "worker"), self._name_of(n, "standby")} - {None}:
+            names = {self.actor_name(n)}
+            with contextlib.suppress(Exception):  # Ray already shut down: the kills below find nothing either
+                names |= {self._name_of(n, "worker"), self._name_of(n, "standby")} - {None}
+            for name in names:
                 with contextlib.suppress(Exception):  # already gone
                     ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
-        with contextlib.suppress(Exception):  # Ray already shut down
+        with contextlib.suppress(Exception):
             _internal_kv_del(f"{self.prefix}/", del_by_prefix=True, namespace=NAMESPACE)
 
 
