@@ -10,7 +10,7 @@ import json
 from cluster.cli.usage import UsageError
 from cluster.placement_file import settle_placement
 from cluster.reservation import check_gpu_memory, placement_table, ray_session, reserve
-from cluster.workers import data_plane
+from cluster.workers import data_plane, group_workers
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,6 +49,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                     "placement_group": group_id,
                     "shards": [p.to_dict() for p in placements],
                     "data_plane": data_plane(plan),
+                    "standbys": standbys(plan),
                 },
                 indent=2,
             )
@@ -60,7 +61,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
         )
         print(placement_table(placements))
         print(f"data plane: {data_plane(plan)['note']}")
+        with_standby = standbys(plan)
+        print(
+            f"standbys: {', '.join(with_standby)} (a warm process each, promoted when its worker dies)"
+            if with_standby
+            else "standbys: none (set `standby: true` for faster restarts)"
+        )
     return 0
+
+
+def standbys(plan) -> list[str]:
+    """The workers that get a standby process (`standby` in the placement file; by default the GPU workers)."""
+    return [w.name for w in group_workers(plan) if plan.wants_standby(w.bundle)]
 
 
 def _gib(flag: str, text: str) -> float:

@@ -109,6 +109,7 @@ def test_a_four_gpu_example_plans_one_worker_per_gpu_within_an_h200(gpus, mixtra
     assert per_gpu == PER_GPU[name]
     assert max(w + kv for w, kv in per_gpu) <= H200 * 2**30
     assert printed["data_plane"]["transport"] == "nccl", printed["data_plane"]  # no worker runs two loops
+    assert len(printed["standbys"]) == 4  # a standby for each GPU worker, by default
     assert sum(w for w, _ in per_gpu) == 2 * 140_630_071_296  # every parameter once, in bf16
 
 

@@ -232,8 +232,9 @@ def test_plan_command_prints_the_placement_table_for_the_local_example(ray_clust
     out = capsys.readouterr().out.splitlines()
     assert status == 0
     assert out[1].split() == ["shard", "layers", "experts", "node", "ip", "GPU", "weights", "KV"]
-    assert out[-1] == "data plane: CPU workers: gloo"
-    rows = {line.split()[0]: line.split() for line in out[2:-1]}
+    assert out[-2] == "data plane: CPU workers: gloo"
+    assert out[-1] == "standbys: none (set `standby: true` for faster restarts)"  # CPU workers: none by default
+    rows = {line.split()[0]: line.split() for line in out[2:-2]}
     assert rows["stage0"][1:3] == ["0-1", "-"] and rows["experts1"][1:3] == ["0-3", "2-3"]
     assert set(rows) == {"stage0", "stage1", "experts0", "experts1"}
     assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())

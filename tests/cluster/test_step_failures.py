@@ -76,14 +76,21 @@ def test_a_failed_step_logs_one_warning_naming_the_step_the_worker_and_the_cause
 
     async def main():
         actor = RouterActor(workers, plan, config, on_shard_failure="fail", monitor_interval_s=3600)
-        events = [e async for e in actor.stream([1, 5, 6, 7], SamplingParams(max_tokens=4))]
-        return actor, events
+        admission = await actor.submit("feed", 0, [1, 5, 6, 7], SamplingParams(max_tokens=4))
+        events = []
+        feed = actor.feed("feed")
+        async for batch in feed:
+            events += [e for key, e in batch if key == 0]
+            if events and events[-1].last:
+                break
+        await feed.aclose()
+        return actor, admission, events
 
     with caplog.at_level(logging.WARNING, logger="mistral_cluster.router"):
-        actor, events = asyncio.run(asyncio.wait_for(main(), timeout=60))
+        actor, admission, events = asyncio.run(asyncio.wait_for(main(), timeout=60))
     workers.close()
 
-    assert events[0].accepted and events[-1].error is not None
+    assert admission.accepted and events[-1].error is not None
     cause = f"step 0, reported by worker 1 ({workers.names[1]}): WorkerFailed: {workers.names[1]} stage1 step 0"
     records = [r for r in caplog.records if r.name == "mistral_cluster.router"]
     lines = [r.getMessage() for r in records]
