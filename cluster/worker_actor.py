@@ -39,7 +39,7 @@ from cluster.transport import (
 )
 from cluster.workers import WorkerMap, busy_workers, group_workers
 from router.step import ExpertTrace, ShardLocation, StageResult
-from shards.checkpoint import CheckpointReader
+from shards.checkpoint import CheckpointReader, HostCopy
 from shards.model import ExpertShard
 
 TRACE_LIMIT = 10_000  # stage results kept for `--profile` and benchmarks: bounded, a server runs for months
@@ -66,6 +66,15 @@ def proc_stat(pid: int) -> list[str]:
     state ("Z" for a zombie), field 19 the start time in clock ticks after boot. Raises OSError without /proc."""
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()
+
+
+def _available_memory() -> int:
+    """Bytes of host memory available for new allocations (/proc/meminfo's MemAvailable; 0 where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 0
 
 
 def _process_start_time() -> float:
@@ -122,12 +131,48 @@ class ShardWorker:
         self._joining = threading.Lock()  # a reset never runs beside a join (a router may die during one)
         self._data_loops = 0  # loops using the process group that have not ended: the last one to end releases it
         self.standby = standby
-        if not standby:
+        self._host_copy: HostCopy | None = None
+        self._copying: threading.Thread | None = None
+        if standby:  # answers pings at once; its copy of the weights is made meanwhile
+            self._copying = threading.Thread(target=self._copy_to_host, name="host-copy", daemon=True)
+            self._copying.start()
+        else:
             self._load()
 
-    def _load(self) -> None:
-        """This worker's expert groups, stages and expert services, from the checkpoint."""
+    def _selections(self, config) -> list:
+        return [self.plan.expert_selection(g, config) for g in self.spec.expert_groups] + [
+            self.plan.stage_selection(s, config) for s in self.spec.stages
+        ]
+
+    def _copy_to_host(self) -> None:
+        """A standby reads its worker's tensors into host memory, so that a promotion copies them to the device
+        instead of reading the checkpoint again: unless the checkpoint is random (drawn on the device, faster) or
+        the node lacks room (it keeps twice their bytes available for everything else)."""
         reader = CheckpointReader(self.checkpoint)
+        if reader.random is not None:
+            return
+        selections = self._selections(reader.config)
+        need = sum(s.nbytes(reader.config, self.plan.torch_dtype) for s in selections)
+        available = _available_memory()
+        if 2 * need > available:
+            print(
+                f"{self.name} standby: no host copy of its {need / 2**30:.1f} GiB of weights "
+                f"({available / 2**30:.1f} GiB available); a promotion reads the checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        try:
+            self._host_copy = HostCopy(reader, selections, self.plan.torch_dtype)
+        except Exception as e:  # noqa: BLE001 - the promotion reads the checkpoint instead, and says why if it fails
+            print(f"{self.name} standby: host copy failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            return
+        self.started["host_copy"] = time.time()
+
+    def _load(self) -> None:
+        """This worker's expert groups, stages and expert services: from the checkpoint, or from the host copy a
+        standby made of them."""
+        reader = self._host_copy or CheckpointReader(self.checkpoint)
         self.config = config = reader.config
         plan, dtype = self.plan, self.plan.torch_dtype
         groups = {
@@ -152,7 +197,10 @@ class ShardWorker:
         with self._joining:
             if self.standby:
                 self.started["promoted"] = time.time()
+                if self._copying is not None:
+                    self._copying.join()  # a copy under way reads the checkpoint as fast as a new read would
                 self._load()
+                self._host_copy = None  # the device has the weights now: the host memory goes back
                 self.standby = False
         return self.location()
 

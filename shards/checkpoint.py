@@ -242,6 +242,31 @@ class CheckpointReader:
         return out
 
 
+class HostCopy:
+    """A reader whose selections were read into host memory ahead of time: `load` copies them to the device from
+    there (host-memory speed) and reads no checkpoint file. A standby worker holds one, so that when it takes a dead
+    worker's place its weights do not come from disk again."""
+
+    def __init__(self, reader: CheckpointReader, selections: list[ShardSelection], dtype: torch.dtype) -> None:
+        self.reader, self.config, self.dtype = reader, reader.config, dtype
+        self.tensors: dict[str, torch.Tensor] = {}
+        for selection in selections:
+            self.tensors.update(reader.load(selection, dtype=dtype, device="cpu"))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def load(
+        self, selection: ShardSelection, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu"
+    ) -> dict[str, torch.Tensor]:
+        """As `CheckpointReader.load`, from the copy (what it lacks, from the checkpoint)."""
+        names = selection.tensor_shapes(self.config)
+        if any(n not in self.tensors for n in names) or (dtype or self.dtype) != self.dtype:
+            return self.reader.load(selection, dtype=dtype, device=device)
+        return {n: self.tensors[n].to(device=device) for n in names}
+
+
 # --- writing ---------------------------------------------------------------------------------------------
 
 

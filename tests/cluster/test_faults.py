@@ -564,6 +564,7 @@ def test_a_killed_worker_is_replaced_by_its_warm_standby_and_a_new_standby_follo
             phases = {w: dict(p) for w, p in health.last_restart_phases}
             assert health.restarted[-1] == ("experts1",), health
             assert "promoted" in phases["experts1"], phases  # loaded by the standby, not by a new process
+            assert phases["experts1"]["host_copy"] < phases["experts1"]["promoted"]  # from its copy in host memory
             assert cluster.locations()["experts1"].pid == standby_pid  # the standby is the worker now
             RESULTS[f"standby promoted, round {round_ + 1}"] = {
                 "last_recovery_seconds": health.last_recovery_seconds,

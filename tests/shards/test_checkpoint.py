@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from shards.checkpoint import CheckpointError, CheckpointReader, ShardSelection
+from shards.checkpoint import CheckpointError, CheckpointReader, HostCopy, ShardSelection
 from shards.config import ConfigError, load_config
 
 
@@ -168,3 +168,24 @@ def test_shard_loader_peak_memory_is_its_own_size_not_the_checkpoints(checkpoint
     assert shard_peak < 2 * shard_bytes + 12e6, (shard_peak, shard_bytes)  # its own bytes, plus page fault-around
     assert shard_peak < total / 8
     assert whole_peak > total / 2  # the measurement does see a full load
+
+
+def test_a_host_copy_gives_the_checkpoints_tensors_without_reading_its_files_again(checkpoint_factory, tmp_path):
+    import shutil
+
+    import torch
+
+    copy = tmp_path / "ck"
+    shutil.copytree(checkpoint_factory("mixtral", seed=0), copy)
+    reader = CheckpointReader(copy)
+    stage, group = ShardSelection(layers=(0, 1), experts={}), ShardSelection(layers=(), experts={1: (2, 3)})
+    host = HostCopy(reader, [stage, group], torch.bfloat16)
+    expected = {**reader.load(stage, dtype=torch.bfloat16), **reader.load(group, dtype=torch.bfloat16)}
+    for f in copy.glob("*.safetensors"):
+        f.unlink()  # a standby's promotion must not need them
+    got = {**host.load(stage, dtype=torch.bfloat16, device="cpu"), **host.load(group, dtype=torch.bfloat16)}
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[n], expected[n]) and got[n].dtype == torch.bfloat16 for n in expected)
+    assert host.nbytes == sum(t.nbytes for t in expected.values())
+    with pytest.raises(CheckpointError, match="is missing"):  # what it does not hold comes from the files
+        host.load(ShardSelection(layers=(3,), experts={}), dtype=torch.bfloat16)
