@@ -140,7 +140,10 @@ class _Checker:
                 raise self.fail(path, f"resource names are strings, got {name!r}")
             if not isinstance(amount, (int, float)) or isinstance(amount, bool) or not 0 <= amount < math.inf:
                 raise self.fail(f"{path}.{name}", f"expected a non-negative number, got {amount!r}")
-            out[name] = float(amount)
+            try:
+                out[name] = float(amount)
+            except OverflowError:  # an integer past any float (the fuzzer found one): no cluster has that much
+                raise self.fail(f"{path}.{name}", f"{amount} is too large to be an amount of a resource") from None
         if not any(out.values()):
             raise self.fail(path, "a shard must reserve some resource; every amount is 0")
         return out

@@ -229,6 +229,10 @@ BAD_FILES = [
     ),
     ("checkpoint: c\nstages: 1\ndtype: int8\n", "dtype: expected one of float32, bfloat16, float16, got 'int8'"),
     ("checkpoint: c\nstages: 1\nstandby: sometimes\n", "standby: expected true, false or auto, got 'sometimes'"),
+    (
+        "checkpoint: c\nstages: 1\nresources: {CPU: 1" + "0" * 309 + "}\n",
+        "resources.CPU: 1" + "0" * 309 + " is too large to be an amount of a resource",
+    ),
 ]
 
 
