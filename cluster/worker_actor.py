@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections import deque
+from pathlib import Path
 
 import ray
 import torch
@@ -68,13 +69,21 @@ def proc_stat(pid: int) -> list[str]:
         return f.read().rsplit(")", 1)[1].split()
 
 
-def _available_memory() -> int:
-    """Bytes of host memory available for new allocations (/proc/meminfo's MemAvailable; 0 where unknown)."""
+def _available_memory(cgroup: str = "/sys/fs/cgroup") -> int:
+    """Bytes of host memory available for new allocations: /proc/meminfo's MemAvailable, or less where this
+    process's cgroup (v2) has a limit, as a Kubernetes pod has (/proc/meminfo shows the whole node there, and a copy
+    sized by it would get the pod OOM-killed). 0 where unknown."""
     try:
         with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError, IndexError):
         return 0
+    try:
+        limit = Path(cgroup, "memory.max").read_text().strip()
+        used = int(Path(cgroup, "memory.current").read_text())
+    except (OSError, ValueError):
+        return available  # no cgroup v2 memory controller here
+    return available if limit == "max" else max(0, min(available, int(limit) - used))
 
 
 def _process_start_time() -> float:

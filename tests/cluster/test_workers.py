@@ -10,7 +10,7 @@ import pytest
 from cluster.placement import validate_against_model
 from cluster.placement_file import load_placement
 from cluster.transport import ChannelKey
-from cluster.worker_actor import data_channels
+from cluster.worker_actor import _available_memory, data_channels
 from cluster.workers import WorkerMap, busy_workers, data_plane, group_workers
 from shards.config import preset
 
@@ -116,3 +116,17 @@ def test_plan_says_which_placements_go_through_host_memory_and_why():
     assert "stage0+experts0 (stage0, experts for stage1)" in mixed["note"] and "0.2x one GPU" in mixed["note"]
     assert data_plane(example("mixtral-2gpu-experts.yaml"))["transport"] == "nccl"
     assert data_plane(example("local.yaml"))["transport"] == "gloo"
+
+
+def test_a_standbys_room_for_a_host_copy_is_bounded_by_its_cgroups_limit(tmp_path):
+    """In a Kubernetes pod /proc/meminfo shows the whole node: a host copy sized by it would get the pod OOM-killed.
+    The cgroup (v2) limit minus what it already uses bounds it; no limit, or no cgroup files, leaves MemAvailable."""
+    node = _available_memory(str(tmp_path / "none"))  # no cgroup files: MemAvailable alone
+    assert node > 0
+    (tmp_path / "memory.max").write_text("max\n")
+    (tmp_path / "memory.current").write_text("1000\n")
+    assert abs(_available_memory(str(tmp_path)) - node) < 2**30  # unlimited: the node's figure (it moves a little)
+    (tmp_path / "memory.max").write_text(f"{2**30 + 1000}\n")
+    assert _available_memory(str(tmp_path)) == 2**30  # the limit less what the cgroup uses
+    (tmp_path / "memory.current").write_text(f"{2**31}\n")
+    assert _available_memory(str(tmp_path)) == 0  # over its limit already: no room at all
