@@ -145,11 +145,7 @@ def wait_for_standbys(cluster, timeout_s: float) -> list[str]:
     wanted = [w.name for w in cluster.supervisor.workers if cluster.plan.wants_standby(w.bundle)]
     deadline = time.monotonic() + timeout_s
     while True:
-        up = []
-        for name, handle in cluster.supervisor.standbys().items():
-            with contextlib.suppress(Exception):
-                if handle is not None and ray.get(handle.ping.remote(), timeout=1):
-                    up.append(name)
+        up = list(cluster.supervisor.standbys_up())
         if set(wanted) <= set(up) or time.monotonic() > deadline:
             return up
         time.sleep(0.5)

@@ -169,6 +169,15 @@ class ShardSupervisor:
         """Each worker's standby actor, None where it has none (or it is gone)."""
         return {n: self._actor(self._name_of(n, "standby")) for n in self.names}
 
+    def standbys_up(self) -> dict[str, object]:
+        """The standbys that answer a ping now, by worker (one still starting does not: it would not be used)."""
+        up = {}
+        for n, handle in self.standbys().items():
+            with contextlib.suppress(Exception):  # gone, or still importing
+                if handle is not None and ray.get(handle.ping.remote(), timeout=STANDBY_PING_S):
+                    up[n] = handle
+        return up
+
     def _take_standby(self, worker: str):
         """The worker's standby, if it is up (answers a ping at once), now no longer a standby: None otherwise."""
         name = self._name_of(worker, "standby")

@@ -100,8 +100,9 @@ def prompts_and_expected(checkpoint):
     return prompts, [e.token_ids for e in expected]
 
 
-def start_server(nodes, checkpoint, tmp_path: Path, on_shard_failure: str, name: str) -> str:
-    placement = {
+def placement_of(checkpoint, **settings) -> dict:
+    """The module's placement: two stages on the stage node, two expert groups on an expert node each."""
+    return {
         "checkpoint": str(checkpoint),
         "dtype": "float32",
         "strategy": "spread",
@@ -116,9 +117,13 @@ def start_server(nodes, checkpoint, tmp_path: Path, on_shard_failure: str, name:
         "micro_batch_size": 4,
         "token_budget": 256,
         "max_seqs": 8,
+        **settings,
     }
+
+
+def start_server(nodes, checkpoint, tmp_path: Path, on_shard_failure: str, name: str) -> str:
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(placement))
+    path.write_text(yaml.safe_dump(placement_of(checkpoint)))
     port = nodes["port"]
     ingress = OpenAIIngress.options(ray_actor_options={"num_cpus": 0, "resources": {"ingress_node": 0.01}})
     serve.run(
@@ -519,36 +524,17 @@ def test_a_killed_worker_is_replaced_by_its_warm_standby_and_a_new_standby_follo
     prompts = random_prompts([5, 9, WINDOW, 20, 3 * WINDOW, 7, 2 * WINDOW + 3, 12], seed=95)
     params = [SamplingParams(max_tokens=4 * NEW_TOKENS, ignore_eos=True, **sampling(i)) for i in range(len(prompts))]
     expected = [e.token_ids for e in generate(LocalEngine(checkpoint, max_seqs=8), prompts, params)]
-    placement = {
-        "checkpoint": str(checkpoint),
-        "dtype": "float32",
-        "strategy": "spread",
-        "stages": [
-            {"layers": [0, 1], "resources": {"CPU": 0.25, "stage_node": 0.5}},
-            {"layers": [2, 3], "resources": {"CPU": 0.25, "stage_node": 0.5}},
-        ],
-        "expert_groups": [
-            {"experts": [0, 1], "resources": {"CPU": 0.25, "expert_node": 1}},
-            {"experts": [2, 3], "resources": {"CPU": 0.25, "expert_node": 1}},
-        ],
-        "micro_batch_size": 4,
-        "token_budget": 256,
-        "max_seqs": 8,
-        "standby": True,
-    }
+    placement = placement_of(checkpoint, standby=True)
     path = tmp_path / "standby.yaml"
     path.write_text(yaml.safe_dump(placement))
     with ShardedCluster.start(path, step_timeout_s=20.0) as cluster:
         seen_standbys = set()
         for round_ in range(2):
             deadline = time.monotonic() + 120
-            while True:  # standbys start in the background: wait until experts1's answers
-                standby = cluster.supervisor.standbys()["experts1"]
-                with contextlib.suppress(Exception):
-                    if standby is not None and ray.get(standby.ping.remote(), timeout=1):
-                        break
+            while "experts1" not in (up := cluster.supervisor.standbys_up()):  # they start in the background
                 assert time.monotonic() < deadline, "no standby for experts1 after 120 s"
                 time.sleep(0.5)
+            standby = up["experts1"]
             standby_pid = ray.get(standby.location.remote()).pid
             assert standby_pid not in seen_standbys  # a new one each round
             seen_standbys.add(standby_pid)
