@@ -63,7 +63,8 @@ class FeedHub:
             f.pumps.pop(key, None)
 
     def cancel(self, feed: str, key: int) -> None:
-        pump = self._feeds.get(feed, _Feed()).pumps.get(key)
+        f = self._feeds.get(feed)
+        pump = f.pumps.get(key) if f is not None else None
         if pump is not None:
             pump.cancel()
 
