@@ -13,10 +13,11 @@ It either targets a running server (`--url`) or starts `mistral-cluster serve` i
 stops it with SIGTERM afterwards. It writes JSON (naming the machine: CPUs, platform, GPUs, commit) and a plot;
 `--compare A.json B.json ...` plots several runs together.
 
-`--kill-after-s S` (with `--kill-gpu N` on a GPU host) runs each level twice, the second time SIGKILLing a shard
-worker S seconds in (on GPU N the process holding most of its memory, else the largest `ray::ShardWorker`): that
-level reports its errors, the pause (the longest wait for a next token across the kill) and how many requests got
-exactly the tokens of the undisturbed run (asked for with this server's `return_token_ids`).
+`--kill-after-s S` (with `--kill-gpu N` on a GPU host) runs each level three times: twice undisturbed (how many
+requests keep their tokens from one calm run to the next is the floor), then SIGKILLing a shard worker S seconds in
+(on GPU N the process holding most of its memory, else the largest `ray::ShardWorker`): that level reports its
+errors, the pause (the longest wait for a next token across the kill) and how many requests got exactly the tokens
+of the first undisturbed run (asked for with this server's `return_token_ids`).
 
     python bench/serve_load.py --config deploy/examples/local.yaml --random-weights small-mixtral \\
         --concurrency 1 4 16 --out bench/results/serve_load-cpu-1replica.json
@@ -462,7 +463,15 @@ def main() -> None:
                 run["levels"].append(asyncio.run(run_level(url, model, c, n, args, seed=i)))
                 calm = run["levels"][-1].pop("token_ids")
                 print_table(run["levels"][-1:])
-                if args.kill_after_s is not None:  # the same requests again, a worker killed during them
+                if args.kill_after_s is not None:
+                    # the same requests undisturbed once more: how many keep their tokens with no fault at all
+                    # (in bf16 a request's rows meet other batch shapes from run to run) is the floor to read
+                    # the faulted run's count against
+                    again = asyncio.run(run_level(url, model, c, n, args, seed=i, kill_after_s=None))
+                    same = [again["token_ids"].get(k) == v for k, v in calm.items() if v]
+                    run["levels"][-1]["calm_repeat"] = {"tokens_compared": len(same), "tokens_identical": sum(same)}
+                    print(f"calm repeat: {json.dumps(run['levels'][-1]['calm_repeat'])}", flush=True)
+                    # the same requests again, a worker killed during them
                     level = asyncio.run(run_level(url, model, c, n, args, seed=i, kill_after_s=args.kill_after_s))
                     compare_tokens(calm, level)
                     run["levels"].append(level)
