@@ -16,8 +16,8 @@ stops it with SIGTERM afterwards. It writes JSON (naming the machine: CPUs, plat
 `--kill-after-s S` (with `--kill-gpu N` on a GPU host) runs each level three times: twice undisturbed (how many
 requests keep their tokens from one calm run to the next is the floor), then SIGKILLing a shard worker S seconds in
 (on GPU N the process holding most of its memory, else the largest `ray::ShardWorker`): that level reports its
-errors, the pause (the longest wait for a next token across the kill) and how many requests got exactly the tokens
-of the first undisturbed run (asked for with this server's `return_token_ids`).
+errors, the pause (the longest wait after the kill with no token on any stream) and how many requests got exactly
+the tokens of the first undisturbed run (asked for with this server's `return_token_ids`).
 
     python bench/serve_load.py --config deploy/examples/local.yaml --random-weights small-mixtral \\
         --concurrency 1 4 16 --out bench/results/serve_load-cpu-1replica.json
@@ -32,6 +32,7 @@ import math
 import os
 import platform
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -102,10 +103,41 @@ def random_prompt(rng: random.Random, n: int, vocab: int) -> list[int]:
 # --- a level of concurrency ------------------------------------------------------------------------------------------
 
 
-def worker_victim(gpu: int | None) -> int | None:
-    """The process to kill: on `gpu`, the one holding the most of its memory (the worker, not its standby, which
-    holds only a CUDA context); without a GPU, the `ray::ShardWorker` process with the most resident memory."""
-    if gpu is not None:
+def shard_workers() -> dict[int, dict]:
+    """Every `ray::ShardWorker` process of this machine: its resident memory and the GPUs it has open."""
+    found = {}
+    for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if not cmdline.startswith(b"ray::ShardWorker"):
+                continue
+            rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            gpus = set()
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("/dev/nvidia") and target[len("/dev/nvidia") :].isdigit():
+                    gpus.add(int(target[len("/dev/nvidia") :]))
+        except OSError:
+            continue
+        found[pid] = {
+            "cmdline": cmdline.replace(b"\0", b" ").decode(errors="replace").strip(),
+            "rss": rss,
+            "gpus": gpus,
+        }
+    return found
+
+
+def worker_victim(gpu: int | None) -> tuple[int | None, str]:
+    """The process to kill, and how it was chosen. On `gpu`: the `ray::ShardWorker` holding the most of that GPU's
+    memory by nvidia-smi (the worker, not its standby, which holds only a CUDA context), when nvidia-smi's pids are
+    this machine's (in a container they can be the host's), else the one with that GPU open and the most resident
+    memory; without a GPU, the `ray::ShardWorker` with the most resident memory."""
+    workers = shard_workers()
+    if gpu is None:
+        best = max(workers, key=lambda pid: workers[pid]["rss"], default=None)
+        return best, "largest resident ray::ShardWorker"
+    on_gpu = {pid: w for pid, w in workers.items() if gpu in w["gpus"]}
+    try:
         rows = subprocess.run(
             ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits", "-i", str(gpu)],
             capture_output=True,
@@ -113,24 +145,25 @@ def worker_victim(gpu: int | None) -> int | None:
             check=True,
         ).stdout.split("\n")
         apps = [tuple(int(x) for x in row.split(",")) for row in rows if row.strip()]
-        return max(apps, key=lambda a: a[1])[0] if apps else None
-    best = None
-    for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
-        except OSError:
-            continue
-        if cmdline.startswith(b"ray::ShardWorker") and (best is None or rss > best[1]):
-            best = (pid, rss)
-    return best[0] if best else None
+    except (OSError, subprocess.CalledProcessError, ValueError):
+        apps = []
+    ours = [a for a in apps if a[0] in on_gpu]
+    if ours:
+        return max(ours, key=lambda a: a[1])[0], f"nvidia-smi: most memory on GPU {gpu}"
+    best = max(on_gpu, key=lambda pid: on_gpu[pid]["rss"], default=None)
+    return best, f"GPU {gpu} open, most resident memory (nvidia-smi pids {[a[0] for a in apps]} are not this machine's)"
 
 
 async def kill_later(after_s: float, gpu: int | None, record: dict) -> None:
     await asyncio.sleep(after_s)
-    pid = worker_victim(gpu)
-    record.update(victim_pid=pid, killed_at=time.perf_counter())
+    before = shard_workers()
+    pid, how = worker_victim(gpu)
+    record.update(victim_pid=pid, chosen_by=how, killed_at=time.perf_counter())
+    record["candidates"] = [
+        {"pid": p, "rss_mib": w["rss"] >> 20, "gpus": sorted(w["gpus"])} for p, w in sorted(before.items())
+    ]
     if pid is not None:
+        record["victim"] = before.get(pid, {}).get("cmdline")
         os.kill(pid, signal.SIGKILL)
 
 
@@ -198,22 +231,31 @@ async def run_level(
     if "killed_at" in fault:
         level["fault"] = {
             "victim_pid": fault["victim_pid"],
+            "victim": fault.get("victim"),
+            "chosen_by": fault["chosen_by"],
+            "candidates": fault["candidates"],
             "killed_after_s": round(fault["killed_at"] - t0, 3),
-            # the longest wait for a next token among the requests streaming when the kill came
-            "pause_s": round(max((g for r in results for g in gaps_across(r, fault["killed_at"])), default=0), 3),
+            "pause_s": round(pause_after(results, fault["killed_at"]), 3),
         }
     level["token_ids"] = {r["index"]: r["token_ids"] for r in results if r["error"] is None}
     return level
 
 
-def gaps_across(result: dict, moment: float) -> list[float]:
-    """The request's gaps between chunks (or before its first) that contain `moment` (host clock)."""
-    times = [result["sent_at"]]
-    if result["ttft"] is not None:
-        times.append(result["sent_at"] + result["ttft"])
-        for g in result["gaps"]:
-            times.append(times[-1] + g)
-    return [b - a for a, b in zip(times, times[1:], strict=False) if a <= moment <= b]
+def arrivals(result: dict) -> list[float]:
+    """When (host clock) each of the request's tokens arrived."""
+    if result["ttft"] is None:
+        return []
+    times = [result["sent_at"] + result["ttft"]]
+    for g in result["gaps"]:
+        times.append(times[-1] + g)
+    return times
+
+
+def pause_after(results: list[dict], moment: float) -> float:
+    """The longest time with no token arriving on any stream, among the waits that end after `moment`: a killed
+    shard stalls every stream at once (the last tokens of the steps already in flight can still arrive after it)."""
+    times = sorted(t for r in results for t in arrivals(r))
+    return max((b - a for a, b in zip(times, times[1:], strict=False) if b > moment), default=0.0)
 
 
 def compare_tokens(calm: dict[int, list[int]], faulted: dict) -> None:
@@ -474,6 +516,10 @@ def main() -> None:
                     # the same requests again, a worker killed during them
                     level = asyncio.run(run_level(url, model, c, n, args, seed=i, kill_after_s=args.kill_after_s))
                     compare_tokens(calm, level)
+                    if server:  # what the server said about the fault: detection, promotion, recovery
+                        said = re.compile(r"recover|promot|standby|died|dead|fail|restart", re.IGNORECASE)
+                        lines = [x[:300] for x in server.log_path.read_text().splitlines() if said.search(x)]
+                        level["fault"]["server_log"] = lines[-40:]
                     run["levels"].append(level)
                     print_table(run["levels"][-1:])
                     print(f"fault: {json.dumps(level.get('fault'))}", flush=True)
