@@ -168,7 +168,7 @@ async def kill_later(after_s: float, gpu: int | None, record: dict) -> None:
 
 
 async def run_level(
-    url: str, model: str, concurrency: int, n_requests: int, args, seed: int, kill_after_s: float | None = None
+    urls: list[str], model: str, concurrency: int, n_requests: int, args, seed: int, kill_after_s: float | None = None
 ) -> dict:
     rng = random.Random(seed)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -194,7 +194,7 @@ async def run_level(
     fault: dict = {}
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
 
-    async def worker(client: httpx.AsyncClient) -> None:
+    async def worker(client: httpx.AsyncClient, url: str) -> None:
         while not queue.empty():
             i, body = queue.get_nowait()
             results.append({"index": i, **await one_request(client, url, body, headers)})
@@ -204,7 +204,8 @@ async def run_level(
         killer = None
         if kill_after_s is not None:
             killer = asyncio.ensure_future(kill_later(kill_after_s, args.kill_gpu, fault))
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        # several URLs (each copy's own, with direct ingress): the clients are spread over them evenly
+        await asyncio.gather(*(worker(client, urls[k % len(urls)]) for k in range(concurrency)))
         seconds = time.perf_counter() - t0
         if killer is not None:
             killer.cancel()
@@ -328,6 +329,8 @@ class ServerProcess:
         ):
             if value is not None:
                 cmd += [flag, str(value)]
+        if args.direct:
+            cmd.append("--direct-ingress")
         self.command = cmd
         self.log_path = tmp / "serve.log"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -352,6 +355,22 @@ class ServerProcess:
                 pass
             time.sleep(0.5)
         raise SystemExit(f"the server was not ready in {timeout_s:g} s:\n{self.log_tail()}")
+
+    def direct_urls(self, replicas: int, timeout_s: float) -> list[str]:
+        """With --direct-ingress: each copy's own address (--port + 1, + 2, ...), once each answers /health."""
+        urls = [f"http://127.0.0.1:{self.port + 1 + i}" for i in range(replicas)]
+        deadline = time.monotonic() + timeout_s
+        for url in urls:
+            while True:
+                try:
+                    if httpx.get(url + "/health", timeout=5).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"{url} (direct ingress) did not answer in {timeout_s:g} s:\n{self.log_tail()}")
+                time.sleep(0.5)
+        return urls
 
     def log_tail(self, n: int = 4000) -> str:
         return self.log_path.read_text()[-n:]
@@ -444,13 +463,20 @@ def plot(runs: list[dict], out: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     target = p.add_mutually_exclusive_group()
-    target.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
+    target.add_argument(
+        "--url", nargs="+", help="a running server, e.g. http://127.0.0.1:8000 (several: clients spread over them)"
+    )
     target.add_argument("--config", help="start `mistral-cluster serve` on this placement")
     target.add_argument("--compare", nargs="+", metavar="JSON", help="only plot these runs together (into --out)")
     p.add_argument("--checkpoint")
     p.add_argument("--random-weights", metavar="SHAPE")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--replicas", type=int)
+    p.add_argument(
+        "--direct",
+        action="store_true",
+        help="with --config: serve with --direct-ingress and load each copy on its own port (no proxy hop)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="change the placement's knobs")
     p.add_argument("--api-key", default=os.environ.get("MISTRAL_CLUSTER_API_KEY"))
     p.add_argument("--model", help="default: the first model /v1/models lists")
@@ -488,33 +514,36 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         server = ServerProcess(args, Path(tmp)) if args.config else None
         try:
-            url = args.url or server.url
+            urls = args.url or [server.url]
             if server:
                 ready_s = server.wait_ready(args.replicas or 1, args.ready_timeout_s)
                 run["server"] = {"command": server.command[1:], "ready_s": round(ready_s, 1)}
                 print(f"server ready in {run['server']['ready_s']:.0f} s", flush=True)
+                if args.direct:
+                    urls = server.direct_urls(args.replicas or 1, 60.0)
+                    run["server"]["direct_urls"] = urls
             headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-            models = httpx.get(url + "/v1/models", headers=headers, timeout=30).json()["data"]
+            models = httpx.get(urls[0] + "/v1/models", headers=headers, timeout=30).json()["data"]
             model = args.model or models[0]["id"]
             run["model"] = next((m for m in models if m["id"] == model), {"id": model})
-            asyncio.run(run_level(url, model, 2, 2, args, seed=12345))  # warm-up, not reported
+            asyncio.run(run_level(urls, model, 2, 2, args, seed=12345))  # warm-up, not reported
             run["levels"] = []
             print_header()
             for i, c in enumerate(args.concurrency):
                 n = max(8, args.waves * c)
-                run["levels"].append(asyncio.run(run_level(url, model, c, n, args, seed=i)))
+                run["levels"].append(asyncio.run(run_level(urls, model, c, n, args, seed=i)))
                 calm = run["levels"][-1].pop("token_ids")
                 print_table(run["levels"][-1:])
                 if args.kill_after_s is not None:
                     # the same requests undisturbed once more: how many keep their tokens with no fault at all
                     # (in bf16 a request's rows meet other batch shapes from run to run) is the floor to read
                     # the faulted run's count against
-                    again = asyncio.run(run_level(url, model, c, n, args, seed=i, kill_after_s=None))
+                    again = asyncio.run(run_level(urls, model, c, n, args, seed=i, kill_after_s=None))
                     same = [again["token_ids"].get(k) == v for k, v in calm.items() if v]
                     run["levels"][-1]["calm_repeat"] = {"tokens_compared": len(same), "tokens_identical": sum(same)}
                     print(f"calm repeat: {json.dumps(run['levels'][-1]['calm_repeat'])}", flush=True)
                     # the same requests again, a worker killed during them
-                    level = asyncio.run(run_level(url, model, c, n, args, seed=i, kill_after_s=args.kill_after_s))
+                    level = asyncio.run(run_level(urls, model, c, n, args, seed=i, kill_after_s=args.kill_after_s))
                     compare_tokens(calm, level)
                     if server:  # what the server said about the fault: detection, promotion, recovery
                         said = re.compile(r"recover|promot|standby|died|dead|fail|restart", re.IGNORECASE)

@@ -81,6 +81,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --autoscale: requests in flight per copy that Serve aims at (default: the placement's max_seqs)",
     )
     p.add_argument(
+        "--direct-ingress",
+        action="store_true",
+        help="each copy also serves HTTP itself, on --port + 1, + 2, ... (Ray Serve's direct ingress: no hop through "
+        "the proxy, about a third of the CPU per streamed token); --port still spreads requests over every copy. "
+        "Starts a local Ray only: on a cluster of your own, set RAY_SERVE_ENABLE_DIRECT_INGRESS=1 on its nodes",
+    )
+    p.add_argument(
         "--drain-timeout",
         type=float,
         default=30.0,
@@ -149,6 +156,28 @@ def replica_options(args: argparse.Namespace, max_seqs: int) -> tuple[dict, int]
     return {"autoscaling_config": autoscaling}, int(high)
 
 
+def direct_ingress_env(args: argparse.Namespace, copies: int) -> None:
+    """Ray Serve reads its direct-ingress settings from the environment of the processes it starts, which a local
+    Ray started after this inherits (ports: one per copy on this node, from --port + 1)."""
+    import os
+
+    if args.address or os.environ.get("RAY_ADDRESS"):
+        raise UsageError(
+            "--direct-ingress starts a local Ray; on a cluster you joined, set RAY_SERVE_ENABLE_DIRECT_INGRESS=1 "
+            "(and RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT) in its nodes' environment instead (deploy/README.md)"
+        )
+    first, last = args.port + 1, args.port + copies
+    if last > 65535:
+        raise UsageError(
+            f"--direct-ingress needs ports {first}-{last} for {copies} copies; --port {args.port} is too high"
+        )
+    os.environ.update(
+        RAY_SERVE_ENABLE_DIRECT_INGRESS="1",
+        RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(first),
+        RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(max(last, min(first + 1000, 65535))),
+    )
+
+
 def drain_and_shutdown(timeout_s: float, grpc: GrpcFront | None = None) -> None:
     """Refuse new requests, let those in flight finish (up to `timeout_s`), then stop gRPC and shut Serve down."""
     from ray import serve  # loaded by start_serve already; imported here for the reason given there
@@ -178,6 +207,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     checkpoint = str(made) if made else args.checkpoint
     plan, _ = settle_placement(args.config, checkpoint)
     options, copies = replica_options(args, plan.max_seqs)
+    if args.direct_ingress:
+        direct_ingress_env(args, copies)
     # Serve's graceful stop of a replica (on SIGTERM, the replicas the drain call below does not reach) waits as long
     options["graceful_shutdown_timeout_s"] = max(args.drain_timeout, 1.0)
     app_args = {"placement": str(Path(args.config).resolve()), "max_queued_requests": args.max_queued_requests}
@@ -213,6 +244,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"health: /health, metrics: /metrics; Ctrl-C stops, SIGTERM drains",
             file=sys.stderr,
         )
+        if args.direct_ingress:
+            print(
+                f"direct ingress: each copy also on its own port, from http://{args.host}:{args.port + 1}/v1",
+                file=sys.stderr,
+            )
         grpc = None
         try:
             grpc = start_serve(app_args, args.host, args.port, args.grpc_port, deployment_options=options)
