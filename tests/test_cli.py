@@ -134,7 +134,10 @@ def test_serve_help_names_random_weights_a_benchmark_aid_and_the_replica_flags(c
         (["--random-weights", "small-mixtral", "--autoscale", "two"], "got 'two'"),
         (["--random-weights", "small-mixtral", "--target-ongoing-requests", "8"], "goes with --autoscale"),
         (["--random-weights", "small-mixtral", "--direct-ingress", "--address", "10.0.0.1:6379"], "starts a local"),
-        (["--random-weights", "small-mixtral", "--direct-ingress", "--replicas", "3", "--port", "65534"], "65535-65537"),
+        (
+            ["--random-weights", "small-mixtral", "--direct-ingress", "--replicas", "3", "--port", "65534"],
+            "65535-65537",
+        ),
     ],
 )
 def test_bad_serve_scaling_input_is_one_line_error_before_ray_starts(extra, message, capsys, tmp_path, monkeypatch):
