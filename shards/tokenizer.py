@@ -24,10 +24,11 @@ class Tokenizer:
         except (RuntimeError, OSError) as e:
             raise ConfigError(f"{self.path}: not a sentencepiece model ({e})") from None
         self._chat = None
+        self._vocab_size = self.sp.vocab_size()
 
     @property
     def vocab_size(self) -> int:
-        return self.sp.vocab_size()
+        return self._vocab_size
 
     @property
     def bos_id(self) -> int:
@@ -42,7 +43,8 @@ class Tokenizer:
         return [self.bos_id] + ids if bos else ids
 
     def decode(self, ids: list[int]) -> str:
-        return self.sp.decode([i for i in ids if 0 <= i < self.vocab_size])
+        n = self._vocab_size
+        return self.sp.decode([i for i in ids if 0 <= i < n])
 
     def id_to_piece(self, token_id: int) -> str:
         return self.sp.id_to_piece(token_id)
