@@ -273,6 +273,37 @@ class RouterActor:
     async def ping(self) -> bool:
         return True
 
+    async def profile(self, seconds: float) -> dict:
+        """What this router did for `seconds` of whatever load it has: its steps' cadence (one step's start to the
+        next's) beside their own time (sent to returned), and where its event loop's Python time went (cProfile of
+        the loop's thread, which runs the step loop, the feeds and every call). For finding the host work a served
+        step pays that `gpu_scale`'s does not (bench/router_profile.py)."""
+        import cProfile
+        import io
+        import pstats
+
+        mark = self.steps
+        profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            profiler.disable()
+        steps = [t for t in self.traces if t.step >= mark]
+        text = io.StringIO()
+        stats = pstats.Stats(profiler, stream=text)
+        stats.sort_stats("tottime").print_stats(30)
+        stats.sort_stats("cumulative").print_stats(40)
+        out: dict = {"seconds": seconds, "steps": len(steps), "loop_python_s": round(stats.total_tt, 3)}
+        if len(steps) > 1:
+            out["step_ms"] = round(1e3 * sum(t.seconds for t in steps) / len(steps), 2)
+            out["cadence_ms"] = round(1e3 * (steps[-1].called - steps[0].called) / (len(steps) - 1), 2)
+            out["tokens_per_step"] = round(sum(t.tokens for t in steps) / len(steps), 1)
+            out["sequences_per_step"] = round(sum(t.sequences for t in steps) / len(steps), 1)
+            out["loop_python_ms_per_step"] = round(1e3 * stats.total_tt / len(steps), 2)
+        out["profile"] = text.getvalue()
+        return out
+
     async def stats(self) -> RouterStats:
         await self.start()
         return RouterStats(self.loop.snapshot(), self.health, await self._gather_expert_load())

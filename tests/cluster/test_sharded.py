@@ -185,3 +185,15 @@ def test_stages_that_hold_their_experts_count_exactly_the_gates_choices(ray_node
     local = generate(engine, prompts, params)
     assert [c.token_ids for c in ours] == [c.token_ids for c in local]
     assert load == expected
+
+
+def test_the_routers_profile_counts_the_steps_it_saw_and_names_the_step_loop(sharded):
+    """`RouterActor.profile` (bench/router_profile.py): the steps taken while it listened, their cadence beside
+    their own time, and the step loop among the functions its event loop ran."""
+    prompts = random_prompts([WINDOW] * 4, seed=43)
+    running = sharded.router.generate.remote(prompts, SamplingParams(max_tokens=40, ignore_eos=True))
+    found = ray.get(sharded.router.profile.remote(1.0))
+    done = ray.get(running)
+    assert found["steps"] >= 2 and found["steps"] <= sum(len(c.token_ids) for c in done)
+    assert 0 < found["step_ms"] and 0 < found["cadence_ms"] and found["sequences_per_step"] <= 2
+    assert "engine_loop.py" in found["profile"] and "(step)" in found["profile"]

@@ -1,0 +1,38 @@
+"""Profile the routers of a running server for a few seconds of whatever load it has (start the load first, e.g.
+with `serve_load.py`): each router's step cadence beside its steps' own time, and its event loop's Python time by
+function (`RouterActor.profile`). The served Mixtral's ITL at batch 128 was 54 ms on one H200 where `gpu_scale`'s
+step is 40 ms (bench/NOTES.md): this says whether the gap is the router's host work between steps.
+
+    PYTHONPATH=. python bench/router_profile.py --seconds 10 [--out bench/results/router_profile-....json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import ray
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--address", default="auto")
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--out")
+    args = p.parse_args()
+    ray.init(address=args.address, namespace="router-profile", logging_level="ERROR")
+    routers = [a for a in ray.util.list_named_actors(all_namespaces=True) if "-router-" in a["name"]]
+    if not routers:
+        raise SystemExit("no router actor in this Ray cluster: is a server running?")
+    handles = {a["name"]: ray.get_actor(a["name"], namespace=a["namespace"]) for a in routers}
+    found = dict(zip(handles, ray.get([h.profile.remote(args.seconds) for h in handles.values()]), strict=True))
+    for name, row in found.items():
+        print(f"== {name}: " + json.dumps({k: v for k, v in row.items() if k != "profile"}))
+        print(row["profile"][:6000])
+    if args.out:
+        Path(args.out).write_text(json.dumps(found, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
