@@ -279,9 +279,10 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: A
     GQA nor a causal mask: every filled row of the buffer is in the window. The rows are not in position order once
     the buffer wraps, which attention (a weighted set) does not see; the rotary was applied when they were written.
     """
-    seqs, _, n_kv, head_dim = k.shape
+    seqs, span, n_kv, head_dim = k.shape
     qg = q.view(seqs, n_kv, q.shape[1] // n_kv, head_dim)
-    mask = plan.additive(plan.decode_mask, q.dtype)  # (seqs, 1, 1, capacity)
+    # (seqs, 1, 1, capacity); the keys may be the buffers' first `span` rows only (`kv_cache.decode_span`)
+    mask = plan.additive(plan.decode_mask, q.dtype)[..., :span]
     o = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return o.reshape(q.shape)
 

@@ -38,7 +38,7 @@ class _Captured:
 
 
 class DecodeGraphs:
-    """Captured decode steps of one shard, keyed by (batch size, first slot when the slots are one run)."""
+    """Captured decode steps of one shard, keyed by (batch size, first slot when the slots are one run, rows read)."""
 
     def __init__(
         self,
@@ -64,7 +64,8 @@ class DecodeGraphs:
         if layout.decode_slots is None:
             raise ValueError("only decode steps (one new token per sequence) are captured")
         # A contiguous run of slots is read in place (a view): the view's start is part of what was captured.
-        key = (h.shape[0], layout.decode_range.start if layout.decode_range is not None else None)
+        # ... and so is the span of rows the step reads (`kv_cache.decode_span`)
+        key = (h.shape[0], layout.decode_range.start if layout.decode_range is not None else None, layout.decode_span)
         graph = self._graphs.get(key)
         if graph is None:
             out = self.run_layers(h, layout, self.cache, experts)

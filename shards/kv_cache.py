@@ -22,6 +22,18 @@ def cache_capacity(window: int | None, max_seq_len: int) -> int:
     return min(window, max_seq_len) if window else max_seq_len
 
 
+def decode_span(longest: int, capacity: int) -> int:
+    """How many leading rows of each sequence's buffer a decode step reads: the batch's longest filled length,
+    rounded up to a multiple of a quarter of the power of two below it (at least 64), so that a CUDA graph captured
+    for one span serves many steps and at most a quarter more rows are read than are filled. Until a buffer wraps,
+    its rows are filled from the first, so the rows past the longest are empty for every sequence of the step.
+
+    Reading every row of the capacity cost the served Mixtral (capacity 1024, ~200 tokens of context) an estimated
+    ~7 ms of its ~54 ms step at batch 128 on an H200 (bench/NOTES.md)."""
+    granule = max(64, (1 << (max(longest, 1).bit_length() - 1)) // 4)
+    return min(capacity, -(-longest // granule) * granule)
+
+
 class PackedStep(Protocol):
     """What a shard reads of the router's step plan (`router.step.StepPlan`, which the model cannot import: the
     router sits above it): for each sequence, a run of new tokens at its cache slot."""
@@ -46,6 +58,7 @@ class StepLayout:
     attention: AttentionPlan  # the torch kernel's view of `bias`, built once for every layer
     decode_slots: torch.Tensor | None  # decode step: keys are these slots' buffers, used in place
     decode_range: slice | None  # the same slots when they are one ascending run: read as a view, no gather
+    decode_span: int | None  # decode step: leading rows of each buffer read (`decode_span`), not all `capacity`
     read_rows: torch.Tensor | None  # prefill step: flat cache rows of the cached keys, in position order
     read_dst: torch.Tensor | None  # where those cached keys go in the packed key tensor
     new_dst: torch.Tensor | None  # where the new keys go in the packed key tensor
@@ -81,16 +94,18 @@ class StepLayout:
             kv_lens = [min(start + 1, capacity) for start in step.starts]
             first = step.slots[0]
             run = list(step.slots) == list(range(first, first + len(step.slots)))
+            span = decode_span(max(kv_lens), capacity)
             return StepLayout(
                 **common,
-                bias=decode_bias(kv_lens, capacity),
+                bias=decode_bias(kv_lens, span),  # over the keys `update_and_read` gives: `span` rows a sequence
                 attention=AttentionPlan.for_decode(kv_lens, capacity, device),
                 decode_slots=torch.tensor(step.slots, dtype=torch.long, device=device),
                 decode_range=slice(first, first + len(step.slots)) if run else None,
+                decode_span=span,
                 read_rows=None,
                 read_dst=None,
                 new_dst=None,
-                n_keys=capacity * len(kv_lens),
+                n_keys=span * len(kv_lens),
             )
         read_rows, read_dst, new_dst, kv_lens = [], [], [], []
         offset = 0
@@ -112,6 +127,7 @@ class StepLayout:
             attention=AttentionPlan.build(bias, device),
             decode_slots=None,
             decode_range=None,
+            decode_span=None,
             read_rows=as_long(read_rows),
             read_dst=as_long(read_dst),
             new_dst=as_long(new_dst),
@@ -168,10 +184,12 @@ class RollingKVCache:
             k_rows.index_copy_(0, layout.write_rows, k_new)
             v_rows.index_copy_(0, layout.write_rows, v_new)
             view = (-1, self.capacity) + tuple(k_rows.shape[1:])  # (slots, capacity, n_kv_heads, head_dim)
+            span = layout.decode_span or self.capacity
+            k_all, v_all = k_rows.view(view)[:, :span], v_rows.view(view)[:, :span]
             if layout.decode_range is not None:
-                return k_rows.view(view)[layout.decode_range], v_rows.view(view)[layout.decode_range]
+                return k_all[layout.decode_range], v_all[layout.decode_range]
             slots = layout.decode_slots
-            return k_rows.view(view).index_select(0, slots), v_rows.view(view).index_select(0, slots)
+            return k_all.index_select(0, slots), v_all.index_select(0, slots)
         # Prefill: read the cached window in position order *before* this chunk overwrites it.
         keys = k_new.new_empty((layout.n_keys,) + tuple(k_new.shape[1:]))
         values = torch.empty_like(keys)

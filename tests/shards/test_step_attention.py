@@ -100,3 +100,43 @@ def test_decode_with_slots_out_of_order_gives_each_sequence_its_own_logits(check
     }
     together = engine.step(StepPlan([2, 0], [len(prompts[2]), len(prompts[0])], [1, 1], torch.tensor([42, 40])))
     assert torch.allclose(together[0], alone[2], atol=1e-5) and torch.allclose(together[1], alone[0], atol=1e-5)
+
+
+def test_decode_span_is_the_longest_filled_length_rounded_to_a_quarter_octave():
+    from shards.kv_cache import decode_span
+
+    assert [decode_span(n, 1024) for n in (1, 64, 65, 129, 300, 513, 1000, 1024)] == [
+        64,
+        64,
+        128,
+        192,
+        320,
+        640,
+        1024,
+        1024,
+    ]
+    assert decode_span(5000, 32768) == 5120 and decode_span(700, 512) == 512  # a quarter of 4096; the capacity
+
+
+def test_decode_reads_only_the_span_and_gives_what_the_whole_capacity_gives():
+    """A buffer of 256 rows whose longest sequence has 70: the step reads 128 rows a sequence (empty ones past 70 are
+    not read), and attention equals attention over all 256 rows, masked."""
+    import dataclasses
+
+    capacity = 256
+    cache = RollingKVCache([0], 4, capacity, N_KV, HEAD_DIM, torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=gen))  # rows past each length hold garbage: never attended
+    cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
+    slots, starts = [2, 0, 3], [9, 69, 2]
+    layout = build(StepPlan(slots, starts, [1, 1, 1]), capacity)
+    whole = dataclasses.replace(layout, decode_span=None)
+    q, k_new, v_new = rand(3, N_HEADS, 1), rand(3, N_KV, 2), rand(3, N_KV, 3)
+    keys, values = cache.update_and_read(0, k_new, v_new, layout)
+    all_keys, all_values = cache.update_and_read(0, k_new, v_new, whole)
+    assert layout.decode_span == 128 and keys.shape[1] == 128 and all_keys.shape[1] == capacity
+    fast = packed_attention(q, keys, values, layout.bias, "torch", layout.attention)
+    full = packed_attention(q, all_keys, all_values, whole.bias, "torch", whole.attention)
+    assert torch.allclose(fast, full, atol=1e-6)
+    ref = reference_attention(q, keys.flatten(0, 1), values.flatten(0, 1), layout.bias)  # the bias is the span's
+    assert torch.allclose(fast.double(), ref, atol=1e-5)
