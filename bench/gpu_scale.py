@@ -849,6 +849,13 @@ def main() -> None:
     parser.add_argument("--batches", nargs="*", type=int, default=[1, 8, 32, 128])
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=None,
+        help="the decode runs' context length, i.e. each sequence's KV capacity (default: prompt + new + 16); "
+        "set it to a served run's --max-model-len to compare with that run",
+    )
+    parser.add_argument(
         "--new-tokens",
         type=int,
         default=64,
@@ -894,6 +901,11 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=560.0)
     parser.add_argument("--cpu-dry-run", action="store_true", help="tiny shapes on CPU: checks the script runs")
     args = parser.parse_args()
+    if args.max_seq_len is not None and args.max_seq_len < args.prompt_tokens + args.new_tokens + 1:
+        parser.error(
+            f"--max-seq-len {args.max_seq_len} is shorter than a prompt plus its new tokens "
+            f"({args.prompt_tokens} + {args.new_tokens} + 1)"
+        )
     deadline = Deadline(args.budget_s)
     dry = args.cpu_dry_run
     if dry:
@@ -1032,7 +1044,8 @@ def write_result(args, hw: dict, n_gpus: int, load_path: dict | None, results: l
 def first_visit(model, args, dry, tmp, devices, memory, prompts_for, deadline, hw: dict) -> dict:
     """A model's checkpoints, its one-process profile and the transformers run: once, before its first placement."""
     st: dict = {"ours": [], "profile": None, "hf": {}, "peers": {}}
-    st["tput_cfg"] = model_config(model, dry, args.prompt_tokens + args.new_tokens + 16)
+    # the decode runs' context: just what they need, or a server's --max-model-len (its KV capacity)
+    st["tput_cfg"] = model_config(model, dry, args.max_seq_len or args.prompt_tokens + args.new_tokens + 16)
     st["long_cfg"] = model_config(model, dry, max(args.ttft_tokens or [args.prompt_tokens]) + 16)
     st["tput_ckpt"] = write_random_checkpoint(tmp / f"{model}-throughput", st["tput_cfg"], SEED, STD)
     st["long_ckpt"] = write_random_checkpoint(tmp / f"{model}-long", st["long_cfg"], SEED, STD)
