@@ -13,6 +13,7 @@ Ctrl-C too).
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -159,8 +160,6 @@ def replica_options(args: argparse.Namespace, max_seqs: int) -> tuple[dict, int]
 def direct_ingress_env(args: argparse.Namespace, copies: int) -> None:
     """Ray Serve reads its direct-ingress settings from the environment of the processes it starts, which a local
     Ray started after this inherits (ports: one per copy on this node, from --port + 1)."""
-    import os
-
     if args.address or os.environ.get("RAY_ADDRESS"):
         raise UsageError(
             "--direct-ingress starts a local Ray; on a cluster you joined, set RAY_SERVE_ENABLE_DIRECT_INGRESS=1 "
