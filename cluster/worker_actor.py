@@ -384,6 +384,9 @@ class ShardWorker:
                 "compiled_batches": list(c.compiled) if c is not None else [],
                 "compile_s": round(c.warm_up_s, 1) if c is not None else None,
                 "compile_error": c.error if c is not None else None,
+                # how often a decode step met a shape with no graph yet (run eagerly, then captured) against replays
+                "graph_captures": r.graphs.captures if r.graphs is not None else 0,
+                "graph_replays": r.graphs.replays if r.graphs is not None else 0,
             }
         return out
 
