@@ -26,10 +26,24 @@ def main() -> None:
     if not routers:
         raise SystemExit("no router actor in this Ray cluster: is a server running?")
     handles = {a["name"]: ray.get_actor(a["name"], namespace=a["namespace"]) for a in routers}
+    workers = {
+        a["name"]: ray.get_actor(a["name"], namespace=a["namespace"])
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if "-stage" in a["name"]
+    }
+    before = {name: ray.get(w.decode_paths.remote()) for name, w in workers.items()}
     found = dict(zip(handles, ray.get([h.profile.remote(args.seconds) for h in handles.values()]), strict=True))
     for name, row in found.items():
         print(f"== {name}: " + json.dumps({k: v for k, v in row.items() if k != "profile"}))
         print(row["profile"][:6000])
+    # graphs captured (an eager step, then a capture) against replayed, while the profile listened
+    for name, w in workers.items():
+        after = ray.get(w.decode_paths.remote())
+        for stage, now in after.items():
+            then = before[name].get(stage, {})
+            row = {k: now.get(k, 0) - then.get(k, 0) for k in ("graph_captures", "graph_replays")}
+            found.setdefault("graphs", {})[stage] = row
+            print(f"== {stage} graphs: {json.dumps(row)}")
     if args.out:
         Path(args.out).write_text(json.dumps(found, indent=2) + "\n")
 
