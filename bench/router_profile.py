@@ -22,15 +22,11 @@ def main() -> None:
     p.add_argument("--out")
     args = p.parse_args()
     ray.init(address=args.address, namespace="router-profile", logging_level="ERROR")
-    routers = [a for a in ray.util.list_named_actors(all_namespaces=True) if "-router-" in a["name"]]
-    if not routers:
+    actors = ray.util.list_named_actors(all_namespaces=True)
+    handles = {a["name"]: ray.get_actor(a["name"], namespace=a["namespace"]) for a in actors if "-router-" in a["name"]}
+    if not handles:
         raise SystemExit("no router actor in this Ray cluster: is a server running?")
-    handles = {a["name"]: ray.get_actor(a["name"], namespace=a["namespace"]) for a in routers}
-    workers = {
-        a["name"]: ray.get_actor(a["name"], namespace=a["namespace"])
-        for a in ray.util.list_named_actors(all_namespaces=True)
-        if "-stage" in a["name"]
-    }
+    workers = {a["name"]: ray.get_actor(a["name"], namespace=a["namespace"]) for a in actors if "-stage" in a["name"]}
     before = {name: ray.get(w.decode_paths.remote()) for name, w in workers.items()}
     found = dict(zip(handles, ray.get([h.profile.remote(args.seconds) for h in handles.values()]), strict=True))
     for name, row in found.items():

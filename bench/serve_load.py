@@ -127,12 +127,11 @@ def shard_workers() -> dict[int, dict]:
     return found
 
 
-def worker_victim(gpu: int | None) -> tuple[int | None, str]:
+def worker_victim(workers: dict[int, dict], gpu: int | None) -> tuple[int | None, str]:
     """The process to kill, and how it was chosen. On `gpu`: the `ray::ShardWorker` holding the most of that GPU's
     memory by nvidia-smi (the worker, not its standby, which holds only a CUDA context), when nvidia-smi's pids are
     this machine's (in a container they can be the host's), else the one with that GPU open and the most resident
-    memory; without a GPU, the `ray::ShardWorker` with the most resident memory."""
-    workers = shard_workers()
+    memory; without a GPU, the `ray::ShardWorker` with the most resident memory. `workers`: `shard_workers()`."""
     if gpu is None:
         best = max(workers, key=lambda pid: workers[pid]["rss"], default=None)
         return best, "largest resident ray::ShardWorker"
@@ -157,7 +156,7 @@ def worker_victim(gpu: int | None) -> tuple[int | None, str]:
 async def kill_later(after_s: float, gpu: int | None, record: dict) -> None:
     await asyncio.sleep(after_s)
     before = shard_workers()
-    pid, how = worker_victim(gpu)
+    pid, how = worker_victim(before, gpu)
     record.update(victim_pid=pid, chosen_by=how, killed_at=time.perf_counter())
     record["candidates"] = [
         {"pid": p, "rss_mib": w["rss"] >> 20, "gpus": sorted(w["gpus"])} for p, w in sorted(before.items())
@@ -259,14 +258,12 @@ def pause_after(results: list[dict], moment: float) -> float:
     return max((b - a for a, b in zip(times, times[1:], strict=False) if b > moment), default=0.0)
 
 
-def compare_tokens(calm: dict[int, list[int]], faulted: dict) -> None:
-    """How many requests of the faulted level got the tokens the undisturbed one gave the same request (greedy: in
-    float32 they must be identical; in bf16 a resumed request's context is recomputed with other rounding)."""
-    ids = faulted.pop("token_ids")
+def kept_tokens(calm: dict[int, list[int]], ids: dict[int, list[int]]) -> dict:
+    """How many requests of a later run of the same level got the tokens the first undisturbed run gave them (greedy:
+    in float32 they must be identical; in bf16 a request's rows meet other batch shapes, and a resumed request's
+    context is recomputed with other rounding). A request that failed in either run is counted by `errors`."""
     same = [ids[i] == tokens for i, tokens in calm.items() if i in ids and tokens]
-    faulted.setdefault("fault", {})
-    faulted["fault"]["tokens_compared"] = len(same)
-    faulted["fault"]["tokens_identical"] = sum(same)
+    return {"tokens_compared": len(same), "tokens_identical": sum(same)}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -539,12 +536,11 @@ def main() -> None:
                     # (in bf16 a request's rows meet other batch shapes from run to run) is the floor to read
                     # the faulted run's count against
                     again = asyncio.run(run_level(urls, model, c, n, args, seed=i, kill_after_s=None))
-                    same = [again["token_ids"].get(k) == v for k, v in calm.items() if v]
-                    run["levels"][-1]["calm_repeat"] = {"tokens_compared": len(same), "tokens_identical": sum(same)}
+                    run["levels"][-1]["calm_repeat"] = kept_tokens(calm, again["token_ids"])
                     print(f"calm repeat: {json.dumps(run['levels'][-1]['calm_repeat'])}", flush=True)
                     # the same requests again, a worker killed during them
                     level = asyncio.run(run_level(urls, model, c, n, args, seed=i, kill_after_s=args.kill_after_s))
-                    compare_tokens(calm, level)
+                    level.setdefault("fault", {}).update(kept_tokens(calm, level.pop("token_ids")))
                     if server:  # what the server said about the fault: detection, promotion, recovery
                         said = re.compile(r"recover|promot|standby|died|dead|fail|restart", re.IGNORECASE)
                         lines = [x[:300] for x in server.log_path.read_text().splitlines() if said.search(x)]
