@@ -35,6 +35,10 @@ def server(tmp_path_factory, monkeypatch_module):
         deployment_options={"num_replicas": 2},
     ) as s:
         wait_for_ready_replicas(s.base, 2, 240)
+        # /health answers from each replica at once, but Serve's router learns that a replica is ready from its
+        # routing stats, sent every second (`request_routing_stats_period_s`): until then it sends every request to
+        # the replica it already knew (the 8 streams all went to one replica, once in a fresh clone's CI run)
+        time.sleep(2.5)
         yield s
 
 
