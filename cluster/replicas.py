@@ -5,6 +5,7 @@ Serve sends a request to (ready copies first), and the arguments of a copy on ra
 from __future__ import annotations
 
 import random
+from collections import Counter
 from typing import Any
 
 from ray import serve
@@ -28,15 +29,46 @@ def random_model_name(shape: str) -> str:
 
 class ReadyReplicasFirst(FIFOMixin, RequestRouter):
     """Serve's request router for the ingress: a replica whose copy of the model is still loading (just started by
-    scaling up, or restarted after a loss) or is draining gets requests only when no replica is ready. Between two
-    random ready replicas, the one with fewer requests in flight (Serve's power of two choices)."""
+    scaling up, or restarted after a loss) or is draining gets requests only when no replica is ready. Among the ready
+    ones, the replica with the fewest of this router's requests still running (join the shortest queue).
+
+    The count is the router's own: a request counts against the replica it was routed to from the moment it is
+    chosen (a burst is routed before any of it is sent) until Serve reports it completed. Serve's own choice reads its
+    queue-length cache, which lags a burst and forgets a count after 10 s without a probe: on the two-H200 host it
+    sent 181 of 256 streams to one of two copies and 319 of 512 at the next level, so one copy queued requests beyond
+    its batch while the other had free slots."""
+
+    @property
+    def _routed(self) -> dict[str, Any]:
+        """internal request id -> the replica id it was routed to, while it runs."""
+        if "_routed_requests" not in self.__dict__:  # Serve builds the router itself; this is its state
+            self._routed_requests: dict[str, Any] = {}
+        return self._routed_requests
+
+    def running_on(self) -> Counter:
+        return Counter(self._routed.values())
+
+    def on_request_completed(self, replica_id, internal_request_id: str) -> None:
+        super().on_request_completed(replica_id, internal_request_id)
+        self._routed.pop(internal_request_id, None)
+
+    def on_replica_actor_died(self, replica_id) -> None:
+        super().on_replica_actor_died(replica_id)
+        for request_id in [k for k, v in self._routed.items() if v == replica_id]:
+            del self._routed[request_id]
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
         ready = [r for r in candidate_replicas if r.routing_stats.get("ready")]
         others = [r for r in candidate_replicas if not r.routing_stats.get("ready")]
-        return [random.sample(rank, min(2, len(rank))) for rank in (ready, others) if rank]
+        # One rank per ready replica, least loaded first (ties at random); Serve takes the first rank whose replica
+        # has room under `max_ongoing_requests`, so the request is counted against the first.
+        running = self.running_on()
+        ready.sort(key=lambda r: (running[r.replica_id], random.random()))
+        if ready and pending_request is not None:
+            self._routed[pending_request.metadata.internal_request_id] = ready[0].replica_id
+        return [[r] for r in ready] + ([random.sample(others, min(2, len(others)))] if others else [])
 
 
 class ReplicaHeader:

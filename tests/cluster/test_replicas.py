@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import Counter
 
 import httpx
 import pytest
@@ -105,7 +106,9 @@ def test_both_replicas_serve_the_one_process_engines_tokens(server, expected):
             return await asyncio.gather(*(stream(client, server, p) for p, _ in expected))
 
     results = asyncio.run(main())
-    assert len({r["replica"] for r in results}) == 2, "the 8 streams all went to one replica"
+    split = Counter(r["replica"] for r in results)
+    # the router joins the shortest queue: 8 streams sent at once split 4 / 4 (Serve's own choice gave 181 / 75)
+    assert sorted(split.values()) == [4, 4], f"the 8 streams split {dict(split)} over the two replicas"
     for r, (_, tokens) in zip(results, expected, strict=True):
         assert r["done"] and r["tokens"] == tokens, r["replica"]
 
