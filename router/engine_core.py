@@ -52,7 +52,12 @@ class EngineCore:
         sequences were marked cached up to the tokens they carried, so the caller either recovers
         (`Scheduler.forget_caches` re-prefills them) or ends them.
         """
-        self._fill()
+        while len(self._in_flight) < self.steps_in_flight:
+            scheduled = self.scheduler.schedule(self.steps_in_flight)
+            if scheduled is None:
+                break
+            future = asyncio.ensure_future(self.execute(scheduled.plan))
+            self._in_flight.append((scheduled, future, time.perf_counter()))
         if not self._in_flight:
             return None
         scheduled, future, t0 = self._in_flight.popleft()
@@ -66,21 +71,7 @@ class EngineCore:
             raise StepFailed(f"{type(e).__name__}: {e}") from e
         self.counters.steps += 1
         self.counters.step_seconds += time.perf_counter() - t0
-        changed = self.scheduler.process(scheduled, out)
-        # The next step leaves before the caller hands out this one's tokens: its send is queued on the event loop
-        # ahead of the token streams that wake up next, so the workers never wait on them (served Mixtral on one
-        # H200: the router's cadence was 6 ms over its 50 ms step, mostly streams woken before the send).
-        self._fill()
-        return changed
-
-    def _fill(self) -> None:
-        """Schedule steps and start executing them until `steps_in_flight` are out (or nothing is left to run)."""
-        while len(self._in_flight) < self.steps_in_flight:
-            scheduled = self.scheduler.schedule(self.steps_in_flight)
-            if scheduled is None:
-                return
-            future = asyncio.ensure_future(self.execute(scheduled.plan))
-            self._in_flight.append((scheduled, future, time.perf_counter()))
+        return self.scheduler.process(scheduled, out)
 
     async def _drop_in_flight(self) -> None:
         """Wait for the other steps in flight to end (they fail with the data plane they ran on) and forget them."""
