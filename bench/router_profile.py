@@ -30,7 +30,9 @@ def main() -> None:
     before = {name: ray.get(w.decode_paths.remote()) for name, w in workers.items()}
     found = dict(zip(handles, ray.get([h.profile.remote(args.seconds) for h in handles.values()]), strict=True))
     for name, row in found.items():
-        print(f"== {name}: " + json.dumps({k: v for k, v in row.items() if k != "profile"}))
+        print(f"== {name}: " + json.dumps({k: v for k, v in row.items() if k not in ("profile", "by_kind")}))
+        for kind, found in row.get("by_kind", {}).items():
+            print(f"   {kind} steps: " + json.dumps(found))
         print(row["profile"][:6000])
     # graphs captured (an eager step, then a capture) against replayed, while the profile listened
     for name, w in workers.items():

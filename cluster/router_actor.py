@@ -301,6 +301,7 @@ class RouterActor:
             out["tokens_per_step"] = round(sum(t.tokens for t in steps) / len(steps), 1)
             out["sequences_per_step"] = round(sum(t.sequences for t in steps) / len(steps), 1)
             out["loop_python_ms_per_step"] = round(1e3 * stats.total_tt / len(steps), 2)
+            out["by_kind"] = steps_by_kind(steps)
         out["profile"] = text.getvalue()
         return out
 
@@ -334,6 +335,30 @@ class RouterActor:
 
     async def get_expert_load(self) -> list[list[int]]:
         return [list(row) for row in await self._gather_expert_load()]
+
+
+def steps_by_kind(steps: list[StepTrace]) -> dict:
+    """Pure decode steps (one token a sequence: the ones CUDA graphs replay) apart from steps that carry prompt
+    tokens (run eagerly): how many, their time, and the slowest five of each. A served step's mean hides both: a few
+    eager steps, or decode steps that capture a new graph, among many replays."""
+    out = {}
+    for kind, rows in (
+        ("decode", [t for t in steps if t.tokens == t.sequences]),
+        ("with_prefill", [t for t in steps if t.tokens > t.sequences]),
+    ):
+        ms = sorted(1e3 * t.seconds for t in rows)
+        out[kind] = {"steps": len(rows)}
+        if ms:
+            out[kind] |= {
+                "mean_ms": round(sum(ms) / len(ms), 2),
+                "p50_ms": round(ms[len(ms) // 2], 2),
+                "max_ms": round(ms[-1], 2),
+                "slowest": [
+                    {"ms": round(1e3 * t.seconds, 2), "tokens": t.tokens, "sequences": t.sequences}
+                    for t in sorted(rows, key=lambda t: -t.seconds)[:5]
+                ],
+            }
+    return out
 
 
 def steps_in_flight(plan) -> int:

@@ -197,3 +197,5 @@ def test_the_routers_profile_counts_the_steps_it_saw_and_names_the_step_loop(sha
     assert found["steps"] >= 2 and found["steps"] <= sum(len(c.token_ids) for c in done)
     assert 0 < found["step_ms"] and 0 < found["cadence_ms"] and found["sequences_per_step"] <= 2
     assert "engine_loop.py" in found["profile"] and "(step)" in found["profile"]
+    kinds = found["by_kind"]
+    assert kinds["decode"]["steps"] + kinds["with_prefill"]["steps"] == found["steps"]
