@@ -7,6 +7,7 @@ layer (Mistral's rolling buffer). Without a window the capacity is the longest c
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -22,15 +23,31 @@ def cache_capacity(window: int | None, max_seq_len: int) -> int:
     return min(window, max_seq_len) if window else max_seq_len
 
 
-def decode_span(longest: int, capacity: int) -> int:
-    """How many leading rows of each sequence's buffer a decode step reads: the batch's longest filled length,
-    rounded up to a multiple of a quarter of the power of two below it (at least 64), so that a CUDA graph captured
-    for one span serves many steps and at most a quarter more rows are read than are filled. Until a buffer wraps,
-    its rows are filled from the first, so the rows past the longest are empty for every sequence of the step.
+# A decode step reads at least this many rows of each buffer, and spans above it come in this many sizes an octave
+# (`decode_span`). The defaults make two spans out of a 64 -> 320-token context where a quarter-octave from 64 made ten.
+DECODE_SPAN_FLOOR = int(os.environ.get("MISTRAL_CLUSTER_DECODE_SPAN_FLOOR", "256"))
+DECODE_SPANS_PER_OCTAVE = int(os.environ.get("MISTRAL_CLUSTER_DECODE_SPANS_PER_OCTAVE", "2"))
 
-    Reading every row of the capacity cost the served Mixtral (capacity 1024, ~200 tokens of context) an estimated
-    ~7 ms of its ~54 ms step at batch 128 on an H200 (bench/NOTES.md)."""
-    granule = max(64, (1 << (max(longest, 1).bit_length() - 1)) // 4)
+
+def decode_span(
+    longest: int, capacity: int, floor: int = DECODE_SPAN_FLOOR, per_octave: int = DECODE_SPANS_PER_OCTAVE
+) -> int:
+    """How many leading rows of each sequence's buffer a decode step reads: the batch's longest filled length, at
+    least `floor`, rounded up to a multiple of 1/`per_octave` of the power of two below it (and of 64 rows). Until a
+    buffer wraps, its rows are filled from the first, so the rows past the longest are empty for every sequence.
+
+    Why not the exact length: CUDA graphs are keyed by the span, and a new span costs a step that runs eagerly and
+    captures, ~190 ms against a 34-45 ms replay on an H200 (the served Mixtral's ITL p99 went from 44 to 223 ms when
+    spans came in, at a quarter octave from 64 rows: ten captures as a context grows to 320). Reading too many rows
+    costs little by comparison: ~8 us a row a step at batch 128, so a floor of 256 rows costs ~1.6 ms on a step whose
+    context is 64 (bench/NOTES.md). Why not the whole capacity: that read cost the served Mixtral (capacity 1024,
+    ~200 tokens of context) ~7 ms of its ~54 ms step at batch 128.
+
+    `MISTRAL_CLUSTER_DECODE_SPAN_FLOOR=64 MISTRAL_CLUSTER_DECODE_SPANS_PER_OCTAVE=4` gives the spans before (212652d).
+    """
+    if longest <= floor:
+        return min(capacity, floor)
+    granule = max(64, (1 << (longest.bit_length() - 1)) // per_octave)
     return min(capacity, -(-longest // granule) * granule)
 
 

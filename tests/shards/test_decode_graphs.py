@@ -68,12 +68,12 @@ def test_only_decode_steps_are_captured(shard):
 
 
 def test_a_context_growing_past_a_span_gets_a_graph_per_span_and_the_same_states(checkpoint_factory):
-    """Full attention, 256 rows a slot: a decode step reads only the rows up to its span (64, 128, 192 as the
-    context grows from 60 to 140), each span its own graph, every replay equal to running the layers."""
+    """Full attention, 1024 rows a slot: a decode step reads only the rows up to its span (256, 384, 512 as the
+    context grows from 250 to 400), each span its own graph, every replay equal to running the layers."""
     reader = CheckpointReader(checkpoint_factory("mixtral", seed=6, window=None))
     shard = TransformerShard.from_checkpoint(reader, ShardSelection.whole(reader.config), torch.float32, "cpu")
     cfg = shard.config
-    capacity = 256
+    capacity = 1024
     cache = RollingKVCache(list(range(cfg.n_layers)), 2, capacity, cfg.n_kv_heads, cfg.head_dim, torch.float32)
     gen = torch.Generator().manual_seed(1)
 
@@ -81,15 +81,16 @@ def test_a_context_growing_past_a_span_gets_a_graph_per_span_and_the_same_states
         return StepLayout.build(batch, capacity, None, cfg.head_dim, cfg.rope_theta, torch.device("cpu"))
 
     with torch.inference_mode():
-        shard.run_layers(torch.randn(60 + 7, cfg.dim, generator=gen), layout(StepPlan([0, 1], [0, 0], [60, 7])), cache)
+        prompts = StepPlan([0, 1], [0, 0], [250, 7])
+        shard.run_layers(torch.randn(250 + 7, cfg.dim, generator=gen), layout(prompts), cache)
         reference = copy.deepcopy(cache)
         graphs = DecodeGraphs(shard, cache, replay="eager")
         spans = set()
-        for step in range(80):
-            batch = StepPlan([0, 1], [60 + step, 7 + step], [1, 1])
+        for step in range(150):
+            batch = StepPlan([0, 1], [250 + step, 7 + step], [1, 1])
             spans.add(layout(batch).decode_span)
             x = torch.randn(2, cfg.dim, generator=gen)
             ours = graphs.run(x.clone(), layout(batch), None)
             expected = shard.run_layers(x.clone(), layout(batch), reference)
             torch.testing.assert_close(ours, expected, rtol=0, atol=0)
-        assert spans == {64, 128, 192} and graphs.captures == 3 and graphs.replays == 80 - 3
+        assert spans == {256, 384, 512} and graphs.captures == 3 and graphs.replays == 150 - 3

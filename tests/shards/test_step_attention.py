@@ -102,41 +102,50 @@ def test_decode_with_slots_out_of_order_gives_each_sequence_its_own_logits(check
     assert torch.allclose(together[0], alone[2], atol=1e-5) and torch.allclose(together[1], alone[0], atol=1e-5)
 
 
-def test_decode_span_is_the_longest_filled_length_rounded_to_a_quarter_octave():
+def test_decode_span_is_the_longest_filled_length_at_least_256_rounded_to_a_half_octave():
     from shards.kv_cache import decode_span
 
-    assert [decode_span(n, 1024) for n in (1, 64, 65, 129, 300, 513, 1000, 1024)] == [
-        64,
-        64,
-        128,
-        192,
-        320,
-        640,
-        1024,
-        1024,
-    ]
-    assert decode_span(5000, 32768) == 5120 and decode_span(700, 512) == 512  # a quarter of 4096; the capacity
+    lengths = (1, 64, 256, 257, 300, 385, 513, 1000, 1024)
+    assert [decode_span(n, 1024) for n in lengths] == [256, 256, 256, 384, 384, 512, 768, 1024, 1024]
+    assert decode_span(5000, 32768) == 6144 and decode_span(700, 512) == 512  # half of 4096; the capacity
+    assert decode_span(100, 128) == 128  # never past the capacity, floor or not
+    # the spans before (a quarter octave from 64 rows), which the environment can still ask for
+    old = [decode_span(n, 1024, floor=64, per_octave=4) for n in (1, 64, 65, 129, 300, 513, 1000, 1024)]
+    assert old == [64, 64, 128, 192, 320, 640, 1024, 1024]
 
 
 def test_decode_reads_only_the_span_and_gives_what_the_whole_capacity_gives():
-    """A buffer of 256 rows whose longest sequence has 70: the step reads 128 rows a sequence (empty ones past 70 are
-    not read), and attention equals attention over all 256 rows, masked."""
+    """A buffer of 1024 rows whose longest sequence has 300: the step reads 384 rows a sequence (empty ones past 300
+    are not read), and attention equals attention over all 1024 rows, masked."""
     import dataclasses
 
-    capacity = 256
+    capacity = 1024
     cache = RollingKVCache([0], 4, capacity, N_KV, HEAD_DIM, torch.float32)
     gen = torch.Generator().manual_seed(3)
     cache.k.copy_(torch.randn(cache.k.shape, generator=gen))  # rows past each length hold garbage: never attended
     cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
-    slots, starts = [2, 0, 3], [9, 69, 2]
+    slots, starts = [2, 0, 3], [9, 299, 2]
     layout = build(StepPlan(slots, starts, [1, 1, 1]), capacity)
     whole = dataclasses.replace(layout, decode_span=None)
     q, k_new, v_new = rand(3, N_HEADS, 1), rand(3, N_KV, 2), rand(3, N_KV, 3)
     keys, values = cache.update_and_read(0, k_new, v_new, layout)
     all_keys, all_values = cache.update_and_read(0, k_new, v_new, whole)
-    assert layout.decode_span == 128 and keys.shape[1] == 128 and all_keys.shape[1] == capacity
+    assert layout.decode_span == 384 and keys.shape[1] == 384 and all_keys.shape[1] == capacity
     fast = packed_attention(q, keys, values, layout.bias, "torch", layout.attention)
     full = packed_attention(q, all_keys, all_values, whole.bias, "torch", whole.attention)
     assert torch.allclose(fast, full, atol=1e-6)
     ref = reference_attention(q, keys.flatten(0, 1), values.flatten(0, 1), layout.bias)  # the bias is the span's
     assert torch.allclose(fast.double(), ref, atol=1e-5)
+
+
+def test_the_environment_sets_the_decode_spans_of_every_shard_process():
+    """`MISTRAL_CLUSTER_DECODE_SPAN_FLOOR` / `_SPANS_PER_OCTAVE` reach a fresh process (a shard actor reads them at
+    import), so one GPU call can measure two span rules side by side."""
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"MISTRAL_CLUSTER_DECODE_SPAN_FLOOR": "64", "MISTRAL_CLUSTER_DECODE_SPANS_PER_OCTAVE": "4"}
+    code = "from shards.kv_cache import decode_span; print([decode_span(n, 1024) for n in (60, 65, 129, 300)])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[64, 128, 192, 320]"
