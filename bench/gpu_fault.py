@@ -172,8 +172,9 @@ def fault_round(cluster, prompts, params, expected, inject) -> dict:
     return {
         "recovery_seconds": back,
         "identical": [r.token_ids == e for r, e in zip(out["r"], expected, strict=True)] if "r" in out else [False],
-        # where each request's tokens first differ (None: nowhere): past the fault point, in bf16, a resumed request
-        # is its context prefilled again, with other kernels and rounding than the decode steps it replaces
+        # where each request's tokens first differ (None: nowhere). A resumed request's cache is rebuilt by the steps
+        # that built it (prompt chunks, then its outputs replayed: `replay_tokens`); until 2026-11-30 it
+        # was prefilled whole, which rounds otherwise in bf16 (first differences at tokens 58-62 of 96)
         "first_difference": [
             next((i for i, (a, b) in enumerate(zip(r.token_ids, e, strict=False)) if a != b), None)
             for r, e in zip(out.get("r", []), expected, strict=False)

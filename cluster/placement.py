@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from router.scheduler import DEFAULT_MAX_SEQS, DEFAULT_TOKEN_BUDGET, SchedulerConfig
+from router.scheduler import DEFAULT_MAX_SEQS, DEFAULT_REPLAY_TOKENS, DEFAULT_TOKEN_BUDGET, SchedulerConfig
 from shards.checkpoint import DTYPES, ShardSelection
 from shards.config import ConfigError, ModelConfig
 
@@ -81,6 +81,7 @@ class PlacementPlan:
     token_budget: int = DEFAULT_TOKEN_BUDGET
     max_seqs: int = DEFAULT_MAX_SEQS
     chunk_size: int | None = None  # None until settled against the model: min(window, 512, token_budget)
+    replay_tokens: int = DEFAULT_REPLAY_TOKENS  # outputs a cache rebuilt after a fault replays (SchedulerConfig)
     # A warm standby process per worker (imports done, CUDA context made), promoted when its worker dies: True,
     # False, or None (the default): one for every worker whose bundle holds a GPU.
     standby: bool | None = None
@@ -101,7 +102,7 @@ class PlacementPlan:
     @property
     def scheduling(self) -> SchedulerConfig:
         """The scheduler's part of the plan (the router builds its `Scheduler` from it)."""
-        return SchedulerConfig(self.max_seqs, self.token_budget, self.chunk_size)
+        return SchedulerConfig(self.max_seqs, self.token_budget, self.chunk_size, self.replay_tokens)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -46,6 +46,7 @@ TOP_KEYS = (
     "token_budget",
     "max_seqs",
     "chunk_size",
+    "replay_tokens",
     "standby",
 )
 STAGE_KEYS = ("layers", "resources")
@@ -92,6 +93,11 @@ class _Checker:
     def positive_int(self, value: Any, path: str) -> int:
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise self.fail(path, f"expected a positive integer, got {value!r}")
+        return value
+
+    def non_negative_int(self, value: Any, path: str) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise self.fail(path, f"expected a non-negative integer, got {value!r}")
         return value
 
     def count(self, value: int, path: str, what: str) -> int:
@@ -193,6 +199,11 @@ def load_placement(path: str | Path, checkpoint_override: str | Path | None = No
     defaults = {f.name: f.default for f in fields(PlacementPlan)}  # the plan's, which are the scheduler's
     for key in ("micro_batch_size", "token_budget", "max_seqs", "chunk_size"):
         numbers[key] = check.positive_int(data[key], key) if key in data else defaults[key]
+    numbers["replay_tokens"] = (
+        check.non_negative_int(data["replay_tokens"], "replay_tokens")
+        if "replay_tokens" in data
+        else defaults["replay_tokens"]
+    )
     if numbers["chunk_size"] is not None and numbers["chunk_size"] > numbers["token_budget"]:
         raise check.fail(
             "chunk_size",

@@ -8,6 +8,11 @@ the others; the rest of the budget goes to prefill chunks.
 A request that asks for its prompt's log-probabilities (`SamplingParams.prompt_logprobs`, an echo with logprobs)
 has its prefill chunks scored on the last stage: each prompt row gets the log-probability of the token after it,
 a chunk's last row that of the next chunk's first token. They are complete when its first token comes.
+
+When the shards lose their caches (a fault), a running sequence rebuilds its cache the way it was first built: its
+prompt in chunks, then its output tokens one decode step at a time (`SchedulerConfig.replay_tokens`). Prefilling
+prompt + output in chunks would be faster, but its matrix shapes differ from the decode steps that first computed
+those keys and values, so in bf16 they round differently, and the tokens after the fault can change.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from router.structured_output import GrammarConstraint, Grammars
 DEFAULT_MAX_SEQS = 32
 DEFAULT_TOKEN_BUDGET = 2048
 DEFAULT_MAX_CHUNK = 512  # the prefill chunk when none is given, capped by the cache capacity and the token budget
+DEFAULT_REPLAY_TOKENS = 128  # outputs rebuilt one decode step a token after a fault, at most (longer ones: prefilled)
 
 
 @dataclass(eq=False)  # one request's state: equal only to itself (a field-by-field __eq__ made `list.index`, `in`
@@ -43,6 +49,10 @@ class Sequence:  # and `remove` cost O(fields) per element: 2.4 ms a schedule at
     prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     slot: int | None = None
     cached: int = 0  # tokens whose keys/values are in the cache
+    # Tokens before this position may be prefilled in chunks; from it on, one token a step (decoding, or replaying
+    # its outputs after a fault). The prompt's length, or every token when a rebuilt cache is prefilled whole.
+    prefill_end: int = 0
+    in_flight: bool = False  # one of its tokens is in a step not yet processed: the next waits (as decode steps do)
     finish_reason: str | None = None  # "stop" or "length" once finished
     error: str | None = None  # why it ended with finish_reason "error" (its sampler failed)
     constraint: GrammarConstraint | None = None  # the structured output's matcher, if the request has one
@@ -109,6 +119,10 @@ class SchedulerConfig:
     max_seqs: int = DEFAULT_MAX_SEQS  # sequences holding a KV cache slot at once
     token_budget: int = DEFAULT_TOKEN_BUDGET  # tokens in one step, decode tokens first
     chunk_size: int | None = None  # prefill chunk; None: min(cache capacity, DEFAULT_MAX_CHUNK, token_budget)
+    # After the shards lose their caches, a sequence with at most this many output tokens rebuilds them one decode
+    # step a token, exactly as they were first computed (its next tokens are unchanged in bf16 too); one with more
+    # prefills prompt + output in chunks (a faster recovery that bf16 may round differently). 0: always prefill.
+    replay_tokens: int = DEFAULT_REPLAY_TOKENS
 
     def settled(self, capacity: int) -> SchedulerConfig:
         """The config with its chunk size fixed for a cache of `capacity` rows per slot (the window, or the whole
@@ -117,6 +131,9 @@ class SchedulerConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        replay = self.replay_tokens
+        if not isinstance(replay, int) or isinstance(replay, bool) or replay < 0:
+            raise ValueError(f"replay_tokens must be a non-negative integer, got {replay!r}")
         chunk = self.chunk_size if self.chunk_size is not None else min(capacity, DEFAULT_MAX_CHUNK, self.token_budget)
         # A chunk past the capacity could not be written to the rolling buffer. The placement refuses a chunk larger
         # than the window; capped here is only the case of a context shorter than the window, where no sequence
@@ -148,6 +165,7 @@ class Scheduler:
         self.slots = SlotPool(config.max_seqs)
         self.token_budget = config.token_budget
         self.chunk_size = config.chunk_size
+        self.replay_tokens = config.replay_tokens
         self.max_seq_len = max_seq_len
         self.eos_id = eos_id
         self.grammars = grammars
@@ -156,10 +174,11 @@ class Scheduler:
         self._ids = itertools.count()
 
     def add(self, prompt_ids: list[int], params: SamplingParams, output_ids: list[int] | None = None) -> Sequence:
-        """Queue a request; `output_ids` resumes one that already emitted those tokens (its cache is rebuilt by
-        prefilling prompt + output, then it goes on from the next token)."""
+        """Queue a request; `output_ids` resumes one that already emitted those tokens (its cache is built from its
+        prompt and those outputs, replayed as `forget_caches` does, then it goes on from the next token)."""
         seq = Sequence(next(self._ids), list(prompt_ids), params)
         seq.output_ids = list(output_ids or [])
+        self._plan_rebuild(seq)
         seq.output_logprobs = [0.0] * len(seq.output_ids)
         seq.output_top_logprobs = [None] * len(seq.output_ids)
         if params.structured is not None:
@@ -170,10 +189,13 @@ class Scheduler:
         return seq
 
     def forget_caches(self) -> None:
-        """The shards lost their KV caches: every running sequence prefills prompt + output again, keeping its slot.
-        A prompt being scored is scored again from its start, with the chunks that now carry it."""
+        """The shards lost their KV caches: every running sequence builds its cache again, keeping its slot: its
+        prompt in chunks, then its outputs replayed (or prefilled, past `replay_tokens`). A prompt being scored is
+        scored again from its start, with the chunks that now carry it."""
         for seq in self.running:
             seq.cached = 0
+            seq.in_flight = False
+            self._plan_rebuild(seq)
             if seq.scores_prompt:
                 seq.prompt_logprobs.clear()
                 seq.prompt_top_logprobs.clear()
@@ -197,13 +219,15 @@ class Scheduler:
         budget = self.token_budget
         room = -(-len(self.running) // groups)  # ceil: the sequences one step may take
         chosen: list[tuple[Sequence, int]] = []
-        for seq in self.running:  # decode tokens first
-            if seq.pending == 1 and budget and len(chosen) < room:
-                chosen.append((seq, 1))
-                budget -= 1
+        for seq in self.running:  # decode tokens first (and outputs being replayed: the same steps as first made)
+            pending = seq.pending
+            if pending and (pending == 1 or seq.cached >= seq.prefill_end) and not seq.in_flight:
+                if budget and len(chosen) < room:
+                    chosen.append((seq, 1))
+                    budget -= 1
         for seq in self.running:
-            if seq.pending > 1 and budget and len(chosen) < room:
-                n = min(seq.pending, self.chunk_size, budget)
+            if seq.pending > 1 and seq.cached < seq.prefill_end and budget and len(chosen) < room:
+                n = min(seq.prefill_end - seq.cached, self.chunk_size, budget)
                 chosen.append((seq, n))
                 budget -= n
         if not chosen:
@@ -223,6 +247,7 @@ class Scheduler:
         )
         for seq, n in chosen:
             seq.cached += n
+            seq.in_flight = seq.cached >= seq.prefill_end  # its next token waits for this step (chunks may flow)
         return ScheduledStep(plan, [seq for seq, _ in chosen])
 
     def process(self, step: ScheduledStep, out: StepOutput) -> list[Sequence]:
@@ -231,6 +256,8 @@ class Scheduler:
         Greedy rows of `out` come already picked on the last stage; the others are sampled here from their logits.
         """
         _take_scores(step, out)
+        for seq in step.sequences:
+            seq.in_flight = False
         changed: list[Sequence] = []
         wanting = [seq for seq, want in zip(step.sequences, step.plan.wants(), strict=True) if want]
         for seq, pick in zip(wanting, _row_picks(out, len(wanting)), strict=True):
@@ -256,6 +283,12 @@ class Scheduler:
             if seq.finished:
                 self.release(seq)
         return changed
+
+    def _plan_rebuild(self, seq: Sequence) -> None:
+        """How `seq`'s cache is (re)built from empty: its prompt in chunks, then its outputs (if any: a resumed
+        request) one step a token as they were first computed, unless there are more than `replay_tokens` of them."""
+        replay = len(seq.output_ids) <= self.replay_tokens
+        seq.prefill_end = len(seq.prompt_ids) if replay else seq.n_tokens
 
     def _check_finished(self, seq: Sequence, token: int) -> None:
         p = seq.params

@@ -135,6 +135,12 @@ def test_a_file_without_checkpoint_is_fine_when_one_is_given_on_the_command_line
     assert load_placement(write("stages: 1\n"), checkpoint_override="b").checkpoint == "b"
 
 
+def test_replay_tokens_reach_the_scheduler_and_zero_is_allowed(write):
+    assert settle(write("checkpoint: c\nstages: 1\n")).scheduling.replay_tokens == 128
+    assert settle(write("checkpoint: c\nstages: 1\nreplay_tokens: 0\n")).scheduling.replay_tokens == 0
+    assert settle(write("checkpoint: c\nstages: 1\nreplay_tokens: 4096\n")).scheduling.replay_tokens == 4096
+
+
 def test_chunk_size_defaults_to_the_window_capped_at_512(write):
     assert settle(write("checkpoint: c\nstages: 1\n")).chunk_size == 32
     assert settle("placement.yaml", small_config("mixtral", window=4096)).chunk_size == 512
@@ -229,6 +235,8 @@ BAD_FILES = [
     ),
     ("checkpoint: c\nstages: 1\ndtype: int8\n", "dtype: expected one of float32, bfloat16, float16, got 'int8'"),
     ("checkpoint: c\nstages: 1\nstandby: sometimes\n", "standby: expected true, false or auto, got 'sometimes'"),
+    ("checkpoint: c\nstages: 1\nreplay_tokens: -1\n", "replay_tokens: expected a non-negative integer, got -1"),
+    ("checkpoint: c\nstages: 1\nreplay_tokens: all\n", "replay_tokens: expected a non-negative integer, got 'all'"),
     (
         "checkpoint: c\nstages: 1\nresources: {CPU: 1" + "0" * 309 + "}\n",
         "resources.CPU: 1" + "0" * 309 + " is too large to be an amount of a resource",
