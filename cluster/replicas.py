@@ -5,6 +5,7 @@ Serve sends a request to (ready copies first), and the arguments of a copy on ra
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 from typing import Any
 
@@ -38,15 +39,23 @@ class ReadyReplicasFirst(FIFOMixin, RequestRouter):
     sent 181 of 256 streams to one of two copies and 319 of 512 at the next level, so one copy queued requests beyond
     its batch while the other had free slots."""
 
+    # A request routed but never sent (its caller went away while it waited) never completes: forgotten after this
+    # long, so that it does not weigh on its replica for good. A stream that runs longer only stops being counted.
+    forget_after_s = 3600.0
+
     @property
-    def _routed(self) -> dict[str, Any]:
-        """internal request id -> the replica id it was routed to, while it runs."""
+    def _routed(self) -> dict[str, tuple[Any, float]]:
+        """internal request id -> (the replica id it was routed to, when), while it runs."""
         if "_routed_requests" not in self.__dict__:  # Serve builds the router itself; this is its state
-            self._routed_requests: dict[str, Any] = {}
+            self._routed_requests: dict[str, tuple[Any, float]] = {}
         return self._routed_requests
 
     def running_on(self) -> Counter:
-        return Counter(self._routed.values())
+        """This router's requests still running, per replica id."""
+        horizon = time.monotonic() - self.forget_after_s
+        for request_id in [k for k, (_, t) in self._routed.items() if t < horizon]:
+            del self._routed[request_id]
+        return Counter(replica for replica, _ in self._routed.values())
 
     def on_request_completed(self, replica_id, internal_request_id: str) -> None:
         super().on_request_completed(replica_id, internal_request_id)
@@ -54,7 +63,7 @@ class ReadyReplicasFirst(FIFOMixin, RequestRouter):
 
     def on_replica_actor_died(self, replica_id) -> None:
         super().on_replica_actor_died(replica_id)
-        for request_id in [k for k, v in self._routed.items() if v == replica_id]:
+        for request_id in [k for k, (v, _) in self._routed.items() if v == replica_id]:
             del self._routed[request_id]
 
     async def choose_replicas(
@@ -67,7 +76,7 @@ class ReadyReplicasFirst(FIFOMixin, RequestRouter):
         running = self.running_on()
         ready.sort(key=lambda r: (running[r.replica_id], random.random()))
         if ready and pending_request is not None:
-            self._routed[pending_request.metadata.internal_request_id] = ready[0].replica_id
+            self._routed[pending_request.metadata.internal_request_id] = (ready[0].replica_id, time.monotonic())
         return [[r] for r in ready] + ([random.sample(others, min(2, len(others)))] if others else [])
 
 
