@@ -96,6 +96,10 @@ def main() -> None:
         with ShardedCluster.start(path, step_timeout_s=timeout, monitor_interval_s=1.0) as cluster:
             if expected is None:
                 expected = [r.token_ids for r in cluster.generate(prompts, params)]
+            t = time.perf_counter()  # a calm round's wall time: what a faulted round's is compared with
+            calm = cluster.generate(prompts, params)
+            calm_s = time.perf_counter() - t
+            calm_identical = [r.token_ids == e for r, e in zip(calm, expected, strict=True)]
             rounds = []
             for fault in args.faults:
                 standbys_up = wait_for_standbys(cluster, 90)
@@ -115,6 +119,8 @@ def main() -> None:
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(pid, signal.SIGCONT)
                 r.update(
+                    # what the fault cost the requests: recovery, the caches rebuilt (outputs replayed), re-warming
+                    extra_wall_s=round(r["wall_s"] - calm_s, 3) if r.get("wall_s") else None,
                     standbys_up=standbys_up,
                     fault=fault,
                     victim=f"worker {victim_name} (holding experts1) on GPU {list(where['experts1'].gpu_ids)}",
@@ -129,6 +135,8 @@ def main() -> None:
         "recovery_seconds": first["recovery_seconds"],
         "identical": first["identical"],
         "rounds": rounds,
+        "calm_wall_s": round(calm_s, 3),
+        "calm_identical": calm_identical,  # a second calm round's tokens against the first's (bf16 repeatability)
         "preset": args.preset,
     }
     suffix = f"-{args.preset}" if args.preset else ""
@@ -155,7 +163,13 @@ def fault_round(cluster, prompts, params, expected, inject) -> dict:
     """Generate `prompts` while `inject` hits a worker 2 s in; the time from the fault until readiness is back, and
     whether every request's tokens are the expected ones."""
     out: dict = {}
-    worker = threading.Thread(target=lambda: out.update(r=cluster.generate(prompts, params)))
+
+    def run() -> None:
+        t = time.perf_counter()
+        out.update(r=cluster.generate(prompts, params))
+        out["wall_s"] = time.perf_counter() - t
+
+    worker = threading.Thread(target=run)
     worker.start()
     time.sleep(2.0)
     t_fault = time.monotonic()
@@ -171,6 +185,7 @@ def fault_round(cluster, prompts, params, expected, inject) -> dict:
     health = cluster.health().health
     return {
         "recovery_seconds": back,
+        "wall_s": round(out["wall_s"], 3) if "wall_s" in out else None,
         "identical": [r.token_ids == e for r, e in zip(out["r"], expected, strict=True)] if "r" in out else [False],
         # where each request's tokens first differ (None: nowhere). A resumed request's cache is rebuilt by the steps
         # that built it (prompt chunks, then its outputs replayed: `replay_tokens`); until 2026-11-30 it

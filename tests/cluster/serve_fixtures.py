@@ -17,7 +17,7 @@ import yaml
 from ray import serve
 
 from cluster.cli.serve import start_serve, wait_until_healthy
-from cluster.transport import free_port
+from tests.ports import free_port
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,12 @@ import httpx
 import pytest
 
 from cluster.cli.serve import wait_until_healthy
-from cluster.transport import free_port
 from router.generation import generate
 from router.sampling import SamplingParams
 from shards.engine import LocalEngine
 from shards.make_checkpoint import SMALL_SHAPE, make_random_checkpoint
 from tests.conftest import random_prompts
+from tests.ports import free_port
 
 TOKENS = 12
 

@@ -30,11 +30,11 @@ from cluster.cli.serve import wait_until_healthy
 from cluster.serve import OpenAIIngress
 from cluster.sharded import ShardedCluster
 from cluster.supervisor import NAMESPACE
-from cluster.transport import free_port
 from router.generation import generate
 from router.sampling import SamplingParams
 from shards.engine import LocalEngine
 from tests.conftest import hf_greedy, random_prompts
+from tests.ports import free_port
 
 WINDOW = 16
 NEW_TOKENS = 24

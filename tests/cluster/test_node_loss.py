@@ -17,8 +17,8 @@ from ray.cluster_utils import Cluster
 
 from cluster.cli.serve import wait_until_healthy
 from cluster.serve import OpenAIIngress
-from cluster.transport import free_port
 from tests.conftest import hf_greedy, random_prompts
+from tests.ports import free_port
 
 LONE = "expert_node_0"  # only the node of expert group 0 has it
 NEW_TOKENS = 12

@@ -259,7 +259,7 @@ def test_a_wrong_address_is_one_line_naming_it_within_seconds(small_mixtral):
     import sys
     import time
 
-    from cluster.transport import free_port
+    from tests.ports import free_port
 
     checkpoint, _ = small_mixtral
     address = f"127.0.0.1:{free_port()}"

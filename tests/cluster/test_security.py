@@ -26,10 +26,10 @@ from cluster.cli import build_parser
 from cluster.proto.generation_pb2 import GenerateRequest
 from cluster.proto.generation_pb2_grpc import GenerationStub
 from cluster.serve import PUBLIC_ROUTES, api
-from cluster.transport import free_port
 from shards.checkpoint import CheckpointError, CheckpointReader, ShardSelection
 from shards.config import load_config
 from tests.cluster.serve_fixtures import running_server
+from tests.ports import free_port
 
 
 def cli_default_host() -> str:

@@ -20,12 +20,12 @@ from ray import serve
 from cluster.cli.serve import start_serve, wait_until_healthy
 from cluster.proto import generation_pb2 as pb
 from cluster.proto import generation_pb2_grpc as pb_grpc
-from cluster.transport import free_port
 from router.generation import generate
 from router.sampling import SamplingParams
 from shards.engine import LocalEngine
 from shards.tokenizer import Tokenizer
 from tests.conftest import hf_greedy, random_prompts
+from tests.ports import free_port
 
 KEY = "test-key-0123456789"
 WINDOW = 16

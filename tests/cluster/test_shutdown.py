@@ -21,7 +21,7 @@ from cluster.cli import main
 from cluster.cli.serve import wait_until_healthy
 from cluster.proto.generation_pb2 import GenerateRequest
 from cluster.proto.generation_pb2_grpc import GenerationStub
-from cluster.transport import free_port
+from tests.ports import free_port
 
 DRAIN_S = 5
 

@@ -18,8 +18,8 @@ from ray.serve.schema import ServeDeploySchema
 from cluster.cli.serve import wait_until_healthy
 from cluster.proto.generation_pb2 import GenerateRequest
 from cluster.proto.generation_pb2_grpc import GenerationStub
-from cluster.transport import free_port
 from tests.conftest import hf_greedy
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "rayservice-test-key"
