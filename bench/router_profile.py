@@ -1,7 +1,8 @@
 """Profile the routers of a running server for a few seconds of whatever load it has (start the load first, e.g.
 with `serve_load.py`): each router's step cadence beside its steps' own time, and its event loop's Python time by
 function (`RouterActor.profile`). The served Mixtral's ITL at batch 128 was 54 ms on one H200 where `gpu_scale`'s
-step is 40 ms (bench/NOTES.md): this says whether the gap is the router's host work between steps.
+step is 40 ms (bench/NOTES.md): this says whether the gap is the router's host work between steps. The cadence to
+quote is the unprofiled one (the first `--seconds`): cProfile slows every Python call of the loop several times.
 
     PYTHONPATH=. python bench/router_profile.py --seconds 10 [--out bench/results/router_profile-....json]
 """
@@ -18,7 +19,7 @@ import ray
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--address", default="auto")
-    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--seconds", type=float, default=10.0, help="unprofiled, then as long again under cProfile")
     p.add_argument("--out")
     args = p.parse_args()
     ray.init(address=args.address, namespace="router-profile", logging_level="ERROR")
@@ -30,9 +31,14 @@ def main() -> None:
     before = {name: ray.get(w.decode_paths.remote()) for name, w in workers.items()}
     found = dict(zip(handles, ray.get([h.profile.remote(args.seconds) for h in handles.values()]), strict=True))
     for name, row in found.items():
-        print(f"== {name}: " + json.dumps({k: v for k, v in row.items() if k not in ("profile", "by_kind")}))
-        for kind, found in row.get("by_kind", {}).items():
-            print(f"   {kind} steps: " + json.dumps(found))
+        skip = ("profile", "by_kind", "unprofiled")
+        print(f"== {name}: " + json.dumps({k: v for k, v in row.items() if k not in skip}))
+        for kind, figures in row.get("by_kind", {}).items():
+            print(f"   {kind} steps (profiled): " + json.dumps(figures))
+        quiet = row.get("unprofiled", {})
+        print("   unprofiled: " + json.dumps({k: v for k, v in quiet.items() if k != "by_kind"}))
+        for kind, figures in quiet.get("by_kind", {}).items():
+            print(f"   {kind} steps (unprofiled): " + json.dumps(figures))
         print(row["profile"][:6000])
     # graphs captured (an eager step, then a capture) against replayed, while the profile listened
     for name, w in workers.items():

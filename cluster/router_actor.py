@@ -274,14 +274,20 @@ class RouterActor:
         return True
 
     async def profile(self, seconds: float) -> dict:
-        """What this router did for `seconds` of whatever load it has: its steps' cadence (one step's start to the
-        next's) beside their own time (sent to returned), and where its event loop's Python time went (cProfile of
-        the loop's thread, which runs the step loop, the feeds and every call). For finding the host work a served
+        """What this router did for `seconds` of whatever load it has, then `seconds` more under cProfile: its steps'
+        cadence (one step's start to the next's) beside their own time (sent to returned), first unprofiled, and
+        where its event loop's Python time went (cProfile of the loop's thread, which runs the step loop, the feeds
+        and every call). For finding the host work a served
         step pays that `gpu_scale`'s does not (bench/router_profile.py)."""
         import cProfile
         import io
         import pstats
 
+        # First the steps alone (cProfile slows every Python call of the loop 2-5x, and with them the cadence), then
+        # the same time again under the profiler.
+        quiet_mark = self.steps
+        await asyncio.sleep(seconds)
+        quiet = [t for t in self.traces if t.step >= quiet_mark]
         mark = self.steps
         profiler = cProfile.Profile()
         profiler.enable()
@@ -302,6 +308,13 @@ class RouterActor:
             out["sequences_per_step"] = round(sum(t.sequences for t in steps) / len(steps), 1)
             out["loop_python_ms_per_step"] = round(1e3 * stats.total_tt / len(steps), 2)
             out["by_kind"] = steps_by_kind(steps)
+        if len(quiet) > 1:  # the figures to quote: no profiler running
+            out["unprofiled"] = {
+                "steps": len(quiet),
+                "step_ms": round(1e3 * sum(t.seconds for t in quiet) / len(quiet), 2),
+                "cadence_ms": round(1e3 * (quiet[-1].called - quiet[0].called) / (len(quiet) - 1), 2),
+                "by_kind": steps_by_kind(quiet),
+            }
         out["profile"] = text.getvalue()
         return out
 
