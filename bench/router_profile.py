@@ -33,12 +33,11 @@ def main() -> None:
     for name, row in found.items():
         skip = ("profile", "by_kind", "unprofiled")
         print(f"== {name}: " + json.dumps({k: v for k, v in row.items() if k not in skip}))
-        for kind, figures in row.get("by_kind", {}).items():
-            print(f"   {kind} steps (profiled): " + json.dumps(figures))
         quiet = row.get("unprofiled", {})
         print("   unprofiled: " + json.dumps({k: v for k, v in quiet.items() if k != "by_kind"}))
-        for kind, figures in quiet.get("by_kind", {}).items():
-            print(f"   {kind} steps (unprofiled): " + json.dumps(figures))
+        for when, figures in (("profiled", row), ("unprofiled", quiet)):
+            for kind, by_kind in figures.get("by_kind", {}).items():
+                print(f"   {kind} steps ({when}): " + json.dumps(by_kind))
         print(row["profile"][:6000])
     # graphs captured (an eager step, then a capture) against replayed, while the profile listened
     for name, w in workers.items():

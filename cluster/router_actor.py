@@ -277,8 +277,8 @@ class RouterActor:
         """What this router did for `seconds` of whatever load it has, then `seconds` more under cProfile: its steps'
         cadence (one step's start to the next's) beside their own time (sent to returned), first unprofiled, and
         where its event loop's Python time went (cProfile of the loop's thread, which runs the step loop, the feeds
-        and every call). For finding the host work a served
-        step pays that `gpu_scale`'s does not (bench/router_profile.py)."""
+        and every call). For finding the host work a served step pays that `gpu_scale`'s does not
+        (bench/router_profile.py)."""
         import cProfile
         import io
         import pstats
@@ -300,21 +300,13 @@ class RouterActor:
         stats = pstats.Stats(profiler, stream=text)
         stats.sort_stats("tottime").print_stats(30)
         stats.sort_stats("cumulative").print_stats(40)
-        out: dict = {"seconds": seconds, "steps": len(steps), "loop_python_s": round(stats.total_tt, 3)}
+        out: dict = {"seconds": seconds, **step_figures(steps), "loop_python_s": round(stats.total_tt, 3)}
         if len(steps) > 1:
-            out["step_ms"] = round(1e3 * sum(t.seconds for t in steps) / len(steps), 2)
-            out["cadence_ms"] = round(1e3 * (steps[-1].called - steps[0].called) / (len(steps) - 1), 2)
             out["tokens_per_step"] = round(sum(t.tokens for t in steps) / len(steps), 1)
             out["sequences_per_step"] = round(sum(t.sequences for t in steps) / len(steps), 1)
             out["loop_python_ms_per_step"] = round(1e3 * stats.total_tt / len(steps), 2)
-            out["by_kind"] = steps_by_kind(steps)
         if len(quiet) > 1:  # the figures to quote: no profiler running
-            out["unprofiled"] = {
-                "steps": len(quiet),
-                "step_ms": round(1e3 * sum(t.seconds for t in quiet) / len(quiet), 2),
-                "cadence_ms": round(1e3 * (quiet[-1].called - quiet[0].called) / (len(quiet) - 1), 2),
-                "by_kind": steps_by_kind(quiet),
-            }
+            out["unprofiled"] = step_figures(quiet)
         out["profile"] = text.getvalue()
         return out
 
@@ -348,6 +340,17 @@ class RouterActor:
 
     async def get_expert_load(self) -> list[list[int]]:
         return [list(row) for row in await self._gather_expert_load()]
+
+
+def step_figures(steps: list[StepTrace]) -> dict:
+    """How many steps, and with two or more their mean time (sent to returned), their cadence (one step's sending to
+    the next's) and the same by kind (`steps_by_kind`)."""
+    out: dict = {"steps": len(steps)}
+    if len(steps) > 1:
+        out["step_ms"] = round(1e3 * sum(t.seconds for t in steps) / len(steps), 2)
+        out["cadence_ms"] = round(1e3 * (steps[-1].called - steps[0].called) / (len(steps) - 1), 2)
+        out["by_kind"] = steps_by_kind(steps)
+    return out
 
 
 def steps_by_kind(steps: list[StepTrace]) -> dict:
