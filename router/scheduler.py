@@ -220,11 +220,10 @@ class Scheduler:
         room = -(-len(self.running) // groups)  # ceil: the sequences one step may take
         chosen: list[tuple[Sequence, int]] = []
         for seq in self.running:  # decode tokens first (and outputs being replayed: the same steps as first made)
-            pending = seq.pending
-            if pending and (pending == 1 or seq.cached >= seq.prefill_end) and not seq.in_flight:
-                if budget and len(chosen) < room:
-                    chosen.append((seq, 1))
-                    budget -= 1
+            one_token = seq.pending == 1 or (seq.pending and seq.cached >= seq.prefill_end)
+            if one_token and not seq.in_flight and budget and len(chosen) < room:
+                chosen.append((seq, 1))
+                budget -= 1
         for seq in self.running:
             if seq.pending > 1 and seq.cached < seq.prefill_end and budget and len(chosen) < room:
                 n = min(seq.prefill_end - seq.cached, self.chunk_size, budget)
