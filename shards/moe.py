@@ -67,11 +67,16 @@ def experts_capturable(dim: int, hidden_dim: int, dtype: torch.dtype, device: to
     return grouped_mm_supported(torch.empty(0, dim, dtype=dtype, device=device), hidden_dim)
 
 
-def dense_max_tokens() -> int:
+def dense_max_tokens(holds_every_expert: bool = True) -> int:
     """Most tokens a step may have for the dense path: it multiplies the FLOPs by experts / top-k, which a decode
-    batch hides behind reading the weights and a prefill chunk does not. MISTRAL_CLUSTER_DENSE_EXPERTS_MAX_TOKENS
-    overrides it (0 turns the dense path off)."""
-    return int(os.environ.get("MISTRAL_CLUSTER_DENSE_EXPERTS_MAX_TOKENS", "128"))
+    batch hides behind reading the weights and a prefill chunk does not. A group holding only some of a layer's
+    experts stops at 32: on two H200s at 128 tokens its grouped GEMMs beat dense by 10 % (3267 vs 2986 tok/s) where
+    one GPU holding all eight loses 11 % with them (2528 vs 2853; bench/NOTES.md).
+    MISTRAL_CLUSTER_DENSE_EXPERTS_MAX_TOKENS overrides both (0 turns the dense path off)."""
+    override = os.environ.get("MISTRAL_CLUSTER_DENSE_EXPERTS_MAX_TOKENS")
+    if override is not None:
+        return int(override)
+    return 128 if holds_every_expert else 32
 
 
 def gemv_max_tokens() -> int:
@@ -158,9 +163,10 @@ class ExpertGroup(nn.Module):
         small enough that the extra FLOPs hide behind the weight reads.
 
         Measured on H200 (bench/NOTES.md): cuBLAS GEMMs with 32 rows read weights at ~3.8 TB/s, the grouped kernel
-        with ~8 rows per expert at ~2.7.
+        with ~8 rows per expert at ~2.7. A group holding some experts stops sooner (`dense_max_tokens`).
         """
-        return tokens * k >= self.num_experts and tokens <= dense_max_tokens()
+        holds_every_expert = len(self.expert_ids) == self.num_experts
+        return tokens * k >= self.num_experts and tokens <= dense_max_tokens(holds_every_expert)
 
     def forward_dense(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Every held expert on every token; the choices weight the SwiGLU activations (0 where not chosen)."""
