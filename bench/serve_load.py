@@ -199,6 +199,9 @@ async def run_level(
             results.append({"index": i, **await one_request(client, url, body, headers)})
 
     async with httpx.AsyncClient(timeout=args.request_timeout_s, limits=limits) as client:
+        # one URL a copy (one copy, or direct ingress): each scrape reads the copy it names, so the ledgers add up
+        ledger = len(urls) == (args.replicas or 1)
+        before = await engine_ledger(client, urls, headers) if ledger else None
         t0 = time.perf_counter()
         killer = None
         if kill_after_s is not None:
@@ -208,6 +211,7 @@ async def run_level(
         seconds = time.perf_counter() - t0
         if killer is not None:
             killer.cancel()
+        after = await engine_ledger(client, urls, headers) if ledger else None
     ok = [r for r in results if r["error"] is None]
     tokens = sum(r["tokens"] for r in results)
     level = {
@@ -225,6 +229,8 @@ async def run_level(
         "tpot_s": summary([(r["end"] - r["ttft"]) / (r["tokens"] - 1) for r in ok if r["tokens"] > 1]),
         "e2e_s": summary([r["end"] for r in ok]),
     }
+    if before is not None and after is not None:
+        level["engine"] = ledger_delta(before, after, seconds, len(urls))
     replicas = Counter(r["replica"] for r in results if r["replica"])
     if replicas:
         level["requests_per_replica"] = dict(sorted(replicas.items()))
@@ -239,6 +245,50 @@ async def run_level(
         }
     level["token_ids"] = {r["index"]: r["token_ids"] for r in results if r["error"] is None}
     return level
+
+
+LEDGER_LINE = re.compile(r'^mistral_cluster_engine_step_(steps|tokens|seconds)_total\{kind="(\w+)"\} (\S+)$')
+
+
+async def engine_ledger(client: httpx.AsyncClient, urls: list[str], headers: dict) -> dict | None:
+    """The engine's step ledger from /metrics, summed over `urls`: {kind: {steps, tokens, seconds}} (None when a
+    server does not publish it). Read before and after a level, it says where the level's wall time went."""
+    total: dict[str, dict[str, float]] = {}
+    for url in urls:
+        try:
+            text = (await client.get(url + "/metrics", headers=headers, timeout=30)).text
+        except httpx.HTTPError:
+            return None
+        for line in text.splitlines():
+            m = LEDGER_LINE.match(line)
+            if m:
+                row = total.setdefault(m[2], {"steps": 0.0, "tokens": 0.0, "seconds": 0.0})
+                row[m[1]] += float(m[3])
+    return total or None
+
+
+def ledger_delta(before: dict, after: dict, seconds: float, copies: int = 1) -> dict:
+    """Where a level's `seconds` went in the engine: each step kind's steps, tokens and share of the busy time (ms
+    a step, and for decode steps their tokens a second: the figure gpu_scale's steady rate compares with), and the
+    rest, when the engine had no step in flight (waiting for requests). With several copies the figures are their
+    sums, and the idle time is counted against `copies` x `seconds`."""
+    out: dict = {}
+    busy = 0.0
+    for kind, now in after.items():
+        was = before.get(kind, {})
+        d = {k: now[k] - was.get(k, 0.0) for k in ("steps", "tokens", "seconds")}
+        busy += d["seconds"]
+        out[kind] = {
+            "steps": int(d["steps"]),
+            "tokens": int(d["tokens"]),
+            "seconds": round(d["seconds"], 3),
+            "ms_per_step": round(1e3 * d["seconds"] / d["steps"], 2) if d["steps"] else None,
+        }
+        if kind == "decode" and d["seconds"] > 0:
+            out[kind]["tokens_per_s"] = round(d["tokens"] / d["seconds"], 1)
+    out["busy_s"] = round(busy, 3)
+    out["idle_s"] = round(seconds * copies - busy, 3)
+    return out
 
 
 def arrivals(result: dict) -> list[float]:
@@ -419,6 +469,15 @@ def print_table(levels: list[dict]) -> None:
             f"{itl.get('p50', math.nan):>8.4f} {itl.get('p99', math.nan):>8.4f}",
             flush=True,
         )
+        if "engine" in lv:  # where the level's wall time went in the engine
+            e = lv["engine"]
+            kinds = "  ".join(
+                f"{k} {e[k]['steps']} x {e[k]['ms_per_step']} ms = {e[k]['seconds']:.2f} s"
+                for k in ("decode", "mixed", "prefill")
+                if e.get(k, {}).get("steps")
+            )
+            rate = e.get("decode", {}).get("tokens_per_s")
+            print(f"      engine: {kinds}  idle {e['idle_s']:.2f} s" + (f"  decode {rate} tok/s" if rate else ""))
 
 
 def plot(runs: list[dict], out: Path) -> None:

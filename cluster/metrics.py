@@ -35,6 +35,16 @@ class _RouterCollector:
         yield CounterMetricFamily(f"{PREFIX}_generation_tokens", "tokens generated", value=s.tokens_out)
         yield CounterMetricFamily(f"{PREFIX}_steps", "engine steps run", value=s.steps)
         yield CounterMetricFamily(f"{PREFIX}_failed_steps", "engine steps that failed", value=s.failed_steps)
+        kinds = {  # kind: decode (one token a sequence), mixed, prefill (prompt tokens only)
+            "steps": "engine steps by kind",
+            "tokens": "new tokens the steps of each kind carried",
+            "seconds": "busy wall time ended by steps of each kind (the kinds add up to the busy time)",
+        }
+        for attr, doc in kinds.items():
+            family = CounterMetricFamily(f"{PREFIX}_engine_step_{attr}", doc, labels=["kind"])
+            for k in s.step_kinds:
+                family.add_metric([k.kind], getattr(k, attr))
+            yield family
         yield CounterMetricFamily(
             f"{PREFIX}_aborted_requests", "requests ended early (client gone, stop string)", value=s.aborted
         )

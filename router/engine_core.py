@@ -12,7 +12,7 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from router.scheduler import ScheduledStep, Scheduler, Sequence
 from router.step import StepOutput, StepPlan
@@ -25,10 +25,35 @@ class StepFailed(RuntimeError):
     it itself to say which step and which worker; anything else it raises is wrapped in one."""
 
 
+STEP_KINDS = ("decode", "mixed", "prefill")
+
+
+def step_kind(plan: StepPlan) -> str:
+    """ "decode": one new token a sequence (the steps CUDA graphs replay; outputs replayed after a fault too);
+    "prefill": prompt tokens only; "mixed": both. A served run's time splits very differently over the three."""
+    ones = sum(1 for n in plan.lengths if n == 1)
+    if ones == len(plan.lengths):
+        return "decode"
+    return "mixed" if ones else "prefill"
+
+
+@dataclass
+class KindCounter:
+    """Steps of one kind: how many, their new tokens, and their share of the engine's busy wall time."""
+
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+
 @dataclass
 class CoreCounters:
     steps: int = 0
-    step_seconds: float = 0.0  # time in `execute`, summed
+    step_seconds: float = 0.0  # time in `execute`, summed (steps in flight overlap: more than the wall time)
+    # The busy wall time split by the kind of step that ended each stretch of it: a step's share is the time from
+    # the previous step's end (or from when the engine got work, after idling) to its own end. These add up to the
+    # time the engine had a step in flight; the rest of a run's wall time it waited for requests.
+    by_kind: dict[str, KindCounter] = field(default_factory=lambda: {k: KindCounter() for k in STEP_KINDS})
 
 
 class EngineCore:
@@ -43,6 +68,7 @@ class EngineCore:
         self.steps_in_flight = steps_in_flight
         self.counters = CoreCounters()
         self._in_flight: deque[tuple[ScheduledStep, asyncio.Future, float]] = deque()
+        self._busy_since = self._last_done = 0.0  # perf_counter: when the engine last got work; the last step's end
 
     async def step(self) -> list[Sequence] | None:
         """Run one step; returns the sequences that got a token or ended, or None when there was nothing to run.
@@ -57,7 +83,10 @@ class EngineCore:
             if scheduled is None:
                 break
             future = asyncio.ensure_future(self.execute(scheduled.plan))
-            self._in_flight.append((scheduled, future, time.perf_counter()))
+            now = time.perf_counter()
+            if not self._in_flight:
+                self._busy_since = now
+            self._in_flight.append((scheduled, future, now))
         if not self._in_flight:
             return None
         scheduled, future, t0 = self._in_flight.popleft()
@@ -69,9 +98,19 @@ class EngineCore:
         except Exception as e:  # noqa: BLE001 - whatever the executor raised is the step's failure
             await self._drop_in_flight()
             raise StepFailed(f"{type(e).__name__}: {e}") from e
-        self.counters.steps += 1
-        self.counters.step_seconds += time.perf_counter() - t0
+        self._count(scheduled.plan, t0)
         return self.scheduler.process(scheduled, out)
+
+    def _count(self, plan: StepPlan, sent: float) -> None:
+        now = time.perf_counter()
+        c = self.counters
+        c.steps += 1
+        c.step_seconds += now - sent
+        kind = c.by_kind[step_kind(plan)]
+        kind.steps += 1
+        kind.tokens += sum(plan.lengths)
+        kind.seconds += now - max(self._last_done, self._busy_since)
+        self._last_done = now
 
     async def _drop_in_flight(self) -> None:
         """Wait for the other steps in flight to end (they fail with the data plane they ran on) and forget them."""

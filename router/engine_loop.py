@@ -16,7 +16,7 @@ from router.engine_core import EngineCore, ExecuteFn, StepFailed
 from router.generation import Completion, RequestError, check_prompt
 from router.sampling import SamplingParams
 from router.scheduler import Scheduler, Sequence
-from router.step import EngineStats, TokenEvent
+from router.step import EngineStats, StepKindStats, TokenEvent
 
 log = logging.getLogger("mistral_cluster.router")
 
@@ -220,4 +220,7 @@ class EngineLoop:
             finished=s.finished,
             aborted=s.aborted,
             failed_steps=s.failed_steps,
+            step_kinds=tuple(
+                StepKindStats(kind, c.steps, c.tokens, c.seconds) for kind, c in self.core.counters.by_kind.items()
+            ),
         )

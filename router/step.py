@@ -235,6 +235,17 @@ class TokenEvent:
 
 
 @dataclass(frozen=True)
+class StepKindStats:
+    """Steps of one kind ("decode", "mixed", "prefill"; `router.engine_core.step_kind`) since the loop started: how
+    many, their new tokens, and their share of the engine's busy wall time (the shares add up to it)."""
+
+    kind: str
+    steps: int
+    tokens: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """The continuous-batching loop's counters and queue."""
 
@@ -249,6 +260,7 @@ class EngineStats:
     finished: int
     aborted: int
     failed_steps: int
+    step_kinds: tuple[StepKindStats, ...] = ()
 
 
 @dataclass(frozen=True)

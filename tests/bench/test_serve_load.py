@@ -3,7 +3,7 @@ contain the kill's moment (the last tokens of steps already in flight arrive aft
 
 from __future__ import annotations
 
-from bench.serve_load import arrivals, pause_after
+from bench.serve_load import arrivals, engine_ledger, ledger_delta, pause_after
 
 
 def stream(sent_at: float, ttft: float, gaps: list[float]) -> dict:
@@ -22,3 +22,39 @@ def test_a_stall_that_starts_just_after_the_kill_is_the_pause():
 def test_a_stream_that_had_not_started_has_no_arrivals():
     assert arrivals({"sent_at": 1.0, "ttft": None, "gaps": []}) == []
     assert arrivals(stream(1.0, 0.5, [0.25, 0.25])) == [1.5, 1.75, 2.0]
+
+
+def test_the_engine_ledger_is_read_from_metrics_and_split_into_busy_kinds_and_idle():
+    import asyncio
+
+    import httpx
+
+    def metrics(decode_s: float) -> str:
+        return "\n".join(
+            [
+                "# HELP mistral_cluster_engine_step_seconds_total busy wall time",
+                f'mistral_cluster_engine_step_seconds_total{{kind="decode"}} {decode_s}',
+                'mistral_cluster_engine_step_seconds_total{kind="mixed"} 0.5',
+                f'mistral_cluster_engine_step_steps_total{{kind="decode"}} {decode_s * 100}',
+                'mistral_cluster_engine_step_steps_total{kind="mixed"} 2.0',
+                f'mistral_cluster_engine_step_tokens_total{{kind="decode"}} {decode_s * 3200}',
+                'mistral_cluster_engine_step_tokens_total{kind="mixed"} 700.0',
+                "mistral_cluster_steps_total 123.0",
+            ]
+        )
+
+    scrapes = iter([metrics(1.0), metrics(1.0), metrics(9.0), metrics(5.0)])
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, text=next(scrapes)))
+
+    async def read() -> tuple[dict, dict]:
+        async with httpx.AsyncClient(transport=transport) as client:
+            urls = ["http://a", "http://b"]  # two copies, direct ingress: their ledgers add up
+            return await engine_ledger(client, urls, {}), await engine_ledger(client, urls, {})
+
+    before, after = asyncio.run(read())
+    assert before["decode"] == {"steps": 200.0, "tokens": 6400.0, "seconds": 2.0}
+    level = ledger_delta(before, after, seconds=10.0, copies=2)
+    decode = {"steps": 1200, "tokens": 38400, "seconds": 12.0, "ms_per_step": 10.0, "tokens_per_s": 3200.0}
+    assert level["decode"] == decode
+    assert level["mixed"] == {"steps": 0, "tokens": 0, "seconds": 0.0, "ms_per_step": None}
+    assert level["busy_s"] == 12.0 and level["idle_s"] == 8.0  # 2 copies x 10 s, 12 of them busy

@@ -391,6 +391,31 @@ def metric(server, name: str) -> float:
     raise AssertionError(f"metric {name} not found")
 
 
+def test_metrics_split_the_engine_steps_by_kind_and_the_kinds_add_up(server, client):
+    """The step ledger serve_load reads: a prompt's steps then its decode steps, each counted once by kind, the
+    kinds' steps adding up to every step, and serve_load's parser reading the same /metrics."""
+    import asyncio
+
+    from bench.serve_load import engine_ledger
+
+    def read() -> dict:
+        async def get():
+            async with httpx.AsyncClient() as c:
+                return await engine_ledger(c, [server["base"]], {})
+
+        return asyncio.run(get())
+
+    before = read()
+    client.completions.create(model=MODEL, prompt="count the steps", max_tokens=6, temperature=0)
+    after = read()
+    assert set(after) == {"decode", "mixed", "prefill"}
+    grew = {k: after[k]["steps"] - before[k]["steps"] for k in after}
+    assert grew["decode"] >= 5 and grew["prefill"] + grew["mixed"] >= 1  # 6 tokens: one from the prompt's step
+    assert after["decode"]["tokens"] - before["decode"]["tokens"] >= 5
+    assert all(after[k]["seconds"] > before[k]["seconds"] for k in after if grew[k])
+    assert sum(after[k]["steps"] for k in after) == metric(server, "mistral_cluster_steps_total")
+
+
 def test_a_client_that_disconnects_mid_stream_frees_its_cache_slot(server):
     body = {
         "model": MODEL,

@@ -4,14 +4,17 @@ boundaries, a long prefill does not stall decoding, slots come back when a reque
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import Counter
 
 import pytest
 
+from router.engine_core import STEP_KINDS, step_kind
 from router.engine_loop import EngineLoop, QueueFullError
 from router.generation import RequestError, generate
 from router.sampling import SamplingParams
 from router.scheduler import Scheduler, SchedulerConfig
-from router.step import StepOutput
+from router.step import StepOutput, StepPlan
 from shards.engine import LocalEngine
 from tests.conftest import random_prompts
 
@@ -260,3 +263,46 @@ def test_a_failed_step_drops_the_others_in_flight_and_recovery_resumes_every_req
     together = asyncio.run(main())
     assert recovered == ["ConnectionError: stage1 died"]  # one recovery, though two steps were in flight
     assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+
+
+def test_the_step_ledger_splits_busy_time_by_kind_and_leaves_out_the_idle_wait(engine):
+    """Each step's share of the wall time is counted once by its kind, with two steps in flight too (the shares
+    add up to the busy time, not to the summed step times), and a wait with no request counts for nothing."""
+    plans = []
+
+    async def execute(plan):
+        plans.append(plan)
+        await asyncio.sleep(0.02)
+        return StepOutput.from_logits(engine.step(plan))
+
+    async def main():
+        config = SchedulerConfig(engine.max_seqs, 64, 8).settled(engine.cache_capacity)
+        scheduler = Scheduler(config, engine.max_seq_len, engine.config.eos_token_id)
+        loop = EngineLoop(execute, scheduler, engine.config.vocab_size, steps_in_flight=2)
+        prompts = random_prompts([12, 5, 3], seed=8)
+        params = SamplingParams(max_tokens=4, ignore_eos=True)
+        t0 = time.perf_counter()
+        await loop.generate(prompts[0], params)
+        await asyncio.sleep(0.5)  # idle: no request
+        await asyncio.gather(loop.generate(prompts[1], params), loop.generate(prompts[2], params))
+        return loop.snapshot(), time.perf_counter() - t0
+
+    stats, wall = asyncio.run(main())
+    kinds = {k.kind: k for k in stats.step_kinds}
+    expected = Counter(step_kind(p) for p in plans)
+    assert {k: kinds[k].steps for k in STEP_KINDS} == {k: expected[k] for k in STEP_KINDS}
+    assert {k: kinds[k].tokens for k in STEP_KINDS} == {
+        k: sum(sum(p.lengths) for p in plans if step_kind(p) == k) for k in STEP_KINDS
+    }
+    assert expected["decode"] >= 3 and expected["prefill"] + expected["mixed"] >= 2
+    busy = sum(k.seconds for k in stats.step_kinds)
+    assert busy <= wall - 0.45  # the half-second wait is not in it
+    assert busy >= 0.02 * len(plans) / 2  # two in flight: at least half the summed step times
+    assert busy < stats.step_seconds  # steps overlapped, and their shares did not double-count it
+    assert all(k.seconds >= 0.02 * k.steps / 2 for k in stats.step_kinds if k.steps)
+
+
+def test_a_step_is_decode_only_when_every_sequence_has_one_new_token():
+    assert step_kind(StepPlan([0, 1], [5, 9], [1, 1])) == "decode"
+    assert step_kind(StepPlan([0, 1], [5, 0], [1, 7])) == "mixed"
+    assert step_kind(StepPlan([1], [0], [7])) == "prefill"
