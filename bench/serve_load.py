@@ -46,7 +46,7 @@ import httpx
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-REPLICA_HEADER = "x-mistral-cluster-replica"  # read when the server sends it; nothing depends on it
+REPLICA_HEADER = "x-mistral-cluster-replica"  # read when the server sends it: requests per copy, each copy's ledger
 
 
 # --- one request ---------------------------------------------------------------------------------------------------
@@ -199,9 +199,8 @@ async def run_level(
             results.append({"index": i, **await one_request(client, url, body, headers)})
 
     async with httpx.AsyncClient(timeout=args.request_timeout_s, limits=limits) as client:
-        # one URL a copy (one copy, or direct ingress): each scrape reads the copy it names, so the ledgers add up
-        ledger = len(urls) == (args.replicas or 1)
-        before = await engine_ledger(client, urls, headers) if ledger else None
+        copies = args.replicas or 1
+        before = await engine_ledger(client, urls, headers, copies)
         t0 = time.perf_counter()
         killer = None
         if kill_after_s is not None:
@@ -211,7 +210,7 @@ async def run_level(
         seconds = time.perf_counter() - t0
         if killer is not None:
             killer.cancel()
-        after = await engine_ledger(client, urls, headers) if ledger else None
+        after = await engine_ledger(client, urls, headers, copies)
     ok = [r for r in results if r["error"] is None]
     tokens = sum(r["tokens"] for r in results)
     level = {
@@ -230,7 +229,7 @@ async def run_level(
         "e2e_s": summary([r["end"] for r in ok]),
     }
     if before is not None and after is not None:
-        level["engine"] = ledger_delta(before, after, seconds, len(urls))
+        level["engine"] = ledger_delta(before, after, seconds, copies)
     replicas = Counter(r["replica"] for r in results if r["replica"])
     if replicas:
         level["requests_per_replica"] = dict(sorted(replicas.items()))
@@ -250,15 +249,28 @@ async def run_level(
 LEDGER_LINE = re.compile(r'^mistral_cluster_engine_step_(steps|tokens|seconds)_total\{kind="(\w+)"\} (\S+)$')
 
 
-async def engine_ledger(client: httpx.AsyncClient, urls: list[str], headers: dict) -> dict | None:
-    """The engine's step ledger from /metrics, summed over `urls`: {kind: {steps, tokens, seconds}} (None when a
-    server does not publish it). Read before and after a level, it says where the level's wall time went."""
-    total: dict[str, dict[str, float]] = {}
-    for url in urls:
+async def engine_ledger(client: httpx.AsyncClient, urls: list[str], headers: dict, copies: int = 0) -> dict | None:
+    """The engine's step ledger from /metrics, summed over the copies: {kind: {steps, tokens, seconds}} (None when a
+    server does not publish it). Read before and after a level, it says where the level's wall time went.
+
+    One URL a copy (direct ingress) reads each once. Several copies behind one URL (Serve's proxy): each scrape
+    reaches one copy, named in its `x-mistral-cluster-replica` header, so it scrapes until it has read all `copies`
+    (between levels, when no copy runs a request, the replica router picks among them at random)."""
+    copies = copies or len(urls)
+    pages: dict[str, str] = {}
+    targets = urls if len(urls) == copies else [urls[0]] * (40 * copies)
+    for i, url in enumerate(targets):
         try:
-            text = (await client.get(url + "/metrics", headers=headers, timeout=30)).text
+            r = await client.get(url + "/metrics", headers=headers, timeout=30)
         except httpx.HTTPError:
             return None
+        pages[url if len(urls) == copies else r.headers.get(REPLICA_HEADER, str(i))] = r.text
+        if len(pages) == copies:
+            break
+    if len(pages) < copies:
+        return None
+    total: dict[str, dict[str, float]] = {}
+    for text in pages.values():
         for line in text.splitlines():
             m = LEDGER_LINE.match(line)
             if m:
@@ -286,6 +298,7 @@ def ledger_delta(before: dict, after: dict, seconds: float, copies: int = 1) -> 
         }
         if kind == "decode" and d["seconds"] > 0:
             out[kind]["tokens_per_s"] = round(d["tokens"] / d["seconds"], 1)
+    out["copies"] = copies  # with several, decode tokens_per_s is a copy's: their tokens over their summed seconds
     out["busy_s"] = round(busy, 3)
     out["idle_s"] = round(seconds * copies - busy, 3)
     return out
@@ -477,7 +490,8 @@ def print_table(levels: list[dict]) -> None:
                 if e.get(k, {}).get("steps")
             )
             rate = e.get("decode", {}).get("tokens_per_s")
-            print(f"      engine: {kinds}  idle {e['idle_s']:.2f} s" + (f"  decode {rate} tok/s" if rate else ""))
+            per = " a copy" if e.get("copies", 1) > 1 else ""
+            print(f"      engine: {kinds}  idle {e['idle_s']:.2f} s" + (f"  decode {rate} tok/s{per}" if rate else ""))
 
 
 def plot(runs: list[dict], out: Path) -> None:

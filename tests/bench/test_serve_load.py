@@ -58,3 +58,29 @@ def test_the_engine_ledger_is_read_from_metrics_and_split_into_busy_kinds_and_id
     assert level["decode"] == decode
     assert level["mixed"] == {"steps": 0, "tokens": 0, "seconds": 0.0, "ms_per_step": None}
     assert level["busy_s"] == 12.0 and level["idle_s"] == 8.0  # 2 copies x 10 s, 12 of them busy
+    assert level["copies"] == 2
+
+
+def test_behind_one_url_the_ledger_scrapes_until_it_has_read_every_copy():
+    import asyncio
+
+    import httpx
+
+    from bench.serve_load import REPLICA_HEADER
+
+    def page(decode_s: float) -> str:
+        return f'mistral_cluster_engine_step_seconds_total{{kind="decode"}} {decode_s}'
+
+    answers = iter([("a", 1.0), ("a", 1.0), ("a", 1.0), ("b", 2.5)])  # the proxy picks copy a three times first
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        name, seconds = next(answers)
+        return httpx.Response(200, text=page(seconds), headers={REPLICA_HEADER: name})
+
+    async def read(copies: int):
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+            return await engine_ledger(client, ["http://proxy"], {}, copies)
+
+    assert asyncio.run(read(2))["decode"]["seconds"] == 3.5  # a once, b once: not a counted three times
+    answers = iter([("a", 1.0)] * 80)
+    assert asyncio.run(read(2)) is None  # copy b never answered: no ledger rather than half of one
