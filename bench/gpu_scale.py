@@ -459,7 +459,7 @@ def run_ours(
     import ray
 
     from cluster.profile import decode_components, step_timeline
-    from cluster.router_actor import steps_in_flight
+    from cluster.router_actor import step_groups
     from cluster.sharded import ShardedCluster
     from router.sampling import SamplingParams
 
@@ -520,7 +520,7 @@ def run_ours(
                 runs.append(cluster.take_traces())
             last = (b, t1 + sum(walls))
             context = args.prompt_tokens + args.new_tokens / 2  # the decode steps' mean context
-            groups = steps_in_flight(plan)  # the router sends the batch as this many steps in flight
+            groups = step_groups(plan)  # the router splits the batch into this many steps in flight
             limit = ceiling(
                 plan,
                 cfg,

@@ -8,6 +8,7 @@ split of layers or experts, the default prefill chunk). Every error names the fi
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -85,6 +86,9 @@ class PlacementPlan:
     # A warm standby process per worker (imports done, CUDA context made), promoted when its worker dies: True,
     # False, or None (the default): one for every worker whose bundle holds a GPU.
     standby: bool | None = None
+    # Decode ahead (`router.scheduler`): a greedy sequence's next step sent before its token is back. One stage only
+    # (the file refuses it with more); MISTRAL_CLUSTER_DECODE_AHEAD=1 turns it on where it can run (an A/B switch).
+    decode_ahead: bool = False
 
     def wants_standby(self, bundle: dict[str, float]) -> bool:
         """Whether the worker reserving `bundle` gets a standby."""
@@ -102,7 +106,8 @@ class PlacementPlan:
     @property
     def scheduling(self) -> SchedulerConfig:
         """The scheduler's part of the plan (the router builds its `Scheduler` from it)."""
-        return SchedulerConfig(self.max_seqs, self.token_budget, self.chunk_size, self.replay_tokens)
+        ahead = (self.decode_ahead or os.environ.get("MISTRAL_CLUSTER_DECODE_AHEAD") == "1") and len(self.stages) == 1
+        return SchedulerConfig(self.max_seqs, self.token_budget, self.chunk_size, self.replay_tokens, ahead)
 
     @property
     def torch_dtype(self) -> torch.dtype:

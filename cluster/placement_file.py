@@ -48,6 +48,7 @@ TOP_KEYS = (
     "chunk_size",
     "replay_tokens",
     "standby",
+    "decode_ahead",
 )
 STAGE_KEYS = ("layers", "resources")
 EXPERT_GROUP_KEYS = ("experts", "layers", "resources")
@@ -204,6 +205,15 @@ def load_placement(path: str | Path, checkpoint_override: str | Path | None = No
         if "replay_tokens" in data
         else defaults["replay_tokens"]
     )
+    numbers["decode_ahead"] = data.get("decode_ahead", False)
+    if not isinstance(numbers["decode_ahead"], bool):
+        raise check.fail("decode_ahead", f"expected true or false, got {numbers['decode_ahead']!r}")
+    if numbers["decode_ahead"] and len(stages) > 1:
+        raise check.fail(
+            "decode_ahead",
+            f"needs one pipeline stage (the stage that embeds a token must be the one that picks it); this placement "
+            f"has {len(stages)}",
+        )
     if numbers["chunk_size"] is not None and numbers["chunk_size"] > numbers["token_budget"]:
         raise check.fail(
             "chunk_size",

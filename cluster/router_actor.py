@@ -93,6 +93,7 @@ class RouterActor:
             recover=self._recover_after_step,
             resume=on_shard_failure == "resume",
             steps_in_flight=steps_in_flight(plan),
+            groups=step_groups(plan),
         )
         self.feeds = FeedHub()  # the ingresses' token feeds
         self._send_order = asyncio.Lock()  # plans go out in step order...
@@ -379,5 +380,13 @@ def steps_by_kind(steps: list[StepTrace]) -> dict:
 
 def steps_in_flight(plan) -> int:
     """Steps kept in flight: one per pipeline stage, so every stage has a step to work on (vLLM's batch queue does
-    the same). MISTRAL_CLUSTER_STEPS_IN_FLIGHT overrides it (1: one step at a time)."""
-    return int(os.environ.get("MISTRAL_CLUSTER_STEPS_IN_FLIGHT", len(plan.stages)))
+    the same); two on one stage with decode ahead (the next step waits on the worker while this one runs).
+    MISTRAL_CLUSTER_STEPS_IN_FLIGHT overrides it (1: one step at a time)."""
+    default = 2 if plan.scheduling.decode_ahead else len(plan.stages)
+    return int(os.environ.get("MISTRAL_CLUSTER_STEPS_IN_FLIGHT", default))
+
+
+def step_groups(plan) -> int:
+    """How many groups the running sequences are split into, one a step: one per step in flight (each stage gets its
+    own), except with decode ahead, where every step carries them all."""
+    return 1 if plan.scheduling.decode_ahead else steps_in_flight(plan)

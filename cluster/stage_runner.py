@@ -18,13 +18,14 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
 import torch
 
 from cluster.step_wire import encode_result
 from cluster.transport import Channel, LocalPipe, Transport, tally, waiting_on_peer
 from cluster.workers import WorkerMap
 from router.pipeline import split_microbatches
-from router.step import MicrobatchSpan, StageResult, StepPlan
+from router.step import FED_BACK, MicrobatchSpan, StageResult, StepPlan
 from shards.checkpoint import CheckpointReader
 from shards.compiled_decode import CompiledDecode, compile_batches, compile_requested
 from shards.decode_graphs import DecodeGraphs
@@ -97,6 +98,11 @@ class StageRunner:
         self.expert_channels: dict[int, Channel] = {}
         self.graphs: DecodeGraphs | None = None
         self.compiled = self._compiled_decode()
+        # The last greedy pick of each cache slot, on the device: what a plan's FED_BACK token means (decode ahead,
+        # `router.scheduler`). Kept where the stage that embeds also picks: one stage.
+        one_stage = self.first and self.last
+        self.last_picks = torch.zeros(plan.max_seqs, dtype=torch.long, device=device) if one_stage else None
+        self.fed_back = 0  # tokens this stage fed in from its own picks
         self._expert_seconds = 0.0
 
     def attach(self, transport: Transport) -> None:
@@ -158,7 +164,7 @@ class StageRunner:
         for m, mb in enumerate(microbatches):
             wait = 0.0
             if self.first:
-                h = self.model.embed(torch.as_tensor(mb.token_ids).to(self.device))
+                h = self.model.embed(self._token_ids(mb))
             else:
                 t0 = time.perf_counter()
                 h = self.pipe_in.recv((mb.n_tokens, self.config.dim), self.plan.torch_dtype, "activations")
@@ -198,6 +204,26 @@ class StageRunner:
         )
         return result, self._join_picks(picks) if self.last else None
 
+    def _token_ids(self, mb: StepPlan) -> torch.Tensor:
+        """The micro-batch's token ids on the device, each FED_BACK replaced by its slot's last pick (one stage)."""
+        ids = torch.as_tensor(mb.token_ids).to(self.device)
+        fed = np.flatnonzero(mb.token_ids == FED_BACK)
+        if len(fed):
+            if self.last_picks is None:
+                raise ValueError(f"stage {self.index} got a fed-back token; decode ahead needs one pipeline stage")
+            slots = np.repeat(np.asarray(mb.slots, np.int64), mb.lengths)[fed]
+            where = torch.as_tensor(fed).to(self.device)
+            ids[where] = self.last_picks[torch.as_tensor(slots).to(self.device)]
+            self.fed_back += len(fed)
+        return ids
+
+    def _remember_picks(self, mb: StepPlan, greedy_ids: torch.Tensor) -> None:
+        """Each greedy row's pick into its slot of `last_picks`: the next step may feed it back (decode ahead)."""
+        slots = [s for s, w in zip(mb.slots, mb.wants(), strict=True) if w]
+        slots = [s for s, g in zip(slots, mb.greedy_logit_rows(), strict=True) if g]
+        if slots:
+            self.last_picks[torch.tensor(slots, dtype=torch.long).to(self.device)] = greedy_ids
+
     def _experts(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The MoE layer's weighted expert sum: local groups in place, one message to and from each remote worker."""
         t0 = time.perf_counter()
@@ -222,6 +248,8 @@ class StageRunner:
     def _pick(self, h: torch.Tensor, mb: StepPlan) -> tuple[torch.Tensor, ...]:
         rows = torch.tensor(mb.logit_rows(), dtype=torch.long, device=self.device)
         picks = pick_tokens(self.model.logits(h[rows], float32=False), mb.greedy_logit_rows())
+        if self.last_picks is not None:
+            self._remember_picks(mb, picks[0])
         scored = mb.score_rows()
         if not scored:
             none = torch.empty(0, device=self.device)

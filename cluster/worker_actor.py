@@ -375,7 +375,7 @@ class ShardWorker:
 
     def decode_paths(self) -> dict[str, dict]:
         """Per stage: whether its decode steps replay CUDA graphs, the batch sizes it runs compiled, how long
-        compiling took while loading and, where it failed, why."""
+        compiling took while loading and, where it failed, why; and how many tokens it fed back (decode ahead)."""
         out = {}
         for s, r in self.stages.items():
             c = r.compiled
@@ -387,6 +387,7 @@ class ShardWorker:
                 # how often a decode step met a shape with no graph yet (run eagerly, then captured) against replays
                 "graph_captures": r.graphs.captures if r.graphs is not None else 0,
                 "graph_replays": r.graphs.replays if r.graphs is not None else 0,
+                "fed_back_tokens": r.fed_back,  # decode ahead: tokens fed in from the stage's own picks
             }
         return out
 

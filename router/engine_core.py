@@ -57,15 +57,20 @@ class CoreCounters:
 
 
 class EngineCore:
-    def __init__(self, scheduler: Scheduler, execute: ExecuteFn, steps_in_flight: int = 1) -> None:
+    def __init__(
+        self, scheduler: Scheduler, execute: ExecuteFn, steps_in_flight: int = 1, groups: int | None = None
+    ) -> None:
         """`steps_in_flight`: steps executing at once (vLLM keeps one per pipeline stage in flight): step N+1 is sent
         before step N's tokens are back, so with two stages both work at once. Each step's output is processed in
-        the order the steps were scheduled."""
+        the order the steps were scheduled. `groups` (default: `steps_in_flight`): how many groups the running
+        sequences are split into, one a step (one per stage); one group with two steps in flight is decode ahead
+        (`router.scheduler`: the same sequences in consecutive steps, their tokens fed back on the stage)."""
         if steps_in_flight < 1:
             raise ValueError(f"steps_in_flight must be at least 1, got {steps_in_flight}")
         self.scheduler = scheduler
         self.execute = execute
         self.steps_in_flight = steps_in_flight
+        self.groups = groups or steps_in_flight
         self.counters = CoreCounters()
         self._in_flight: deque[tuple[ScheduledStep, asyncio.Future, float]] = deque()
         self._busy_since = self._last_done = 0.0  # perf_counter: when the engine last got work; the last step's end
@@ -79,7 +84,7 @@ class EngineCore:
         (`Scheduler.forget_caches` re-prefills them) or ends them.
         """
         while len(self._in_flight) < self.steps_in_flight:
-            scheduled = self.scheduler.schedule(self.steps_in_flight)
+            scheduled = self.scheduler.schedule(self.groups)
             if scheduled is None:
                 break
             future = asyncio.ensure_future(self.execute(scheduled.plan))

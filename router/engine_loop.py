@@ -56,11 +56,12 @@ class EngineLoop:
         recover: Callable[[str], Awaitable[None]] | None = None,
         resume: bool = True,
         steps_in_flight: int = 1,
+        groups: int | None = None,
     ) -> None:
         """`recover(reason)` brings the shards back after a failed step (None: every request of the step fails).
         With `resume`, requests in flight continue after recovery, their caches rebuilt; otherwise they end with
         an error and only queued requests go on."""
-        self.core = EngineCore(scheduler, execute, steps_in_flight)
+        self.core = EngineCore(scheduler, execute, steps_in_flight, groups)
         self._recover = recover
         self.resume = resume
         self.scheduler = scheduler

@@ -13,6 +13,12 @@ When the shards lose their caches (a fault), a running sequence rebuilds its cac
 prompt in chunks, then its output tokens one decode step at a time (`SchedulerConfig.replay_tokens`). Prefilling
 prompt + output in chunks would be faster, but its matrix shapes differ from the decode steps that first computed
 those keys and values, so in bf16 they round differently, and the tokens after the fault can change.
+
+With `decode_ahead` (one pipeline stage: the stage that embeds also picks), a greedy sequence's next decode step is
+scheduled before its token is back: its row carries `FED_BACK` instead of a token id, and the stage feeds in its own
+pick for that slot from the step before, so the router's round trip (plan out, picks back, processing) overlaps
+the device's work instead of leaving it idle between steps. A token a sequence gets past its end (EOS, a stop
+string) is dropped; a step is never scheduled past `max_tokens` or the context.
 """
 
 from __future__ import annotations
@@ -26,13 +32,14 @@ import numpy as np
 import torch
 
 from router.sampling import Sampler, SamplingParams
-from router.step import StepOutput, StepPlan
+from router.step import FED_BACK, StepOutput, StepPlan
 from router.structured_output import GrammarConstraint, Grammars
 
 DEFAULT_MAX_SEQS = 32
 DEFAULT_TOKEN_BUDGET = 2048
 DEFAULT_MAX_CHUNK = 512  # the prefill chunk when none is given, capped by the cache capacity and the token budget
 DEFAULT_REPLAY_TOKENS = 128  # outputs rebuilt one decode step a token after a fault, at most (longer ones: prefilled)
+AHEAD = 2  # steps a sequence may be in at once with `decode_ahead`: the one running, the next one queued
 
 
 @dataclass(eq=False)  # one request's state: equal only to itself (a field-by-field __eq__ made `list.index`, `in`
@@ -52,7 +59,9 @@ class Sequence:  # and `remove` cost O(fields) per element: 2.4 ms a schedule at
     # Tokens before this position may be prefilled in chunks; from it on, one token a step (decoding, or replaying
     # its outputs after a fault). The prompt's length, or every token when a rebuilt cache is prefilled whole.
     prefill_end: int = 0
-    in_flight: bool = False  # one of its tokens is in a step not yet processed: the next waits (as decode steps do)
+    # Steps not yet processed that end at its last token (each will give it a token): the next step waits for them,
+    # except with `decode_ahead` for a greedy sequence (up to AHEAD of them, its token fed back on the stage).
+    in_flight: int = 0
     finish_reason: str | None = None  # "stop" or "length" once finished
     error: str | None = None  # why it ended with finish_reason "error" (its sampler failed)
     constraint: GrammarConstraint | None = None  # the structured output's matcher, if the request has one
@@ -123,6 +132,9 @@ class SchedulerConfig:
     # step a token, exactly as they were first computed (its next tokens are unchanged in bf16 too); one with more
     # prefills prompt + output in chunks (a faster recovery that bf16 may round differently). 0: always prefill.
     replay_tokens: int = DEFAULT_REPLAY_TOKENS
+    # Schedule a greedy sequence's next decode step before its token is back (module docstring). Only where the
+    # stage that embeds tokens also picks them: one pipeline stage (the router turns it off for more).
+    decode_ahead: bool = False
 
     def settled(self, capacity: int) -> SchedulerConfig:
         """The config with its chunk size fixed for a cache of `capacity` rows per slot (the window, or the whole
@@ -134,6 +146,8 @@ class SchedulerConfig:
         replay = self.replay_tokens
         if not isinstance(replay, int) or isinstance(replay, bool) or replay < 0:
             raise ValueError(f"replay_tokens must be a non-negative integer, got {replay!r}")
+        if not isinstance(self.decode_ahead, bool):
+            raise ValueError(f"decode_ahead must be true or false, got {self.decode_ahead!r}")
         chunk = self.chunk_size if self.chunk_size is not None else min(capacity, DEFAULT_MAX_CHUNK, self.token_budget)
         # A chunk past the capacity could not be written to the rolling buffer. The placement refuses a chunk larger
         # than the window; capped here is only the case of a context shorter than the window, where no sequence
@@ -151,6 +165,7 @@ class SchedulerConfig:
 class ScheduledStep:
     plan: StepPlan
     sequences: list[Sequence]
+    counted: tuple[bool, ...] = ()  # per sequence: this step is one of its `in_flight` (it ends at its last token)
 
 
 class Scheduler:
@@ -166,6 +181,7 @@ class Scheduler:
         self.token_budget = config.token_budget
         self.chunk_size = config.chunk_size
         self.replay_tokens = config.replay_tokens
+        self.decode_ahead = config.decode_ahead
         self.max_seq_len = max_seq_len
         self.eos_id = eos_id
         self.grammars = grammars
@@ -194,7 +210,7 @@ class Scheduler:
         scored again from its start, with the chunks that now carry it."""
         for seq in self.running:
             seq.cached = 0
-            seq.in_flight = False
+            seq.in_flight = 0
             self._plan_rebuild(seq)
             if seq.scores_prompt:
                 seq.prompt_logprobs.clear()
@@ -221,7 +237,7 @@ class Scheduler:
         chosen: list[tuple[Sequence, int]] = []
         for seq in self.running:  # decode tokens first (and outputs being replayed: the same steps as first made)
             one_token = seq.pending == 1 or (seq.pending and seq.cached >= seq.prefill_end)
-            if one_token and not seq.in_flight and budget and len(chosen) < room:
+            if ((one_token and not seq.in_flight) or self._ahead(seq)) and budget and len(chosen) < room:
                 chosen.append((seq, 1))
                 budget -= 1
         for seq in self.running:
@@ -233,8 +249,11 @@ class Scheduler:
             return None
         position = {id(seq): i for i, seq in enumerate(self.running)}
         chosen.sort(key=lambda sn: position[id(sn[0])])
-        token_ids = np.array([t for seq, n in chosen for t in seq.token_run(seq.cached, n)], np.int64)
-        want_logits = tuple(seq.cached + n == seq.n_tokens for seq, n in chosen)
+        # A row past the tokens the router has (decode ahead) is fed back on the stage: FED_BACK, and it wants logits.
+        token_ids = np.array(
+            [t for seq, n in chosen for t in (seq.token_run(seq.cached, n) if seq.pending else [FED_BACK])], np.int64
+        )
+        want_logits = tuple(seq.cached + n >= seq.n_tokens for seq, n in chosen)
         plan = StepPlan(
             slots=tuple(seq.slot for seq, _ in chosen),
             starts=tuple(seq.cached for seq, _ in chosen),
@@ -244,10 +263,24 @@ class Scheduler:
             greedy=tuple(seq.params.picked_on_stage for seq, _ in chosen),
             **_scoring(chosen, want_logits),
         )
+        counted = []
         for seq, n in chosen:
             seq.cached += n
-            seq.in_flight = seq.cached >= seq.prefill_end  # its next token waits for this step (chunks may flow)
-        return ScheduledStep(plan, [seq for seq, _ in chosen])
+            counts = seq.cached >= seq.prefill_end  # its next token waits for this step (chunks may flow)
+            seq.in_flight += counts
+            counted.append(counts)
+        return ScheduledStep(plan, [seq for seq, _ in chosen], tuple(counted))
+
+    def _ahead(self, seq: Sequence) -> bool:
+        """Whether `seq`'s next decode step may go before its token is back: `decode_ahead`, a greedy sequence picked
+        on the stage, decoding (not prefilling, not replaying), fewer than AHEAD steps in flight, and the steps in
+        flight cannot already have given it its last token (`max_tokens`, the context)."""
+        if not (self.decode_ahead and seq.in_flight and seq.pending == 0 and seq.in_flight < AHEAD):
+            return False
+        if not seq.params.picked_on_stage or seq.constraint is not None or seq.scores_prompt or seq.finished:
+            return False
+        coming = len(seq.output_ids) + seq.in_flight  # outputs it will have once the steps in flight are back
+        return coming < seq.params.max_tokens and seq.n_tokens + seq.in_flight < self.max_seq_len
 
     def process(self, step: ScheduledStep, out: StepOutput) -> list[Sequence]:
         """Take a token for every sequence whose step ended at its last token; returns the sequences that changed.
@@ -255,8 +288,9 @@ class Scheduler:
         Greedy rows of `out` come already picked on the last stage; the others are sampled here from their logits.
         """
         _take_scores(step, out)
-        for seq in step.sequences:
-            seq.in_flight = False
+        for seq, counted in zip(step.sequences, step.counted or (True,) * len(step.sequences), strict=True):
+            if counted and seq.in_flight:
+                seq.in_flight -= 1
         changed: list[Sequence] = []
         wanting = [seq for seq, want in zip(step.sequences, step.plan.wants(), strict=True) if want]
         for seq, pick in zip(wanting, _row_picks(out, len(wanting)), strict=True):

@@ -33,6 +33,11 @@ def _flags(values) -> tuple[bool, ...] | None:
 # --- router -> stages ---------------------------------------------------------------------------------------------
 
 
+# A plan's token id for "the token the stage picked for this cache slot in the step before" (decode ahead: the router
+# schedules a greedy sequence's next step before its token is back; `router.scheduler`).
+FED_BACK = -1
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """What one forward step computes: for each sequence in the batch, a run of new tokens.

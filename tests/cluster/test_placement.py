@@ -141,6 +141,15 @@ def test_replay_tokens_reach_the_scheduler_and_zero_is_allowed(write):
     assert settle(write("checkpoint: c\nstages: 1\nreplay_tokens: 4096\n")).scheduling.replay_tokens == 4096
 
 
+def test_decode_ahead_reaches_the_scheduler_on_one_stage_and_the_environment_turns_it_on_only_there(write, monkeypatch):
+    monkeypatch.delenv("MISTRAL_CLUSTER_DECODE_AHEAD", raising=False)
+    assert not settle(write("checkpoint: c\nstages: 1\n")).scheduling.decode_ahead
+    assert settle(write("checkpoint: c\nstages: 1\ndecode_ahead: true\n")).scheduling.decode_ahead
+    monkeypatch.setenv("MISTRAL_CLUSTER_DECODE_AHEAD", "1")
+    assert settle(write("checkpoint: c\nstages: 1\n")).scheduling.decode_ahead
+    assert not settle(write("checkpoint: c\nstages: 2\n")).scheduling.decode_ahead  # the A/B switch skips pipelines
+
+
 def test_chunk_size_defaults_to_the_window_capped_at_512(write):
     assert settle(write("checkpoint: c\nstages: 1\n")).chunk_size == 32
     assert settle("placement.yaml", small_config("mixtral", window=4096)).chunk_size == 512
@@ -237,6 +246,8 @@ BAD_FILES = [
     ("checkpoint: c\nstages: 1\nstandby: sometimes\n", "standby: expected true, false or auto, got 'sometimes'"),
     ("checkpoint: c\nstages: 1\nreplay_tokens: -1\n", "replay_tokens: expected a non-negative integer, got -1"),
     ("checkpoint: c\nstages: 1\nreplay_tokens: all\n", "replay_tokens: expected a non-negative integer, got 'all'"),
+    ("checkpoint: c\nstages: 1\ndecode_ahead: yes please\n", "decode_ahead: expected true or false, got 'yes please'"),
+    ("checkpoint: c\nstages: 2\ndecode_ahead: true\n", "decode_ahead: needs one pipeline stage"),
     (
         "checkpoint: c\nstages: 1\nresources: {CPU: 1" + "0" * 309 + "}\n",
         "resources.CPU: 1" + "0" * 309 + " is too large to be an amount of a resource",

@@ -1,0 +1,68 @@
+"""Decode ahead on a real cluster: one stage whose MoE layers dispatch to two expert groups in other workers, the
+router sending each greedy sequence's next step before its token is back, the stage feeding in its own picks. The
+tokens must be transformers' and those of the same cluster without it, and the stage must really have fed tokens."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import ray
+import yaml
+
+from cluster.sharded import ShardedCluster
+from router.sampling import SamplingParams
+from tests.conftest import hf_greedy, random_prompts
+
+WINDOW = 16
+
+
+@pytest.fixture(scope="module")
+def checkpoint(checkpoint_factory):
+    return checkpoint_factory("mixtral", seed=31, window=WINDOW)
+
+
+def start(checkpoint, tmp_path, decode_ahead: bool) -> ShardedCluster:
+    placement = {
+        "checkpoint": str(checkpoint),
+        "dtype": "float32",
+        "stages": [{"layers": [0, 1, 2, 3], "resources": {"CPU": 0.5}}],
+        "expert_groups": [
+            {"experts": [0, 1], "resources": {"CPU": 0.5}},
+            {"experts": [2, 3], "resources": {"CPU": 0.5}},
+        ],
+        "micro_batch_size": 4,
+        "token_budget": 256,
+        "max_seqs": 4,
+        "decode_ahead": decode_ahead,
+    }
+    path = tmp_path / f"one-stage-ahead-{decode_ahead}.yaml"
+    path.write_text(yaml.safe_dump(placement))
+    return ShardedCluster.start(path)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    os.environ["MISTRAL_CLUSTER_CUDA_GRAPHS"] = "eager"  # the decode graphs' bookkeeping runs on CPU too
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+    os.environ.pop("MISTRAL_CLUSTER_CUDA_GRAPHS", None)
+
+
+def test_one_stage_with_remote_experts_decoding_ahead_gives_transformers_tokens(
+    ray_local, checkpoint, hf_model, tmp_path
+):
+    prompts = random_prompts([7, 19, 4, 11, 9], seed=32)  # five requests, four slots: one waits for a slot
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (12, 5, 16, 1, 9)]
+    model = hf_model(checkpoint)
+    expected = [hf_greedy(model, p, sp.max_tokens) for p, sp in zip(prompts, params, strict=True)]
+    with start(checkpoint, tmp_path, decode_ahead=True) as cluster:
+        ahead = cluster.generate(prompts, params)
+        paths = ray.get(cluster.shard_handles()["stage0"].decode_paths.remote())
+    assert [c.token_ids for c in ahead] == expected
+    assert paths["stage0"]["fed_back_tokens"] >= 20  # most decode tokens went in without the router
+    with start(checkpoint, tmp_path, decode_ahead=False) as cluster:
+        plain = cluster.generate(prompts, params)
+        paths = ray.get(cluster.shard_handles()["stage0"].decode_paths.remote())
+    assert [c.token_ids for c in plain] == expected and paths["stage0"]["fed_back_tokens"] == 0
