@@ -195,7 +195,7 @@ def decode_steps(traces: list[StepTrace], batch: int, groups: int = 1) -> list[S
     return [t for t in traces if t.tokens == t.sequences == size]
 
 
-def decode_rate(runs: list[list[StepTrace]], batch: int, groups: int = 1) -> dict:
+def decode_rate(runs: list[list[StepTrace]], batch: int, groups: int = 1, in_flight: int | None = None) -> dict:
     """Decode tokens/s of repeated runs (each run: the traces of one generate call), from their decode steps.
 
     Per run: batch x steps / the steps' summed seconds (the router's wall time of each step), and the cadence
@@ -207,19 +207,21 @@ def decode_rate(runs: list[list[StepTrace]], batch: int, groups: int = 1) -> dic
     `groups`-th to the return of the last. Over runs: the median of the per-run means and their spread.
     `steady_tokens_per_s` is that steady rate for every placement (with one step at a time it counts the router's
     work between steps, which the summed step seconds leave out): compare placements with and without steps in
-    flight by it."""
+    flight by it. `in_flight` (default `groups`): steps in flight, which exceeds `groups` with decode ahead (two
+    steps of one group: each step's seconds include waiting behind the other, so only the steady rate is right)."""
+    depth = max(groups, in_flight or groups)
     per_run = []
     for traces in runs:
         steps = sorted(decode_steps(traces, batch, groups), key=lambda t: t.step)
         if not steps:
             continue
         tokens = sum(t.tokens for t in steps)
-        if groups > 1 and len(steps) <= groups:
+        if depth > 1 and len(steps) <= depth:
             continue
-        # tokens returned per second once every group has a step out: the router's work between steps counted
-        span = steps[-1].returned - steps[groups - 1].returned if len(steps) > groups else 0.0
-        steady = sum(t.tokens for t in steps[groups:]) / span if span > 0 else None
-        rate = steady if groups > 1 else tokens / sum(t.seconds for t in steps)
+        # tokens returned per second once every step in flight is out: the router's work between steps counted
+        span = steps[-1].returned - steps[depth - 1].returned if len(steps) > depth else 0.0
+        steady = sum(t.tokens for t in steps[depth:]) / span if span > 0 else None
+        rate = steady if depth > 1 else tokens / sum(t.seconds for t in steps)
         row = {
             "steps": len(steps),
             "step_ms": 1000 * sum(t.seconds for t in steps) / len(steps),
@@ -276,11 +278,12 @@ def checked_decode_figures(
     n: int,
     limit: dict,
     groups: int = 1,
+    in_flight: int | None = None,
 ) -> dict:
     """One batch's decode figures: from the traced steps of each run (`decode_rate`), the wall-clock cross-check
     (b x (n - 1) / (median time of n tokens - time of 1)), and the ceiling. A figure above the ceiling becomes an
     error, printed loudly: the traced figures are refused together (one method), the wall-clock one on its own."""
-    out = decode_rate(runs, batch, groups)
+    out = decode_rate(runs, batch, groups, in_flight)
     errors = [out.pop("error")] if "error" in out else []
     tn = statistics.median(walls)
     out["wall_tokens_per_s"] = batch * (n - 1) / (tn - t1) if tn > t1 else None

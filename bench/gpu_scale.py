@@ -459,7 +459,7 @@ def run_ours(
     import ray
 
     from cluster.profile import decode_components, step_timeline
-    from cluster.router_actor import step_groups
+    from cluster.router_actor import step_groups, steps_in_flight
     from cluster.sharded import ShardedCluster
     from router.sampling import SamplingParams
 
@@ -532,7 +532,7 @@ def run_ours(
                 groups,
             )
             row["decode"][str(b)] = checked_decode_figures(
-                f"{name} b={b}", b, runs, walls, t1, args.new_tokens, limit, groups
+                f"{name} b={b}", b, runs, walls, t1, args.new_tokens, limit, groups, steps_in_flight(plan)
             )
             size = -(-b // groups)  # sequences a step carries: with steps in flight, one group's
             row["decode"][str(b)]["components"] = decode_components([t for run in runs for t in run], size)

@@ -11,6 +11,9 @@ file:
 
     PYTHONPATH=<worktree of the old commit> python bench/router_overhead.py --label before
     PYTHONPATH=. python bench/router_overhead.py --label after
+
+`--one-stage` runs all four layers as one stage beside the two expert groups (the layout decode ahead needs), and
+`--decode-ahead` turns it on there: an A/B of the router's round trip on the step's path.
 """
 
 from __future__ import annotations
@@ -34,10 +37,12 @@ from router.sampling import SamplingParams
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def measure(batches: list[int], new_tokens: int) -> dict:
+def measure(batches: list[int], new_tokens: int, one_stage: bool = False, decode_ahead: bool = False) -> dict:
     spec = yaml.safe_load((ROOT / "deploy/examples/local.yaml").read_text())
     spec["checkpoint"] = str(ensure_default_checkpoint())
     spec.update(micro_batch_size=max(batches), max_seqs=max(batches), token_budget=4096)
+    if one_stage:  # the layout decode ahead runs on: one stage, its MoE layers dispatching to the two groups
+        spec.update(stages=1, decode_ahead=decode_ahead)
     path = Path(tempfile.mkdtemp()) / "placement.yaml"
     path.write_text(yaml.safe_dump(spec))
     gen = torch.Generator().manual_seed(0)
@@ -56,7 +61,7 @@ def measure(batches: list[int], new_tokens: int) -> dict:
             tn = time.perf_counter() - t
             traces = cluster.take_traces()
             parts = decode_components(traces, b)
-            traced = decode_rate([traces], b)["tokens_per_s"]
+            traced = decode_rate([traces], b, 1, 2 if decode_ahead else 1)["tokens_per_s"]
             out[str(b)] = {
                 "tokens_per_s": round(b * new_tokens / (tn - t1), 1),
                 "traced_tokens_per_s": round(traced, 1) if traced is not None else None,
@@ -71,11 +76,17 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/router_overhead-cpu.json")
     parser.add_argument("--batches", nargs="*", type=int, default=[1, 32, 64])
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--one-stage", action="store_true", help="one stage (all layers) beside the expert groups")
+    parser.add_argument("--decode-ahead", action="store_true", help="with --one-stage: decode_ahead: true")
     args = parser.parse_args()
+    if args.decode_ahead and not args.one_stage:
+        parser.error("--decode-ahead needs --one-stage (decode ahead runs on one pipeline stage)")
     row = {
         "label": args.label,
         "code": str(Path(__import__("cluster").__file__).parent.parent),
-        **measure(args.batches, args.new_tokens),
+        "stages": 1 if args.one_stage else 2,
+        "decode_ahead": args.decode_ahead,
+        **measure(args.batches, args.new_tokens, args.one_stage, args.decode_ahead),
     }
     out = Path(args.out)
     result = (
@@ -83,7 +94,8 @@ def main() -> None:
         if out.is_file()
         else {
             "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count()},
-            "config": "deploy/examples/local.yaml, one micro-batch, 32-token prompts, greedy",
+            "config": "deploy/examples/local.yaml (or one stage with --one-stage), one micro-batch, 32-token "
+            "prompts, greedy",
             "runs": [],
         }
     )

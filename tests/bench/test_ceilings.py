@@ -267,3 +267,12 @@ def test_the_steady_rate_counts_the_routers_work_between_steps_for_one_step_at_a
     rate = decode_rate([traces], 4)
     assert rate["tokens_per_s"] == pytest.approx(4 / 0.01)  # the steps' own seconds
     assert rate["steady_tokens_per_s"] == pytest.approx(40 / 0.15)  # 10 steps returned over 150 ms
+
+
+def test_decode_ahead_reads_the_steady_rate_of_one_group_with_two_steps_in_flight():
+    """Decode ahead: every step carries all 4 sequences, two in flight, each step's 20 ms including 10 ms of waiting
+    behind the one before: the device returns a step every 10 ms, 400 tokens/s, not the 200 the summed seconds say."""
+    traces = [StepTrace(i, 4, 4, 1, 0.02, 0.01 * i, 0.01 * i + 0.02, ()) for i in range(10)]
+    ahead = decode_rate([traces], 4, groups=1, in_flight=2)
+    assert ahead["tokens_per_s"] == pytest.approx(4 * 8 / 0.08)  # steps 2-9 returned from 30 to 110 ms
+    assert decode_rate([traces], 4)["tokens_per_s"] == pytest.approx(200.0)  # what one step at a time would read
