@@ -213,6 +213,7 @@ class StageRunner:
                 raise ValueError(f"stage {self.index} got a fed-back token; decode ahead needs one pipeline stage")
             slots = np.repeat(np.asarray(mb.slots, np.int64), mb.lengths)[fed]
             where = torch.as_tensor(fed).to(self.device)
+            ids = ids.clone()  # on a CPU `ids` shares the plan's array: leave the plan as it came
             ids[where] = self.last_picks[torch.as_tensor(slots).to(self.device)]
             self.fed_back += len(fed)
         return ids
