@@ -29,8 +29,8 @@ STEP_KINDS = ("decode", "mixed", "prefill")
 
 
 def step_kind(plan: StepPlan) -> str:
-    """ "decode": one new token a sequence (the steps CUDA graphs replay; outputs replayed after a fault too);
-    "prefill": prompt tokens only; "mixed": both. A served run's time splits very differently over the three."""
+    """The step's kind: "decode", one new token a sequence (the steps CUDA graphs replay; outputs replayed after a
+    fault too); "prefill", prompt tokens only; "mixed", both. A served run's time splits very differently over them."""
     ones = sum(1 for n in plan.lengths if n == 1)
     if ones == len(plan.lengths):
         return "decode"
