@@ -959,7 +959,9 @@ def main() -> None:
                     )
                     continue
                 if deadline.left() < 120:  # a placement: ~20 s to start, a minute or two of batches
-                    st["ours"].append({"placement": name, "skipped": "time budget"})
+                    why = f"time budget ({deadline.left():.0f} s left of --budget-s, a placement needs ~120 s)"
+                    st["ours"].append({"placement": name, "skipped": why})
+                    print(f"!!! {model} {name}: skipped, {why}", flush=True)  # a missing row must not go unseen
                     continue
                 try:
                     row = run_ours(
