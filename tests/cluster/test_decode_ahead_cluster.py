@@ -66,3 +66,36 @@ def test_one_stage_with_remote_experts_decoding_ahead_gives_transformers_tokens(
         plain = cluster.generate(prompts, params)
         paths = ray.get(cluster.shard_handles()["stage0"].decode_paths.remote())
     assert [c.token_ids for c in plain] == expected and paths["stage0"]["fed_back_tokens"] == 0
+
+
+def test_a_killed_stage_decoding_ahead_is_recovered_and_every_token_is_kept(ray_local, checkpoint, tmp_path):
+    """SIGKILL the stage (it holds the picks fed back) mid-generation: recovery rebuilds the caches by replay, the
+    new stage's picks are its own before any token is fed back again, and every request keeps its tokens."""
+    import signal
+    import threading
+    import time
+
+    from router.generation import generate
+    from shards.engine import LocalEngine
+
+    prompts = random_prompts([6, 13, 9, 21], seed=33)
+    params = [SamplingParams(max_tokens=96, ignore_eos=True) for _ in prompts]
+    expected = [c.token_ids for c in generate(LocalEngine(checkpoint, max_seqs=4), prompts, params)]
+    with start(checkpoint, tmp_path, decode_ahead=True) as cluster:
+        cluster.generate(prompts[:1], [SamplingParams(max_tokens=4, ignore_eos=True)])  # warm
+        victim = cluster.locations()["stage0"].pid
+        out: dict = {}
+        worker = threading.Thread(target=lambda: out.update(r=cluster.generate(prompts, params)))
+        worker.start()
+        time.sleep(0.6)
+        os.kill(victim, signal.SIGKILL)
+        worker.join(timeout=240)
+        health = cluster.health().health
+        paths = ray.get(cluster.shard_handles()["stage0"].decode_paths.remote())
+    assert health.recoveries >= 1 and cluster_restarted(health, "stage0"), health  # the kill landed mid-generation
+    assert [r.token_ids for r in out["r"]] == expected
+    assert paths["stage0"]["fed_back_tokens"] > 0  # the new stage ran ahead too
+
+
+def cluster_restarted(health, shard: str) -> bool:
+    return any(shard in names for names in health.restarted)
