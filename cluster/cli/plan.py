@@ -50,6 +50,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                     "shards": [p.to_dict() for p in placements],
                     "data_plane": data_plane(plan),
                     "standbys": standbys(plan),
+                    "steps": steps(plan),
                 },
                 indent=2,
             )
@@ -67,7 +68,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
             if with_standby
             else "standbys: none (set `standby: true` for faster restarts)"
         )
+        print(steps(plan)["note"])
     return 0
+
+
+def steps(plan) -> dict:
+    """How the router keeps the stages busy: steps in flight, the groups of sequences they carry, decode ahead."""
+    from cluster.router_actor import step_groups, steps_in_flight  # the router's own rule, not a copy of it
+
+    depth, groups, ahead = steps_in_flight(plan), step_groups(plan), plan.scheduling.decode_ahead
+    if ahead:
+        note = f"steps: {depth} in flight over every sequence (decode ahead: greedy tokens fed back on the stage)"
+    elif depth > 1:
+        note = f"steps: {depth} in flight, each with 1/{groups} of the running sequences (one per stage)"
+    else:
+        note = "steps: one at a time" + ("" if len(plan.stages) > 1 else " (`decode_ahead: true` overlaps them)")
+    return {"in_flight": depth, "groups": groups, "decode_ahead": ahead, "note": note}
 
 
 def standbys(plan) -> list[str]:

@@ -232,12 +232,33 @@ def test_plan_command_prints_the_placement_table_for_the_local_example(ray_clust
     out = capsys.readouterr().out.splitlines()
     assert status == 0
     assert out[1].split() == ["shard", "layers", "experts", "node", "ip", "GPU", "weights", "KV"]
-    assert out[-2] == "data plane: CPU workers: gloo"
-    assert out[-1] == "standbys: none (set `standby: true` for faster restarts)"  # CPU workers: none by default
-    rows = {line.split()[0]: line.split() for line in out[2:-2]}
+    assert out[-3] == "data plane: CPU workers: gloo"
+    assert out[-2] == "standbys: none (set `standby: true` for faster restarts)"  # CPU workers: none by default
+    assert out[-1] == "steps: 2 in flight, each with 1/2 of the running sequences (one per stage)"
+    rows = {line.split()[0]: line.split() for line in out[2:-3]}
     assert rows["stage0"][1:3] == ["0-1", "-"] and rows["experts1"][1:3] == ["0-3", "2-3"]
     assert set(rows) == {"stage0", "stage1", "experts0", "experts1"}
     assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
+
+
+def test_plan_command_says_how_a_one_stage_placement_decoding_ahead_keeps_its_steps(
+    ray_cluster, small_mixtral, tmp_path, capsys
+):
+    import json
+
+    import yaml
+
+    checkpoint, _ = small_mixtral
+    spec = yaml.safe_load((EXAMPLES / "local.yaml").read_text())
+    spec.update(stages=1, decode_ahead=True)
+    path = tmp_path / "ahead.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    argv = ["plan", "--config", str(path), "--checkpoint", str(checkpoint), "--address", ray_cluster["cluster"].address]
+    assert main([*argv, "--json"]) == 0
+    steps = json.loads(capsys.readouterr().out)["steps"]
+    assert (steps["in_flight"], steps["groups"], steps["decode_ahead"]) == (2, 1, True)
+    assert main(argv) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("steps: 2 in flight over every sequence (decode ahead")
 
 
 def test_plan_command_turns_a_cluster_mismatch_into_one_line_and_status_2(ray_cluster, small_mixtral, tmp_path, capsys):
