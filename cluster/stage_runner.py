@@ -99,9 +99,10 @@ class StageRunner:
         self.graphs: DecodeGraphs | None = None
         self.compiled = self._compiled_decode()
         # The last greedy pick of each cache slot, on the device: what a plan's FED_BACK token means (decode ahead,
-        # `router.scheduler`). Kept where the stage that embeds also picks: one stage.
-        one_stage = self.first and self.last
-        self.last_picks = torch.zeros(plan.max_seqs, dtype=torch.long, device=device) if one_stage else None
+        # `router.scheduler`). Kept only where the router decodes ahead (one stage, the stage that embeds also picks):
+        # elsewhere no step pays for remembering its picks.
+        ahead = plan.scheduling.decode_ahead  # one stage only: the plan turns it off for more
+        self.last_picks = torch.zeros(plan.max_seqs, dtype=torch.long, device=device) if ahead else None
         self.fed_back = 0  # tokens this stage fed in from its own picks
         self._expert_seconds = 0.0
 
@@ -210,7 +211,10 @@ class StageRunner:
         fed = np.flatnonzero(mb.token_ids == FED_BACK)
         if len(fed):
             if self.last_picks is None:
-                raise ValueError(f"stage {self.index} got a fed-back token; decode ahead needs one pipeline stage")
+                raise ValueError(
+                    f"stage {self.index} got a fed-back token but does not decode ahead (one pipeline stage with "
+                    "`decode_ahead: true`, or MISTRAL_CLUSTER_DECODE_AHEAD=1 in every process)"
+                )
             slots = np.repeat(np.asarray(mb.slots, np.int64), mb.lengths)[fed]
             where = torch.as_tensor(fed).to(self.device)
             ids = ids.clone()  # on a CPU `ids` shares the plan's array: leave the plan as it came

@@ -113,7 +113,7 @@ class EngineCore:
         c.step_seconds += now - sent
         kind = c.by_kind[step_kind(plan)]
         kind.steps += 1
-        kind.tokens += sum(plan.lengths)
+        kind.tokens += plan.n_tokens
         kind.seconds += now - max(self._last_done, self._busy_since)
         self._last_done = now
 

@@ -165,7 +165,7 @@ class SchedulerConfig:
 class ScheduledStep:
     plan: StepPlan
     sequences: list[Sequence]
-    counted: tuple[bool, ...] = ()  # per sequence: this step is one of its `in_flight` (it ends at its last token)
+    counted: tuple[bool, ...]  # per sequence: this step is one of its `in_flight` (it ends at its last token)
 
 
 class Scheduler:
@@ -277,7 +277,7 @@ class Scheduler:
         flight cannot already have given it its last token (`max_tokens`, the context)."""
         if not (self.decode_ahead and seq.in_flight and seq.pending == 0 and seq.in_flight < AHEAD):
             return False
-        if not seq.params.picked_on_stage or seq.constraint is not None or seq.scores_prompt or seq.finished:
+        if not seq.params.picked_on_stage or seq.scores_prompt:  # (a grammar's sequence is never picked on the stage)
             return False
         coming = len(seq.output_ids) + seq.in_flight  # outputs it will have once the steps in flight are back
         return coming < seq.params.max_tokens and seq.n_tokens + seq.in_flight < self.max_seq_len
@@ -288,7 +288,7 @@ class Scheduler:
         Greedy rows of `out` come already picked on the last stage; the others are sampled here from their logits.
         """
         _take_scores(step, out)
-        for seq, counted in zip(step.sequences, step.counted or (True,) * len(step.sequences), strict=True):
+        for seq, counted in zip(step.sequences, step.counted, strict=True):
             if counted and seq.in_flight:
                 seq.in_flight -= 1
         changed: list[Sequence] = []
