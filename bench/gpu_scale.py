@@ -539,6 +539,8 @@ def run_ours(
             if groups > 1:  # do the stages overlap? (the components' router share means little then)
                 row["decode"][str(b)]["timeline"] = step_timeline(runs[-1], size)
         row["expert_load"] = cluster.expert_load() if cfg.is_moe else None
+        # read again after the runs: the counts (replays, tokens fed back) say which path the timed steps took
+        row["decode_paths"] = {k: v for h in workers.values() for k, v in ray.get(h.decode_paths.remote()).items()}
     wait_until_gpus_free(memory)
     row["peak_gib_per_gpu_throughput"] = memory.take()  # the reset reads memory after the shards are gone
     if not args.ttft_tokens:
