@@ -205,9 +205,7 @@ def load_placement(path: str | Path, checkpoint_override: str | Path | None = No
         if "replay_tokens" in data
         else defaults["replay_tokens"]
     )
-    numbers["decode_ahead"] = data.get("decode_ahead", False)
-    if not isinstance(numbers["decode_ahead"], bool):
-        raise check.fail("decode_ahead", f"expected true or false, got {numbers['decode_ahead']!r}")
+    numbers["decode_ahead"] = _auto_bool(check, "decode_ahead", data.get("decode_ahead", "auto"))
     if numbers["decode_ahead"] and len(stages) > 1:
         raise check.fail(
             "decode_ahead",
@@ -227,18 +225,18 @@ def load_placement(path: str | Path, checkpoint_override: str | Path | None = No
         strategy=check.choice(data.get("strategy", "pack"), "strategy", STRATEGIES),
         stages=stages,
         expert_groups=groups,
-        standby=_standby(check, data.get("standby", "auto")),
+        standby=_auto_bool(check, "standby", data.get("standby", "auto")),
         **numbers,
     )
 
 
-def _standby(check: _Checker, value: Any) -> bool | None:
-    """`standby`: true, false, or auto (a standby for every worker whose bundle holds a GPU)."""
+def _auto_bool(check: _Checker, key: str, value: Any) -> bool | None:
+    """`standby`, `decode_ahead`: true, false, or auto (None: decided by whether the worker holds a GPU)."""
     if isinstance(value, bool):
         return value
     if value == "auto":
         return None
-    raise check.fail("standby", f"expected true, false or auto, got {value!r}")
+    raise check.fail(key, f"expected true, false or auto, got {value!r}")
 
 
 def _parse_stages(check: _Checker, value: Any, default_resources: dict[str, float]) -> tuple[StageSpec, ...]:

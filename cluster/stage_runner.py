@@ -213,7 +213,7 @@ class StageRunner:
             if self.last_picks is None:
                 raise ValueError(
                     f"stage {self.index} got a fed-back token but does not decode ahead (one pipeline stage with "
-                    "`decode_ahead: true`, or MISTRAL_CLUSTER_DECODE_AHEAD=1 in every process)"
+                    "`decode_ahead` true or auto on a GPU, and the same MISTRAL_CLUSTER_DECODE_AHEAD in every process)"
                 )
             slots = np.repeat(np.asarray(mb.slots, np.int64), mb.lengths)[fed]
             where = torch.as_tensor(fed).to(self.device)

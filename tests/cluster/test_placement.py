@@ -143,11 +143,25 @@ def test_replay_tokens_reach_the_scheduler_and_zero_is_allowed(write):
 
 def test_decode_ahead_reaches_the_scheduler_on_one_stage_and_the_environment_turns_it_on_only_there(write, monkeypatch):
     monkeypatch.delenv("MISTRAL_CLUSTER_DECODE_AHEAD", raising=False)
-    assert not settle(write("checkpoint: c\nstages: 1\n")).scheduling.decode_ahead
+    assert not settle(write("checkpoint: c\nstages: 1\n")).scheduling.decode_ahead  # auto, on a CPU: off
     assert settle(write("checkpoint: c\nstages: 1\ndecode_ahead: true\n")).scheduling.decode_ahead
     monkeypatch.setenv("MISTRAL_CLUSTER_DECODE_AHEAD", "1")
     assert settle(write("checkpoint: c\nstages: 1\n")).scheduling.decode_ahead
     assert not settle(write("checkpoint: c\nstages: 2\n")).scheduling.decode_ahead  # the A/B switch skips pipelines
+    monkeypatch.setenv("MISTRAL_CLUSTER_DECODE_AHEAD", "0")
+    assert not settle(write("checkpoint: c\nstages: 1\ndecode_ahead: true\n")).scheduling.decode_ahead
+
+
+def test_decode_ahead_auto_is_on_for_one_stage_holding_a_gpu_and_never_for_a_pipeline(write, monkeypatch):
+    monkeypatch.delenv("MISTRAL_CLUSTER_DECODE_AHEAD", raising=False)
+    gpu = "checkpoint: c\nstages:\n  - layers: 0-3\n    resources: {CPU: 1, GPU: 0.2}\n"
+    assert settle(write(gpu)).scheduling.decode_ahead
+    assert settle(write(gpu + "decode_ahead: auto\n")).scheduling.decode_ahead
+    assert not settle(write(gpu + "decode_ahead: false\n")).scheduling.decode_ahead
+    two = "checkpoint: c\nstages:\n" + "".join(f"  - layers: {a}\n    resources: {{GPU: 1}}\n" for a in ("0-1", "2-3"))
+    assert not settle(write(two)).scheduling.decode_ahead
+    with pytest.raises(PlacementError, match="decode_ahead: expected true, false or auto, got 'sometimes'"):
+        load_placement(write("checkpoint: c\nstages: 1\ndecode_ahead: sometimes\n"))
 
 
 def test_chunk_size_defaults_to_the_window_capped_at_512(write):
@@ -246,7 +260,7 @@ BAD_FILES = [
     ("checkpoint: c\nstages: 1\nstandby: sometimes\n", "standby: expected true, false or auto, got 'sometimes'"),
     ("checkpoint: c\nstages: 1\nreplay_tokens: -1\n", "replay_tokens: expected a non-negative integer, got -1"),
     ("checkpoint: c\nstages: 1\nreplay_tokens: all\n", "replay_tokens: expected a non-negative integer, got 'all'"),
-    ("checkpoint: c\nstages: 1\ndecode_ahead: yes please\n", "decode_ahead: expected true or false, got 'yes please'"),
+    ("checkpoint: c\nstages: 1\ndecode_ahead: yes please\n", "decode_ahead: expected true, false or auto, got 'yes please'"),
     ("checkpoint: c\nstages: 2\ndecode_ahead: true\n", "decode_ahead: needs one pipeline stage"),
     (
         "checkpoint: c\nstages: 1\nresources: {CPU: 1" + "0" * 309 + "}\n",
