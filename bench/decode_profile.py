@@ -17,6 +17,7 @@ the script; its figures mean nothing there.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -116,12 +117,15 @@ def kernel_profile(fn, device: torch.device, layers: int, steps: int, trace: Pat
     }
 
 
-def ours(ckpt: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, compiled: bool, trace_dir) -> dict:
+def ours(
+    name: str, ckpt: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, compiled: bool, trace_dir
+) -> dict:
     """Our decode graph over the shard's layers at batch 1, replayed as the stage replays it: the step's layout built
     on the host, the token embedded, the graph replayed."""
     from router.step import StepPlan
     from shards.checkpoint import CheckpointReader, ShardSelection
     from shards.compiled_decode import CompiledDecode
+    from shards.decode_attention import decode_attention_backend
     from shards.decode_graphs import DecodeGraphs
     from shards.kv_cache import RollingKVCache, StepLayout, cache_capacity
     from shards.model import TransformerShard
@@ -151,13 +155,15 @@ def ours(ckpt: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
         h = shard.embed(torch.as_tensor(plan.token_ids).to(device))
         return graphs.run(h, layout_for(plan), None)
 
-    with torch.inference_mode():
+    # as a worker runs its steps: on a stream of its own (a graph cannot be captured on the default stream)
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    with torch.inference_mode(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
         shard.run_layers(shard.embed(torch.as_tensor(prompt.token_ids).to(device)), layout_for(prompt), cache)
         seconds = per_step_seconds(step, device)
-        name = "ours-compiled" if compiled else "ours"
         trace = Path(trace_dir) / f"{name}.json" if trace_dir else None
         profile = kernel_profile(step, device, layers, 10, trace)
     out = {
+        "attention": decode_attention_backend(),
         "implementation": "DecodeGraphs replay" + (" of CompiledDecode layers" if compiled else " of eager layers"),
         "captures": graphs.captures,
         "replays": graphs.replays,
@@ -167,6 +173,65 @@ def ours(ckpt: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
         "profile": profile,
     }
     return out
+
+
+def kernel_check(cfg: ModelConfig, device: torch.device) -> list[dict]:
+    """The decode attention kernel alone at the model's head shape, against the float32 math on the same buffers
+    (relative error) and against torch's SDPA path (time a call, CUDA events over 50 calls), per batch and span."""
+    cases = ((1, 576), (32, 576), (128, 576), (1, 4000), (128, 320))
+    return [
+        kernel_case(cfg, device, batch, filled, dtype)
+        for batch, filled in cases
+        for dtype in (torch.bfloat16, torch.float32)
+    ]
+
+
+def kernel_case(cfg: ModelConfig, device: torch.device, batch: int, filled: int, dtype: torch.dtype) -> dict:
+    from shards.attention import AttentionPlan, _decode_attention, decode_attention_math
+    from shards.decode_attention import decode_attention
+
+    cap = max(1024, filled)
+    gen = torch.Generator(device).manual_seed(batch)
+    shape = (batch * cap, cfg.n_kv_heads, cfg.head_dim)
+    k_rows = torch.randn(shape, generator=gen, device=device).to(dtype)
+    v_rows = torch.randn(shape, generator=gen, device=device).to(dtype)
+    q = torch.randn(batch, cfg.n_heads, cfg.head_dim, generator=gen, device=device).to(dtype)
+    slots = torch.randperm(batch, device=device)
+    positions = torch.full((batch,), filled - 1, device=device)
+    span = -(-filled // 64) * 64
+    view = (-1, cap, cfg.n_kv_heads, cfg.head_dim)
+    keys, values = k_rows.view(view)[:, :span][slots], v_rows.view(view)[:, :span][slots]
+    mask = (torch.arange(span, device=device) < filled).expand(batch, 1, 1, span)
+    exact = decode_attention_math(q.double(), keys.double(), values.double(), mask)
+    os.environ["MISTRAL_CLUSTER_DECODE_ATTENTION"] = "triton"
+
+    def triton_path():
+        return decode_attention(q, k_rows, v_rows, slots, positions, cap, span)
+
+    plan = AttentionPlan.for_decode([filled] * batch, cap, device)
+
+    def sdpa_path():  # as the eager layers run it: the buffers gathered by slot, then torch's kernel
+        ks = k_rows.view(view)[:, :span].index_select(0, slots)
+        vs = v_rows.view(view)[:, :span].index_select(0, slots)
+        return _decode_attention(q, ks, vs, plan)
+
+    def error(out: torch.Tensor) -> float:
+        return float((out.double() - exact).abs().max() / exact.abs().max())
+
+    row = {"batch": batch, "filled": filled, "span": span, "dtype": str(dtype), "relative_error": error(triton_path())}
+    if dtype == torch.bfloat16:
+        row["sdpa_vs_exact"] = error(sdpa_path())
+        for name, fn in (("triton_us", triton_path), ("sdpa_us", sdpa_path)):
+            for _ in range(3):
+                fn()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(50):
+                fn()
+            end.record()
+            end.synchronize()
+            row[name] = round(1000 * start.elapsed_time(end) / 50, 2)
+    return row
 
 
 def gpt_fast(root: Path, ckpt: Path, cfg: ModelConfig, device: torch.device, dtype, trace_dir) -> dict:
@@ -233,15 +298,25 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_random_checkpoint(Path(tmp) / "ckpt", cfg, SEED, STD)
-        runs = [("ours", False)] + ([] if args.no_compiled else [("ours_compiled", True)])
-        for name, compiled in runs:
+        # (name, compiled layers, MISTRAL_CLUSTER_DECODE_ATTENTION)
+        runs = [("ours", False, "triton"), ("ours_sdpa", False, "sdpa")]
+        runs += [] if args.no_compiled else [("ours_compiled", True, "triton")]
+        for name, compiled, attention in runs:
+            os.environ["MISTRAL_CLUSTER_DECODE_ATTENTION"] = attention
             try:
-                result["runs"][name] = ours(ckpt, cfg, device, dtype, compiled, args.trace_dir)
+                result["runs"][name] = ours(name, ckpt, cfg, device, dtype, compiled, args.trace_dir)
             except Exception as e:  # noqa: BLE001 - record it, go on with the others
                 result["runs"][name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
             print(name, json.dumps(result["runs"][name])[:1500], flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        if device.type == "cuda":
+            try:
+                result["kernel_check"] = kernel_check(cfg, device)
+            except Exception as e:  # noqa: BLE001
+                result["kernel_check"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            print("kernel_check", json.dumps(result["kernel_check"]), flush=True)
+            os.environ["MISTRAL_CLUSTER_DECODE_ATTENTION"] = "triton"
         if args.gpt_fast:
             try:
                 result["runs"]["gpt_fast"] = gpt_fast(args.gpt_fast, ckpt, cfg, device, dtype, args.trace_dir)

@@ -3,17 +3,13 @@
 At batch 1 a layer costs its weight reads plus ~60 small kernels (norms, rotary, cache writes, masks, gate),
 ~150 us a layer inside a CUDA graph, and the attention projections run as cuBLAS split-K GEMVs well below the
 bandwidth (bench/NOTES.md). Here each layer's work up to its experts is one function compiled by inductor: the
-residual add, RMSNorm, one GEMM for q, k and v, rotary, the write into the rolling buffer, attention over it, the
-output projection, the residual, the second norm and the gate's top-k (a dense layer: its SwiGLU too). Mode
-`max-autotune-no-cudagraphs` includes coordinate-descent tuning, under which inductor writes a one-token GEMM as a
-reduction it tunes to read the weights at full bandwidth (what gpt-fast relies on). The experts stay outside, as
-the caller's function (the Triton GEMV in place, or messages to other GPUs); `DecodeGraphs` then captures the
-compiled kernels like the eager ones: our CUDA graphs, not inductor's.
-
-The function takes every tensor it reads as an argument (weights, the layer's cache, the step's index tensors), so
-one compilation serves every layer. It is compiled ahead of serving, for the batch sizes asked for (a step must not
-wait a minute for a compile); other sizes run the eager layers, and so does every step once a compile has failed
-(logged once).
+residual add, RMSNorm, one GEMM for q, k and v, rotary, the output projection, the residual, the second norm and
+the gate's top-k (a dense layer: its SwiGLU too). Mode `max-autotune-no-cudagraphs` includes coordinate-descent
+tuning, under which inductor writes a one-token GEMM as a reduction it tunes to read the weights at full bandwidth
+(what gpt-fast relies on). The cache write and the attention over the buffers are one custom op inside it
+(`write_and_attend`, the Triton kernel of `shards/decode_attention.py`: inductor wrote that attention 20x slower).
+The experts stay outside, as the caller's function (the Triton GEMV in place, or messages to other GPUs);
+`DecodeGraphs` then captures the compiled kernels like the eager ones: our CUDA graphs, not inductor's.
 """
 
 from __future__ import annotations
@@ -27,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from shards.attention import decode_attention_math
+from shards.decode_attention import decode_attention
 from shards.kv_cache import RollingKVCache, StepLayout
 from shards.layers import apply_rotary, rms_norm
 from shards.model import ExpertsFn, TransformerShard
@@ -74,33 +70,57 @@ class _DecodeStep:
         return [1] * self.batch
 
 
-def _attention_half(h, ln1, wqkv, wo, ln2, k_rows, v_rows, write_rows, slots, cos, sin, mask, dims):
+@torch.library.custom_op("mistral_cluster::write_and_attend", mutates_args=("k_rows", "v_rows"))
+def write_and_attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_rows: torch.Tensor,
+    v_rows: torch.Tensor,
+    write_rows: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    capacity: int,
+) -> torch.Tensor:
+    """The decode step's keys and values written into the layer's cache, then attention over the buffers in place
+    (`shards.decode_attention`). One opaque op to inductor: left to itself it wrote the attention as three split
+    reductions, 111 us a layer at batch 1 on an H200 against ~5 for the kernel (bench/NOTES.md)."""
+    k_rows.index_copy_(0, write_rows, k)
+    v_rows.index_copy_(0, write_rows, v)
+    return decode_attention(q, k_rows, v_rows, slots, positions, capacity, capacity)
+
+
+@write_and_attend.register_fake
+def _(q, k, v, k_rows, v_rows, write_rows, slots, positions, capacity):
+    return torch.empty_like(q)
+
+
+def _attention_half(h, ln1, wqkv, wo, ln2, k_rows, v_rows, write_rows, slots, positions, cos, sin, dims):
     """`DecoderLayer.forward` up to the feed-forward, for one decode token per sequence: (h, the normed input of
-    the feed-forward). k_rows, v_rows: the layer's cache, written in place."""
+    the feed-forward). k_rows, v_rows: the layer's cache, written in place. Every buffer's rows are in the grid
+    (`capacity`, not the step's span: a span would be a compile each); the kernel reads only the filled ones."""
     n_heads, n_kv, head_dim, capacity, eps = dims
     tokens = h.shape[0]
     x = rms_norm(h, ln1, eps)
     q, k, v = F.linear(x, wqkv).split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
     q = apply_rotary(q.view(tokens, n_heads, head_dim), cos, sin)
     k = apply_rotary(k.view(tokens, n_kv, head_dim), cos, sin)
-    k_rows.index_copy_(0, write_rows, k)
-    v_rows.index_copy_(0, write_rows, v.view(tokens, n_kv, head_dim))
-    buffers = (-1, capacity, n_kv, head_dim)  # (slots, capacity, n_kv_heads, head_dim)
-    keys, values = k_rows.view(buffers).index_select(0, slots), v_rows.view(buffers).index_select(0, slots)
-    h = h + F.linear(decode_attention_math(q, keys, values, mask).reshape(tokens, n_heads * head_dim), wo)
+    v = v.view(tokens, n_kv, head_dim)
+    out = write_and_attend(q, k, v, k_rows, v_rows, write_rows, slots, positions, capacity)
+    h = h + F.linear(out.reshape(tokens, n_heads * head_dim), wo)
     return h, rms_norm(h, ln2, eps)
 
 
-def _moe_layer(h, y, ln1, wqkv, wo, ln2, gate, k_rows, v_rows, write_rows, slots, cos, sin, mask, dims, top_k):
+def _moe_layer(h, y, ln1, wqkv, wo, ln2, gate, k_rows, v_rows, write_rows, slots, positions, cos, sin, dims, top_k):
     """The last layer's expert sum `y` added, then this layer up to its experts: (h, x, expert ids, weights)."""
-    h, x = _attention_half(h + y, ln1, wqkv, wo, ln2, k_rows, v_rows, write_rows, slots, cos, sin, mask, dims)
+    h, x = _attention_half(h + y, ln1, wqkv, wo, ln2, k_rows, v_rows, write_rows, slots, positions, cos, sin, dims)
     ids, weights = route(F.linear(x, gate), top_k, x.dtype)
     return h, x, ids, weights
 
 
-def _dense_layer(h, ln1, wqkv, wo, ln2, w13, w2, k_rows, v_rows, write_rows, slots, cos, sin, mask, dims):
+def _dense_layer(h, ln1, wqkv, wo, ln2, w13, w2, k_rows, v_rows, write_rows, slots, positions, cos, sin, dims):
     """A whole Mistral layer: attention, then SwiGLU with gate and up in one GEMM."""
-    h, x = _attention_half(h, ln1, wqkv, wo, ln2, k_rows, v_rows, write_rows, slots, cos, sin, mask, dims)
+    h, x = _attention_half(h, ln1, wqkv, wo, ln2, k_rows, v_rows, write_rows, slots, positions, cos, sin, dims)
     gate, up = F.linear(x, w13).chunk(2, dim=-1)
     return h + F.linear(F.silu(gate) * up, w2)
 
@@ -188,9 +208,9 @@ class CompiledDecode:
                 *cache.layer_rows(layer.layer),
                 layout.write_rows,
                 layout.decode_slots,
+                layout.positions,
                 layout.cos,
                 layout.sin,
-                layout.attention.decode_mask,
             )
             if not self.moe:
                 h = self._layer(h, *args)

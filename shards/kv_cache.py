@@ -188,6 +188,15 @@ class RollingKVCache:
         i = self._index[layer]
         return self.k[i], self.v[i]
 
+    def write_decode(
+        self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, layout: StepLayout
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store a decode step's keys/values at their rows; the layer's rows, for a kernel that reads them in place."""
+        k_rows, v_rows = self.layer_rows(layer)
+        k_rows.index_copy_(0, layout.write_rows, k_new)
+        v_rows.index_copy_(0, layout.write_rows, v_new)
+        return k_rows, v_rows
+
     def update_and_read(
         self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, layout: StepLayout
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,10 +205,8 @@ class RollingKVCache:
         Decode: each sequence's whole rolling buffer, (seqs, capacity, n_kv_heads, head_dim). Prefill: the packed
         keys, (n_keys, n_kv_heads, head_dim), each sequence's cached window in position order then its new tokens.
         """
-        k_rows, v_rows = self.layer_rows(layer)
         if layout.decode_slots is not None:
-            k_rows.index_copy_(0, layout.write_rows, k_new)
-            v_rows.index_copy_(0, layout.write_rows, v_new)
+            k_rows, v_rows = self.write_decode(layer, k_new, v_new, layout)
             view = (-1, self.capacity) + tuple(k_rows.shape[1:])  # (slots, capacity, n_kv_heads, head_dim)
             span = layout.decode_span or self.capacity
             k_all, v_all = k_rows.view(view)[:, :span], v_rows.view(view)[:, :span]
@@ -207,6 +214,7 @@ class RollingKVCache:
                 return k_all[layout.decode_range], v_all[layout.decode_range]
             slots = layout.decode_slots
             return k_all.index_select(0, slots), v_all.index_select(0, slots)
+        k_rows, v_rows = self.layer_rows(layer)
         # Prefill: read the cached window in position order *before* this chunk overwrites it.
         keys = k_new.new_empty((layout.n_keys,) + tuple(k_new.shape[1:]))
         values = torch.empty_like(keys)

@@ -1,0 +1,120 @@
+"""Decode attention on a GPU: one query per sequence over its rolling buffer, read in place, split over the keys.
+
+Why a kernel of our own (issue 18, `bench/decode_profile.py` on an H200, batch 1, Mixtral layers): cuDNN's SDPA
+kernel, built for many queries, took 18.9 us a layer to read ~2 MB of keys and values, with ~8 more small kernels
+around it for the mask and the gather; inductor's version of the same math (the compiled decode layers) took 111 us,
+as it split the softmax's reduction into three passes. Here each program reads one KV head's keys for a run of rows
+once, for all the query heads that share it, with an online softmax in float32 ("flash decoding"): a split kernel
+over (sequence, KV head, run of rows), then a small kernel that merges the runs. The buffers are read through the
+step's slot index, so nothing is gathered first, and nothing here waits for the host, so a CUDA graph holds it.
+
+`decode_attention` computes the function of `shards.attention.decode_attention_math` (its float32 reference): the
+same mask (each buffer's filled rows), scale and grouping. On the CPU it is that function; Triton's interpreter
+(TRITON_INTERPRET=1) runs the kernels on the CPU in the tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from shards.attention import decode_attention_math
+
+BLOCK_ROWS = 32  # keys per inner iteration: a (group, 32, head_dim) float32 product stays in registers
+TARGET_PROGRAMS = 264  # split the rows until (sequences x KV heads x runs) reaches about two programs an SM (132)
+
+
+def decode_attention_backend() -> str:
+    """`triton` (the kernels here, where Triton runs on the device) or `sdpa` (torch's kernel and the math):
+    MISTRAL_CLUSTER_DECODE_ATTENTION, for an A/B."""
+    value = os.environ.get("MISTRAL_CLUSTER_DECODE_ATTENTION", "triton")
+    if value not in ("triton", "sdpa"):
+        raise ValueError(f"MISTRAL_CLUSTER_DECODE_ATTENTION={value!r}: expected 'triton' or 'sdpa'")
+    return value
+
+
+def triton_decode_supported(device: torch.device) -> bool:
+    """Whether decode steps on `device` take the Triton kernels: CUDA (or Triton's interpreter), Triton installed."""
+    if decode_attention_backend() != "triton":
+        return False
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    return _triton_installed()
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    try:
+        import triton  # noqa: F401 - optional (a test extra); this probe is how we find out
+    except ImportError:
+        return False
+    return True
+
+
+def split_rows(seqs: int, n_kv: int, span: int) -> tuple[int, int]:
+    """(rows a program reads, programs a sequence's KV head gets): few sequences get their rows cut into runs so the
+    GPU has enough programs; a multiple of BLOCK_ROWS, decided from shapes alone (a graph's shapes are fixed)."""
+    blocks = -(-span // BLOCK_ROWS)
+    runs = max(1, min(blocks, -(-TARGET_PROGRAMS // (seqs * n_kv))))
+    rows = -(-blocks // runs) * BLOCK_ROWS
+    return rows, -(-span // rows)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_rows: torch.Tensor,
+    v_rows: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    capacity: int,
+    span: int,
+) -> torch.Tensor:
+    """q: (seqs, n_heads, head_dim); k_rows, v_rows: a layer's cache, (slots * capacity, n_kv_heads, head_dim),
+    slot-major; slots: (seqs,) each sequence's slot; positions: (seqs,) the position of each sequence's new token,
+    whose key is already written, so rows below min(position + 1, capacity) are filled; span: at most this many
+    leading rows of each buffer are read (`kv_cache.decode_span`, or the capacity). Returns (seqs, n_heads,
+    head_dim) in q's dtype."""
+    seqs, n_heads, head_dim = q.shape
+    n_kv = k_rows.shape[1]
+    if not triton_decode_supported(q.device):
+        buffers = (-1, capacity, n_kv, head_dim)
+        keys = k_rows.view(buffers)[:, :span].index_select(0, slots)
+        values = v_rows.view(buffers)[:, :span].index_select(0, slots)
+        filled = (positions + 1).clamp(max=capacity)
+        mask = torch.arange(span, device=q.device)[None, :] < filled[:, None]
+        return decode_attention_math(q, keys, values, mask.view(seqs, 1, 1, span))
+    import triton
+
+    from shards.decode_attention_kernels import merge_runs, run_attention
+
+    group = n_heads // n_kv
+    group_pad = triton.next_power_of_2(group)
+    rows, runs = split_rows(seqs, n_kv, span)
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    single = runs == 1
+    acc = (
+        q.new_empty((1,), dtype=torch.float32)
+        if single
+        else q.new_empty((seqs * n_kv, runs, group_pad, head_dim), dtype=torch.float32)
+    )
+    stats = (
+        q.new_empty((1,), dtype=torch.float32)
+        if single
+        else q.new_empty((seqs * n_kv, runs, 2, group_pad), dtype=torch.float32)
+    )
+    run_attention[(seqs * n_kv, runs)](
+        q, k_rows, v_rows, slots, positions, out, acc, stats,
+        span, rows, capacity, n_kv, head_dim**-0.5,
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK=BLOCK_ROWS, SINGLE=single,
+        num_warps=4,
+    )  # fmt: skip
+    if not single:
+        merge_runs[(seqs * n_kv,)](
+            acc, stats, out, runs, n_kv,
+            GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, RUNS_PAD=triton.next_power_of_2(runs),
+            num_warps=4,
+        )  # fmt: skip
+    return out

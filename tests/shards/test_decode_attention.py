@@ -1,0 +1,153 @@
+"""The Triton decode attention (`shards/decode_attention.py`), run by Triton's interpreter on the CPU.
+
+The interpreter executes the kernels' source with numpy: the grouping of query heads (padded where the group is not
+a power of two), the runs over a buffer's rows and their merge, rows past the filled ones, buffers that wrapped and
+slots out of order are checked against the float32 math, and then through a model: the eager layers and the
+compiled ones (the kernel as a custom op inside inductor's function, writing the cache it reads) give transformers'
+greedy tokens for two sequences past their window. TRITON_INTERPRET must be set before the kernels are defined, so
+the checks run in a fresh interpreter process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import hf_greedy, random_prompts
+
+pytest.importorskip("triton", reason="Triton is a test dependency: pip install -e '.[test]'")
+
+ROOT = Path(__file__).resolve().parents[2]
+WINDOW, NEW_TOKENS = 8, 12
+PROMPTS = random_prompts([5, 7], seed=4)  # prefilled in one chunk: at most the window
+
+CHECKS = r"""
+import json, sys
+import torch
+import shards.decode_attention_kernels as kernels
+from shards.attention import decode_attention_math
+from shards.decode_attention import decode_attention, split_rows, triton_decode_supported
+
+launches = {"run": 0}
+real_run = kernels.run_attention
+
+
+class Counted:
+    def __getitem__(self, grid):
+        launches["run"] += 1
+        return real_run[grid]
+
+
+kernels.run_attention = Counted()
+assert triton_decode_supported(torch.device("cpu"))
+gen = torch.Generator().manual_seed(0)
+rows = []
+# (seqs, n_heads, n_kv, head_dim, capacity, span, slots in the cache)
+for seqs, n_heads, n_kv, head_dim, capacity, span, max_seqs in [
+    (1, 8, 2, 16, 64, 64, 2),  # a few runs a head, merged
+    (3, 12, 2, 16, 96, 64, 5),  # six query heads a KV head (padded to 8), span under the capacity
+    (2, 8, 8, 32, 200, 160, 3),  # a span that is not a multiple of the block
+    (34, 8, 8, 16, 40, 40, 40),  # enough programs: one run a head, normalised in place
+]:
+    for dtype in (torch.float32, torch.bfloat16):
+        k_rows = torch.randn(max_seqs * capacity, n_kv, head_dim, generator=gen).to(dtype)
+        v_rows = torch.randn(max_seqs * capacity, n_kv, head_dim, generator=gen).to(dtype)
+        q = torch.randn(seqs, n_heads, head_dim, generator=gen).to(dtype)
+        slots = torch.randperm(max_seqs, generator=gen)[:seqs]
+        positions = torch.randint(0, 2 * capacity, (seqs,), generator=gen)  # some wrapped, some not
+        positions[0] = 2  # three filled rows: most runs read nothing
+        filled = (positions + 1).clamp(max=capacity)
+        mask = (torch.arange(span)[None, :] < filled[:, None]).view(seqs, 1, 1, span)
+        out = decode_attention(q, k_rows, v_rows, slots, positions, capacity, span)
+        view = (-1, capacity, n_kv, head_dim)
+        keys = k_rows.double().view(view)[:, :span][slots]
+        values = v_rows.double().view(view)[:, :span][slots]
+        exact = decode_attention_math(q.double(), keys, values, mask)
+        rows.append({
+            "shape": [seqs, n_heads, n_kv, head_dim, capacity, span],
+            "dtype": str(dtype),
+            "runs": split_rows(seqs, n_kv, span)[1],
+            "out_dtype": str(out.dtype),
+            "relative_error": float((out.double() - exact).abs().max() / exact.abs().max()),
+        })
+kernel_launches = launches["run"]
+
+from router.step import StepPlan
+from shards.engine import LocalEngine
+
+
+def greedy(engine, prompts, n):
+    plan = StepPlan(list(range(len(prompts))), [0] * len(prompts), [len(p) for p in prompts],
+                    torch.tensor([t for p in prompts for t in p]))
+    out = [[] for _ in prompts]
+    for _ in range(n):
+        logits = engine.step(plan)
+        for i, row in enumerate(logits):
+            out[i].append(int(row.argmax()))
+        plan = StepPlan(plan.slots, [s + n for s, n in zip(plan.starts, plan.lengths)], [1] * len(prompts),
+                        torch.tensor([o[-1] for o in out]))
+    return out
+
+
+ckpt, prompts, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+launches["run"] = 0
+eager = greedy(LocalEngine(ckpt, max_seqs=2), prompts, n)
+eager_launches = launches["run"]
+launches["run"] = 0
+compiled_engine = LocalEngine(ckpt, max_seqs=2, compile_decode=(2,))
+compiled = greedy(compiled_engine, prompts, n)
+json.dump({
+    "rows": rows,
+    "kernel_launches": kernel_launches,
+    "eager": eager,
+    "eager_launches": eager_launches,
+    "compiled": compiled,
+    "compiled_batches": list(compiled_engine.compiled.compiled),
+    "compiled_launches": launches["run"],
+}, sys.stdout)
+"""
+
+
+@pytest.fixture(scope="module")
+def interpreted(checkpoint_factory):
+    ckpt = checkpoint_factory("mixtral", seed=5, window=WINDOW)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("MISTRAL_CLUSTER_DECODE_ATTENTION", None)
+    done = subprocess.run(
+        [sys.executable, "-c", CHECKS, str(ckpt), json.dumps(PROMPTS), str(NEW_TOKENS)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return {"ckpt": ckpt, **json.loads(done.stdout)}
+
+
+def test_the_kernel_computes_the_float32_math(interpreted):
+    rows = interpreted["rows"]
+    assert len(rows) == 8 and interpreted["kernel_launches"] == 8
+    assert {r["runs"] for r in rows} >= {1, 2}  # both the in-place normalisation and the merge ran
+    for row in rows:
+        assert row["out_dtype"] == row["dtype"], row
+        # float32 accumulates in float32; bf16 rounds the inputs and the output
+        limit = 1e-5 if row["dtype"] == "torch.float32" else 1e-2
+        assert row["relative_error"] < limit, row
+
+
+def test_the_eager_and_compiled_layers_give_transformers_tokens_through_the_kernel(interpreted, hf_model):
+    expected = [hf_greedy(hf_model(interpreted["ckpt"]), p, NEW_TOKENS) for p in PROMPTS]
+    assert interpreted["eager"] == expected
+    assert interpreted["compiled_batches"] == [2]
+    assert interpreted["compiled"] == expected
+    layers = 4  # small_config: every decode step of every layer took the kernel
+    assert interpreted["eager_launches"] == layers * (NEW_TOKENS - 1)
+    assert interpreted["compiled_launches"] >= layers * (NEW_TOKENS - 1)
+    assert max(len(p) for p in PROMPTS) + NEW_TOKENS > 2 * WINDOW  # the buffers wrapped
