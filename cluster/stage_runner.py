@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from router.step import FED_BACK, MicrobatchSpan, StageResult, StepPlan
 from shards.checkpoint import CheckpointReader
 from shards.compiled_decode import CompiledDecode, compile_batches, compile_requested
 from shards.decode_graphs import DecodeGraphs
+from shards.host_copy import to_device
 from shards.kv_cache import RollingKVCache, StepLayout, cache_capacity
 from shards.model import ExpertShard, TransformerShard
 from shards.moe import experts_capturable
@@ -104,6 +106,7 @@ class StageRunner:
         ahead = plan.scheduling.decode_ahead  # one stage only: the plan turns it off for more
         self.last_picks = torch.zeros(plan.max_seqs, dtype=torch.long, device=device) if ahead else None
         self.fed_back = 0  # tokens this stage fed in from its own picks
+        self.overlapped = 0  # steps launched before the previous step was waited for (`overlaps_host`)
         self._expert_seconds = 0.0
 
     def attach(self, transport: Transport) -> None:
@@ -152,24 +155,42 @@ class StageRunner:
     def channels(self) -> list[Channel | LocalPipe]:
         return [ch for ch in (self.pipe_in, self.pipe_out, *self.expert_channels.values()) if ch is not None]
 
-    @torch.inference_mode()
+    @property
+    def overlaps_host(self) -> bool:
+        """Whether this stage's worker may queue step N+1 on the device before it waits for step N (`launch`
+        without waiting): a GPU stage that embeds and picks (one stage) and decodes ahead, so step N+1's plan is
+        often already there when N is launched. MISTRAL_CLUSTER_OVERLAP_HOST=0 turns it off (an A/B switch);
+        =force also on a CPU (tests: the loop's order of steps, where nothing runs asynchronously)."""
+        mode = os.environ.get("MISTRAL_CLUSTER_OVERLAP_HOST", "1")
+        if mode == "0":
+            return False
+        on_device = self.device.type == "cuda" or mode == "force"
+        return self.first and self.last and on_device and self.last_picks is not None
+
     def run(self, step: int, plan: StepPlan, micro_batch_size: int) -> tuple[StageResult, torch.Tensor | None]:
         """Every micro-batch of one step through this stage. The last stage also returns its picks as one tensor
         (greedy ids, their log-probabilities, the sampled rows' logits, the scored rows' scores:
         `cluster.step_wire.encode_result`)."""
+        return self.finish(self.launch(step, plan, micro_batch_size, wait=True))
+
+    @torch.inference_mode()
+    def launch(self, step: int, plan: StepPlan, micro_batch_size: int, wait: bool = True) -> LaunchedStep:
+        """The step's work queued on the device; with `wait`, waited for after each micro-batch (its span then
+        ends when its kernels do). Without (`overlaps_host`), nothing here waits for the device: the caller
+        finishes the previous step while this one is queued behind it."""
         entered = time.time()
         self._expert_seconds = 0.0
         microbatches = split_microbatches(plan if self.first else plan.without_tokens(), micro_batch_size)
         experts = self._experts if self.config.is_moe else None
         pending, spans, picks = [], [], []
         for m, mb in enumerate(microbatches):
-            wait = 0.0
+            wait_s = 0.0
             if self.first:
                 h = self.model.embed(self._token_ids(mb))
             else:
                 t0 = time.perf_counter()
                 h = self.pipe_in.recv((mb.n_tokens, self.config.dim), self.plan.torch_dtype, "activations")
-                wait = time.perf_counter() - t0
+                wait_s = time.perf_counter() - t0
             start = time.time()
             layout = StepLayout.build(
                 mb, self.capacity, self.config.sliding_window, self.config.head_dim, self.config.rope_theta, self.device
@@ -184,30 +205,45 @@ class StageRunner:
                 picks.append(self._pick(h, mb))
             else:
                 pending.append((self.pipe_out.isend(h, "activations"), h))
-            if self.device.type == "cuda":
+            if wait and self.device.type == "cuda":
                 with waiting_on_peer():  # this thread's stream: NCCL work may wait on peers
                     torch.cuda.current_stream().synchronize()
-            spans.append(MicrobatchSpan(m, start, time.time(), wait))
+            spans.append(MicrobatchSpan(m, start, time.time(), wait_s))
+        done = None
+        if not wait and self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        joined = self._join_picks(picks) if self.last else None
+        return LaunchedStep(step, entered, spans, pending, self._expert_seconds, joined, done)
+
+    def finish(self, launched: LaunchedStep) -> tuple[StageResult, torch.Tensor | None]:
+        """Wait for a launched step's kernels and sends; its result, and its picks (still on the device)."""
+        spans = launched.spans
+        if launched.done is not None:
+            with waiting_on_peer():
+                launched.done.synchronize()
+            last = spans[-1]
+            spans = [*spans[:-1], MicrobatchSpan(last.microbatch, last.start, time.time(), last.recv_wait)]
         t0 = time.perf_counter()
         with waiting_on_peer():
-            for work, _ in pending:
+            for work, _ in launched.sends:
                 work.wait()
         send_wait = time.perf_counter() - t0
         result = StageResult(
             stage=self.index,
-            step=step,
+            step=launched.step,
             spans=tuple(spans),
             send_wait=send_wait,
             transport=tally(self.channels()),
-            expert_seconds=self._expert_seconds,
-            entered=entered,
+            expert_seconds=launched.expert_seconds,
+            entered=launched.entered,
             left=time.time(),
         )
-        return result, self._join_picks(picks) if self.last else None
+        return result, launched.picks
 
     def _token_ids(self, mb: StepPlan) -> torch.Tensor:
         """The micro-batch's token ids on the device, each FED_BACK replaced by its slot's last pick (one stage)."""
-        ids = torch.as_tensor(mb.token_ids).to(self.device)
+        ids = to_device(mb.token_ids, None, self.device)
         fed = np.flatnonzero(mb.token_ids == FED_BACK)
         if len(fed):
             if self.last_picks is None:
@@ -216,9 +252,9 @@ class StageRunner:
                     "`decode_ahead` true or auto on a GPU, and the same MISTRAL_CLUSTER_DECODE_AHEAD in every process)"
                 )
             slots = np.repeat(np.asarray(mb.slots, np.int64), mb.lengths)[fed]
-            where = torch.as_tensor(fed).to(self.device)
+            where = to_device(fed, torch.long, self.device)
             ids = ids.clone()  # on a CPU `ids` shares the plan's array: leave the plan as it came
-            ids[where] = self.last_picks[torch.as_tensor(slots).to(self.device)]
+            ids[where] = self.last_picks[to_device(slots, torch.long, self.device)]
             self.fed_back += len(fed)
         return ids
 
@@ -227,7 +263,7 @@ class StageRunner:
         slots = [s for s, w in zip(mb.slots, mb.wants(), strict=True) if w]
         slots = [s for s, g in zip(slots, mb.greedy_logit_rows(), strict=True) if g]
         if slots:
-            self.last_picks[torch.tensor(slots, dtype=torch.long).to(self.device)] = greedy_ids
+            self.last_picks[to_device(slots, torch.long, self.device)] = greedy_ids
 
     def _experts(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The MoE layer's weighted expert sum: local groups in place, one message to and from each remote worker."""
@@ -251,7 +287,7 @@ class StageRunner:
         return out
 
     def _pick(self, h: torch.Tensor, mb: StepPlan) -> tuple[torch.Tensor, ...]:
-        rows = torch.tensor(mb.logit_rows(), dtype=torch.long, device=self.device)
+        rows = to_device(mb.logit_rows(), torch.long, self.device)
         picks = pick_tokens(self.model.logits(h[rows], float32=False), mb.greedy_logit_rows())
         if self.last_picks is not None:
             self._remember_picks(mb, picks[0])
@@ -259,8 +295,8 @@ class StageRunner:
         if not scored:
             none = torch.empty(0, device=self.device)
             return (*picks, none, none.view(0, mb.score_k).long(), none.view(0, mb.score_k))
-        targets = torch.as_tensor(mb.score_targets).to(self.device)
-        return (*picks, *self.model.scores(h[torch.tensor(scored, device=self.device)], targets, mb.score_k))
+        targets = to_device(mb.score_targets, None, self.device)
+        return (*picks, *self.model.scores(h[to_device(scored, torch.long, self.device)], targets, mb.score_k))
 
     @staticmethod
     def _join_picks(picks: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
@@ -268,11 +304,28 @@ class StageRunner:
         return encode_result(*(torch.cat(parts) for parts in zip(*picks, strict=True)))
 
 
+@dataclass
+class LaunchedStep:
+    """A step queued on the device and not yet waited for (`StageRunner.launch`, then `finish`)."""
+
+    step: int
+    entered: float
+    spans: list[MicrobatchSpan]
+    sends: list  # (work, tensor) of the activations sent to the next stage, kept alive until they complete
+    expert_seconds: float
+    picks: torch.Tensor | None
+    done: torch.cuda.Event | None  # recorded after the step's kernels when launched without waiting
+
+
 def pick_tokens(logits: torch.Tensor, greedy: tuple[bool, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The last stage's picks for one micro-batch, on the device: the greedy rows' argmax and its log-probability,
     and the logits (weights' dtype) of the rows the router samples. `greedy` has one flag per row of `logits`."""
-    mask = torch.tensor(greedy, dtype=torch.bool, device=logits.device)
-    chosen = logits[mask]
+    if all(greedy):  # the common case, and no boolean mask: selecting by one waits for the device to count it
+        chosen, sampled = logits, logits[:0]
+    else:
+        rows = np.asarray(greedy, dtype=bool)
+        chosen = logits[to_device(np.flatnonzero(rows), torch.long, logits.device)]
+        sampled = logits[to_device(np.flatnonzero(~rows), torch.long, logits.device)]
     ids = chosen.argmax(dim=-1)
     logprobs = torch.log_softmax(chosen.float(), dim=-1).gather(1, ids[:, None])[:, 0]
-    return ids, logprobs, logits[~mask]
+    return ids, logprobs, sampled

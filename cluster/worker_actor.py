@@ -26,7 +26,7 @@ import torch
 
 import cluster
 from cluster.expert_server import ExpertServer
-from cluster.stage_runner import StageRunner
+from cluster.stage_runner import LaunchedStep, StageRunner
 from cluster.step_link import LinkClosed, WorkerLink
 from cluster.step_wire import WirePlan, decode_plan
 from cluster.transport import (
@@ -388,6 +388,7 @@ class ShardWorker:
                 "graph_captures": r.graphs.captures if r.graphs is not None else 0,
                 "graph_replays": r.graphs.replays if r.graphs is not None else 0,
                 "fed_back_tokens": r.fed_back,  # decode ahead: tokens fed in from the stage's own picks
+                "overlapped_steps": r.overlapped,  # steps queued on the device behind the one before
             }
         return out
 
@@ -462,23 +463,45 @@ class ShardWorker:
             self._activity[loop] = (step, time.monotonic(), threading.get_ident())
 
     def _stage_loop(self, runner: StageRunner, q: queue.Queue) -> None:
+        """Each plan through the stage, its picks sent back. Where the stage overlaps the host (`overlaps_host`:
+        one GPU stage decoding ahead), step N+1 is queued on the device before step N is waited for whenever N+1's
+        plan is already here, so the device goes from one step to the next without waiting for this thread's
+        host work (its layout, the picks' copy and send, the next plan's decoding)."""
         loop = f"stage{runner.index}"
+        overlap = runner.overlaps_host
+        launched = None  # the step queued on the device and not yet finished
         while (wire := q.get()) is not None:
             self._stepping(loop, wire.step)
             stall, self._stall_s = self._stall_s, 0.0
             if stall:
                 time.sleep(stall)
             try:
-                result, picks = runner.run(wire.step, wire.plan, wire.micro_batch_size)
-                if picks is not None:
-                    self.link.send_result(picks.cpu().numpy())
+                step = runner.launch(wire.step, wire.plan, wire.micro_batch_size, wait=not overlap)
+                if launched is not None:
+                    runner.overlapped += 1
+                    self._deliver(runner, launched)
+                launched = step
+                if not overlap or q.empty():  # nothing to queue behind it: finish it now
+                    launched, step = None, launched
+                    self._deliver(runner, step)
             except Exception as e:  # noqa: BLE001 - the step fails with this cause; recovery resets the worker
                 self._failed(f"stage{runner.index} step {wire.step}", e)
                 return
             finally:
                 self._stepping(loop, None)
-            with self._lock:
-                self.results.append(result)
+        if launched is not None:  # stopped with a step queued: its picks still go back
+            try:
+                self._deliver(runner, launched)
+            except Exception as e:  # noqa: BLE001 - a worker being stopped: its step fails with this cause
+                self._failed(f"stage{runner.index} step {launched.step}", e)
+
+    def _deliver(self, runner: StageRunner, launched: LaunchedStep) -> None:
+        """A launched step waited for: its picks to the router, its result kept for the traces."""
+        result, picks = runner.finish(launched)
+        if picks is not None:
+            self.link.send_result(picks.cpu().numpy())
+        with self._lock:
+            self.results.append(result)
 
     def _serve_loop(self, server: ExpertServer, q: queue.Queue) -> None:
         wire: WirePlan

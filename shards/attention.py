@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from shards.host_copy import to_device
+
 # xformers warns at import when its compiled kernels do not match this torch; we only need its mask classes
 # there, and `xformers_kernels_available` decides about the kernels, so keep that warning out of the user's way.
 logging.getLogger("xformers").setLevel(logging.ERROR)
@@ -170,7 +172,7 @@ class AttentionPlan:
             groups.append(group)
             base += group.rows
         identity = base == len(out_rows) and out_rows == list(range(base))
-        rows = None if identity else torch.tensor(out_rows, dtype=torch.long, device=device)
+        rows = None if identity else to_device(out_rows, torch.long, device)
         (q_start, q_end), (k_start, k_end) = q_blocks[0], k_blocks[0]
         causal = (
             len(q_blocks) == 1 and q_end - q_start == k_end - k_start and (window is None or k_end - k_start <= window)
@@ -180,7 +182,7 @@ class AttentionPlan:
     @staticmethod
     def for_decode(kv_lens: list[int], capacity: int, device: torch.device | str) -> AttentionPlan:
         """A decode step over rolling buffers of `capacity` rows, the first `kv_len` of each filled."""
-        lens = torch.tensor(kv_lens, dtype=torch.long, device=device)
+        lens = to_device(kv_lens, torch.long, device)
         mask = torch.arange(capacity, device=device)[None, :] < lens[:, None]
         return AttentionPlan(None, None, mask[:, None, None, :])
 
@@ -213,7 +215,7 @@ def _padded_group(
     q_lens, k_lens = [e - s for s, e in q_blocks], [e - s for s, e in k_blocks]
     max_q, max_k = max(q_lens), _pad(max(k_lens))
     starts = [[s for s, _ in q_blocks], [s for s, _ in k_blocks]]
-    q_len, k_len, q_start, k_start = torch.tensor([q_lens, k_lens, *starts], dtype=torch.long, device=device)
+    q_len, k_len, q_start, k_start = to_device([q_lens, k_lens, *starts], torch.long, device)
     qi = torch.arange(max_q, device=device)
     ki = torch.arange(max_k, device=device)
     q_valid = qi[None, :] < q_len[:, None]  # (B, max_q)

@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 
 from shards.attention import AttentionPlan, AttnBias, decode_bias, prefill_bias
+from shards.host_copy import to_device
 from shards.layers import rotary_cos_sin
 
 
@@ -102,10 +103,10 @@ class StepLayout:
         pos = torch.tensor(positions, dtype=torch.long)
         cos, sin = rotary_cos_sin(pos, head_dim, rope_theta)
         common = {
-            "positions": pos.to(device),
-            "cos": cos.to(device),
-            "sin": sin.to(device),
-            "write_rows": torch.tensor(write_rows, dtype=torch.long, device=device),
+            "positions": to_device(pos, None, device),
+            "cos": to_device(cos, None, device),
+            "sin": to_device(sin, None, device),
+            "write_rows": to_device(write_rows, torch.long, device),
         }
         if step.is_decode:
             kv_lens = [min(start + 1, capacity) for start in step.starts]
@@ -116,7 +117,7 @@ class StepLayout:
                 **common,
                 bias=decode_bias(kv_lens, span),  # over the keys `update_and_read` gives: `span` rows a sequence
                 attention=AttentionPlan.for_decode(kv_lens, capacity, device),
-                decode_slots=torch.tensor(step.slots, dtype=torch.long, device=device),
+                decode_slots=to_device(list(step.slots), torch.long, device),
                 decode_range=slice(first, first + len(step.slots)) if run else None,
                 decode_span=span,
                 read_rows=None,
@@ -135,7 +136,7 @@ class StepLayout:
             offset += cached + n
 
         def as_long(xs: list[int]) -> torch.Tensor:
-            return torch.tensor(xs, dtype=torch.long, device=device)
+            return to_device(xs, torch.long, device)
 
         bias = prefill_bias(list(step.lengths), kv_lens, window)
         return StepLayout(

@@ -44,10 +44,13 @@ def start(checkpoint, tmp_path, decode_ahead: bool) -> ShardedCluster:
 @pytest.fixture(scope="module")
 def ray_local():
     os.environ["MISTRAL_CLUSTER_CUDA_GRAPHS"] = "eager"  # the decode graphs' bookkeeping runs on CPU too
+    # the worker's overlapped loop (step N+1 launched before N is finished), as on a GPU: its order of steps
+    os.environ["MISTRAL_CLUSTER_OVERLAP_HOST"] = "force"
     ray.init(num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
     os.environ.pop("MISTRAL_CLUSTER_CUDA_GRAPHS", None)
+    os.environ.pop("MISTRAL_CLUSTER_OVERLAP_HOST", None)
 
 
 def test_one_stage_with_remote_experts_decoding_ahead_gives_transformers_tokens(
@@ -62,10 +65,12 @@ def test_one_stage_with_remote_experts_decoding_ahead_gives_transformers_tokens(
         paths = ray.get(cluster.shard_handles()["stage0"].decode_paths.remote())
     assert [c.token_ids for c in ahead] == expected
     assert paths["stage0"]["fed_back_tokens"] >= 20  # most decode tokens went in without the router
+    assert paths["stage0"]["overlapped_steps"] >= 3  # and some steps queued behind the one before (timing)
     with start(checkpoint, tmp_path, decode_ahead=False) as cluster:
         plain = cluster.generate(prompts, params)
         paths = ray.get(cluster.shard_handles()["stage0"].decode_paths.remote())
     assert [c.token_ids for c in plain] == expected and paths["stage0"]["fed_back_tokens"] == 0
+    assert paths["stage0"]["overlapped_steps"] == 0  # without decode ahead a step never waits in the queue
 
 
 def test_a_killed_stage_decoding_ahead_is_recovered_and_every_token_is_kept(ray_local, checkpoint, tmp_path):

@@ -260,7 +260,10 @@ BAD_FILES = [
     ("checkpoint: c\nstages: 1\nstandby: sometimes\n", "standby: expected true, false or auto, got 'sometimes'"),
     ("checkpoint: c\nstages: 1\nreplay_tokens: -1\n", "replay_tokens: expected a non-negative integer, got -1"),
     ("checkpoint: c\nstages: 1\nreplay_tokens: all\n", "replay_tokens: expected a non-negative integer, got 'all'"),
-    ("checkpoint: c\nstages: 1\ndecode_ahead: yes please\n", "decode_ahead: expected true, false or auto, got 'yes please'"),
+    (
+        "checkpoint: c\nstages: 1\ndecode_ahead: yes please\n",
+        "decode_ahead: expected true, false or auto, got 'yes please'",
+    ),
     ("checkpoint: c\nstages: 2\ndecode_ahead: true\n", "decode_ahead: needs one pipeline stage"),
     (
         "checkpoint: c\nstages: 1\nresources: {CPU: 1" + "0" * 309 + "}\n",
