@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shards.attention import packed_attention
-from shards.decode_attention import decode_attention, triton_decode_supported
+from shards.decode_attention import decode_attention, triton_decode_supported, triton_max_seqs
 
 if TYPE_CHECKING:  # for annotations only: shards.kv_cache imports rotary_cos_sin from here
     from shards.kv_cache import RollingKVCache, StepLayout
@@ -71,7 +71,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(tokens, self.n_kv_heads, self.head_dim)
         q = apply_rotary(q, layout.cos, layout.sin)
         k = apply_rotary(k, layout.cos, layout.sin)
-        if layout.decode_slots is not None and triton_decode_supported(q.device):
+        if layout.decode_slots is not None and tokens <= triton_max_seqs() and triton_decode_supported(q.device):
             k_rows, v_rows = cache.write_decode(layer, k, v, layout)
             span = layout.decode_span or cache.capacity
             out = decode_attention(q, k_rows, v_rows, layout.decode_slots, layout.positions, cache.capacity, span)
