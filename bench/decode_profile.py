@@ -198,7 +198,7 @@ def kernel_case(cfg: ModelConfig, device: torch.device, batch: int, filled: int,
     q = torch.randn(batch, cfg.n_heads, cfg.head_dim, generator=gen, device=device).to(dtype)
     slots = torch.randperm(batch, device=device)
     positions = torch.full((batch,), filled - 1, device=device)
-    span = -(-filled // 64) * 64
+    span = min(cap, -(-filled // 64) * 64)
     view = (-1, cap, cfg.n_kv_heads, cfg.head_dim)
     keys, values = k_rows.view(view)[:, :span][slots], v_rows.view(view)[:, :span][slots]
     mask = (torch.arange(span, device=device) < filled).expand(batch, 1, 1, span)
