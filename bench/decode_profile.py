@@ -218,10 +218,18 @@ def kernel_case(cfg: ModelConfig, device: torch.device, batch: int, filled: int,
     def error(out: torch.Tensor) -> float:
         return float((out.double() - exact).abs().max() / exact.abs().max())
 
+    def dot_path():  # the tensor-core products (MISTRAL_CLUSTER_DECODE_ATTENTION_DOT=1)
+        os.environ["MISTRAL_CLUSTER_DECODE_ATTENTION_DOT"] = "1"
+        try:
+            return triton_path()
+        finally:
+            os.environ["MISTRAL_CLUSTER_DECODE_ATTENTION_DOT"] = "0"
+
     row = {"batch": batch, "filled": filled, "span": span, "dtype": str(dtype), "relative_error": error(triton_path())}
+    row["dot_relative_error"] = error(dot_path())
     if dtype == torch.bfloat16:
-        row["sdpa_vs_exact"] = error(sdpa_path())
-        for name, fn in (("triton_us", triton_path), ("sdpa_us", sdpa_path)):
+        row["sdpa_vs_exact"] = error(sdpa_path())  # slots in random order: the buffers gathered, as when serving
+        for name, fn in (("triton_us", triton_path), ("triton_dot_us", dot_path), ("sdpa_us", sdpa_path)):
             for _ in range(3):
                 fn()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

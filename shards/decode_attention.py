@@ -62,12 +62,19 @@ def _triton_installed() -> bool:
     return True
 
 
-def split_rows(seqs: int, n_kv: int, span: int) -> tuple[int, int]:
+def tensor_cores() -> bool:
+    """MISTRAL_CLUSTER_DECODE_ATTENTION_DOT=1: the kernel's products on the tensor cores (`tl.dot`, the query group
+    padded to 16 rows, 64 keys a block). Built for batches of many sequences, where the float32 products spilled;
+    not yet measured on a GPU, hence off (`bench/decode_profile.py`'s kernel check times both)."""
+    return os.environ.get("MISTRAL_CLUSTER_DECODE_ATTENTION_DOT", "0") == "1"
+
+
+def split_rows(seqs: int, n_kv: int, span: int, block: int = BLOCK_ROWS) -> tuple[int, int]:
     """(rows a program reads, programs a sequence's KV head gets): few sequences get their rows cut into runs so the
-    GPU has enough programs; a multiple of BLOCK_ROWS, decided from shapes alone (a graph's shapes are fixed)."""
-    blocks = -(-span // BLOCK_ROWS)
+    GPU has enough programs; a multiple of `block`, decided from shapes alone (a graph's shapes are fixed)."""
+    blocks = -(-span // block)
     runs = max(1, min(blocks, -(-TARGET_PROGRAMS // (seqs * n_kv))))
-    rows = -(-blocks // runs) * BLOCK_ROWS
+    rows = -(-blocks // runs) * block
     return rows, -(-span // rows)
 
 
@@ -99,8 +106,10 @@ def decode_attention(
     from shards.decode_attention_kernels import merge_runs, run_attention
 
     group = n_heads // n_kv
-    group_pad = triton.next_power_of_2(group)
-    rows, runs = split_rows(seqs, n_kv, span)
+    dot = tensor_cores()
+    group_pad = max(16, triton.next_power_of_2(group)) if dot else triton.next_power_of_2(group)
+    block = 64 if dot else BLOCK_ROWS
+    rows, runs = split_rows(seqs, n_kv, span, block)
     q = q.contiguous()
     out = torch.empty_like(q)
     single = runs == 1
@@ -117,7 +126,8 @@ def decode_attention(
     run_attention[(seqs * n_kv, runs)](
         q, k_rows, v_rows, slots, positions, out, acc, stats,
         span, rows, capacity, n_kv, head_dim**-0.5,
-        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK=BLOCK_ROWS, SINGLE=single,
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK=block, SINGLE=single, DOT=dot,
+        IEEE=q.dtype == torch.float32,
         num_warps=4,
     )  # fmt: skip
     if not single:

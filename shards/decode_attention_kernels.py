@@ -1,6 +1,9 @@
 """The Triton kernels of `shards/decode_attention.py` (imported only where they run: Triton is optional).
 
-`run_attention`: one program per (sequence, KV head, run of `rows` buffer rows). It loads the group's query heads
+`run_attention`: one program per (sequence, KV head, run of `rows` buffer rows). Its products are float32 on the CUDA
+cores (a (group, BLOCK, head_dim) tile, fine for a few programs), or with DOT on the tensor cores (the group padded to
+16 query rows, the weights of the softmax rounded to the cache's dtype before the product with the values, as flash
+attention does; IEEE keeps float32 caches in float32). It loads the group's query heads
 once (scaled, float32), then walks its rows BLOCK at a time: scores for every query head of the group against the
 block's keys (rows past the sequence's filled ones are neither read nor counted: a buffer fills from its first row,
 and once it wraps every row is filled), an online softmax (running max and sum), values accumulated in float32. With one
@@ -37,6 +40,8 @@ def run_attention(
     HEAD_DIM: tl.constexpr,
     BLOCK: tl.constexpr,
     SINGLE: tl.constexpr,
+    DOT: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     pair = tl.program_id(0)  # sequence * n_kv + KV head
     run = tl.program_id(1)
@@ -61,15 +66,27 @@ def run_attention(
         r = first + tl.arange(0, BLOCK)
         ok = r < end
         offsets = base + r[:, None].to(tl.int64) * row_stride + d[None, :]
-        k = tl.load(k_ptr + offsets, mask=ok[:, None], other=0.0).to(tl.float32)
-        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (GROUP_PAD, BLOCK)
+        k = tl.load(k_ptr + offsets, mask=ok[:, None], other=0.0)
+        if DOT:  # tensor cores: the group padded to 16 query rows, q in the cache's dtype
+            if IEEE:
+                scores = tl.dot(q.to(k.dtype), tl.trans(k), input_precision="ieee")
+            else:
+                scores = tl.dot(q.to(k.dtype), tl.trans(k))
+        else:
+            scores = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)  # (GROUP_PAD, BLOCK)
         scores = tl.where(ok[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         rescale = tl.exp(m - m_new)
         p = tl.exp(scores - m_new[:, None])
         total = total * rescale + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + offsets, mask=ok[:, None], other=0.0).to(tl.float32)
-        acc = acc * rescale[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        v = tl.load(v_ptr + offsets, mask=ok[:, None], other=0.0)
+        if DOT:
+            if IEEE:
+                acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+        else:
+            acc = acc * rescale[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
         m = m_new
     if SINGLE:
         out = acc / total[:, None]
