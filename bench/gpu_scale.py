@@ -61,6 +61,7 @@ PLACEMENTS = {  # name -> (example YAML, GPUs it needs, models it applies to)
     "one_gpu": ("mistral-7b-1gpu.yaml", 1, ("mistral", "mixtral")),
     "two_stages": ("mixtral-2gpu-stages.yaml", 2, ("mistral", "mixtral")),
     "two_expert_groups": ("mixtral-2gpu-experts.yaml", 2, ("mixtral",)),
+    "two_expert_halves": ("mixtral-2gpu-expert-halves.yaml", 2, ("mixtral",)),
     "mixed": ("mixtral-2gpu-mixed.yaml", 2, ("mixtral",)),
     # Mixtral 8x22B does not fit one or two H200s: its placements are for four, their layer ranges its 56 layers.
     "four_stages": ("mixtral-8x22b-4gpu-stages.yaml", 4, ("mixtral-8x22b",)),

@@ -44,6 +44,13 @@ PLACEMENTS = {
             {"experts": "4-7", "resources": {"CPU": 1, "GPU": 1}},
         ],
     },
+    "stage_and_two_expert_halves": {  # every expert cut in two (`hidden`): the halves' sum must give the tokens
+        "stages": [{"layers": "0-7", "resources": {"CPU": 1, "GPU": 0.5}}],
+        "expert_groups": [
+            {"experts": "0-7", "hidden": "0/2", "resources": {"CPU": 1, "GPU": 0.5}},
+            {"experts": "0-7", "hidden": "1/2", "resources": {"CPU": 1, "GPU": 1}},
+        ],
+    },
     "two_stages_two_expert_groups": {
         "stages": [
             {"layers": "0-3", "resources": {"CPU": 1, "GPU": 0.5}},

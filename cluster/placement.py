@@ -50,6 +50,9 @@ class ExpertGroupSpec:
     experts: tuple[int, ...] | None
     layers: tuple[int, ...] | None
     resources: dict[str, float]
+    # (part, parts) of every held expert's hidden rows; None: whole experts. Groups holding the same experts in
+    # different parts each compute their part of every chosen expert, and the stage adds the parts up.
+    hidden: tuple[int, int] | None = None
 
     @property
     def name(self) -> str:
@@ -145,7 +148,9 @@ class PlacementPlan:
         """Only the group's experts, for each of its layers (the gates stay with the stages)."""
         self._require_settled()
         group = self.expert_groups[g]
-        return ShardSelection(experts={layer: group.experts for layer in group.layers})
+        return ShardSelection(
+            experts={layer: group.experts for layer in group.layers}, hidden_part=group.hidden or (0, 1)
+        )
 
     def _in_bundle_order(self) -> list[StageSpec | ExpertGroupSpec]:
         """Stage i beside expert group i. Ray hands out GPU fractions first-fit in bundle order, so with half a GPU
@@ -249,10 +254,23 @@ def _settle_expert_groups(
                 f"{path}.experts",
                 f"expert {g.experts[-1]} is out of range; the model has {e} experts (0-{e - 1})",
             )
+        if g.hidden is not None and config.hidden_dim % g.hidden[1]:
+            raise PlacementError.at(
+                source,
+                f"{path}.hidden",
+                f"{config.hidden_dim} hidden rows do not cut into {g.hidden[1]} equal parts",
+            )
         settled.append(replace(g, layers=layers))
-    covered = {(layer, x) for g in settled for layer in g.layers for x in g.experts}
+    held: dict[tuple[int, int], set[int]] = {}  # (layer, expert) -> the parts of its hidden rows groups hold
+    parts_of: dict[tuple[int, int], int] = {}
+    for g in settled:
+        part, parts = g.hidden or (0, 1)
+        for layer in g.layers:
+            for x in g.experts:
+                held.setdefault((layer, x), set()).add(part)
+                parts_of[(layer, x)] = parts
     for layer in range(n):
-        missing = [x for x in range(e) if (layer, x) not in covered]
+        missing = [x for x in range(e) if (layer, x) not in held]
         if missing:
             raise PlacementError.at(
                 source,
@@ -260,6 +278,15 @@ def _settle_expert_groups(
                 f"expert {missing[0]} of layer {layer} is in no group; "
                 "with expert groups, every expert of every layer needs one",
             )
+        for x in range(e):
+            lacking = sorted(set(range(parts_of[(layer, x)])) - held[(layer, x)])
+            if lacking:
+                raise PlacementError.at(
+                    source,
+                    "expert_groups",
+                    f"part {lacking[0]}/{parts_of[(layer, x)]} of expert {x} of layer {layer} is in no group; "
+                    "groups that cut experts into parts must hold every part",
+                )
     return tuple(settled)
 
 

@@ -51,7 +51,7 @@ TOP_KEYS = (
     "decode_ahead",
 )
 STAGE_KEYS = ("layers", "resources")
-EXPERT_GROUP_KEYS = ("experts", "layers", "resources")
+EXPERT_GROUP_KEYS = ("experts", "layers", "hidden", "resources")
 DEFAULT_RESOURCES = {"CPU": 1.0}
 MAX_IDS = 1 << 16  # more layers, experts, stages or groups than any model has: a typo, refused before it fills memory
 
@@ -289,19 +289,47 @@ def _parse_expert_groups(
         experts = check.ids(item["experts"], f"{path}.experts", "expert")
         layers_value = item.get("layers", "all")
         layers = None if layers_value == "all" else check.ids(layers_value, f"{path}.layers", "layer")
+        hidden = _hidden_part(check, item.get("hidden", "all"), f"{path}.hidden")
         for prev in groups:
             common = set(experts) & set(prev.experts)
             shared = _shared_layers(layers, prev.layers)
-            if common and shared:
-                where = "every layer" if shared == "all" else f"layer {min(shared)}"
+            if not (common and shared):
+                continue
+            where = "every layer" if shared == "all" else f"layer {min(shared)}"
+            if hidden is None or prev.hidden is None:
                 raise check.fail(
                     f"{path}.experts", f"expert {min(common)} of {where} is also in expert_groups[{prev.index}]"
+                )
+            if hidden[1] != prev.hidden[1]:
+                raise check.fail(
+                    f"{path}.hidden",
+                    f"{hidden[0]}/{hidden[1]} and expert_groups[{prev.index}]'s {prev.hidden[0]}/{prev.hidden[1]} "
+                    f"cut expert {min(common)} of {where} in different numbers of parts",
+                )
+            if hidden[0] == prev.hidden[0]:
+                raise check.fail(
+                    f"{path}.hidden",
+                    f"part {hidden[0]}/{hidden[1]} of expert {min(common)} of {where} is also in "
+                    f"expert_groups[{prev.index}]",
                 )
         resources = (
             check.resources(item["resources"], f"{path}.resources") if "resources" in item else default_resources
         )
-        groups.append(ExpertGroupSpec(g, experts, layers, resources))
+        groups.append(ExpertGroupSpec(g, experts, layers, resources, hidden))
     return tuple(groups)
+
+
+def _hidden_part(check: _Checker, value: Any, path: str) -> tuple[int, int] | None:
+    """`hidden`: "all" (whole experts), or "i/n": the i-th of n equal runs of every held expert's hidden rows."""
+    if value == "all":
+        return None
+    parts = value.split("/") if isinstance(value, str) else []
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise check.fail(path, f"expected all or a part such as 0/2, got {value!r}")
+    part, n = int(parts[0]), int(parts[1])
+    if not 0 <= part < n or n > MAX_IDS:
+        raise check.fail(path, f"part {part} of {n}: expected 0 <= part < n")
+    return (part, n) if n > 1 else None
 
 
 def _shared_layers(a: tuple[int, ...] | None, b: tuple[int, ...] | None) -> set[int] | str:

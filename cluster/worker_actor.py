@@ -127,6 +127,7 @@ class ShardWorker:
         if dump_every:  # diagnosing a stall: every thread's Python stack to this worker's stderr, periodically
             faulthandler.dump_traceback_later(float(dump_every), repeat=True, file=sys.stderr)
         self.stages: dict[int, StageRunner] = {}
+        self.expert_groups: dict[int, ExpertShard] = {}
         self.servers: list[ExpertServer] = []
         self.transport: Transport | None = None
         self.link: WorkerLink | None = None
@@ -188,6 +189,7 @@ class ShardWorker:
             g: ExpertShard.from_checkpoint(reader, plan.expert_selection(g, config), dtype, self.device)
             for g in self.spec.expert_groups
         }
+        self.expert_groups = groups
         self.stages = {
             s: StageRunner(reader, plan, s, self.workers, groups, self.device, self.attention_backend)
             for s in self.spec.stages
@@ -369,6 +371,15 @@ class ShardWorker:
         """Decode micro-batches this worker's stages and expert services ran as captured graphs."""
         stages = sum(r.graphs.replays for r in self.stages.values() if r.graphs is not None)
         return stages + sum(s.graphs.replays for s in self.servers if s.graphs is not None)
+
+    def expert_shapes(self) -> dict[str, list[list[int]]]:
+        """Each expert group this worker holds: the shapes of its first layer's stacked w13 and w2 (a part of the
+        experts' hidden rows shows here)."""
+        out = {}
+        for g, shard in self.expert_groups.items():
+            first = next(iter(shard.groups.values()))
+            out[f"experts{g}"] = [list(first.w13.shape), list(first.w2.shape)]
+        return out
 
     def cache_bytes(self) -> int:
         return sum(r.cache.nbytes for r in self.stages.values())

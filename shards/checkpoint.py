@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -45,14 +45,23 @@ class ShardSelection:
     experts: dict[int, tuple[int, ...]] = field(default_factory=dict)  # layer -> expert ids
     final_norm: bool = False
     head: bool = False
+    # (part, parts): the experts' hidden rows held, part of `parts` equal runs (w1/w3 rows, w2 columns). Two groups
+    # holding the same experts in parts 0/2 and 1/2 each compute half of every chosen expert; their sums add up.
+    hidden_part: tuple[int, int] = (0, 1)
 
     @staticmethod
     def whole(config: ModelConfig) -> ShardSelection:
         experts = {i: tuple(range(config.num_experts)) for i in range(config.n_layers)} if config.is_moe else {}
         return ShardSelection(True, tuple(range(config.n_layers)), experts, True, True)
 
+    def expert_rows(self, config: ModelConfig) -> slice:
+        """The hidden rows of each held expert (`hidden_part`)."""
+        part, parts = self.hidden_part
+        size = config.hidden_dim // parts
+        return slice(part * size, (part + 1) * size)
+
     def tensor_shapes(self, config: ModelConfig) -> dict[str, tuple[int, ...]]:
-        """Hugging Face name -> expected shape, for every tensor of this selection."""
+        """Hugging Face name -> expected shape, for every tensor of this selection (an expert's: its part)."""
         d, h, hd = config.dim, config.hidden_dim, config.head_dim
         shapes: dict[str, tuple[int, ...]] = {}
         if self.embedding:
@@ -71,12 +80,14 @@ class ShardSelection:
                 shapes[p + "mlp.gate_proj.weight"] = (h, d)
                 shapes[p + "mlp.up_proj.weight"] = (h, d)
                 shapes[p + "mlp.down_proj.weight"] = (d, h)
+        rows = self.expert_rows(config)
+        he = rows.stop - rows.start
         for i, ids in sorted(self.experts.items()):
             for e in ids:
                 p = f"model.layers.{i}.block_sparse_moe.experts.{e}."
-                shapes[p + "w1.weight"] = (h, d)
-                shapes[p + "w3.weight"] = (h, d)
-                shapes[p + "w2.weight"] = (d, h)
+                shapes[p + "w1.weight"] = (he, d)
+                shapes[p + "w3.weight"] = (he, d)
+                shapes[p + "w2.weight"] = (d, he)
         if self.final_norm:
             shapes["model.norm.weight"] = (d,)
         if self.head:
@@ -200,11 +211,17 @@ class CheckpointReader:
 
         Every shape is checked against the config before the tensor is read.
         """
-        expected = selection.tensor_shapes(self.config)
+        expected = replace(selection, hidden_part=(0, 1)).tensor_shapes(self.config)  # as stored: whole experts
+        rows = selection.expert_rows(self.config)
+        partial = selection.hidden_part != (0, 1)
+
+        def _split(name: str, t):
+            return _expert_part(name, t, rows) if partial and _is_expert(name) else t
+
         if self.random is not None:
             seed, std = self.random
             return {
-                name: random_tensor(name, shape, seed, std, dtype or torch.float32, device)
+                name: _split(name, random_tensor(name, shape, seed, std, dtype or torch.float32, device))
                 for name, shape in expected.items()
             }
         by_file: dict[Path, list[str]] = {}
@@ -227,7 +244,8 @@ class CheckpointReader:
                         f"{path}: tensor {stored!r} has shape {list(shape)}, the config asks for {list(expected[name])}"
                     )
                 try:
-                    t = handle.get_tensor(stored)
+                    t = _split(name, handle.get_slice(stored)) if partial and _is_expert(name) else None
+                    t = handle.get_tensor(stored) if t is None else t
                 except (SafetensorError, RuntimeError, OSError) as e:
                     raise CheckpointError(f"{path}: tensor {stored!r} cannot be read ({e})") from None
                 if not t.is_floating_point():
@@ -240,6 +258,17 @@ class CheckpointReader:
                 out[name] = t.to(device=device, dtype=dtype or t.dtype)
                 del t
         return out
+
+
+def _is_expert(name: str) -> bool:
+    return ".block_sparse_moe.experts." in name
+
+
+def _expert_part(name: str, tensor, rows: slice):
+    """An expert tensor's `rows` (w1, w3: rows; w2: columns). `tensor` may be a safetensors slice, which then reads
+    only that part from the file."""
+    part = tensor[:, rows] if name.endswith("w2.weight") else tensor[rows]
+    return part.contiguous() if isinstance(part, torch.Tensor) else part
 
 
 class HostCopy:

@@ -140,9 +140,10 @@ class ExpertShard(nn.Module):
     def __init__(self, config: ModelConfig, selection: ShardSelection) -> None:
         super().__init__()
         self.config = config
+        rows = selection.expert_rows(config)  # every held expert's hidden rows, or a part of them (`hidden_part`)
         self.groups = nn.ModuleDict(
             {
-                str(layer): ExpertGroup(config.dim, config.hidden_dim, list(ids), config.num_experts)
+                str(layer): ExpertGroup(config.dim, rows.stop - rows.start, list(ids), config.num_experts)
                 for layer, ids in selection.experts.items()
             }
         )

@@ -78,6 +78,18 @@ def test_two_expert_groups_read_in_parallel_and_the_slower_gpu_sets_the_step():
     assert c["slowest_worker_per_stage"] == ["stage0+experts0"]
 
 
+def test_expert_halves_read_half_of_every_chosen_expert_on_each_gpu():
+    """In expectation the same bytes a GPU as two groups of whole experts (the ceiling takes the mean; whole groups
+    lose by their variance: both experts of a token in one group, 3 times in 7 at batch 1)."""
+    plan = settled("mixtral-2gpu-expert-halves.yaml")
+    reads = step_reads(plan, MIXTRAL, 1, CONTEXT, 2.0, 2)
+    gpu0 = 32 * ATTENTION + EMBEDDING_ROW + HEAD + 32 * KV_LAYER + 32 * EXPERT  # 8 experts' halves, 2 of 8 chosen
+    assert [(r.worker, r.total) for r in reads[0]] == [
+        ("stage0+experts0", pytest.approx(gpu0, rel=1e-12)),
+        ("experts1", pytest.approx(32 * EXPERT, rel=1e-12)),
+    ]
+
+
 def test_mixed_placement_sums_each_stages_slowest_gpu():
     plan = settled("mixtral-2gpu-mixed.yaml")
     c = ceiling(plan, MIXTRAL, 32, CONTEXT, 8.0, BW, 2)

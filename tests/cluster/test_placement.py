@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -53,6 +55,7 @@ def test_local_example_is_two_stages_and_two_expert_groups_on_one_cpu_each():
         ("mistral-7b-1gpu.yaml", PRESETS["mistral-7b"]),
         ("mixtral-2gpu-stages.yaml", PRESETS["mixtral-8x7b"]),
         ("mixtral-2gpu-experts.yaml", PRESETS["mixtral-8x7b"]),
+        ("mixtral-2gpu-expert-halves.yaml", PRESETS["mixtral-8x7b"]),
         ("mixtral-2gpu-mixed.yaml", PRESETS["mixtral-8x7b"]),
         ("mixtral-8gpu-2nodes.yaml", PRESETS["mixtral-8x7b"]),
         ("mixtral-8x22b-4gpu-experts.yaml", PRESETS["mixtral-8x22b"]),
@@ -61,9 +64,59 @@ def test_local_example_is_two_stages_and_two_expert_groups_on_one_cpu_each():
     ],
 )
 def test_every_example_holds_each_tensor_of_its_model_exactly_once(name, model):
+    """Counted in elements: an expert cut into parts is held once when its parts add up to it."""
     plan = settle(str(EXAMPLES / name), model)
-    held = Counter(t for shard in plan.shards(model) for t in shard.selection.tensor_shapes(model))
-    assert held == Counter(ShardSelection.whole(model).tensor_shapes(model).keys())
+    held = Counter()
+    for shard in plan.shards(model):
+        for tensor, shape in shard.selection.tensor_shapes(model).items():
+            held[tensor] += math.prod(shape)
+    whole = ShardSelection.whole(model).tensor_shapes(model)
+    assert held == Counter({tensor: math.prod(shape) for tensor, shape in whole.items()})
+
+
+def test_expert_halves_hold_every_expert_in_two_parts_of_its_hidden_rows():
+    plan = settle(str(EXAMPLES / "mixtral-2gpu-expert-halves.yaml"), PRESETS["mixtral-8x7b"])
+    assert [(g.experts, g.hidden) for g in plan.expert_groups] == [(tuple(range(8)), (0, 2)), (tuple(range(8)), (1, 2))]
+    selection = plan.expert_selection(1, PRESETS["mixtral-8x7b"])
+    assert selection.hidden_part == (1, 2) and selection.expert_rows(PRESETS["mixtral-8x7b"]) == slice(7168, 14336)
+
+
+HALVES = "checkpoint: c\nstages: 1\nexpert_groups:\n"
+
+
+@pytest.mark.parametrize(
+    "groups, message",
+    [
+        (
+            "  - {experts: 0-3, hidden: 0/2}\n  - {experts: 0-3, hidden: 0/2}\n  - {experts: 0-3, hidden: 1/2}\n",
+            "expert_groups[1].hidden: part 0/2 of expert 0 of every layer is also in expert_groups[0]",
+        ),
+        (
+            "  - {experts: 0-3, hidden: 0/2}\n  - {experts: 0-3, hidden: 1/3}\n",
+            "expert_groups[1].hidden: 1/3 and expert_groups[0]'s 0/2 cut expert 0 of every layer in different numbers",
+        ),
+        (
+            "  - {experts: 0-3, hidden: 0/2}\n  - {experts: 0-3}\n",
+            "expert 0 of every layer is also in expert_groups[0]",
+        ),
+        (
+            "  - {experts: 0-3, hidden: half}\n",
+            "expert_groups[0].hidden: expected all or a part such as 0/2, got 'half'",
+        ),
+        ("  - {experts: 0-3, hidden: 2/2}\n", "expert_groups[0].hidden: part 2 of 2: expected 0 <= part < n"),
+    ],
+)
+def test_a_wrong_cut_of_the_experts_is_named(write, groups, message):
+    with pytest.raises(PlacementError, match=re.escape(message)):
+        load_placement(write(HALVES + groups))
+
+
+def test_every_part_of_every_expert_must_be_held(write):
+    # small_config("mixtral"): 4 experts of 64 hidden rows
+    with pytest.raises(PlacementError, match=re.escape("part 1/2 of expert 0 of layer 0 is in no group")):
+        settle(write(HALVES + "  - {experts: 0-3, hidden: 0/2}\n"))
+    with pytest.raises(PlacementError, match=re.escape("hidden rows do not cut into 3 equal parts")):
+        settle(write(HALVES + "".join(f"  - {{experts: 0-3, hidden: {i}/3}}\n" for i in range(3))), MIXTRAL)
 
 
 def test_a_stage_count_splits_layers_evenly_with_the_first_stages_taking_the_remainder(write):

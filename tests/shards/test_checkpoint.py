@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from shards.checkpoint import CheckpointError, CheckpointReader, HostCopy, ShardSelection
 from shards.config import ConfigError, load_config
@@ -134,6 +135,35 @@ def test_selection_reads_only_its_tensors(checkpoint_factory):
         "model.layers.1.block_sparse_moe.experts.2.w2.weight",
         "model.layers.1.block_sparse_moe.experts.2.w3.weight",
     }
+
+
+@pytest.mark.parametrize("layout", ["hf", "reference"])
+def test_a_part_of_the_experts_hidden_rows_is_that_slice_of_the_whole_experts(checkpoint_factory, layout):
+    reader = CheckpointReader(checkpoint_factory("mixtral", seed=0, layout=layout))
+    h = reader.config.hidden_dim
+    whole = reader.load(ShardSelection(experts={1: (0, 3)}))
+    for part in range(2):
+        got = reader.load(ShardSelection(experts={1: (0, 3)}, hidden_part=(part, 2)))
+        rows = slice(part * h // 2, (part + 1) * h // 2)
+        assert set(got) == set(whole)
+        for name, t in got.items():
+            expected = whole[name][:, rows] if name.endswith("w2.weight") else whole[name][rows]
+            assert t.is_contiguous() and torch.equal(t, expected), name
+
+
+def test_a_random_checkpoints_expert_part_is_that_slice_of_the_whole(tmp_path):
+    from shards.make_checkpoint import small_config
+    from shards.random_source import write_random_checkpoint
+
+    reader = CheckpointReader(write_random_checkpoint(tmp_path / "r", small_config("mixtral"), 3, 0.02))
+    whole = reader.load(ShardSelection(experts={0: (2,)}))
+    got = reader.load(ShardSelection(experts={0: (2,)}, hidden_part=(1, 4)))
+    h = reader.config.hidden_dim // 4
+    w1, w2 = (
+        "model.layers.0.block_sparse_moe.experts.2.w1.weight",
+        "model.layers.0.block_sparse_moe.experts.2.w2.weight",
+    )
+    assert torch.equal(got[w1], whole[w1][h : 2 * h]) and torch.equal(got[w2], whole[w2][:, h : 2 * h])
 
 
 PEAK_SCRIPT = """

@@ -1,0 +1,65 @@
+"""Experts cut in half across two workers (`hidden: 0/2` and `1/2`): every token goes to both groups, each computes
+its half of the token's experts, and the stage adds the halves. The cluster's greedy tokens must be transformers'
+(float32), with the halves in the stage's worker and in another, eagerly and through the decode graphs' bookkeeping,
+and each group must have held exactly its half of the rows."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import ray
+import yaml
+
+from cluster.sharded import ShardedCluster
+from router.sampling import SamplingParams
+from tests.conftest import hf_greedy, random_prompts
+
+WINDOW = 16
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    os.environ["MISTRAL_CLUSTER_CUDA_GRAPHS"] = "eager"
+    os.environ["MISTRAL_CLUSTER_SERVER_GRAPHS"] = "eager"
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+    os.environ.pop("MISTRAL_CLUSTER_CUDA_GRAPHS", None)
+    os.environ.pop("MISTRAL_CLUSTER_SERVER_GRAPHS", None)
+
+
+def test_two_halves_of_every_expert_give_transformers_tokens(ray_local, checkpoint_factory, hf_model, tmp_path):
+    checkpoint = checkpoint_factory("mixtral", seed=41, window=WINDOW)
+    placement = {
+        "checkpoint": str(checkpoint),
+        "dtype": "float32",
+        "stages": [{"layers": "0-3", "resources": {"CPU": 0.5}}],
+        "expert_groups": [
+            {"experts": "0-3", "hidden": "0/2", "resources": {"CPU": 0.5}},
+            {"experts": "0-3", "hidden": "1/2", "resources": {"CPU": 0.5}},
+        ],
+        "micro_batch_size": 2,
+        "token_budget": 256,
+        "max_seqs": 4,
+    }
+    path = tmp_path / "halves.yaml"
+    path.write_text(yaml.safe_dump(placement))
+    prompts = random_prompts([7, 19, 4], seed=42)
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (14, 6, 20)]
+    model = hf_model(checkpoint)
+    expected = [hf_greedy(model, p, sp.max_tokens) for p, sp in zip(prompts, params, strict=True)]
+    with ShardedCluster.start(path) as cluster:
+        out = cluster.generate(prompts, params)
+        shapes = {name: ray.get(handle.expert_shapes.remote()) for name, handle in cluster.shard_handles().items()}
+    assert [c.token_ids for c in out] == expected
+    hidden = model.config.intermediate_size
+    # each group's stacked weights: 4 experts x (2 x half the rows) x dim, and dim x half the rows for w2
+    assert (
+        shapes["experts0"]["experts0"]
+        == shapes["experts1"]["experts1"]
+        == [
+            [4, hidden, model.config.hidden_size],
+            [4, model.config.hidden_size, hidden // 2],
+        ]
+    )
