@@ -23,6 +23,7 @@ string) is dropped; a step is never scheduled past `max_tokens` or the context.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from collections import deque
 from collections.abc import Callable
@@ -103,17 +104,19 @@ class Sequence:  # and `remove` cost O(fields) per element: 2.4 ms a schedule at
 
 
 class SlotPool:
-    """Cache slots: one per running sequence, handed back when it ends."""
+    """Cache slots: one per running sequence, handed back when it ends. The lowest free slot goes first, so the slots
+    in use stay packed at the bottom: with a step's rows in slot order (`Scheduler.schedule`), a full decode step's
+    slots are one ascending run, which the stage reads in place instead of gathering every layer's buffers."""
 
     def __init__(self, n: int) -> None:
-        self.free = list(range(n - 1, -1, -1))
+        self.free = list(range(n))  # a heap
         self.n = n
 
     def take(self) -> int | None:
-        return self.free.pop() if self.free else None
+        return heapq.heappop(self.free) if self.free else None
 
     def give(self, slot: int) -> None:
-        self.free.append(slot)
+        heapq.heappush(self.free, slot)
 
     @property
     def in_use(self) -> int:
@@ -247,8 +250,7 @@ class Scheduler:
                 budget -= n
         if not chosen:
             return None
-        position = {id(seq): i for i, seq in enumerate(self.running)}
-        chosen.sort(key=lambda sn: position[id(sn[0])])
+        chosen.sort(key=lambda sn: sn[0].slot)  # slot order: a run of slots is read in place (`SlotPool`)
         # A row past the tokens the router has (decode ahead) is fed back on the stage: FED_BACK, and it wants logits.
         token_ids = np.array(
             [t for seq, n in chosen for t in (seq.token_run(seq.cached, n) if seq.pending else [FED_BACK])], np.int64
