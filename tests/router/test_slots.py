@@ -46,3 +46,23 @@ def test_after_requests_end_and_others_take_their_slots_a_full_decode_step_is_on
         scheduler.process(step, greedy_out(plan))
     assert full_steps >= 5
     assert sorted(scheduler.slots.free) == [0, 1, 2, 3]  # every slot handed back
+
+
+def test_with_two_steps_in_flight_each_takes_a_run_of_slots():
+    """Two pipeline stages: each step takes half the sequences, the lower slots first, whatever order they came in."""
+    scheduler = Scheduler(SchedulerConfig(max_seqs=4, token_budget=64, chunk_size=16).settled(64), 64, 2)
+    lengths = {0: 3, 2: 2}
+    for i in range(6):
+        scheduler.add([1, 7, 8], SamplingParams(max_tokens=lengths.get(i, 12), ignore_eos=True))
+    halves, in_flight = 0, []
+    while scheduler.has_work():
+        while len(in_flight) < 2 and (step := scheduler.schedule(2)) is not None:
+            in_flight.append(step)
+            plan = step.plan
+            if all(n == 1 for n in plan.lengths) and len(plan.slots) == 2:
+                layout = StepLayout.build(plan, 64, None, 8, 10000.0, torch.device("cpu"))
+                assert layout.decode_range is not None, plan.slots
+                halves += 1
+        step = in_flight.pop(0)
+        scheduler.process(step, greedy_out(step.plan))
+    assert halves >= 8
