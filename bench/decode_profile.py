@@ -36,9 +36,9 @@ PROMPT_TOKENS = 512
 
 # kernel name patterns, first match wins: what each kind of kernel is, in both implementations
 KINDS = (
-    ("expert_gemv", re.compile(r"expert|gemv_kernel|_moe_", re.I)),
+    ("expert_gemv", re.compile(r"expert|gemv_kernel|_moe_|^_gate_up_kernel|^_down_kernel", re.I)),
+    ("attention", re.compile(r"flash|fmha|cudnn|sdpa|attention|softmax|^run_attention|^merge_runs", re.I)),
     ("gemm", re.compile(r"gemm|gemv|cutlass|nvjet|sm90_xmma|splitk|cublas|mm_", re.I)),
-    ("attention", re.compile(r"flash|fmha|cudnn|sdpa|attention|softmax", re.I)),
     ("triton_fused", re.compile(r"^triton_|triton", re.I)),
     ("copy", re.compile(r"copy|memcpy|memset|fill", re.I)),
     ("elementwise", re.compile(r"elementwise|vectorized|reduce|index|gather|scatter|cat|where|topk|sort", re.I)),
