@@ -33,6 +33,7 @@ import gc
 import json
 import math
 import os
+import subprocess
 import tempfile
 import threading
 import time
@@ -917,6 +918,7 @@ def main() -> None:
         args.ttft_tokens = [128, 256] if args.ttft_tokens else []
     n_gpus = 0 if dry else torch.cuda.device_count()
     devices = [torch.device("cpu")] if dry else [torch.device("cuda", i) for i in range(n_gpus)]
+    HOST["at_start"] = host_state()
     hw = measure_hardware(devices, dry)
     # Its 8 GiB of copy buffers per GPU stayed in the driver's cache and every wait for free GPUs below ran out its
     # 60 s (2 minutes a placement in the 2026-11-30 run): give them back, then take what is left as the idle level.
@@ -1026,6 +1028,8 @@ def write_result(args, hw: dict, n_gpus: int, load_path: dict | None, results: l
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "host_cpus": os.cpu_count(),
+            # was anything else running? (a run beside another GPU job's compile measured 84 tok/s for 112)
+            "host": {**HOST, "at_end": host_state()},
         },
         "hardware": hw,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
@@ -1102,6 +1106,27 @@ def wait_until_gpus_free(memory: MemoryWatch, timeout_s: float = 60.0) -> None:
 
 
 _T0 = time.monotonic()
+HOST: dict = {}
+
+
+def host_state() -> dict:
+    """The host's 1-minute load average and the GPU processes other than this one (nvidia-smi, where it exists):
+    a figure measured beside another job is not a figure. Printed loudly when either says the host is shared."""
+    load = os.getloadavg()[0]
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+        others = [line.strip() for line in out.splitlines() if line.strip() and not line.startswith(f"{os.getpid()},")]
+    except (OSError, subprocess.SubprocessError):
+        others = None
+    state = {"load_1min": round(load, 2), "other_gpu_processes": others}
+    if load > (os.cpu_count() or 1) / 2 or others:
+        print(f"!!! the host is shared: load {load:.1f} on {os.cpu_count()} cores, GPU processes {others}", flush=True)
+    return state
 
 
 def stamp() -> str:
