@@ -95,6 +95,28 @@ def _(q, k, v, k_rows, v_rows, write_rows, slots, positions, capacity):
     return torch.empty_like(q)
 
 
+@torch.library.custom_op("mistral_cluster::cublas_linear", mutates_args=())
+def cublas_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`F.linear` as torch runs it (cuBLAS on a GPU), opaque to inductor. Under coordinate-descent tuning inductor
+    writes a one-token GEMM as a reduction: good for q/k/v (fused with the norm, 3.1 TB/s), but the output
+    projection ran at 1.35 TB/s (24.8 us a layer against cuBLAS's ~12) and the gate's 8 outputs took 13.8 us
+    (cuBLAS ~6): too few outputs for a reduction of 4096 (bench/NOTES.md, `decode_profile`, one H200)."""
+    return F.linear(x, weight)
+
+
+@cublas_linear.register_fake
+def _(x, weight):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The output projection's and the gate's GEMM: cuBLAS (`cublas_linear`), or inductor's own with
+    MISTRAL_CLUSTER_COMPILE_CUBLAS=0 (an A/B switch; read when the layers are compiled)."""
+    if os.environ.get("MISTRAL_CLUSTER_COMPILE_CUBLAS", "1") == "0":
+        return F.linear(x, weight)
+    return cublas_linear(x, weight)
+
+
 def _attention_half(h, ln1, wqkv, wo, ln2, k_rows, v_rows, write_rows, slots, positions, cos, sin, dims):
     """`DecoderLayer.forward` up to the feed-forward, for one decode token per sequence: (h, the normed input of
     the feed-forward). k_rows, v_rows: the layer's cache, written in place. Every buffer's rows are in the grid
@@ -107,14 +129,14 @@ def _attention_half(h, ln1, wqkv, wo, ln2, k_rows, v_rows, write_rows, slots, po
     k = apply_rotary(k.view(tokens, n_kv, head_dim), cos, sin)
     v = v.view(tokens, n_kv, head_dim)
     out = write_and_attend(q, k, v, k_rows, v_rows, write_rows, slots, positions, capacity)
-    h = h + F.linear(out.reshape(tokens, n_heads * head_dim), wo)
+    h = h + _linear(out.reshape(tokens, n_heads * head_dim), wo)
     return h, rms_norm(h, ln2, eps)
 
 
 def _moe_layer(h, y, ln1, wqkv, wo, ln2, gate, k_rows, v_rows, write_rows, slots, positions, cos, sin, dims, top_k):
     """The last layer's expert sum `y` added, then this layer up to its experts: (h, x, expert ids, weights)."""
     h, x = _attention_half(h + y, ln1, wqkv, wo, ln2, k_rows, v_rows, write_rows, slots, positions, cos, sin, dims)
-    ids, weights = route(F.linear(x, gate), top_k, x.dtype)
+    ids, weights = route(_linear(x, gate), top_k, x.dtype)
     return h, x, ids, weights
 
 
