@@ -99,3 +99,19 @@ def test_a_failed_compile_is_logged_and_the_layers_run_eagerly(checkpoint_factor
         ours = compiled.run_layers(x, step, cache)
         cache.k.zero_(), cache.v.zero_()
         torch.testing.assert_close(ours, shard.run_layers(x, step, cache), rtol=0, atol=0)
+
+
+def test_routing_by_max_reductions_is_routing_by_topk():
+    """The compiled layers route with `top_k` max reductions (one fused kernel) instead of torch.topk: the same ids
+    in the same order and the same weights, for scores without ties."""
+    from shards.compiled_decode import route_by_max
+    from shards.moe import route
+
+    gen = torch.Generator().manual_seed(3)
+    for experts, k in ((8, 2), (4, 2), (8, 1), (16, 4)):
+        logits = torch.randn(64, experts, generator=gen)
+        for dtype in (torch.float32, torch.bfloat16):
+            ids, weights = route(logits, k, dtype)
+            ids_max, weights_max = route_by_max(logits, k, dtype)
+            assert torch.equal(ids, ids_max), (experts, k)
+            assert weights_max.dtype == dtype and torch.equal(weights, weights_max), (experts, k, dtype)
