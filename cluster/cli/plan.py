@@ -82,7 +82,8 @@ def steps(plan) -> dict:
     elif depth > 1:
         note = f"steps: {depth} in flight, each with 1/{groups} of the running sequences (one per stage)"
     else:
-        note = "steps: one at a time" + ("" if len(plan.stages) > 1 else " (`decode_ahead: true` overlaps them)")
+        hint = " (decode ahead overlaps them; `decode_ahead: auto` turns it on where the stage holds a GPU)"
+        note = "steps: one at a time" + ("" if len(plan.stages) > 1 else hint)
     return {"in_flight": depth, "groups": groups, "decode_ahead": ahead, "note": note}
 
 
