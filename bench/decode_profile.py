@@ -140,6 +140,7 @@ def ours(
     fused = None
     if compiled:
         t0 = time.perf_counter()
+        torch._dynamo.reset()  # compiled afresh: the settings read while tracing (MISTRAL_CLUSTER_COMPILE_CUBLAS) count
         fused = CompiledDecode(shard, cache, (1,))
         fused.warm_up()
         t_compile = time.perf_counter() - t0
@@ -306,11 +307,13 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_random_checkpoint(Path(tmp) / "ckpt", cfg, SEED, STD)
-        # (name, compiled layers, MISTRAL_CLUSTER_DECODE_ATTENTION)
-        runs = [("ours", False, "triton"), ("ours_sdpa", False, "sdpa")]
-        runs += [] if args.no_compiled else [("ours_compiled", True, "triton")]
-        for name, compiled, attention in runs:
+        # (name, compiled layers, MISTRAL_CLUSTER_DECODE_ATTENTION, MISTRAL_CLUSTER_COMPILE_CUBLAS)
+        runs = [("ours", False, "triton", "1"), ("ours_sdpa", False, "sdpa", "1")]
+        if not args.no_compiled:  # the output projection and gate through cuBLAS, and through inductor's reductions
+            runs += [("ours_compiled", True, "triton", "1"), ("ours_compiled_inductor_gemv", True, "triton", "0")]
+        for name, compiled, attention, cublas in runs:
             os.environ["MISTRAL_CLUSTER_DECODE_ATTENTION"] = attention
+            os.environ["MISTRAL_CLUSTER_COMPILE_CUBLAS"] = cublas
             try:
                 result["runs"][name] = ours(name, ckpt, cfg, device, dtype, compiled, args.trace_dir)
             except Exception as e:  # noqa: BLE001 - record it, go on with the others
