@@ -17,7 +17,6 @@ the script; its figures mean nothing there.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from bench.shard_profile import own_stream, sync, timed
 from shards.config import PRESETS, ModelConfig
 from shards.random_source import write_random_checkpoint
 
@@ -50,22 +50,6 @@ def kind_of(name: str) -> str:
         if pattern.search(name):
             return kind
     return "other"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def per_step_seconds(fn, device: torch.device, repeat: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t0) / repeat
 
 
 def kernel_profile(fn, device: torch.device, layers: int, steps: int, trace: Path | None) -> dict:
@@ -156,11 +140,9 @@ def ours(
         h = shard.embed(torch.as_tensor(plan.token_ids).to(device))
         return graphs.run(h, layout_for(plan), None)
 
-    # as a worker runs its steps: on a stream of its own (a graph cannot be captured on the default stream)
-    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-    with torch.inference_mode(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+    with torch.inference_mode(), own_stream(device):
         shard.run_layers(shard.embed(torch.as_tensor(prompt.token_ids).to(device)), layout_for(prompt), cache)
-        seconds = per_step_seconds(step, device)
+        seconds = timed(step, device, repeat=20, warmup=3)
         trace = Path(trace_dir) / f"{name}.json" if trace_dir else None
         profile = kernel_profile(step, device, layers, 10, trace)
     out = {
@@ -264,7 +246,7 @@ def gpt_fast(root: Path, ckpt: Path, cfg: ModelConfig, device: torch.device, dty
         return peer.decode(peer.model, token, pos)
 
     with torch.no_grad(), torch._inductor.config.patch(INDUCTOR_FLAGS), sdpa_kernel(SDPBackend.MATH):
-        seconds = per_step_seconds(step, device)
+        seconds = timed(step, device, repeat=20, warmup=3)
         trace = Path(trace_dir) / "gpt-fast.json" if trace_dir else None
         profile = kernel_profile(step, device, cfg.n_layers, 10, trace)
     return {

@@ -4,6 +4,7 @@ attention and the feed-forward, the profiler's top kernels, and one prompt's fir
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +19,21 @@ from shards.random_source import write_random_checkpoint
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def own_stream(device: torch.device):
+    """Run on a stream of its own, as a worker runs its steps: a CUDA graph cannot be captured on the default
+    stream (the capture fails, `DecodeGraphs` keeps the shape eager, and a "graphed" profile times eager launches:
+    one session's profiles did). Ordered after the work queued before it, and the work after it after it."""
+    if device.type != "cuda":
+        yield
+        return
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        yield
+    torch.cuda.current_stream(device).wait_stream(stream)
 
 
 def timed(fn, device: torch.device, repeat: int, warmup: int = 2) -> float:
@@ -142,11 +158,12 @@ def profile_graphed_decode(shard, cache, decode, cfg: ModelConfig, capacity: int
         h = shard.embed(torch.as_tensor(decode.token_ids).to(device))
         return graphs.run(h, layout, None)
 
-    with torch.inference_mode():
+    with torch.inference_mode(), own_stream(device):
         wall = timed(step, device, repeat=10, warmup=3)  # the first warm-up runs eagerly and is captured
         ops, prof = top_ops(step, device, n=16)
     out = {
         "compiled": compiled is not None,
+        "captures": graphs.captures,  # 0: every step ran eagerly, and the figures below are not a replay's
         "replays": graphs.replays,
         "step_ms_per_layer": round(1000 * wall / layers, 4),
         "top_ops": ops,

@@ -491,9 +491,10 @@ class ShardWorker:
                 if launched is not None:
                     runner.overlapped += 1
                     self._deliver(runner, launched)
-                launched = step
-                if not overlap or q.empty():  # nothing to queue behind it: finish it now
-                    launched, step = None, launched
+                    launched = None
+                if overlap and not q.empty():  # the next plan is here: queue it behind this step first
+                    launched = step
+                else:
                     self._deliver(runner, step)
             except Exception as e:  # noqa: BLE001 - the step fails with this cause; recovery resets the worker
                 self._failed(f"stage{runner.index} step {wire.step}", e)

@@ -215,15 +215,16 @@ class CheckpointReader:
         rows = selection.expert_rows(self.config)
         partial = selection.hidden_part != (0, 1)
 
-        def _split(name: str, t):
-            return _expert_part(name, t, rows) if partial and _is_expert(name) else t
+        def part_only(name: str) -> bool:
+            return partial and ".block_sparse_moe.experts." in name
 
         if self.random is not None:
             seed, std = self.random
-            return {
-                name: _split(name, random_tensor(name, shape, seed, std, dtype or torch.float32, device))
-                for name, shape in expected.items()
-            }
+            out = {}
+            for name, shape in expected.items():
+                t = random_tensor(name, shape, seed, std, dtype or torch.float32, device)
+                out[name] = _expert_part(name, t, rows) if part_only(name) else t
+            return out
         by_file: dict[Path, list[str]] = {}
         for name in expected:
             stored = self.stored_name(name)
@@ -244,8 +245,10 @@ class CheckpointReader:
                         f"{path}: tensor {stored!r} has shape {list(shape)}, the config asks for {list(expected[name])}"
                     )
                 try:
-                    t = _split(name, handle.get_slice(stored)) if partial and _is_expert(name) else None
-                    t = handle.get_tensor(stored) if t is None else t
+                    if part_only(name):
+                        t = _expert_part(name, handle.get_slice(stored), rows)
+                    else:
+                        t = handle.get_tensor(stored)
                 except (SafetensorError, RuntimeError, OSError) as e:
                     raise CheckpointError(f"{path}: tensor {stored!r} cannot be read ({e})") from None
                 if not t.is_floating_point():
@@ -258,10 +261,6 @@ class CheckpointReader:
                 out[name] = t.to(device=device, dtype=dtype or t.dtype)
                 del t
         return out
-
-
-def _is_expert(name: str) -> bool:
-    return ".block_sparse_moe.experts." in name
 
 
 def _expert_part(name: str, tensor, rows: slice):

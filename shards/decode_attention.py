@@ -15,12 +15,12 @@ same mask (each buffer's filled rows), scale and grouping. On the CPU it is that
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
 from shards.attention import decode_attention_math
+from shards.moe import triton_installed
 
 BLOCK_ROWS = 32  # keys per inner iteration: a (group, 32, head_dim) float32 product stays in registers
 TARGET_PROGRAMS = 264  # split the rows until (sequences x KV heads x runs) reaches about two programs an SM (132)
@@ -50,16 +50,7 @@ def triton_decode_supported(device: torch.device) -> bool:
         return False
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return False
-    return _triton_installed()
-
-
-@functools.cache
-def _triton_installed() -> bool:
-    try:
-        import triton  # noqa: F401 - optional (a test extra); this probe is how we find out
-    except ImportError:
-        return False
-    return True
+    return triton_installed()
 
 
 def tensor_cores() -> bool:

@@ -88,11 +88,12 @@ def gemv_max_tokens() -> int:
 
 def gemv_supported(x: torch.Tensor) -> bool:
     """The GEMV runs where Triton compiles for the device: CUDA with Triton installed."""
-    return x.device.type == "cuda" and _triton_installed()
+    return x.device.type == "cuda" and triton_installed()
 
 
 @functools.cache
-def _triton_installed() -> bool:
+def triton_installed() -> bool:
+    """Whether Triton imports here (the expert GEMV and the decode attention kernel need it)."""
     try:
         import triton  # noqa: F401 - Triton is optional (a test extra); this probe is how we find out
     except ImportError:
