@@ -188,8 +188,12 @@ def kernel_case(cfg: ModelConfig, device: torch.device, batch: int, filled: int,
     exact = decode_attention_math(q.double(), keys.double(), values.double(), mask)
     os.environ["MISTRAL_CLUSTER_DECODE_ATTENTION"] = "triton"
 
-    def triton_path():
-        return decode_attention(q, k_rows, v_rows, slots, positions, cap, span)
+    def triton_path():  # the float32 products on the CUDA cores (MISTRAL_CLUSTER_DECODE_ATTENTION_DOT=0)
+        os.environ["MISTRAL_CLUSTER_DECODE_ATTENTION_DOT"] = "0"
+        try:
+            return decode_attention(q, k_rows, v_rows, slots, positions, cap, span)
+        finally:
+            os.environ.pop("MISTRAL_CLUSTER_DECODE_ATTENTION_DOT")
 
     plan = AttentionPlan.for_decode([filled] * batch, cap, device)
 
@@ -204,9 +208,9 @@ def kernel_case(cfg: ModelConfig, device: torch.device, batch: int, filled: int,
     def dot_path():  # the tensor-core products (MISTRAL_CLUSTER_DECODE_ATTENTION_DOT=1)
         os.environ["MISTRAL_CLUSTER_DECODE_ATTENTION_DOT"] = "1"
         try:
-            return triton_path()
+            return decode_attention(q, k_rows, v_rows, slots, positions, cap, span)
         finally:
-            os.environ["MISTRAL_CLUSTER_DECODE_ATTENTION_DOT"] = "0"
+            os.environ.pop("MISTRAL_CLUSTER_DECODE_ATTENTION_DOT")
 
     row = {"batch": batch, "filled": filled, "span": span, "dtype": str(dtype), "relative_error": error(triton_path())}
     row["dot_relative_error"] = error(dot_path())

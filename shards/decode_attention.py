@@ -16,6 +16,7 @@ same mask (each buffer's filled rows), scale and grouping. On the CPU it is that
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -36,12 +37,13 @@ def decode_attention_backend() -> str:
 
 
 def triton_max_seqs() -> int:
-    """Most sequences a decode step of the eager layers may have for the kernel; larger steps take torch's SDPA.
-    Measured on an H200 (Mixtral, 576 rows a buffer): at batch 1 the kernel takes 13.5 us against SDPA's 18.7
-    plus its gather, but at batch 32 and 128 a one-GPU step was 8 % and 20 % slower with it (its products run on
-    CUDA cores in float32, a (group, 32, head_dim) tile a program: fine for 8 programs, not for 1024), so it stops
-    at 4 until it uses the tensor cores. MISTRAL_CLUSTER_DECODE_ATTENTION_MAX_SEQS overrides (0: never)."""
-    return int(os.environ.get("MISTRAL_CLUSTER_DECODE_ATTENTION_MAX_SEQS", "4"))
+    """Most sequences a decode step of the eager layers may have for the kernels; larger steps take torch's SDPA.
+    No limit by default: measured on an H200 (Mixtral, 576 rows a buffer, `decode_profile-dot-h200.json`), the
+    tensor-core variant takes 76.6 us at 32 sequences and 92.4 at 128 where SDPA with its gather takes 110.9 and
+    279.8 (the float32-product kernel alone had cost a one-GPU step 8 % at 32 and 20 % at 128, hence the old limit
+    of 4). MISTRAL_CLUSTER_DECODE_ATTENTION_MAX_SEQS overrides (0: never), for an A/B."""
+    value = os.environ.get("MISTRAL_CLUSTER_DECODE_ATTENTION_MAX_SEQS", "")
+    return int(value) if value else sys.maxsize
 
 
 def triton_decode_supported(device: torch.device) -> bool:
@@ -53,11 +55,20 @@ def triton_decode_supported(device: torch.device) -> bool:
     return triton_installed()
 
 
-def tensor_cores() -> bool:
-    """MISTRAL_CLUSTER_DECODE_ATTENTION_DOT=1: the kernel's products on the tensor cores (`tl.dot`, the query group
-    padded to 16 rows, 64 keys a block). Built for batches of many sequences, where the float32 products spilled;
-    not yet measured on a GPU, hence off (`bench/decode_profile.py`'s kernel check times both)."""
-    return os.environ.get("MISTRAL_CLUSTER_DECODE_ATTENTION_DOT", "0") == "1"
+CUDA_CORE_MAX_SEQS = 4  # up to this many sequences the products stay on the CUDA cores in float32
+
+
+def tensor_cores(seqs: int) -> bool:
+    """Whether a step of `seqs` sequences takes the kernel's tensor-core products (`tl.dot`, the query group padded
+    to 16 rows, 64 keys a block). Measured on an H200 (`decode_profile-dot-h200.json`, bf16, 576 rows): float32
+    products on the CUDA cores 157 us at 32 sequences and 584 at 128, the tensor cores 76.6 and 92.4; at one
+    sequence the padding to 16 rows costs more than it saves (102.6 against 114.7 us, launch included), so the
+    CUDA cores keep steps of up to CUDA_CORE_MAX_SEQS. MISTRAL_CLUSTER_DECODE_ATTENTION_DOT: `auto` (that rule),
+    `1` (always) or `0` (never), for an A/B."""
+    mode = os.environ.get("MISTRAL_CLUSTER_DECODE_ATTENTION_DOT", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"MISTRAL_CLUSTER_DECODE_ATTENTION_DOT={mode!r}: expected 'auto', '0' or '1'")
+    return mode == "1" or (mode == "auto" and seqs > CUDA_CORE_MAX_SEQS)
 
 
 def split_rows(seqs: int, n_kv: int, span: int, block: int = BLOCK_ROWS) -> tuple[int, int]:
@@ -97,7 +108,7 @@ def decode_attention(
     from shards.decode_attention_kernels import merge_runs, run_attention
 
     group = n_heads // n_kv
-    dot = tensor_cores()
+    dot = tensor_cores(seqs)
     group_pad = max(16, triton.next_power_of_2(group)) if dot else triton.next_power_of_2(group)
     block = 64 if dot else BLOCK_ROWS
     rows, runs = split_rows(seqs, n_kv, span, block)

@@ -160,3 +160,23 @@ def test_the_eager_and_compiled_layers_give_transformers_tokens_through_the_kern
     assert interpreted["eager_launches"] == layers * (NEW_TOKENS - 1)
     assert interpreted["compiled_launches"] >= layers * (NEW_TOKENS - 1)
     assert max(len(p) for p in PROMPTS) + NEW_TOKENS > 2 * WINDOW  # the buffers wrapped
+
+
+def test_which_products_and_which_steps_take_the_kernel(monkeypatch):
+    """The rule measured on an H200: float32 products up to CUDA_CORE_MAX_SEQS sequences, tensor cores above, and
+    no step too large for the kernels unless the A/B variables say otherwise; a bad value is named."""
+    from shards.decode_attention import CUDA_CORE_MAX_SEQS, tensor_cores, triton_max_seqs
+
+    monkeypatch.delenv("MISTRAL_CLUSTER_DECODE_ATTENTION_DOT", raising=False)
+    monkeypatch.delenv("MISTRAL_CLUSTER_DECODE_ATTENTION_MAX_SEQS", raising=False)
+    assert [tensor_cores(s) for s in (1, CUDA_CORE_MAX_SEQS, CUDA_CORE_MAX_SEQS + 1, 128)] == [False, False, True, True]
+    assert triton_max_seqs() >= 1 << 20
+    monkeypatch.setenv("MISTRAL_CLUSTER_DECODE_ATTENTION_DOT", "1")
+    assert tensor_cores(1)
+    monkeypatch.setenv("MISTRAL_CLUSTER_DECODE_ATTENTION_DOT", "0")
+    assert not tensor_cores(128)
+    monkeypatch.setenv("MISTRAL_CLUSTER_DECODE_ATTENTION_DOT", "yes")
+    with pytest.raises(ValueError, match="'yes'"):
+        tensor_cores(8)
+    monkeypatch.setenv("MISTRAL_CLUSTER_DECODE_ATTENTION_MAX_SEQS", "4")
+    assert triton_max_seqs() == 4
