@@ -235,11 +235,17 @@ class MoEProbe:
                     events.append(start.elapsed_time(end) / 1e3)
         return {"seconds": wall, "event_seconds": events or None}
 
-    def run_count(self, count: int) -> None:
-        """The far side: the prepared step `count` times, issued without waiting (as the server's loop does)."""
+    def run_count(self, count: int, profile: bool = False) -> dict | None:
+        """The far side: the prepared step `count` times, issued without waiting (as the server's loop does); with
+        `profile`, under torch's profiler: its kernels per step (`bench/decode_profile.kernel_profile`)."""
+        if profile:
+            from bench.decode_profile import kernel_profile
+
+            return kernel_profile(self.step, self.device, 1, count, None)
         for _ in range(count):
             self.step()
         self._sync()
+        return None
 
     def ray_call(self, peer, b: int, warmup: int, iters: int) -> dict:
         packed = self._message(b)
@@ -351,6 +357,28 @@ def measure(probes: list, cuda: bool, quick: bool, timeout_s: float) -> dict:
     return out
 
 
+def profile_server(probes: list, cuda: bool, batches: list[int], timeout_s: float) -> dict:
+    """Rank 1's kernels per message, both sides in graphs: answering the exchange against its expert forward alone.
+    The round trip at 32 and 128 tokens exceeded compute + echo by 115 and 320 us on an H200 (transport-moe-h200-
+    quick.json); the kernel lists say whether its kernels ran slower or other kernels ran."""
+    stage, server = probes
+    mode = "graph" if cuda else "eager"  # no graphs on a CPU: a dry run of the script
+    out: dict = {}
+    for b in batches:
+        n = (10, 60)
+        errors = ray.get([stage.prepare_stage.remote(b, mode), server.prepare_server.remote(b, "experts", mode)])
+        if any(errors):
+            out[str(b)] = {"error": "; ".join(e for e in errors if e)}
+            continue
+        timed, exchange_prof = ray.get(
+            [stage.run_timed.remote(*n), server.run_count.remote(sum(n), True)], timeout=timeout_s
+        )
+        error = ray.get(server.prepare_compute.remote(b, mode), timeout=timeout_s)
+        compute_prof = None if error else ray.get(server.run_count.remote(sum(n), True), timeout=timeout_s)
+        out[str(b)] = {"round_trip": summary(timed), "exchange_server": exchange_prof, "compute": compute_prof}
+    return out
+
+
 def global_capture(probes: list, n: tuple[int, int], timeout_s: float) -> dict:
     stage, server = probes
     try:
@@ -410,6 +438,20 @@ def print_table(result: dict) -> None:
         print(f"capture in torch's default (global) mode: {result['global_capture']}")
 
 
+def print_profiles(profiles: dict) -> None:
+    for b, p in profiles.items():
+        if "error" in p:
+            print(f"!!! profile b={b}: {p['error']}")
+            continue
+        print(f"\nrank 1 at batch {b}: round trip {p['round_trip']['round_trip_us']:.1f} us")
+        for name in ("exchange_server", "compute"):
+            prof = p.get(name) or {}
+            busy, wall = prof.get("kernel_us_per_step"), prof.get("wall_ms_per_step")
+            print(f"  {name}: {busy} us of kernels a message, {wall} ms wall")
+            for k in prof.get("kernels", [])[:14]:
+                print(f"    {k['per_layer']:6.2f} x {k['us_each']:8.2f} us  {k['name'][:100]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
@@ -417,6 +459,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=None, help="expert hidden size (default 14336 on GPU, 512 on CPU)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds any one measurement may take")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument(
+        "--profile-batches", type=int, nargs="*", default=[], help="also profile rank 1's kernels at these batches"
+    )
+    p.add_argument("--only-profile", action="store_true", help="skip the round-trip table (GPU: profile only)")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -433,7 +479,9 @@ def main(argv: list[str] | None = None) -> int:
         info = ray.get(probes[0].describe.remote(), timeout=args.timeout)
         if not info["device"].startswith(args.device):
             raise RuntimeError(f"asked for {args.device}, the actors run on {info['device']}")
-        measured = measure(probes, cuda, args.quick, args.timeout)
+        measured = {} if args.only_profile else measure(probes, cuda, args.quick, args.timeout)
+        if args.profile_batches:
+            measured["server_profiles"] = profile_server(probes, cuda, args.profile_batches, args.timeout)
         ray.get([q.close.remote() for q in probes], timeout=args.timeout)
     finally:
         ray.shutdown()
@@ -457,9 +505,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"transport-moe-{machine_slug(info)}{'-quick' if args.quick else ''}.json"
+    tag = "-profile" if args.only_profile else "-quick" if args.quick else ""
+    path = args.out / f"transport-moe-{machine_slug(info)}{tag}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print_table(result)
+    if "layers" in result:
+        print_table(result)
+    print_profiles(result.get("server_profiles", {}))
     print(f"\nwrote {path} in {result['elapsed_s']} s")
     return 0
 
