@@ -100,3 +100,17 @@ def test_a_truncated_plan_message_is_refused():
     _, step = scheduled()
     with pytest.raises(ValueError, match="does not hold 7 sequences and 21 tokens and 4 score targets"):
         decode_plan(encode_plan(0, step.plan, 1)[:-1])
+
+
+def test_the_expert_message_unpacks_to_an_aligned_copy_of_the_activations():
+    """A view of the packed rows (stride dim + 2k) sent cuBLAS to an align-2 GEMM on an H200 (361 against 233 us at
+    32 tokens): the activations come out contiguous, with the ids and weights exact."""
+    from cluster.stage_runner import pack_for_experts, unpack_for_experts
+
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    ids = torch.tensor([[0, 7], [3, 1], [2, 2], [6, 5], [4, 0]])
+    weights = torch.rand(5, 2).to(torch.bfloat16)
+    got_x, got_ids, got_weights = unpack_for_experts(pack_for_experts(x, ids, weights), 64, 2)
+    assert got_x.is_contiguous() and torch.equal(got_x, x)
+    assert got_ids.dtype == torch.long and torch.equal(got_ids, ids)
+    assert torch.equal(got_weights, weights)
