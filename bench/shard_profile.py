@@ -132,6 +132,8 @@ def profile_components(
     out["prefill_4096"] = profile_prefill(shard, small, device, dtype, 4096)
     for h in hooks:
         h.remove()
+    cases = MIXED_CASES if device.type == "cuda" else [(6, 2, 8, 12)]
+    out["mixed"] = [profile_mixed(shard, small, device, dtype, *case) for case in cases]
     shard = None
     return out
 
@@ -175,6 +177,74 @@ def profile_graphed_decode(shard, cache, decode, cfg: ModelConfig, capacity: int
         out["kernel_us_per_layer"] = round(busy_us / layers, 2)
         out["idle_share"] = round(max(0.0, 1 - busy_us / (1e6 * wall)), 3) if wall > 0 else None
     return out
+
+
+# (running sequences, new prompts, prompt tokens, running context): the steps of a served run at 128 and 32 streams
+# when requests arrive, 64-token prompts (bench/NOTES.md, 2026-12-01: such steps took ten decode steps' time).
+MIXED_CASES = [(112, 16, 64, 300), (22, 10, 64, 300)]
+
+
+def profile_mixed(
+    shard, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, running: int, prompts: int, plen: int, ctx: int
+) -> dict:
+    """A step that carries new prompts beside running sequences, as a served step does when requests arrive: its
+    time against a decode-only step of the same running sequences plus a prefill-only step of the same prompts
+    (the layers eager, as the cluster runs such steps), the host syncs in it, its top kernels, and how far the
+    running rows' outputs are from the decode-only step's (the same function: only rounding may differ)."""
+    from router.step import StepPlan
+    from shards.kv_cache import RollingKVCache, StepLayout, cache_capacity
+
+    capacity = cache_capacity(cfg.sliding_window, cfg.max_seq_len)
+    slots = list(range(running + prompts))
+    layers = [int(i) for i in shard.layers]
+    cache = RollingKVCache(layers, len(slots), capacity, cfg.n_kv_heads, cfg.head_dim, dtype, device)
+    gen = torch.Generator().manual_seed(running)
+
+    def ids(n: int) -> torch.Tensor:
+        return torch.randint(3, cfg.vocab_size, (n,), generator=gen)
+
+    def run(plan: StepPlan) -> torch.Tensor:
+        layout = StepLayout.build(plan, capacity, cfg.sliding_window, cfg.head_dim, cfg.rope_theta, device)
+        return shard.run_layers(shard.embed(torch.as_tensor(plan.token_ids).to(device)), layout, cache)
+
+    decode = StepPlan(slots[:running], [ctx] * running, [1] * running, ids(running))
+    prefill = StepPlan(slots[running:], [0] * prompts, [plen] * prompts, ids(prompts * plen))
+    mixed = StepPlan(
+        decode.slots + prefill.slots,
+        decode.starts + prefill.starts,
+        decode.lengths + prefill.lengths,
+        torch.cat([torch.as_tensor(decode.token_ids), torch.as_tensor(prefill.token_ids)]),
+    )
+    with torch.inference_mode():
+        chunk = min(ctx, capacity)
+        for first in range(0, running, 16):  # the running sequences' contexts: 16 prompts a step, in chunks
+            part = slots[first : first + 16]
+            for start in range(0, ctx, chunk):
+                n = min(chunk, ctx - start)
+                run(StepPlan(part, [start] * len(part), [n] * len(part), ids(len(part) * n)))
+        alone = run(decode)[:running].float()
+        together = run(mixed)[:running].float()
+        diff = float((together - alone).abs().max() / alone.abs().max().clamp(min=1e-30))
+        times = {name: timed(lambda p=plan: run(p), device, repeat=3, warmup=1) for name, plan in
+                 (("mixed", mixed), ("decode", decode), ("prefill", prefill))}  # fmt: skip
+        ops, prof = top_ops(lambda: run(mixed), device)
+    syncs = sum(
+        e.count
+        for e in prof.key_averages()
+        if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item", "aten::_local_scalar_dense")
+    )
+    per_layer = {f"{k}_ms_per_layer": round(1000 * v / len(layers), 3) for k, v in times.items()}
+    return {
+        "running": running,
+        "prompts": prompts,
+        "prompt_tokens": plen,
+        "context": ctx,
+        **per_layer,
+        "mixed_over_parts": round(times["mixed"] / (times["decode"] + times["prefill"]), 3),
+        "running_rows_relative_diff": diff,
+        "host_syncs": syncs,
+        "top_ops": ops,
+    }
 
 
 def profile_prefill(shard, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, tokens: int) -> dict:
