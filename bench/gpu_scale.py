@@ -63,6 +63,7 @@ PLACEMENTS = {  # name -> (example YAML, GPUs it needs, models it applies to)
     "two_stages": ("mixtral-2gpu-stages.yaml", 2, ("mistral", "mixtral")),
     "two_expert_groups": ("mixtral-2gpu-experts.yaml", 2, ("mixtral",)),
     "two_expert_halves": ("mixtral-2gpu-expert-halves.yaml", 2, ("mixtral",)),
+    "two_expert_parts": ("mixtral-2gpu-expert-parts.yaml", 2, ("mixtral",)),  # uneven: 56 % on the stage's GPU
     "mixed": ("mixtral-2gpu-mixed.yaml", 2, ("mixtral",)),
     # Mixtral 8x22B does not fit one or two H200s: its placements are for four, their layer ranges its 56 layers.
     "four_stages": ("mixtral-8x22b-4gpu-stages.yaml", 4, ("mixtral-8x22b",)),
@@ -409,17 +410,26 @@ def placement_yaml(
         dtype="float32" if dry else "bfloat16",
     )
     if dry:
-        dry_placement(spec, load_config(ckpt).n_layers)
+        dry_cfg = load_config(ckpt)
+        dry_placement(spec, dry_cfg.n_layers, dry_cfg.hidden_dim)
     path = tmp / f"{name}-{ckpt.name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
 
 
-def dry_placement(spec: dict, n_layers: int) -> None:
+def dry_placement(spec: dict, n_layers: int, hidden_dim: int) -> None:
     """The example for the dry run's tiny model, in place: the same shards and GPU fractions (so the same workers),
-    a quarter CPU each (every shard fits two cores), layer ranges scaled from the example's layers to `n_layers`."""
+    a quarter CPU each (every shard fits two cores), layer ranges scaled from the example's layers to `n_layers`
+    and expert row ranges (`hidden: start:stop`) from the example's rows to `hidden_dim`."""
     stages = spec["stages"] if isinstance(spec["stages"], list) else []
     groups = spec["expert_groups"] if isinstance(spec.get("expert_groups"), list) else []
+    cuts = [tuple(int(v) for v in str(g["hidden"]).split(":")) for g in groups if ":" in str(g.get("hidden", ""))]
+    if cuts:
+        rows = max(stop for _, stop in cuts)  # the cuts tile every row of the example's experts
+        for g in groups:
+            if ":" in str(g.get("hidden", "")):
+                a, b = (int(v) for v in str(g["hidden"]).split(":"))
+                g["hidden"] = f"{a * hidden_dim // rows}:{b * hidden_dim // rows}"
     for mapping in [spec, *stages, *groups]:
         if mapping is spec or "resources" in mapping:
             mapping["resources"] = {**mapping.get("resources", {"CPU": 1}), "CPU": 0.25}

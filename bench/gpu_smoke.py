@@ -51,6 +51,13 @@ PLACEMENTS = {
             {"experts": "0-7", "hidden": "1/2", "resources": {"CPU": 1, "GPU": 1}},
         ],
     },
+    "stage_and_two_expert_parts": {  # an uneven cut as rows, 9/16 on the stage's GPU ({cut} and {hidden}: see main)
+        "stages": [{"layers": "0-7", "resources": {"CPU": 1, "GPU": 0.5}}],
+        "expert_groups": [
+            {"experts": "0-7", "hidden": "0:{cut}", "resources": {"CPU": 1, "GPU": 0.5}},
+            {"experts": "0-7", "hidden": "{cut}:{hidden}", "resources": {"CPU": 1, "GPU": 1}},
+        ],
+    },
     "two_stages_two_expert_groups": {
         "stages": [
             {"layers": "0-3", "resources": {"CPU": 1, "GPU": 0.5}},
@@ -97,6 +104,8 @@ def main() -> None:
     cfg = small_config(
         "mixtral", dim=dim, layers=8, heads=16, kv_heads=4, hidden=2 * dim, experts=8, window=128, max_seq_len=4096
     )
+    for group in PLACEMENTS["stage_and_two_expert_parts"]["expert_groups"]:
+        group["hidden"] = group["hidden"].format(cut=9 * cfg.hidden_dim // 16, hidden=cfg.hidden_dim)
     gen = torch.Generator().manual_seed(0)
     prompts = [[1] + torch.randint(3, 32000, (n - 1,), generator=gen).tolist() for n in (7, 128, 300, 61)]
     rows = []

@@ -43,6 +43,27 @@ class StageSpec:
 
 
 @dataclass(frozen=True)
+class HiddenCut:
+    """`hidden:` of an expert group: part `part` of `parts` equal runs of every held expert's hidden rows ("0/2"), or
+    the rows [start, stop) ("0:8064"), for cuts that are not even: a GPU that also runs the stage's attention can take
+    fewer rows, one that would otherwise wait for the far group's answer more."""
+
+    part: int = 0
+    parts: int = 0  # 0: the explicit rows [start, stop)
+    start: int = 0
+    stop: int = 0
+
+    def rows(self, hidden_dim: int) -> tuple[int, int]:
+        if self.parts:
+            size = hidden_dim // self.parts
+            return self.part * size, (self.part + 1) * size
+        return self.start, self.stop
+
+    def __str__(self) -> str:
+        return f"{self.part}/{self.parts}" if self.parts else f"{self.start}:{self.stop}"
+
+
+@dataclass(frozen=True)
 class ExpertGroupSpec:
     """Experts held apart from the stages; `None` fields are an even share / all layers, settled against the model."""
 
@@ -50,9 +71,9 @@ class ExpertGroupSpec:
     experts: tuple[int, ...] | None
     layers: tuple[int, ...] | None
     resources: dict[str, float]
-    # (part, parts) of every held expert's hidden rows; None: whole experts. Groups holding the same experts in
-    # different parts each compute their part of every chosen expert, and the stage adds the parts up.
-    hidden: tuple[int, int] | None = None
+    # The part of every held expert's hidden rows; None: whole experts. Groups holding the same experts in different
+    # parts each compute their part of every chosen expert, and the stage adds the parts up.
+    hidden: HiddenCut | None = None
 
     @property
     def name(self) -> str:
@@ -148,9 +169,8 @@ class PlacementPlan:
         """Only the group's experts, for each of its layers (the gates stay with the stages)."""
         self._require_settled()
         group = self.expert_groups[g]
-        return ShardSelection(
-            experts={layer: group.experts for layer in group.layers}, hidden_part=group.hidden or (0, 1)
-        )
+        rows = group.hidden.rows(config.hidden_dim) if group.hidden is not None else None
+        return ShardSelection(experts={layer: group.experts for layer in group.layers}, hidden_rows=rows)
 
     def _in_bundle_order(self) -> list[StageSpec | ExpertGroupSpec]:
         """Stage i beside expert group i. Ray hands out GPU fractions first-fit in bundle order, so with half a GPU
@@ -254,21 +274,26 @@ def _settle_expert_groups(
                 f"{path}.experts",
                 f"expert {g.experts[-1]} is out of range; the model has {e} experts (0-{e - 1})",
             )
-        if g.hidden is not None and config.hidden_dim % g.hidden[1]:
+        if g.hidden is not None and g.hidden.parts and config.hidden_dim % g.hidden.parts:
             raise PlacementError.at(
                 source,
                 f"{path}.hidden",
-                f"{config.hidden_dim} hidden rows do not cut into {g.hidden[1]} equal parts",
+                f"{config.hidden_dim} hidden rows do not cut into {g.hidden.parts} equal parts",
+            )
+        if g.hidden is not None and g.hidden.stop > config.hidden_dim:
+            raise PlacementError.at(
+                source,
+                f"{path}.hidden",
+                f"rows {g.hidden}: the model's experts have {config.hidden_dim} hidden rows (0:{config.hidden_dim})",
             )
         settled.append(replace(g, layers=layers))
-    held: dict[tuple[int, int], set[int]] = {}  # (layer, expert) -> the parts of its hidden rows groups hold
-    parts_of: dict[tuple[int, int], int] = {}
+    # (layer, expert) -> the (start, stop, group) runs of its hidden rows that groups hold
+    held: dict[tuple[int, int], list[tuple[int, int, ExpertGroupSpec]]] = {}
     for g in settled:
-        part, parts = g.hidden or (0, 1)
+        start, stop = g.hidden.rows(config.hidden_dim) if g.hidden is not None else (0, config.hidden_dim)
         for layer in g.layers:
             for x in g.experts:
-                held.setdefault((layer, x), set()).add(part)
-                parts_of[(layer, x)] = parts
+                held.setdefault((layer, x), []).append((start, stop, g))
     for layer in range(n):
         missing = [x for x in range(e) if (layer, x) not in held]
         if missing:
@@ -279,15 +304,41 @@ def _settle_expert_groups(
                 "with expert groups, every expert of every layer needs one",
             )
         for x in range(e):
-            lacking = sorted(set(range(parts_of[(layer, x)])) - held[(layer, x)])
-            if lacking:
-                raise PlacementError.at(
-                    source,
-                    "expert_groups",
-                    f"part {lacking[0]}/{parts_of[(layer, x)]} of expert {x} of layer {layer} is in no group; "
-                    "groups that cut experts into parts must hold every part",
-                )
+            _check_rows_held_once(source, sorted(held[(layer, x)], key=lambda r: r[:2]), x, layer, config.hidden_dim)
     return tuple(settled)
+
+
+def _check_rows_held_once(
+    source: str, runs: list[tuple[int, int, ExpertGroupSpec]], expert: int, layer: int, hidden_dim: int
+) -> None:
+    """The groups' runs of one expert's hidden rows, sorted, must tile 0..hidden_dim: no row twice, none missing."""
+    end, last = 0, None
+    for start, stop, g in runs:
+        if start > end:
+            raise PlacementError.at(source, "expert_groups", _rows_missing(runs, end, start, expert, layer, hidden_dim))
+        if start < end:
+            raise PlacementError.at(
+                source,
+                f"expert_groups[{g.index}].hidden",
+                f"rows {max(start, 0)}:{min(stop, end)} of expert {expert} of layer {layer} ({g.hidden}) are also in "
+                f"expert_groups[{last.index}] ({last.hidden})",
+            )
+        end, last = stop, g
+    if end < hidden_dim:
+        raise PlacementError.at(
+            source, "expert_groups", _rows_missing(runs, end, hidden_dim, expert, layer, hidden_dim)
+        )
+
+
+def _rows_missing(runs: list, start: int, stop: int, expert: int, layer: int, hidden_dim: int) -> str:
+    """Names the first missing run: as a part where the groups cut in equal parts, else as rows."""
+    cut = next((g.hidden for _, _, g in runs if g.hidden is not None and g.hidden.parts), None)
+    size = hidden_dim // cut.parts if cut is not None else 0
+    what = f"part {start // size}/{cut.parts}" if size and start % size == 0 else f"rows {start}:{stop}"
+    return (
+        f"{what} of expert {expert} of layer {layer} is in no group; groups that cut experts into parts must hold "
+        "every part"
+    )
 
 
 def _even_split(n: int, parts: int) -> list[tuple[int, ...]]:

@@ -20,6 +20,7 @@ import yaml
 
 from cluster.placement import (
     ExpertGroupSpec,
+    HiddenCut,
     PlacementError,
     PlacementPlan,
     StageSpec,
@@ -300,17 +301,16 @@ def _parse_expert_groups(
                 raise check.fail(
                     f"{path}.experts", f"expert {min(common)} of {where} is also in expert_groups[{prev.index}]"
                 )
-            if hidden[1] != prev.hidden[1]:
+            if hidden.parts and prev.hidden.parts and hidden.parts != prev.hidden.parts:
                 raise check.fail(
                     f"{path}.hidden",
-                    f"{hidden[0]}/{hidden[1]} and expert_groups[{prev.index}]'s {prev.hidden[0]}/{prev.hidden[1]} "
+                    f"{hidden} and expert_groups[{prev.index}]'s {prev.hidden} "
                     f"cut expert {min(common)} of {where} in different numbers of parts",
                 )
-            if hidden[0] == prev.hidden[0]:
+            if hidden.parts and hidden == prev.hidden:
                 raise check.fail(
                     f"{path}.hidden",
-                    f"part {hidden[0]}/{hidden[1]} of expert {min(common)} of {where} is also in "
-                    f"expert_groups[{prev.index}]",
+                    f"part {hidden} of expert {min(common)} of {where} is also in expert_groups[{prev.index}]",
                 )
         resources = (
             check.resources(item["resources"], f"{path}.resources") if "resources" in item else default_resources
@@ -319,17 +319,23 @@ def _parse_expert_groups(
     return tuple(groups)
 
 
-def _hidden_part(check: _Checker, value: Any, path: str) -> tuple[int, int] | None:
-    """`hidden`: "all" (whole experts), or "i/n": the i-th of n equal runs of every held expert's hidden rows."""
+def _hidden_part(check: _Checker, value: Any, path: str) -> HiddenCut | None:
+    """`hidden`: "all" (whole experts), "i/n" (the i-th of n equal runs of every held expert's hidden rows), or
+    "start:stop" (those rows; checked against the model's hidden size when the plan is settled)."""
     if value == "all":
         return None
-    parts = value.split("/") if isinstance(value, str) else []
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise check.fail(path, f"expected all or a part such as 0/2, got {value!r}")
-    part, n = int(parts[0]), int(parts[1])
+    text = value.replace(" ", "") if isinstance(value, str) else ""
+    if re.fullmatch(r"\d+:\d+", text):
+        start, stop = (int(v) for v in text.split(":"))
+        if start >= stop:
+            raise check.fail(path, f"rows {value!r}: expected start < stop, e.g. 0:8064")
+        return HiddenCut(start=start, stop=stop)
+    if not re.fullmatch(r"\d+/\d+", text):
+        raise check.fail(path, f"expected all, a part such as 0/2, or rows such as 0:8064, got {value!r}")
+    part, n = (int(v) for v in text.split("/"))
     if not 0 <= part < n or n > MAX_IDS:
         raise check.fail(path, f"part {part} of {n}: expected 0 <= part < n")
-    return (part, n) if n > 1 else None
+    return HiddenCut(part=part, parts=n) if n > 1 else None
 
 
 def _shared_layers(a: tuple[int, ...] | None, b: tuple[int, ...] | None) -> set[int] | str:

@@ -45,9 +45,9 @@ class ShardSelection:
     experts: dict[int, tuple[int, ...]] = field(default_factory=dict)  # layer -> expert ids
     final_norm: bool = False
     head: bool = False
-    # (part, parts): the experts' hidden rows held, part of `parts` equal runs (w1/w3 rows, w2 columns). Two groups
-    # holding the same experts in parts 0/2 and 1/2 each compute half of every chosen expert; their sums add up.
-    hidden_part: tuple[int, int] = (0, 1)
+    # (start, stop): the experts' hidden rows held (w1/w3 rows, w2 columns); None: all of them. Two groups holding
+    # the same experts in rows 0:7168 and 7168:14336 each compute half of every chosen expert; their sums add up.
+    hidden_rows: tuple[int, int] | None = None
 
     @staticmethod
     def whole(config: ModelConfig) -> ShardSelection:
@@ -55,10 +55,8 @@ class ShardSelection:
         return ShardSelection(True, tuple(range(config.n_layers)), experts, True, True)
 
     def expert_rows(self, config: ModelConfig) -> slice:
-        """The hidden rows of each held expert (`hidden_part`)."""
-        part, parts = self.hidden_part
-        size = config.hidden_dim // parts
-        return slice(part * size, (part + 1) * size)
+        """The hidden rows of each held expert (`hidden_rows`)."""
+        return slice(*self.hidden_rows) if self.hidden_rows is not None else slice(0, config.hidden_dim)
 
     def tensor_shapes(self, config: ModelConfig) -> dict[str, tuple[int, ...]]:
         """Hugging Face name -> expected shape, for every tensor of this selection (an expert's: its part)."""
@@ -211,9 +209,9 @@ class CheckpointReader:
 
         Every shape is checked against the config before the tensor is read.
         """
-        expected = replace(selection, hidden_part=(0, 1)).tensor_shapes(self.config)  # as stored: whole experts
+        expected = replace(selection, hidden_rows=None).tensor_shapes(self.config)  # as stored: whole experts
         rows = selection.expert_rows(self.config)
-        partial = selection.hidden_part != (0, 1)
+        partial = selection.hidden_rows is not None
 
         def part_only(name: str) -> bool:
             return partial and ".block_sparse_moe.experts." in name

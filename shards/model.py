@@ -140,7 +140,7 @@ class ExpertShard(nn.Module):
     def __init__(self, config: ModelConfig, selection: ShardSelection) -> None:
         super().__init__()
         self.config = config
-        rows = selection.expert_rows(config)  # every held expert's hidden rows, or a part of them (`hidden_part`)
+        rows = selection.expert_rows(config)  # every held expert's hidden rows, or a part of them (`hidden_rows`)
         self.groups = nn.ModuleDict(
             {
                 str(layer): ExpertGroup(config.dim, rows.stop - rows.start, list(ids), config.num_experts)

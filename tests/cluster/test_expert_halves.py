@@ -29,15 +29,16 @@ def ray_local():
     os.environ.pop("MISTRAL_CLUSTER_SERVER_GRAPHS", None)
 
 
-def test_two_halves_of_every_expert_give_transformers_tokens(ray_local, checkpoint_factory, hf_model, tmp_path):
+def test_two_parts_of_every_expert_give_transformers_tokens(ray_local, checkpoint_factory, hf_model, tmp_path):
+    """An uneven cut, given as rows (`0:72` and `72:128` of 128): what `i/n` parts settle to as well."""
     checkpoint = checkpoint_factory("mixtral", seed=41, window=WINDOW)
     placement = {
         "checkpoint": str(checkpoint),
         "dtype": "float32",
         "stages": [{"layers": "0-3", "resources": {"CPU": 0.5}}],
         "expert_groups": [
-            {"experts": "0-3", "hidden": "0/2", "resources": {"CPU": 0.5}},
-            {"experts": "0-3", "hidden": "1/2", "resources": {"CPU": 0.5}},
+            {"experts": "0-3", "hidden": "0:72", "resources": {"CPU": 0.5}},
+            {"experts": "0-3", "hidden": "72:128", "resources": {"CPU": 0.5}},
         ],
         "micro_batch_size": 2,
         "token_budget": 256,
@@ -53,13 +54,8 @@ def test_two_halves_of_every_expert_give_transformers_tokens(ray_local, checkpoi
         out = cluster.generate(prompts, params)
         shapes = {name: ray.get(handle.expert_shapes.remote()) for name, handle in cluster.shard_handles().items()}
     assert [c.token_ids for c in out] == expected
-    hidden = model.config.intermediate_size
-    # each group's stacked weights: 4 experts x (2 x half the rows) x dim, and dim x half the rows for w2
-    assert (
-        shapes["experts0"]["experts0"]
-        == shapes["experts1"]["experts1"]
-        == [
-            [4, hidden, model.config.hidden_size],
-            [4, model.config.hidden_size, hidden // 2],
-        ]
-    )
+    hidden, dim = model.config.intermediate_size, model.config.hidden_size
+    assert hidden == 128
+    # each group's stacked weights: 4 experts x (2 x its rows) x dim, and dim x its rows for w2
+    assert shapes["experts0"]["experts0"] == [[4, 2 * 72, dim], [4, dim, 72]]
+    assert shapes["experts1"]["experts1"] == [[4, 2 * 56, dim], [4, dim, 56]]

@@ -56,6 +56,7 @@ def test_local_example_is_two_stages_and_two_expert_groups_on_one_cpu_each():
         ("mixtral-2gpu-stages.yaml", PRESETS["mixtral-8x7b"]),
         ("mixtral-2gpu-experts.yaml", PRESETS["mixtral-8x7b"]),
         ("mixtral-2gpu-expert-halves.yaml", PRESETS["mixtral-8x7b"]),
+        ("mixtral-2gpu-expert-parts.yaml", PRESETS["mixtral-8x7b"]),
         ("mixtral-2gpu-mixed.yaml", PRESETS["mixtral-8x7b"]),
         ("mixtral-8gpu-2nodes.yaml", PRESETS["mixtral-8x7b"]),
         ("mixtral-8x22b-4gpu-experts.yaml", PRESETS["mixtral-8x22b"]),
@@ -76,9 +77,14 @@ def test_every_example_holds_each_tensor_of_its_model_exactly_once(name, model):
 
 def test_expert_halves_hold_every_expert_in_two_parts_of_its_hidden_rows():
     plan = settle(str(EXAMPLES / "mixtral-2gpu-expert-halves.yaml"), PRESETS["mixtral-8x7b"])
-    assert [(g.experts, g.hidden) for g in plan.expert_groups] == [(tuple(range(8)), (0, 2)), (tuple(range(8)), (1, 2))]
+    assert [(g.experts, str(g.hidden)) for g in plan.expert_groups] == [
+        (tuple(range(8)), "0/2"),
+        (tuple(range(8)), "1/2"),
+    ]
     selection = plan.expert_selection(1, PRESETS["mixtral-8x7b"])
-    assert selection.hidden_part == (1, 2) and selection.expert_rows(PRESETS["mixtral-8x7b"]) == slice(7168, 14336)
+    assert selection.hidden_rows == (7168, 14336) and selection.expert_rows(PRESETS["mixtral-8x7b"]) == slice(
+        7168, 14336
+    )
 
 
 HALVES = "checkpoint: c\nstages: 1\nexpert_groups:\n"
@@ -101,7 +107,7 @@ HALVES = "checkpoint: c\nstages: 1\nexpert_groups:\n"
         ),
         (
             "  - {experts: 0-3, hidden: half}\n",
-            "expert_groups[0].hidden: expected all or a part such as 0/2, got 'half'",
+            "expert_groups[0].hidden: expected all, a part such as 0/2, or rows such as 0:8064, got 'half'",
         ),
         ("  - {experts: 0-3, hidden: 2/2}\n", "expert_groups[0].hidden: part 2 of 2: expected 0 <= part < n"),
     ],
@@ -109,6 +115,40 @@ HALVES = "checkpoint: c\nstages: 1\nexpert_groups:\n"
 def test_a_wrong_cut_of_the_experts_is_named(write, groups, message):
     with pytest.raises(PlacementError, match=re.escape(message)):
         load_placement(write(HALVES + groups))
+
+
+def test_expert_parts_given_as_rows_settle_to_those_rows():
+    plan = settle(str(EXAMPLES / "mixtral-2gpu-expert-parts.yaml"), PRESETS["mixtral-8x7b"])
+    assert [str(g.hidden) for g in plan.expert_groups] == ["0:8064", "8064:14336"]
+    assert [plan.expert_selection(g, PRESETS["mixtral-8x7b"]).hidden_rows for g in (0, 1)] == [(0, 8064), (8064, 14336)]
+
+
+@pytest.mark.parametrize(
+    "groups, message",
+    [
+        (  # small_config("mixtral"): 4 experts of 128 hidden rows
+            ["0:72", "64:128"],
+            "expert_groups[1].hidden: rows 64:72 of expert 0 of layer 0 (64:128) are also in expert_groups[0] (0:72)",
+        ),
+        (["0:72", "80:128"], "rows 72:80 of expert 0 of layer 0 is in no group"),
+        (["0:72", "72:100"], "rows 100:128 of expert 0 of layer 0 is in no group"),
+        (["0:72", "72:200"], "expert_groups[1].hidden: rows 72:200: the model's experts have 128 hidden rows (0:128)"),
+        (["0/2", "64:128"], None),  # parts and rows may be mixed when they tile the rows
+        (["0/2", "32:128"], "expert_groups[1].hidden: rows 32:64 of expert 0 of layer 0 (32:128) are also in"),
+    ],
+)
+def test_rows_of_every_expert_must_be_held_exactly_once(write, groups, message):
+    path = write(HALVES + "".join(f"  - {{experts: 0-3, hidden: '{g}'}}\n" for g in groups))
+    if message is None:
+        assert [str(g.hidden) for g in settle(path, MIXTRAL).expert_groups] == groups
+        return
+    with pytest.raises(PlacementError, match=re.escape(message)):
+        settle(path, MIXTRAL)
+
+
+def test_a_row_range_must_run_forwards(write):
+    with pytest.raises(PlacementError, match=re.escape("expert_groups[0].hidden: rows '72:72': expected start < stop")):
+        load_placement(write(HALVES + "  - {experts: 0-3, hidden: '72:72'}\n"))
 
 
 def test_every_part_of_every_expert_must_be_held(write):

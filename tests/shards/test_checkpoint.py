@@ -143,7 +143,7 @@ def test_a_part_of_the_experts_hidden_rows_is_that_slice_of_the_whole_experts(ch
     h = reader.config.hidden_dim
     whole = reader.load(ShardSelection(experts={1: (0, 3)}))
     for part in range(2):
-        got = reader.load(ShardSelection(experts={1: (0, 3)}, hidden_part=(part, 2)))
+        got = reader.load(ShardSelection(experts={1: (0, 3)}, hidden_rows=(part * h // 2, (part + 1) * h // 2)))
         rows = slice(part * h // 2, (part + 1) * h // 2)
         assert set(got) == set(whole)
         for name, t in got.items():
@@ -157,8 +157,8 @@ def test_a_random_checkpoints_expert_part_is_that_slice_of_the_whole(tmp_path):
 
     reader = CheckpointReader(write_random_checkpoint(tmp_path / "r", small_config("mixtral"), 3, 0.02))
     whole = reader.load(ShardSelection(experts={0: (2,)}))
-    got = reader.load(ShardSelection(experts={0: (2,)}, hidden_part=(1, 4)))
     h = reader.config.hidden_dim // 4
+    got = reader.load(ShardSelection(experts={0: (2,)}, hidden_rows=(h, 2 * h)))
     w1, w2 = (
         "model.layers.0.block_sparse_moe.experts.2.w1.weight",
         "model.layers.0.block_sparse_moe.experts.2.w2.weight",
