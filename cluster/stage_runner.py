@@ -272,9 +272,8 @@ class StageRunner:
     def _experts(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The MoE layer's weighted expert sum: local groups in place, one message to and from each remote worker."""
         t0 = time.perf_counter()
-        flat = ids.flatten()
-        self.load[layer].scatter_add_(0, flat, torch.ones_like(flat))
         if not self.has_groups:  # the stage holds every expert of its layers
+            self._count_load(layer, ids)
             out = self.model.layers[str(layer)].block_sparse_moe.experts(x, ids, weights)
             self._expert_seconds += time.perf_counter() - t0
             return out
@@ -284,11 +283,17 @@ class StageRunner:
             for ch in remote:
                 ch.send(packed, "expert_in")
         out = local_experts_sum(self.local_groups[layer], layer, x, ids, weights)
+        self._count_load(layer, ids)  # after the sends and the local experts: while the far answers travel
         for ch in remote:
             y = ch.recv(tuple(x.shape), x.dtype, "expert_out")
             out = y if out is None else out + y
         self._expert_seconds += time.perf_counter() - t0
         return out
+
+    def _count_load(self, layer: int, ids: torch.Tensor) -> None:
+        """Tokens routed to each expert of `layer`, counted on the device (read with the stage's profile)."""
+        flat = ids.flatten()
+        self.load[layer].scatter_add_(0, flat, torch.ones_like(flat))
 
     def _pick(self, h: torch.Tensor, mb: StepPlan) -> tuple[torch.Tensor, ...]:
         rows = to_device(mb.logit_rows(), torch.long, self.device)
