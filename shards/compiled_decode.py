@@ -76,21 +76,19 @@ def write_and_attend(
     v: torch.Tensor,
     k_rows: torch.Tensor,
     v_rows: torch.Tensor,
-    write_rows: torch.Tensor,
     slots: torch.Tensor,
     positions: torch.Tensor,
     capacity: int,
 ) -> torch.Tensor:
-    """The decode step's keys and values written into the layer's cache, then attention over the buffers in place
-    (`shards.decode_attention`). One opaque op to inductor: left to itself it wrote the attention as three split
-    reductions, 111 us a layer at batch 1 on an H200 against ~5 for the kernel (bench/NOTES.md)."""
-    k_rows.index_copy_(0, write_rows, k)
-    v_rows.index_copy_(0, write_rows, v)
-    return decode_attention(q, k_rows, v_rows, slots, positions, capacity, capacity)
+    """The decode step's keys and values written into the layer's cache (row position % capacity of each slot's
+    buffer) and attention over the buffers in place, in one kernel (`shards.decode_attention`). One opaque op to
+    inductor: left to itself it wrote the attention as three split reductions, 111 us a layer at batch 1 on an H200
+    against ~5 for the kernel (bench/NOTES.md)."""
+    return decode_attention(q, k_rows, v_rows, slots, positions, capacity, capacity, k_new=k, v_new=v)
 
 
 @write_and_attend.register_fake
-def _(q, k, v, k_rows, v_rows, write_rows, slots, positions, capacity):
+def _(q, k, v, k_rows, v_rows, slots, positions, capacity):
     return torch.empty_like(q)
 
 
@@ -131,7 +129,7 @@ def route_by_max(logits: torch.Tensor, top_k: int, dtype: torch.dtype) -> tuple[
     return ids_t, (w_t / w_t.sum(dim=-1, keepdim=True)).to(dtype)
 
 
-def _attention_half(h, ln1, wqkv, wo, ln2, k_rows, v_rows, write_rows, slots, positions, cos, sin, dims):
+def _attention_half(h, ln1, wqkv, wo, ln2, k_rows, v_rows, slots, positions, cos, sin, dims):
     """`DecoderLayer.forward` up to the feed-forward, for one decode token per sequence: (h, the normed input of
     the feed-forward). k_rows, v_rows: the layer's cache, written in place. Every buffer's rows are in the grid
     (`capacity`, not the step's span: a span would be a compile each); the kernel reads only the filled ones."""
@@ -142,21 +140,21 @@ def _attention_half(h, ln1, wqkv, wo, ln2, k_rows, v_rows, write_rows, slots, po
     q = apply_rotary(q.view(tokens, n_heads, head_dim), cos, sin)
     k = apply_rotary(k.view(tokens, n_kv, head_dim), cos, sin)
     v = v.view(tokens, n_kv, head_dim)
-    out = write_and_attend(q, k, v, k_rows, v_rows, write_rows, slots, positions, capacity)
+    out = write_and_attend(q, k, v, k_rows, v_rows, slots, positions, capacity)
     h = h + _linear(out.reshape(tokens, n_heads * head_dim), wo)
     return h, rms_norm(h, ln2, eps)
 
 
-def _moe_layer(h, y, ln1, wqkv, wo, ln2, gate, k_rows, v_rows, write_rows, slots, positions, cos, sin, dims, top_k):
+def _moe_layer(h, y, ln1, wqkv, wo, ln2, gate, k_rows, v_rows, slots, positions, cos, sin, dims, top_k):
     """The last layer's expert sum `y` added, then this layer up to its experts: (h, x, expert ids, weights)."""
-    h, x = _attention_half(h + y, ln1, wqkv, wo, ln2, k_rows, v_rows, write_rows, slots, positions, cos, sin, dims)
+    h, x = _attention_half(h + y, ln1, wqkv, wo, ln2, k_rows, v_rows, slots, positions, cos, sin, dims)
     ids, weights = route_by_max(_linear(x, gate), top_k, x.dtype)
     return h, x, ids, weights
 
 
-def _dense_layer(h, ln1, wqkv, wo, ln2, w13, w2, k_rows, v_rows, write_rows, slots, positions, cos, sin, dims):
+def _dense_layer(h, ln1, wqkv, wo, ln2, w13, w2, k_rows, v_rows, slots, positions, cos, sin, dims):
     """A whole Mistral layer: attention, then SwiGLU with gate and up in one GEMM."""
-    h, x = _attention_half(h, ln1, wqkv, wo, ln2, k_rows, v_rows, write_rows, slots, positions, cos, sin, dims)
+    h, x = _attention_half(h, ln1, wqkv, wo, ln2, k_rows, v_rows, slots, positions, cos, sin, dims)
     gate, up = F.linear(x, w13).chunk(2, dim=-1)
     return h + F.linear(F.silu(gate) * up, w2)
 
@@ -242,7 +240,6 @@ class CompiledDecode:
             args = (
                 *self.weights[layer.layer],
                 *cache.layer_rows(layer.layer),
-                layout.write_rows,
                 layout.decode_slots,
                 layout.positions,
                 layout.cos,

@@ -88,14 +88,22 @@ def decode_attention(
     positions: torch.Tensor,
     capacity: int,
     span: int,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q: (seqs, n_heads, head_dim); k_rows, v_rows: a layer's cache, (slots * capacity, n_kv_heads, head_dim),
     slot-major; slots: (seqs,) each sequence's slot; positions: (seqs,) the position of each sequence's new token,
-    whose key is already written, so rows below min(position + 1, capacity) are filled; span: at most this many
-    leading rows of each buffer are read (`kv_cache.decode_span`, or the capacity). Returns (seqs, n_heads,
-    head_dim) in q's dtype."""
+    so rows below min(position + 1, capacity) are filled; span: at most this many leading rows of each buffer are
+    read (`kv_cache.decode_span`, or the capacity). k_new, v_new: (seqs, n_kv_heads, head_dim), the step's keys and
+    values, written at row position % capacity of each buffer (by the kernel itself, which saves two copy kernels a
+    layer); without them those rows already hold them. Returns (seqs, n_heads, head_dim) in q's dtype."""
     seqs, n_heads, head_dim = q.shape
     n_kv = k_rows.shape[1]
+    write = k_new is not None
+    if write and not triton_decode_supported(q.device):
+        rows = slots * capacity + positions % capacity
+        k_rows.index_copy_(0, rows, k_new)
+        v_rows.index_copy_(0, rows, v_new)
     if not triton_decode_supported(q.device):
         buffers = (-1, capacity, n_kv, head_dim)
         keys = k_rows.view(buffers)[:, :span].index_select(0, slots)
@@ -125,11 +133,13 @@ def decode_attention(
         if single
         else q.new_empty((seqs * n_kv, runs, 2, group_pad), dtype=torch.float32)
     )
+    new_k = k_new.contiguous() if write else q  # (unread without WRITE)
+    new_v = v_new.contiguous() if write else q
     run_attention[(seqs * n_kv, runs)](
-        q, k_rows, v_rows, slots, positions, out, acc, stats,
+        q, k_rows, v_rows, new_k, new_v, slots, positions, out, acc, stats,
         span, rows, capacity, n_kv, head_dim**-0.5,
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK=block, SINGLE=single, DOT=dot,
-        IEEE=q.dtype == torch.float32,
+        IEEE=q.dtype == torch.float32, WRITE=write,
         num_warps=4,
     )  # fmt: skip
     if not single:

@@ -10,6 +10,10 @@ and once it wraps every row is filled), an online softmax (running max and sum),
 run per sequence (SINGLE) it normalises and stores the output; otherwise it stores its partial sums and `merge_runs`
 combines the runs of each (sequence, KV head) with the usual rescaling by exp(max_run - max_all).
 
+With WRITE the step's new keys and values come in beside the cache: each sequence's row `position % capacity` takes
+them in the products (whatever the cache held there before), and the one run that covers that row stores them into
+the cache, so no separate copy kernel runs first; no other program reads that row.
+
 A key past the end scores -inf; the running max starts at -1e30, not -inf, so a run with no filled row adds exactly
 nothing and never makes exp(-inf + inf); run 0 always holds row 0, the merge's maximum is a real score.
 """
@@ -25,6 +29,8 @@ def run_attention(
     q_ptr,
     k_ptr,
     v_ptr,
+    knew_ptr,
+    vnew_ptr,
     slot_ptr,
     pos_ptr,
     out_ptr,
@@ -42,6 +48,7 @@ def run_attention(
     SINGLE: tl.constexpr,
     DOT: tl.constexpr,
     IEEE: tl.constexpr,
+    WRITE: tl.constexpr,
 ):
     pair = tl.program_id(0)  # sequence * n_kv + KV head
     run = tl.program_id(1)
@@ -62,11 +69,23 @@ def run_attention(
     acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
     start = run * rows
     end = tl.minimum(tl.minimum(start + rows, span), filled)  # a run past the filled rows reads nothing
+    if WRITE:  # the step's own key and value: used from here for its row, and stored there by the run that holds it
+        new_row = tl.load(pos_ptr + seq).to(tl.int64) % capacity
+        new_at = (seq * n_kv + head).to(tl.int64) * HEAD_DIM + d
+        k_new = tl.load(knew_ptr + new_at)
+        v_new = tl.load(vnew_ptr + new_at)
+        # the run whose rows hold it, or the last run for a row past them all (past the span: stored, never read)
+        mine = (new_row // rows == run) | ((run == runs - 1) & (new_row >= runs * rows))
+        store = tl.zeros((HEAD_DIM,), tl.int32) + mine.to(tl.int32) > 0  # the scalar as a (HEAD_DIM,) mask
+        tl.store(k_ptr + base + new_row * row_stride + d, k_new, mask=store)
+        tl.store(v_ptr + base + new_row * row_stride + d, v_new, mask=store)
     for first in range(start, end, BLOCK):
         r = first + tl.arange(0, BLOCK)
         ok = r < end
         offsets = base + r[:, None].to(tl.int64) * row_stride + d[None, :]
         k = tl.load(k_ptr + offsets, mask=ok[:, None], other=0.0)
+        if WRITE:
+            k = tl.where((r == new_row)[:, None], k_new[None, :], k)
         if DOT:  # tensor cores: the group padded to 16 query rows, q in the cache's dtype
             if IEEE:
                 scores = tl.dot(q.to(k.dtype), tl.trans(k), input_precision="ieee")
@@ -80,6 +99,8 @@ def run_attention(
         p = tl.exp(scores - m_new[:, None])
         total = total * rescale + tl.sum(p, axis=1)
         v = tl.load(v_ptr + offsets, mask=ok[:, None], other=0.0)
+        if WRITE:
+            v = tl.where((r == new_row)[:, None], v_new[None, :], v)
         if DOT:
             if IEEE:
                 acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")

@@ -72,9 +72,10 @@ class Attention(nn.Module):
         q = apply_rotary(q, layout.cos, layout.sin)
         k = apply_rotary(k, layout.cos, layout.sin)
         if layout.decode_slots is not None and tokens <= triton_max_seqs() and triton_decode_supported(q.device):
-            k_rows, v_rows = cache.write_decode(layer, k, v, layout)
+            k_rows, v_rows = cache.layer_rows(layer)  # the kernel writes the step's keys and values itself
             span = layout.decode_span or cache.capacity
-            out = decode_attention(q, k_rows, v_rows, layout.decode_slots, layout.positions, cache.capacity, span)
+            slots, positions = layout.decode_slots, layout.positions
+            out = decode_attention(q, k_rows, v_rows, slots, positions, cache.capacity, span, k_new=k, v_new=v)
         else:
             keys, values = cache.update_and_read(layer, k, v, layout)
             out = packed_attention(q, keys, values, layout.bias, self.backend, layout.attention)

@@ -81,6 +81,37 @@ for (seqs, n_heads, n_kv, head_dim, capacity, span, max_seqs), dtype, dot in [
         "out_dtype": str(out.dtype),
         "relative_error": float((out.double() - exact).abs().max() / exact.abs().max()),
     })
+# The kernel writing the step's own keys and values (WRITE): the cache must end up as two index copies leave it,
+# and the output must be the math over that cache.
+for (seqs, n_heads, n_kv, head_dim, capacity, span, max_seqs), dot in [(c, d) for d in ("0", "1") for c in cases]:
+    os.environ["MISTRAL_CLUSTER_DECODE_ATTENTION_DOT"] = dot
+    k_rows = torch.randn(max_seqs * capacity, n_kv, head_dim, generator=gen)
+    v_rows = torch.randn(max_seqs * capacity, n_kv, head_dim, generator=gen)
+    q = torch.randn(seqs, n_heads, head_dim, generator=gen)
+    k_new = torch.randn(seqs, n_kv, head_dim, generator=gen)
+    v_new = torch.randn(seqs, n_kv, head_dim, generator=gen)
+    slots = torch.randperm(max_seqs, generator=gen)[:seqs]
+    positions = torch.randint(0, 2 * capacity, (seqs,), generator=gen)
+    positions[0] = 2
+    written = slots * capacity + positions % capacity
+    k_ref, v_ref = k_rows.clone().index_copy_(0, written, k_new), v_rows.clone().index_copy_(0, written, v_new)
+    out = decode_attention(q, k_rows, v_rows, slots, positions, capacity, span, k_new=k_new, v_new=v_new)
+    filled = (positions + 1).clamp(max=capacity)
+    mask = (torch.arange(span)[None, :] < filled[:, None]).view(seqs, 1, 1, span)
+    view = (-1, capacity, n_kv, head_dim)
+    exact = decode_attention_math(
+        q.double(), k_ref.double().view(view)[:, :span][slots], v_ref.double().view(view)[:, :span][slots], mask
+    )
+    rows.append({
+        "shape": [seqs, n_heads, n_kv, head_dim, capacity, span],
+        "dtype": "torch.float32",
+        "dot": dot == "1",
+        "write": True,
+        "cache_written": bool(torch.equal(k_rows, k_ref) and torch.equal(v_rows, v_ref)),
+        "runs": split_rows(seqs, n_kv, span, 64 if dot == "1" else 32)[1],
+        "out_dtype": str(out.dtype),
+        "relative_error": float((out.double() - exact).abs().max() / exact.abs().max()),
+    })
 kernel_launches = launches["run"]
 os.environ.pop("MISTRAL_CLUSTER_DECODE_ATTENTION_DOT")
 
@@ -140,7 +171,9 @@ def interpreted(checkpoint_factory):
 
 def test_the_kernel_computes_the_float32_math(interpreted):
     rows = interpreted["rows"]
-    assert len(rows) == 16 and interpreted["kernel_launches"] == 16
+    assert len(rows) == 24 and interpreted["kernel_launches"] == 24
+    writes = [r for r in rows if r.get("write")]
+    assert len(writes) == 8 and all(r["cache_written"] for r in writes), writes  # every new row, none other
     for dot in (False, True):  # both the in-place normalisation and the merge ran, on both kinds of product
         runs = {r["runs"] for r in rows if r["dot"] == dot}
         assert 1 in runs and max(runs) > 1, runs
