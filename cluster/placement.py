@@ -320,7 +320,7 @@ def _check_rows_held_once(
             raise PlacementError.at(
                 source,
                 f"expert_groups[{g.index}].hidden",
-                f"rows {max(start, 0)}:{min(stop, end)} of expert {expert} of layer {layer} ({g.hidden}) are also in "
+                f"rows {start}:{min(stop, end)} of expert {expert} of layer {layer} ({g.hidden}) are also in "
                 f"expert_groups[{last.index}] ({last.hidden})",
             )
         end, last = stop, g
@@ -334,11 +334,11 @@ def _rows_missing(runs: list, start: int, stop: int, expert: int, layer: int, hi
     """Names the first missing run: as a part where the groups cut in equal parts, else as rows."""
     cut = next((g.hidden for _, _, g in runs if g.hidden is not None and g.hidden.parts), None)
     size = hidden_dim // cut.parts if cut is not None else 0
-    what = f"part {start // size}/{cut.parts}" if size and start % size == 0 else f"rows {start}:{stop}"
-    return (
-        f"{what} of expert {expert} of layer {layer} is in no group; groups that cut experts into parts must hold "
-        "every part"
-    )
+    if size and start % size == 0:
+        what = f"part {start // size}/{cut.parts} of expert {expert} of layer {layer} is"
+    else:
+        what = f"rows {start}:{stop} of expert {expert} of layer {layer} are"
+    return f"{what} in no group; groups that cut experts into parts must hold every part"
 
 
 def _even_split(n: int, parts: int) -> list[tuple[int, ...]]:

@@ -130,8 +130,8 @@ def test_expert_parts_given_as_rows_settle_to_those_rows():
             ["0:72", "64:128"],
             "expert_groups[1].hidden: rows 64:72 of expert 0 of layer 0 (64:128) are also in expert_groups[0] (0:72)",
         ),
-        (["0:72", "80:128"], "rows 72:80 of expert 0 of layer 0 is in no group"),
-        (["0:72", "72:100"], "rows 100:128 of expert 0 of layer 0 is in no group"),
+        (["0:72", "80:128"], "rows 72:80 of expert 0 of layer 0 are in no group"),
+        (["0:72", "72:100"], "rows 100:128 of expert 0 of layer 0 are in no group"),
         (["0:72", "72:200"], "expert_groups[1].hidden: rows 72:200: the model's experts have 128 hidden rows (0:128)"),
         (["0/2", "64:128"], None),  # parts and rows may be mixed when they tile the rows
         (["0/2", "32:128"], "expert_groups[1].hidden: rows 32:64 of expert 0 of layer 0 (32:128) are also in"),
