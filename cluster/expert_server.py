@@ -36,6 +36,7 @@ class ExpertServer:
         device: torch.device,
     ) -> None:
         self.stage = stage
+        self.plan = plan
         self.config, self.dtype = config, plan.torch_dtype
         groups = [g for g in plan.expert_groups if g.index in local_groups]
         # The stage's layers this worker holds experts of, each with its groups (group order).
@@ -70,14 +71,14 @@ class ExpertServer:
         if channel is None or mode == "0":
             return
         if mode == "eager":
-            self.graphs = ServerGraphs(self._serve_microbatch, replay="eager")
+            self.graphs = ServerGraphs(self._serve_decode, replay="eager")
         elif (
             channel.device.type == "cuda"
             and not channel.via_host
             # as the stage side decides: a capture that failed would hold NCCL operations
             and experts_capturable(self.config.dim, self.config.hidden_dim, self.dtype, channel.device)
         ):
-            self.graphs = ServerGraphs(self._serve_microbatch)
+            self.graphs = ServerGraphs(self._serve_decode)
 
     @torch.inference_mode()
     def serve(self, plan: StepPlan, micro_batch_size: int) -> None:
@@ -86,23 +87,38 @@ class ExpertServer:
                 if self.graphs.run(mb.n_tokens):  # a CUDA graph ran: what it did, for the trace (no host timing)
                     self.received.extend(ExpertMessage(self.stage, layer, mb.n_tokens, 0.0) for layer, _ in self.layers)
             else:
-                self._serve_microbatch(mb.n_tokens)
+                self._serve_microbatch(mb.n_tokens, mb.is_decode)
 
-    def _serve_microbatch(self, n: int) -> None:
-        """Every exchange of one micro-batch of `n` tokens: per layer, the stage's packed tokens in, the sum out."""
+    def _serve_decode(self, n: int) -> None:
+        self._serve_microbatch(n, decode=True)
+
+    def _serve_microbatch(self, n: int, decode: bool = False) -> None:
+        """Every exchange of one micro-batch of `n` tokens: per layer, the stage's packed tokens in, the sum out. A
+        decode micro-batch the stage runs as two overlapped halves (`overlap_min_seqs`) comes as two messages a layer,
+        first half first; the second is received before the first half's answer goes back, since the stage sends
+        both halves before it receives (a blocking send each way would otherwise wait on the other)."""
+        parts = self.plan.overlap_split(n, decode) or (n,)
         dim, k = self.config.dim, self.config.num_experts_per_tok
         for layer, groups in self.layers:
-            packed = self.channel.recv((n, dim + 2 * k), self.dtype, "expert_in")
-            t0 = time.perf_counter()
-            x, ids, weights = unpack_for_experts(packed, dim, k)
-            out = local_experts_sum(groups, layer, x, ids, weights)
-            self.channel.send(out, "expert_out")
-            for g in groups:
-                group = g.groups[str(layer)]
-                held = self._held[id(group)]
-                self.computed[layer].index_add_(0, held, group.tokens_per_expert(ids))
-            if self.graphs is None or not self.graphs.capturing:
-                self.received.append(ExpertMessage(self.stage, layer, n, time.perf_counter() - t0))
+            computed = None
+            for part in parts:
+                packed = self.channel.recv((part, dim + 2 * k), self.dtype, "expert_in")
+                if computed is not None:
+                    self._answer(layer, groups, *computed)
+                t0 = time.perf_counter()
+                x, ids, weights = unpack_for_experts(packed, dim, k)
+                computed = (ids, local_experts_sum(groups, layer, x, ids, weights), t0)
+            self._answer(layer, groups, *computed)
+
+    def _answer(self, layer: int, groups: list[ExpertShard], ids: torch.Tensor, out: torch.Tensor, t0: float) -> None:
+        """The groups' sum sent back; then (off the stage's path) the tokens each expert computed, and the trace."""
+        self.channel.send(out, "expert_out")
+        for g in groups:
+            group = g.groups[str(layer)]
+            held = self._held[id(group)]
+            self.computed[layer].index_add_(0, held, group.tokens_per_expert(ids))
+        if self.graphs is None or not self.graphs.capturing:
+            self.received.append(ExpertMessage(self.stage, layer, ids.shape[0], time.perf_counter() - t0))
 
     def take_computed(self) -> dict[int, dict[int, int]]:
         """Tokens each held expert computed for, per layer, since the last call (read on the host: a sync)."""

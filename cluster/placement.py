@@ -115,6 +115,17 @@ class PlacementPlan:
     # H200s, Mixtral: +11 % at batch 1, +5 % at 128), off on a CPU, which is itself the device and has nothing idle
     # to overlap (-13 % at batch 1). MISTRAL_CLUSTER_DECODE_AHEAD=0/1 overrides both (an A/B switch).
     decode_ahead: bool | None = None
+    # Two-batch overlap: a decode micro-batch of at least this many sequences, on a stage with experts on other
+    # workers, runs as two halves interleaved layer by layer (the far groups compute one half's experts while the
+    # stage runs the other half's attention). 0: off. Both sides of a dispatch read it, so they agree on the order.
+    overlap_min_seqs: int = 0
+
+    def overlap_split(self, n_tokens: int, is_decode: bool) -> tuple[int, int] | None:
+        """The two halves' sizes for a micro-batch of `n_tokens` (`overlap_min_seqs`), or None when it runs whole."""
+        if not (is_decode and self.overlap_min_seqs and n_tokens >= max(2, self.overlap_min_seqs)):
+            return None
+        first = (n_tokens + 1) // 2
+        return first, n_tokens - first
 
     def wants_standby(self, bundle: dict[str, float]) -> bool:
         """Whether the worker reserving `bundle` gets a standby."""

@@ -50,6 +50,7 @@ TOP_KEYS = (
     "replay_tokens",
     "standby",
     "decode_ahead",
+    "overlap_min_seqs",
 )
 STAGE_KEYS = ("layers", "resources")
 EXPERT_GROUP_KEYS = ("experts", "layers", "hidden", "resources")
@@ -206,6 +207,17 @@ def load_placement(path: str | Path, checkpoint_override: str | Path | None = No
         if "replay_tokens" in data
         else defaults["replay_tokens"]
     )
+    numbers["overlap_min_seqs"] = (
+        check.non_negative_int(data["overlap_min_seqs"], "overlap_min_seqs")
+        if "overlap_min_seqs" in data
+        else defaults["overlap_min_seqs"]
+    )
+    if numbers["overlap_min_seqs"] and not groups:
+        raise check.fail(
+            "overlap_min_seqs",
+            f"{numbers['overlap_min_seqs']}: two-batch overlap hides the expert groups' work behind attention; this "
+            "placement has no expert_groups",
+        )
     numbers["decode_ahead"] = _auto_bool(check, "decode_ahead", data.get("decode_ahead", "auto"))
     if numbers["decode_ahead"] and len(stages) > 1:
         raise check.fail(

@@ -148,13 +148,13 @@ class StageRunner:
         if mode == "0":
             return None
         if mode == "eager":
-            return DecodeGraphs(self.model, self.cache, replay="eager", compiled=self.compiled)
+            return DecodeGraphs(self.model, self.cache, replay="eager", run_layers=self._run_layers)
         if self.device.type != "cuda" or any(ch.via_host for ch in self.expert_channels.values()):
             return None
         capturable = experts_capturable(self.config.dim, self.config.hidden_dim, self.plan.torch_dtype, self.device)
         if self.config.is_moe and not capturable:
             return None  # the per-expert loop reads counts back to the host: nothing to capture
-        return DecodeGraphs(self.model, self.cache, compiled=self.compiled)
+        return DecodeGraphs(self.model, self.cache, run_layers=self._run_layers)
 
     def channels(self) -> list[Channel | LocalPipe]:
         return [ch for ch in (self.pipe_in, self.pipe_out, *self.expert_channels.values()) if ch is not None]
@@ -201,10 +201,8 @@ class StageRunner:
             )
             if self.graphs is not None and layout.decode_slots is not None:
                 h = self.graphs.run(h, layout, experts)
-            elif self.compiled is not None:  # decode steps compiled (without graphs), the rest eager
-                h = self.compiled.run_layers(h, layout, self.cache, experts)
             else:
-                h = self.model.run_layers(h, layout, self.cache, experts)
+                h = self._run_layers(h, layout, self.cache, experts)
             if self.last:
                 picks.append(self._pick(h, mb))
             else:
@@ -268,6 +266,41 @@ class StageRunner:
         slots = [s for s, g in zip(slots, mb.greedy_logit_rows(), strict=True) if g]
         if slots:
             self.last_picks[to_device(slots, torch.long, self.device)] = greedy_ids
+
+    def _run_layers(self, h: torch.Tensor, layout: StepLayout, cache: RollingKVCache, experts) -> torch.Tensor:
+        """The micro-batch through this stage's layers: as two overlapped halves (`overlap_min_seqs`, a decode step
+        with experts on other workers), compiled (decode steps of a compiled size), or the shard's own loop."""
+        split = self.plan.overlap_split(h.shape[0], layout.decode_slots is not None)
+        if split is not None and experts is not None and self.has_remote_experts:
+            return self.model.run_layers_overlapped(h, layout, cache, self, split[0])
+        if self.compiled is not None:  # decode steps compiled, the rest eager
+            return self.compiled.run_layers(h, layout, cache, experts)
+        return self.model.run_layers(h, layout, cache, experts)
+
+    @property
+    def has_remote_experts(self) -> bool:
+        return any(self.remote_ranks.values())
+
+    def begin(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> tuple:
+        """`shards.model.ExpertDispatch`: the tokens sent to the workers holding the layer's other experts."""
+        remote = [self.expert_channels[r] for r in self.remote_ranks[layer]]
+        if remote:
+            packed = pack_for_experts(x, ids, weights)
+            for ch in remote:
+                ch.send(packed, "expert_in")
+        return layer, x, ids, weights, remote
+
+    def end(self, begun: tuple) -> torch.Tensor:
+        """`shards.model.ExpertDispatch`: the local groups' sum, then every far answer added in worker order."""
+        t0 = time.perf_counter()
+        layer, x, ids, weights, remote = begun
+        out = local_experts_sum(self.local_groups[layer], layer, x, ids, weights)
+        self._count_load(layer, ids)
+        for ch in remote:
+            y = ch.recv(tuple(x.shape), x.dtype, "expert_out")
+            out = y if out is None else out + y
+        self._expert_seconds += time.perf_counter() - t0
+        return out
 
     def _experts(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The MoE layer's weighted expert sum: local groups in place, one message to and from each remote worker."""

@@ -47,11 +47,14 @@ class DecodeGraphs:
         replay: str = "cuda",
         max_graphs: int = 16,
         compiled: CompiledDecode | None = None,
+        run_layers: Callable[..., torch.Tensor] | None = None,
     ) -> None:
+        """`run_layers` (h, layout, cache, experts): what a step runs and a graph records, when it is not the
+        compiled layers' or the shard's own (a stage's two-batch overlap decides per step which it runs)."""
         if replay not in ("cuda", "eager"):
             raise ValueError(f"replay must be 'cuda' or 'eager', got {replay!r}")
         self.shard, self.cache, self.replay, self.max_graphs = shard, cache, replay, max_graphs
-        self.run_layers = compiled.run_layers if compiled is not None else shard.run_layers
+        self.run_layers = run_layers or (compiled.run_layers if compiled is not None else shard.run_layers)
         self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
         self._failed: set[tuple] = set()  # shapes whose capture failed: they stay eager
         self._pool = torch.cuda.graph_pool_handle() if replay == "cuda" else None

@@ -82,6 +82,29 @@ class StepLayout:
     new_dst: torch.Tensor | None  # where the new keys go in the packed key tensor
     n_keys: int
 
+    def decode_rows(self, lo: int, hi: int) -> StepLayout:
+        """Sequences lo..hi-1 of a decode step, as views of this layout's tensors (a graph's static buffers stay
+        the ones read): what a half of a two-batch-overlapped step attends with. Only the torch kernels' view of
+        the mask comes along (the xformers mask object is the whole step's)."""
+        if self.decode_slots is None:
+            raise ValueError("only a decode step's rows can be taken apart")
+        run = self.decode_range
+        return StepLayout(
+            positions=self.positions[lo:hi],
+            cos=self.cos[lo:hi],
+            sin=self.sin[lo:hi],
+            write_rows=self.write_rows[lo:hi],
+            bias=None,
+            attention=AttentionPlan(None, None, self.attention.decode_mask[lo:hi]),
+            decode_slots=self.decode_slots[lo:hi],
+            decode_range=slice(run.start + lo, run.start + hi) if run is not None else None,
+            decode_span=self.decode_span,
+            read_rows=None,
+            read_dst=None,
+            new_dst=None,
+            n_keys=(self.decode_span or 0) * (hi - lo),
+        )
+
     @staticmethod
     def build(
         step: PackedStep, capacity: int, window: int | None, head_dim: int, rope_theta: float, device: torch.device

@@ -8,6 +8,7 @@ to them and brings back the weighted sum.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -47,14 +48,27 @@ class DecoderLayer(nn.Module):
     def forward(
         self, h: torch.Tensor, layout: StepLayout, cache: RollingKVCache, experts: ExpertsFn | None = None
     ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), self.layer, layout, cache)
-        x = self.post_attention_layernorm(h)
+        h, x = self.attend(h, layout, cache)
         if not hasattr(self, "block_sparse_moe"):
             return h + self.mlp(x)
         ids, weights = self.block_sparse_moe.gate(x)
         if experts is None:
             return h + self.block_sparse_moe.experts(x, ids, weights)
         return h + experts(self.layer, x, ids, weights)
+
+    def attend(self, h: torch.Tensor, layout: StepLayout, cache: RollingKVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer up to its feed-forward: (h with attention added, the feed-forward's normed input)."""
+        h = h + self.self_attn(self.input_layernorm(h), self.layer, layout, cache)
+        return h, self.post_attention_layernorm(h)
+
+
+class ExpertDispatch(Protocol):
+    """A MoE layer's experts in two calls, for two halves of a step in flight at once: `begin` sends the tokens to
+    the experts held elsewhere, `end` computes the local ones and adds the far answers: (tokens, dim)."""
+
+    def begin(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> object: ...
+
+    def end(self, begun: object) -> torch.Tensor: ...
 
 
 class TransformerShard(nn.Module):
@@ -108,6 +122,24 @@ class TransformerShard(nn.Module):
         for layer in self.layers.values():
             h = layer(h, layout, cache, experts)
         return h
+
+    def run_layers_overlapped(
+        self, h: torch.Tensor, layout: StepLayout, cache: RollingKVCache, dispatch: ExpertDispatch, split: int
+    ) -> torch.Tensor:
+        """A decode step's rows as two halves (`split` rows, then the rest) interleaved layer by layer: attention of
+        the first half, its tokens sent to the far experts, attention of the second half, its tokens sent, then each
+        half's local experts and far answers. The far workers compute the first half while this one attends the
+        second ("two-batch overlap"). The same function as `run_layers` on every row: only the order differs."""
+        layouts = (layout.decode_rows(0, split), layout.decode_rows(split, h.shape[0]))
+        parts = [h[:split], h[split:]]
+        for layer in self.layers.values():
+            begun = []
+            for i, part_layout in enumerate(layouts):
+                parts[i], x = layer.attend(parts[i], part_layout, cache)
+                ids, weights = layer.block_sparse_moe.gate(x)
+                begun.append(dispatch.begin(layer.layer, x, ids, weights))
+            parts = [part + dispatch.end(b) for part, b in zip(parts, begun, strict=True)]
+        return torch.cat(parts)
 
     def logits(self, h: torch.Tensor, float32: bool = True) -> torch.Tensor:
         """`float32=False` leaves them in the weights' dtype (the values are the same: the head computes in that

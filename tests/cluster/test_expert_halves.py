@@ -59,3 +59,41 @@ def test_two_parts_of_every_expert_give_transformers_tokens(ray_local, checkpoin
     # each group's stacked weights: 4 experts x (2 x its rows) x dim, and dim x its rows for w2
     assert shapes["experts0"]["experts0"] == [[4, 2 * 72, dim], [4, dim, 72]]
     assert shapes["experts1"]["experts1"] == [[4, 2 * 56, dim], [4, dim, 56]]
+
+
+def test_two_overlapped_halves_of_each_decode_step_give_transformers_tokens(
+    ray_local, checkpoint_factory, hf_model, tmp_path
+):
+    """Two-batch overlap (`overlap_min_seqs`): a decode step of 2+ sequences runs as two halves interleaved layer by
+    layer, so the far group gets two messages a layer, first half first. The tokens must still be transformers',
+    and the far group's messages must show the halves (3 sequences: 2 then 1 tokens)."""
+    checkpoint = checkpoint_factory("mixtral", seed=43, window=WINDOW)
+    placement = {
+        "checkpoint": str(checkpoint),
+        "dtype": "float32",
+        "stages": [{"layers": "0-3", "resources": {"CPU": 0.5}}],
+        "expert_groups": [
+            {"experts": "0-3", "hidden": "0/2", "resources": {"CPU": 0.5}},
+            {"experts": "0-3", "hidden": "1/2", "resources": {"CPU": 0.5}},
+        ],
+        "micro_batch_size": 4,
+        "token_budget": 256,
+        "max_seqs": 4,
+        "overlap_min_seqs": 2,
+    }
+    path = tmp_path / "overlap.yaml"
+    path.write_text(yaml.safe_dump(placement))
+    prompts = random_prompts([7, 19, 4], seed=44)
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (14, 6, 20)]
+    model = hf_model(checkpoint)
+    expected = [hf_greedy(model, p, sp.max_tokens) for p, sp in zip(prompts, params, strict=True)]
+    with ShardedCluster.start(path) as cluster:
+        cluster.expert_traces()  # what loading sent, if anything
+        out = cluster.generate(prompts, params)
+        traces = cluster.expert_traces()
+    assert [c.token_ids for c in out] == expected
+    messages = [(m.layer, m.tokens) for t in traces for m in t.received]
+    assert 3 not in {n for _, n in messages}, messages  # no decode step of the 3 sequences went whole
+    # each layer of such a step: the first half (2 tokens), then at once the second (1), before the next layer's
+    pairs = {layer for i, (layer, n) in enumerate(messages[:-1]) if n == 2 and messages[i + 1] == (layer, 1)}
+    assert pairs == {0, 1, 2, 3}, messages

@@ -146,6 +146,15 @@ def test_rows_of_every_expert_must_be_held_exactly_once(write, groups, message):
         settle(path, MIXTRAL)
 
 
+def test_two_batch_overlap_splits_decode_steps_from_its_threshold(write):
+    plan = load_placement(write(HALVES + "  - {experts: 0-1}\n  - {experts: 2-3}\noverlap_min_seqs: 32\n"))
+    assert plan.overlap_split(31, True) is None and plan.overlap_split(64, False) is None
+    assert plan.overlap_split(32, True) == (16, 16) and plan.overlap_split(33, True) == (17, 16)
+    assert load_placement(write(HALVES + "  - {experts: 0-3}\n")).overlap_split(128, True) is None  # off by default
+    with pytest.raises(PlacementError, match=re.escape("overlap_min_seqs: 8: two-batch overlap hides the expert")):
+        load_placement(write("checkpoint: c\nstages: 1\noverlap_min_seqs: 8\n"))
+
+
 def test_a_row_range_must_run_forwards(write):
     with pytest.raises(PlacementError, match=re.escape("expert_groups[0].hidden: rows '72:72': expected start < stop")):
         load_placement(write(HALVES + "  - {experts: 0-3, hidden: '72:72'}\n"))
