@@ -64,6 +64,7 @@ PLACEMENTS = {  # name -> (example YAML, GPUs it needs, models it applies to)
     "two_expert_groups": ("mixtral-2gpu-experts.yaml", 2, ("mixtral",)),
     "two_expert_halves": ("mixtral-2gpu-expert-halves.yaml", 2, ("mixtral",)),
     "two_expert_parts": ("mixtral-2gpu-expert-parts.yaml", 2, ("mixtral",)),  # uneven: 56 % on the stage's GPU
+    "two_expert_halves_overlap": ("mixtral-2gpu-expert-halves-overlap.yaml", 2, ("mixtral",)),  # two-batch overlap
     "mixed": ("mixtral-2gpu-mixed.yaml", 2, ("mixtral",)),
     # Mixtral 8x22B does not fit one or two H200s: its placements are for four, their layer ranges its 56 layers.
     "four_stages": ("mixtral-8x22b-4gpu-stages.yaml", 4, ("mixtral-8x22b",)),

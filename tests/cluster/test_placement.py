@@ -57,6 +57,7 @@ def test_local_example_is_two_stages_and_two_expert_groups_on_one_cpu_each():
         ("mixtral-2gpu-experts.yaml", PRESETS["mixtral-8x7b"]),
         ("mixtral-2gpu-expert-halves.yaml", PRESETS["mixtral-8x7b"]),
         ("mixtral-2gpu-expert-parts.yaml", PRESETS["mixtral-8x7b"]),
+        ("mixtral-2gpu-expert-halves-overlap.yaml", PRESETS["mixtral-8x7b"]),
         ("mixtral-2gpu-mixed.yaml", PRESETS["mixtral-8x7b"]),
         ("mixtral-8gpu-2nodes.yaml", PRESETS["mixtral-8x7b"]),
         ("mixtral-8x22b-4gpu-experts.yaml", PRESETS["mixtral-8x22b"]),
