@@ -58,6 +58,14 @@ PLACEMENTS = {
             {"experts": "0-7", "hidden": "{cut}:{hidden}", "resources": {"CPU": 1, "GPU": 1}},
         ],
     },
+    "stage_and_two_expert_halves_overlap": {  # two-batch overlap from 2 sequences: the smoke's 4 prompts run as halves
+        "stages": [{"layers": "0-7", "resources": {"CPU": 1, "GPU": 0.5}}],
+        "expert_groups": [
+            {"experts": "0-7", "hidden": "0/2", "resources": {"CPU": 1, "GPU": 0.5}},
+            {"experts": "0-7", "hidden": "1/2", "resources": {"CPU": 1, "GPU": 1}},
+        ],
+        "overlap_min_seqs": 2,
+    },
     "two_stages_two_expert_groups": {
         "stages": [
             {"layers": "0-3", "resources": {"CPU": 1, "GPU": 0.5}},
