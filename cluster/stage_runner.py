@@ -279,15 +279,18 @@ class StageRunner:
 
     @property
     def has_remote_experts(self) -> bool:
+        """Whether some of this stage's layers have experts on other workers (what two-batch overlap hides)."""
         return any(self.remote_ranks.values())
 
     def begin(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> tuple:
         """`shards.model.ExpertDispatch`: the tokens sent to the workers holding the layer's other experts."""
+        t0 = time.perf_counter()
         remote = [self.expert_channels[r] for r in self.remote_ranks[layer]]
         if remote:
             packed = pack_for_experts(x, ids, weights)
             for ch in remote:
                 ch.send(packed, "expert_in")
+        self._expert_seconds += time.perf_counter() - t0
         return layer, x, ids, weights, remote
 
     def end(self, begun: tuple) -> torch.Tensor:
@@ -304,22 +307,11 @@ class StageRunner:
 
     def _experts(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The MoE layer's weighted expert sum: local groups in place, one message to and from each remote worker."""
-        t0 = time.perf_counter()
-        if not self.has_groups:  # the stage holds every expert of its layers
-            self._count_load(layer, ids)
-            out = self.model.layers[str(layer)].block_sparse_moe.experts(x, ids, weights)
-            self._expert_seconds += time.perf_counter() - t0
-            return out
-        remote = [self.expert_channels[r] for r in self.remote_ranks[layer]]
-        if remote:
-            packed = pack_for_experts(x, ids, weights)
-            for ch in remote:
-                ch.send(packed, "expert_in")
-        out = local_experts_sum(self.local_groups[layer], layer, x, ids, weights)
-        self._count_load(layer, ids)  # after the sends and the local experts: while the far answers travel
-        for ch in remote:
-            y = ch.recv(tuple(x.shape), x.dtype, "expert_out")
-            out = y if out is None else out + y
+        if self.has_groups:
+            return self.end(self.begin(layer, x, ids, weights))
+        t0 = time.perf_counter()  # the stage holds every expert of its layers
+        self._count_load(layer, ids)
+        out = self.model.layers[str(layer)].block_sparse_moe.experts(x, ids, weights)
         self._expert_seconds += time.perf_counter() - t0
         return out
 
