@@ -100,8 +100,8 @@ def step_reads(
                     experts = len(layers) * (per_expert_share * cfg.num_experts if cfg.is_moe else ffn)
             for g in w.expert_groups:
                 group = plan.expert_groups[g]
-                rows = group.hidden.rows(cfg.hidden_dim) if group.hidden else (0, cfg.hidden_dim)
-                part = (rows[1] - rows[0]) / cfg.hidden_dim  # a part of each expert's rows: that share
+                start, stop = group.rows(cfg.hidden_dim)
+                part = (stop - start) / cfg.hidden_dim  # a part of each expert's rows: that share
                 experts += len(layers & set(group.layers)) * len(group.experts) * per_expert_share * part
             row.append(DeviceReads(w.name, weights, experts, kv))
         out.append(row)

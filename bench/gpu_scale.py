@@ -424,13 +424,10 @@ def dry_placement(spec: dict, n_layers: int, hidden_dim: int) -> None:
     and expert row ranges (`hidden: start:stop`) from the example's rows to `hidden_dim`."""
     stages = spec["stages"] if isinstance(spec["stages"], list) else []
     groups = spec["expert_groups"] if isinstance(spec.get("expert_groups"), list) else []
-    cuts = [tuple(int(v) for v in str(g["hidden"]).split(":")) for g in groups if ":" in str(g.get("hidden", ""))]
-    if cuts:
-        rows = max(stop for _, stop in cuts)  # the cuts tile every row of the example's experts
-        for g in groups:
-            if ":" in str(g.get("hidden", "")):
-                a, b = (int(v) for v in str(g["hidden"]).split(":"))
-                g["hidden"] = f"{a * hidden_dim // rows}:{b * hidden_dim // rows}"
+    cuts = [(g, *(int(v) for v in str(g["hidden"]).split(":"))) for g in groups if ":" in str(g.get("hidden", ""))]
+    rows = max((stop for _, _, stop in cuts), default=0)  # the cuts tile every row of the example's experts
+    for g, start, stop in cuts:
+        g["hidden"] = f"{start * hidden_dim // rows}:{stop * hidden_dim // rows}"
     for mapping in [spec, *stages, *groups]:
         if mapping is spec or "resources" in mapping:
             mapping["resources"] = {**mapping.get("resources", {"CPU": 1}), "CPU": 0.25}

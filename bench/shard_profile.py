@@ -116,12 +116,7 @@ def profile_components(
             for v in events.values():
                 v.clear()
             row["top_ops"], prof = top_ops(lambda d=decode: step(d), device)
-            row["host_syncs"] = sum(
-                e.count
-                for e in prof.key_averages()
-                if e.key
-                in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item", "aten::_local_scalar_dense")
-            )
+            row["host_syncs"] = host_syncs(prof)
             for v in events.values():
                 v.clear()
             row["graphed"] = profile_graphed_decode(shard, cache, decode, small, capacity, device)
@@ -228,11 +223,6 @@ def profile_mixed(
         times = {name: timed(lambda p=plan: run(p), device, repeat=3, warmup=1) for name, plan in
                  (("mixed", mixed), ("decode", decode), ("prefill", prefill))}  # fmt: skip
         ops, prof = top_ops(lambda: run(mixed), device)
-    syncs = sum(
-        e.count
-        for e in prof.key_averages()
-        if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item", "aten::_local_scalar_dense")
-    )
     per_layer = {f"{k}_ms_per_layer": round(1000 * v / len(layers), 3) for k, v in times.items()}
     return {
         "running": running,
@@ -242,7 +232,7 @@ def profile_mixed(
         **per_layer,
         "mixed_over_parts": round(times["mixed"] / (times["decode"] + times["prefill"]), 3),
         "running_rows_relative_diff": diff,
-        "host_syncs": syncs,
+        "host_syncs": host_syncs(prof),
         "top_ops": ops,
     }
 
@@ -272,6 +262,12 @@ def profile_prefill(shard, cfg: ModelConfig, device: torch.device, dtype: torch.
         "tflop_per_s": round(per_layer * layers / wall / 1e12, 1),
         "top_ops": ops,
     }
+
+
+def host_syncs(prof: torch.profiler.profile) -> int:
+    """Calls in a profile that made the host wait for the device."""
+    waits = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item", "aten::_local_scalar_dense")
+    return sum(e.count for e in prof.key_averages() if e.key in waits)
 
 
 def top_ops(run, device: torch.device, n: int = 12) -> tuple[list[dict], torch.profiler.profile]:

@@ -79,6 +79,10 @@ class ExpertGroupSpec:
     def name(self) -> str:
         return f"experts{self.index}"
 
+    def rows(self, hidden_dim: int) -> tuple[int, int]:
+        """The hidden rows of each held expert this group holds: its cut, or all of them."""
+        return self.hidden.rows(hidden_dim) if self.hidden is not None else (0, hidden_dim)
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -180,7 +184,7 @@ class PlacementPlan:
         """Only the group's experts, for each of its layers (the gates stay with the stages)."""
         self._require_settled()
         group = self.expert_groups[g]
-        rows = group.hidden.rows(config.hidden_dim) if group.hidden is not None else None
+        rows = group.rows(config.hidden_dim) if group.hidden is not None else None  # None: read whole experts
         return ShardSelection(experts={layer: group.experts for layer in group.layers}, hidden_rows=rows)
 
     def _in_bundle_order(self) -> list[StageSpec | ExpertGroupSpec]:
@@ -301,7 +305,7 @@ def _settle_expert_groups(
     # (layer, expert) -> the (start, stop, group) runs of its hidden rows that groups hold
     held: dict[tuple[int, int], list[tuple[int, int, ExpertGroupSpec]]] = {}
     for g in settled:
-        start, stop = g.hidden.rows(config.hidden_dim) if g.hidden is not None else (0, config.hidden_dim)
+        start, stop = g.rows(config.hidden_dim)
         for layer in g.layers:
             for x in g.experts:
                 held.setdefault((layer, x), []).append((start, stop, g))

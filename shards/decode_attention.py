@@ -100,11 +100,11 @@ def decode_attention(
     seqs, n_heads, head_dim = q.shape
     n_kv = k_rows.shape[1]
     write = k_new is not None
-    if write and not triton_decode_supported(q.device):
-        rows = slots * capacity + positions % capacity
-        k_rows.index_copy_(0, rows, k_new)
-        v_rows.index_copy_(0, rows, v_new)
     if not triton_decode_supported(q.device):
+        if write:
+            rows = slots * capacity + positions % capacity
+            k_rows.index_copy_(0, rows, k_new)
+            v_rows.index_copy_(0, rows, v_new)
         buffers = (-1, capacity, n_kv, head_dim)
         keys = k_rows.view(buffers)[:, :span].index_select(0, slots)
         values = v_rows.view(buffers)[:, :span].index_select(0, slots)

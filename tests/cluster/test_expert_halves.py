@@ -29,27 +29,36 @@ def ray_local():
     os.environ.pop("MISTRAL_CLUSTER_SERVER_GRAPHS", None)
 
 
-def test_two_parts_of_every_expert_give_transformers_tokens(ray_local, checkpoint_factory, hf_model, tmp_path):
-    """An uneven cut, given as rows (`0:72` and `72:128` of 128): what `i/n` parts settle to as well."""
-    checkpoint = checkpoint_factory("mixtral", seed=41, window=WINDOW)
+def write_placement(tmp_path, checkpoint, cuts: tuple[str, str], **knobs) -> str:
+    """One stage of the 4 layers and two expert groups holding all 4 experts cut as `cuts`, float32 on CPUs."""
     placement = {
         "checkpoint": str(checkpoint),
         "dtype": "float32",
         "stages": [{"layers": "0-3", "resources": {"CPU": 0.5}}],
-        "expert_groups": [
-            {"experts": "0-3", "hidden": "0:72", "resources": {"CPU": 0.5}},
-            {"experts": "0-3", "hidden": "72:128", "resources": {"CPU": 0.5}},
-        ],
-        "micro_batch_size": 2,
+        "expert_groups": [{"experts": "0-3", "hidden": cut, "resources": {"CPU": 0.5}} for cut in cuts],
         "token_budget": 256,
         "max_seqs": 4,
+        **knobs,
     }
-    path = tmp_path / "halves.yaml"
+    path = tmp_path / "placement.yaml"
     path.write_text(yaml.safe_dump(placement))
-    prompts = random_prompts([7, 19, 4], seed=42)
+    return str(path)
+
+
+def requests_and_reference(model, seed: int) -> tuple[list[list[int]], list[SamplingParams], list[list[int]]]:
+    """Three prompts of 7, 19 and 4 tokens asking 14, 6 and 20 greedy tokens, and transformers' tokens for them."""
+    prompts = random_prompts([7, 19, 4], seed=seed)
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (14, 6, 20)]
-    model = hf_model(checkpoint)
     expected = [hf_greedy(model, p, sp.max_tokens) for p, sp in zip(prompts, params, strict=True)]
+    return prompts, params, expected
+
+
+def test_two_parts_of_every_expert_give_transformers_tokens(ray_local, checkpoint_factory, hf_model, tmp_path):
+    """An uneven cut, given as rows (`0:72` and `72:128` of 128): what `i/n` parts settle to as well."""
+    checkpoint = checkpoint_factory("mixtral", seed=41, window=WINDOW)
+    path = write_placement(tmp_path, checkpoint, ("0:72", "72:128"), micro_batch_size=2)
+    model = hf_model(checkpoint)
+    prompts, params, expected = requests_and_reference(model, seed=42)
     with ShardedCluster.start(path) as cluster:
         out = cluster.generate(prompts, params)
         shapes = {name: ray.get(handle.expert_shapes.remote()) for name, handle in cluster.shard_handles().items()}
@@ -68,25 +77,8 @@ def test_two_overlapped_halves_of_each_decode_step_give_transformers_tokens(
     layer, so the far group gets two messages a layer, first half first. The tokens must still be transformers',
     and the far group's messages must show the halves (3 sequences: 2 then 1 tokens)."""
     checkpoint = checkpoint_factory("mixtral", seed=43, window=WINDOW)
-    placement = {
-        "checkpoint": str(checkpoint),
-        "dtype": "float32",
-        "stages": [{"layers": "0-3", "resources": {"CPU": 0.5}}],
-        "expert_groups": [
-            {"experts": "0-3", "hidden": "0/2", "resources": {"CPU": 0.5}},
-            {"experts": "0-3", "hidden": "1/2", "resources": {"CPU": 0.5}},
-        ],
-        "micro_batch_size": 4,
-        "token_budget": 256,
-        "max_seqs": 4,
-        "overlap_min_seqs": 2,
-    }
-    path = tmp_path / "overlap.yaml"
-    path.write_text(yaml.safe_dump(placement))
-    prompts = random_prompts([7, 19, 4], seed=44)
-    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (14, 6, 20)]
-    model = hf_model(checkpoint)
-    expected = [hf_greedy(model, p, sp.max_tokens) for p, sp in zip(prompts, params, strict=True)]
+    path = write_placement(tmp_path, checkpoint, ("0/2", "1/2"), micro_batch_size=4, overlap_min_seqs=2)
+    prompts, params, expected = requests_and_reference(hf_model(checkpoint), seed=44)
     with ShardedCluster.start(path) as cluster:
         cluster.expert_traces()  # what loading sent, if anything
         out = cluster.generate(prompts, params)
