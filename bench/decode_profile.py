@@ -229,6 +229,61 @@ def kernel_case(cfg: ModelConfig, device: torch.device, batch: int, filled: int,
     return row
 
 
+def attention_sweep(cfg: ModelConfig, device: torch.device, filled: int = 576) -> list[dict]:
+    """The decode attention kernel's launch shape, swept: (keys a block, runs a sequence's KV head, warps) at 1, 32
+    and 128 sequences, bf16, the step's keys written by the kernel (as the layers call it). Each case is 20 calls
+    captured in one CUDA graph and replayed, so the time is the kernels' (run + merge) and the gaps between them, not
+    the host's launches; `default` marks the shape the rule in `shards.decode_attention` picks."""
+    from shards.decode_attention import BLOCK_ROWS, decode_attention, split_rows, tensor_cores
+
+    dtype, cap, calls = torch.bfloat16, max(1024, filled), 20
+    span = min(cap, -(-filled // 64) * 64)
+    rows_out = []
+    for batch in (1, 32, 128):
+        gen = torch.Generator(device).manual_seed(batch)
+        shape = (batch * cap, cfg.n_kv_heads, cfg.head_dim)
+        k_rows = torch.randn(shape, generator=gen, device=device).to(dtype)
+        v_rows = torch.randn(shape, generator=gen, device=device).to(dtype)
+        q = torch.randn(batch, cfg.n_heads, cfg.head_dim, generator=gen, device=device).to(dtype)
+        k_new = torch.randn(batch, cfg.n_kv_heads, cfg.head_dim, generator=gen, device=device).to(dtype)
+        v_new = torch.randn_like(k_new)
+        slots = torch.arange(batch, device=device)
+        positions = torch.full((batch,), filled - 1, device=device)
+        dot = tensor_cores(batch)
+        block0 = 64 if dot else BLOCK_ROWS
+        rows0, runs0 = split_rows(batch, cfg.n_kv_heads, span, block0)
+        default = (block0, runs0, 4)
+        blocks = (32, 64, 128) if dot else (16, 32, 64)
+        runs_options = sorted({1, 2, 4, 9, 18, 36, runs0}) if batch == 1 else sorted({1, 2, 3, 5, runs0})
+        cases = [(b, r, w) for b in blocks for r in runs_options for w in ((1, 2, 4) if not dot else (4, 8))]
+        reference = decode_attention(q, k_rows, v_rows, slots, positions, cap, span, k_new, v_new, default).float()
+        for case in cases:
+            if case[1] * case[0] > span * 2 and case[1] > 1:
+                continue  # runs so short most of each block is past the span
+            row = {"batch": batch, "block": case[0], "runs": case[1], "warps": case[2], "default": case == default}
+            try:
+                out = decode_attention(q, k_rows, v_rows, slots, positions, cap, span, k_new, v_new, case)
+                row["max_difference"] = float((out.float() - reference).abs().max())
+                torch.cuda.synchronize(device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for _ in range(calls):
+                        decode_attention(q, k_rows, v_rows, slots, positions, cap, span, k_new, v_new, case)
+                graph.replay()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(5):
+                    graph.replay()
+                end.record()
+                end.synchronize()
+                row["us"] = round(1000 * start.elapsed_time(end) / (5 * calls), 2)
+            except Exception as e:  # noqa: BLE001 - a shape the kernel cannot take: recorded, the sweep goes on
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            rows_out.append(row)
+            print(row, flush=True)
+    return rows_out
+
+
 def gpt_fast(root: Path, ckpt: Path, cfg: ModelConfig, device: torch.device, dtype, trace_dir) -> dict:
     """gpt-fast's compiled decode step on the same layers (`bench/peer_gpt_fast.py`): its whole step (embedding,
     layers, head, argmax) per token; its kernels, the head's GEMV among them."""
@@ -272,6 +327,16 @@ def main() -> None:
     parser.add_argument("--trace-dir", default=None)
     parser.add_argument("--out", default="bench/results/decode_profile.json")
     parser.add_argument("--cpu-dry-run", action="store_true")
+    parser.add_argument(
+        "--runs",
+        nargs="*",
+        default=None,
+        help="only these of ours, ours_sdpa, ours_compiled, ours_compiled_inductor_gemv",
+    )
+    parser.add_argument("--no-kernel-check", action="store_true", help="skip the attention kernel against SDPA")
+    parser.add_argument(
+        "--attention-sweep", action="store_true", help="the attention kernel's launch shapes at 1, 32, 128 sequences"
+    )
     args = parser.parse_args()
     dry = args.cpu_dry_run or not torch.cuda.is_available()
     device = torch.device("cpu" if dry else "cuda")
@@ -297,6 +362,7 @@ def main() -> None:
         runs = [("ours", False, "triton", "1"), ("ours_sdpa", False, "sdpa", "1")]
         if not args.no_compiled:  # the output projection and gate through cuBLAS, and through inductor's reductions
             runs += [("ours_compiled", True, "triton", "1"), ("ours_compiled_inductor_gemv", True, "triton", "0")]
+        runs = [r for r in runs if args.runs is None or r[0] in args.runs]
         for name, compiled, attention, cublas in runs:
             os.environ["MISTRAL_CLUSTER_DECODE_ATTENTION"] = attention
             os.environ["MISTRAL_CLUSTER_COMPILE_CUBLAS"] = cublas
@@ -307,7 +373,13 @@ def main() -> None:
             print(name, json.dumps(result["runs"][name])[:1500], flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        if device.type == "cuda":
+        if device.type == "cuda" and args.attention_sweep:
+            os.environ["MISTRAL_CLUSTER_DECODE_ATTENTION"] = "triton"
+            try:
+                result["attention_sweep"] = attention_sweep(cfg, device)
+            except Exception as e:  # noqa: BLE001
+                result["attention_sweep"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        if device.type == "cuda" and not args.no_kernel_check:
             try:
                 result["kernel_check"] = kernel_check(cfg, device)
             except Exception as e:  # noqa: BLE001

@@ -97,26 +97,32 @@ def gemv_sweep(group: ExpertGroup, device: torch.device, dtype: torch.dtype, dim
         )
         for w in (4, 8)
     ]
-    for kernel in ("gate_up", "down"):
-        for tile in tiles:
-            kwargs = {
-                "gate_up_tile": tile if kernel == "gate_up" else GATE_UP_TILE,
-                "down_tile": tile if kernel == "down" else DOWN_TILE,
-            }
-            try:
-                us = graph_time_us(lambda kw=kwargs: expert_gemv(x, slots, weights, group.w13, group.w2, **kw), device)
-            except OutOfResources as error:  # a tile too large for the registers or shared memory
-                print(f"{kernel} {tile}: {type(error).__name__}", flush=True)
-                continue
-            rows.append(
-                {
-                    "kernel": kernel,
-                    "tile": list(tile),
-                    "us": round(us, 1),
-                    "tb_per_s": round(TOP_K * expert_bytes / us / 1e6, 2),
-                }
+    joint_tiles = [(r, c, w) for r, c in ((2, 512), (4, 256), (4, 512), (8, 256), (2, 1024), (8, 512)) for w in (4, 8)]
+    cases = [("gate_up", t) for t in tiles] + [("down", t) for t in tiles] + [("down_joint", t) for t in joint_tiles]
+    # each kernel's default again at the end: the spread between the first and the last is the sweep's noise
+    cases += [("gate_up", GATE_UP_TILE), ("down", DOWN_TILE)]
+    for kernel, tile in cases:
+        kwargs = {
+            "gate_up_tile": tile if kernel == "gate_up" else GATE_UP_TILE,
+            "down_tile": tile if kernel.startswith("down") else DOWN_TILE,
+            "down_joint": kernel == "down_joint",
+        }
+        try:
+            us = graph_time_us(
+                lambda kw=kwargs: expert_gemv(x, slots, weights, group.w13, group.w2, **kw), device, repeat=50
             )
-            print(f"{kernel} rows {tile[0]} cols {tile[1]} warps {tile[2]}: {us:.1f} us", flush=True)
+        except OutOfResources as error:  # a tile too large for the registers or shared memory
+            print(f"{kernel} {tile}: {type(error).__name__}", flush=True)
+            continue
+        rows.append(
+            {
+                "kernel": kernel,
+                "tile": list(tile),
+                "us": round(us, 1),
+                "tb_per_s": round(TOP_K * expert_bytes / us / 1e6, 2),
+            }
+        )
+        print(f"{kernel} rows {tile[0]} cols {tile[1]} warps {tile[2]}: {us:.1f} us", flush=True)
     return rows
 
 

@@ -73,6 +73,8 @@ def decode_components(traces: list[StepTrace], batch: int) -> dict:
     expert_ms: dict[str, float] = {}
     transport_ms: dict[str, float] = {}
     outside_ms: dict[str, float] = {}
+    device_ms: dict[str, list[float]] = {}
+    gap_ms: dict[str, list[float]] = {}
     for t in steps:
         for s in t.stages:
             k = f"stage{s.stage}"
@@ -82,6 +84,10 @@ def decode_components(traces: list[StepTrace], batch: int) -> dict:
             transport_ms[k] = transport_ms.get(k, 0.0) + 1000 * sum(s.transport.seconds.values()) / n
             # inside the call but outside the layers' spans: embedding, counting expert choices, ...
             outside_ms[k] = outside_ms.get(k, 0.0) + 1000 * ((s.left - s.entered) - span) / n
+            if s.device_seconds is not None:
+                device_ms.setdefault(k, []).append(1000 * s.device_seconds)
+            if s.device_gap_seconds is not None:
+                gap_ms.setdefault(k, []).append(1000 * s.device_gap_seconds)
     # From the first stage's start to the last stage's end (one clock: the shards share the host); the rest of the
     # step is the router's: planning, the Ray calls, sampling.
     busy = (
@@ -101,6 +107,20 @@ def decode_components(traces: list[StepTrace], batch: int) -> dict:
         "router_to_stage_ms": round(1000 * sum(min(s.entered for s in t.stages) - t.called for t in steps) / n, 3),
         "in_call_outside_layers_ms": _rounded(outside_ms),
         "stage_to_router_ms": round(1000 * sum(t.returned - max(s.left for s in t.stages) for t in steps) / n, 3),
+        # GPU stages: each step's kernels first to last (CUDA events on the stage's stream), and the device's idle
+        # time before each step (the host late with it): what decode ahead is meant to keep near zero.
+        "device_ms": {k: _spread(v) for k, v in device_ms.items()},
+        "device_gap_ms": {k: _spread(v) for k, v in gap_ms.items()},
+    }
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    """Mean, median and 90th percentile of a list of times in ms."""
+    ordered = sorted(values)
+    return {
+        "mean": round(sum(ordered) / len(ordered), 3),
+        "median": round(ordered[len(ordered) // 2], 3),
+        "p90": round(ordered[min(len(ordered) - 1, (9 * len(ordered)) // 10)], 3),
     }
 
 

@@ -112,6 +112,7 @@ class StageRunner:
         self.fed_back = 0  # tokens this stage fed in from its own picks
         self.overlapped = 0  # steps launched before the previous step was waited for (`overlaps_host`)
         self._expert_seconds = 0.0
+        self._previous_done: torch.cuda.Event | None = None  # the last finished step's end (the next one's gap)
 
     def attach(self, transport: Transport) -> None:
         """Take this stage's channels from a freshly formed process group, and decide on CUDA graphs."""
@@ -184,6 +185,7 @@ class StageRunner:
         finishes the previous step while this one is queued behind it."""
         entered = time.time()
         self._expert_seconds = 0.0
+        begun = self._device_event()
         microbatches = split_microbatches(plan if self.first else plan.without_tokens(), micro_batch_size)
         experts = self._experts if self.config.is_moe else None
         pending, spans, picks = [], [], []
@@ -211,17 +213,24 @@ class StageRunner:
                 with waiting_on_peer():  # this thread's stream: NCCL work may wait on peers
                     torch.cuda.current_stream().synchronize()
             spans.append(MicrobatchSpan(m, start, time.time(), wait_s))
-        done = None
-        if not wait and self.device.type == "cuda":
-            done = torch.cuda.Event()
-            done.record()
         joined = self._join_picks(picks) if self.last else None
-        return LaunchedStep(step, entered, spans, pending, self._expert_seconds, joined, done)
+        done = self._device_event()
+        overlapped = not wait and self.device.type == "cuda"
+        return LaunchedStep(step, entered, spans, pending, self._expert_seconds, joined, done, begun, overlapped)
+
+    def _device_event(self) -> torch.cuda.Event | None:
+        """A timing event recorded on this thread's stream now (a GPU stage): what `finish` reads the step's device
+        time and the idle gap before it from."""
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def finish(self, launched: LaunchedStep) -> tuple[StageResult, torch.Tensor | None]:
         """Wait for a launched step's kernels and sends; its result, and its picks (still on the device)."""
         spans = launched.spans
-        if launched.done is not None:
+        if launched.overlapped:
             with waiting_on_peer():
                 launched.done.synchronize()
             last = spans[-1]
@@ -231,6 +240,13 @@ class StageRunner:
             for work, _ in launched.sends:
                 work.wait()
         send_wait = time.perf_counter() - t0
+        device_s = gap_s = None
+        if launched.done is not None:
+            launched.done.synchronize()  # already complete, unless recorded after the step's own wait (a few us)
+            device_s = launched.begun.elapsed_time(launched.done) / 1000
+            if self._previous_done is not None:
+                gap_s = max(0.0, self._previous_done.elapsed_time(launched.begun) / 1000)
+            self._previous_done = launched.done
         result = StageResult(
             stage=self.index,
             step=launched.step,
@@ -240,6 +256,8 @@ class StageRunner:
             expert_seconds=launched.expert_seconds,
             entered=launched.entered,
             left=time.time(),
+            device_seconds=device_s,
+            device_gap_seconds=gap_s,
         )
         return result, launched.picks
 
@@ -348,7 +366,9 @@ class LaunchedStep:
     sends: list  # (work, tensor) of the activations sent to the next stage, kept alive until they complete
     expert_seconds: float
     picks: torch.Tensor | None
-    done: torch.cuda.Event | None  # recorded after the step's kernels when launched without waiting
+    done: torch.cuda.Event | None  # timing events on a GPU: after the step's last kernel and before its first
+    begun: torch.cuda.Event | None
+    overlapped: bool = False  # launched without waiting: `finish` waits for `done`
 
 
 def pick_tokens(logits: torch.Tensor, greedy: tuple[bool, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

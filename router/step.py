@@ -162,6 +162,11 @@ class StageResult:
     expert_seconds: float  # time inside the expert dispatch
     entered: float  # the call's span in the stage's process, host clock
     left: float
+    # On a GPU, from CUDA events on the stage's stream: the step's kernels from its first to its last, and how long
+    # the device sat idle on this stream between the previous step's last kernel and this step's first (the host
+    # was late with it). None on a CPU, and the gap for a stage's first step.
+    device_seconds: float | None = None
+    device_gap_seconds: float | None = None
 
 
 @dataclass(frozen=True)

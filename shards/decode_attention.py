@@ -90,13 +90,15 @@ def decode_attention(
     span: int,
     k_new: torch.Tensor | None = None,
     v_new: torch.Tensor | None = None,
+    tuning: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """q: (seqs, n_heads, head_dim); k_rows, v_rows: a layer's cache, (slots * capacity, n_kv_heads, head_dim),
     slot-major; slots: (seqs,) each sequence's slot; positions: (seqs,) the position of each sequence's new token,
     so rows below min(position + 1, capacity) are filled; span: at most this many leading rows of each buffer are
     read (`kv_cache.decode_span`, or the capacity). k_new, v_new: (seqs, n_kv_heads, head_dim), the step's keys and
     values, written at row position % capacity of each buffer (by the kernel itself, which saves two copy kernels a
-    layer); without them those rows already hold them. Returns (seqs, n_heads, head_dim) in q's dtype."""
+    layer); without them those rows already hold them. `tuning`: (keys a block, runs a sequence's KV head, warps)
+    instead of the rule here (`bench/decode_profile.py`'s sweep). Returns (seqs, n_heads, head_dim) in q's dtype."""
     seqs, n_heads, head_dim = q.shape
     n_kv = k_rows.shape[1]
     write = k_new is not None
@@ -120,6 +122,12 @@ def decode_attention(
     group_pad = max(16, triton.next_power_of_2(group)) if dot else triton.next_power_of_2(group)
     block = 64 if dot else BLOCK_ROWS
     rows, runs = split_rows(seqs, n_kv, span, block)
+    warps = 4
+    if tuning is not None:
+        block, runs, warps = tuning
+        per_run = -(-span // runs)  # the span cut into `runs`, each rounded up to a multiple of `block`
+        rows = -(-per_run // block) * block
+        runs = -(-span // rows)
     q = q.contiguous()
     out = torch.empty_like(q)
     single = runs == 1
@@ -140,7 +148,7 @@ def decode_attention(
         span, rows, capacity, n_kv, head_dim**-0.5,
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK=block, SINGLE=single, DOT=dot,
         IEEE=q.dtype == torch.float32, WRITE=write,
-        num_warps=4,
+        num_warps=warps,
     )  # fmt: skip
     if not single:
         merge_runs[(seqs * n_kv,)](

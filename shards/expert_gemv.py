@@ -8,7 +8,9 @@ coalesced loads, with the expert index read on the device (no host sync, so a CU
 - `_gate_up_kernel`: one program per (token, choice) pair and block of hidden rows computes
   silu(x . w1) * (x . w3) in float32 and stores it in the weights' dtype;
 - `_down_kernel`: one program per token and block of output rows sums weight * (w2 . act) over the token's k
-  choices in a fixed order (no atomics: the same bits every run).
+  choices in a fixed order (no atomics: the same bits every run). With JOINT it loads the k choices' tiles in
+  the same iteration, a (k, rows, cols) tile, so twice the bytes are in flight per load (the down GEMV ran at 3.8
+  TB/s where the gate/up one, loading two matrices at once, reached 4.3: `decode_profile-dot-h200.json`).
 
 Choices of experts this group does not hold contribute nothing, as in the other paths.
 """
@@ -22,6 +24,7 @@ import triton.language as tl
 # (rows, cols, warps) per program, chosen on an H200 with bench/expert_kernels.py (bench/NOTES.md has the sweep).
 GATE_UP_TILE = (16, 128, 8)
 DOWN_TILE = (4, 512, 8)
+DOWN_JOINT = False  # measured in bench/expert_kernels.py --gemv-sweep before it becomes the default
 
 
 @triton.jit
@@ -62,10 +65,32 @@ def _down_kernel(
     K: tl.constexpr,
     ROWS: tl.constexpr,
     COLS: tl.constexpr,
+    JOINT: tl.constexpr,
+    K_PAD: tl.constexpr,
 ):
     token = tl.program_id(0)
     rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < dim
+    if JOINT:  # every choice's tile in one (K_PAD, ROWS, COLS) load
+        c = tl.arange(0, K_PAD)
+        pair = token * K + c
+        slot = tl.load(slot_ptr + pair, mask=c < K, other=n_local)
+        held = slot < n_local  # (K_PAD,)
+        w = w2_ptr + slot.to(tl.int64)[:, None, None] * dim * hidden + rows.to(tl.int64)[None, :, None] * hidden
+        w_ok = held[:, None, None] & row_ok[None, :, None]
+        acc3 = tl.zeros((K_PAD, ROWS, COLS), dtype=tl.float32)
+        for start in range(0, hidden, COLS):
+            cols = start + tl.arange(0, COLS)
+            col_ok = (cols < hidden)[None, None, :]
+            a = tl.load(act_ptr + pair[:, None] * hidden + cols[None, :], mask=held[:, None] & (cols < hidden)[None, :])
+            acc3 += (
+                tl.load(w + cols[None, None, :], mask=w_ok & col_ok, other=0.0).to(tl.float32)
+                * a.to(tl.float32)[:, None, :]
+            )
+        weight = tl.load(weight_ptr + pair, mask=held, other=0.0).to(tl.float32)
+        total = tl.sum(tl.sum(acc3, axis=2) * weight[:, None], axis=0)
+        tl.store(out_ptr + token * dim + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
+        return
     total = tl.zeros((ROWS,), dtype=tl.float32)
     for choice in range(K):
         pair = token * K + choice
@@ -90,9 +115,11 @@ def expert_gemv(
     w2: torch.Tensor,
     gate_up_tile: tuple[int, int, int] = GATE_UP_TILE,
     down_tile: tuple[int, int, int] = DOWN_TILE,
+    down_joint: bool = DOWN_JOINT,
 ) -> torch.Tensor:
     """x: (tokens, dim); slots: (tokens, k) local expert index, len(w13) where not held; weights: (tokens, k);
-    w13: (n, 2 * hidden, dim); w2: (n, dim, hidden). Returns (tokens, dim) in x's dtype."""
+    w13: (n, 2 * hidden, dim); w2: (n, dim, hidden). Returns (tokens, dim) in x's dtype. `down_joint`: the down
+    kernel loads every choice's tile at once (JOINT)."""
     tokens, k = slots.shape
     n_local, dim, hidden = w2.shape[0], w2.shape[1], w2.shape[2]
     x, slots, weights = x.contiguous(), slots.contiguous(), weights.contiguous()
@@ -104,6 +131,7 @@ def expert_gemv(
     )
     rows, cols, warps = down_tile
     _down_kernel[(tokens, triton.cdiv(dim, rows))](
-        act, w2, slots, weights, out, dim, hidden, n_local, K=k, ROWS=rows, COLS=cols, num_warps=warps
-    )
+        act, w2, slots, weights, out, dim, hidden, n_local,
+        K=k, ROWS=rows, COLS=cols, JOINT=down_joint, K_PAD=triton.next_power_of_2(k), num_warps=warps,
+    )  # fmt: skip
     return out

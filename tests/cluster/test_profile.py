@@ -43,3 +43,22 @@ def test_the_step_timeline_says_whether_two_stages_overlap():
     assert first["sent"] == 0 and first["returned"] == 20
     stage1_of_first, stage0_of_second = first["stages"][1]["ran"][0], second["stages"][0]["ran"][0]
     assert stage0_of_second == [10, 20] and stage1_of_first == [10, 20]  # the same 10 ms on the two GPUs
+
+
+def test_decode_components_report_the_device_time_and_the_idle_gap_before_each_step():
+    """The GPU stage's CUDA-event figures: a step's kernels and the device's idle time before it, spread over steps;
+    a stage without them (a CPU) reports none."""
+    from cluster.profile import decode_components
+    from router.step import MicrobatchSpan, StageResult, StepTrace, TransportTally
+
+    def stage(n: int, device: float | None, gap: float | None) -> StageResult:
+        span = (MicrobatchSpan(0, 0.01 * n, 0.01 * n + 0.009, 0.0),)
+        return StageResult(0, n, span, 0.0, TransportTally(), 0.0, 0.01 * n, 0.01 * n + 0.01, device, gap)
+
+    gaps = [None, 0.0, 0.0, 0.0002, 0.0, 0.0, 0.0, 0.0, 0.0, 0.001]
+    traces = [StepTrace(n, 1, 1, 1, 0.01, 0.01 * n, 0.01 * n + 0.01, (stage(n, 0.009, gaps[n]),)) for n in range(10)]
+    found = decode_components(traces, 1)
+    assert found["device_ms"] == {"stage0": {"mean": 9.0, "median": 9.0, "p90": 9.0}}
+    assert found["device_gap_ms"] == {"stage0": {"mean": 0.133, "median": 0.0, "p90": 1.0}}
+    cpu = [StepTrace(n, 1, 1, 1, 0.01, 0.01 * n, 0.01 * n + 0.01, (stage(n, None, None),)) for n in range(3)]
+    assert decode_components(cpu, 1)["device_ms"] == {} and decode_components(cpu, 1)["device_gap_ms"] == {}
