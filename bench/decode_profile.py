@@ -234,7 +234,7 @@ def attention_sweep(cfg: ModelConfig, device: torch.device, filled: int = 576) -
     and 128 sequences, bf16, the step's keys written by the kernel (as the layers call it). Each case is 20 calls
     captured in one CUDA graph and replayed, so the time is the kernels' (run + merge) and the gaps between them, not
     the host's launches; `default` marks the shape the rule in `shards.decode_attention` picks."""
-    from shards.decode_attention import BLOCK_ROWS, decode_attention, split_rows, tensor_cores
+    from shards.decode_attention import decode_attention, launch_shape, tensor_cores
 
     dtype, cap, calls = torch.bfloat16, max(1024, filled), 20
     span = min(cap, -(-filled // 64) * 64)
@@ -250,9 +250,8 @@ def attention_sweep(cfg: ModelConfig, device: torch.device, filled: int = 576) -
         slots = torch.arange(batch, device=device)
         positions = torch.full((batch,), filled - 1, device=device)
         dot = tensor_cores(batch)
-        block0 = 64 if dot else BLOCK_ROWS
-        rows0, runs0 = split_rows(batch, cfg.n_kv_heads, span, block0)
-        default = (block0, runs0, 4)
+        default = launch_shape(batch, cfg.n_kv_heads, span, dot)
+        runs0 = default[1]
         blocks = (32, 64, 128) if dot else (16, 32, 64)
         runs_options = sorted({1, 2, 4, 9, 18, 36, runs0}) if batch == 1 else sorted({1, 2, 3, 5, runs0})
         cases = [(b, r, w) for b in blocks for r in runs_options for w in ((1, 2, 4) if not dot else (4, 8))]

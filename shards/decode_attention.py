@@ -23,8 +23,13 @@ import torch
 from shards.attention import decode_attention_math
 from shards.moe import triton_installed
 
-BLOCK_ROWS = 32  # keys per inner iteration: a (group, 32, head_dim) float32 product stays in registers
-TARGET_PROGRAMS = 264  # split the rows until (sequences x KV heads x runs) reaches about two programs an SM (132)
+# (keys a block, programs to split the rows until, warps), per kind of product. Swept on an H200 in CUDA graphs
+# (`decode_profile-sweep-h200.json`, Mixtral heads, 576 rows, bf16, the kernel writing the step's keys): at one
+# sequence, float32 products in blocks of 16 keys over 36 runs with 2 warps took 10.2 us (run + merge) where the
+# earlier (32, 264 programs, 4 warps) took 13.2; at 32 sequences the tensor cores in one run (256 programs, no
+# merge) took 25.7 against 34.9 for two runs; at 128 one run either way (89.7).
+CUDA_CORE_SHAPE = (16, 320, 2)
+DOT_SHAPE = (64, 256, 4)
 
 
 def decode_attention_backend() -> str:
@@ -71,13 +76,20 @@ def tensor_cores(seqs: int) -> bool:
     return mode == "1" or (mode == "auto" and seqs > CUDA_CORE_MAX_SEQS)
 
 
-def split_rows(seqs: int, n_kv: int, span: int, block: int = BLOCK_ROWS) -> tuple[int, int]:
+def split_rows(seqs: int, n_kv: int, span: int, block: int, target_programs: int) -> tuple[int, int]:
     """(rows a program reads, programs a sequence's KV head gets): few sequences get their rows cut into runs so the
-    GPU has enough programs; a multiple of `block`, decided from shapes alone (a graph's shapes are fixed)."""
+    GPU has about `target_programs` programs; a multiple of `block`, decided from shapes alone (a graph's shapes are
+    fixed)."""
     blocks = -(-span // block)
-    runs = max(1, min(blocks, -(-TARGET_PROGRAMS // (seqs * n_kv))))
+    runs = max(1, min(blocks, -(-target_programs // (seqs * n_kv))))
     rows = -(-blocks // runs) * block
     return rows, -(-span // rows)
+
+
+def launch_shape(seqs: int, n_kv: int, span: int, dot: bool) -> tuple[int, int, int]:
+    """(keys a block, runs a sequence's KV head, warps) of a step of `seqs` sequences."""
+    block, programs, warps = DOT_SHAPE if dot else CUDA_CORE_SHAPE
+    return block, split_rows(seqs, n_kv, span, block, programs)[1], warps
 
 
 def decode_attention(
@@ -120,14 +132,10 @@ def decode_attention(
     group = n_heads // n_kv
     dot = tensor_cores(seqs)
     group_pad = max(16, triton.next_power_of_2(group)) if dot else triton.next_power_of_2(group)
-    block = 64 if dot else BLOCK_ROWS
-    rows, runs = split_rows(seqs, n_kv, span, block)
-    warps = 4
-    if tuning is not None:
-        block, runs, warps = tuning
-        per_run = -(-span // runs)  # the span cut into `runs`, each rounded up to a multiple of `block`
-        rows = -(-per_run // block) * block
-        runs = -(-span // rows)
+    block, runs, warps = tuning if tuning is not None else launch_shape(seqs, n_kv, span, dot)
+    per_run = -(-span // runs)  # the span cut into `runs`, each rounded up to a multiple of `block`
+    rows = -(-per_run // block) * block
+    runs = -(-span // rows)
     q = q.contiguous()
     out = torch.empty_like(q)
     single = runs == 1

@@ -73,37 +73,34 @@ def _down_kernel(
     row_ok = rows < dim
     if JOINT:  # every choice's tile in one (K_PAD, ROWS, COLS) load
         c = tl.arange(0, K_PAD)
-        pair = token * K + c
-        slot = tl.load(slot_ptr + pair, mask=c < K, other=n_local)
-        held = slot < n_local  # (K_PAD,)
-        w = w2_ptr + slot.to(tl.int64)[:, None, None] * dim * hidden + rows.to(tl.int64)[None, :, None] * hidden
-        w_ok = held[:, None, None] & row_ok[None, :, None]
+        pairs = token * K + c
+        slots = tl.load(slot_ptr + pairs, mask=c < K, other=n_local)
+        held = slots < n_local  # (K_PAD,)
+        tiles = w2_ptr + slots.to(tl.int64)[:, None, None] * dim * hidden + rows.to(tl.int64)[None, :, None] * hidden
+        tile_ok = held[:, None, None] & row_ok[None, :, None]
         acc3 = tl.zeros((K_PAD, ROWS, COLS), dtype=tl.float32)
         for start in range(0, hidden, COLS):
             cols = start + tl.arange(0, COLS)
-            col_ok = (cols < hidden)[None, None, :]
-            a = tl.load(act_ptr + pair[:, None] * hidden + cols[None, :], mask=held[:, None] & (cols < hidden)[None, :])
-            acc3 += (
-                tl.load(w + cols[None, None, :], mask=w_ok & col_ok, other=0.0).to(tl.float32)
-                * a.to(tl.float32)[:, None, :]
-            )
-        weight = tl.load(weight_ptr + pair, mask=held, other=0.0).to(tl.float32)
+            col_ok = cols < hidden
+            a = tl.load(act_ptr + pairs[:, None] * hidden + cols[None, :], mask=held[:, None] & col_ok[None, :])
+            w3 = tl.load(tiles + cols[None, None, :], mask=tile_ok & col_ok[None, None, :], other=0.0)
+            acc3 += w3.to(tl.float32) * a.to(tl.float32)[:, None, :]
+        weight = tl.load(weight_ptr + pairs, mask=held, other=0.0).to(tl.float32)
         total = tl.sum(tl.sum(acc3, axis=2) * weight[:, None], axis=0)
-        tl.store(out_ptr + token * dim + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
-        return
-    total = tl.zeros((ROWS,), dtype=tl.float32)
-    for choice in range(K):
-        pair = token * K + choice
-        slot = tl.load(slot_ptr + pair)
-        if slot < n_local:
-            acc = tl.zeros((ROWS, COLS), dtype=tl.float32)
-            w = w2_ptr + slot.to(tl.int64) * dim * hidden + rows[:, None].to(tl.int64) * hidden
-            for start in range(0, hidden, COLS):
-                cols = start + tl.arange(0, COLS)
-                ok = row_ok[:, None] & (cols < hidden)[None, :]
-                a = tl.load(act_ptr + pair * hidden + cols, mask=cols < hidden, other=0.0).to(tl.float32)
-                acc += tl.load(w + cols[None, :], mask=ok, other=0.0).to(tl.float32) * a[None, :]
-            total += tl.sum(acc, axis=1) * tl.load(weight_ptr + pair).to(tl.float32)
+    else:
+        total = tl.zeros((ROWS,), dtype=tl.float32)
+        for choice in range(K):
+            pair = token * K + choice
+            slot = tl.load(slot_ptr + pair)
+            if slot < n_local:
+                acc = tl.zeros((ROWS, COLS), dtype=tl.float32)
+                w = w2_ptr + slot.to(tl.int64) * dim * hidden + rows[:, None].to(tl.int64) * hidden
+                for start in range(0, hidden, COLS):
+                    cols = start + tl.arange(0, COLS)
+                    ok = row_ok[:, None] & (cols < hidden)[None, :]
+                    a = tl.load(act_ptr + pair * hidden + cols, mask=cols < hidden, other=0.0).to(tl.float32)
+                    acc += tl.load(w + cols[None, :], mask=ok, other=0.0).to(tl.float32) * a[None, :]
+                total += tl.sum(acc, axis=1) * tl.load(weight_ptr + pair).to(tl.float32)
     tl.store(out_ptr + token * dim + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 

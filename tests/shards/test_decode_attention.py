@@ -31,7 +31,7 @@ import json, os, sys
 import torch
 import shards.decode_attention_kernels as kernels
 from shards.attention import decode_attention_math
-from shards.decode_attention import decode_attention, split_rows, triton_decode_supported
+from shards.decode_attention import decode_attention, launch_shape, triton_decode_supported
 
 launches = {"run": 0}
 real_run = kernels.run_attention
@@ -52,7 +52,7 @@ cases = [
     (1, 8, 2, 16, 64, 64, 2),  # a few runs a head, merged
     (3, 12, 2, 16, 96, 64, 5),  # six query heads a KV head (padded to 8), span under the capacity
     (2, 8, 8, 32, 200, 160, 3),  # a span that is not a multiple of the block
-    (34, 8, 8, 16, 40, 40, 40),  # enough programs: one run a head, normalised in place
+    (42, 8, 8, 16, 40, 40, 42),  # enough programs (336 heads): one run a head, normalised in place
 ]
 for (seqs, n_heads, n_kv, head_dim, capacity, span, max_seqs), dtype, dot in [
     # Triton's interpreter multiplies bf16 in tl.dot as raw bits (numpy has no bf16): the tensor-core path is
@@ -77,7 +77,7 @@ for (seqs, n_heads, n_kv, head_dim, capacity, span, max_seqs), dtype, dot in [
         "shape": [seqs, n_heads, n_kv, head_dim, capacity, span],
         "dtype": str(dtype),
         "dot": dot == "1",
-        "runs": split_rows(seqs, n_kv, span, 64 if dot == "1" else 32)[1],
+        "runs": launch_shape(seqs, n_kv, span, dot == "1")[1],
         "out_dtype": str(out.dtype),
         "relative_error": float((out.double() - exact).abs().max() / exact.abs().max()),
     })
@@ -108,7 +108,7 @@ for (seqs, n_heads, n_kv, head_dim, capacity, span, max_seqs), dot in [(c, d) fo
         "dot": dot == "1",
         "write": True,
         "cache_written": bool(torch.equal(k_rows, k_ref) and torch.equal(v_rows, v_ref)),
-        "runs": split_rows(seqs, n_kv, span, 64 if dot == "1" else 32)[1],
+        "runs": launch_shape(seqs, n_kv, span, dot == "1")[1],
         "out_dtype": str(out.dtype),
         "relative_error": float((out.double() - exact).abs().max() / exact.abs().max()),
     })

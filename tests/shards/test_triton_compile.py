@@ -1,0 +1,74 @@
+"""The Triton kernels compiled for an H200 (sm_90) on the CPU, every variant the layers launch.
+
+Triton's interpreter (the other kernel tests) runs the Python, not the compiler: a kernel whose two constexpr
+branches give one name two shapes runs there and fails to compile on the GPU (the joint down kernel did, costing
+a device call). Compiling to a cubin needs no GPU: Triton ships its own ptxas.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+H200 = GPUTarget("cuda", 90, 32)
+
+
+def compile_for_h200(fn, signature: dict[str, str], constexprs: dict, warps: int) -> None:
+    kernel = triton.compile(
+        ASTSource(fn=fn, signature={**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs=constexprs),
+        target=H200,
+        options={"num_warps": warps},
+    )
+    assert kernel.asm["cubin"], fn.__name__
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_the_expert_gemv_kernels_compile(joint):
+    from shards.expert_gemv import DOWN_TILE, GATE_UP_TILE, _down_kernel, _gate_up_kernel
+
+    rows, cols, warps = GATE_UP_TILE
+    compile_for_h200(
+        _gate_up_kernel,
+        {"x_ptr": "*bf16", "w13_ptr": "*bf16", "slot_ptr": "*i64", "act_ptr": "*bf16", "dim": "i32", "hidden": "i32",
+         "n_local": "i32"},
+        {"K": 2, "ROWS": rows, "COLS": cols},
+        warps,
+    )  # fmt: skip
+    rows, cols, warps = DOWN_TILE
+    compile_for_h200(
+        _down_kernel,
+        {"act_ptr": "*bf16", "w2_ptr": "*bf16", "slot_ptr": "*i64", "weight_ptr": "*bf16", "out_ptr": "*bf16",
+         "dim": "i32", "hidden": "i32", "n_local": "i32"},
+        {"K": 2, "ROWS": rows, "COLS": cols, "JOINT": joint, "K_PAD": 2},
+        warps,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("dot", [False, True])
+@pytest.mark.parametrize("write", [False, True])
+def test_the_decode_attention_kernels_compile(dot, write):
+    from shards.decode_attention import CUDA_CORE_SHAPE, DOT_SHAPE
+    from shards.decode_attention_kernels import merge_runs, run_attention
+
+    block, _, warps = DOT_SHAPE if dot else CUDA_CORE_SHAPE
+    pad = 16 if dot else 4
+    for single in (False, True):
+        compile_for_h200(
+            run_attention,
+            {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "knew_ptr": "*bf16", "vnew_ptr": "*bf16",
+             "slot_ptr": "*i64", "pos_ptr": "*i64", "out_ptr": "*bf16", "acc_ptr": "*fp32", "stats_ptr": "*fp32",
+             "span": "i32", "rows": "i32", "capacity": "i32", "n_kv": "i32", "scale": "fp32"},
+            {"GROUP": 4, "GROUP_PAD": pad, "HEAD_DIM": 128, "BLOCK": block, "SINGLE": single, "DOT": dot,
+             "IEEE": False, "WRITE": write},
+            warps,
+        )  # fmt: skip
+    compile_for_h200(
+        merge_runs,
+        {"acc_ptr": "*fp32", "stats_ptr": "*fp32", "out_ptr": "*bf16", "runs": "i32", "n_kv": "i32"},
+        {"GROUP": 4, "GROUP_PAD": pad, "HEAD_DIM": 128, "RUNS_PAD": 64},
+        4,
+    )
