@@ -111,6 +111,7 @@ class StageRunner:
         self.last_picks = torch.zeros(plan.max_seqs, dtype=torch.long, device=device) if ahead else None
         self.fed_back = 0  # tokens this stage fed in from its own picks
         self.overlapped = 0  # steps launched before the previous step was waited for (`overlaps_host`)
+        self.launched_ahead = 0  # steps launched without waiting, waited for by the worker's deliver thread
         self._expert_seconds = 0.0
         self._previous_done: torch.cuda.Event | None = None  # the last finished step's end (the next one's gap)
 
@@ -214,6 +215,12 @@ class StageRunner:
                     torch.cuda.current_stream().synchronize()
             spans.append(MicrobatchSpan(m, start, time.time(), wait_s))
         joined = self._join_picks(picks) if self.last else None
+        if joined is not None and self.device.type == "cuda":
+            # Copied to the host behind the step's own kernels: whoever waits for `done` then has them, and no
+            # copy is queued later behind a step launched after this one (that held each step's picks back a
+            # whole step when steps were launched ahead).
+            host = torch.empty(joined.shape, dtype=joined.dtype, pin_memory=True)
+            joined = host.copy_(joined, non_blocking=True)
         done = self._device_event()
         overlapped = not wait and self.device.type == "cuda"
         return LaunchedStep(step, entered, spans, pending, self._expert_seconds, joined, done, begun, overlapped)
@@ -228,7 +235,7 @@ class StageRunner:
         return event
 
     def finish(self, launched: LaunchedStep) -> tuple[StageResult, torch.Tensor | None]:
-        """Wait for a launched step's kernels and sends; its result, and its picks (still on the device)."""
+        """Wait for a launched step's kernels and sends; its result, and its picks (on the host once `done`)."""
         spans = launched.spans
         if launched.overlapped:
             with waiting_on_peer():

@@ -399,6 +399,7 @@ class ShardWorker:
                 "graph_captures": r.graphs.captures if r.graphs is not None else 0,
                 "graph_replays": r.graphs.replays if r.graphs is not None else 0,
                 "fed_back_tokens": r.fed_back,  # decode ahead: tokens fed in from the stage's own picks
+                "launched_ahead_steps": r.launched_ahead,  # launched by one thread, waited for by another
                 "overlapped_steps": r.overlapped,  # steps queued on the device behind the one before
             }
         return out
@@ -474,44 +475,79 @@ class ShardWorker:
             self._activity[loop] = (step, time.monotonic(), threading.get_ident())
 
     def _stage_loop(self, runner: StageRunner, q: queue.Queue) -> None:
-        """Each plan through the stage, its picks sent back. Where the stage overlaps the host (`overlaps_host`:
-        one GPU stage decoding ahead), step N+1 is queued on the device before step N is waited for whenever N+1's
-        plan is already here, so the device goes from one step to the next without waiting for this thread's
-        host work (its layout, the picks' copy and send, the next plan's decoding)."""
+        """Each plan through the stage, its picks sent back. Where the stage overlaps the host (`overlaps_host`: one
+        GPU stage decoding ahead) the steps are launched by this thread as their plans come and waited for by
+        another (`_deliver_loop`), so step N+1 is queued on the device as soon as its plan is here, whatever step N
+        is doing: the device goes from one step to the next without waiting for the host (the layout, the picks'
+        send, the next plan's decoding). Measured on an H200 before (one thread, N+1 queued only when its plan was
+        already here when N was launched): the device idled 0.66 ms a step at batch 1, 8 % of the time."""
+        if runner.overlaps_host:
+            self._launch_loop(runner, q)
+            return
         loop = f"stage{runner.index}"
-        overlap = runner.overlaps_host
-        launched = None  # the step queued on the device and not yet finished
         while (wire := q.get()) is not None:
             self._stepping(loop, wire.step)
-            stall, self._stall_s = self._stall_s, 0.0
-            if stall:
-                time.sleep(stall)
+            self._take_stall()
             try:
-                step = runner.launch(wire.step, wire.plan, wire.micro_batch_size, wait=not overlap)
-                if launched is not None:
-                    runner.overlapped += 1
-                    self._deliver(runner, launched)
-                    launched = None
-                if overlap and not q.empty():  # the next plan is here: queue it behind this step first
-                    launched = step
-                else:
-                    self._deliver(runner, step)
+                self._deliver(runner, runner.launch(wire.step, wire.plan, wire.micro_batch_size, wait=True))
             except Exception as e:  # noqa: BLE001 - the step fails with this cause; recovery resets the worker
                 self._failed(f"stage{runner.index} step {wire.step}", e)
                 return
             finally:
                 self._stepping(loop, None)
-        if launched is not None:  # stopped with a step queued: its picks still go back
+
+    def _take_stall(self) -> None:
+        stall, self._stall_s = self._stall_s, 0.0
+        if stall:
+            time.sleep(stall)
+
+    def _launch_loop(self, runner: StageRunner, q: queue.Queue) -> None:
+        """`_stage_loop` for a stage that overlaps the host: launch here, wait and send in `_deliver_loop`."""
+        loop = f"stage{runner.index}"
+        launched: queue.Queue = queue.Queue()
+        undelivered = [0]  # steps launched and not yet delivered (under self._lock)
+        waiter = threading.Thread(
+            target=self._deliver_loop, args=(runner, launched, undelivered), name=f"{loop}-deliver", daemon=True
+        )
+        waiter.start()
+        try:
+            while (wire := q.get()) is not None:
+                self._stepping(loop, wire.step)
+                self._take_stall()
+                try:
+                    step = runner.launch(wire.step, wire.plan, wire.micro_batch_size, wait=False)
+                except Exception as e:  # noqa: BLE001 - as in `_stage_loop`
+                    self._failed(f"stage{runner.index} step {wire.step}", e)
+                    return
+                finally:
+                    self._stepping(loop, None)
+                with self._lock:
+                    runner.launched_ahead += 1
+                    if undelivered[0]:
+                        runner.overlapped += 1  # queued on the device behind a step not yet waited for
+                    undelivered[0] += 1
+                launched.put(step)
+        finally:
+            launched.put(None)  # the steps already launched are still delivered
+            waiter.join()
+
+    def _deliver_loop(self, runner: StageRunner, launched: queue.Queue, undelivered: list[int]) -> None:
+        """Each launched step waited for in launch order, its picks sent; a failure fails the step and stops here
+        (the launching thread's next step then fails at the router's deadline or on the closed link)."""
+        while (step := launched.get()) is not None:
             try:
-                self._deliver(runner, launched)
-            except Exception as e:  # noqa: BLE001 - a worker being stopped: its step fails with this cause
-                self._failed(f"stage{runner.index} step {launched.step}", e)
+                self._deliver(runner, step)
+            except Exception as e:  # noqa: BLE001 - as in `_stage_loop`
+                self._failed(f"stage{runner.index} step {step.step}", e)
+                return
+            with self._lock:
+                undelivered[0] -= 1
 
     def _deliver(self, runner: StageRunner, launched: LaunchedStep) -> None:
         """A launched step waited for: its picks to the router, its result kept for the traces."""
         result, picks = runner.finish(launched)
         if picks is not None:
-            self.link.send_result(picks.cpu().numpy())
+            self.link.send_result(picks.numpy())
         with self._lock:
             self.results.append(result)
 
