@@ -21,6 +21,7 @@ def test_the_profile_runs_and_a_mixed_step_matches_decode_for_the_running_rows(t
     (mixed,) = out["mixed"]
     assert (mixed["running"], mixed["prompts"], mixed["prompt_tokens"]) == (6, 2, 8)
     assert mixed["running_rows_relative_diff"] < 1e-5, mixed  # float32: the same function both ways
+    assert mixed["running_rows_median_diff"] < 1e-5 and mixed["running_rows_over_5_percent"] == 0, mixed
     for kind in ("mixed", "decode", "prefill"):
         assert mixed[f"{kind}_ms_per_layer"] > 0
     assert mixed["mixed_over_parts"] > 0 and mixed["host_syncs"] == 0
