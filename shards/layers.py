@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shards import layer_kernels
 from shards.attention import packed_attention
 from shards.decode_attention import decode_attention, triton_decode_supported, triton_max_seqs
 
@@ -26,6 +27,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if layer_kernels.fused_here(x):
+            return layer_kernels.rms_norm(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
 
 
@@ -69,8 +72,9 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(tokens, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(tokens, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(tokens, self.n_kv_heads, self.head_dim)
-        q = apply_rotary(q, layout.cos, layout.sin)
-        k = apply_rotary(k, layout.cos, layout.sin)
+        rotary = layer_kernels.apply_rotary if layer_kernels.fused_here(x) else apply_rotary
+        q = rotary(q, layout.cos, layout.sin)
+        k = rotary(k, layout.cos, layout.sin)
         if layout.decode_slots is not None and tokens <= triton_max_seqs() and triton_decode_supported(q.device):
             k_rows, v_rows = cache.layer_rows(layer)  # the kernel writes the step's keys and values itself
             span = layout.decode_span or cache.capacity

@@ -171,12 +171,14 @@ class ExpertGroup(nn.Module):
 
     def forward_dense(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Every held expert on every token; the choices weight the SwiGLU activations (0 where not chosen)."""
+        from shards.moe_kernels import silu_mul
+
         tokens, n, h = x.shape[0], len(self.expert_ids), self.hidden_dim
         table, _ = self._local_index(x.device)
         # (tokens, n) routing weight per held expert; column n collects choices of experts held elsewhere.
         dense = torch.zeros(tokens, n + 1, dtype=weights.dtype, device=x.device).scatter_(1, table[ids], weights)
-        gate, up = F.linear(x, self.w13.view(n * 2 * h, -1)).view(tokens, n, 2 * h).chunk(2, dim=-1)
-        act = F.silu(gate) * up * dense[:, :n, None]  # (tokens, n, hidden)
+        gate_up = F.linear(x, self.w13.view(n * 2 * h, -1)).view(tokens, n, 2 * h)
+        act = silu_mul(gate_up, dense[:, :n].flatten())  # (tokens, n, hidden)
         return torch.bmm(act.transpose(0, 1), self.w2.transpose(1, 2)).sum(dim=0)  # (n, tokens, dim) -> (tokens, dim)
 
     def forward_gemv(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -187,6 +189,8 @@ class ExpertGroup(nn.Module):
         return expert_gemv(x, table[ids], weights, self.w13, self.w2)
 
     def forward_grouped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        from shards.moe_kernels import combine_choices, silu_mul  # imports this module: bound here, not at the top
+
         tokens, k = ids.shape
         n_local = len(self.expert_ids)
         table, bounds = self._local_index(x.device)
@@ -194,14 +198,12 @@ class ExpertGroup(nn.Module):
         local, order = torch.sort(table[ids].flatten(), stable=True)  # (tokens * k,)
         offs = torch.searchsorted(local, bounds, out_int32=True)  # (n_local,) end of each expert's rows
         xs = x.index_select(0, order // k)  # (tokens * k, dim)
-        gate, up = torch._grouped_mm(xs, self.w13.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
-        ys = torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(-2, -1), offs=offs)  # (tokens * k, dim)
-        ys = ys * weights.flatten().index_select(0, order)[:, None]
-        if n_local < self.num_experts:
-            # Rows past offs[-1] belong to experts not held; the kernel leaves them unwritten (any bits, NaN too).
-            ys = torch.where((local < n_local)[:, None], ys, 0)
-        # Back to (token, choice) order and sum over the k choices: no atomics, the same sum order every run.
-        return ys.new_empty(ys.shape).index_copy_(0, order, ys).view(tokens, k, -1).sum(dim=1)
+        act = silu_mul(torch._grouped_mm(xs, self.w13.transpose(-2, -1), offs=offs))
+        ys = torch._grouped_mm(act, self.w2.transpose(-2, -1), offs=offs)  # (tokens * k, dim)
+        # Rows past offs[-1] belong to experts not held: the kernel leaves them unwritten (any bits, NaN too), and
+        # the combine reads none of them. Back to (token, choice) order, summed over the k choices in choice order:
+        # no atomics, the same sum order every run.
+        return combine_choices(ys, order, table[ids], weights, n_local)
 
     def forward_loop(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """One expert at a time (a host sync per expert on GPU): the reference, and the path without grouped GEMM."""

@@ -72,3 +72,38 @@ def test_the_decode_attention_kernels_compile(dot, write):
         {"GROUP": 4, "GROUP_PAD": pad, "HEAD_DIM": 128, "RUNS_PAD": 64},
         4,
     )
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_the_moe_elementwise_kernels_compile(scaled):
+    from shards.moe_kernels_triton import combine_kernel, silu_mul_kernel
+
+    compile_for_h200(
+        silu_mul_kernel,
+        {"src_ptr": "*bf16", "out_ptr": "*bf16", "scale_ptr": "*bf16", "hidden": "i32", "row_stride": "i32"},
+        {"SCALED": scaled, "BLOCK": 1024},
+        4,
+    )
+    compile_for_h200(
+        combine_kernel,
+        {"ys_ptr": "*bf16", "inverse_ptr": "*i64", "local_ptr": "*i64", "weight_ptr": "*bf16", "out_ptr": "*bf16",
+         "dim": "i32", "n_local": "i32"},
+        {"K": 2, "BLOCK": 1024},
+        4,
+    )  # fmt: skip
+
+
+def test_the_norm_and_rotary_kernels_compile():
+    from shards.layer_kernels_triton import rms_norm_kernel, rotary_kernel
+
+    compile_for_h200(
+        rms_norm_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "dim": "i32", "eps": "fp32"},
+        {"BLOCK": 4096}, 8,
+    )  # fmt: skip
+    compile_for_h200(
+        rotary_kernel,
+        {"x_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "out_ptr": "*bf16", "heads": "i32",
+         "token_stride": "i32"},
+        {"HEADS": 32, "HEAD_DIM": 128},
+        4,
+    )  # fmt: skip

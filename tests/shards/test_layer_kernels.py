@@ -1,0 +1,75 @@
+"""RMSNorm and the rotary embedding as one Triton pass each (`shards/layer_kernels.py`), run by Triton's interpreter
+on the CPU against the torch functions they stand for (`shards.layers.rms_norm`, `apply_rotary`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+CHECKS = r"""
+import json, sys
+import torch
+from shards import layer_kernels, layers
+
+gen = torch.Generator().manual_seed(0)
+out = {"norm": [], "rotary": []}
+for dtype in (torch.float32, torch.bfloat16):
+    for shape in ((7, 64), (3, 80), (2, 3, 48)):  # a dim that is no power of two; leading dims
+        x = (torch.randn(shape, generator=gen) * 4).to(dtype)
+        w = (1 + torch.randn(shape[-1], generator=gen) * 0.1).to(dtype)
+        got, want = layer_kernels.rms_norm(x, w, 1e-5), layers.rms_norm(x, w, 1e-5)
+        out["norm"].append({"dtype": str(dtype), "shape": list(got.shape), "want_shape": list(want.shape),
+                            "out_dtype": str(got.dtype), "want_dtype": str(want.dtype),
+                            "max_diff": float((got.float() - want.float()).abs().max()),
+                            "scale": float(want.float().abs().max())})
+    for tokens, heads, head_dim, strided in ((5, 4, 16, False), (3, 6, 32, False), (4, 2, 16, True)):
+        positions = torch.randint(0, 5000, (tokens,), generator=gen)
+        cos, sin = layers.rotary_cos_sin(positions, head_dim, 1e6)
+        base = torch.randn(tokens, heads * head_dim * (2 if strided else 1), generator=gen).to(dtype)
+        # strided: every other head of a wider projection, as a view (copied first by the wrapper)
+        x = base.view(tokens, -1, head_dim)[:, ::2] if strided else base.view(tokens, heads, head_dim)
+        got, want = layer_kernels.apply_rotary(x, cos, sin), layers.apply_rotary(x, cos, sin)
+        out["rotary"].append({"dtype": str(dtype), "shape": list(got.shape), "want_shape": list(want.shape),
+                              "max_diff": float((got.float() - want.float()).abs().max()),
+                              "scale": float(want.float().abs().max())})
+json.dump(out, sys.stdout)
+"""
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", CHECKS], check=False, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout)
+
+
+def limit(row: dict) -> float:
+    # float32: the reduction's order at most; bf16: two bf16 ulps (Triton's interpreter emulates bf16 through numpy,
+    # not the GPU's round-to-nearest-even)
+    return (1e-6 if row["dtype"] == "torch.float32" else 1.6e-2) * max(1.0, row["scale"])
+
+
+def test_the_fused_rms_norm_gives_the_torch_functions_values(interpreted):
+    assert len(interpreted["norm"]) == 6
+    for row in interpreted["norm"]:
+        assert row["shape"] == row["want_shape"] and row["out_dtype"] == row["want_dtype"], row
+        assert row["max_diff"] <= limit(row), row
+
+
+def test_the_fused_rotary_gives_the_torch_functions_values(interpreted):
+    assert len(interpreted["rotary"]) == 6
+    for row in interpreted["rotary"]:
+        assert row["shape"] == row["want_shape"], row
+        assert row["max_diff"] <= limit(row), row
