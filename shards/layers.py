@@ -69,9 +69,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, layer: int, layout: StepLayout, cache: RollingKVCache) -> torch.Tensor:
         tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(tokens, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(tokens, self.n_kv_heads, self.head_dim)
+        if hasattr(self, "wqkv"):  # one GEMM (a 4k prompt's k and v GEMMs alone ran at half the tensor cores' rate)
+            q_rows, kv_rows = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = F.linear(x, self.wqkv).split((q_rows, kv_rows, kv_rows), dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(tokens, self.n_heads, self.head_dim)
+        k = k.view(tokens, self.n_kv_heads, self.head_dim)
+        v = v.view(tokens, self.n_kv_heads, self.head_dim)
         rotary = layer_kernels.apply_rotary if layer_kernels.fused_here(x) else apply_rotary
         q = rotary(q, layout.cos, layout.sin)
         k = rotary(k, layout.cos, layout.sin)
@@ -104,6 +109,10 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "w13"):  # gate and up as one GEMM, then one pass for silu(gate) * up
+            from shards.moe_kernels import silu_mul
+
+            return self.down_proj(silu_mul(F.linear(x, self.w13)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def fuse_gate_up(self) -> torch.Tensor:

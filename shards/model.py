@@ -111,6 +111,10 @@ class TransformerShard(nn.Module):
         if unexpected:
             raise KeyError(f"checkpoint tensors this shard has no place for: {unexpected[:3]}")
         _check_loaded(shard)
+        for layer in shard.layers.values():  # one GEMM for q, k and v (and gate with up): their params become views
+            layer.self_attn.fuse_qkv()
+            if hasattr(layer, "mlp"):
+                layer.mlp.fuse_gate_up()
         return shard.eval()
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
