@@ -152,6 +152,8 @@ class AttentionPlan:
     out_rows: torch.Tensor | None  # (q_tokens,) row of each packed query in the groups' output; None: identity
     decode_mask: torch.Tensor | None = None  # (seqs, 1, 1, capacity) bool: buffer row < filled rows
     causal: bool = False  # one sequence, no cached keys, inside the window: a plain causal mask (flash, no mask)
+    lower_right: bool = False  # one sequence, cached keys before its chunk, all inside the window: causal from the
+    # bottom right (flash, no mask)
     _cache: dict = field(default_factory=dict)
 
     @staticmethod
@@ -174,10 +176,12 @@ class AttentionPlan:
         identity = base == len(out_rows) and out_rows == list(range(base))
         rows = None if identity else to_device(out_rows, torch.long, device)
         (q_start, q_end), (k_start, k_end) = q_blocks[0], k_blocks[0]
-        causal = (
-            len(q_blocks) == 1 and q_end - q_start == k_end - k_start and (window is None or k_end - k_start <= window)
-        )
-        return AttentionPlan(groups, rows, causal=causal)
+        one = len(q_blocks) == 1 and (window is None or k_end - k_start <= window)
+        causal = one and q_end - q_start == k_end - k_start
+        # (unpadded keys only: a decode step's padded buffers hold rows past the filled ones)
+        unpadded = isinstance(bias, xbias.BlockDiagonalCausalFromBottomRightMask)
+        lower_right = one and unpadded and q_end - q_start < k_end - k_start
+        return AttentionPlan(groups, rows, causal=causal, lower_right=lower_right)
 
     @staticmethod
     def for_decode(kv_lens: list[int], capacity: int, device: torch.device | str) -> AttentionPlan:
@@ -238,6 +242,8 @@ def _torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: At
     n_heads, n_kv, head_dim = q.shape[1], k.shape[1], k.shape[2]
     if plan.causal:
         return _causal_attention(q, k, v)
+    if plan.lower_right:
+        return _causal_attention(q, k, v, lower_right=True)
     k_flat, v_flat = k.reshape(-1, head_dim), v.reshape(-1, head_dim)
     outs = []
     for group in plan.groups:
@@ -259,18 +265,26 @@ def _torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: At
     return out if plan.out_rows is None else out[plan.out_rows]
 
 
-def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """A prompt's first chunk: `is_causal` without a mask lets SDPA take its flash kernel (4k tokens: a 32 MiB mask
-    per layer and the memory-efficient kernel otherwise). KV heads are repeated for their query heads, as the flash
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lower_right: bool = False) -> torch.Tensor:
+    """One sequence's chunk: `is_causal` without a mask lets SDPA take its flash kernel (a prompt's first chunk of 4k
+    tokens: a 32 MiB mask per layer and the memory-efficient kernel otherwise). With `lower_right` the chunk follows
+    cached keys (k longer than q; a long prompt's later chunks): causal from the bottom right, which flash also takes
+    without a mask (`torch.nn.attention.bias.causal_lower_right`), where the padded path built a (chunk, keys) mask
+    and copied every KV head out to its query heads. KV heads are repeated for their query heads, as the flash
     kernel's GQA support varies by backend."""
     tokens, n_heads, head_dim = q.shape
+    keys = k.shape[0]
     group = n_heads // k.shape[1]
-    kb = k[:, :, None].expand(-1, -1, group, -1).reshape(tokens, n_heads, head_dim)
-    vb = v[:, :, None].expand(-1, -1, group, -1).reshape(tokens, n_heads, head_dim)
+    kb = k[:, :, None].expand(-1, -1, group, -1).reshape(keys, n_heads, head_dim)
+    vb = v[:, :, None].expand(-1, -1, group, -1).reshape(keys, n_heads, head_dim)
     # 4-D (batch of one): with 3-D inputs SDPA takes its math path, 13 ms instead of ~1 for 4k tokens on H200.
-    o = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None], kb.transpose(0, 1)[None], vb.transpose(0, 1)[None], is_causal=True
-    )
+    qb, kb, vb = q.transpose(0, 1)[None], kb.transpose(0, 1)[None], vb.transpose(0, 1)[None]
+    if lower_right:
+        from torch.nn.attention.bias import causal_lower_right
+
+        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=causal_lower_right(tokens, keys))
+    else:
+        o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True)
     return o[0].transpose(0, 1)
 
 

@@ -34,6 +34,9 @@ def rand(n: int, heads: int, seed: int) -> torch.Tensor:
         ([12], [12], None),  # one prompt's first chunk: the plain causal (flash) path
         ([12], [12], 12),  # the same with the window covering the whole chunk
         ([12], [12], 5),  # the window inside the chunk: masked path
+        ([4], [12], None),  # a later chunk after cached keys: causal from the bottom right (flash, no mask)
+        ([4], [12], 12),  # the same, the window covering every key
+        ([4], [12], 8),  # the window inside the keys: masked path
     ],
 )
 def test_prefill_mask_matches_xformers_definition(q_lens, kv_lens, window):
@@ -44,17 +47,28 @@ def test_prefill_mask_matches_xformers_definition(q_lens, kv_lens, window):
 
 
 @pytest.mark.parametrize(
-    "q_lens,kv_lens,window,causal",
+    "q_lens,kv_lens,window,causal,lower_right",
     [
-        ([12], [12], None, True),
-        ([12], [12], 12, True),
-        ([12], [12], 11, False),
-        ([4], [12], None, False),
-        ([5, 7], [5, 7], None, False),
+        ([12], [12], None, True, False),
+        ([12], [12], 12, True, False),
+        ([12], [12], 11, False, False),
+        ([4], [12], None, False, True),
+        ([4], [12], 12, False, True),
+        ([4], [12], 11, False, False),
+        ([5, 7], [5, 7], None, False, False),
+        ([4, 3], [12, 3], None, False, False),
     ],
 )
-def test_only_a_single_uncached_chunk_inside_the_window_takes_the_plain_causal_path(q_lens, kv_lens, window, causal):
-    assert AttentionPlan.build(prefill_bias(q_lens, kv_lens, window), "cpu").causal is causal
+def test_only_one_chunk_inside_the_window_takes_a_maskless_causal_path(q_lens, kv_lens, window, causal, lower_right):
+    """Uncached: causal from the top left; after cached keys: from the bottom right; anything else: the mask."""
+    plan = AttentionPlan.build(prefill_bias(q_lens, kv_lens, window), "cpu")
+    assert (plan.causal, plan.lower_right) == (causal, lower_right)
+
+
+def test_a_decode_step_over_padded_buffers_never_takes_the_maskless_paths():
+    """One sequence's query against its buffer: rows past the filled ones are padding, which only the mask hides."""
+    plan = AttentionPlan.build(decode_bias([5], 8), "cpu")
+    assert not plan.causal and not plan.lower_right
 
 
 def test_decode_mask_with_padded_keys_matches_xformers_definition():
