@@ -81,6 +81,7 @@ class StepLayout:
     read_dst: torch.Tensor | None  # where those cached keys go in the packed key tensor
     new_dst: torch.Tensor | None  # where the new keys go in the packed key tensor
     n_keys: int
+    split: MixedSplit | None = None  # a mixed step: its leading decode rows read their buffers in place
 
     def decode_rows(self, lo: int, hi: int) -> StepLayout:
         """Sequences lo..hi-1 of a decode step, as views of this layout's tensors (a graph's static buffers stay
@@ -162,6 +163,7 @@ class StepLayout:
             return to_device(xs, torch.long, device)
 
         bias = prefill_bias(list(step.lengths), kv_lens, window)
+        split = mixed_split(step, capacity, window, head_dim, rope_theta, device)
         return StepLayout(
             **common,
             bias=bias,
@@ -173,7 +175,57 @@ class StepLayout:
             read_dst=as_long(read_dst),
             new_dst=as_long(new_dst),
             n_keys=offset,
+            split=split,
         )
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Some of a step's sequences (`PackedStep`), for the layouts of a mixed step's two parts."""
+
+    slots: tuple[int, ...]
+    starts: tuple[int, ...]
+    lengths: tuple[int, ...]
+
+    @property
+    def is_decode(self) -> bool:
+        return all(n == 1 for n in self.lengths)
+
+
+@dataclass
+class MixedSplit:
+    """A step that carries new prompts beside running sequences, its running ones first (the scheduler's order):
+    the first `rows` tokens, one a sequence, attend through the decode kernel over their buffers in place (`decode`),
+    the rest through the packed path (`prefill`) over only their own keys. In one packed path the running sequences'
+    cached rows were gathered into the packed keys every layer (112 sequences x 300 rows: index_put and gathers,
+    0.55 ms a layer on an H200, `shard_profile-prefill-mixed-h200.json`) and padded into a group of their own."""
+
+    rows: int
+    decode: StepLayout
+    prefill: StepLayout
+
+
+def mixed_split(
+    step: PackedStep, capacity: int, window: int | None, head_dim: int, theta: float, device
+) -> MixedSplit | None:
+    """The split of a mixed step (`MixedSplit`), where the decode kernel runs on `device` and the step's leading
+    sequences take one token each with at least one longer sequence after them; else None.
+    MISTRAL_CLUSTER_SPLIT_MIXED=0 keeps the whole step on the packed path (an A/B switch)."""
+    from shards.decode_attention import triton_decode_supported, triton_max_seqs
+
+    if os.environ.get("MISTRAL_CLUSTER_SPLIT_MIXED", "1") == "0" or step.is_decode:
+        return None
+    lengths = list(step.lengths)
+    rows = next((i for i, n in enumerate(lengths) if n != 1), len(lengths))
+    if rows == 0 or rows > triton_max_seqs() or not triton_decode_supported(torch.device(device)):
+        return None
+    slots, starts = tuple(step.slots), tuple(step.starts)
+    decode = StepLayout.build(
+        _Rows(slots[:rows], starts[:rows], (1,) * rows), capacity, window, head_dim, theta, device
+    )
+    rest = _Rows(slots[rows:], starts[rows:], tuple(lengths[rows:]))
+    prefill = StepLayout.build(rest, capacity, window, head_dim, theta, device)
+    return MixedSplit(rows, decode, prefill)
 
 
 class RollingKVCache:

@@ -81,14 +81,25 @@ class Attention(nn.Module):
         q = rotary(q, layout.cos, layout.sin)
         k = rotary(k, layout.cos, layout.sin)
         if layout.decode_slots is not None and tokens <= triton_max_seqs() and triton_decode_supported(q.device):
-            k_rows, v_rows = cache.layer_rows(layer)  # the kernel writes the step's keys and values itself
-            span = layout.decode_span or cache.capacity
-            slots, positions = layout.decode_slots, layout.positions
-            out = decode_attention(q, k_rows, v_rows, slots, positions, cache.capacity, span, k_new=k, v_new=v)
+            out = self._in_place(q, k, v, layer, layout, cache)
+        elif layout.split is not None:  # a mixed step: its running sequences in place, its prompts packed
+            d, part = layout.split.rows, layout.split.prefill
+            keys, values = cache.update_and_read(layer, k[d:], v[d:], part)
+            packed = packed_attention(q[d:], keys, values, part.bias, self.backend, part.attention)
+            out = torch.cat([self._in_place(q[:d], k[:d], v[:d], layer, layout.split.decode, cache), packed])
         else:
             keys, values = cache.update_and_read(layer, k, v, layout)
             out = packed_attention(q, keys, values, layout.bias, self.backend, layout.attention)
         return self.o_proj(out.reshape(tokens, self.n_heads * self.head_dim))
+
+    @staticmethod
+    def _in_place(q, k, v, layer: int, layout: StepLayout, cache: RollingKVCache) -> torch.Tensor:
+        """One new token a sequence against its buffer, read in place by the decode kernel, which also writes the
+        step's keys and values there."""
+        k_rows, v_rows = cache.layer_rows(layer)
+        span = layout.decode_span or cache.capacity
+        slots, positions = layout.decode_slots, layout.positions
+        return decode_attention(q, k_rows, v_rows, slots, positions, cache.capacity, span, k_new=k, v_new=v)
 
     def fuse_qkv(self) -> torch.Tensor:
         """q, k and v as row blocks of one (q + k + v rows, dim) tensor, for one GEMM (the compiled decode step).
