@@ -291,6 +291,10 @@ class RollingKVCache:
             slots = layout.decode_slots
             return k_all.index_select(0, slots), v_all.index_select(0, slots)
         k_rows, v_rows = self.layer_rows(layer)
+        if layout.n_keys == k_new.shape[0]:  # no cached keys (every sequence's first chunk): the keys are the new ones
+            k_rows.index_copy_(0, layout.write_rows, k_new)
+            v_rows.index_copy_(0, layout.write_rows, v_new)
+            return k_new, v_new
         # Prefill: read the cached window in position order *before* this chunk overwrites it.
         keys = k_new.new_empty((layout.n_keys,) + tuple(k_new.shape[1:]))
         values = torch.empty_like(keys)

@@ -45,10 +45,18 @@ def silu_mul(gate_up: torch.Tensor, scale: torch.Tensor | None = None) -> torch.
     return out.view(*gate_up.shape[:-1], hidden)
 
 
-def combine_choices(ys: torch.Tensor, order: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, n_local: int):
-    """ys: (pairs, dim), the experts' outputs in expert-sorted order, row i being pair order[i] = token * k + choice;
-    local: (tokens, k) each choice's local expert index (n_local where held elsewhere); weights: (tokens, k).
-    Returns (tokens, dim): each token's weighted sum over its choices held here, in choice order."""
+def combine_choices(
+    ys: torch.Tensor,
+    order: torch.Tensor,
+    inverse: torch.Tensor,
+    local: torch.Tensor,
+    weights: torch.Tensor,
+    n_local: int,
+) -> torch.Tensor:
+    """ys: (pairs, dim), the experts' outputs in expert-sorted order, row i being pair order[i] = token * k + choice
+    (`inverse`: pair -> row); local: (tokens, k) each choice's local expert index (n_local where held elsewhere);
+    weights: (tokens, k). Returns (tokens, dim): each token's weighted sum over its choices held here, in choice
+    order."""
     tokens, k = local.shape
     if not fused_here(ys):
         held = (local.flatten() < n_local).index_select(0, order)
@@ -60,7 +68,6 @@ def combine_choices(ys: torch.Tensor, order: torch.Tensor, local: torch.Tensor, 
     from shards.moe_kernels_triton import combine_kernel
 
     dim = ys.shape[1]
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     out = torch.empty(tokens, dim, dtype=ys.dtype, device=ys.device)
     block = 1024
     combine_kernel[(tokens, triton.cdiv(dim, block))](

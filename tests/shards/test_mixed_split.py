@@ -34,7 +34,8 @@ for model, window in (("mixtral", None), ("mistral", 8)):  # 8: the running sequ
     cfg = replace(small_config(model), sliding_window=window, max_seq_len=64)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_random_checkpoint(Path(tmp) / "c", cfg, 1, 0.05)
-        shard = TransformerShard.from_checkpoint(CheckpointReader(ckpt), ShardSelection.whole(cfg), torch.float32, "cpu")
+        whole = ShardSelection.whole(cfg)
+        shard = TransformerShard.from_checkpoint(CheckpointReader(ckpt), whole, torch.float32, "cpu")
     capacity = cache_capacity(cfg.sliding_window, cfg.max_seq_len)
 
     def ids(n):

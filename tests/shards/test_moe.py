@@ -182,3 +182,17 @@ def test_tokens_per_expert_counts_only_held_experts_on_the_device():
     ids = torch.tensor([[1, 0], [3, 1], [4, 1], [2, 5]])
     counts = group.tokens_per_expert(ids)
     assert isinstance(counts, torch.Tensor) and counts.tolist() == [3, 1, 1]
+
+
+@pytest.mark.parametrize("pairs,n_local", [(0, 3), (1, 1), (7, 2), (500, 8), (64, 0)])
+def test_the_counting_sort_orders_pairs_as_a_stable_sort_does(pairs, n_local):
+    """`sort_by_expert` against `torch.sort(stable=True)`: the same order, its inverse, and each expert's row ends."""
+    from shards.moe import sort_by_expert
+
+    local = torch.randint(0, n_local + 1, (pairs,), generator=torch.Generator().manual_seed(pairs))
+    order, inverse, offs = sort_by_expert(local, n_local)
+    values, expected = torch.sort(local, stable=True)
+    assert torch.equal(order, expected)
+    assert torch.equal(order[inverse], torch.arange(pairs))
+    bounds = torch.arange(1, n_local + 1)
+    assert offs.dtype == torch.int32 and torch.equal(offs, torch.searchsorted(values, bounds, out_int32=True))

@@ -39,11 +39,12 @@ for dtype in (torch.float32, torch.bfloat16):
         local[0] = n_local  # a token none of whose choices is held here: an exact zero row
         weights = torch.softmax(torch.randn(tokens, k, generator=gen), dim=-1).to(dtype)
         _, order = torch.sort(local.flatten(), stable=True)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel()))
         ys = torch.randn(tokens * k, dim, generator=gen).to(dtype)
         ys[(local.flatten() == n_local).index_select(0, order)] = float("nan")  # rows no expert here wrote
-        fused = moe_kernels.combine_choices(ys, order, local, weights, n_local)
+        fused = moe_kernels.combine_choices(ys, order, inverse, local, weights, n_local)
         os.environ["TRITON_INTERPRET"] = "0"
-        plain = moe_kernels.combine_choices(ys, order, local, weights, n_local)
+        plain = moe_kernels.combine_choices(ys, order, inverse, local, weights, n_local)
         os.environ["TRITON_INTERPRET"] = "1"
         out["combine"].append({"dtype": str(dtype), "finite": bool(torch.isfinite(fused).all()),
                                "max_diff": float((fused.float() - plain.float()).abs().max()),
