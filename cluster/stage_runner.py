@@ -222,8 +222,8 @@ class StageRunner:
             host = torch.empty(joined.shape, dtype=joined.dtype, pin_memory=True)
             joined = host.copy_(joined, non_blocking=True)
         done = self._device_event()
-        overlapped = not wait and self.device.type == "cuda"
-        return LaunchedStep(step, entered, spans, pending, self._expert_seconds, joined, done, begun, overlapped)
+        unwaited = not wait and self.device.type == "cuda"
+        return LaunchedStep(step, entered, spans, pending, self._expert_seconds, joined, done, begun, unwaited)
 
     def _device_event(self) -> torch.cuda.Event | None:
         """A timing event recorded on this thread's stream now (a GPU stage): what `finish` reads the step's device
@@ -237,7 +237,7 @@ class StageRunner:
     def finish(self, launched: LaunchedStep) -> tuple[StageResult, torch.Tensor | None]:
         """Wait for a launched step's kernels and sends; its result, and its picks (on the host once `done`)."""
         spans = launched.spans
-        if launched.overlapped:
+        if launched.unwaited:
             with waiting_on_peer():
                 launched.done.synchronize()
             last = spans[-1]
@@ -375,7 +375,7 @@ class LaunchedStep:
     picks: torch.Tensor | None
     done: torch.cuda.Event | None  # timing events on a GPU: after the step's last kernel and before its first
     begun: torch.cuda.Event | None
-    overlapped: bool = False  # launched without waiting: `finish` waits for `done`
+    unwaited: bool = False  # launched without waiting for the device: `finish` waits for `done`
 
 
 def pick_tokens(logits: torch.Tensor, greedy: tuple[bool, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
