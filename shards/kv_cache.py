@@ -212,8 +212,9 @@ def mixed_split(
     sequences take one token each with at least one longer sequence after them; else None.
     MISTRAL_CLUSTER_SPLIT_MIXED=0 keeps the whole step on the packed path (an A/B switch)."""
     from shards.decode_attention import triton_decode_supported, triton_max_seqs
+    from shards.layer_kernels import switch
 
-    if os.environ.get("MISTRAL_CLUSTER_SPLIT_MIXED", "1") == "0" or step.is_decode:
+    if step.is_decode or not switch("MISTRAL_CLUSTER_SPLIT_MIXED"):
         return None
     lengths = list(step.lengths)
     rows = next((i for i, n in enumerate(lengths) if n != 1), len(lengths))

@@ -17,10 +17,18 @@ import torch
 from shards.moe import triton_installed
 
 
+def switch(name: str) -> bool:
+    """An on/off environment switch (default on): `0` or `1`, anything else named in the error."""
+    value = os.environ.get(name, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{name}={value!r}: expected '0' or '1'")
+    return value == "1"
+
+
 def fused_here(x: torch.Tensor) -> bool:
     """Whether the Triton kernels run for `x`: on CUDA with Triton, or in Triton's interpreter (tests).
     MISTRAL_CLUSTER_FUSED_ELEMENTWISE=0 keeps torch's ops (an A/B switch)."""
-    if os.environ.get("MISTRAL_CLUSTER_FUSED_ELEMENTWISE", "1") == "0" or not triton_installed():
+    if not switch("MISTRAL_CLUSTER_FUSED_ELEMENTWISE") or not triton_installed():
         return False
     return x.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -73,3 +73,16 @@ def test_the_fused_rotary_gives_the_torch_functions_values(interpreted):
     for row in interpreted["rotary"]:
         assert row["shape"] == row["want_shape"], row
         assert row["max_diff"] <= limit(row), row
+
+
+@pytest.mark.parametrize("name", ["MISTRAL_CLUSTER_FUSED_ELEMENTWISE", "MISTRAL_CLUSTER_SPLIT_MIXED"])
+def test_an_on_off_switch_with_another_value_is_named(monkeypatch, name):
+    from shards.layer_kernels import switch
+
+    monkeypatch.setenv(name, "no")
+    with pytest.raises(ValueError, match=f"{name}='no'"):
+        switch(name)
+    monkeypatch.setenv(name, "0")
+    assert switch(name) is False
+    monkeypatch.delenv(name)
+    assert switch(name) is True
