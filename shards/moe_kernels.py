@@ -36,7 +36,11 @@ def silu_mul(gate_up: torch.Tensor, scale: torch.Tensor | None = None) -> torch.
 
     rows = gate_up.numel() // (2 * hidden)
     src = gate_up.reshape(rows, 2 * hidden)  # a view where the leading dims are contiguous (the GEMMs' outputs)
+    if src.stride(1) != 1:
+        src = src.contiguous()
     out = torch.empty(rows, hidden, dtype=gate_up.dtype, device=gate_up.device)
+    if rows == 0:
+        return out.view(*gate_up.shape[:-1], hidden)
     block = 1024
     silu_mul_kernel[(rows, triton.cdiv(hidden, block))](
         src, out, scale if scale is not None else src, hidden, src.stride(0),
@@ -69,9 +73,11 @@ def combine_choices(
 
     dim = ys.shape[1]
     out = torch.empty(tokens, dim, dtype=ys.dtype, device=ys.device)
+    if tokens == 0:
+        return out
     block = 1024
     combine_kernel[(tokens, triton.cdiv(dim, block))](
-        ys, inverse, local.contiguous(), weights.contiguous(), out, dim, n_local,
+        ys.contiguous(), inverse.contiguous(), local.contiguous(), weights.contiguous(), out, dim, n_local,
         K=k, BLOCK=block, num_warps=4,
     )  # fmt: skip
     return out
