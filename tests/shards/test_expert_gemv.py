@@ -52,7 +52,8 @@ for dim, hidden in ((64, 128), (80, 100)):
         for dtype in (torch.float32, torch.bfloat16):
             g = group(dim, hidden, held, dtype, seed=len(rows))
             table, _ = g._local_index(torch.device("cpu"))
-            for tokens, joint in ((1, False), (2, False), (3, False), (1, True), (3, True)):
+            joints = ((1, True), (3, True)) if dim == 80 else ()  # the joint down kernel on the ragged shape
+            for tokens, joint in ((1, False), (2, False), (3, False), *joints):
                 x = torch.randn(tokens, dim, generator=gen).to(dtype)
                 ids = torch.rand(tokens, E, generator=gen).topk(K, dim=-1).indices
                 if tokens == 3 and len(held) < E:
@@ -106,8 +107,8 @@ def interpreted():
 def test_the_gemv_computes_the_chosen_experts(interpreted):
     """Both down kernels (a choice at a time, and every choice's tile in one load: JOINT)."""
     rows = interpreted["rows"]
-    assert len(rows) == 2 * 2 * 2 * 5
-    assert sum(r["relative_error"] > 0 for r in rows) >= 32  # nearly every case has a token whose experts are here
+    assert len(rows) == 2 * 2 * 2 * 3 + 2 * 2 * 2
+    assert sum(r["relative_error"] > 0 for r in rows) >= 26  # nearly every case has a token whose experts are here
     for row in rows:
         assert row["finite"] and row["shape"] == [row["tokens"], row["dim"]], row
         assert row["out_dtype"] == row["dtype"], row
