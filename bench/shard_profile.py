@@ -13,6 +13,7 @@ import torch
 
 from bench.ceilings import prefill_flops
 from shards.config import ModelConfig
+from shards.host_copy import to_device
 from shards.random_source import write_random_checkpoint
 
 
@@ -93,7 +94,7 @@ def profile_components(
 
         def step(batch, cache=cache):
             layout = StepLayout.build(batch, capacity, small.sliding_window, small.head_dim, small.rope_theta, device)
-            h = shard.embed(torch.as_tensor(batch.token_ids).to(device))
+            h = shard.embed(to_device(batch.token_ids, None, device))
             h = shard.run_layers(h, layout, cache)
             return shard.logits(h[-1:])
 
@@ -152,7 +153,7 @@ def profile_graphed_decode(shard, cache, decode, cfg: ModelConfig, capacity: int
 
     def step():
         layout = StepLayout.build(decode, capacity, cfg.sliding_window, cfg.head_dim, cfg.rope_theta, device)
-        h = shard.embed(torch.as_tensor(decode.token_ids).to(device))
+        h = shard.embed(to_device(decode.token_ids, None, device))
         return graphs.run(h, layout, None)
 
     with torch.inference_mode(), own_stream(device):
@@ -200,7 +201,7 @@ def profile_mixed(
 
     def run(plan: StepPlan) -> torch.Tensor:
         layout = StepLayout.build(plan, capacity, cfg.sliding_window, cfg.head_dim, cfg.rope_theta, device)
-        return shard.run_layers(shard.embed(torch.as_tensor(plan.token_ids).to(device)), layout, cache)
+        return shard.run_layers(shard.embed(to_device(plan.token_ids, None, device)), layout, cache)
 
     decode = StepPlan(slots[:running], [ctx] * running, [1] * running, ids(running))
     prefill = StepPlan(slots[running:], [0] * prompts, [plen] * prompts, ids(prompts * plen))
@@ -254,7 +255,7 @@ def profile_prefill(shard, cfg: ModelConfig, device: torch.device, dtype: torch.
 
     def step():
         layout = StepLayout.build(batch, tokens, cfg.sliding_window, cfg.head_dim, cfg.rope_theta, device)
-        return shard.run_layers(shard.embed(torch.as_tensor(batch.token_ids).to(device)), layout, cache)
+        return shard.run_layers(shard.embed(to_device(batch.token_ids, None, device)), layout, cache)
 
     with torch.inference_mode():
         wall = timed(step, device, repeat=3, warmup=1)
