@@ -72,8 +72,8 @@ class StepLayout:
     cos: torch.Tensor  # (tokens, head_dim)
     sin: torch.Tensor  # (tokens, head_dim)
     write_rows: torch.Tensor  # (tokens,) flat cache row (slot * capacity + pos % capacity) of each new token
-    bias: AttnBias
-    attention: AttentionPlan  # the torch kernel's view of `bias`, built once for every layer
+    bias: AttnBias | None  # None: a mixed step's `split` (its parts have theirs), or half of a decode step
+    attention: AttentionPlan | None  # the torch kernel's view of `bias`, built once for every layer
     decode_slots: torch.Tensor | None  # decode step: keys are these slots' buffers, used in place
     decode_range: slice | None  # the same slots when they are one ascending run: read as a view, no gather
     decode_span: int | None  # decode step: leading rows of each buffer read (`decode_span`), not all `capacity`
@@ -149,6 +149,21 @@ class StepLayout:
                 new_dst=None,
                 n_keys=span * len(kv_lens),
             )
+        split = mixed_split(step, capacity, window, head_dim, rope_theta, device)
+        if split is not None:  # its parts' layouts are all its layers read: no packed layout of the whole step
+            return StepLayout(
+                **common,
+                bias=None,
+                attention=None,
+                decode_slots=None,
+                decode_range=None,
+                decode_span=None,
+                read_rows=None,
+                read_dst=None,
+                new_dst=None,
+                n_keys=split.prefill.n_keys,
+                split=split,
+            )
         read_rows, read_dst, new_dst, kv_lens = [], [], [], []
         offset = 0
         for slot, start, n in zip(step.slots, step.starts, step.lengths, strict=True):
@@ -163,7 +178,6 @@ class StepLayout:
             return to_device(xs, torch.long, device)
 
         bias = prefill_bias(list(step.lengths), kv_lens, window)
-        split = mixed_split(step, capacity, window, head_dim, rope_theta, device)
         return StepLayout(
             **common,
             bias=bias,
@@ -175,7 +189,6 @@ class StepLayout:
             read_dst=as_long(read_dst),
             new_dst=as_long(new_dst),
             n_keys=offset,
-            split=split,
         )
 
 
