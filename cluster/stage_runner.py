@@ -237,9 +237,10 @@ class StageRunner:
     def finish(self, launched: LaunchedStep) -> tuple[StageResult, torch.Tensor | None]:
         """Wait for a launched step's kernels and sends; its result, and its picks (on the host once `done`)."""
         spans = launched.spans
-        if launched.unwaited:
+        if launched.done is not None:  # the step's kernels (launched without waiting), or a few us past its own wait
             with waiting_on_peer():
                 launched.done.synchronize()
+        if launched.unwaited:
             last = spans[-1]
             spans = [*spans[:-1], MicrobatchSpan(last.microbatch, last.start, time.time(), last.recv_wait)]
         t0 = time.perf_counter()
@@ -249,7 +250,6 @@ class StageRunner:
         send_wait = time.perf_counter() - t0
         device_s = gap_s = None
         if launched.done is not None:
-            launched.done.synchronize()  # already complete, unless recorded after the step's own wait (a few us)
             device_s = launched.begun.elapsed_time(launched.done) / 1000
             if self._previous_done is not None:
                 gap_s = max(0.0, self._previous_done.elapsed_time(launched.begun) / 1000)
