@@ -76,7 +76,7 @@ def gemv_sweep(group: ExpertGroup, device: torch.device, dtype: torch.dtype, dim
     x = (torch.randn(1, dim, generator=gen) * 0.5).to(device, dtype)
     ids = torch.rand(1, EXPERTS, generator=gen).topk(TOP_K, dim=-1).indices.to(device)
     weights = torch.softmax(torch.randn(1, TOP_K, generator=gen), dim=-1).to(device, dtype)
-    table, _ = group._local_index(device)
+    table = group._local_index(device)
     slots = table[ids]
     rows = []
     tiles = [
@@ -169,7 +169,7 @@ def main() -> None:
                 "max_abs_difference": float(diff.max()),
             }
             if expert_gemv is not None and t <= 3:
-                slots = group._local_index(device)[0][ids]
+                slots = group._local_index(device)[ids]
                 gemv = graph_time_us(lambda a=(x, slots, weights): expert_gemv(*a, group.w13, group.w2), device)
                 # The reference path on float32 copies of the same bf16 values: what each kernel's rounding is
                 # measured against.

@@ -130,7 +130,7 @@ class ExpertGroup(nn.Module):
         n = len(self.expert_ids)
         self.w13 = nn.Parameter(torch.empty(n, 2 * hidden_dim, dim))  # per expert cat(w1 gate, w3 up) rows
         self.w2 = nn.Parameter(torch.empty(n, dim, hidden_dim))  # per expert down projection
-        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tables: dict[torch.device, torch.Tensor] = {}
 
     def load_experts(
         self, tensors: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype | None, device: torch.device | str
@@ -154,13 +154,13 @@ class ExpertGroup(nn.Module):
         self.w2 = nn.Parameter(w2, requires_grad=False)
         self._local_index(w13.device)  # made now: a host-to-device copy, kept out of the first forward
 
-    def _local_index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(global expert id -> local index table, with `n_local` for experts not held; 1..n_local bounds)."""
+    def _local_index(self, device: torch.device) -> torch.Tensor:
+        """The global expert id -> local index table, with `n_local` for experts not held (made once a device)."""
         if device not in self._tables:
             n = len(self.expert_ids)
             table = torch.full((self.num_experts,), n, dtype=torch.long)
             table[self.expert_ids] = torch.arange(n)
-            self._tables[device] = (table.to(device), torch.arange(1, n + 1, device=device))
+            self._tables[device] = table.to(device)
         return self._tables[device]
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -191,7 +191,7 @@ class ExpertGroup(nn.Module):
         from shards.moe_kernels import silu_mul
 
         tokens, n, h = x.shape[0], len(self.expert_ids), self.hidden_dim
-        table, _ = self._local_index(x.device)
+        table = self._local_index(x.device)
         # (tokens, n) routing weight per held expert; column n collects choices of experts held elsewhere.
         dense = torch.zeros(tokens, n + 1, dtype=weights.dtype, device=x.device).scatter_(1, table[ids], weights)
         gate_up = F.linear(x, self.w13.view(n * 2 * h, -1)).view(tokens, n, 2 * h)
@@ -202,7 +202,7 @@ class ExpertGroup(nn.Module):
         """The Triton GEMV over the chosen experts."""
         from shards.expert_gemv import expert_gemv  # imports Triton: optional, and only needed where this runs
 
-        table, _ = self._local_index(x.device)
+        table = self._local_index(x.device)
         return expert_gemv(x, table[ids], weights, self.w13, self.w2)
 
     def forward_grouped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -210,7 +210,7 @@ class ExpertGroup(nn.Module):
 
         tokens, k = ids.shape
         n_local = len(self.expert_ids)
-        table, _ = self._local_index(x.device)
+        table = self._local_index(x.device)
         local = table[ids].flatten()  # (tokens * k,) local expert of each (token, choice) pair, n_local: not here
         order, inverse, offs = sort_by_expert(local, n_local)
         xs = x.index_select(0, order // k)  # (tokens * k, dim)
@@ -234,7 +234,7 @@ class ExpertGroup(nn.Module):
 
     def tokens_per_expert(self, ids: torch.Tensor) -> torch.Tensor:
         """(held experts,) int64 on ids' device: how many tokens chose each held expert. Read it when convenient."""
-        table, _ = self._local_index(ids.device)
+        table = self._local_index(ids.device)
         local = table[ids].flatten()
         counts = torch.zeros(len(self.expert_ids) + 1, dtype=torch.long, device=ids.device)
         return counts.scatter_add_(0, local, torch.ones_like(local))[:-1]

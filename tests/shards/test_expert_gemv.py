@@ -8,17 +8,12 @@ the checks run in a fresh interpreter process.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from tests.interpreted import run_interpreted
 
 pytest.importorskip("triton", reason="Triton is a test dependency: pip install -e '.[test]'")
 
-ROOT = Path(__file__).resolve().parents[2]
 
 CHECKS = r"""
 import copy, json, os, sys
@@ -51,7 +46,7 @@ for dim, hidden in ((64, 128), (80, 100)):
     for held in ([0, 1, 2, 3, 4, 5, 6, 7], [1, 5, 6]):
         for dtype in (torch.float32, torch.bfloat16):
             g = group(dim, hidden, held, dtype, seed=len(rows))
-            table, _ = g._local_index(torch.device("cpu"))
+            table = g._local_index(torch.device("cpu"))
             joints = ((1, True), (3, True)) if dim == 80 else ()  # the joint down kernel on the ragged shape
             for tokens, joint in ((1, False), (2, False), (3, False), *joints):
                 x = torch.randn(tokens, dim, generator=gen).to(dtype)
@@ -95,13 +90,7 @@ json.dump({"rows": rows, "dispatch": dispatch}, sys.stdout)
 
 @pytest.fixture(scope="module")
 def interpreted():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    env.pop("MISTRAL_CLUSTER_EXPERT_GEMV_MAX_TOKENS", None)
-    done = subprocess.run(
-        [sys.executable, "-c", CHECKS], check=False, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout)
+    return run_interpreted(CHECKS, unset=("MISTRAL_CLUSTER_EXPERT_GEMV_MAX_TOKENS",))
 
 
 def test_the_gemv_computes_the_chosen_experts(interpreted):
