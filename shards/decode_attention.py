@@ -76,14 +76,19 @@ def tensor_cores(seqs: int) -> bool:
     return mode == "1" or (mode == "auto" and seqs > CUDA_CORE_MAX_SEQS)
 
 
+def cut_rows(span: int, block: int, runs: int) -> tuple[int, int]:
+    """(rows a program reads, runs): `span` rows cut into at most `runs` runs, each a multiple of `block`."""
+    blocks = -(-span // block)
+    rows = -(-blocks // runs) * block
+    return rows, -(-span // rows)
+
+
 def split_rows(seqs: int, n_kv: int, span: int, block: int, target_programs: int) -> tuple[int, int]:
     """(rows a program reads, programs a sequence's KV head gets): few sequences get their rows cut into runs so the
     GPU has about `target_programs` programs; a multiple of `block`, decided from shapes alone (a graph's shapes are
     fixed)."""
     blocks = -(-span // block)
-    runs = max(1, min(blocks, -(-target_programs // (seqs * n_kv))))
-    rows = -(-blocks // runs) * block
-    return rows, -(-span // rows)
+    return cut_rows(span, block, max(1, min(blocks, -(-target_programs // (seqs * n_kv)))))
 
 
 def launch_shape(seqs: int, n_kv: int, span: int, dot: bool) -> tuple[int, int, int]:
@@ -133,9 +138,7 @@ def decode_attention(
     dot = tensor_cores(seqs)
     group_pad = max(16, triton.next_power_of_2(group)) if dot else triton.next_power_of_2(group)
     block, runs, warps = tuning if tuning is not None else launch_shape(seqs, n_kv, span, dot)
-    per_run = -(-span // runs)  # the span cut into `runs`, each rounded up to a multiple of `block`
-    rows = -(-per_run // block) * block
-    runs = -(-span // rows)
+    rows, runs = cut_rows(span, block, runs)
     q = q.contiguous()
     out = torch.empty_like(q)
     single = runs == 1
