@@ -235,6 +235,7 @@ def attention_sweep(cfg: ModelConfig, device: torch.device, filled: int = 576) -
     and 128 sequences, bf16, the step's keys written by the kernel (as the layers call it). Each case is 20 calls
     captured in one CUDA graph and replayed, so the time is the kernels' (run + merge) and the gaps between them, not
     the host's launches; `default` marks the shape the rule in `shards.decode_attention` picks."""
+    from bench.expert_kernels import graph_time_us
     from shards.decode_attention import decode_attention, launch_shape, tensor_cores
 
     dtype, cap, calls = torch.bfloat16, max(1024, filled), 20
@@ -262,21 +263,14 @@ def attention_sweep(cfg: ModelConfig, device: torch.device, filled: int = 576) -
                 continue  # runs so short most of each block is past the span
             row = {"batch": batch, "block": case[0], "runs": case[1], "warps": case[2], "default": case == default}
             try:
-                out = decode_attention(q, k_rows, v_rows, slots, positions, cap, span, k_new, v_new, case)
-                row["max_difference"] = float((out.float() - reference).abs().max())
-                torch.cuda.synchronize(device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+                args = (q, k_rows, v_rows, slots, positions, cap, span, k_new, v_new, case)
+                row["max_difference"] = float((decode_attention(*args).float() - reference).abs().max())
+
+                def calls_of(args=args):
                     for _ in range(calls):
-                        decode_attention(q, k_rows, v_rows, slots, positions, cap, span, k_new, v_new, case)
-                graph.replay()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(5):
-                    graph.replay()
-                end.record()
-                end.synchronize()
-                row["us"] = round(1000 * start.elapsed_time(end) / (5 * calls), 2)
+                        decode_attention(*args)
+
+                row["us"] = round(graph_time_us(calls_of, device, repeat=5) / calls, 2)
             except Exception as e:  # noqa: BLE001 - a shape the kernel cannot take: recorded, the sweep goes on
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             rows_out.append(row)
