@@ -11,18 +11,14 @@ the checks run in a fresh interpreter process.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import hf_greedy, random_prompts
+from tests.interpreted import run_interpreted
 
 pytest.importorskip("triton", reason="Triton is a test dependency: pip install -e '.[test]'")
 
-ROOT = Path(__file__).resolve().parents[2]
 WINDOW, NEW_TOKENS = 8, 12
 PROMPTS = random_prompts([5, 7], seed=4)  # prefilled in one chunk: at most the window
 
@@ -159,19 +155,9 @@ json.dump({
 @pytest.fixture(scope="module")
 def interpreted(checkpoint_factory):
     ckpt = checkpoint_factory("mixtral", seed=5, window=WINDOW)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    env.pop("MISTRAL_CLUSTER_DECODE_ATTENTION", None)
-    done = subprocess.run(
-        [sys.executable, "-c", CHECKS, str(ckpt), json.dumps(PROMPTS), str(NEW_TOKENS)],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    return {"ckpt": ckpt, **json.loads(done.stdout)}
+    args = (str(ckpt), json.dumps(PROMPTS), str(NEW_TOKENS))
+    found = run_interpreted(CHECKS, *args, unset=("MISTRAL_CLUSTER_DECODE_ATTENTION",), timeout=900)
+    return {"ckpt": ckpt, **found}
 
 
 def test_the_kernel_computes_the_float32_math(interpreted):

@@ -4,17 +4,12 @@ packed path and against a decode-only step of the running sequences."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from tests.interpreted import run_interpreted
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[2]
 
 CHECKS = r"""
 import json, os, sys, tempfile
@@ -83,13 +78,7 @@ json.dump(out, sys.stdout)
 
 @pytest.fixture(scope="module")
 def interpreted():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    env.pop("MISTRAL_CLUSTER_SPLIT_MIXED", None)
-    done = subprocess.run(
-        [sys.executable, "-c", CHECKS], check=False, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout)
+    return run_interpreted(CHECKS, unset=("MISTRAL_CLUSTER_SPLIT_MIXED",))
 
 
 @pytest.mark.parametrize("model", ["mixtral", "mistral"])

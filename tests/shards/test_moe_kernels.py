@@ -3,17 +3,12 @@ the CPU against the unfused torch ops they replace, and the expert group through
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from tests.interpreted import run_interpreted
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[2]
 
 CHECKS = r"""
 import json, os, sys
@@ -72,12 +67,7 @@ json.dump(out, sys.stdout)
 
 @pytest.fixture(scope="module")
 def interpreted():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-c", CHECKS], check=False, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout)
+    return run_interpreted(CHECKS)
 
 
 def test_silu_mul_gives_the_unfused_ops_values(interpreted):
