@@ -126,6 +126,7 @@ def profile_components(
         out[f"batch_{b}"] = row
         cache = None
     out["prefill_4096"] = profile_prefill(shard, small, device, dtype, 4096)
+    out["prefill_4096_after_12288"] = profile_prefill(shard, small, device, dtype, 4096, cached=12288)
     for h in hooks:
         h.remove()
     cases = MIXED_CASES if device.type == "cuda" else [(6, 2, 8, 12)]
@@ -243,29 +244,39 @@ def profile_mixed(
     }
 
 
-def profile_prefill(shard, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, tokens: int) -> dict:
-    """One prompt's first chunk through the profile's layers: wall time against the FLOP floor, and the top kernels."""
+def profile_prefill(
+    shard, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, tokens: int, cached: int = 0
+) -> dict:
+    """One prompt's chunk of `tokens` after `cached` tokens of it (0: its first chunk) through the profile's layers:
+    wall time against the FLOP floor, and the top kernels. A long prompt's later chunks attend the window's cached
+    keys beside their own, which a first chunk never does."""
     from router.step import StepPlan
-    from shards.kv_cache import RollingKVCache, StepLayout
+    from shards.kv_cache import RollingKVCache, StepLayout, cache_capacity
 
-    tokens = tokens if device.type == "cuda" else 64
+    if device.type != "cuda":  # tiny: a chunk of at most the window, after at most two more
+        tokens = min(64, cfg.sliding_window or 64)
+        cached = min(cached, 2 * tokens)
     layers = len(shard.layers)
-    cache = RollingKVCache([int(i) for i in shard.layers], 1, tokens, cfg.n_kv_heads, cfg.head_dim, dtype, device)
-    batch = StepPlan([0], [0], [tokens], torch.randint(3, cfg.vocab_size, (tokens,)))
+    capacity = min(cache_capacity(cfg.sliding_window, cfg.max_seq_len), tokens + cached)
+    cache = RollingKVCache([int(i) for i in shard.layers], 1, capacity, cfg.n_kv_heads, cfg.head_dim, dtype, device)
 
-    def step():
-        layout = StepLayout.build(batch, tokens, cfg.sliding_window, cfg.head_dim, cfg.rope_theta, device)
-        return shard.run_layers(shard.embed(to_device(batch.token_ids, None, device)), layout, cache)
+    def step(start: int, n: int):
+        plan = StepPlan([0], [start], [n], torch.randint(3, cfg.vocab_size, (n,)))
+        layout = StepLayout.build(plan, capacity, cfg.sliding_window, cfg.head_dim, cfg.rope_theta, device)
+        return shard.run_layers(shard.embed(to_device(plan.token_ids, None, device)), layout, cache)
 
     with torch.inference_mode():
-        wall = timed(step, device, repeat=3, warmup=1)
-        ops, _ = top_ops(step, device)
-    per_layer = prefill_flops(replace(cfg, n_layers=1), tokens) - 2 * cfg.vocab_size * cfg.dim  # layers only
+        for start in range(0, cached, tokens):  # the cached part, in chunks as the scheduler sends them
+            step(start, min(tokens, cached - start))
+        wall = timed(lambda: step(cached, tokens), device, repeat=3, warmup=1)
+        ops, _ = top_ops(lambda: step(cached, tokens), device)
+    whole = prefill_flops(replace(cfg, n_layers=1), cached + tokens) - prefill_flops(replace(cfg, n_layers=1), cached)
     return {
         "tokens": tokens,
+        "cached": cached,
         "ms_per_layer": round(1000 * wall / layers, 3),
-        "layer_flops": per_layer,
-        "tflop_per_s": round(per_layer * layers / wall / 1e12, 1),
+        "layer_flops": whole,
+        "tflop_per_s": round(whole * layers / wall / 1e12, 1),
         "top_ops": ops,
     }
 

@@ -17,7 +17,10 @@ from shards.make_checkpoint import small_config
 def test_the_profile_runs_and_a_mixed_step_matches_decode_for_the_running_rows(tmp_path, window):
     cfg = replace(small_config("mixtral"), sliding_window=window)
     out = profile_components(cfg, torch.device("cpu"), [2], 2, tmp_path, seed=3, std=0.05)
-    assert out["layers"] == 2 and "batch_2" in out and out["prefill_4096"]["tokens"] == 64
+    assert out["layers"] == 2 and "batch_2" in out and out["prefill_4096"]["tokens"] == (8 if window else 64)
+    later = out["prefill_4096_after_12288"]
+    assert later["tokens"] == (8 if window else 64) and later["cached"] == 2 * later["tokens"], later
+    assert later["ms_per_layer"] > 0 and later["layer_flops"] > 0
     (mixed,) = out["mixed"]
     assert (mixed["running"], mixed["prompts"], mixed["prompt_tokens"]) == (6, 2, 8)
     assert mixed["running_rows_relative_diff"] < 1e-5, mixed  # float32: the same function both ways
