@@ -154,6 +154,8 @@ class AttentionPlan:
     causal: bool = False  # one sequence, no cached keys, inside the window: a plain causal mask (flash, no mask)
     lower_right: bool = False  # one sequence, cached keys before its chunk, all inside the window: causal from the
     # bottom right (flash, no mask)
+    band: int | None = None  # the window, where one sequence's chunk follows a whole window of cached keys (a long
+    # prompt's later chunks): `_band_attention`, causal pieces with no mask merged by their log-sum-exp
     _cache: dict = field(default_factory=dict)
 
     @staticmethod
@@ -181,7 +183,11 @@ class AttentionPlan:
         # (unpadded keys only: a decode step's padded buffers hold rows past the filled ones)
         unpadded = isinstance(bias, xbias.BlockDiagonalCausalFromBottomRightMask)
         lower_right = one and unpadded and q_end - q_start < k_end - k_start
-        return AttentionPlan(groups, rows, causal=causal, lower_right=lower_right)
+        tokens, cached = q_end - q_start, (k_end - k_start) - (q_end - q_start)
+        # keys beyond the window (so not `one`), a whole window but one of them cached, a chunk of at most the window
+        in_band = len(q_blocks) == 1 and unpadded and not one and window is not None
+        band = window if in_band and cached >= window - 1 and tokens <= window else None
+        return AttentionPlan(groups, rows, causal=causal, lower_right=lower_right, band=band)
 
     @staticmethod
     def for_decode(kv_lens: list[int], capacity: int, device: torch.device | str) -> AttentionPlan:
@@ -244,6 +250,8 @@ def _torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: At
         return _causal_attention(q, k, v)
     if plan.lower_right:
         return _causal_attention(q, k, v, lower_right=True)
+    if plan.band is not None:
+        return _band_attention(q, k, v, plan.band)
     k_flat, v_flat = k.reshape(-1, head_dim), v.reshape(-1, head_dim)
     outs = []
     for group in plan.groups:
@@ -286,6 +294,63 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lower_r
     else:
         o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True)
     return o[0].transpose(0, 1)
+
+
+def _band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    """One sequence's chunk of `tokens` queries over `cached` keys (at least window - 1 of them, in position order)
+    then its own, under a sliding window: query i (at key cached + i) sees keys cached + i - window + 1 .. cached + i.
+
+    SDPA has no sliding window, and a mask sends it to the memory-efficient kernel: a 16k prompt's later chunks took
+    1.64 ms a layer there against 0.25 for a first chunk's causal flash (`attention-lse-ops-h200.json`,
+    `shard_profile-later-chunk-split-h200.json`). So the band is cut into pieces that need no mask, each through a
+    kernel that also returns its rows' log-sum-exp, merged exactly by those: the own keys, causal (a square);
+    the cached keys taken newest first with the queries taken last first, where query r of the first
+    q = min(tokens, window - 1) sees the newest d = window - 1 - q cached keys whole, then the next q causally
+    (a square again). Only square causal pieces, where every backend's causal alignment agrees.
+    """
+    tokens, n_heads, head_dim = q.shape
+    cached, group = k.shape[0] - tokens, n_heads // k.shape[1]
+    seen = min(tokens, window - 1)  # queries that see some cached key (the later ones see only their own chunk)
+    whole = window - 1 - seen  # the newest cached keys every one of those queries sees
+
+    def heads(x: torch.Tensor) -> torch.Tensor:  # (n, n_kv, hd) -> (1, n_heads, n, hd): KV heads for query heads
+        return x[:, :, None].expand(-1, -1, group, -1).reshape(x.shape[0], n_heads, head_dim).transpose(0, 1)[None]
+
+    back = torch.arange(cached - 1, cached - window, -1, device=k.device)  # the window - 1 newest cached, newest first
+    kr, vr = heads(k[back]), heads(v[back])
+    qr = q[:seen].flip(0).transpose(0, 1)[None]
+    own, own_lse = _attention_with_lse(q.transpose(0, 1)[None], heads(k[cached:]), heads(v[cached:]), causal=True)
+    rest = [_attention_with_lse(qr, kr[:, :, whole:], vr[:, :, whole:], causal=True)]
+    if whole:
+        rest.append(_attention_with_lse(qr, kr[:, :, :whole], vr[:, :, :whole], causal=False))
+    rest = [(o.flip(2), lse.flip(2)) for o, lse in rest]  # back to the queries' order
+    head = _merge_by_lse([(own[:, :, :seen], own_lse[:, :, :seen]), *rest], q.dtype)
+    out = head if seen == tokens else torch.cat([head, own[:, :, seen:]], dim=2)
+    return out[0].transpose(0, 1)
+
+
+def _attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, heads, n, hd) attention and each row's log-sum-exp of its scaled scores (1, heads, n), float32. `causal`
+    only for square pieces: the backends differ in how a causal mask aligns otherwise (measured on an H200: flash
+    from the bottom right, cuDNN and the memory-efficient kernel from the top left)."""
+    assert not causal or q.shape[2] == k.shape[2], (q.shape, k.shape)
+    n = q.shape[2]
+    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False)[:2]
+    elif q.device.type == "cuda":  # float32: the memory-efficient kernel (its log-sum-exp padded to 32 rows)
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
+    return out, lse.reshape(*lse.shape[:2], -1)[:, :, :n].float()
+
+
+def _merge_by_lse(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:
+    """Attention over the union of disjoint key sets from each set's output and log-sum-exp."""
+    total = torch.logsumexp(torch.stack([lse for _, lse in parts]), dim=0)
+    out = sum(o.float() * torch.exp(lse - total)[..., None] for o, lse in parts)
+    return out.to(dtype)
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:

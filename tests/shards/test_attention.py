@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -36,7 +38,11 @@ def rand(n: int, heads: int, seed: int) -> torch.Tensor:
         ([12], [12], 5),  # the window inside the chunk: masked path
         ([4], [12], None),  # a later chunk after cached keys: causal from the bottom right (flash, no mask)
         ([4], [12], 12),  # the same, the window covering every key
-        ([4], [12], 8),  # the window inside the keys: masked path
+        ([4], [12], 8),  # the window inside the keys, a whole window cached: the band's pieces
+        ([8], [15], 8),  # a chunk of the window after window - 1 cached keys: one causal piece of the cache
+        ([3], [11], 8),  # a short chunk after a whole window: the cache's newest keys whole, the rest causal
+        ([1], [9], 8),  # one token after a whole window
+        ([8], [14], 8),  # too few cached keys for the band's pieces: the mask
     ],
 )
 def test_prefill_mask_matches_xformers_definition(q_lens, kv_lens, window):
@@ -47,28 +53,46 @@ def test_prefill_mask_matches_xformers_definition(q_lens, kv_lens, window):
 
 
 @pytest.mark.parametrize(
-    "q_lens,kv_lens,window,causal,lower_right",
+    "q_lens,kv_lens,window,causal,lower_right,band",
     [
-        ([12], [12], None, True, False),
-        ([12], [12], 12, True, False),
-        ([12], [12], 11, False, False),
-        ([4], [12], None, False, True),
-        ([4], [12], 12, False, True),
-        ([4], [12], 11, False, False),
-        ([5, 7], [5, 7], None, False, False),
-        ([4, 3], [12, 3], None, False, False),
+        ([12], [12], None, True, False, None),
+        ([12], [12], 12, True, False, None),
+        ([12], [12], 11, False, False, None),  # a first chunk longer than the window
+        ([4], [12], None, False, True, None),
+        ([4], [12], 12, False, True, None),
+        ([4], [12], 11, False, False, None),  # 8 cached keys where the band needs 10: the mask
+        ([4], [12], 9, False, False, 9),  # 8 cached keys, a window of 9: the band
+        ([5, 7], [5, 7], None, False, False, None),
+        ([4, 3], [12, 3], None, False, False, None),
+        ([4, 3], [12, 11], 8, False, False, None),
     ],
 )
-def test_only_one_chunk_inside_the_window_takes_a_maskless_causal_path(q_lens, kv_lens, window, causal, lower_right):
-    """Uncached: causal from the top left; after cached keys: from the bottom right; anything else: the mask."""
+def test_only_one_chunk_takes_a_maskless_path(q_lens, kv_lens, window, causal, lower_right, band):
+    """Uncached: causal from the top left; after cached keys inside the window: from the bottom right; after a
+    whole window of cached keys (but one): the band's pieces; several sequences or too few cached keys: the mask."""
     plan = AttentionPlan.build(prefill_bias(q_lens, kv_lens, window), "cpu")
-    assert (plan.causal, plan.lower_right) == (causal, lower_right)
+    assert (plan.causal, plan.lower_right, plan.band) == (causal, lower_right, band)
 
 
 def test_a_decode_step_over_padded_buffers_never_takes_the_maskless_paths():
     """One sequence's query against its buffer: rows past the filled ones are padding, which only the mask hides."""
     plan = AttentionPlan.build(decode_bias([5], 8), "cpu")
-    assert not plan.causal and not plan.lower_right
+    assert not plan.causal and not plan.lower_right and plan.band is None
+
+
+@pytest.mark.parametrize("tokens,cached,window", [(64, 64, 64), (64, 63, 64), (17, 64, 64), (64, 200, 64)])
+def test_the_band_in_bfloat16_is_the_masked_path_to_rounding(tokens, cached, window):
+    """The band's pieces are rounded to bfloat16 before their merge: as close to the float64 reference as the masked
+    path over the same bfloat16 inputs (a wrong piece or merge would be off by the size of the values)."""
+    bias = prefill_bias([tokens], [cached + tokens], window)
+    q = rand(tokens, N_HEADS, 1).bfloat16()
+    k, v = rand(cached + tokens, N_KV, 2).bfloat16(), rand(cached + tokens, N_KV, 3).bfloat16()
+    plan = AttentionPlan.build(bias, "cpu")
+    assert plan.band == window
+    ours = packed_attention(q, k, v, bias, backend="torch", plan=plan).double()
+    masked = packed_attention(q, k, v, bias, backend="torch", plan=replace(plan, band=None)).double()
+    exact = reference_attention(q, k, v, bias)
+    assert (ours - exact).abs().max() <= 2 * (masked - exact).abs().max() + 1e-3
 
 
 def test_decode_mask_with_padded_keys_matches_xformers_definition():
