@@ -566,12 +566,15 @@ def run_ours(
         cluster.generate(prompts_for(1, 16).tolist(), SamplingParams(max_tokens=2, ignore_eos=True))
         for n in args.ttft_tokens:
             prompt = prompts_for(1, n).tolist()
-            times = []
+            times, parts = [], []
             for _ in range(2):
+                cluster.take_traces()
                 t = time.perf_counter()
                 cluster.generate(prompt, SamplingParams(max_tokens=1, ignore_eos=True))
                 times.append(time.perf_counter() - t)
+                parts.append(ttft_parts(cluster.take_traces(), times[-1]))
             row["ttft_s"][str(n)] = min(times)
+            row.setdefault("ttft_parts", {})[str(n)] = parts[times.index(min(times))]
         # one worker per device: a worker holding two shards appears once
         workers = {id(h): h for k, h in cluster.shard_handles().items() if k.startswith("stage")}
         cache = sum(ray.get([h.cache_bytes.remote() for h in workers.values()]))
@@ -581,6 +584,20 @@ def run_ours(
         )
     row["peak_gib_per_gpu_long"] = memory.take()
     return row
+
+
+def ttft_parts(traces, wall: float) -> dict:
+    """Where a first token's time went: its steps (one a chunk; the router sends a prompt's next chunk before the
+    last one is back, so they overlap) from the first one's call to the last one's return, the stages' device time
+    in them (CUDA events; None on a CPU), and the rest of the call (the Ray call, scheduling, the reply)."""
+    device = [r.device_seconds for t in traces for r in t.stages]
+    span = max(t.returned for t in traces) - min(t.called for t in traces) if traces else 0.0
+    return {
+        "steps": len(traces),
+        "steps_span_s": round(span, 5),
+        "device_s": round(sum(device), 5) if device and None not in device else None,
+        "outside_steps_s": round(wall - span, 5),
+    }
 
 
 def ttft_chunk(name: str, args) -> int:
