@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from shards.host_copy import to_device
+from shards.layer_kernels import band_merge, fused_here
 
 # xformers warns at import when its compiled kernels do not match this torch; we only need its mask classes
 # there, and `xformers_kernels_available` decides about the kernels, so keep that warning out of the user's way.
@@ -319,13 +320,23 @@ def _band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: i
     back = torch.arange(cached - 1, cached - window, -1, device=k.device)  # the window - 1 newest cached, newest first
     kr, vr = heads(k[back]), heads(v[back])
     qr = q[:seen].flip(0).transpose(0, 1)[None]
-    own, own_lse = _attention_with_lse(q.transpose(0, 1)[None], heads(k[cached:]), heads(v[cached:]), causal=True)
-    rest = [_attention_with_lse(qr, kr[:, :, whole:], vr[:, :, whole:], causal=True)]
+    own = _attention_with_lse(q.transpose(0, 1)[None], heads(k[cached:]), heads(v[cached:]), causal=True)
+    pieces = [_attention_with_lse(qr, kr[:, :, whole:], vr[:, :, whole:], causal=True)]
     if whole:
-        rest.append(_attention_with_lse(qr, kr[:, :, :whole], vr[:, :, :whole], causal=False))
-    rest = [(o.flip(2), lse.flip(2)) for o, lse in rest]  # back to the queries' order
-    head = _merge_by_lse([(own[:, :, :seen], own_lse[:, :, :seen]), *rest], q.dtype)
-    out = head if seen == tokens else torch.cat([head, own[:, :, seen:]], dim=2)
+        pieces.append(_attention_with_lse(qr, kr[:, :, :whole], vr[:, :, :whole], causal=False))
+    if fused_here(q):
+        return band_merge((own[0][0], own[1][0]), [(o[0], lse[0]) for o, lse in pieces], seen)
+    return _band_merge_torch(own, pieces, seen, q.dtype)
+
+
+def _band_merge_torch(
+    own: tuple[torch.Tensor, torch.Tensor], pieces: list[tuple[torch.Tensor, torch.Tensor]], seen: int, dtype
+) -> torch.Tensor:
+    """`shards.layer_kernels.band_merge` in torch's ops (1, heads, n, hd) -> (tokens, heads, hd), for a CPU."""
+    o, lse = own
+    pieces = [(p.flip(2), p_lse.flip(2)) for p, p_lse in pieces]  # back to the queries' order
+    head = _merge_by_lse([(o[:, :, :seen], lse[:, :, :seen]), *pieces], dtype)
+    out = head if seen == o.shape[2] else torch.cat([head, o[:, :, seen:]], dim=2)
     return out[0].transpose(0, 1)
 
 

@@ -36,6 +36,22 @@ for dtype in (torch.float32, torch.bfloat16):
         out["rotary"].append({"dtype": str(dtype), "shape": list(got.shape), "want_shape": list(want.shape),
                               "max_diff": float((got.float() - want.float()).abs().max()),
                               "scale": float(want.float().abs().max())})
+from dataclasses import replace
+from shards.attention import AttentionPlan, packed_attention, prefill_bias
+out["band"] = []
+for dtype in (torch.float32, torch.bfloat16):
+    # (tokens, cached, window, heads, kv heads): one causal piece; a whole piece too; window - 1 cached; 6 heads
+    for tokens, cached, window, heads, n_kv in ((16, 16, 16, 4, 2), (5, 20, 16, 4, 2), (16, 15, 16, 4, 2),
+                                                (7, 9, 8, 6, 3)):
+        bias = prefill_bias([tokens], [cached + tokens], window)
+        plan = AttentionPlan.build(bias, "cpu")
+        q = torch.randn(tokens, heads, 16, generator=gen).to(dtype)
+        k, v = (torch.randn(cached + tokens, n_kv, 16, generator=gen).to(dtype) for _ in range(2))
+        got = packed_attention(q, k, v, bias, backend="torch", plan=plan)
+        want = packed_attention(q, k, v, bias, backend="torch", plan=replace(plan, band=None))
+        out["band"].append({"dtype": str(dtype), "band": plan.band, "shape": list(got.shape),
+                            "want_shape": list(want.shape), "max_diff": float((got.float() - want.float()).abs().max()),
+                            "scale": float(want.float().abs().max())})
 json.dump(out, sys.stdout)
 """
 
@@ -63,6 +79,14 @@ def test_the_fused_rotary_gives_the_torch_functions_values(interpreted):
     for row in interpreted["rotary"]:
         assert row["shape"] == row["want_shape"], row
         assert row["max_diff"] <= limit(row), row
+
+
+def test_the_band_merged_in_one_pass_gives_the_masked_paths_values(interpreted):
+    """`_band_attention` with its Triton merge (the interpreter makes `fused_here` true) against the masked path."""
+    assert len(interpreted["band"]) == 8
+    for row in interpreted["band"]:
+        assert row["band"] is not None and row["shape"] == row["want_shape"], row
+        assert row["max_diff"] <= (1e-5 if row["dtype"] == "torch.float32" else 3e-2) * max(1.0, row["scale"]), row
 
 
 @pytest.mark.parametrize("name", ["MISTRAL_CLUSTER_FUSED_ELEMENTWISE", "MISTRAL_CLUSTER_SPLIT_MIXED"])

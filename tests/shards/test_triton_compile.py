@@ -93,6 +93,20 @@ def test_the_moe_elementwise_kernels_compile(scaled):
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("whole", [False, True])
+def test_the_band_merge_kernel_compiles(whole):
+    from shards.layer_kernels_triton import band_merge_kernel
+
+    compile_for_h200(
+        band_merge_kernel,
+        {"own_ptr": "*bf16", "own_lse_ptr": "*fp32", "rev_ptr": "*bf16", "rev_lse_ptr": "*fp32", "whole_ptr": "*bf16",
+         "whole_lse_ptr": "*fp32", "out_ptr": "*bf16", "tokens": "i32", "seen": "i32", "heads": "i32",
+         "own_sh": "i32", "own_st": "i32", "rev_sh": "i32", "rev_st": "i32", "whole_sh": "i32", "whole_st": "i32"},
+        {"HEADS": 32, "HEAD_DIM": 128, "HAS_WHOLE": whole},
+        4,
+    )  # fmt: skip
+
+
 def test_the_norm_and_rotary_kernels_compile():
     from shards.layer_kernels_triton import rms_norm_kernel, rotary_kernel
 
