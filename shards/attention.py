@@ -275,16 +275,18 @@ def _torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: At
 
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lower_right: bool = False) -> torch.Tensor:
-    """One sequence's chunk: `is_causal` without a mask lets SDPA take its flash kernel (a prompt's first chunk of 4k
-    tokens: a 32 MiB mask per layer and the memory-efficient kernel otherwise). With `lower_right` the chunk follows
-    cached keys (k longer than q; a long prompt's later chunks): causal from the bottom right, which flash also takes
-    without a mask (`torch.nn.attention.bias.causal_lower_right`), where the padded path built a (chunk, keys) mask
-    and copied every KV head out to its query heads. KV heads are repeated for their query heads, as the flash
-    kernel's GQA support varies by backend."""
+    """One sequence's chunk: causal without a mask takes a flash kernel (a prompt's first chunk of 4k tokens: a 32 MiB
+    mask per layer and the memory-efficient kernel otherwise); on a GPU in half precision cuDNN's, called directly so
+    that it reads the KV heads as they are. With `lower_right` the chunk follows cached keys (k longer than q; a long
+    prompt's later chunks inside the window): causal from the bottom right, which flash also takes without a mask
+    (`torch.nn.attention.bias.causal_lower_right`), the KV heads copied out to their query heads."""
     tokens, n_heads, _ = q.shape
     keys = k.shape[0]
     # 4-D (batch of one): with 3-D inputs SDPA takes its math path, 13 ms instead of ~1 for 4k tokens on H200.
-    qb, kb, vb = q.transpose(0, 1)[None], _for_query_heads(k, n_heads), _for_query_heads(v, n_heads)
+    qb, kb, vb = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+    if not lower_right and _cudnn_here(q):
+        return _attention_with_lse(qb, kb, vb, causal=True)[0][0].transpose(0, 1)
+    kb, vb = _for_query_heads(kb, n_heads), _for_query_heads(vb, n_heads)
     if lower_right:
         from torch.nn.attention.bias import causal_lower_right
 
@@ -295,11 +297,17 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lower_r
 
 
 def _for_query_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """(n, n_kv_heads, head_dim) keys or values -> (1, n_heads, n, head_dim), each KV head repeated for its query
-    heads (one copy)."""
-    n, n_kv, head_dim = x.shape
-    group = n_heads // n_kv
-    return x[:, :, None].expand(-1, -1, group, -1).reshape(n, n_heads, head_dim).transpose(0, 1)[None]
+    """(1, n_kv_heads, n, head_dim) keys or values -> (1, n_heads, n, head_dim), each KV head repeated for its query
+    heads (one copy), for the kernels that want as many KV heads as query heads."""
+    return x if x.shape[1] == n_heads else x.repeat_interleave(n_heads // x.shape[1], dim=1)
+
+
+def _cudnn_here(q: torch.Tensor) -> bool:
+    """Whether cuDNN's attention runs for `q`: on CUDA in half precision. It takes grouped-query attention as it is
+    (8 KV heads for 32 query heads: the same output and log-sum-exp as copied heads, in the same time, measured on an
+    H200 with torch 2.11, `shard_profile-bandmerge-h200.json`), where the copies cost 0.67 ms a layer of a 16k
+    prompt's later chunk."""
+    return q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
 
 
 def _band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
@@ -319,9 +327,9 @@ def _band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: i
     seen = min(tokens, window - 1)  # queries that see some cached key (the later ones see only their own chunk)
     whole = window - 1 - seen  # the newest cached keys every one of those queries sees
     back = torch.arange(cached - 1, cached - window, -1, device=k.device)  # the window - 1 newest cached, newest first
-    kr, vr = _for_query_heads(k[back], n_heads), _for_query_heads(v[back], n_heads)
+    kr, vr = k[back].transpose(0, 1)[None], v[back].transpose(0, 1)[None]
     qr = q[:seen].flip(0).transpose(0, 1)[None]
-    own_k, own_v = _for_query_heads(k[cached:], n_heads), _for_query_heads(v[cached:], n_heads)
+    own_k, own_v = k[cached:].transpose(0, 1)[None], v[cached:].transpose(0, 1)[None]
     own = _attention_with_lse(q.transpose(0, 1)[None], own_k, own_v, causal=True)
     pieces = [_attention_with_lse(qr, kr[:, :, whole:], vr[:, :, whole:], causal=True)]
     if whole:
@@ -345,14 +353,17 @@ def _band_merge_torch(
 def _attention_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1, heads, n, hd) attention and each row's log-sum-exp of its scaled scores (1, heads, n), float32. `causal`
-    only for square pieces: the backends differ in how a causal mask aligns otherwise (measured on an H200: flash
-    from the bottom right, cuDNN and the memory-efficient kernel from the top left)."""
+    """(1, heads, n, hd) attention (k, v: (1, kv heads, keys, hd)) and each row's log-sum-exp of its scaled scores
+    (1, heads, n), float32. `causal` only for square pieces: the backends differ in how a causal mask aligns
+    otherwise (measured on an H200: flash from the bottom right, cuDNN and the memory-efficient kernel from the top
+    left)."""
     assert not causal or q.shape[2] == k.shape[2], (q.shape, k.shape)
     n = q.shape[2]
-    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+    if _cudnn_here(q):  # KV heads as they are
         out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False)[:2]
-    elif q.device.type == "cuda":  # float32: the memory-efficient kernel (its log-sum-exp padded to 32 rows)
+        return out, lse.reshape(*lse.shape[:2], -1)[:, :, :n].float()
+    k, v = _for_query_heads(k, q.shape[1]), _for_query_heads(v, q.shape[1])
+    if q.device.type == "cuda":  # float32: the memory-efficient kernel (its log-sum-exp padded to 32 rows)
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal)[:2]
     else:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
