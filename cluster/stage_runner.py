@@ -202,12 +202,15 @@ class StageRunner:
             layout = StepLayout.build(
                 mb, self.capacity, self.config.sliding_window, self.config.head_dim, self.config.rope_theta, self.device
             )
+            kept = None
             if self.graphs is not None and layout.decode_slots is not None:
                 h = self.graphs.run(h, layout, experts)
             else:
-                h = self._run_layers(h, layout, self.cache, experts)
+                kept = self._kept_rows(mb, layout)
+                rows = None if kept is None else to_device(kept, torch.long, self.device)
+                h = self._run_layers(h, layout, self.cache, experts, rows)
             if self.last:
-                picks.append(self._pick(h, mb))
+                picks.append(self._pick(h, mb, kept))
             else:
                 pending.append((self.pipe_out.isend(h, "activations"), h))
             if wait and self.device.type == "cuda":
@@ -292,15 +295,27 @@ class StageRunner:
         if slots:
             self.last_picks[to_device(slots, torch.long, self.device)] = greedy_ids
 
-    def _run_layers(self, h: torch.Tensor, layout: StepLayout, cache: RollingKVCache, experts) -> torch.Tensor:
+    def _kept_rows(self, mb: StepPlan, layout: StepLayout) -> list[int] | None:
+        """The rows of a last stage's output that are read (logits, scores), where that is fewer than all and the
+        last layer can leave the others out: a prompt's chunk, not a decode step (every row wants its logits), and
+        no experts elsewhere (an expert server expects every token of the step)."""
+        if not self.last or layout.decode_slots is not None or self.has_remote_experts:
+            return None
+        kept = sorted(set(mb.logit_rows()) | set(mb.score_rows())) or [mb.n_tokens - 1]  # (never an empty batch)
+        return kept if len(kept) < mb.n_tokens else None
+
+    def _run_layers(
+        self, h: torch.Tensor, layout: StepLayout, cache: RollingKVCache, experts, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The micro-batch through this stage's layers: as two overlapped halves (`overlap_min_seqs`, a decode step
-        with experts on other workers), compiled (decode steps of a compiled size), or the shard's own loop."""
+        with experts on other workers), compiled (decode steps of a compiled size), or the shard's own loop. With
+        `rows` (`_kept_rows`), only those rows come out."""
         split = self.plan.overlap_split(h.shape[0], layout.decode_slots is not None)
         if split is not None and experts is not None and self.has_remote_experts:
             return self.model.run_layers_overlapped(h, layout, cache, self, split[0])
         if self.compiled is not None:  # decode steps compiled, the rest eager
-            return self.compiled.run_layers(h, layout, cache, experts)
-        return self.model.run_layers(h, layout, cache, experts)
+            return self.compiled.run_layers(h, layout, cache, experts, rows)
+        return self.model.run_layers(h, layout, cache, experts, rows)
 
     @property
     def has_remote_experts(self) -> bool:
@@ -345,8 +360,10 @@ class StageRunner:
         flat = ids.flatten()
         self.load[layer].scatter_add_(0, flat, torch.ones_like(flat))
 
-    def _pick(self, h: torch.Tensor, mb: StepPlan) -> tuple[torch.Tensor, ...]:
-        rows = to_device(mb.logit_rows(), torch.long, self.device)
+    def _pick(self, h: torch.Tensor, mb: StepPlan, kept: list[int] | None = None) -> tuple[torch.Tensor, ...]:
+        """The micro-batch's picks and scores from its last hidden states: every row of it, or only the `kept` ones
+        (in that order)."""
+        rows = to_device(kept_positions(mb.logit_rows(), kept), torch.long, self.device)
         picks = pick_tokens(self.model.logits(h[rows], float32=False), mb.greedy_logit_rows())
         if self.last_picks is not None:
             self._remember_picks(mb, picks[0])
@@ -355,7 +372,8 @@ class StageRunner:
             none = torch.empty(0, device=self.device)
             return (*picks, none, none.view(0, mb.score_k).long(), none.view(0, mb.score_k))
         targets = to_device(mb.score_targets, None, self.device)
-        return (*picks, *self.model.scores(h[to_device(scored, torch.long, self.device)], targets, mb.score_k))
+        scored_h = h[to_device(kept_positions(scored, kept), torch.long, self.device)]
+        return (*picks, *self.model.scores(scored_h, targets, mb.score_k))
 
     @staticmethod
     def _join_picks(picks: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
@@ -376,6 +394,14 @@ class LaunchedStep:
     done: torch.cuda.Event | None  # timing events on a GPU: after the step's last kernel and before its first
     begun: torch.cuda.Event | None
     unwaited: bool = False  # launched without waiting for the device: `finish` waits for `done`
+
+
+def kept_positions(rows: list[int], kept: list[int] | None) -> list[int]:
+    """A micro-batch's `rows` as positions among its `kept` rows (`StageRunner._kept_rows`; None: every row)."""
+    if kept is None:
+        return rows
+    at = {r: i for i, r in enumerate(kept)}
+    return [at[r] for r in rows]
 
 
 def pick_tokens(logits: torch.Tensor, greedy: tuple[bool, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

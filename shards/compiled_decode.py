@@ -225,11 +225,19 @@ class CompiledDecode:
         return True
 
     def run_layers(
-        self, h: torch.Tensor, layout: StepLayout, cache: RollingKVCache, experts: ExpertsFn | None = None
+        self,
+        h: torch.Tensor,
+        layout: StepLayout,
+        cache: RollingKVCache,
+        experts: ExpertsFn | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`TransformerShard.run_layers`: compiled for a decode step of a size compiled ahead, else eager."""
+        """`TransformerShard.run_layers`: compiled for a decode step of a size compiled ahead (every row), else
+        eager (only `rows` out of the last layer)."""
         if layout.decode_slots is None or h.shape[0] not in self.compiled:
-            return self.shard.run_layers(h, layout, cache, experts)
+            return self.shard.run_layers(h, layout, cache, experts, rows)
+        if rows is not None:
+            raise ValueError("a compiled decode step computes every row: call it without `rows`")
         # Never a compile while serving: were a guard to fail, that call runs the same function eagerly.
         with torch.compiler.set_stance("eager_on_recompile"):
             return self._run(h, layout, cache, experts)

@@ -67,7 +67,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, layer: int, layout: StepLayout, cache: RollingKVCache) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, layer: int, layout: StepLayout, cache: RollingKVCache, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attention's output projected, for every token or only `rows` (every token's keys go to the cache)."""
         tokens = x.shape[0]
         if hasattr(self, "wqkv"):  # one GEMM (a 4k prompt's k and v GEMMs alone ran at half the tensor cores' rate)
             q_rows, kv_rows = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
@@ -90,7 +93,8 @@ class Attention(nn.Module):
         else:
             keys, values = cache.update_and_read(layer, k, v, layout)
             out = packed_attention(q, keys, values, layout.bias, self.backend, layout.attention)
-        return self.o_proj(out.reshape(tokens, self.n_heads * self.head_dim))
+        out = out.reshape(tokens, self.n_heads * self.head_dim)
+        return self.o_proj(out if rows is None else out[rows])
 
     @staticmethod
     def _in_place(q, k, v, layer: int, layout: StepLayout, cache: RollingKVCache) -> torch.Tensor:

@@ -149,3 +149,35 @@ def test_the_environment_sets_the_decode_spans_of_every_shard_process():
     code = "from shards.kv_cache import decode_span; print([decode_span(n, 1024) for n in (60, 65, 129, 300)])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[64, 128, 192, 320]"
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "mistral"])
+def test_only_the_kept_rows_leave_the_last_layer_and_every_key_reaches_the_cache(checkpoint_factory, arch):
+    """`run_layers(rows=)`: a prompt's last token and a scored row, as the whole step gives them; the next chunk,
+    which reads the first one's keys from the cache, gives what it gives after the whole step."""
+    from shards.checkpoint import CheckpointReader, ShardSelection
+    from shards.model import TransformerShard
+
+    path = checkpoint_factory(arch, seed=5, window=8)
+    reader = CheckpointReader(path)
+    shard = TransformerShard.from_checkpoint(reader, ShardSelection.whole(reader.config), torch.float32, "cpu")
+    cfg = reader.config
+    outs = []
+    for rows in (None, torch.tensor([2, 6])):
+        cache = RollingKVCache([int(i) for i in shard.layers], 2, 8, cfg.n_kv_heads, cfg.head_dim, torch.float32, "cpu")
+        steps = []
+        for start, ids in ((0, [1, 5, 9, 13, 17, 21, 25]), (7, [3, 8, 11]), (10, [4])):
+            plan = StepPlan([0], [start], [len(ids)], torch.tensor(ids))
+            layout = StepLayout.build(plan, 8, cfg.sliding_window, cfg.head_dim, cfg.rope_theta, "cpu")
+            with torch.inference_mode():
+                steps.append(
+                    shard.run_layers(
+                        shard.embed(torch.as_tensor(plan.token_ids)), layout, cache, rows=rows if start == 0 else None
+                    )
+                )
+        outs.append(steps)
+    (full, *full_rest), (kept, *kept_rest) = outs
+    assert kept.shape == (2, cfg.dim)
+    assert torch.allclose(kept, full[[2, 6]], atol=1e-5)
+    for a, b in zip(full_rest, kept_rest, strict=True):  # the cache the kept-rows step left is the whole step's
+        assert torch.allclose(a, b, atol=1e-5)
