@@ -30,6 +30,7 @@ from router.step import FED_BACK, MicrobatchSpan, StageResult, StepPlan
 from shards.checkpoint import CheckpointReader
 from shards.compiled_decode import CompiledDecode, compile_batches, compile_requested
 from shards.decode_graphs import DecodeGraphs
+from shards.engine import kept_positions, read_rows
 from shards.host_copy import to_device
 from shards.kv_cache import RollingKVCache, StepLayout, cache_capacity
 from shards.model import ExpertShard, TransformerShard
@@ -301,8 +302,7 @@ class StageRunner:
         no experts elsewhere (an expert server expects every token of the step)."""
         if not self.last or layout.decode_slots is not None or self.has_remote_experts:
             return None
-        kept = sorted(set(mb.logit_rows()) | set(mb.score_rows())) or [mb.n_tokens - 1]  # (never an empty batch)
-        return kept if len(kept) < mb.n_tokens else None
+        return read_rows(mb)
 
     def _run_layers(
         self, h: torch.Tensor, layout: StepLayout, cache: RollingKVCache, experts, rows: torch.Tensor | None = None
@@ -394,14 +394,6 @@ class LaunchedStep:
     done: torch.cuda.Event | None  # timing events on a GPU: after the step's last kernel and before its first
     begun: torch.cuda.Event | None
     unwaited: bool = False  # launched without waiting for the device: `finish` waits for `done`
-
-
-def kept_positions(rows: list[int], kept: list[int] | None) -> list[int]:
-    """A micro-batch's `rows` as positions among its `kept` rows (`StageRunner._kept_rows`; None: every row)."""
-    if kept is None:
-        return rows
-    at = {r: i for i, r in enumerate(kept)}
-    return [at[r] for r in rows]
 
 
 def pick_tokens(logits: torch.Tensor, greedy: tuple[bool, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -32,6 +32,23 @@ class TokenStep(PackedStep, Protocol):
 RowScores = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+def read_rows(plan: TokenStep) -> list[int] | None:
+    """The rows of a step whose last hidden states are read (logits, scores), in order, where that is fewer than
+    all: a prompt chunk's last layer computes nothing after attention for the others (`run_layers(rows=)`). Never
+    empty (a chunk that wants nothing keeps its last row: no kernel sees an empty batch)."""
+    tokens = sum(plan.lengths)
+    kept = sorted(set(plan.logit_rows()) | set(plan.score_rows())) or [tokens - 1]
+    return kept if len(kept) < tokens else None
+
+
+def kept_positions(rows: Sequence[int], kept: list[int] | None) -> list[int]:
+    """A step's `rows` as positions among its `kept` rows (`read_rows`; None: every row was kept)."""
+    if kept is None:
+        return list(rows)
+    at = {r: i for i, r in enumerate(kept)}
+    return [at[r] for r in rows]
+
+
 class LocalEngine:
     """Runs a step plan through every layer and returns the logits the plan asks for."""
 
@@ -87,11 +104,13 @@ class LocalEngine:
             self.device,
         )
         h = self.model.embed(torch.as_tensor(plan.token_ids).to(self.device))
-        h = (self.compiled or self.model).run_layers(h, layout, self.cache)
-        rows = torch.tensor(plan.logit_rows(), dtype=torch.long, device=self.device)
+        kept = None if layout.decode_slots is not None else read_rows(plan)  # a decode step reads every row
+        keep = None if kept is None else torch.tensor(kept, dtype=torch.long, device=self.device)
+        h = (self.compiled or self.model).run_layers(h, layout, self.cache, rows=keep)
+        rows = torch.tensor(kept_positions(plan.logit_rows(), kept), dtype=torch.long, device=self.device)
         logits = self.model.logits(h[rows]).cpu()
         if plan.score_targets is None:
             return logits, None
-        scored = torch.tensor(plan.score_rows(), dtype=torch.long, device=self.device)
+        scored = torch.tensor(kept_positions(plan.score_rows(), kept), dtype=torch.long, device=self.device)
         targets = torch.as_tensor(plan.score_targets).to(self.device)
         return logits, tuple(t.cpu() for t in self.model.scores(h[scored], targets, plan.score_k))
