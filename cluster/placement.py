@@ -152,12 +152,17 @@ class PlacementPlan:
     @property
     def ahead(self) -> bool:
         """Whether the router decodes ahead: the file's `decode_ahead`, else on for one stage holding a GPU; the
-        environment's MISTRAL_CLUSTER_DECODE_AHEAD=0/1 first. Never with more than one stage."""
-        if len(self.stages) != 1:
-            return False
+        environment's MISTRAL_CLUSTER_DECODE_AHEAD=0/1 first (=1 on one stage only). A pipeline decodes ahead only
+        where its file says `decode_ahead: true`: its last stage then hands its picks to the first stage itself,
+        and all sequences go as one step group (no two groups overlapping in the stages): the shape for few
+        sequences, where the router's round trip is what a step waits for."""
         forced = os.environ.get("MISTRAL_CLUSTER_DECODE_AHEAD")
-        if forced in ("0", "1"):
-            return forced == "1"
+        if forced == "0":
+            return False
+        if len(self.stages) != 1:
+            return self.decode_ahead is True
+        if forced == "1":
+            return True
         if self.decode_ahead is not None:
             return self.decode_ahead
         return self.stages[0].resources.get("GPU", 0) > 0

@@ -219,19 +219,13 @@ def load_placement(path: str | Path, checkpoint_override: str | Path | None = No
             "placement has no expert_groups",
         )
     numbers["decode_ahead"] = _auto_bool(check, "decode_ahead", data.get("decode_ahead", "auto"))
-    if numbers["decode_ahead"] and len(stages) > 1:
-        raise check.fail(
-            "decode_ahead",
-            f"needs one pipeline stage (the stage that embeds a token must be the one that picks it); this placement "
-            f"has {len(stages)}",
-        )
     if numbers["chunk_size"] is not None and numbers["chunk_size"] > numbers["token_budget"]:
         raise check.fail(
             "chunk_size",
             f"{numbers['chunk_size']} is larger than token_budget ({numbers['token_budget']}); "
             "a prefill chunk must fit in one step",
         )
-    return PlacementPlan(
+    plan = PlacementPlan(
         source=source,
         checkpoint=checkpoint,
         dtype=check.choice(data.get("dtype", "float32"), "dtype", tuple(DTYPES)),
@@ -241,6 +235,25 @@ def load_placement(path: str | Path, checkpoint_override: str | Path | None = No
         standby=_auto_bool(check, "standby", data.get("standby", "auto")),
         **numbers,
     )
+    if plan.decode_ahead and len(plan.stages) > 1:
+        _check_pipeline_ahead(check, plan)
+    return plan
+
+
+def _check_pipeline_ahead(check: _Checker, plan: PlacementPlan) -> None:
+    """A pipeline decoding ahead sends each step's picks from its last stage to its first over their own channel,
+    which needs them in different workers (stages sharing a GPU share a worker)."""
+    from cluster.workers import group_workers
+
+    first, last = 0, len(plan.stages) - 1
+    for worker in group_workers(plan):
+        if first in worker.stages and last in worker.stages:
+            raise check.fail(
+                "decode_ahead",
+                f"true on a pipeline needs its first and last stage in different workers; stages {first} and {last} "
+                f"share one (their GPU fractions, {plan.stages[first].resources} and {plan.stages[last].resources}, "
+                "put them on one GPU)",
+            )
 
 
 def _auto_bool(check: _Checker, key: str, value: Any) -> bool | None:

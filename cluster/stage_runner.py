@@ -106,10 +106,13 @@ class StageRunner:
         self.graphs: DecodeGraphs | None = None
         self.compiled = self._compiled_decode()
         # The last greedy pick of each cache slot, on the device: what a plan's FED_BACK token means (decode ahead,
-        # `router.scheduler`). Kept only where the router decodes ahead (one stage, the stage that embeds also picks):
-        # elsewhere no step pays for remembering its picks.
-        ahead = plan.scheduling.decode_ahead  # one stage only: the plan turns it off for more
+        # `router.scheduler`). Kept only where the router decodes ahead, by the stage that picks and the one that
+        # embeds: elsewhere no step pays for remembering its picks. In a pipeline the last stage sends its table to
+        # the first at the start of every step that feeds tokens back (`picks_in`, `picks_out`).
+        ahead = plan.scheduling.decode_ahead and (self.first or self.last)
         self.last_picks = torch.zeros(plan.max_seqs, dtype=torch.long, device=device) if ahead else None
+        self.picks_in: Channel | None = None
+        self.picks_out: Channel | None = None
         self.fed_back = 0  # tokens this stage fed in from its own picks
         self.overlapped = 0  # steps launched before the previous step was waited for (`overlaps_host`)
         self.launched_ahead = 0  # steps launched without waiting, waited for by the worker's deliver thread
@@ -126,11 +129,15 @@ class StageRunner:
             self.pipe_out = transport.channel("pipe", self.rank, after, self.index)
         peers = sorted({r for ranks in self.remote_ranks.values() for r in ranks})
         self.expert_channels = {r: transport.channel("experts", self.rank, r, self.index) for r in peers}
+        if self.last_picks is not None and not (self.first and self.last):  # a pipeline decoding ahead
+            first, last = self.workers.of_stage(0).index, self.workers.of_stage(len(self.plan.stages) - 1).index
+            channel = transport.channel("picks", last, first, 0)
+            self.picks_in, self.picks_out = (channel, None) if self.first else (None, channel)
         self.graphs = self._decode_graphs()
 
     def detach(self) -> None:
         """Drop this stage's channels (the process group is being released)."""
-        self.pipe_in = self.pipe_out = None
+        self.pipe_in = self.pipe_out = self.picks_in = self.picks_out = None
         self.expert_channels = {}
 
     def _compiled_decode(self) -> CompiledDecode | None:
@@ -160,7 +167,8 @@ class StageRunner:
         return DecodeGraphs(self.model, self.cache, run_layers=self._run_layers)
 
     def channels(self) -> list[Channel | LocalPipe]:
-        return [ch for ch in (self.pipe_in, self.pipe_out, *self.expert_channels.values()) if ch is not None]
+        chans = (self.pipe_in, self.pipe_out, self.picks_in, self.picks_out, *self.expert_channels.values())
+        return [ch for ch in chans if ch is not None]
 
     @property
     def overlaps_host(self) -> bool:
@@ -188,9 +196,9 @@ class StageRunner:
         entered = time.time()
         self._expert_seconds = 0.0
         begun = self._device_event()
+        pending, spans, picks = self._exchange_picks(plan), [], []
         microbatches = split_microbatches(plan if self.first else plan.without_tokens(), micro_batch_size)
         experts = self._experts if self.config.is_moe else None
-        pending, spans, picks = [], [], []
         for m, mb in enumerate(microbatches):
             wait_s = 0.0
             if self.first:
@@ -272,6 +280,21 @@ class StageRunner:
         )
         return result, launched.picks
 
+    def _exchange_picks(self, plan: StepPlan) -> list:
+        """A pipeline decoding ahead, at the start of a step that feeds tokens back: the last stage sends its table of
+        last picks (every step before this one has updated it: the stage runs them in order), the first stage takes
+        it in place of its own. Both read the same plan, so every send meets its receive; on a GPU the first
+        stage's stream, not its host, waits for the last stage's previous step. Returns the sends in flight."""
+        if self.picks_in is None and self.picks_out is None:
+            return []
+        if plan.token_ids is None or not (np.asarray(plan.token_ids) == FED_BACK).any():
+            return []
+        if self.picks_out is not None:
+            table = self.last_picks.clone()  # the table goes on changing with this step's picks
+            return [(self.picks_out.isend(table, "picks"), table)]
+        self.picks_in.recv_into(self.last_picks, "picks")
+        return []
+
     def _token_ids(self, mb: StepPlan) -> torch.Tensor:
         """The micro-batch's token ids on the device, each FED_BACK replaced by its slot's last pick (one stage)."""
         ids = to_device(mb.token_ids, None, self.device)
@@ -279,8 +302,8 @@ class StageRunner:
         if len(fed):
             if self.last_picks is None:
                 raise ValueError(
-                    f"stage {self.index} got a fed-back token but does not decode ahead (one pipeline stage with "
-                    "`decode_ahead` true or auto on a GPU, and the same MISTRAL_CLUSTER_DECODE_AHEAD in every process)"
+                    f"stage {self.index} got a fed-back token but does not decode ahead (`decode_ahead` true, or auto "
+                    "on one stage holding a GPU, and the same MISTRAL_CLUSTER_DECODE_AHEAD in every process)"
                 )
             slots = np.repeat(np.asarray(mb.slots, np.int64), mb.lengths)[fed]
             where = to_device(fed, torch.long, self.device)

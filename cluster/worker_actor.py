@@ -49,7 +49,8 @@ _IMPORTED = time.time()  # this module and its imports (torch, xformers) done: s
 
 def data_channels(plan, workers: WorkerMap) -> list[ChannelKey]:
     """Every channel of the data plane, in one order all workers agree on: stage to next stage, then each stage to
-    each other worker holding experts of its layers."""
+    each other worker holding experts of its layers, then (a pipeline decoding ahead) the last stage's picks to
+    the first stage."""
     keys = []
     for s in range(len(plan.stages) - 1):
         a, b = workers.of_stage(s).index, workers.of_stage(s + 1).index
@@ -59,6 +60,8 @@ def data_channels(plan, workers: WorkerMap) -> list[ChannelKey]:
         a = workers.of_stage(s).index
         holders = {workers.of_group(g.index).index for g in plan.expert_groups if set(g.layers) & set(stage.layers)}
         keys += [ChannelKey("experts", a, b, s) for b in sorted(holders - {a})]
+    if plan.scheduling.decode_ahead and len(plan.stages) > 1:  # (the placement put them in different workers)
+        keys.append(ChannelKey("picks", workers.of_stage(len(plan.stages) - 1).index, workers.of_stage(0).index, 0))
     return keys
 
 

@@ -76,6 +76,35 @@ def test_one_stage_with_remote_experts_decoding_ahead_gives_transformers_tokens(
     assert paths["stage0"]["launched_ahead_steps"] == 0  # nor is launched by one thread and waited for by another
 
 
+def test_two_stages_decoding_ahead_hand_the_picks_from_the_last_to_the_first_and_give_transformers_tokens(
+    ray_local, checkpoint, hf_model, tmp_path
+):
+    """A pipeline with `decode_ahead: true`: the first stage embeds a sequence's next token before the router has
+    it, from the table of picks the last stage sends it at the start of that step (a channel of their own)."""
+    prompts = random_prompts([7, 19, 4, 11], seed=34)
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (12, 5, 16, 9)]
+    model = hf_model(checkpoint)
+    expected = [hf_greedy(model, p, sp.max_tokens) for p, sp in zip(prompts, params, strict=True)]
+    placement = {
+        "checkpoint": str(checkpoint),
+        "dtype": "float32",
+        "stages": [{"layers": [0, 1], "resources": {"CPU": 0.5}}, {"layers": [2, 3], "resources": {"CPU": 0.5}}],
+        "micro_batch_size": 4,
+        "token_budget": 256,
+        "max_seqs": 4,
+        "decode_ahead": True,
+    }
+    path = tmp_path / "two-stages-ahead.yaml"
+    path.write_text(yaml.safe_dump(placement))
+    with ShardedCluster.start(path) as cluster:
+        out = cluster.generate(prompts, params)
+        handles = cluster.shard_handles()
+        first = ray.get(handles["stage0"].decode_paths.remote())["stage0"]
+        last = ray.get(handles["stage1"].decode_paths.remote())["stage1"]
+    assert [c.token_ids for c in out] == expected
+    assert first["fed_back_tokens"] >= 20 and last["fed_back_tokens"] == 0  # the first stage embeds, fed by the last
+
+
 def test_a_killed_stage_decoding_ahead_is_recovered_and_every_token_is_kept(ray_local, checkpoint, tmp_path):
     """SIGKILL the stage (it holds the picks fed back) mid-generation: recovery rebuilds the caches by replay, the
     new stage's picks are its own before any token is fed back again, and every request keeps its tokens."""

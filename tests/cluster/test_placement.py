@@ -267,6 +267,22 @@ def test_decode_ahead_auto_is_on_for_one_stage_holding_a_gpu_and_never_for_a_pip
         load_placement(write("checkpoint: c\nstages: 1\ndecode_ahead: sometimes\n"))
 
 
+def test_a_pipeline_decodes_ahead_only_when_its_file_says_so_and_its_ends_are_in_different_workers(write, monkeypatch):
+    monkeypatch.delenv("MISTRAL_CLUSTER_DECODE_AHEAD", raising=False)
+    two = "checkpoint: c\nstages:\n" + "".join(f"  - layers: {a}\n    resources: {{GPU: 1}}\n" for a in ("0-1", "2-3"))
+    assert settle(write(two + "decode_ahead: true\n")).scheduling.decode_ahead
+    monkeypatch.setenv("MISTRAL_CLUSTER_DECODE_AHEAD", "0")  # the A/B switch turns it off everywhere
+    assert not settle(write(two + "decode_ahead: true\n")).scheduling.decode_ahead
+    monkeypatch.delenv("MISTRAL_CLUSTER_DECODE_AHEAD")
+    shared = "checkpoint: c\nstages:\n" + "".join(
+        f"  - layers: {a}\n    resources: {{GPU: 0.5}}\n" for a in ("0-1", "2-3")
+    )
+    with pytest.raises(PlacementError, match="decode_ahead: true on a pipeline needs its first and last stage in "
+                       "different workers; stages 0 and 1 share one"):  # fmt: skip
+        load_placement(write(shared + "decode_ahead: true\n"))
+    assert not settle(write(shared)).scheduling.decode_ahead  # auto: never for a pipeline, so no error
+
+
 def test_chunk_size_defaults_to_the_window_capped_at_512(write):
     assert settle(write("checkpoint: c\nstages: 1\n")).chunk_size == 32
     assert settle("placement.yaml", small_config("mixtral", window=4096)).chunk_size == 512
