@@ -61,6 +61,7 @@ EXAMPLES = ROOT / "deploy" / "examples"
 PLACEMENTS = {  # name -> (example YAML, GPUs it needs, models it applies to)
     "one_gpu": ("mistral-7b-1gpu.yaml", 1, ("mistral", "mixtral")),
     "two_stages": ("mixtral-2gpu-stages.yaml", 2, ("mistral", "mixtral")),
+    "two_stages_ahead": ("mixtral-2gpu-stages-ahead.yaml", 2, ("mistral", "mixtral")),  # the last stage feeds the first
     "two_expert_groups": ("mixtral-2gpu-experts.yaml", 2, ("mixtral",)),
     "two_expert_halves": ("mixtral-2gpu-expert-halves.yaml", 2, ("mixtral",)),
     "two_expert_parts": ("mixtral-2gpu-expert-parts.yaml", 2, ("mixtral",)),  # uneven: 56 % on the stage's GPU

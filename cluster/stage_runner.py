@@ -173,14 +173,16 @@ class StageRunner:
     @property
     def overlaps_host(self) -> bool:
         """Whether this stage's worker may queue step N+1 on the device before it waits for step N (`launch`
-        without waiting): a GPU stage that embeds and picks (one stage) and decodes ahead, so step N+1's plan is
-        often already there when N is launched. MISTRAL_CLUSTER_OVERLAP_HOST=0 turns it off (an A/B switch);
-        =force also on a CPU (tests: the loop's order of steps, where nothing runs asynchronously)."""
+        without waiting): a GPU stage of a placement that decodes ahead, so step N+1's plan is often already there
+        when N is launched. In a pipeline that is what lets the last stage queue the send of its picks for N+1
+        right behind step N's kernels, instead of after its host has waited for N and taken the next plan.
+        MISTRAL_CLUSTER_OVERLAP_HOST=0 turns it off (an A/B switch); =force also on a CPU (tests: the loop's order
+        of steps, where nothing runs asynchronously)."""
         mode = os.environ.get("MISTRAL_CLUSTER_OVERLAP_HOST", "1")
         if mode == "0":
             return False
         on_device = self.device.type == "cuda" or mode == "force"
-        return self.first and self.last and on_device and self.last_picks is not None
+        return on_device and self.plan.scheduling.decode_ahead
 
     def run(self, step: int, plan: StepPlan, micro_batch_size: int) -> tuple[StageResult, torch.Tensor | None]:
         """Every micro-batch of one step through this stage. The last stage also returns its picks as one tensor

@@ -478,12 +478,13 @@ class ShardWorker:
             self._activity[loop] = (step, time.monotonic(), threading.get_ident())
 
     def _stage_loop(self, runner: StageRunner, q: queue.Queue) -> None:
-        """Each plan through the stage, its picks sent back. Where the stage overlaps the host (`overlaps_host`: one
-        GPU stage decoding ahead) the steps are launched by this thread as their plans come and waited for by
-        another (`_deliver_loop`), so step N+1 is queued on the device as soon as its plan is here, whatever step N
-        is doing: the device goes from one step to the next without waiting for the host (the layout, the picks'
-        send, the next plan's decoding). Measured on an H200 before (one thread, N+1 queued only when its plan was
-        already here when N was launched): the device idled 0.66 ms a step at batch 1, 8 % of the time."""
+        """Each plan through the stage, its picks sent back. Where the stage overlaps the host (`overlaps_host`: a
+        GPU stage of a placement decoding ahead) the steps are launched by this thread as their plans come and
+        waited for by another (`_deliver_loop`), so step N+1 is queued on the device as soon as its plan is here,
+        whatever step N is doing: the device goes from one step to the next without waiting for the host (the
+        layout, the picks' send, the next plan's decoding). Measured on an H200 before (one thread, N+1 queued only
+        when its plan was already here when N was launched): the device idled 0.66 ms a step at batch 1, 8 % of the
+        time."""
         if runner.overlaps_host:
             self._launch_loop(runner, q)
             return

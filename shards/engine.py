@@ -34,11 +34,10 @@ RowScores = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 def read_rows(plan: TokenStep) -> list[int] | None:
     """The rows of a step whose last hidden states are read (logits, scores), in order, where that is fewer than
-    all: a prompt chunk's last layer computes nothing after attention for the others (`run_layers(rows=)`). Never
-    empty (a chunk that wants nothing keeps its last row: no kernel sees an empty batch)."""
-    tokens = sum(plan.lengths)
-    kept = sorted(set(plan.logit_rows()) | set(plan.score_rows())) or [tokens - 1]
-    return kept if len(kept) < tokens else None
+    all: a prompt chunk's last layer computes nothing after attention for the others (`run_layers(rows=)`); none
+    for a chunk before a prompt's last, which only fills the cache."""
+    kept = sorted(set(plan.logit_rows()) | set(plan.score_rows()))
+    return kept if len(kept) < sum(plan.lengths) else None
 
 
 def kept_positions(rows: Sequence[int], kept: list[int] | None) -> list[int]:

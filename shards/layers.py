@@ -94,6 +94,8 @@ class Attention(nn.Module):
             keys, values = cache.update_and_read(layer, k, v, layout)
             out = packed_attention(q, keys, values, layout.bias, self.backend, layout.attention)
         out = out.reshape(tokens, self.n_heads * self.head_dim)
+        if rows is not None and not len(rows):  # nothing read: no kernel sees an empty batch
+            return out.new_empty((0, self.o_proj.out_features))
         return self.o_proj(out if rows is None else out[rows])
 
     @staticmethod

@@ -54,6 +54,8 @@ class DecoderLayer(nn.Module):
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         h, x = self.attend(h, layout, cache, rows)
+        if not len(h):  # no row is read (a chunk before a prompt's last): its keys are in the cache, that is all
+            return h
         if not hasattr(self, "block_sparse_moe"):
             return h + self.mlp(x)
         ids, weights = self.block_sparse_moe.gate(x)

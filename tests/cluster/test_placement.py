@@ -54,6 +54,7 @@ def test_local_example_is_two_stages_and_two_expert_groups_on_one_cpu_each():
         ("local.yaml", MIXTRAL),
         ("mistral-7b-1gpu.yaml", PRESETS["mistral-7b"]),
         ("mixtral-2gpu-stages.yaml", PRESETS["mixtral-8x7b"]),
+        ("mixtral-2gpu-stages-ahead.yaml", PRESETS["mixtral-8x7b"]),
         ("mixtral-2gpu-experts.yaml", PRESETS["mixtral-8x7b"]),
         ("mixtral-2gpu-expert-halves.yaml", PRESETS["mixtral-8x7b"]),
         ("mixtral-2gpu-expert-parts.yaml", PRESETS["mixtral-8x7b"]),
@@ -383,7 +384,11 @@ BAD_FILES = [
         "checkpoint: c\nstages: 1\ndecode_ahead: yes please\n",
         "decode_ahead: expected true, false or auto, got 'yes please'",
     ),
-    ("checkpoint: c\nstages: 2\ndecode_ahead: true\n", "decode_ahead: needs one pipeline stage"),
+    (
+        "checkpoint: c\nstages:\n  - {layers: 0-1, resources: {GPU: 0.5}}\n  - {layers: 2-3, resources: {GPU: 0.5}}\n"
+        "decode_ahead: true\n",
+        "decode_ahead: true on a pipeline needs its first and last stage in different workers",
+    ),
     (
         "checkpoint: c\nstages: 1\nresources: {CPU: 1" + "0" * 309 + "}\n",
         "resources.CPU: 1" + "0" * 309 + " is too large to be an amount of a resource",

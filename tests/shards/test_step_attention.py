@@ -163,7 +163,7 @@ def test_only_the_kept_rows_leave_the_last_layer_and_every_key_reaches_the_cache
     shard = TransformerShard.from_checkpoint(reader, ShardSelection.whole(reader.config), torch.float32, "cpu")
     cfg = reader.config
     outs = []
-    for rows in (None, torch.tensor([2, 6])):
+    for rows in (None, torch.tensor([2, 6]), torch.tensor([], dtype=torch.long)):  # none: a chunk before the last
         cache = RollingKVCache([int(i) for i in shard.layers], 2, 8, cfg.n_kv_heads, cfg.head_dim, torch.float32, "cpu")
         steps = []
         for start, ids in ((0, [1, 5, 9, 13, 17, 21, 25]), (7, [3, 8, 11]), (10, [4])):
@@ -176,8 +176,8 @@ def test_only_the_kept_rows_leave_the_last_layer_and_every_key_reaches_the_cache
                     )
                 )
         outs.append(steps)
-    (full, *full_rest), (kept, *kept_rest) = outs
-    assert kept.shape == (2, cfg.dim)
+    (full, *full_rest), (kept, *kept_rest), (none, *none_rest) = outs
+    assert kept.shape == (2, cfg.dim) and none.shape == (0, cfg.dim)
     assert torch.allclose(kept, full[[2, 6]], atol=1e-5)
-    for a, b in zip(full_rest, kept_rest, strict=True):  # the cache the kept-rows step left is the whole step's
-        assert torch.allclose(a, b, atol=1e-5)
+    for a, b, c in zip(full_rest, kept_rest, none_rest, strict=True):  # the cache they left is the whole step's
+        assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a, c, atol=1e-5)
