@@ -37,6 +37,13 @@ PLACEMENTS = {
             {"layers": "4-7", "resources": {"CPU": 1, "GPU": 1}},
         ]
     },
+    "two_stages_ahead": {  # the last stage hands its picks to the first (decode_ahead on a pipeline)
+        "stages": [
+            {"layers": "0-3", "resources": {"CPU": 1, "GPU": 1}},
+            {"layers": "4-7", "resources": {"CPU": 1, "GPU": 1}},
+        ],
+        "decode_ahead": True,
+    },
     "stage_and_two_expert_groups": {
         "stages": [{"layers": "0-7", "resources": {"CPU": 1, "GPU": 0.5}}],
         "expert_groups": [
