@@ -303,11 +303,20 @@ def _for_query_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def _cudnn_here(q: torch.Tensor) -> bool:
-    """Whether cuDNN's attention runs for `q`: on CUDA in half precision. It takes grouped-query attention as it is
-    (8 KV heads for 32 query heads: the same output and log-sum-exp as copied heads, in the same time, measured on an
-    H200 with torch 2.11, `shard_profile-bandmerge-h200.json`), where the copies cost 0.67 ms a layer of a 16k
-    prompt's later chunk."""
-    return q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
+    """Whether cuDNN's attention runs for `q`: on CUDA in half precision, on a GPU it supports (Ampere and later)
+    with SDPA's cuDNN backend enabled. It takes grouped-query attention as it is (8 KV heads for 32 query heads: the
+    same output and log-sum-exp as copied heads, in the same time, measured on an H200 with torch 2.11,
+    `shard_profile-bandmerge-h200.json`), where the copies cost 0.67 ms a layer of a 16k prompt's later chunk.
+    Elsewhere the other kernels take copied heads."""
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    return torch.backends.cuda.cudnn_sdp_enabled() and _cudnn_attention_supported(index)
+
+
+@functools.cache
+def _cudnn_attention_supported(device_index: int) -> bool:
+    return torch.backends.cudnn.is_available() and torch.cuda.get_device_capability(device_index)[0] >= 8
 
 
 def _band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
