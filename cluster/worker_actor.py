@@ -365,7 +365,9 @@ class ShardWorker:
         return traces
 
     def expert_load(self) -> list[list[int]] | None:
-        """Tokens per expert per layer chosen by this worker's gates since it started (None: it holds no stage)."""
+        """Tokens per expert per layer chosen by this worker's gates since it started (None: it holds no stage). The
+        model's last layer gates only the rows whose logits or scores are read (`TransformerShard.run_layers`), so a
+        prompt's other tokens are not counted there."""
         if not self.stages:
             return None
         return sum(r.load.cpu() for r in self.stages.values()).tolist()

@@ -76,11 +76,20 @@ def test_one_stage_with_remote_experts_decoding_ahead_gives_transformers_tokens(
     assert paths["stage0"]["launched_ahead_steps"] == 0  # nor is launched by one thread and waited for by another
 
 
-def test_two_stages_decoding_ahead_hand_the_picks_from_the_last_to_the_first_and_give_transformers_tokens(
+def test_two_stages_decoding_ahead_hand_the_picks_from_the_last_to_the_first_and_survive_its_kill(
     ray_local, checkpoint, hf_model, tmp_path
 ):
     """A pipeline with `decode_ahead: true`: the first stage embeds a sequence's next token before the router has
-    it, from the table of picks the last stage sends it at the start of that step (a channel of their own)."""
+    it, from the table of picks the last stage sends it at the start of that step (a channel of their own). Then
+    SIGKILL the last stage, which holds the picks, mid-generation: recovery rebuilds the channel and the caches, and
+    every request keeps its tokens."""
+    import signal
+    import threading
+    import time
+
+    from router.generation import generate
+    from shards.engine import LocalEngine
+
     prompts = random_prompts([7, 19, 4, 11], seed=34)
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (12, 5, 16, 9)]
     model = hf_model(checkpoint)
@@ -96,13 +105,28 @@ def test_two_stages_decoding_ahead_hand_the_picks_from_the_last_to_the_first_and
     }
     path = tmp_path / "two-stages-ahead.yaml"
     path.write_text(yaml.safe_dump(placement))
+    long = [SamplingParams(max_tokens=96, ignore_eos=True) for _ in prompts]
+    expected_long = [c.token_ids for c in generate(LocalEngine(checkpoint, max_seqs=4), prompts, long)]
     with ShardedCluster.start(path) as cluster:
         out = cluster.generate(prompts, params)
         handles = cluster.shard_handles()
         first = ray.get(handles["stage0"].decode_paths.remote())["stage0"]
         last = ray.get(handles["stage1"].decode_paths.remote())["stage1"]
-    assert [c.token_ids for c in out] == expected
-    assert first["fed_back_tokens"] >= 20 and last["fed_back_tokens"] == 0  # the first stage embeds, fed by the last
+        assert [c.token_ids for c in out] == expected
+        assert first["fed_back_tokens"] >= 20 and last["fed_back_tokens"] == 0  # the first embeds, fed by the last
+        victim, fed_before = cluster.locations()["stage1"].pid, first["fed_back_tokens"]
+        killed: dict = {}
+        worker = threading.Thread(target=lambda: killed.update(r=cluster.generate(prompts, long)))
+        worker.start()
+        time.sleep(0.6)
+        os.kill(victim, signal.SIGKILL)
+        worker.join(timeout=240)
+        health = cluster.health().health
+        first = ray.get(cluster.shard_handles()["stage0"].decode_paths.remote())["stage0"]
+    assert health.recoveries >= 1 and cluster_restarted(health, "stage1"), health  # the kill landed mid-generation
+    assert [r.token_ids for r in killed["r"]] == expected_long
+    # the first stage went on being fed after the recovery (its count starts anew if it was restarted too)
+    assert first["fed_back_tokens"] > (0 if cluster_restarted(health, "stage0") else fed_before), (first, fed_before)
 
 
 def test_a_killed_stage_decoding_ahead_is_recovered_and_every_token_is_kept(ray_local, checkpoint, tmp_path):
