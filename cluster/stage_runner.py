@@ -198,7 +198,8 @@ class StageRunner:
         entered = time.time()
         self._expert_seconds = 0.0
         begun = self._device_event()
-        pending, spans, picks = self._exchange_picks(plan), [], []
+        self._exchange_picks(plan)
+        pending, spans, picks = [], [], []
         microbatches = split_microbatches(plan if self.first else plan.without_tokens(), micro_batch_size)
         experts = self._experts if self.config.is_moe else None
         for m, mb in enumerate(microbatches):
@@ -282,20 +283,21 @@ class StageRunner:
         )
         return result, launched.picks
 
-    def _exchange_picks(self, plan: StepPlan) -> list:
+    def _exchange_picks(self, plan: StepPlan) -> None:
         """A pipeline decoding ahead, at the start of a step that feeds tokens back: the last stage sends its table of
         last picks (every step before this one has updated it: the stage runs them in order), the first stage takes
         it in place of its own. Both read the same plan, so every send meets its receive; on a GPU the first
-        stage's stream, not its host, waits for the last stage's previous step. Returns the sends in flight."""
+        stage's stream, not its host, waits for the last stage's previous step. The send is complete on the last
+        stage's stream before the step's activations are received there: two communicators' messages never in
+        flight at once on that GPU (NCCL does not promise progress then: `busy_workers`)."""
         if self.picks_in is None and self.picks_out is None:
-            return []
+            return
         if plan.token_ids is None or not (np.asarray(plan.token_ids) == FED_BACK).any():
-            return []
+            return
         if self.picks_out is not None:
-            table = self.last_picks.clone()  # the table goes on changing with this step's picks
-            return [(self.picks_out.isend(table, "picks"), table)]
-        self.picks_in.recv_into(self.last_picks, "picks")
-        return []
+            self.picks_out.send(self.last_picks, "picks")  # (ordered on the stream before this step's picks)
+        else:
+            self.picks_in.recv_into(self.last_picks, "picks")
 
     def _token_ids(self, mb: StepPlan) -> torch.Tensor:
         """The micro-batch's token ids on the device, each FED_BACK replaced by its slot's last pick (one stage)."""
