@@ -5,13 +5,18 @@ tokens must be transformers' and those of the same cluster without it, and the s
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
 
 import pytest
 import ray
 import yaml
 
 from cluster.sharded import ShardedCluster
+from router.generation import generate
 from router.sampling import SamplingParams
+from shards.engine import LocalEngine
 from tests.conftest import hf_greedy, random_prompts
 
 WINDOW = 16
@@ -83,13 +88,6 @@ def test_two_stages_decoding_ahead_hand_the_picks_from_the_last_to_the_first_and
     it, from the table of picks the last stage sends it at the start of that step (a channel of their own). Then
     SIGKILL the last stage, which holds the picks, mid-generation: recovery rebuilds the channel and the caches, and
     every request keeps its tokens."""
-    import signal
-    import threading
-    import time
-
-    from router.generation import generate
-    from shards.engine import LocalEngine
-
     prompts = random_prompts([7, 19, 4, 11], seed=34)
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (12, 5, 16, 9)]
     model = hf_model(checkpoint)
@@ -105,7 +103,8 @@ def test_two_stages_decoding_ahead_hand_the_picks_from_the_last_to_the_first_and
     }
     path = tmp_path / "two-stages-ahead.yaml"
     path.write_text(yaml.safe_dump(placement))
-    long = [SamplingParams(max_tokens=96, ignore_eos=True) for _ in prompts]
+    # 256 tokens each: ~2 s through the two CPU stages, the kill at 0.6 s lands mid-generation (96 took 0.5 s)
+    long = [SamplingParams(max_tokens=256, ignore_eos=True) for _ in prompts]
     expected_long = [c.token_ids for c in generate(LocalEngine(checkpoint, max_seqs=4), prompts, long)]
     with ShardedCluster.start(path) as cluster:
         out = cluster.generate(prompts, params)
@@ -114,17 +113,11 @@ def test_two_stages_decoding_ahead_hand_the_picks_from_the_last_to_the_first_and
         last = ray.get(handles["stage1"].decode_paths.remote())["stage1"]
         assert [c.token_ids for c in out] == expected
         assert first["fed_back_tokens"] >= 20 and last["fed_back_tokens"] == 0  # the first embeds, fed by the last
-        victim, fed_before = cluster.locations()["stage1"].pid, first["fed_back_tokens"]
-        killed: dict = {}
-        worker = threading.Thread(target=lambda: killed.update(r=cluster.generate(prompts, long)))
-        worker.start()
-        time.sleep(0.6)
-        os.kill(victim, signal.SIGKILL)
-        worker.join(timeout=240)
-        health = cluster.health().health
+        fed_before = first["fed_back_tokens"]
+        killed, health = generate_through_a_kill(cluster, prompts, long, "stage1")
         first = ray.get(cluster.shard_handles()["stage0"].decode_paths.remote())["stage0"]
     assert health.recoveries >= 1 and cluster_restarted(health, "stage1"), health  # the kill landed mid-generation
-    assert [r.token_ids for r in killed["r"]] == expected_long
+    assert [r.token_ids for r in killed] == expected_long
     # the first stage went on being fed after the recovery (its count starts anew if it was restarted too)
     assert first["fed_back_tokens"] > (0 if cluster_restarted(health, "stage0") else fed_before), (first, fed_before)
 
@@ -132,30 +125,28 @@ def test_two_stages_decoding_ahead_hand_the_picks_from_the_last_to_the_first_and
 def test_a_killed_stage_decoding_ahead_is_recovered_and_every_token_is_kept(ray_local, checkpoint, tmp_path):
     """SIGKILL the stage (it holds the picks fed back) mid-generation: recovery rebuilds the caches by replay, the
     new stage's picks are its own before any token is fed back again, and every request keeps its tokens."""
-    import signal
-    import threading
-    import time
-
-    from router.generation import generate
-    from shards.engine import LocalEngine
-
     prompts = random_prompts([6, 13, 9, 21], seed=33)
     params = [SamplingParams(max_tokens=96, ignore_eos=True) for _ in prompts]
     expected = [c.token_ids for c in generate(LocalEngine(checkpoint, max_seqs=4), prompts, params)]
     with start(checkpoint, tmp_path, decode_ahead=True) as cluster:
         cluster.generate(prompts[:1], [SamplingParams(max_tokens=4, ignore_eos=True)])  # warm
-        victim = cluster.locations()["stage0"].pid
-        out: dict = {}
-        worker = threading.Thread(target=lambda: out.update(r=cluster.generate(prompts, params)))
-        worker.start()
-        time.sleep(0.6)
-        os.kill(victim, signal.SIGKILL)
-        worker.join(timeout=240)
-        health = cluster.health().health
+        out, health = generate_through_a_kill(cluster, prompts, params, "stage0")
         paths = ray.get(cluster.shard_handles()["stage0"].decode_paths.remote())
     assert health.recoveries >= 1 and cluster_restarted(health, "stage0"), health  # the kill landed mid-generation
-    assert [r.token_ids for r in out["r"]] == expected
+    assert [r.token_ids for r in out] == expected
     assert paths["stage0"]["fed_back_tokens"] > 0  # the new stage ran ahead too
+
+
+def generate_through_a_kill(cluster: ShardedCluster, prompts, params, shard: str) -> tuple[list, object]:
+    """`cluster.generate` on a thread, `shard`'s process SIGKILLed 0.6 s in: its outputs and the health after."""
+    victim = cluster.locations()[shard].pid
+    out: dict = {}
+    worker = threading.Thread(target=lambda: out.update(r=cluster.generate(prompts, params)))
+    worker.start()
+    time.sleep(0.6)
+    os.kill(victim, signal.SIGKILL)
+    worker.join(timeout=240)
+    return out["r"], cluster.health().health
 
 
 def cluster_restarted(health, shard: str) -> bool:
