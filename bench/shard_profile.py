@@ -182,12 +182,21 @@ MIXED_CASES = [(112, 16, 64, 300), (22, 10, 64, 300)]
 
 
 def profile_mixed(
-    shard, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, running: int, prompts: int, plen: int, ctx: int
+    shard,
+    cfg: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    running: int,
+    prompts: int,
+    plen: int,
+    ctx: int,
+    repeat: int = 3,
 ) -> dict:
     """A step that carries new prompts beside running sequences, as a served step does when requests arrive: its
     time against a decode-only step of the same running sequences plus a prefill-only step of the same prompts
     (the layers eager, as the cluster runs such steps), the host syncs in it, its top kernels, and how far the
-    running rows' outputs are from the decode-only step's (the same function: only rounding may differ)."""
+    running rows' outputs are from the decode-only step's (the same function: only rounding may differ). Host-bound
+    steps (few running rows) vary run to run: `repeat` times each step that many times."""
     from router.step import StepPlan
     from shards.kv_cache import RollingKVCache, StepLayout, cache_capacity
 
@@ -225,7 +234,7 @@ def profile_mixed(
         # per row: in bf16 a near-tie between two experts may round the other way in one of the two steps, and
         # that token's row then differs wholly (measured on an H200: float32 agrees to 6e-6 on every path)
         by_row = (together - alone).abs().amax(dim=1) / alone.abs().amax(dim=1).clamp(min=1e-30)
-        times = {name: timed(lambda p=plan: run(p), device, repeat=3, warmup=1) for name, plan in
+        times = {name: timed(lambda p=plan: run(p), device, repeat=repeat, warmup=1) for name, plan in
                  (("mixed", mixed), ("decode", decode), ("prefill", prefill))}  # fmt: skip
         ops, prof = top_ops(lambda: run(mixed), device)
     per_layer = {f"{k}_ms_per_layer": round(1000 * v / len(layers), 3) for k, v in times.items()}
@@ -234,6 +243,7 @@ def profile_mixed(
         "prompts": prompts,
         "prompt_tokens": plen,
         "context": ctx,
+        "repeat": repeat,
         **per_layer,
         "mixed_over_parts": round(times["mixed"] / (times["decode"] + times["prefill"]), 3),
         "running_rows_relative_diff": diff,
