@@ -13,11 +13,18 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from router.scheduler import DEFAULT_MAX_SEQS, DEFAULT_REPLAY_TOKENS, DEFAULT_TOKEN_BUDGET, SchedulerConfig
+from router.scheduler import (
+    DEFAULT_MAX_SEQS,
+    DEFAULT_REPLAY_TOKENS,
+    DEFAULT_TOKEN_BUDGET,
+    DEFAULT_WAITING_SERVED_RATIO,
+    SchedulerConfig,
+)
 from shards.checkpoint import DTYPES, ShardSelection
 from shards.config import ConfigError, ModelConfig
 
 DEFAULT_MICRO_BATCH_SIZE = 4  # sequences per micro-batch moving through the stages
+AUTO_WAITING_STEPS = 8  # `max_waiting_steps: auto` where the first stage holds a GPU
 
 
 class PlacementError(ConfigError):
@@ -111,6 +118,10 @@ class PlacementPlan:
     max_seqs: int = DEFAULT_MAX_SEQS
     chunk_size: int | None = None  # None until settled against the model: min(window, 512, token_budget)
     replay_tokens: int = DEFAULT_REPLAY_TOKENS  # outputs a cache rebuilt after a fault replays (SchedulerConfig)
+    # Steps a new request may be held back for others to start with it (SchedulerConfig); None (auto): by device,
+    # `waiting_steps`.
+    max_waiting_steps: int | None = None
+    waiting_served_ratio: float = DEFAULT_WAITING_SERVED_RATIO
     # A warm standby process per worker (imports done, CUDA context made), promoted when its worker dies: True,
     # False, or None (the default): one for every worker whose bundle holds a GPU.
     standby: bool | None = None
@@ -147,7 +158,24 @@ class PlacementPlan:
     @property
     def scheduling(self) -> SchedulerConfig:
         """The scheduler's part of the plan (the router builds its `Scheduler` from it)."""
-        return SchedulerConfig(self.max_seqs, self.token_budget, self.chunk_size, self.replay_tokens, self.ahead)
+        return SchedulerConfig(
+            self.max_seqs,
+            self.token_budget,
+            self.chunk_size,
+            self.replay_tokens,
+            self.ahead,
+            self.waiting_steps,
+            self.waiting_served_ratio,
+        )
+
+    @property
+    def waiting_steps(self) -> int:
+        """`max_waiting_steps`, else AUTO_WAITING_STEPS where the first stage holds a GPU (a step starting prompts
+        there cannot replay a decode graph: ~2.3 decode steps' time, bench/NOTES.md) and 0 on a CPU, where such a
+        step costs about what its tokens do."""
+        if self.max_waiting_steps is not None:
+            return self.max_waiting_steps
+        return AUTO_WAITING_STEPS if self.stages[0].resources.get("GPU", 0) > 0 else 0
 
     @property
     def ahead(self) -> bool:

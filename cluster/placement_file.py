@@ -48,6 +48,8 @@ TOP_KEYS = (
     "max_seqs",
     "chunk_size",
     "replay_tokens",
+    "max_waiting_steps",
+    "waiting_served_ratio",
     "standby",
     "decode_ahead",
     "overlap_min_seqs",
@@ -102,6 +104,11 @@ class _Checker:
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise self.fail(path, f"expected a non-negative integer, got {value!r}")
         return value
+
+    def non_negative_number(self, value: Any, path: str) -> float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
+            raise self.fail(path, f"expected a non-negative number, got {value!r}")
+        return float(value)
 
     def count(self, value: int, path: str, what: str) -> int:
         self.positive_int(value, path)
@@ -218,6 +225,13 @@ def load_placement(path: str | Path, checkpoint_override: str | Path | None = No
             f"{numbers['overlap_min_seqs']}: two-batch overlap hides the expert groups' work behind attention; this "
             "placement has no expert_groups",
         )
+    waiting = data.get("max_waiting_steps", "auto")
+    numbers["max_waiting_steps"] = None if waiting == "auto" else check.non_negative_int(waiting, "max_waiting_steps")
+    numbers["waiting_served_ratio"] = (
+        check.non_negative_number(data["waiting_served_ratio"], "waiting_served_ratio")
+        if "waiting_served_ratio" in data
+        else defaults["waiting_served_ratio"]
+    )
     numbers["decode_ahead"] = _auto_bool(check, "decode_ahead", data.get("decode_ahead", "auto"))
     if numbers["chunk_size"] is not None and numbers["chunk_size"] > numbers["token_budget"]:
         raise check.fail(

@@ -19,6 +19,12 @@ scheduled before its token is back: its row carries `FED_BACK` instead of a toke
 pick for that slot from the step before, so the router's round trip (plan out, picks back, processing) overlaps
 the device's work instead of leaving it idle between steps. A token a sequence gets past its end (EOS, a stop
 string) is dropped; a step is never scheduled past `max_tokens` or the context.
+
+A step that carries new prompts beside decoding sequences cannot replay a decode graph: on an H200 it costs about
+2.3 decode steps of Mixtral at 128 sequences, whatever few prompts it carries (its layers run eagerly, host-bound).
+Requests that arrive a few steps apart while others decode are therefore held back and started together, as TGI's
+router does (`SchedulerConfig.max_waiting_steps`, `waiting_served_ratio`): at most `max_waiting_steps` steps, or
+until they are `waiting_served_ratio` of the running sequences, or fill the step; at once when nothing runs.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ DEFAULT_TOKEN_BUDGET = 2048
 DEFAULT_MAX_CHUNK = 512  # the prefill chunk when none is given, capped by the cache capacity and the token budget
 DEFAULT_REPLAY_TOKENS = 128  # outputs rebuilt one decode step a token after a fault, at most (longer ones: prefilled)
 AHEAD = 2  # steps a sequence may be in at once with `decode_ahead`: the one running, the next one queued
+DEFAULT_WAITING_SERVED_RATIO = 0.3  # TGI's default for the same rule
 
 
 @dataclass(eq=False)  # one request's state: equal only to itself (a field-by-field __eq__ made `list.index`, `in`
@@ -66,6 +73,7 @@ class Sequence:  # and `remove` cost O(fields) per element: 2.4 ms a schedule at
     finish_reason: str | None = None  # "stop" or "length" once finished
     error: str | None = None  # why it ended with finish_reason "error" (its sampler failed)
     constraint: GrammarConstraint | None = None  # the structured output's matcher, if the request has one
+    queued_at_step: int = 0  # the scheduler's step count when it was queued (how long it has been held back)
 
     def __post_init__(self) -> None:
         self.sampler = Sampler(self.params)
@@ -138,6 +146,11 @@ class SchedulerConfig:
     # Schedule a greedy sequence's next decode step before its token is back (module docstring). Only where the
     # stage that embeds tokens also picks them: one pipeline stage (the router turns it off for more).
     decode_ahead: bool = False
+    # While sequences run, a new request waits at most this many steps for others to start with it in one step
+    # (module docstring); 0 starts every request at the next step. Placements default it by device (PLACEMENT.md).
+    max_waiting_steps: int = 0
+    # ...and starts at once when the requests waiting number at least this share of the running sequences.
+    waiting_served_ratio: float = DEFAULT_WAITING_SERVED_RATIO
 
     def settled(self, capacity: int) -> SchedulerConfig:
         """The config with its chunk size fixed for a cache of `capacity` rows per slot (the window, or the whole
@@ -151,6 +164,12 @@ class SchedulerConfig:
             raise ValueError(f"replay_tokens must be a non-negative integer, got {replay!r}")
         if not isinstance(self.decode_ahead, bool):
             raise ValueError(f"decode_ahead must be true or false, got {self.decode_ahead!r}")
+        wait = self.max_waiting_steps
+        if not isinstance(wait, int) or isinstance(wait, bool) or wait < 0:
+            raise ValueError(f"max_waiting_steps must be a non-negative integer, got {wait!r}")
+        ratio = self.waiting_served_ratio
+        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 <= ratio < float("inf"):
+            raise ValueError(f"waiting_served_ratio must be a non-negative number, got {ratio!r}")
         chunk = self.chunk_size if self.chunk_size is not None else min(capacity, DEFAULT_MAX_CHUNK, self.token_budget)
         # A chunk past the capacity could not be written to the rolling buffer. The placement refuses a chunk larger
         # than the window; capped here is only the case of a context shorter than the window, where no sequence
@@ -185,6 +204,9 @@ class Scheduler:
         self.chunk_size = config.chunk_size
         self.replay_tokens = config.replay_tokens
         self.decode_ahead = config.decode_ahead
+        self.max_waiting_steps = config.max_waiting_steps
+        self.waiting_served_ratio = config.waiting_served_ratio
+        self.steps = 0  # steps scheduled so far
         self.max_seq_len = max_seq_len
         self.eos_id = eos_id
         self.grammars = grammars
@@ -200,6 +222,7 @@ class Scheduler:
         self._plan_rebuild(seq)
         seq.output_logprobs = [0.0] * len(seq.output_ids)
         seq.output_top_logprobs = [None] * len(seq.output_ids)
+        seq.queued_at_step = self.steps
         if params.structured is not None:
             if self.grammars is None:
                 raise ValueError("structured output needs the checkpoint's tokenizer, which this engine was not given")
@@ -231,10 +254,11 @@ class Scheduler:
         takes at most its share of the running sequences, so the others form the next step and every stage has
         work. A sequence in a step in flight has nothing pending (its token is not back), unless it is prefilling:
         its next chunk may go in the next step, which every stage runs after this one."""
-        while self.waiting and self.slots.free:
-            seq = self.waiting.popleft()
-            seq.slot = self.slots.take()
-            self.running.append(seq)
+        if self._admit_now():
+            while self.waiting and self.slots.free:
+                seq = self.waiting.popleft()
+                seq.slot = self.slots.take()
+                self.running.append(seq)
         budget = self.token_budget
         room = -(-len(self.running) // groups)  # ceil: the sequences one step may take
         chosen: list[tuple[Sequence, int]] = []
@@ -271,7 +295,24 @@ class Scheduler:
             counts = seq.cached >= seq.prefill_end  # its next token waits for this step (chunks may flow)
             seq.in_flight += counts
             counted.append(counts)
+        self.steps += 1
         return ScheduledStep(plan, [seq for seq, _ in chosen], tuple(counted))
+
+    def _admit_now(self) -> bool:
+        """Whether the waiting requests start in this step (module docstring): they could (a free slot) and either
+        nothing runs, holding is off, they have waited `max_waiting_steps`, they number `waiting_served_ratio` of the
+        running sequences, or their prompts fill what the step's token budget leaves beside one token a runner."""
+        if not (self.waiting and self.slots.free):
+            return False
+        if not self.max_waiting_steps or not self.running:
+            return True
+        if self.steps - self.waiting[0].queued_at_step >= self.max_waiting_steps:
+            return True
+        if len(self.waiting) >= self.waiting_served_ratio * len(self.running):
+            return True
+        room = self.token_budget - len(self.running)
+        starting = itertools.islice(self.waiting, len(self.slots.free))
+        return sum(min(seq.prefill_end, self.chunk_size) for seq in starting) >= room
 
     def _ahead(self, seq: Sequence) -> bool:
         """Whether `seq`'s next decode step may go before its token is back: `decode_ahead`, a greedy sequence picked

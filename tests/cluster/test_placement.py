@@ -268,6 +268,17 @@ def test_decode_ahead_auto_is_on_for_one_stage_holding_a_gpu_and_never_for_a_pip
         load_placement(write("checkpoint: c\nstages: 1\ndecode_ahead: sometimes\n"))
 
 
+def test_requests_are_held_back_for_others_by_default_only_where_the_first_stage_holds_a_gpu(write):
+    gpu = "checkpoint: c\nstages:\n  - layers: 0-3\n    resources: {CPU: 1, GPU: 0.2}\n"
+    assert settle(write(gpu)).scheduling.max_waiting_steps == 8
+    assert settle(write(gpu + "max_waiting_steps: auto\n")).scheduling.max_waiting_steps == 8
+    assert settle(write(gpu + "max_waiting_steps: 0\n")).scheduling.max_waiting_steps == 0
+    assert settle(write("checkpoint: c\nstages: 1\n")).scheduling.max_waiting_steps == 0  # a CPU
+    cpu = settle(write("checkpoint: c\nstages: 1\nmax_waiting_steps: 3\nwaiting_served_ratio: 0.5\n")).scheduling
+    assert (cpu.max_waiting_steps, cpu.waiting_served_ratio) == (3, 0.5)
+    assert settle(write("checkpoint: c\nstages: 1\n")).scheduling.waiting_served_ratio == 0.3
+
+
 def test_a_pipeline_decodes_ahead_only_when_its_file_says_so_and_its_ends_are_in_different_workers(write, monkeypatch):
     monkeypatch.delenv("MISTRAL_CLUSTER_DECODE_AHEAD", raising=False)
     two = "checkpoint: c\nstages:\n" + "".join(f"  - layers: {a}\n    resources: {{GPU: 1}}\n" for a in ("0-1", "2-3"))
@@ -380,6 +391,14 @@ BAD_FILES = [
     ("checkpoint: c\nstages: 1\nstandby: sometimes\n", "standby: expected true, false or auto, got 'sometimes'"),
     ("checkpoint: c\nstages: 1\nreplay_tokens: -1\n", "replay_tokens: expected a non-negative integer, got -1"),
     ("checkpoint: c\nstages: 1\nreplay_tokens: all\n", "replay_tokens: expected a non-negative integer, got 'all'"),
+    (
+        "checkpoint: c\nstages: 1\nmax_waiting_steps: soon\n",
+        "max_waiting_steps: expected a non-negative integer, got 'soon'",
+    ),
+    (
+        "checkpoint: c\nstages: 1\nwaiting_served_ratio: -1\n",
+        "waiting_served_ratio: expected a non-negative number, got -1",
+    ),
     (
         "checkpoint: c\nstages: 1\ndecode_ahead: yes please\n",
         "decode_ahead: expected true, false or auto, got 'yes please'",
