@@ -596,7 +596,11 @@ def main() -> None:
             models = httpx.get(urls[0] + "/v1/models", headers=headers, timeout=30).json()["data"]
             model = args.model or models[0]["id"]
             run["model"] = next((m for m in models if m["id"] == model), {"id": model})
-            asyncio.run(run_level(urls, model, 2, 2, args, seed=12345))  # warm-up, not reported
+            # warm-up, not reported: one wave of the first level's streams, so its steps' shapes (graph captures,
+            # Triton's compiles for steps that start many prompts) are not timed; two requests left the first
+            # level of a GPU server slow in just those steps (bench/NOTES.md, eleventh session)
+            warm = max(2, args.concurrency[0])
+            asyncio.run(run_level(urls, model, warm, warm, args, seed=12345))
             run["levels"] = []
             print_header()
             for i, c in enumerate(args.concurrency):
