@@ -26,7 +26,7 @@ def engine(checkpoint_factory):
     return LocalEngine(checkpoint_factory("mixtral", seed=71, window=WINDOW), max_seqs=4)
 
 
-def make_loop(engine, token_budget=64, chunk=8, max_queued=8):
+def make_loop(engine, token_budget=64, chunk=8, max_queued=8, **hold):
     batches = []
 
     async def execute(plan):
@@ -34,7 +34,7 @@ def make_loop(engine, token_budget=64, chunk=8, max_queued=8):
         await asyncio.sleep(0)
         return StepOutput.from_logits(engine.step(plan))
 
-    config = SchedulerConfig(engine.max_seqs, token_budget, chunk).settled(engine.cache_capacity)
+    config = SchedulerConfig(engine.max_seqs, token_budget, chunk, **hold).settled(engine.cache_capacity)
     scheduler = Scheduler(config, engine.max_seq_len, engine.config.eos_token_id)
     return EngineLoop(execute, scheduler, engine.config.vocab_size, max_queued), batches
 
@@ -55,6 +55,30 @@ def test_requests_joining_mid_flight_get_the_same_tokens_as_alone(engine):
     results, batches = asyncio.run(main())
     assert [[e.token_id for e in r] for r in results] == [a.token_ids for a in alone]
     assert any(len(b.slots) == 3 for b in batches)  # the late requests really shared steps with the first
+
+
+def test_requests_held_back_while_another_decodes_start_together_with_the_same_tokens(engine):
+    """`max_waiting_steps`: two requests arriving a step apart while a third decodes wait, then share one step."""
+    prompts = random_prompts([30, 5, 12], seed=2)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    alone = generate(engine, prompts, params)
+
+    async def main():
+        loop, batches = make_loop(engine, max_waiting_steps=3, waiting_served_ratio=3.0)
+        first = asyncio.create_task(loop.generate(prompts[0], params))
+        while len(batches) < 5:  # its prompt (30 tokens: 4 chunks) and a decode step
+            await asyncio.sleep(0)
+        second = asyncio.create_task(loop.generate(prompts[1], params))
+        while len(batches) < 6:
+            await asyncio.sleep(0)
+        third = asyncio.create_task(loop.generate(prompts[2], params))
+        return [await first, await second, await third], batches
+
+    results, batches = asyncio.run(main())
+    assert [[e.token_id for e in r] for r in results] == [a.token_ids for a in alone]
+    start = next(i for i, b in enumerate(batches) if len(b.slots) > 1)
+    assert batches[start].lengths[0] == 1 and min(batches[start].lengths[1:]) > 1  # both late prompts started there
+    assert start >= 7  # the first decoded alone for the 3 steps the second was held
 
 
 def test_offline_completion_through_the_live_loop_equals_offline_generate(engine):
