@@ -13,6 +13,11 @@ It either targets a running server (`--url`) or starts `mistral-cluster serve` i
 stops it with SIGTERM afterwards. It writes JSON (naming the machine: CPUs, platform, GPUs, commit) and a plot;
 `--compare A.json B.json ...` plots several runs together.
 
+`--request-rate R` opens the loop: a level's requests arrive at Poisson times, R a second on average (seeded), and C
+only caps how many are in flight (vLLM's `--request-rate` with `--max-concurrency`); a request the cap holds back has
+that wait counted in its time to first token. Steady traffic, unlike waves of equal requests, starts a few prompts
+at almost every step: the case a server's step that starts prompts beside decoding ones is tested by.
+
 `--kill-after-s S` (with `--kill-gpu N` on a GPU host) runs each level three times: twice undisturbed (how many
 requests keep their tokens from one calm run to the next is the floor), then SIGKILLing a shard worker S seconds in
 (on GPU N the process holding most of its memory, else the largest `ray::ShardWorker`): that level reports its
@@ -50,6 +55,17 @@ REPLICA_HEADER = "x-mistral-cluster-replica"  # read when the server sends it: r
 
 
 # --- one request ---------------------------------------------------------------------------------------------------
+
+
+def arrival_times(n: int, rate: float, seed: int) -> list[float]:
+    """Seconds from a level's start at which its `n` requests arrive: a Poisson process of `rate` a second (the
+    first at 0), the same for the same seed."""
+    rng = random.Random(seed)
+    times, t = [], 0.0
+    for _ in range(n):
+        times.append(t)
+        t += rng.expovariate(rate)
+    return times
 
 
 async def one_request(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -> dict:
@@ -193,10 +209,24 @@ async def run_level(
     fault: dict = {}
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
 
+    rate = getattr(args, "request_rate", None)
+    arrive = arrival_times(len(bodies), rate, seed) if rate else None
+
     async def worker(client: httpx.AsyncClient, url: str) -> None:
         while not queue.empty():
             i, body = queue.get_nowait()
-            results.append({"index": i, **await one_request(client, url, body, headers)})
+            waited = 0.0
+            if arrive is not None:  # open loop: not before its arrival; a wait for the cap counts in its latency
+                late = time.perf_counter() - (t0 + arrive[i])
+                if late < 0:
+                    await asyncio.sleep(-late)
+                waited = max(0.0, late)
+            out = await one_request(client, url, body, headers)
+            if waited and out["ttft"] is not None:
+                out["ttft"] += waited
+            if waited and out["end"] is not None:
+                out["end"] += waited
+            results.append({"index": i, "queued_s": waited, **out})
 
     async with httpx.AsyncClient(timeout=args.request_timeout_s, limits=limits) as client:
         copies = args.replicas or 1
@@ -215,6 +245,7 @@ async def run_level(
     tokens = sum(r["tokens"] for r in results)
     level = {
         "concurrency": concurrency,
+        "request_rate": rate,
         "requests": len(results),
         "completed": len(ok),
         "errors": len(results) - len(ok),
@@ -551,6 +582,9 @@ def main() -> None:
     p.add_argument("--api-key", default=os.environ.get("MISTRAL_CLUSTER_API_KEY"))
     p.add_argument("--model", help="default: the first model /v1/models lists")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument(
+        "--request-rate", type=float, help="requests a second, Poisson arrivals (the concurrency then caps them)"
+    )
     p.add_argument("--waves", type=int, default=4, help="requests per level: this many x concurrency (at least 8)")
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--output-tokens", type=int, default=32)
@@ -567,6 +601,8 @@ def main() -> None:
     p.add_argument("--kill-gpu", type=int, help="with --kill-after-s: kill the worker on this GPU (default: no GPU)")
     p.add_argument("--out", required=True, help="JSON path (the plot goes beside it as .png); with --compare the .png")
     args = p.parse_args()
+    if args.request_rate is not None and not 0 < args.request_rate < float("inf"):
+        p.error(f"--request-rate must be a positive number of requests a second, got {args.request_rate}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.compare:

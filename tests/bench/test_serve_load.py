@@ -84,3 +84,52 @@ def test_behind_one_url_the_ledger_scrapes_until_it_has_read_every_copy():
     assert asyncio.run(read(2))["decode"]["seconds"] == 3.5  # a once, b once: not a counted three times
     answers = iter([("a", 1.0)] * 80)
     assert asyncio.run(read(2)) is None  # copy b never answered: no ledger rather than half of one
+
+
+def test_poisson_arrivals_are_seeded_and_average_the_rate():
+    from bench.serve_load import arrival_times
+
+    times = arrival_times(4000, rate=20.0, seed=3)
+    assert times == arrival_times(4000, rate=20.0, seed=3) and times != arrival_times(4000, rate=20.0, seed=4)
+    assert times[0] == 0.0 and all(b > a for a, b in zip(times, times[1:], strict=False))
+    assert abs(times[-1] / (len(times) - 1) - 1 / 20.0) < 0.004  # mean gap 50 ms (std of the mean ~0.8 ms)
+
+
+def test_an_open_loop_level_sends_each_request_at_its_arrival_and_counts_a_wait_for_the_cap():
+    """A stand-in server that answers at once: with room for every request, each is sent at its arrival; with a cap
+    of one request in flight and answers that take 50 ms, the requests queue and their waits reach their TTFT."""
+    import argparse
+    import asyncio
+    import json
+
+    import httpx
+
+    from bench import serve_load
+    from bench.serve_load import arrival_times, run_level
+
+    def stream(delay: float):
+        async def handler(request):
+            await asyncio.sleep(delay)
+            chunk = {"choices": [{"text": "x"}], "usage": None}
+            done = {"choices": [], "usage": {"completion_tokens": 1}}
+            body = f"data: {json.dumps(chunk)}\n\ndata: {json.dumps(done)}\n\ndata: [DONE]\n\n"
+            return httpx.Response(200, text=body)
+
+        return httpx.MockTransport(handler)
+
+    args = argparse.Namespace(api_key=None, request_timeout_s=10.0, replicas=None, prompt_tokens=4, vocab=100,
+                              output_tokens=1, kill_after_s=None, kill_gpu=None, request_rate=40.0)  # fmt: skip
+    real = httpx.AsyncClient
+    try:
+        serve_load.httpx.AsyncClient = lambda **kw: real(transport=stream(0.0), **kw)
+        level = asyncio.run(run_level(["http://s"], "m", 16, 12, args, seed=5))
+        arrive = arrival_times(12, 40.0, 5)
+        assert level["request_rate"] == 40.0 and level["errors"] == 0
+        assert level["seconds"] >= arrive[-1]  # the last request was not sent before its arrival
+        assert level["ttft_s"]["p99"] < 0.05  # nothing waited for the cap
+        serve_load.httpx.AsyncClient = lambda **kw: real(transport=stream(0.05), **kw)
+        capped = asyncio.run(run_level(["http://s"], "m", 1, 12, args, seed=5))
+        # 12 answers of 50 ms one at a time take 0.6 s, the arrivals 0.44 s: the last waits >= 0.16 s for the cap
+        assert capped["seconds"] >= 0.6 and capped["ttft_s"]["p99"] > 12 * 0.05 - arrive[-1] - 0.01
+    finally:
+        serve_load.httpx.AsyncClient = real
