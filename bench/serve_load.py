@@ -13,10 +13,12 @@ It either targets a running server (`--url`) or starts `mistral-cluster serve` i
 stops it with SIGTERM afterwards. It writes JSON (naming the machine: CPUs, platform, GPUs, commit) and a plot;
 `--compare A.json B.json ...` plots several runs together.
 
-`--request-rate R` opens the loop: a level's requests arrive at Poisson times, R a second on average (seeded), and C
-only caps how many are in flight (vLLM's `--request-rate` with `--max-concurrency`); a request the cap holds back has
-that wait counted in its time to first token. Steady traffic, unlike waves of equal requests, starts a few prompts
-at almost every step: the case a server's step that starts prompts beside decoding ones is tested by.
+`--request-rate R [R ...]` opens the loop: a level's requests arrive at Poisson times, R a second on average (seeded),
+and C only caps how many are in flight (vLLM's `--request-rate` with `--max-concurrency`); a request the cap holds back
+has that wait counted in its time to first token. One level per rate and concurrency; `--level-seconds S` sizes a
+rate's levels as S seconds of arrivals (R x S requests) rather than waves. Steady traffic, unlike waves of equal
+requests, starts a few prompts at almost every step: the case a server's step that starts prompts beside decoding
+ones is tested by.
 
 `--kill-after-s S` (with `--kill-gpu N` on a GPU host) runs each level three times: twice undisturbed (how many
 requests keep their tokens from one calm run to the next is the floor), then SIGKILLing a shard worker S seconds in
@@ -183,8 +185,17 @@ async def kill_later(after_s: float, gpu: int | None, record: dict) -> None:
 
 
 async def run_level(
-    urls: list[str], model: str, concurrency: int, n_requests: int, args, seed: int, kill_after_s: float | None = None
+    urls: list[str],
+    model: str,
+    concurrency: int,
+    n_requests: int,
+    args,
+    seed: int,
+    kill_after_s: float | None = None,
+    rate: float | None = None,
 ) -> dict:
+    """One level: `n_requests` streamed completions, at most `concurrency` in flight; with `rate`, arriving at
+    Poisson times (an open loop), else each sent as soon as one ends (a closed loop)."""
     rng = random.Random(seed)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     bodies = [
@@ -209,7 +220,6 @@ async def run_level(
     fault: dict = {}
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
 
-    rate = getattr(args, "request_rate", None)
     arrive = arrival_times(len(bodies), rate, seed) if rate else None
 
     async def worker(client: httpx.AsyncClient, url: str) -> None:
@@ -501,14 +511,17 @@ def machine() -> dict:
 
 
 def print_header() -> None:
-    print(f"{'conc':>5} {'reqs':>5} {'err':>4} {'out tok/s':>10} {'TTFT p50':>9} {'p99':>8} {'ITL p50':>8} {'p99':>8}")
+    head = f"{'rate':>5} {'conc':>5} {'reqs':>5} {'err':>4} {'out tok/s':>10}"
+    print(head + f" {'TTFT p50':>9} {'p99':>8} {'ITL p50':>8} {'p99':>8}")
 
 
 def print_table(levels: list[dict]) -> None:
     for lv in levels:
         ttft, itl = lv["ttft_s"] or {}, lv["itl_s"] or {}
+        rate = lv.get("request_rate")
         print(
-            f"{lv['concurrency']:>5} {lv['requests']:>5} {lv['errors']:>4} {lv['output_tokens_per_s']:>10.1f} "
+            f"{'-' if rate is None else f'{rate:g}':>5} {lv['concurrency']:>5} {lv['requests']:>5} {lv['errors']:>4} "
+            f"{lv['output_tokens_per_s']:>10.1f} "
             f"{ttft.get('p50', math.nan):>9.3f} {ttft.get('p99', math.nan):>8.3f} "
             f"{itl.get('p50', math.nan):>8.4f} {itl.get('p99', math.nan):>8.4f}",
             flush=True,
@@ -532,9 +545,11 @@ def plot(runs: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    # open-loop runs (every level at a request rate) are drawn against the rate, closed loops against concurrency
+    by_rate = all(lv.get("request_rate") for run in runs for lv in run["levels"])
     for run in runs:
         label = run["label"]
-        xs = [lv["concurrency"] for lv in run["levels"]]
+        xs = [lv["request_rate" if by_rate else "concurrency"] for lv in run["levels"]]
         axes[0].plot(xs, [lv["output_tokens_per_s"] for lv in run["levels"]], "o-", label=label)
         for ax, key in ((axes[1], "ttft_s"), (axes[2], "itl_s")):
             for q, style in (("p50", "o-"), ("p99", "x--")):
@@ -543,7 +558,7 @@ def plot(runs: list[dict], out: Path) -> None:
     titles = ("output tokens/s", "time to first token (s)", "inter-token latency (s)")
     for ax, title in zip(axes, titles, strict=True):
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent requests")
+        ax.set_xlabel("requests a second (Poisson)" if by_rate else "concurrent requests")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -559,6 +574,19 @@ def plot(runs: list[dict], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")
+
+
+def level_plan(args) -> list[tuple[float | None, int]]:
+    """The levels in order: (requests a second or None for a closed loop, concurrency), every rate at every
+    concurrency."""
+    return [(rate, c) for rate in (args.request_rate or [None]) for c in args.concurrency]
+
+
+def level_requests(args, rate: float | None, concurrency: int) -> int:
+    """A level's requests: `--level-seconds` of arrivals at its rate, else `--waves` x its concurrency; at least 8."""
+    if rate is not None and args.level_seconds is not None:
+        return max(8, round(rate * args.level_seconds))
+    return max(8, args.waves * concurrency)
 
 
 def main() -> None:
@@ -583,7 +611,15 @@ def main() -> None:
     p.add_argument("--model", help="default: the first model /v1/models lists")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument(
-        "--request-rate", type=float, help="requests a second, Poisson arrivals (the concurrency then caps them)"
+        "--request-rate",
+        type=float,
+        nargs="+",
+        help="requests a second, Poisson arrivals (the concurrency then caps them); several: a level for each",
+    )
+    p.add_argument(
+        "--level-seconds",
+        type=float,
+        help="with --request-rate: each level's requests arrive over about this long (rate x seconds of them)",
     )
     p.add_argument("--waves", type=int, default=4, help="requests per level: this many x concurrency (at least 8)")
     p.add_argument("--prompt-tokens", type=int, default=64)
@@ -601,8 +637,11 @@ def main() -> None:
     p.add_argument("--kill-gpu", type=int, help="with --kill-after-s: kill the worker on this GPU (default: no GPU)")
     p.add_argument("--out", required=True, help="JSON path (the plot goes beside it as .png); with --compare the .png")
     args = p.parse_args()
-    if args.request_rate is not None and not 0 < args.request_rate < float("inf"):
-        p.error(f"--request-rate must be a positive number of requests a second, got {args.request_rate}")
+    for rate in args.request_rate or []:
+        if not 0 < rate < float("inf"):
+            p.error(f"--request-rate must be a positive number of requests a second, got {rate}")
+    if args.level_seconds is not None and not (args.request_rate and 0 < args.level_seconds < float("inf")):
+        p.error(f"--level-seconds needs --request-rate and a positive number of seconds, got {args.level_seconds}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.compare:
@@ -639,20 +678,22 @@ def main() -> None:
             asyncio.run(run_level(urls, model, warm, warm, args, seed=12345))
             run["levels"] = []
             print_header()
-            for i, c in enumerate(args.concurrency):
-                n = max(8, args.waves * c)
-                run["levels"].append(asyncio.run(run_level(urls, model, c, n, args, seed=i)))
+            for i, (rate, c) in enumerate(level_plan(args)):
+                n = level_requests(args, rate, c)
+                run["levels"].append(asyncio.run(run_level(urls, model, c, n, args, seed=i, rate=rate)))
                 calm = run["levels"][-1].pop("token_ids")
                 print_table(run["levels"][-1:])
                 if args.kill_after_s is not None:
                     # the same requests undisturbed once more: how many keep their tokens with no fault at all
                     # (in bf16 a request's rows meet other batch shapes from run to run) is the floor to read
                     # the faulted run's count against
-                    again = asyncio.run(run_level(urls, model, c, n, args, seed=i, kill_after_s=None))
+                    again = asyncio.run(run_level(urls, model, c, n, args, seed=i, kill_after_s=None, rate=rate))
                     run["levels"][-1]["calm_repeat"] = kept_tokens(calm, again["token_ids"])
                     print(f"calm repeat: {json.dumps(run['levels'][-1]['calm_repeat'])}", flush=True)
                     # the same requests again, a worker killed during them
-                    level = asyncio.run(run_level(urls, model, c, n, args, seed=i, kill_after_s=args.kill_after_s))
+                    level = asyncio.run(
+                        run_level(urls, model, c, n, args, seed=i, kill_after_s=args.kill_after_s, rate=rate)
+                    )
                     level.setdefault("fault", {}).update(kept_tokens(calm, level.pop("token_ids")))
                     if server:  # what the server said about the fault: detection, promotion, recovery
                         said = re.compile(r"recover|promot|standby|died|dead|fail|restart", re.IGNORECASE)

@@ -3,6 +3,8 @@ contain the kill's moment (the last tokens of steps already in flight arrive aft
 
 from __future__ import annotations
 
+import pytest
+
 from bench.serve_load import arrivals, engine_ledger, ledger_delta, pause_after
 
 
@@ -118,18 +120,52 @@ def test_an_open_loop_level_sends_each_request_at_its_arrival_and_counts_a_wait_
         return httpx.MockTransport(handler)
 
     args = argparse.Namespace(api_key=None, request_timeout_s=10.0, replicas=None, prompt_tokens=4, vocab=100,
-                              output_tokens=1, kill_after_s=None, kill_gpu=None, request_rate=40.0)  # fmt: skip
+                              output_tokens=1, kill_after_s=None, kill_gpu=None)  # fmt: skip
     real = httpx.AsyncClient
     try:
         serve_load.httpx.AsyncClient = lambda **kw: real(transport=stream(0.0), **kw)
-        level = asyncio.run(run_level(["http://s"], "m", 16, 12, args, seed=5))
+        level = asyncio.run(run_level(["http://s"], "m", 16, 12, args, seed=5, rate=40.0))
         arrive = arrival_times(12, 40.0, 5)
         assert level["request_rate"] == 40.0 and level["errors"] == 0
         assert level["seconds"] >= arrive[-1]  # the last request was not sent before its arrival
         assert level["ttft_s"]["p99"] < 0.05  # nothing waited for the cap
         serve_load.httpx.AsyncClient = lambda **kw: real(transport=stream(0.05), **kw)
-        capped = asyncio.run(run_level(["http://s"], "m", 1, 12, args, seed=5))
+        capped = asyncio.run(run_level(["http://s"], "m", 1, 12, args, seed=5, rate=40.0))
         # 12 answers of 50 ms one at a time take 0.6 s, the arrivals 0.44 s: the last waits >= 0.16 s for the cap
         assert capped["seconds"] >= 0.6 and capped["ttft_s"]["p99"] > 12 * 0.05 - arrive[-1] - 0.01
     finally:
         serve_load.httpx.AsyncClient = real
+
+
+def test_each_rate_runs_at_each_concurrency_and_level_seconds_size_a_rates_levels():
+    import argparse
+
+    from bench.serve_load import level_plan, level_requests
+
+    args = argparse.Namespace(request_rate=[2.0, 10.0], concurrency=[32, 128], waves=2, level_seconds=25.0)
+    assert level_plan(args) == [(2.0, 32), (2.0, 128), (10.0, 32), (10.0, 128)]
+    assert [level_requests(args, r, c) for r, c in level_plan(args)] == [50, 50, 250, 250]
+    args.level_seconds = None  # waves then, as for a closed loop
+    assert [level_requests(args, r, c) for r, c in level_plan(args)] == [64, 256, 64, 256]
+    args.request_rate, args.level_seconds = None, 25.0
+    assert level_plan(args) == [(None, 32), (None, 128)]
+    assert level_requests(args, None, 2) == 8  # at least 8 requests
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--request-rate", "2", "0"], "--request-rate must be a positive number of requests a second, got 0.0"),
+        (["--level-seconds", "20"], "--level-seconds needs --request-rate and a positive number of seconds, got 20.0"),
+        (["--request-rate", "2", "--level-seconds", "-1"], "got -1.0"),
+    ],
+)
+def test_a_bad_rate_or_level_length_is_refused_naming_it(argv, message, capsys, monkeypatch):
+    import sys
+
+    from bench import serve_load
+
+    monkeypatch.setattr(sys, "argv", ["serve_load.py", "--url", "http://s", "--out", "x.json", *argv])
+    with pytest.raises(SystemExit) as e:
+        serve_load.main()
+    assert e.value.code == 2 and message in capsys.readouterr().err
