@@ -1,7 +1,8 @@
 """Requests arriving a few steps apart while others decode are held back and started together (`max_waiting_steps`,
 `waiting_served_ratio`): a step that starts prompts cannot replay a decode graph and costs ~2.3 decode steps on an
 H200 however few prompts it carries. Each rule that starts them at once is checked on its own, and a held request
-gets the same tokens as one started at once."""
+gets the same tokens as one started at once. Requests that arrive far apart (light load) are not held: holding would
+gather none."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from router.scheduler import Scheduler, SchedulerConfig
 from router.step import StepOutput
 
 GREEDY = SamplingParams(max_tokens=40, ignore_eos=True)
+LONG = SamplingParams(max_tokens=200, ignore_eos=True)
 
 
 def next_token_out(plan, vocab=64) -> StepOutput:
@@ -114,6 +116,44 @@ def test_a_held_request_gets_the_tokens_it_would_have_got_at_once():
             run_steps(s, 1)
         outputs[wait] = list(late.output_ids)
     assert outputs[0] == outputs[5] == [42, 43, 44, 45, 46, 47]
+
+
+def test_requests_arriving_further_apart_than_the_hold_start_at_once_once_their_gaps_say_so():
+    s = scheduler(wait=3, ratio=10.0)
+    for i in range(4):
+        s.add([1, 3 + i, 4], LONG)
+    run_steps(s, 1)  # 4 running, arrived together: gaps 0, 0, 0
+    started_after = []
+    for k in range(6):
+        run_steps(s, 9)
+        late = s.add([1, 50 + k, 51], GREEDY)  # 10 steps after the one before
+        steps = 0
+        while late.slot is None:
+            run_steps(s, 1)
+            steps += 1
+        started_after.append(steps)
+    # the median of the gaps (0, 0, 0, then 10s) passes 3 once the 10s are the larger half: from the 4th late
+    # request on each starts in the next step; the first three were held 3 steps and started in the 4th
+    assert s.sparse and sorted(s.arrival_gaps)[:2] == [0, 0]  # the burst's gaps still remembered
+    assert started_after == [4, 4, 4, 1, 1, 1]
+
+
+def test_a_burst_after_a_quiet_spell_is_still_held_together():
+    s = scheduler(wait=4, ratio=10.0)
+    for i in range(4):
+        s.add([1, 3 + i, 4], LONG)
+    run_steps(s, 1)
+    for k in range(3):  # a burst: arrivals one step apart
+        s.add([1, 10 + k, 11], GREEDY)
+        run_steps(s, 1)
+    run_steps(s, 40)  # quiet: the burst has started and runs
+    first = s.add([1, 60, 61], GREEDY)  # a gap of 41 steps: one long gap among short ones
+    run_steps(s, 1)
+    second = s.add([1, 62, 63], GREEDY)
+    carried = run_steps(s, 4)
+    assert not s.sparse and first.slot is not None
+    assert [first in c for c in carried] == [False, False, False, True]
+    assert [second in c for c in carried] == [False, False, False, True]
 
 
 @pytest.mark.parametrize(
