@@ -29,10 +29,10 @@ from router.pipeline import split_microbatches
 from router.step import FED_BACK, MicrobatchSpan, StageResult, StepPlan
 from shards.checkpoint import CheckpointReader
 from shards.compiled_decode import CompiledDecode, compile_batches, compile_requested
-from shards.decode_graphs import DecodeGraphs
+from shards.decode_graphs import DecodeGraphs, pad_decode, padded_batch
 from shards.engine import kept_positions, read_rows
 from shards.host_copy import to_device
-from shards.kv_cache import RollingKVCache, StepLayout, cache_capacity
+from shards.kv_cache import RollingKVCache, StepLayout, cache_capacity, padded_decode
 from shards.model import ExpertShard, TransformerShard
 from shards.moe import experts_capturable
 
@@ -79,15 +79,6 @@ class StageRunner:
             reader, self.selection, plan.torch_dtype, device, attention_backend
         )
         self.capacity = cache_capacity(config.sliding_window, config.max_seq_len)
-        self.cache = RollingKVCache(
-            list(self.selection.layers),
-            plan.max_seqs,
-            self.capacity,
-            config.n_kv_heads,
-            config.head_dim,
-            plan.torch_dtype,
-            device,
-        )
         self.rank = workers.of_stage(index).index
         self.has_groups = bool(plan.expert_groups)
         # Per MoE layer: this worker's groups of it (group order), and the other workers holding some of its experts.
@@ -97,8 +88,28 @@ class StageRunner:
             holders = [g for g in plan.expert_groups if layer in g.layers]
             self.local_groups[layer] = [local_groups[g.index] for g in holders if g.index in local_groups]
             self.remote_ranks[layer] = sorted({workers.of_group(g.index).index for g in holders} - {self.rank})
-        # Tokens per expert per layer, counted on the device at each MoE layer (a statistic adds no host sync).
+        # Decode steps padded to captured batch sizes (`padded_batch`): where this stage replays decode graphs and
+        # computes every expert of its layers itself (a far expert group's messages have the plan's sizes).
+        graphs_mode = os.environ.get("MISTRAL_CLUSTER_CUDA_GRAPHS", "1")
+        on_graphs = graphs_mode == "eager" or (graphs_mode != "0" and device.type == "cuda")
+        self.pads_decode = pad_decode() and on_graphs and not self.has_remote_experts
+        self.cache = RollingKVCache(
+            list(self.selection.layers),
+            plan.max_seqs,
+            self.capacity,
+            config.n_kv_heads,
+            config.head_dim,
+            plan.torch_dtype,
+            device,
+            scratch=self.pads_decode,
+        )
+        # Tokens per expert per layer, counted on the device at each MoE layer (a statistic adds no host sync). Where
+        # decode steps are padded, each count is weighted by `_counted`: 1 for a step's real rows, 0 for its padding
+        # (a captured count cannot slice by a size that changes from replay to replay).
         self.load = torch.zeros(config.n_layers, max(config.num_experts, 1), dtype=torch.long, device=device)
+        k = max(config.num_experts_per_tok, 1)
+        padded_most = padded_batch(max(plan.max_seqs, 1)) * k
+        self._counted = torch.ones(padded_most, dtype=torch.long, device=device) if self.pads_decode else None
         # Channels to the neighbouring stages (a `LocalPipe` where the neighbour is in this worker).
         self.pipe_in: Channel | LocalPipe | None = None
         self.pipe_out: Channel | LocalPipe | None = None
@@ -211,12 +222,22 @@ class StageRunner:
                 h = self.pipe_in.recv((mb.n_tokens, self.config.dim), self.plan.torch_dtype, "activations")
                 wait_s = time.perf_counter() - t0
             start = time.time()
+            real = h.shape[0]
+            rows = self._padded_rows(mb)
+            if rows > real:
+                h = torch.cat([h, h.new_zeros((rows - real, h.shape[1]))])
+            self._count_rows(real)
             layout = StepLayout.build(
-                mb, self.capacity, self.config.sliding_window, self.config.head_dim, self.config.rope_theta, self.device
+                padded_decode(mb, rows, self.cache.scratch_slot) if rows > real else mb,
+                self.capacity,
+                self.config.sliding_window,
+                self.config.head_dim,
+                self.config.rope_theta,
+                self.device,
             )
             kept = None
             if self.graphs is not None and layout.decode_slots is not None:
-                h = self.graphs.run(h, layout, experts)
+                h = self.graphs.run(h, layout, experts)[:real]
             else:
                 kept = self._kept_rows(mb, layout)
                 rows = None if kept is None else to_device(kept, torch.long, self.device)
@@ -282,6 +303,20 @@ class StageRunner:
             device_gap_seconds=gap_s,
         )
         return result, launched.picks
+
+    def _padded_rows(self, mb: StepPlan) -> int:
+        """The rows a micro-batch runs as: a decode micro-batch replayed as a graph at its captured size
+        (`padded_batch`), any other as its own tokens."""
+        if self.pads_decode and self.graphs is not None and mb.is_decode:
+            return padded_batch(len(mb.slots))
+        return mb.n_tokens
+
+    def _count_rows(self, real: int) -> None:
+        """The next micro-batch's first `real` rows count towards `load`, the rest (padding) not."""
+        if self._counted is not None:
+            cut = min(real * max(self.config.num_experts_per_tok, 1), self._counted.shape[0])
+            self._counted[:cut].fill_(1)
+            self._counted[cut:].zero_()
 
     def _exchange_picks(self, plan: StepPlan) -> None:
         """A pipeline decoding ahead, at the start of a step that feeds tokens back: the last stage sends its table of
@@ -385,7 +420,9 @@ class StageRunner:
     def _count_load(self, layer: int, ids: torch.Tensor) -> None:
         """Tokens routed to each expert of `layer`, counted on the device (read with the stage's profile)."""
         flat = ids.flatten()
-        self.load[layer].scatter_add_(0, flat, torch.ones_like(flat))
+        counted = self._counted
+        weights = counted[: flat.shape[0]] if counted is not None and flat.shape[0] <= counted.shape[0] else None
+        self.load[layer].scatter_add_(0, flat, torch.ones_like(flat) if weights is None else weights)
 
     def _pick(self, h: torch.Tensor, mb: StepPlan, kept: list[int] | None = None) -> tuple[torch.Tensor, ...]:
         """The micro-batch's picks and scores from its last hidden states: every row of it, or only the `kept` ones

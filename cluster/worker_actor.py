@@ -403,6 +403,7 @@ class ShardWorker:
                 # how often a decode step met a shape with no graph yet (run eagerly, then captured) against replays
                 "graph_captures": r.graphs.captures if r.graphs is not None else 0,
                 "graph_replays": r.graphs.replays if r.graphs is not None else 0,
+                "graph_batches": r.graphs.batches if r.graphs is not None else [],  # padded: `padded_batch`'s sizes
                 "fed_back_tokens": r.fed_back,  # decode ahead: tokens fed in from the stage's own picks
                 "launched_ahead_steps": r.launched_ahead,  # launched by one thread, waited for by another
                 "overlapped_steps": r.overlapped,  # steps queued on the device behind the one before

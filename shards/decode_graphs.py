@@ -6,6 +6,12 @@ shapes every time for a given batch size and slot layout, so it is captured once
 builds the step's few index tensors as usual, copies them into the graph's own (static) tensors, and launches
 one graph. The first step of a new shape runs eagerly (its result is used) and is then captured.
 
+A served batch changes size from step to step as requests come and go, and each new size would run eagerly and be
+captured (~2-3 decode steps' time): a scheduler-only simulation of one H200's served levels at 10 requests a second
+met 74 sizes in 1050 decode steps, with 16 graphs kept. So a stage whose layers hold all their experts pads a decode
+step to the next of a few captured sizes (`padded_batch`, vLLM's capture sizes), its extra rows reading and writing
+a scratch slot of the cache, and keeps the first rows' outputs: the same simulation met 16 keys.
+
 `DecodeGraphs(..., replay="eager")` keeps the same static-buffer bookkeeping but replays by running the layers
 on those buffers: what CPU tests use to check that every per-step input reaches the graph. With `compiled` (a
 `CompiledDecode`), the layers run, and are captured, as inductor's fused kernels instead of the eager ones.
@@ -14,6 +20,7 @@ on those buffers: what CPU tests use to check that every per-step input reaches 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -21,11 +28,29 @@ import torch
 
 from shards.attention import AttentionPlan
 from shards.compiled_decode import CompiledDecode
+from shards.decode_attention import triton_decode_supported, triton_max_seqs
 from shards.kv_cache import RollingKVCache, StepLayout
 from shards.model import ExpertsFn, TransformerShard
 
 # The per-step tensors of a decode layout: the host refills them before every replay.
 _STEP_TENSORS = ("positions", "cos", "sin", "write_rows", "decode_slots")
+FINE_SIZES = (1, 2, 4, 8)  # captured batch sizes up to 8; above, every multiple of PADDED_STEP
+PADDED_STEP = 16
+MAX_GRAPHS = 64  # 12 sizes to 128 sequences x the spans a context meets (`kv_cache.decode_span`)
+
+
+def pad_decode() -> bool:
+    """MISTRAL_CLUSTER_PAD_DECODE=0 runs every decode step at its own batch size (an A/B switch)."""
+    return os.environ.get("MISTRAL_CLUSTER_PAD_DECODE", "1") != "0"
+
+
+def padded_batch(n: int) -> int:
+    """The captured batch size a decode step of `n` sequences runs at: 1, 2, 4, 8, then multiples of 16."""
+    if n < 1:
+        raise ValueError(f"a decode step has at least one sequence, got {n}")
+    if n <= FINE_SIZES[-1]:
+        return next(size for size in FINE_SIZES if size >= n)
+    return -(-n // PADDED_STEP) * PADDED_STEP
 
 
 @dataclasses.dataclass
@@ -45,7 +70,7 @@ class DecodeGraphs:
         shard: TransformerShard,
         cache: RollingKVCache,
         replay: str = "cuda",
-        max_graphs: int = 16,
+        max_graphs: int = MAX_GRAPHS,
         compiled: CompiledDecode | None = None,
         run_layers: Callable[..., torch.Tensor] | None = None,
     ) -> None:
@@ -62,13 +87,21 @@ class DecodeGraphs:
         self.replays = 0
         self.capturing = False  # True while the layers run only to be recorded: their values are not real
 
+    @property
+    def batches(self) -> list[int]:
+        """The batch sizes of the graphs kept now."""
+        return sorted({key[0] for key in self._graphs})
+
     def run(self, h: torch.Tensor, layout: StepLayout, experts: ExpertsFn | None) -> torch.Tensor:
         """The decode step's output hidden states: replayed, or run eagerly (and captured) the first time."""
         if layout.decode_slots is None:
             raise ValueError("only decode steps (one new token per sequence) are captured")
-        # A contiguous run of slots is read in place (a view): the view's start is part of what was captured.
-        # ... and so is the span of rows the step reads (`kv_cache.decode_span`)
-        key = (h.shape[0], layout.decode_range.start if layout.decode_range is not None else None, layout.decode_span)
+        # Where torch's attention reads a contiguous run of slots in place (a view), the view's start is part of
+        # what was captured; the decode kernel reads every slot by index (`decode_slots`, refilled each replay), so
+        # there it is not. The span of rows the step reads (`kv_cache.decode_span`) always is.
+        by_index = h.shape[0] <= triton_max_seqs() and triton_decode_supported(h.device)
+        first = layout.decode_range.start if layout.decode_range is not None and not by_index else None
+        key = (h.shape[0], first, layout.decode_span)
         graph = self._graphs.get(key)
         if graph is None:
             out = self.run_layers(h, layout, self.cache, experts)

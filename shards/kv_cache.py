@@ -218,6 +218,18 @@ class MixedSplit:
     prefill: StepLayout
 
 
+def padded_decode(step: PackedStep, rows: int, slot: int) -> _Rows:
+    """A decode step grown to `rows` sequences by extra ones at `slot` (a scratch slot no sequence owns), each at
+    position 0: they write their key and value to that slot's first row and read only it, and their outputs are
+    dropped (`shards.decode_graphs.padded_batch`)."""
+    extra = rows - len(step.slots)
+    if extra < 0 or not step.is_decode:
+        raise ValueError(f"only a decode step can be padded, to at least its {len(step.slots)} rows; asked {rows}")
+    return _Rows(
+        tuple(step.slots) + (slot,) * extra, tuple(step.starts) + (0,) * extra, tuple(step.lengths) + (1,) * extra
+    )
+
+
 def mixed_split(
     step: PackedStep, capacity: int, window: int | None, head_dim: int, theta: float, device
 ) -> MixedSplit | None:
@@ -245,7 +257,9 @@ def mixed_split(
 class RollingKVCache:
     """Keys and values of the layers one shard holds, for `max_seqs` slots of `capacity` rows each.
 
-    Allocated once: memory depends on slots and the window, never on how long a sequence grows.
+    Allocated once: memory depends on slots and the window, never on how long a sequence grows. With `scratch`, one
+    slot more that no sequence owns: the rows a decode step padded to a captured batch size write and read
+    (`shards.decode_graphs.padded_batch`).
     """
 
     def __init__(
@@ -257,12 +271,15 @@ class RollingKVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        scratch: bool = False,
     ) -> None:
         self.layers = list(layers)
         self.max_seqs = max_seqs
         self.capacity = capacity
+        self.scratch_slot = max_seqs if scratch else None
         self._index = {layer: i for i, layer in enumerate(self.layers)}
-        shape = (len(self.layers), max_seqs * capacity, n_kv_heads, head_dim)  # rows are slot-major
+        slots = max_seqs + (1 if scratch else 0)
+        shape = (len(self.layers), slots * capacity, n_kv_heads, head_dim)  # rows are slot-major
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
@@ -271,7 +288,7 @@ class RollingKVCache:
         return self.k.nbytes + self.v.nbytes
 
     def bytes_per_slot(self) -> int:
-        return self.nbytes // self.max_seqs
+        return self.nbytes // (self.max_seqs + (self.scratch_slot is not None))
 
     def layer_rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's keys and values, (max_seqs * capacity, n_kv_heads, head_dim) each, slot-major rows."""

@@ -94,3 +94,68 @@ def test_a_context_growing_past_a_span_gets_a_graph_per_span_and_the_same_states
             expected = shard.run_layers(x.clone(), layout(batch), reference)
             torch.testing.assert_close(ours, expected, rtol=0, atol=0)
         assert spans == {256, 384, 512} and graphs.captures == 3 and graphs.replays == 150 - 3
+
+
+def test_decode_steps_pad_to_few_captured_sizes():
+    from shards.decode_graphs import padded_batch
+
+    assert [padded_batch(n) for n in (1, 2, 3, 4, 5, 8, 9, 16, 17, 100, 128, 129)] == [
+        1, 2, 4, 4, 8, 8, 16, 16, 32, 112, 128, 144,
+    ]  # fmt: skip
+    assert len({padded_batch(n) for n in range(1, 129)}) == 12
+    with pytest.raises(ValueError, match="at least one sequence, got 0"):
+        padded_batch(0)
+
+
+def test_a_padded_step_computes_its_real_rows_exactly_and_leaves_every_real_slot_as_unpadded(shard):
+    """Rows added at the scratch slot change nothing of the real rows' outputs or of the real slots' caches."""
+    from shards.kv_cache import padded_decode
+
+    cfg = shard.config
+    capacity = cache_capacity(cfg.sliding_window, 256)
+
+    def layout(batch):
+        return StepLayout.build(batch, capacity, cfg.sliding_window, cfg.head_dim, cfg.rope_theta, torch.device("cpu"))
+
+    def cache(scratch):
+        return RollingKVCache(list(range(cfg.n_layers)), 3, capacity, cfg.n_kv_heads, cfg.head_dim, torch.float32,
+                              scratch=scratch)  # fmt: skip
+
+    gen = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        plain, padded = cache(False), cache(True)
+        assert padded.scratch_slot == 3 and padded.k.shape[1] == 4 * capacity and plain.scratch_slot is None
+        prompts = StepPlan([0, 1, 2], [0] * 3, [4, 6, 3])
+        h = torch.randn(13, cfg.dim, generator=gen)
+        shard.run_layers(h.clone(), layout(prompts), plain)
+        shard.run_layers(h.clone(), layout(prompts), padded)
+        step = StepPlan([0, 2, 1], [4, 3, 6], [1, 1, 1])
+        x = torch.randn(3, cfg.dim, generator=gen)
+        expected = shard.run_layers(x.clone(), layout(step), plain)
+        wide = padded_decode(step, 4, padded.scratch_slot)
+        assert wide.slots == (0, 2, 1, 3) and wide.starts == (4, 3, 6, 0) and wide.lengths == (1,) * 4
+        ours = shard.run_layers(torch.cat([x, x.new_zeros(1, cfg.dim)]), layout(wide), padded)
+        torch.testing.assert_close(ours[:3], expected, rtol=0, atol=0)
+        real = slice(0, 3 * capacity)
+        assert torch.equal(padded.k[:, real], plain.k[:, real]) and torch.equal(padded.v[:, real], plain.v[:, real])
+        with pytest.raises(ValueError, match="only a decode step can be padded, to at least its 3 rows; asked 2"):
+            padded_decode(step, 2, 3)
+
+
+def test_where_the_decode_kernel_reads_slots_by_index_the_first_slot_is_not_part_of_a_graphs_key(shard, monkeypatch):
+    import shards.decode_graphs as decode_graphs
+
+    cfg = shard.config
+    capacity = cache_capacity(cfg.sliding_window, 256)
+    cache = RollingKVCache(list(range(cfg.n_layers)), 4, capacity, cfg.n_kv_heads, cfg.head_dim, torch.float32)
+
+    def layout(slots):
+        batch = StepPlan(slots, [1] * len(slots), [1] * len(slots))
+        return StepLayout.build(batch, capacity, cfg.sliding_window, cfg.head_dim, cfg.rope_theta, "cpu")
+
+    for by_index, captures in ((False, 2), (True, 1)):
+        monkeypatch.setattr(decode_graphs, "triton_decode_supported", lambda device, on=by_index: on)
+        graphs = DecodeGraphs(shard, cache, replay="eager", run_layers=lambda h, layout, cache, experts: h)
+        for slots in ([0, 1], [2, 3], [0, 1]):  # two contiguous runs of two slots
+            graphs.run(torch.zeros(2, cfg.dim), layout(slots), None)
+        assert graphs.captures == captures and graphs.batches == [2]
