@@ -9,8 +9,8 @@ one graph. The first step of a new shape runs eagerly (its result is used) and i
 A served batch changes size from step to step as requests come and go, and each new size would run eagerly and be
 captured (~2-3 decode steps' time): a scheduler-only simulation of one H200's served levels at 10 requests a second
 met 74 sizes in 1050 decode steps, with 16 graphs kept. So a stage whose layers hold all their experts pads a decode
-step to the next of a few captured sizes (`padded_batch`, vLLM's capture sizes), its extra rows reading and writing
-a scratch slot of the cache, and keeps the first rows' outputs: the same simulation met 16 keys.
+step above 8 sequences to the next multiple of 16 (`padded_batch`, as vLLM pads to its capture sizes), its extra rows
+reading and writing a scratch slot of the cache, and keeps the first rows' outputs: the same simulation met 18 keys.
 
 `DecodeGraphs(..., replay="eager")` keeps the same static-buffer bookkeeping but replays by running the layers
 on those buffers: what CPU tests use to check that every per-step input reaches the graph. With `compiled` (a
@@ -34,9 +34,9 @@ from shards.model import ExpertsFn, TransformerShard
 
 # The per-step tensors of a decode layout: the host refills them before every replay.
 _STEP_TENSORS = ("positions", "cos", "sin", "write_rows", "decode_slots")
-FINE_SIZES = (1, 2, 4, 8)  # captured batch sizes up to 8; above, every multiple of PADDED_STEP
+EXACT_UP_TO = 8  # batch sizes captured as they are; above, every multiple of PADDED_STEP
 PADDED_STEP = 16
-MAX_GRAPHS = 64  # 12 sizes to 128 sequences x the spans a context meets (`kv_cache.decode_span`)
+MAX_GRAPHS = 64  # 16 sizes to 128 sequences x the spans a context meets (`kv_cache.decode_span`)
 
 
 def pad_decode() -> bool:
@@ -45,11 +45,14 @@ def pad_decode() -> bool:
 
 
 def padded_batch(n: int) -> int:
-    """The captured batch size a decode step of `n` sequences runs at: 1, 2, 4, 8, then multiples of 16."""
+    """The captured batch size a decode step of `n` sequences runs at: its own up to 8, then the next multiple of 16.
+    Not below 8: a padded row's zero state ties its gate, which picks experts the real rows may not have chosen, and
+    at a few sequences every expert more is weights read (at 9 or more, 2 of 8 experts a row have chosen nearly all).
+    """
     if n < 1:
         raise ValueError(f"a decode step has at least one sequence, got {n}")
-    if n <= FINE_SIZES[-1]:
-        return next(size for size in FINE_SIZES if size >= n)
+    if n <= EXACT_UP_TO:
+        return n
     return -(-n // PADDED_STEP) * PADDED_STEP
 
 

@@ -99,10 +99,10 @@ def test_a_context_growing_past_a_span_gets_a_graph_per_span_and_the_same_states
 def test_decode_steps_pad_to_few_captured_sizes():
     from shards.decode_graphs import padded_batch
 
-    assert [padded_batch(n) for n in (1, 2, 3, 4, 5, 8, 9, 16, 17, 100, 128, 129)] == [
-        1, 2, 4, 4, 8, 8, 16, 16, 32, 112, 128, 144,
+    assert [padded_batch(n) for n in (1, 2, 3, 5, 8, 9, 16, 17, 100, 128, 129)] == [
+        1, 2, 3, 5, 8, 16, 16, 32, 112, 128, 144,
     ]  # fmt: skip
-    assert len({padded_batch(n) for n in range(1, 129)}) == 12
+    assert len({padded_batch(n) for n in range(1, 129)}) == 16
     with pytest.raises(ValueError, match="at least one sequence, got 0"):
         padded_batch(0)
 
