@@ -26,33 +26,42 @@ def ray_local():
     os.environ.pop("MISTRAL_CLUSTER_CUDA_GRAPHS", None)
 
 
+@pytest.mark.parametrize(
+    "stages",
+    [[[0, 1, 2, 3]], [[0, 1], [2, 3]]],
+    ids=["one stage", "two stages"],  # a pipeline: each stage pads its own rows, the activations between unpadded
+)
 def test_padded_decode_steps_give_transformers_tokens_and_count_only_real_rows(
-    ray_local, checkpoint_factory, hf_model, tmp_path
+    ray_local, checkpoint_factory, hf_model, tmp_path, stages
 ):
     checkpoint = checkpoint_factory("mixtral", seed=37, window=WINDOW)
     placement = {
         "checkpoint": str(checkpoint),
         "dtype": "float32",
-        "stages": [{"layers": [0, 1, 2, 3], "resources": {"CPU": 0.5}}],
-        "micro_batch_size": 12,
-        "token_budget": 256,
-        "max_seqs": 12,
+        "stages": [{"layers": layers, "resources": {"CPU": 0.5}} for layers in stages],
+        "micro_batch_size": 24,
+        "token_budget": 512,
+        "max_seqs": 24,
     }
     path = tmp_path / "one-stage.yaml"
     path.write_text(yaml.safe_dump(placement))
-    # eleven requests ending two by two: decode batches of 11, 9, 7, 5, 3 and 1 sequences
-    prompts = random_prompts([7, 19, 4, 11, 9, 5, 3, 8, 6, 10, 2], seed=38)
-    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9)]
+    # 22 requests ending four by four: decode batches of 22, 18, 14, 10, 6 and 2 sequences (two stages keep two
+    # steps in flight, each with half of them)
+    prompts = random_prompts([7, 19, 4, 11, 9, 5, 3, 8, 6, 10, 2] * 2, seed=38)
+    params = [SamplingParams(max_tokens=4 + i // 4, ignore_eos=True) for i in range(22)]
     model = hf_model(checkpoint)
     expected = [hf_greedy(model, p, sp.max_tokens) for p, sp in zip(prompts, params, strict=True)]
     with ShardedCluster.start(path) as cluster:
         before = cluster.expert_load()
         out = cluster.generate(prompts, params)
         load = [[a - b for a, b in zip(x, y, strict=True)] for x, y in zip(cluster.expert_load(), before, strict=True)]
-        paths = ray.get(cluster.shard_handles()["stage0"].decode_paths.remote())["stage0"]
+        handles = cluster.shard_handles()
+        paths = [ray.get(handles[f"stage{s}"].decode_paths.remote())[f"stage{s}"] for s in range(len(stages))]
     assert [c.token_ids for c in out] == expected
-    assert 16 in paths["graph_batches"] and not {9, 10, 11} & set(paths["graph_batches"])  # 11 and 9 ran as 16
-    assert {1, 3, 5} <= set(paths["graph_batches"]) and paths["graph_replays"] > 0  # up to 8: as they are
+    for stage in paths:  # sizes up to 8 as they are, larger ones padded to multiples of 16
+        sizes = stage["graph_batches"]
+        assert all(n <= 8 or n % 16 == 0 for n in sizes) and max(sizes) > 8 and min(sizes) < 8, sizes
+        assert stage["graph_replays"] > 0
     # every token the model took (each prompt, then every output but the last) was routed to 2 experts a layer, and
     # not one more: the padding's rows are not counted. The last layer routes only the rows read: a prompt's last.
     decoded = sum(sp.max_tokens - 1 for sp in params)
