@@ -29,7 +29,7 @@ from router.pipeline import split_microbatches
 from router.step import FED_BACK, MicrobatchSpan, StageResult, StepPlan
 from shards.checkpoint import CheckpointReader
 from shards.compiled_decode import CompiledDecode, compile_batches, compile_requested
-from shards.decode_graphs import DecodeGraphs, pad_decode, padded_batch
+from shards.decode_graphs import EXACT_UP_TO, DecodeGraphs, pad_decode, padded_batch
 from shards.engine import kept_positions, read_rows
 from shards.host_copy import to_device
 from shards.kv_cache import RollingKVCache, StepLayout, cache_capacity, padded_decode
@@ -88,11 +88,10 @@ class StageRunner:
             holders = [g for g in plan.expert_groups if layer in g.layers]
             self.local_groups[layer] = [local_groups[g.index] for g in holders if g.index in local_groups]
             self.remote_ranks[layer] = sorted({workers.of_group(g.index).index for g in holders} - {self.rank})
-        # Decode steps padded to captured batch sizes (`padded_batch`): where this stage replays decode graphs and
-        # computes every expert of its layers itself (a far expert group's messages have the plan's sizes).
-        graphs_mode = os.environ.get("MISTRAL_CLUSTER_CUDA_GRAPHS", "1")
-        on_graphs = graphs_mode == "eager" or (graphs_mode != "0" and device.type == "cuda")
-        self.pads_decode = pad_decode() and on_graphs and not self.has_remote_experts
+        # Decode steps replayed as graphs are padded to captured batch sizes (`padded_batch`) where this stage
+        # computes every expert of its layers itself (a far expert group's messages have the plan's sizes) and a step
+        # can have more sequences than are captured as they are; the scratch slot is there whether graphs run or not.
+        self.pads_decode = pad_decode() and not self.has_remote_experts and plan.max_seqs > EXACT_UP_TO
         self.cache = RollingKVCache(
             list(self.selection.layers),
             plan.max_seqs,
@@ -107,9 +106,10 @@ class StageRunner:
         # decode steps are padded, each count is weighted by `_counted`: 1 for a step's real rows, 0 for its padding
         # (a captured count cannot slice by a size that changes from replay to replay).
         self.load = torch.zeros(config.n_layers, max(config.num_experts, 1), dtype=torch.long, device=device)
-        k = max(config.num_experts_per_tok, 1)
-        padded_most = padded_batch(max(plan.max_seqs, 1)) * k
+        self._experts_per_row = max(config.num_experts_per_tok, 1)
+        padded_most = padded_batch(plan.max_seqs) * self._experts_per_row if self.pads_decode else 0
         self._counted = torch.ones(padded_most, dtype=torch.long, device=device) if self.pads_decode else None
+        self._counted_rows: int | None = None  # the real rows `_counted` weighs now (refilled only when they change)
         # Channels to the neighbouring stages (a `LocalPipe` where the neighbour is in this worker).
         self.pipe_in: Channel | LocalPipe | None = None
         self.pipe_out: Channel | LocalPipe | None = None
@@ -313,10 +313,12 @@ class StageRunner:
 
     def _count_rows(self, real: int) -> None:
         """The next micro-batch's first `real` rows count towards `load`, the rest (padding) not."""
-        if self._counted is not None:
-            cut = min(real * max(self.config.num_experts_per_tok, 1), self._counted.shape[0])
-            self._counted[:cut].fill_(1)
-            self._counted[cut:].zero_()
+        if self._counted is None or real == self._counted_rows:
+            return
+        cut = min(real * self._experts_per_row, self._counted.shape[0])
+        self._counted[:cut].fill_(1)
+        self._counted[cut:].zero_()
+        self._counted_rows = real
 
     def _exchange_picks(self, plan: StepPlan) -> None:
         """A pipeline decoding ahead, at the start of a step that feeds tokens back: the last stage sends its table of

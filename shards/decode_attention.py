@@ -60,6 +60,13 @@ def triton_decode_supported(device: torch.device) -> bool:
     return triton_installed()
 
 
+def decodes_in_place(seqs: int, device: torch.device) -> bool:
+    """Whether `seqs` decode rows on `device` go through the decode kernel, which reads each row's buffer in place by
+    its slot index (`triton_max_seqs`, `triton_decode_supported`); else torch's attention over gathered or viewed
+    buffers."""
+    return 0 < seqs <= triton_max_seqs() and triton_decode_supported(device)
+
+
 CUDA_CORE_MAX_SEQS = 4  # up to this many sequences the products stay on the CUDA cores in float32
 
 

@@ -28,7 +28,7 @@ import torch
 
 from shards.attention import AttentionPlan
 from shards.compiled_decode import CompiledDecode
-from shards.decode_attention import triton_decode_supported, triton_max_seqs
+from shards.decode_attention import decodes_in_place
 from shards.kv_cache import RollingKVCache, StepLayout
 from shards.model import ExpertsFn, TransformerShard
 
@@ -99,11 +99,11 @@ class DecodeGraphs:
         """The decode step's output hidden states: replayed, or run eagerly (and captured) the first time."""
         if layout.decode_slots is None:
             raise ValueError("only decode steps (one new token per sequence) are captured")
-        # Where torch's attention reads a contiguous run of slots in place (a view), the view's start is part of
-        # what was captured; the decode kernel reads every slot by index (`decode_slots`, refilled each replay), so
-        # there it is not. The span of rows the step reads (`kv_cache.decode_span`) always is.
-        by_index = h.shape[0] <= triton_max_seqs() and triton_decode_supported(h.device)
-        first = layout.decode_range.start if layout.decode_range is not None and not by_index else None
+        # Where torch's attention reads a contiguous run of slots as a view, the view's start is part of what was
+        # captured; the decode kernel reads every slot's buffer by its index (`decode_slots`, refilled each replay),
+        # so there it is not. The span of rows the step reads (`kv_cache.decode_span`) always is.
+        in_place = decodes_in_place(h.shape[0], h.device)
+        first = layout.decode_range.start if layout.decode_range is not None and not in_place else None
         key = (h.shape[0], first, layout.decode_span)
         graph = self._graphs.get(key)
         if graph is None:

@@ -236,14 +236,14 @@ def mixed_split(
     """The split of a mixed step (`MixedSplit`), where the decode kernel runs on `device` and the step's leading
     sequences take one token each with at least one longer sequence after them; else None.
     MISTRAL_CLUSTER_SPLIT_MIXED=0 keeps the whole step on the packed path (an A/B switch)."""
-    from shards.decode_attention import triton_decode_supported, triton_max_seqs
+    from shards.decode_attention import decodes_in_place
     from shards.layer_kernels import switch
 
     if step.is_decode or not switch("MISTRAL_CLUSTER_SPLIT_MIXED"):
         return None
     lengths = list(step.lengths)
     rows = next((i for i, n in enumerate(lengths) if n != 1), len(lengths))
-    if rows == 0 or rows > triton_max_seqs() or not triton_decode_supported(torch.device(device)):
+    if not decodes_in_place(rows, torch.device(device)):
         return None
     slots, starts = tuple(step.slots), tuple(step.starts)
     decode = StepLayout.build(
@@ -291,7 +291,8 @@ class RollingKVCache:
         return self.nbytes // (self.max_seqs + (self.scratch_slot is not None))
 
     def layer_rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's keys and values, (max_seqs * capacity, n_kv_heads, head_dim) each, slot-major rows."""
+        """This layer's keys and values, (slots * capacity, n_kv_heads, head_dim) each, slot-major rows (the scratch
+        slot, if any, last)."""
         i = self._index[layer]
         return self.k[i], self.v[i]
 

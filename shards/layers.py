@@ -14,7 +14,7 @@ from torch import nn
 
 from shards import layer_kernels
 from shards.attention import packed_attention
-from shards.decode_attention import decode_attention, triton_decode_supported, triton_max_seqs
+from shards.decode_attention import decode_attention, decodes_in_place
 
 if TYPE_CHECKING:  # for annotations only: shards.kv_cache imports rotary_cos_sin from here
     from shards.kv_cache import RollingKVCache, StepLayout
@@ -83,7 +83,7 @@ class Attention(nn.Module):
         rotary = layer_kernels.apply_rotary if layer_kernels.fused_here(x) else apply_rotary
         q = rotary(q, layout.cos, layout.sin)
         k = rotary(k, layout.cos, layout.sin)
-        if layout.decode_slots is not None and tokens <= triton_max_seqs() and triton_decode_supported(q.device):
+        if layout.decode_slots is not None and decodes_in_place(tokens, q.device):
             out = self._in_place(q, k, v, layer, layout, cache)
         elif layout.split is not None:  # a mixed step: its running sequences in place, its prompts packed
             d, part = layout.split.rows, layout.split.prefill

@@ -154,7 +154,7 @@ def test_where_the_decode_kernel_reads_slots_by_index_the_first_slot_is_not_part
         return StepLayout.build(batch, capacity, cfg.sliding_window, cfg.head_dim, cfg.rope_theta, "cpu")
 
     for by_index, captures in ((False, 2), (True, 1)):
-        monkeypatch.setattr(decode_graphs, "triton_decode_supported", lambda device, on=by_index: on)
+        monkeypatch.setattr(decode_graphs, "decodes_in_place", lambda seqs, device, on=by_index: on)
         graphs = DecodeGraphs(shard, cache, replay="eager", run_layers=lambda h, layout, cache, experts: h)
         for slots in ([0, 1], [2, 3], [0, 1]):  # two contiguous runs of two slots
             graphs.run(torch.zeros(2, cfg.dim), layout(slots), None)
